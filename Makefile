@@ -1,0 +1,37 @@
+# certfleet: `make demo` runs the end-to-end demo, `make test` runs lint, types and tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fast]'
+	touch $(STAMP)
+
+# Debian packages the tests and benchmarks use (mosquitto for interop, openssl for verify).
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl >/dev/null; \
+	    else echo "note: mosquitto/openssl missing and cannot install them; those tests will skip"; fi; }
+
+demo: $(STAMP)
+	$(BIN)/certfleet demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check factory broker registry device_sim certfleet tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) certfleet-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,35 @@
+"""certfleet factory: the private CA, device certificates, provisioning bundles.
+
+Pure PKI: imports nothing else of certfleet's.
+"""
+
+from factory.ca import CertificateAuthority, IssuedCertificate, RevokedEntry
+from factory.errors import (
+    CAError,
+    CertfleetError,
+    ConfigError,
+    CSRError,
+    FactoryError,
+    IdentityError,
+    ProvisionError,
+)
+from factory.layout import DataLayout
+from factory.profile import Identity, IdentityKind, read_identity, serial_hex
+
+__all__ = [
+    "CAError",
+    "CSRError",
+    "CertfleetError",
+    "CertificateAuthority",
+    "ConfigError",
+    "DataLayout",
+    "FactoryError",
+    "Identity",
+    "IdentityError",
+    "IdentityKind",
+    "IssuedCertificate",
+    "ProvisionError",
+    "RevokedEntry",
+    "read_identity",
+    "serial_hex",
+]

@@ -1,0 +1,277 @@
+"""The certfleet CA: a self-signed root and an issuing intermediate, on disk in ``<data>/ca``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from factory.errors import CAError
+from factory.keys import generate_key, load_private_key, private_key_pem
+from factory.layout import DataLayout, write_private, write_public
+from factory.profile import (
+    CLOCK_SKEW,
+    Identity,
+    IdentityKind,
+    PrivateKey,
+    PublicKey,
+    build_ca_certificate,
+    build_leaf_certificate,
+    build_server_certificate,
+)
+
+__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow"]
+
+ROOT_LIFETIME = dt.timedelta(days=20 * 365)
+ISSUING_LIFETIME = dt.timedelta(days=10 * 365)
+DEFAULT_SERVER_LIFETIME = dt.timedelta(days=397)
+DEFAULT_CLIENT_LIFETIME = dt.timedelta(days=365)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A freshly issued leaf and its private key (None when signed from a CSR)."""
+
+    certificate: x509.Certificate
+    private_key: PrivateKey | None
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    """One line of a CRL."""
+
+    serial: int
+    revoked_at: dt.datetime
+    reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation
+
+
+class CertificateAuthority:
+    """Root + issuing CA loaded in memory. Create with :meth:`init`, open with :meth:`load`."""
+
+    def __init__(
+        self,
+        *,
+        layout: DataLayout,
+        trust_domain: str,
+        root_cert: x509.Certificate,
+        issuing_cert: x509.Certificate,
+        issuing_key: PrivateKey,
+    ) -> None:
+        self.layout = layout
+        self.trust_domain = trust_domain
+        self.root_cert = root_cert
+        self.issuing_cert = issuing_cert
+        self.issuing_key = issuing_key
+
+    # -- creation and loading -------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        layout: DataLayout,
+        trust_domain: str = "fleet.local",
+        *,
+        passphrase: bytes | None = None,
+        key_algorithm: str = "p256",
+    ) -> CertificateAuthority:
+        """Create a new root and issuing CA in ``layout.ca_dir``; refuse to overwrite one."""
+        Identity(trust_domain, IdentityKind.SERVICE, "probe")  # validates the trust domain
+        if layout.root_cert.exists() or layout.root_key.exists():
+            raise CAError(
+                f"a CA already exists in {layout.ca_dir}; remove it first or choose another "
+                "--data-dir (nothing was overwritten)"
+            )
+        now = utcnow()
+        root_key = generate_key(key_algorithm)
+        root_cert = build_ca_certificate(
+            common_name=f"certfleet root CA ({trust_domain})",
+            public_key=root_key.public_key(),
+            issuer_key=root_key,
+            issuer=None,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + ROOT_LIFETIME,
+            path_length=1,
+        )
+        issuing_key = generate_key(key_algorithm)
+        issuing_cert = build_ca_certificate(
+            common_name=f"certfleet issuing CA ({trust_domain})",
+            public_key=issuing_key.public_key(),
+            issuer_key=root_key,
+            issuer=root_cert,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + ISSUING_LIFETIME,
+            path_length=0,
+        )
+        write_private(layout.root_key, private_key_pem(root_key, passphrase))
+        write_private(layout.issuing_key, private_key_pem(issuing_key, passphrase))
+        pem = serialization.Encoding.PEM
+        write_public(layout.issuing_cert, issuing_cert.public_bytes(pem))
+        write_public(layout.chain, issuing_cert.public_bytes(pem) + root_cert.public_bytes(pem))
+        write_public(
+            layout.ca_meta,
+            json.dumps(
+                {"trust_domain": trust_domain, "created_at": now.isoformat(),
+                 "key_algorithm": key_algorithm, "encrypted": bool(passphrase)},
+                indent=2,
+            ).encode(),
+        )
+        # The root certificate is written last: its presence marks a complete CA.
+        write_public(layout.root_cert, root_cert.public_bytes(pem))
+        return cls(
+            layout=layout,
+            trust_domain=trust_domain,
+            root_cert=root_cert,
+            issuing_cert=issuing_cert,
+            issuing_key=issuing_key,
+        )
+
+    @classmethod
+    def load(cls, layout: DataLayout, *, passphrase: bytes | None = None) -> CertificateAuthority:
+        """Open the CA in ``layout.ca_dir`` (the issuing key only; the root key stays on disk)."""
+        if not layout.root_cert.exists():
+            raise CAError(
+                f"no CA in {layout.ca_dir}: run 'certfleet ca init' first, or pass --data-dir"
+            )
+        try:
+            meta = json.loads(layout.ca_meta.read_text())
+            trust_domain = str(meta["trust_domain"])
+            root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+            issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+        except (OSError, ValueError, KeyError) as exc:
+            raise CAError(f"CA files in {layout.ca_dir} are incomplete or corrupt: {exc}") from None
+        issuing_key = load_private_key(layout.issuing_key, passphrase)
+        if issuing_key.public_key() != issuing_cert.public_key():
+            raise CAError(f"{layout.issuing_key} does not belong to {layout.issuing_cert}")
+        return cls(
+            layout=layout,
+            trust_domain=trust_domain,
+            root_cert=root_cert,
+            issuing_cert=issuing_cert,
+            issuing_key=issuing_key,
+        )
+
+    # -- issuing --------------------------------------------------------------------------
+
+    @property
+    def chain_pem(self) -> bytes:
+        """Issuing + root, PEM: served with every leaf."""
+        pem = serialization.Encoding.PEM
+        return self.issuing_cert.public_bytes(pem) + self.root_cert.public_bytes(pem)
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.root_cert.public_bytes(serialization.Encoding.PEM)
+
+    def identity(self, kind: IdentityKind, name: str) -> Identity:
+        return Identity(self.trust_domain, kind, name)
+
+    def issue_client(
+        self,
+        identity: Identity,
+        *,
+        public_key: PublicKey | None = None,
+        not_after: dt.datetime | None = None,
+        not_before: dt.datetime | None = None,
+        serial: int | None = None,
+        key_algorithm: str = "p256",
+    ) -> IssuedCertificate:
+        """Issue a device, service or operator certificate.
+
+        Without ``public_key`` a new key is generated (the factory-minted mode).
+        """
+        if identity.trust_domain != self.trust_domain:
+            raise CAError(
+                f"identity {identity.uri} is outside this CA's trust domain {self.trust_domain}"
+            )
+        now = utcnow()
+        private_key: PrivateKey | None = None
+        if public_key is None:
+            private_key = generate_key(key_algorithm)
+            public_key = private_key.public_key()
+        certificate = build_leaf_certificate(
+            identity=identity,
+            public_key=public_key,
+            issuer_cert=self.issuing_cert,
+            issuer_key=self.issuing_key,
+            not_before=not_before or now - CLOCK_SKEW,
+            not_after=not_after or now + DEFAULT_CLIENT_LIFETIME,
+            serial=serial,
+        )
+        return IssuedCertificate(certificate, private_key)
+
+    def issue_server(
+        self,
+        name: str,
+        *,
+        dns_names: list[str],
+        ip_addresses: list[str],
+        lifetime: dt.timedelta = DEFAULT_SERVER_LIFETIME,
+    ) -> IssuedCertificate:
+        """Issue a TLS server certificate (broker, registry) with a new key."""
+        now = utcnow()
+        private_key = generate_key("p256")
+        certificate = build_server_certificate(
+            name=name,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+            public_key=private_key.public_key(),
+            issuer_cert=self.issuing_cert,
+            issuer_key=self.issuing_key,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + lifetime,
+        )
+        return IssuedCertificate(certificate, private_key)
+
+    def build_crl(
+        self,
+        revoked: list[RevokedEntry],
+        *,
+        next_update: dt.timedelta = dt.timedelta(hours=24),
+        crl_number: int = 1,
+    ) -> x509.CertificateRevocationList:
+        """A CRL signed by the issuing CA listing ``revoked``."""
+        now = utcnow()
+        issuer_ski = self.issuing_cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.issuing_cert.subject)
+            .last_update(now - dt.timedelta(minutes=1))
+            .next_update(now + next_update)
+            .add_extension(x509.CRLNumber(crl_number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+                critical=False,
+            )
+        )
+        for entry in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry.serial)
+                .revocation_date(entry.revoked_at)
+                .add_extension(x509.CRLReason(entry.reason), critical=False)
+                .build()
+            )
+        algorithm = None if isinstance(self.issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        return builder.sign(self.issuing_key, algorithm)
+
+
+def write_issued(issued: IssuedCertificate, cert_path: Path, key_path: Path) -> None:
+    """Write a leaf certificate (0644) and its key (0600)."""
+    if issued.private_key is not None:
+        write_private(key_path, private_key_pem(issued.private_key))
+    write_public(cert_path, issued.certificate_pem)

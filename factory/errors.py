@@ -1,0 +1,52 @@
+"""Exception hierarchy shared by every certfleet part.
+
+    CertfleetError
+     ├── ConfigError            bad settings, flags or paths
+     ├── IdentityError          a certificate does not carry exactly one valid certfleet identity
+     └── FactoryError           anything the factory refuses
+          ├── CAError           CA missing, already present, unreadable or wrong passphrase
+          ├── CSRError          a certificate signing request is refused
+          └── ProvisionError    a provisioning batch input is refused
+
+Messages say what is wrong and what to do about it; the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CAError",
+    "CSRError",
+    "CertfleetError",
+    "ConfigError",
+    "FactoryError",
+    "IdentityError",
+    "ProvisionError",
+]
+
+
+class CertfleetError(Exception):
+    """Base of every error certfleet raises on purpose."""
+
+
+class ConfigError(CertfleetError):
+    """A setting, flag or path is unusable."""
+
+
+class IdentityError(CertfleetError):
+    """A certificate carries no, several, or a malformed certfleet identity."""
+
+
+class FactoryError(CertfleetError):
+    """The factory refuses a request."""
+
+
+class CAError(FactoryError):
+    """The CA is missing, already exists, or its key cannot be read."""
+
+
+class CSRError(FactoryError):
+    """A certificate signing request is refused."""
+
+
+class ProvisionError(FactoryError):
+    """A provisioning batch's input is refused."""

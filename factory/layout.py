@@ -1,0 +1,109 @@
+"""Where everything lives inside one certfleet data folder (DESIGN.md, "Defaults")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_DATA_DIR", "DataLayout", "write_private", "write_public"]
+
+DEFAULT_DATA_DIR = Path("certfleet-data")
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths inside a data folder; nothing is created until asked."""
+
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.ca_dir / "root.crt"
+
+    @property
+    def root_key(self) -> Path:
+        return self.ca_dir / "root.key"
+
+    @property
+    def issuing_cert(self) -> Path:
+        return self.ca_dir / "issuing.crt"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.ca_dir / "issuing.key"
+
+    @property
+    def chain(self) -> Path:
+        """Issuing certificate followed by the root, PEM."""
+        return self.ca_dir / "chain.pem"
+
+    @property
+    def ca_meta(self) -> Path:
+        return self.ca_dir / "ca.json"
+
+    @property
+    def devices_dir(self) -> Path:
+        return self.root / "devices"
+
+    def device_dir(self, device_id: str) -> Path:
+        return self.devices_dir / device_id
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    @property
+    def registry_db(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    def server_cert(self, name: str) -> Path:
+        return self.tls_dir / f"{name}.crt"
+
+    def server_key(self, name: str) -> Path:
+        return self.tls_dir / f"{name}.key"
+
+    @property
+    def clients_dir(self) -> Path:
+        return self.root / "clients"
+
+    def client_cert(self, name: str) -> Path:
+        return self.clients_dir / f"{name}.crt"
+
+    def client_key(self, name: str) -> Path:
+        return self.clients_dir / f"{name}.key"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Broker state (the last revoked set)."""
+        return self.root / "broker"
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)  # umask must not widen or narrow what we ask for
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write secret material atomically with mode 0600."""
+    _write_atomic(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write public material (certificates, JSON) atomically with mode 0644."""
+    _write_atomic(path, data, 0o644)

@@ -1,0 +1,330 @@
+"""The certificate profile: what device, service, operator and server certificates contain,
+and how an identity is read back out of one. Nobody else parses SANs by hand.
+
+Identities are SPIFFE URIs (DESIGN.md): ``spiffe://<trust-domain>/<kind>/<name>`` with kind
+one of ``device``, ``service``, ``operator``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from factory.errors import IdentityError
+
+__all__ = [
+    "CLOCK_SKEW",
+    "NAME_PATTERN",
+    "TRUST_DOMAIN_PATTERN",
+    "Identity",
+    "IdentityKind",
+    "PrivateKey",
+    "PublicKey",
+    "build_ca_certificate",
+    "build_leaf_certificate",
+    "build_server_certificate",
+    "check_name",
+    "check_public_key",
+    "new_serial",
+    "read_identity",
+    "serial_hex",
+]
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+#: not_before is set this far in the past so devices with a slightly slow clock accept it.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+#: Device ids, service and operator names: what is safe in a URI path, an MQTT topic level
+#: and a file name alike.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TRUST_DOMAIN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+_ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+_MIN_RSA_BITS = 2048
+
+
+class IdentityKind(StrEnum):
+    """What a certificate's holder is."""
+
+    DEVICE = "device"
+    SERVICE = "service"
+    OPERATOR = "operator"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a valid device id / service / operator name, else raise."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise IdentityError(
+            f"{what} {name!r} is not valid: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A certfleet identity: ``spiffe://<trust_domain>/<kind>/<name>``."""
+
+    trust_domain: str
+    kind: IdentityKind
+    name: str
+
+    def __post_init__(self) -> None:
+        if not TRUST_DOMAIN_PATTERN.fullmatch(self.trust_domain):
+            raise IdentityError(
+                f"trust domain {self.trust_domain!r} is not a lower-case DNS-like name"
+            )
+        check_name(self.name, f"{self.kind.value} name")
+
+    @property
+    def uri(self) -> str:
+        return f"spiffe://{self.trust_domain}/{self.kind.value}/{self.name}"
+
+    @classmethod
+    def parse(cls, uri: str) -> Identity:
+        """Parse a SPIFFE URI into an identity, or raise IdentityError."""
+        match = re.fullmatch(r"spiffe://([^/]+)/([a-z]+)/([^/]+)", uri)
+        if match is None:
+            raise IdentityError(f"{uri!r} is not of the form spiffe://<domain>/<kind>/<name>")
+        domain, kind, name = match.groups()
+        try:
+            identity_kind = IdentityKind(kind)
+        except ValueError:
+            raise IdentityError(
+                f"{uri!r} names kind {kind!r}; expected device, service or operator"
+            ) from None
+        return cls(domain, identity_kind, name)
+
+    @classmethod
+    def device(cls, trust_domain: str, device_id: str) -> Identity:
+        return cls(trust_domain, IdentityKind.DEVICE, device_id)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def new_serial() -> int:
+    """A random positive 159-bit serial (RFC 5280 allows up to 20 octets)."""
+    return secrets.randbits(159) | (1 << 158)
+
+
+def serial_hex(serial: int) -> str:
+    """The serial as the registry, feed and broker write it: lower-case hex, no separators."""
+    return format(serial, "x")
+
+
+def check_public_key(public_key: object) -> PublicKey:
+    """Accept P-256/P-384, Ed25519 and RSA >= 2048; raise IdentityError for anything else."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, _ALLOWED_CURVES):
+            raise IdentityError(
+                f"EC curve {public_key.curve.name} is not supported; use P-256 or P-384"
+            )
+        return public_key
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < _MIN_RSA_BITS:
+            raise IdentityError(
+                f"RSA key of {public_key.key_size} bits is too weak; use 2048 bits or more"
+            )
+        return public_key
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return public_key
+    raise IdentityError(
+        f"key type {type(public_key).__name__} is not supported; use EC P-256, Ed25519 or RSA"
+    )
+
+
+def _signing_hash(issuer_key: PrivateKey) -> hashes.HashAlgorithm | None:
+    return None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def build_ca_certificate(
+    *,
+    common_name: str,
+    public_key: PublicKey,
+    issuer_key: PrivateKey,
+    issuer: x509.Certificate | None,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int | None,
+) -> x509.Certificate:
+    """A CA certificate: self-signed when ``issuer`` is None (the root)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "certfleet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+    )
+    if issuer is not None:
+        issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+            critical=False,
+        )
+    return builder.sign(issuer_key, _signing_hash(issuer_key))
+
+
+def _leaf_builder(
+    *,
+    subject_cn: str,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    serial: int,
+    eku: list[x509.ObjectIdentifier],
+    key_usage_encipherment: bool,
+) -> x509.CertificateBuilder:
+    issuer_ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                key_encipherment=key_usage_encipherment, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+            critical=False,
+        )
+    )
+
+
+def build_leaf_certificate(
+    *,
+    identity: Identity,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A device, service or operator client certificate (clientAuth, one SPIFFE URI SAN)."""
+    builder = _leaf_builder(
+        subject_cn=identity.name,
+        public_key=check_public_key(public_key),
+        issuer_cert=issuer_cert,
+        not_before=not_before,
+        not_after=not_after,
+        serial=serial if serial is not None else new_serial(),
+        eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        key_usage_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+    ).add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+        critical=False,
+    )
+    return builder.sign(issuer_key, _signing_hash(issuer_key))
+
+
+def build_server_certificate(
+    *,
+    name: str,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A TLS server certificate (serverAuth only) for the broker or the registry."""
+    if not dns_names and not ip_addresses:
+        raise IdentityError(f"server certificate {name!r} needs at least one --dns or --ip")
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    for ip in ip_addresses:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise IdentityError(f"{ip!r} is not an IP address") from None
+    builder = _leaf_builder(
+        subject_cn=check_name(name, "server name"),
+        public_key=check_public_key(public_key),
+        issuer_cert=issuer_cert,
+        not_before=not_before,
+        not_after=not_after,
+        serial=new_serial(),
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        key_usage_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+    ).add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, _signing_hash(issuer_key))
+
+
+def read_identity(certificate: x509.Certificate) -> Identity:
+    """The one certfleet identity a client certificate carries.
+
+    Raises IdentityError for: a CA certificate, a certificate without clientAuth, no URI SAN,
+    more than one URI SAN, a URI that is not a certfleet SPIFFE id, or a device certificate
+    whose CN differs from its device id.
+    """
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise IdentityError("a CA certificate cannot be used as a client identity")
+    try:
+        eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("certificate has no extendedKeyUsage; clientAuth is required") from None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise IdentityError("certificate is not for client authentication (no clientAuth)")
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("certificate has no subjectAltName with an identity URI") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise IdentityError(f"certificate carries {len(uris)} identity URIs; exactly one is required")
+    identity = Identity.parse(uris[0])
+    if identity.kind is IdentityKind.DEVICE:
+        cns = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(cns) != 1 or cns[0].value != identity.name:
+            raise IdentityError(
+                f"device certificate CN does not match its device id {identity.name!r}"
+            )
+    return identity

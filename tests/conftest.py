@@ -1,0 +1,57 @@
+"""Session-wide fixtures: one CA minted by our own factory for the whole test run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from factory.ca import CertificateAuthority, write_issued
+from factory.layout import DataLayout
+from factory.profile import IdentityKind
+
+TRUST_DOMAIN = "fleet.test"
+
+
+@dataclass
+class ClientFiles:
+    """A client certificate and key on disk, with the CA files a TLS client needs."""
+
+    cert: Path
+    key: Path
+    root: Path
+    serial: int
+
+
+@dataclass
+class TestPKI:
+    """The session CA plus helpers that write client and server credentials to disk."""
+
+    __test__ = False  # not a test class, despite the name
+
+    ca: CertificateAuthority
+    layout: DataLayout
+
+    def client(self, kind: IdentityKind, name: str) -> ClientFiles:
+        """Issue (once) and write a client certificate for ``kind``/``name``."""
+        cert_path = self.layout.client_cert(f"{kind.value}-{name}")
+        key_path = self.layout.client_key(f"{kind.value}-{name}")
+        issued = self.ca.issue_client(self.ca.identity(kind, name))
+        write_issued(issued, cert_path, key_path)
+        return ClientFiles(cert_path, key_path, self.layout.root_cert, issued.certificate.serial_number)
+
+    def server(self, name: str) -> tuple[Path, Path]:
+        """Issue and write a server certificate for 127.0.0.1/localhost."""
+        issued = self.ca.issue_server(name, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+        write_issued(issued, self.layout.server_cert(name), self.layout.server_key(name))
+        return self.layout.server_cert(name), self.layout.server_key(name)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPKI]:
+    """A CA (root + issuing) in a temporary data folder, shared by the whole session."""
+    layout = DataLayout(tmp_path_factory.mktemp("certfleet-data"))
+    ca = CertificateAuthority.init(layout, TRUST_DOMAIN)
+    yield TestPKI(ca=ca, layout=layout)
