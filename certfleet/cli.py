@@ -66,8 +66,11 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if os.environ.get("CERTFLEET_TRACEBACK"):
             raise
-        print(f"certfleet: internal error: {type(exc).__name__}: {exc} "
-              "(set CERTFLEET_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(
+            f"certfleet: internal error: {type(exc).__name__}: {exc} "
+            "(set CERTFLEET_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

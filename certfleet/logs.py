@@ -15,7 +15,10 @@ class _LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         message = record.getMessage().replace("\n", "\\n")
-        line = f"ts={timestamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} logger={record.name} {message}"
+        line = (
+            f"ts={timestamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f"logger={record.name} {message}"
+        )
         if record.exc_info:
             line += " exc=" + repr(self.formatException(record.exc_info).replace("\n", "\\n"))
         return line

@@ -25,7 +25,7 @@ from factory.profile import (
     build_server_certificate,
 )
 
-__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow"]
+__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow", "write_issued"]
 
 ROOT_LIFETIME = dt.timedelta(days=20 * 365)
 ISSUING_LIFETIME = dt.timedelta(days=10 * 365)
@@ -123,8 +123,12 @@ class CertificateAuthority:
         write_public(
             layout.ca_meta,
             json.dumps(
-                {"trust_domain": trust_domain, "created_at": now.isoformat(),
-                 "key_algorithm": key_algorithm, "encrypted": bool(passphrase)},
+                {
+                    "trust_domain": trust_domain,
+                    "created_at": now.isoformat(),
+                    "key_algorithm": key_algorithm,
+                    "encrypted": bool(passphrase),
+                },
                 indent=2,
             ).encode(),
         )
@@ -266,12 +270,27 @@ class CertificateAuthority:
                 .add_extension(x509.CRLReason(entry.reason), critical=False)
                 .build()
             )
-        algorithm = None if isinstance(self.issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        algorithm = (
+            None if isinstance(self.issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        )
         return builder.sign(self.issuing_key, algorithm)
 
 
-def write_issued(issued: IssuedCertificate, cert_path: Path, key_path: Path) -> None:
-    """Write a leaf certificate (0644) and its key (0600)."""
+def write_issued(
+    issued: IssuedCertificate,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    intermediate: x509.Certificate | None = None,
+) -> None:
+    """Write a leaf certificate (0644) and its key (0600).
+
+    With ``intermediate`` the certificate file holds leaf + issuing CA, which is how server
+    certificates are written so that clients trusting only ``root.crt`` can verify them.
+    """
     if issued.private_key is not None:
         write_private(key_path, private_key_pem(issued.private_key))
-    write_public(cert_path, issued.certificate_pem)
+    pem = issued.certificate_pem
+    if intermediate is not None:
+        pem += intermediate.public_bytes(serialization.Encoding.PEM)
+    write_public(cert_path, pem)

@@ -33,7 +33,9 @@ def generate_key(algorithm: str = "p256") -> PrivateKey:
         return ed25519.Ed25519PrivateKey.generate()
     if algorithm == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    raise ValueError(f"unknown key algorithm {algorithm!r}; choose one of {', '.join(KEY_ALGORITHMS)}")
+    raise ValueError(
+        f"unknown key algorithm {algorithm!r}; choose one of {', '.join(KEY_ALGORITHMS)}"
+    )
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
@@ -43,7 +45,9 @@ def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
         if passphrase
         else serialization.NoEncryption()
     )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
@@ -66,7 +70,9 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
         if passphrase:
             raise CAError(f"wrong passphrase for key file {path}") from None
         raise CAError(f"key file {path} is not a readable PEM private key") from None
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
         raise CAError(f"key file {path} holds an unsupported key type")
     return key
 

@@ -48,7 +48,8 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 #: Device ids, service and operator names: what is safe in a URI path, an MQTT topic level
 #: and a file name alike.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TRUST_DOMAIN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+TRUST_DOMAIN_PATTERN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _MIN_RSA_BITS = 2048
@@ -145,7 +146,7 @@ def check_public_key(public_key: object) -> PublicKey:
     )
 
 
-def _signing_hash(issuer_key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _signing_hash(issuer_key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -178,9 +179,15 @@ def build_ca_certificate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -218,10 +225,15 @@ def _leaf_builder(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False,
-                key_encipherment=key_usage_encipherment, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=key_usage_encipherment,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -319,7 +331,9 @@ def read_identity(certificate: x509.Certificate) -> Identity:
         raise IdentityError("certificate has no subjectAltName with an identity URI") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
-        raise IdentityError(f"certificate carries {len(uris)} identity URIs; exactly one is required")
+        raise IdentityError(
+            f"certificate carries {len(uris)} identity URIs; exactly one is required"
+        )
     identity = Identity.parse(uris[0])
     if identity.kind is IdentityKind.DEVICE:
         cns = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

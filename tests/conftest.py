@@ -40,12 +40,19 @@ class TestPKI:
         key_path = self.layout.client_key(f"{kind.value}-{name}")
         issued = self.ca.issue_client(self.ca.identity(kind, name))
         write_issued(issued, cert_path, key_path)
-        return ClientFiles(cert_path, key_path, self.layout.root_cert, issued.certificate.serial_number)
+        return ClientFiles(
+            cert_path, key_path, self.layout.root_cert, issued.certificate.serial_number
+        )
 
     def server(self, name: str) -> tuple[Path, Path]:
         """Issue and write a server certificate for 127.0.0.1/localhost."""
         issued = self.ca.issue_server(name, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-        write_issued(issued, self.layout.server_cert(name), self.layout.server_key(name))
+        write_issued(
+            issued,
+            self.layout.server_cert(name),
+            self.layout.server_key(name),
+            intermediate=self.ca.issuing_cert,
+        )
         return self.layout.server_cert(name), self.layout.server_key(name)
 
 
