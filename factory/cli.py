@@ -1,10 +1,509 @@
-"""`certfleet ca` and `certfleet factory` commands."""
+"""`certfleet ca` and `certfleet factory` commands.
+
+Errors of our own types propagate to ``certfleet.cli.main``, which prints them as one line
+and exits 2.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from factory.ca import CertificateAuthority, write_issued
+from factory.duration import parse_duration
+from factory.errors import CAError, ConfigError, CSRError, ProvisionError
+from factory.layout import DataLayout, write_public
+from factory.profile import IdentityKind, check_name, serial_hex
+from factory.settings import FactorySettings, load_settings
+
+__all__ = ["ca_app", "factory_app"]
+
+log = logging.getLogger(__name__)
 
 ca_app = typer.Typer(
     help="The private CA: init, server and client certificates.", no_args_is_help=True
 )
 factory_app = typer.Typer(help="Provisioning on the manufacturing line.", no_args_is_help=True)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="Data folder (env CERTFLEET_DATA_DIR, default ./certfleet-data)."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON result for scripts.")]
+
+
+def _emit(as_json: bool, body: dict[str, Any], text: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        typer.echo(text)
+
+
+def _load_ca(settings: FactorySettings) -> CertificateAuthority:
+    return CertificateAuthority.load(settings.layout, passphrase=settings.passphrase)
+
+
+# -- certfleet ca -------------------------------------------------------------------------
+
+
+@ca_app.command("init")
+def ca_init(
+    trust_domain: Annotated[
+        str | None,
+        typer.Option(help="DNS-like trust domain of every identity (default fleet.local)."),
+    ] = None,
+    data_dir: DataDirOption = None,
+    key_algorithm: Annotated[
+        str | None, typer.Option(help="p256 (default), p384, ed25519 or rsa2048.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create the root and issuing CA. Keys are encrypted when CERTFLEET_CA_PASSPHRASE is set.
+
+    Refuses to overwrite an existing CA.
+    """
+    settings = load_settings(
+        data_dir=data_dir, trust_domain=trust_domain, key_algorithm=key_algorithm
+    )
+    if settings.key_algorithm not in ("p256", "p384", "ed25519", "rsa2048"):
+        raise ConfigError(
+            f"--key-algorithm {settings.key_algorithm!r} is not one of p256, p384, ed25519, rsa2048"
+        )
+    layout = settings.layout
+    ca = CertificateAuthority.init(
+        layout,
+        settings.trust_domain,
+        passphrase=settings.passphrase,
+        key_algorithm=settings.key_algorithm,
+    )
+    log.info(
+        "ca created trust_domain=%s data_dir=%s encrypted=%s",
+        ca.trust_domain,
+        layout.root,
+        settings.passphrase is not None,
+    )
+    _emit(
+        as_json,
+        {
+            "trust_domain": ca.trust_domain,
+            "root_cert": str(layout.root_cert),
+            "issuing_cert": str(layout.issuing_cert),
+            "chain": str(layout.chain),
+            "encrypted": settings.passphrase is not None,
+        },
+        f"CA created for trust domain {ca.trust_domain} in {layout.ca_dir}\n"
+        f"  root:  {layout.root_cert}\n  chain: {layout.chain}",
+    )
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise CAError(
+            f"{existing[0]} already exists; pass --force to replace it (nothing was written)"
+        )
+
+
+@ca_app.command("issue-server")
+def ca_issue_server(
+    name: Annotated[str, typer.Option(help="Server name, e.g. broker or registry.")],
+    dns: Annotated[list[str] | None, typer.Option("--dns", help="DNS name (repeatable).")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="IP address (repeatable).")] = None,
+    lifetime: Annotated[str, typer.Option(help="Validity, e.g. 397d.")] = "397d",
+    force: Annotated[bool, typer.Option(help="Replace an existing certificate.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Issue a TLS server certificate into tls/<name>.crt (leaf + issuing CA) and .key (0600)."""
+    settings = load_settings(data_dir=data_dir)
+    check_name(name, "server name")
+    layout = settings.layout
+    cert_path, key_path = layout.server_cert(name), layout.server_key(name)
+    _refuse_existing([cert_path, key_path], force)
+    ca = _load_ca(settings)
+    issued = ca.issue_server(
+        name,
+        dns_names=list(dns or []),
+        ip_addresses=list(ip or []),
+        lifetime=parse_duration(lifetime, what="--lifetime"),
+    )
+    write_issued(issued, cert_path, key_path, intermediate=ca.issuing_cert)
+    serial = serial_hex(issued.certificate.serial_number)
+    log.info("server certificate issued name=%s serial=%s", name, serial)
+    _emit(
+        as_json,
+        {"name": name, "cert": str(cert_path), "key": str(key_path), "serial": serial},
+        f"server certificate {name}: {cert_path} (key {key_path}) serial {serial}",
+    )
+
+
+@ca_app.command("issue-client")
+def ca_issue_client(
+    operator: Annotated[
+        str | None, typer.Option(help="Operator name: spiffe://<td>/operator/NAME.")
+    ] = None,
+    service: Annotated[
+        str | None, typer.Option(help="Service name: spiffe://<td>/service/NAME.")
+    ] = None,
+    lifetime: Annotated[str, typer.Option(help="Validity, e.g. 365d.")] = "365d",
+    force: Annotated[bool, typer.Option(help="Replace an existing certificate.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Issue an operator or service client certificate into clients/<name>.crt|.key."""
+    if (operator is None) == (service is None):
+        raise ConfigError("give exactly one of --operator NAME or --service NAME")
+    kind = IdentityKind.OPERATOR if operator is not None else IdentityKind.SERVICE
+    name = operator if operator is not None else service
+    assert name is not None
+    settings = load_settings(data_dir=data_dir)
+    check_name(name, f"{kind.value} name")
+    layout = settings.layout
+    cert_path, key_path = layout.client_cert(name), layout.client_key(name)
+    _refuse_existing([cert_path, key_path], force)
+    ca = _load_ca(settings)
+    identity = ca.identity(kind, name)
+    issued = ca.issue_client(
+        identity, not_after=_now() + parse_duration(lifetime, what="--lifetime")
+    )
+    write_issued(issued, cert_path, key_path)
+    serial = serial_hex(issued.certificate.serial_number)
+    log.info("client certificate issued identity=%s serial=%s", identity.uri, serial)
+    _emit(
+        as_json,
+        {
+            "identity": identity.uri,
+            "cert": str(cert_path),
+            "key": str(key_path),
+            "serial": serial,
+        },
+        f"{identity.uri}: {cert_path} (key {key_path}) serial {serial}",
+    )
+
+
+def _now() -> Any:
+    from factory.ca import utcnow
+
+    return utcnow()
+
+
+# -- certfleet factory --------------------------------------------------------------------
+
+
+@factory_app.command("provision")
+def factory_provision(
+    count: Annotated[int | None, typer.Option(help="Mint N devices <prefix>-000001...")] = None,
+    serials: Annotated[
+        Path | None,
+        typer.Option(help="CSV of hardware serials (column hardware_serial, optional device_id)."),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Device id prefix.")] = "dev",
+    lifetime: Annotated[
+        str | None, typer.Option(help="Certificate lifetime, e.g. 365d (CERTFLEET_LIFETIME).")
+    ] = None,
+    stagger: Annotated[
+        str | None,
+        typer.Option(help="Window the expiries are spread over, e.g. 90d (CERTFLEET_STAGGER)."),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(help="Register the batch at this registry URL (CERTFLEET_REGISTRY_URL)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token for the registry (prefer CERTFLEET_REGISTRY_TOKEN); without "
+            "one, the client certificate clients/<--client>.crt is used."
+        ),
+    ] = None,
+    client: Annotated[
+        str | None, typer.Option(help="Client certificate name for the registry (factory).")
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker address for device.json (CERTFLEET_BROKER_ADDR).")
+    ] = None,
+    key_algorithm: Annotated[str | None, typer.Option(help="Device key: p256 (default).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Minting processes (0 = per CPU).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Devices per unit of work.")] = None,
+    batch_id: Annotated[str | None, typer.Option(help="Batch id for the manifest.")] = None,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mint a batch: one bundle per device under devices/<id>/ and a manifest line for each.
+
+    Running the same command again resumes a killed batch.
+    """
+    from factory.batch import read_serials_csv
+    from factory.provision import provision_batch
+
+    if (count is None) == (serials is None):
+        raise ProvisionError("give exactly one of --count N or --serials FILE.csv")
+    settings = load_settings(
+        data_dir=data_dir,
+        lifetime=lifetime,
+        stagger=stagger,
+        registry_url=registry,
+        registry_token=token,
+        registry_client=client,
+        broker_addr=broker,
+        key_algorithm=key_algorithm,
+        workers=workers,
+        chunk_size=chunk_size,
+    )
+    lifetime_td = parse_duration(settings.lifetime, what="--lifetime")
+    stagger_td = parse_duration(settings.stagger, what="--stagger", allow_zero=True)
+    if count is not None and count < 1:
+        raise ProvisionError(f"--count must be at least 1 (got {count})")
+    devices = read_serials_csv(serials, prefix) if serials is not None else count
+    assert devices is not None
+    ca = _load_ca(settings)
+    registrar = _registrar(settings, ca) if settings.registry_url else None
+    try:
+        with _progress(enabled=not as_json and sys.stderr.isatty()) as on_progress:
+            summary = provision_batch(
+                ca,
+                devices,
+                prefix=prefix,
+                lifetime=lifetime_td,
+                stagger=stagger_td,
+                broker=settings.broker_addr,
+                key_algorithm=settings.key_algorithm,
+                workers=settings.worker_count,
+                chunk_size=settings.chunk_size,
+                batch_id=batch_id,
+                registrar=registrar,
+                on_progress=on_progress,
+                keep_ids=False,
+            )
+    finally:
+        if registrar is not None:
+            registrar.close()
+    body = summary.as_dict()
+    if registrar is not None:
+        body["registry"] = {
+            "url": settings.registry_url,
+            "created": registrar.created,
+            "existing": registrar.existing,
+        }
+    _emit(
+        as_json,
+        body,
+        f"batch {summary.batch_id}: {summary.issued} issued, {summary.recovered} recovered from "
+        f"bundles, {summary.skipped} already done ({summary.requested} requested) in "
+        f"{summary.elapsed_s:.1f}s ({summary.rate:.0f} devices/s)\n"
+        f"  bundles:  {settings.layout.devices_dir}\n  manifest: {settings.layout.manifest}"
+        + (
+            f"\n  registry: {registrar.created} created, {registrar.existing} already there"
+            if registrar is not None
+            else ""
+        ),
+    )
+
+
+def _registrar(settings: FactorySettings, ca: CertificateAuthority) -> Any:
+    from factory.registration import BatchRegistrar, RegistryClient
+
+    assert settings.registry_url is not None
+    layout: DataLayout = settings.layout
+    token = settings.registry_token.get_secret_value() if settings.registry_token else None
+    client = RegistryClient.connect(
+        settings.registry_url,
+        layout=layout,
+        token=token or None,
+        client_name=settings.registry_client,
+    )
+    return BatchRegistrar(client)
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("provisioning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("provision", total=None)
+
+        def update(done: int, total: int) -> None:
+            self._progress.update(self._task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+@factory_app.command("sign-csr")
+def factory_sign_csr(
+    csr_path: Annotated[Path, typer.Argument(metavar="CSR.pem", help="The device's CSR.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the certificate here (default: stdout).")
+    ] = None,
+    hardware_serial: Annotated[
+        str | None, typer.Option(help="Hardware serial to record in the manifest.")
+    ] = None,
+    lifetime: Annotated[str | None, typer.Option(help="Certificate lifetime, e.g. 365d.")] = None,
+    stagger: Annotated[str | None, typer.Option(help="Expiry stagger window, e.g. 90d.")] = None,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Sign a device-generated CSR with the device profile; the key stays on the device.
+
+    Refuses a bad signature, a weak or unsupported key, a CA request and a foreign identity,
+    and a device that already has a certificate in the manifest.
+    """
+    import datetime as dt
+
+    from factory.csr import load_csr, validate_device_csr
+    from factory.manifest import Manifest, ManifestRecord
+    from factory.provision import ProvisionLock, new_batch_id
+    from factory.stagger import stagger_fraction_for_id
+
+    settings = load_settings(data_dir=data_dir, lifetime=lifetime, stagger=stagger)
+    lifetime_td = parse_duration(settings.lifetime, what="--lifetime")
+    stagger_td = parse_duration(settings.stagger, what="--stagger", allow_zero=True)
+    try:
+        csr_bytes = csr_path.read_bytes()
+    except OSError as exc:
+        raise CSRError(f"cannot read CSR {csr_path}: {exc.strerror}") from None
+    csr = load_csr(csr_bytes)
+    ca = _load_ca(settings)
+    validated = validate_device_csr(csr, ca.trust_domain)
+    device_id = validated.identity.name
+    layout = settings.layout
+    with ProvisionLock(layout.provision_lock):
+        manifest = Manifest(layout.manifest)
+        manifest.repair()
+        existing = manifest.serials_by_device().get(device_id)
+        if existing:
+            raise CSRError(
+                f"device {device_id} already has certificate serial {existing[-1]} in the "
+                "manifest; renew it through the registry (or decommission it first)"
+            )
+        now = _now()
+        offset = dt.timedelta(
+            seconds=int(stagger_fraction_for_id(device_id) * stagger_td.total_seconds())
+        )
+        issued = ca.issue_client(
+            validated.identity,
+            public_key=validated.public_key,
+            not_after=now + lifetime_td + offset,
+        )
+        record = ManifestRecord.from_certificate(
+            issued.certificate,
+            device_id=device_id,
+            hardware_serial=hardware_serial,
+            issued_at=now,
+            batch_id=f"csr-{new_batch_id()}",
+        )
+        if out is not None:
+            write_public(out, issued.certificate_pem)
+        with manifest.writer() as writer:
+            writer.append(record.to_line())
+    log.info("csr signed device_id=%s serial=%s", device_id, record.serial)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "device_id": device_id,
+                    "identity": validated.identity.uri,
+                    "serial": record.serial,
+                    "not_after": record.not_after,
+                    "out": str(out) if out is not None else None,
+                    "certificate_pem": record.certificate_pem,
+                },
+                indent=2,
+            )
+        )
+    elif out is None:
+        typer.echo(record.certificate_pem, nl=False)
+    else:
+        typer.echo(f"{validated.identity.uri}: {out} serial {record.serial}")
+
+
+@factory_app.command("expiry-report")
+def factory_expiry_report(
+    png: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the chart (default <data-dir>/expiry-report.png)."),
+    ] = None,
+    no_png: Annotated[bool, typer.Option("--no-png", help="Skip the chart.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Certificates expiring per ISO week, from the manifest: a table and a PNG chart."""
+    from factory.manifest import Manifest
+    from factory.report import expiries_per_week, render_png
+
+    settings = load_settings(data_dir=data_dir)
+    layout = settings.layout
+    if not layout.manifest.exists():
+        raise ProvisionError(
+            f"no manifest at {layout.manifest}: provision a batch first ('certfleet factory "
+            "provision')"
+        )
+    weeks = expiries_per_week(Manifest(layout.manifest).records())
+    png_path: Path | None = None
+    if not no_png and weeks:
+        png_path = render_png(weeks, png or layout.root / "expiry-report.png")
+    total = sum(w.count for w in weeks)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "total": total,
+                    "weeks": [w.as_dict() for w in weeks],
+                    "png": str(png_path) if png_path else None,
+                },
+                indent=2,
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    peak = max((w.count for w in weeks), default=0)
+    table = Table(title=f"Certificate expiries per ISO week ({total} devices)")
+    table.add_column("ISO week")
+    table.add_column("week starting")
+    table.add_column("expiring", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("")
+    for week in weeks:
+        bar = "#" * (round(30 * week.count / peak) if peak else 0)
+        share = f"{100 * week.count / total:.1f}%" if total else "-"
+        table.add_row(week.iso_week, week.week_start.isoformat(), str(week.count), share, bar)
+    console = Console()
+    console.print(table)
+    if png_path is not None:
+        console.print(f"chart: {png_path}")

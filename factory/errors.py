@@ -6,7 +6,8 @@
      └── FactoryError           anything the factory refuses
           ├── CAError           CA missing, already present, unreadable or wrong passphrase
           ├── CSRError          a certificate signing request is refused
-          └── ProvisionError    a provisioning batch input is refused
+          ├── ProvisionError    a provisioning batch input is refused
+          └── RegistrationError the registry refused or could not take a batch
 
 Messages say what is wrong and what to do about it; the CLI prints them as one line.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "FactoryError",
     "IdentityError",
     "ProvisionError",
+    "RegistrationError",
 ]
 
 
@@ -50,3 +52,7 @@ class CSRError(FactoryError):
 
 class ProvisionError(FactoryError):
     """A provisioning batch's input is refused."""
+
+
+class RegistrationError(FactoryError):
+    """The registry refused a batch (conflict, credentials) or stayed unreachable."""

@@ -17,6 +17,7 @@ __all__ = [
     "build_csr",
     "generate_key",
     "load_private_key",
+    "load_private_key_pem",
     "private_key_pem",
 ]
 
@@ -50,6 +51,16 @@ def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
     )
 
 
+def load_private_key_pem(data: bytes) -> PrivateKey:
+    """Load an unencrypted PEM private key held in memory."""
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
+        raise CAError("unsupported private key type")
+    return key
+
+
 def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     """Load a PEM private key, raising CAError with a message a person can act on."""
     try:
@@ -58,6 +69,8 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
         raise CAError(f"key file {path} does not exist") from None
     except PermissionError:
         raise CAError(f"key file {path} is not readable by this user") from None
+    except OSError as exc:
+        raise CAError(f"key file {path} cannot be read: {exc.strerror}") from None
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
     except TypeError:

@@ -54,6 +54,16 @@ class DataLayout:
         return self.devices_dir / device_id
 
     @property
+    def provision_tmp_dir(self) -> Path:
+        """Half-written device bundles; renamed into ``devices/`` when complete."""
+        return self.root / ".provision-tmp"
+
+    @property
+    def provision_lock(self) -> Path:
+        """Held (flock) by the one provisioning run allowed per data folder."""
+        return self.root / ".provision.lock"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.jsonl"
 

@@ -1,0 +1,306 @@
+"""One mTLS client connection: TLS over memory BIOs, and the byte stream amqtt reads.
+
+Why not ``loop.create_server(ssl=...)``: asyncio's ``SSLProtocol`` allocates a 256 KiB read
+buffer per connection (about 340 KB per idle stock-amqtt connection, FIELD-NOTES.md) and
+swallows handshake failures without telling anyone why. Driving ``ssl.SSLObject`` over two
+``ssl.MemoryBIO`` objects ourselves keeps the per-connection buffers proportional to the
+bytes actually in flight, lets us count every handshake refusal by its reason, and puts a
+deadline on handshakes. The class is a plain :class:`asyncio.Protocol`, so it runs on the
+default loop and on uvloop alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+
+if TYPE_CHECKING:
+    from broker.listener import MqttTlsListener
+
+__all__ = ["PacketTooLargeError", "StreamReader", "StreamWriter", "TlsConnection"]
+
+#: Plaintext read per SSLObject.read call: one TLS record at most.
+_TLS_READ_CHUNK = 16 * 1024
+#: Pause reading from the socket when this many undelivered plaintext bytes are buffered.
+_READ_HIGH_WATER = 64 * 1024
+
+
+class PacketTooLargeError(ConnectionError):
+    """A client announced a packet larger than the broker accepts."""
+
+
+class TlsConnection(asyncio.Protocol):
+    """Server side of one TLS connection; hands the plaintext to a :class:`StreamReader`."""
+
+    __slots__ = (
+        "_closed",
+        "_drain_waiter",
+        "_handshake_timer",
+        "_incoming",
+        "_listener",
+        "_outgoing",
+        "_paused_writing",
+        "_tls",
+        "_transport",
+        "established",
+        "peer_certificate_der",
+        "peername",
+        "reader",
+        "refused",
+    )
+
+    def __init__(self, listener: MqttTlsListener) -> None:
+        self._listener = listener
+        self._transport: asyncio.Transport | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls: ssl.SSLObject = listener.ssl_context.wrap_bio(
+            self._incoming, self._outgoing, server_side=True
+        )
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._paused_writing = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self.established = False
+        self.refused = False
+        self.peer_certificate_der: bytes | None = None
+        self.peername: tuple[str, int] | None = None
+        self.reader: StreamReader | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peername = (str(peer[0]), int(peer[1])) if peer else None
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self._listener.handshake_timeout_s, self._on_handshake_timeout
+        )
+        self._listener.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._incoming.write(data)
+        if not self.established:
+            self._continue_handshake()
+            if not self.established:
+                return
+        self._read_plaintext()
+
+    def eof_received(self) -> bool | None:
+        if self.reader is not None:
+            self.reader.feed_eof()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self.reader is not None:
+            self.reader.feed_eof()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self._listener.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- TLS ------------------------------------------------------------------------------
+
+    def _continue_handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:
+            self._flush()  # send the alert so the client learns why
+            self.refused = True
+            self._listener.handshake_failed(self, exc)
+            self.close()
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._flush()
+        self.peer_certificate_der = self._tls.getpeercert(binary_form=True)
+        self.established = True
+        self.reader = StreamReader(self, self._listener.max_packet_bytes)
+        self._listener.handshake_completed(self)
+
+    def _read_plaintext(self) -> None:
+        reader = self.reader
+        assert reader is not None
+        while True:
+            try:
+                chunk = self._tls.read(_TLS_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                reader.feed_eof()
+                break
+            except ssl.SSLError:
+                self.abort()
+                return
+            if not chunk:
+                reader.feed_eof()
+                break
+            reader.feed_data(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self._transport is not None:
+            self._transport.write(self._outgoing.read())
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if not self.established and not self._closed:
+            self.refused = True
+            self._listener.handshake_timed_out(self)
+            self.abort()
+
+    # -- used by the writer and the listener ------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closed or not self.established:
+            return
+        try:
+            self._tls.write(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        self._flush()
+
+    async def drain(self) -> None:
+        if self._paused_writing and not self._closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+            self._drain_waiter = None
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        """Flush what is pending, then close."""
+        if not self._closed and self._transport is not None:
+            self._closed = True
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (revocation, protocol abuse, timeouts)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._closed = True
+            self._transport.abort()
+        elif self._transport is not None:
+            self._closed = True
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        return self._tls
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+
+class StreamReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type hints
+    """The plaintext side for amqtt: ``read(n)`` returns exactly ``n`` bytes or fewer at EOF."""
+
+    __slots__ = ("_buffer", "_connection", "_eof", "_max_read", "_paused", "_waiter", "_wanted")
+
+    def __init__(self, connection: TlsConnection, max_read: int) -> None:
+        self._connection = connection
+        self._buffer = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self._max_read = max_read
+        self._paused = False
+
+    def feed_data(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > _READ_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._connection.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the buffer (the CONNECT the gate already read)."""
+        self._buffer[:0] = data
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (self._eof or len(self._buffer) >= self._wanted)
+        ):
+            waiter.set_result(None)
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self._max_read
+        if n > self._max_read:
+            # amqtt reads a packet body in one call: refuse before buffering it.
+            self._connection.abort()
+            raise PacketTooLargeError(f"packet of {n} bytes exceeds {self._max_read}")
+        while len(self._buffer) < n and not self._eof:
+            self._wanted = n
+            if self._paused:
+                self._paused = False
+                self._connection.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        if self._paused and len(self._buffer) < _READ_HIGH_WATER // 2:
+            self._paused = False
+            self._connection.resume_reading()
+        return data
+
+
+class StreamWriter(WriterAdapter):  # type: ignore[misc]  # amqtt ships no type hints
+    """The plaintext write side for amqtt."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: TlsConnection) -> None:
+        self._connection = connection
+
+    def write(self, data: bytes) -> None:
+        self._connection.write(data)
+
+    async def drain(self) -> None:
+        await self._connection.drain()
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        return self._connection.peername
+
+    def get_ssl_info(self) -> ssl.SSLObject | None:
+        return self._connection.ssl_object
+
+    async def close(self) -> None:
+        self._connection.close()

@@ -1,0 +1,242 @@
+"""Revoked serials: the in-memory set, its copy on disk, and the registry feed follower.
+
+- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`factory.profile.serial_hex`)
+  and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
+  from ``<data>/broker/revoked.json`` at start, so a restart while the registry is down is no
+  hole, and written back atomically after every batch that changed it. Revocation is
+  permanent: a set only grows.
+- :class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=``
+  over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
+  ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
+  last sequence it applied, and backs off exponentially while the registry is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from broker.errors import BrokerError, RevocationStateError
+from factory.layout import write_public
+
+__all__ = ["RevocationEvent", "RevocationFollower", "RevokedSet", "feed_client_context"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationEvent:
+    """One entry of the registry's revocation feed."""
+
+    seq: int
+    device_id: str
+    serials: tuple[str, ...]
+    reason: str
+    revoked_at: dt.datetime | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RevocationEvent:
+        revoked_at_raw = body.get("revoked_at")
+        revoked_at = None
+        if isinstance(revoked_at_raw, str):
+            revoked_at = dt.datetime.fromisoformat(revoked_at_raw.replace("Z", "+00:00"))
+            if revoked_at.tzinfo is None:
+                revoked_at = revoked_at.replace(tzinfo=dt.UTC)
+        return cls(
+            seq=int(body["seq"]),
+            device_id=str(body["device_id"]),
+            serials=tuple(str(s).lower() for s in body["serials"]),
+            reason=str(body.get("reason", "")),
+            revoked_at=revoked_at,
+        )
+
+
+class RevokedSet:
+    """Revoked serials and decommissioned devices, persisted to one JSON file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.serials: set[str] = set()
+        self.device_ids: set[str] = set()
+        self.last_seq = 0
+
+    # -- checks (RevocationView) ----------------------------------------------------------
+
+    def is_serial_revoked(self, serial: str) -> bool:
+        return serial in self.serials
+
+    def is_device_decommissioned(self, device_id: str) -> bool:
+        return device_id in self.device_ids
+
+    # -- changes --------------------------------------------------------------------------
+
+    def add(
+        self, serials: Iterable[str], device_id: str | None = None, seq: int | None = None
+    ) -> list[str]:
+        """Add serials (and a decommissioned device id); return the serials that were new."""
+        new = [s for s in (serial.lower() for serial in serials) if s not in self.serials]
+        self.serials.update(new)
+        if device_id is not None:
+            self.device_ids.add(device_id)
+        if seq is not None and seq > self.last_seq:
+            self.last_seq = seq
+        return new
+
+    # -- disk -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the persisted set; a missing file is an empty set, a corrupt one an error."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            body = json.loads(self.path.read_text())
+            serials = {str(s).lower() for s in body["serials"]}
+            device_ids = {str(d) for d in body.get("device_ids", [])}
+            last_seq = int(body.get("last_seq", 0))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RevocationStateError(
+                f"{self.path} is unreadable ({exc}); restore it from a backup or remove it to "
+                "rebuild it from the registry feed (refuses nothing until the feed is read)"
+            ) from None
+        self.serials |= serials
+        self.device_ids |= device_ids
+        self.last_seq = max(self.last_seq, last_seq)
+        log.info(
+            "revoked set loaded path=%s serials=%d devices=%d last_seq=%d",
+            self.path,
+            len(self.serials),
+            len(self.device_ids),
+            self.last_seq,
+        )
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        body = {
+            "last_seq": self.last_seq,
+            "serials": sorted(self.serials),
+            "device_ids": sorted(self.device_ids),
+        }
+        try:
+            write_public(self.path, json.dumps(body).encode())
+        except OSError as exc:
+            raise RevocationStateError(f"cannot write {self.path}: {exc}") from None
+
+
+def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> ssl.SSLContext:
+    """Client TLS context for the feed: our service certificate, trusting our root."""
+    for what, path in (
+        ("broker service certificate", cert_file),
+        ("broker service key", key_file),
+        ("root certificate", root_file),
+    ):
+        if not path.is_file():
+            raise BrokerError(
+                f"{what} {path} is missing: issue the service/broker client certificate "
+                "into clients/ of the data dir, or run without --registry-url"
+            )
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
+#: Called with each newly applied event and the serials in it that were not yet revoked.
+OnRevoked = Callable[[RevocationEvent, list[str]], None]
+
+
+class RevocationFollower:
+    """Follow the registry's revocation feed into a :class:`RevokedSet`."""
+
+    def __init__(
+        self,
+        *,
+        registry_url: str,
+        revoked: RevokedSet,
+        on_revoked: OnRevoked,
+        tls_context: ssl.SSLContext,
+        wait_s: int = 25,
+        max_backoff_s: float = 10.0,
+        batch_limit: int = 1000,
+    ) -> None:
+        self._url = registry_url.rstrip("/") + "/api/v1/revocations"
+        self._revoked = revoked
+        self._on_revoked = on_revoked
+        self._tls_context = tls_context
+        self._wait_s = wait_s
+        self._max_backoff_s = max_backoff_s
+        self._batch_limit = batch_limit
+        self.after = 0  # full resync from the start of the feed on every start
+        self.head_seq = 0
+        self.synced = asyncio.Event()  # set once the follower has caught up with the head
+        self.errors = 0
+
+    async def run(self) -> None:
+        """Follow the feed until cancelled."""
+        backoff = 0.2
+        timeout = httpx.Timeout(self._wait_s + 15.0, connect=5.0)
+        async with httpx.AsyncClient(verify=self._tls_context, timeout=timeout) as client:
+            while True:
+                try:
+                    await self._poll_once(client)
+                    backoff = 0.2
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                    self.errors += 1
+                    log.warning(
+                        "revocation feed unavailable url=%s after=%d error=%s retry_in_s=%.1f",
+                        self._url,
+                        self.after,
+                        type(exc).__name__ + ": " + str(exc)[:200],
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self._max_backoff_s)
+
+    async def _poll_once(self, client: httpx.AsyncClient) -> None:
+        catching_up = not self.synced.is_set()
+        wait = 0 if catching_up else self._wait_s
+        response = await client.get(
+            self._url, params={"after": self.after, "wait": wait, "limit": self._batch_limit}
+        )
+        response.raise_for_status()
+        body = response.json()
+        events = [RevocationEvent.from_json(e) for e in body["events"]]
+        self.apply(events)
+        self.after = max(self.after, int(body["last_seq"]))
+        self.head_seq = int(body["head_seq"])
+        if self.after >= self.head_seq and not self.synced.is_set():
+            log.info(
+                "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
+            )
+            self.synced.set()
+
+    def apply(self, events: list[RevocationEvent]) -> None:
+        """Apply events in order, drop affected sessions, then persist once for the batch."""
+        for event in events:
+            known_device = event.device_id in self._revoked.device_ids
+            new_serials = self._revoked.add(event.serials, event.device_id, event.seq)
+            lag = (
+                time.time() - event.revoked_at.timestamp() if event.revoked_at is not None else None
+            )
+            if new_serials or not known_device:
+                log.info(
+                    "device revoked device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
+                    event.device_id,
+                    ",".join(new_serials),
+                    event.seq,
+                    event.reason[:100],
+                    f"{lag:.3f}" if lag is not None else "unknown",
+                )
+            self._on_revoked(event, new_serials)
+        if events:
+            self._revoked.save()

@@ -1,0 +1,314 @@
+"""Assemble and run the broker: amqtt + our listener + revocation follower + metrics.
+
+- :class:`BrokerApp` is the async core (start/stop on a running loop).
+- :class:`BrokerServer` runs a BrokerApp in its own thread and event loop (tests, demo):
+  ``with BrokerServer(settings) as broker: broker.port``.
+- :func:`serve` runs until cancelled; ``certfleet broker serve`` uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from amqtt.broker import Broker
+
+from broker.acl import DeviceTopicPlugin
+from broker.auth import AdmissionPolicy, CertAuthPlugin
+from broker.errors import BrokerError
+from broker.listener import LISTENER_NAME, MqttTlsListener
+from broker.metrics import BrokerMetrics
+from broker.revocation import (
+    RevocationEvent,
+    RevocationFollower,
+    RevokedSet,
+    feed_client_context,
+)
+from broker.settings import BrokerSettings
+from broker.tls import server_context
+from factory.errors import ConfigError
+from factory.layout import write_public
+
+__all__ = ["BrokerApp", "BrokerServer", "serve", "split_addr"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8883)")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ConfigError(f"address {addr!r} has a non-numeric port") from None
+
+
+def _trust_domain(settings: BrokerSettings) -> str:
+    meta = settings.layout.ca_meta
+    try:
+        return str(json.loads(meta.read_text())["trust_domain"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise BrokerError(
+            f"cannot read the trust domain from {meta} ({exc}): run 'certfleet ca init' or "
+            "pass the right --data-dir"
+        ) from None
+
+
+def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
+    """amqtt configuration: one external listener (ours), our auth and topic plugins."""
+    return {
+        "listeners": {LISTENER_NAME: {"type": "external"}},
+        # Persistent (clean_session=0) sessions of devices that went away are dropped after
+        # an hour so their queued QoS 1 messages cannot grow without bound.
+        "session_expiry_interval": 3600,
+        "plugins": {
+            "broker.auth.CertAuthPlugin": {},
+            "broker.acl.DeviceTopicPlugin": {},
+        },
+    }
+
+
+class BrokerApp:
+    """One broker on the running event loop."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        layout = settings.layout
+        self.trust_domain = _trust_domain(settings)
+        self.ssl_context = server_context(
+            cert_file=layout.server_cert(settings.broker_name),
+            key_file=layout.server_key(settings.broker_name),
+            ca_file=layout.chain,
+        )
+        self.metrics = BrokerMetrics()
+        self.revoked = RevokedSet(layout.broker_dir / "revoked.json")
+        self.revoked.load()
+        self.policy = AdmissionPolicy(self.trust_domain, self.revoked)
+        self.follower: RevocationFollower | None = None
+        if settings.registry_url:
+            self.follower = RevocationFollower(
+                registry_url=settings.registry_url,
+                revoked=self.revoked,
+                on_revoked=self._on_revoked,
+                tls_context=feed_client_context(
+                    cert_file=layout.client_cert(settings.broker_name),
+                    key_file=layout.client_key(settings.broker_name),
+                    root_file=layout.root_cert,
+                ),
+                wait_s=settings.broker_feed_wait_s,
+                max_backoff_s=settings.broker_feed_max_backoff_s,
+            )
+        self.broker: Broker | None = None
+        self.listener: MqttTlsListener | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._follower_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.broker = Broker(amqtt_config(self.settings))
+        self.listener = MqttTlsListener(
+            broker=self.broker,
+            ssl_context=self.ssl_context,
+            policy=self.policy,
+            metrics=self.metrics,
+            handshake_timeout_s=self.settings.broker_handshake_timeout_s,
+            connect_timeout_s=self.settings.broker_connect_timeout_s,
+            max_packet_bytes=self.settings.broker_max_packet_bytes,
+        )
+        for plugin in self.broker.plugins_manager.plugins:
+            if isinstance(plugin, CertAuthPlugin):
+                plugin.bind(self.policy)
+            elif isinstance(plugin, DeviceTopicPlugin):
+                plugin.bind(
+                    self.listener.identity_of,
+                    self.listener.count_acl_refusal,
+                    self.listener.count_acl_allowed,
+                )
+        await self.broker.start()
+        host, port = split_addr(self.settings.broker_addr)
+        try:
+            self.port = await self.listener.start(host, port)
+        except OSError as exc:
+            await self.broker.shutdown()
+            raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
+        if self.settings.broker_metrics_addr:
+            metrics_host, metrics_port = split_addr(self.settings.broker_metrics_addr)
+            self.metrics_port = self.metrics.serve(metrics_host, metrics_port)
+        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.metrics.revocation_seq.set(self.revoked.last_seq)
+        if self.follower is not None:
+            self._follower_task = asyncio.get_running_loop().create_task(self.follower.run())
+        log.info(
+            "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s",
+            host,
+            self.port,
+            self.trust_domain,
+            len(self.revoked.serials),
+            self.settings.registry_url or "none",
+        )
+
+    async def stop(self) -> None:
+        if self._follower_task is not None:
+            self._follower_task.cancel()
+            await asyncio.gather(self._follower_task, return_exceptions=True)
+        if self.listener is not None:
+            await self.listener.close()
+        if self.broker is not None:
+            await self.broker.shutdown()
+        self.metrics.close()
+        log.info("broker stopped")
+
+    def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
+        dropped = self.listener.drop(new_serials, event.device_id) if self.listener else 0
+        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.metrics.revocation_seq.set(event.seq)
+        if event.revoked_at is not None:
+            self.metrics.revocation_lag.observe(
+                max(0.0, time.time() - event.revoked_at.timestamp())
+            )
+        if dropped:
+            log.info(
+                "revocation applied device_id=%s sessions_dropped=%d", event.device_id, dropped
+            )
+
+    def revoke(self, serials: list[str], device_id: str | None = None) -> int:
+        """Revoke serials locally (no registry): persist, drop live sessions. Loop thread only."""
+        new = self.revoked.add(serials, device_id)
+        self.revoked.save()
+        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        return self.listener.drop(new, device_id) if self.listener else 0
+
+
+def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class BrokerServer:
+    """A broker in its own thread and event loop; a context manager exposing ``.port``."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.app: BrokerApp | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started: Future[None] = Future()
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.app is not None
+        return self.app.port
+
+    @property
+    def metrics(self) -> BrokerMetrics:
+        assert self.app is not None
+        return self.app.metrics
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.app is None or self.app.metrics_port is None:
+            return None
+        host = split_addr(self.settings.broker_metrics_addr or "127.0.0.1:0")[0]
+        return f"http://{host}:{self.app.metrics_port}/metrics"
+
+    def start(self) -> BrokerServer:
+        self._thread = threading.Thread(target=self._run, name="certfleet-broker", daemon=True)
+        self._thread.start()
+        self._started.result(timeout=60)
+        return self
+
+    def _run(self) -> None:
+        loop = _new_loop(self.settings.broker_uvloop)
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            self.app = BrokerApp(self.settings)
+            await self.app.start()
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        await self._stop.wait()
+        await self.app.stop()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the broker's loop and return its result (thread-safe)."""
+        assert self._loop is not None
+
+        async def _call() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(_call(), self._loop).result(timeout=30)
+
+    def revoke(self, serials: list[str], device_id: str | None = None) -> int:
+        """Revoke serials without a registry (tests); returns the sessions dropped."""
+        app = self.app
+        assert app is not None
+        return self.call(lambda: app.revoke(serials, device_id))
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def __enter__(self) -> BrokerServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def serve(settings: BrokerSettings, ready_file: os.PathLike[str] | None = None) -> None:
+    """Run a broker until cancelled; write ``ready_file`` once listening."""
+    app = BrokerApp(settings)
+    await app.start()
+    try:
+        host = split_addr(settings.broker_addr)[0]
+        ready: dict[str, Any] = {"addr": f"{host}:{app.port}", "pid": os.getpid()}
+        if app.metrics_port is not None:
+            metrics_host = split_addr(settings.broker_metrics_addr or "127.0.0.1:0")[0]
+            ready["metrics_url"] = f"http://{metrics_host}:{app.metrics_port}/metrics"
+        if ready_file is not None:
+            write_public(Path(ready_file), json.dumps(ready).encode())
+        print(f"broker listening on {ready['addr']}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await app.stop()

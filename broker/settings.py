@@ -1,0 +1,51 @@
+"""Broker settings: ``CERTFLEET_*`` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from factory.layout import DEFAULT_DATA_DIR, DataLayout
+
+__all__ = ["BrokerSettings", "build_settings"]
+
+
+class BrokerSettings(BaseSettings):
+    """Everything `certfleet broker serve` and :class:`broker.server.BrokerServer` need."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    broker_addr: str = "127.0.0.1:8883"
+    #: Base URL of the registry whose revocation feed the broker follows; None = no follower
+    #: (the broker still enforces the revoked set persisted in <data>/broker/revoked.json).
+    registry_url: str | None = None
+    #: Prometheus metrics on a separate loopback port (0 = ephemeral, None = disabled).
+    broker_metrics_addr: str | None = "127.0.0.1:0"
+    #: Name of the server certificate in <data>/tls/ and of the service client cert used
+    #: to read the registry feed (<data>/clients/<name>.crt).
+    broker_name: str = "broker"
+    #: A TLS client that has not completed its handshake by then is cut off.
+    broker_handshake_timeout_s: float = Field(default=10.0, gt=0)
+    #: A connection that sends no CONNECT within this time after the handshake is cut off.
+    broker_connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: Largest MQTT packet accepted (bytes); larger ones close the connection.
+    broker_max_packet_bytes: int = Field(default=256 * 1024, ge=1024)
+    #: Run the broker's event loop on uvloop when it is installed (the `fast` extra).
+    broker_uvloop: bool = True
+    #: Long-poll wait sent to the registry feed (seconds).
+    broker_feed_wait_s: int = Field(default=25, ge=0, le=60)
+    #: Longest pause between retries when the registry cannot be reached.
+    broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+
+def build_settings(**overrides: Any) -> BrokerSettings:
+    """Settings from the environment, with explicit (non-None) overrides from flags."""
+    return BrokerSettings(**{k: v for k, v in overrides.items() if v is not None})

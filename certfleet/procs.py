@@ -1,0 +1,164 @@
+"""Child processes for `certfleet demo` and `certfleet up`: start, wait until ready, stop.
+
+A service is started as ``certfleet <part> serve ... --ready-file F`` in its own session
+(so a Ctrl-C on the terminal reaches us, and we decide the order things stop), its output
+going to a log file. It is ready when F holds JSON; it is stopped by PID (SIGTERM, then
+SIGKILL after a grace period). :class:`ProcessGroup` stops everything it started, in
+reverse order, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.errors import CertfleetError
+
+__all__ = [
+    "ManagedProcess",
+    "OrchestrationError",
+    "ProcessGroup",
+    "certfleet_argv",
+    "terminate_on_sigterm",
+]
+
+log = logging.getLogger(__name__)
+
+
+class OrchestrationError(CertfleetError):
+    """A step of `certfleet demo` / `certfleet up` failed."""
+
+
+def certfleet_argv(*args: str) -> list[str]:
+    """The command line that runs ``certfleet <args>`` with this interpreter."""
+    return [sys.executable, "-m", "certfleet.cli", *args]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    """One child process we started, with its log and (once ready) its ready-file JSON."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        return _tail(self.log_path, lines)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; returns the exit code."""
+        if self.popen.poll() is None:
+            log.info("stopping process name=%s pid=%d", self.name, self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("process did not stop; killing name=%s pid=%d", self.name, self.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        return self.popen.returncode
+
+
+class ProcessGroup:
+    """Starts services and always stops them (reverse order) when the block ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[ManagedProcess] = []
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            try:
+                process.stop()
+            except Exception:  # keep stopping the others whatever happens
+                log.exception("stopping process failed name=%s pid=%d", process.name, process.pid)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        ready_file: Path,
+        *,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` and wait until ``ready_file`` holds JSON (bounded by ``timeout``)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ready_file.unlink(missing_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        process = ManagedProcess(name, popen, log_path)
+        self.processes.append(process)
+        log.info("process started name=%s pid=%d", name, popen.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise OrchestrationError(
+                    f"{name} exited with code {popen.returncode} before it was ready; "
+                    f"its log ({log_path}) ends with:\n{process.log_tail()}"
+                )
+            try:
+                process.ready = json.loads(ready_file.read_text())
+                return process
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        raise OrchestrationError(
+            f"{name} was not ready within {timeout:.0f}s; its log ({log_path}) ends with:\n"
+            f"{process.log_tail()}"
+        )
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) inside the block, so ``finally`` clauses run."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

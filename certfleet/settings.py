@@ -1,0 +1,49 @@
+"""Settings of `certfleet demo` and `certfleet up`: ``CERTFLEET_*`` variables, then flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from factory.errors import ConfigError
+from factory.layout import DEFAULT_DATA_DIR
+
+__all__ = ["OrchestrateSettings", "build_settings"]
+
+
+class OrchestrateSettings(BaseSettings):
+    """What demo and up read; every part's own settings still apply to its process."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    registry_addr: str = "127.0.0.1:8443"
+    broker_addr: str = "127.0.0.1:8883"
+    trust_domain: str = "fleet.local"
+    #: The demo's own folder (wiped on each run, only if a previous demo made it);
+    #: default ``<data_dir>/demo``.
+    demo_dir: Path | None = None
+    demo_devices: int = Field(default=1000, ge=2, le=20_000)
+    demo_rate: float = Field(default=1.0, gt=0, le=100)
+    #: Seconds the fleet publishes before the decommission, and after it.
+    demo_warmup_s: float = Field(default=5.0, ge=1)
+    demo_observe_s: float = Field(default=5.0, ge=2)
+    #: The drop must be seen within this many seconds of the decommission call returning.
+    demo_drop_budget_s: float = Field(default=1.0, gt=0)
+    demo_workers: int | None = Field(default=None, ge=0, le=64)
+
+    @property
+    def demo_folder(self) -> Path:
+        return self.demo_dir if self.demo_dir is not None else self.data_dir / "demo"
+
+
+def build_settings(**overrides: Any) -> OrchestrateSettings:
+    try:
+        return OrchestrateSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"setting {where}: {first['msg']}") from None

@@ -1,0 +1,85 @@
+"""A device's credentials as the factory wrote them: ``<data>/devices/<device-id>/``.
+
+The simulator reads bundles the way a device would read its flash: the leaf certificate,
+its private key, the root it trusts, and ``device.json`` (the device id and broker address).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_sim.errors import BundleError
+
+__all__ = ["DeviceBundle", "discover_bundles", "tls_context"]
+
+_REQUIRED_FILES = ("device.crt", "device.key", "root.crt", "device.json")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBundle:
+    """The files one simulated device needs."""
+
+    device_id: str
+    cert: Path
+    key: Path
+    root: Path
+    broker: str | None
+
+    @classmethod
+    def load(cls, directory: Path) -> DeviceBundle:
+        missing = [name for name in _REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            raise BundleError(
+                f"device bundle {directory} lacks {', '.join(missing)}: "
+                "re-run 'certfleet factory provision' for it"
+            )
+        try:
+            meta = json.loads((directory / "device.json").read_text())
+            device_id = str(meta["device_id"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{directory / 'device.json'} is unreadable: {exc}") from None
+        broker = meta.get("broker")
+        return cls(
+            device_id=device_id,
+            cert=directory / "device.crt",
+            key=directory / "device.key",
+            root=directory / "root.crt",
+            broker=str(broker) if broker else None,
+        )
+
+
+def discover_bundles(data_dir: Path, limit: int | None = None) -> list[DeviceBundle]:
+    """Device bundles under ``data_dir/devices``, sorted by directory name; the first ``limit``."""
+    devices_dir = data_dir / "devices"
+    if not devices_dir.is_dir():
+        raise BundleError(
+            f"no device bundles in {devices_dir}: provision devices first "
+            "('certfleet factory provision') or pass --data-dir"
+        )
+    directories = sorted(p for p in devices_dir.iterdir() if p.is_dir())
+    if limit is not None:
+        if limit > len(directories):
+            raise BundleError(
+                f"asked for {limit} devices but {devices_dir} holds {len(directories)} bundles"
+            )
+        directories = directories[:limit]
+    if not directories:
+        raise BundleError(f"{devices_dir} holds no device bundles")
+    return [DeviceBundle.load(d) for d in directories]
+
+
+def tls_context(bundle: DeviceBundle) -> ssl.SSLContext:
+    """Client TLS 1.2+ context: trust the root, present the device certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(bundle.root))
+        context.load_cert_chain(certfile=str(bundle.cert), keyfile=str(bundle.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise BundleError(
+            f"device {bundle.device_id}: cannot load its certificate, key or root: {exc}"
+        ) from None
+    return context

@@ -1,0 +1,534 @@
+"""One simulated device: connect, publish, back off, give up.
+
+A :class:`SimDevice` behaves like real firmware. It takes a telemetry reading every
+``1/rate`` seconds from its first connection to the end of the run and keeps every reading
+that the broker has not acknowledged yet (its *unacked window*) until a PUBACK arrives, across
+reconnects: after a dropped connection, even when the broker has lost every session (a
+restart), the device resends the window on its next connection, so no sequence number is lost
+at QoS 1. A dropped connection is transient (exponential backoff with full jitter, then
+reconnect); a refused identity (a TLS alert about its certificate, or CONNACK "not authorized"
+/ "bad credentials") is permanent: the device stops and reports why.
+
+Every connection gets a fresh paho client (MQTT 3.1.1, clean session, client id = device id)
+whose socket is driven by the process's one asyncio loop (``add_reader``/``add_writer`` fed by
+paho's socket callbacks, ``loop_read``/``loop_write``/``loop_misc``), never by paho threads.
+The TLS handshake itself is stepped by the loop too (:func:`device_sim.transport.open_tls`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from device_sim.backoff import Backoff
+from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
+from device_sim.stats import WorkerStats
+from device_sim.telemetry import SensorModel
+from device_sim.transport import open_tls
+
+__all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceState(StrEnum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"  # gave up for good (permanent failure)
+    FINISHED = "finished"  # the run ended
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """How every device of a run behaves."""
+
+    host: str
+    port: int
+    rate: float = 1.0  # readings per second
+    qos: int = 1
+    keepalive: int = 60
+    connect_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    window: int = 1000  # unacked readings kept for resend; the oldest are dropped beyond it
+    drain_timeout: float = 5.0  # at the end, how long to wait for outstanding PUBACKs
+    server_hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1):
+            raise ValueError(f"qos must be 0 or 1, got {self.qos}")
+        if self.rate <= 0:
+            raise ValueError(f"rate must be positive, got {self.rate}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """A lifecycle change worth reporting to whoever watches the run (the demo does)."""
+
+    device_id: str
+    kind: str  # connected | disconnected | connect_failed | stopped
+    wall_time: float
+    reason: str = ""
+
+
+EventSink = Callable[[DeviceEvent], None]
+
+
+class _PahoClient(mqtt.Client):
+    """A paho client that is handed an already handshaken TLS socket and remembers why the
+    socket failed (a TLS alert arriving after the handshake, as TLS 1.3 delivers client
+    certificate refusals, is otherwise only logged by paho)."""
+
+    def __init__(self, device_id: str, tls_socket: ssl.SSLSocket) -> None:
+        super().__init__(
+            CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        self._prepared_socket: ssl.SSLSocket | None = tls_socket
+        self.socket_error: OSError | None = None
+
+    def _create_socket(self) -> Any:
+        tls_socket, self._prepared_socket = self._prepared_socket, None
+        if tls_socket is None:
+            raise ConnectionError("no prepared socket: SimDevice opens a new one per connection")
+        return tls_socket
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except (ssl.SSLError, ConnectionError) as exc:
+            self.socket_error = exc
+            raise
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except (ssl.SSLError, ConnectionError) as exc:
+            self.socket_error = exc
+            raise
+
+
+@dataclass(slots=True)
+class _Pending:
+    payload: bytes
+    sends: int = 0
+
+
+class SimDevice:
+    """One device's lifecycle; :meth:`run` until the deadline or a permanent failure."""
+
+    def __init__(
+        self,
+        bundle: DeviceBundle,
+        config: DeviceConfig,
+        stats: WorkerStats,
+        *,
+        connect_slots: asyncio.Semaphore,
+        events: EventSink | None = None,
+        rng: random.Random | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.device_id = bundle.device_id
+        self.config = config
+        self.stats = stats
+        self.state = DeviceState.IDLE
+        self.stop_reason: str | None = None
+        self.topic = f"devices/{self.device_id}/telemetry"
+        self._slots = connect_slots
+        self._events = events
+        self._rng = rng or random.Random()
+        self._context = context
+        self._backoff = Backoff(config.backoff_base, config.backoff_cap, self._rng)
+        self._sensors = SensorModel(self.device_id, self._rng)
+        self._seq = 0
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()  # seq -> unacked reading
+        self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent monotonic)
+        self._client: _PahoClient | None = None
+        self._fd = -1
+        self._connack: asyncio.Future[Failure | None] | None = None
+        self._session_end: asyncio.Future[Failure] | None = None
+        self._closing = False
+        self._producing = False
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ever_connected = False
+        self._stop_at = 0.0
+        self._window_empty: asyncio.Event | None = None
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.state is DeviceState.CONNECTED
+
+    @property
+    def unacked(self) -> int:
+        return len(self._pending)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    async def run(self, *, stop_at: float, stop: asyncio.Event | None = None) -> None:
+        """Connect, publish and reconnect until loop time ``stop_at``, ``stop`` or a permanent
+        failure; then drain outstanding acknowledgements and disconnect."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_at = stop_at
+        stop = stop or asyncio.Event()
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await self._lifecycle(stopper)
+        finally:
+            stopper.cancel()
+            self._producing = False
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+            self._close_client()
+            if self.state is not DeviceState.STOPPED:
+                self.state = DeviceState.FINISHED
+
+    def misc(self) -> None:
+        """Keepalive bookkeeping; the worker calls it about once a second."""
+        client = self._client
+        if client is not None and self.state is DeviceState.CONNECTED:
+            client.loop_misc()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _time_left(self) -> float:
+        assert self._loop is not None
+        return self._stop_at - self._loop.time()
+
+    async def _lifecycle(self, stopper: asyncio.Future[Any]) -> None:
+        assert self._loop is not None
+        while self._time_left() > 0 and not stopper.done():
+            self.state = DeviceState.CONNECTING
+            connect = asyncio.ensure_future(self._connect())
+            await asyncio.wait(
+                [connect, stopper],
+                timeout=max(self._time_left(), 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not connect.done():
+                connect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connect
+                return
+            failure = connect.result()
+            if failure is None:
+                failure = await self._session(stopper)
+                if failure is None:  # the run ended while connected
+                    return
+                self._close_client()
+                self.stats.disconnects[failure.reason] += 1
+                self._emit("disconnected", failure.reason)
+                log.info(
+                    "device disconnected device_id=%s reason=%s", self.device_id, failure.reason
+                )
+                if failure.permanent:
+                    self._give_up(failure)
+                    return
+                # A dropped session is followed by an immediate first retry (jittered).
+            else:
+                self.stats.failures[failure.reason] += 1
+                self._emit("connect_failed", failure.reason)
+                if failure.permanent:
+                    self._give_up(failure)
+                    return
+            self.state = DeviceState.BACKOFF
+            delay = min(self._backoff.next_delay(), max(self._time_left(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stopper), timeout=delay)
+
+    def _give_up(self, failure: Failure) -> None:
+        self.state = DeviceState.STOPPED
+        self.stop_reason = failure.reason
+        self.stats.stopped += 1
+        self.stats.permanent[failure.reason] += 1
+        self._producing = False
+        self._emit("stopped", failure.reason)
+        log.warning(
+            "device stopped device_id=%s reason=%s detail=%s",
+            self.device_id,
+            failure.reason,
+            failure.detail or "-",
+        )
+
+    async def _connect(self) -> Failure | None:
+        """One connection attempt: TCP + TLS + CONNECT/CONNACK, bounded by connect_timeout and
+        by the worker's concurrent-connect slots. None on success."""
+        assert self._loop is not None
+        loop = self._loop
+        async with self._slots:
+            started = loop.time()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    context = self._context or tls_context(self.bundle)
+                    self._context = context
+                    tls_socket = await open_tls(
+                        self.config.host,
+                        self.config.port,
+                        context,
+                        server_hostname=self.config.server_hostname,
+                    )
+                    self._connack = loop.create_future()
+                    self._start_client(tls_socket)
+                    failure = await self._connack
+            except TimeoutError:
+                self._close_client()
+                return Failure("connect_timeout", permanent=False)
+            except OSError as exc:
+                self._close_client()
+                return classify_os_error(exc)
+            except BundleError as exc:
+                return Failure("bundle_unreadable", permanent=True, detail=str(exc))
+        if failure is not None:
+            self._close_client()
+            return failure
+        self.stats.connect_latency.record(loop.time() - started)
+        return None
+
+    def _start_client(self, tls_socket: ssl.SSLSocket) -> None:
+        client = _PahoClient(self.device_id, tls_socket)
+        client.max_inflight_messages_set(0)  # the device's own window bounds what is unacked
+        client.max_queued_messages_set(0)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client = client
+        self._closing = False
+        self._session_end = None
+        client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        rc = client.reconnect()  # sends CONNECT on the prepared socket; does not block
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"sending CONNECT failed: {mqtt.error_string(rc)}")
+
+    async def _session(self, stopper: asyncio.Future[Any]) -> Failure | None:
+        """Connected: resend the unacked window, publish until the deadline or a drop."""
+        assert self._loop is not None
+        self.state = DeviceState.CONNECTED
+        self._backoff.reset()
+        self.stats.connects += 1
+        self.stats.connected += 1
+        if not self._ever_connected:
+            self._ever_connected = True
+            self.stats.ever_connected += 1
+        self._emit("connected")
+        session_end = self._session_end
+        assert session_end is not None
+        try:
+            self._resend_window()
+            if not self._producing:
+                self._producing = True
+                # A random phase, so a fleet started together does not publish in lockstep.
+                first = self._rng.uniform(0.0, 1.0 / self.config.rate)
+                self._tick_handle = self._loop.call_later(first, self._tick)
+            await asyncio.wait(
+                [session_end, stopper],
+                timeout=max(self._time_left(), 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if session_end.done():
+                return session_end.result()
+            self._producing = False
+            await self._drain(session_end)
+            return None
+        finally:
+            self.stats.connected -= 1
+
+    async def _drain(self, session_end: asyncio.Future[Failure]) -> None:
+        """The run is over: wait (bounded) for outstanding PUBACKs, then disconnect cleanly."""
+        assert self._loop is not None
+        if self._pending:
+            self._window_empty = asyncio.Event()
+            emptied: asyncio.Future[Any] = asyncio.ensure_future(self._window_empty.wait())
+            await asyncio.wait(
+                [emptied, session_end],
+                timeout=self.config.drain_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            emptied.cancel()
+            self._window_empty = None
+        client = self._client
+        if client is not None and not session_end.done():
+            self._closing = True
+            client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(session_end), timeout=1.0)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Take one reading; queue it; send it when connected; schedule the next one."""
+        assert self._loop is not None
+        if not self._producing or self._time_left() <= 0:
+            self._producing = False
+            return
+        self._tick_handle = self._loop.call_later(1.0 / self.config.rate, self._tick)
+        self._seq += 1
+        self.stats.produced += 1
+        payload = self._sensors.reading(self._seq)
+        if len(self._pending) >= self.config.window:
+            self._pending.popitem(last=False)
+            self.stats.dropped_overflow += 1
+        entry = _Pending(payload)
+        self._pending[self._seq] = entry
+        if self.state is DeviceState.CONNECTED:
+            self._send(self._seq, entry)
+
+    def _send(self, seq: int, entry: _Pending) -> None:
+        client = self._client
+        if client is None:
+            return
+        sent_at = time.monotonic()
+        info = client.publish(self.topic, entry.payload, qos=self.config.qos)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return  # the connection is going down; the reading stays in the window
+        if entry.sends:
+            self.stats.retransmitted += 1
+        entry.sends += 1
+        self.stats.sent += 1
+        if self.config.qos == 0 and info.is_published():
+            # QoS 0 completes when written, which paho may do inside publish() itself.
+            self._complete(seq, sent_at)
+        else:
+            self._inflight[info.mid] = (seq, sent_at)
+
+    def _resend_window(self) -> None:
+        for seq, entry in list(self._pending.items()):
+            if self.state is not DeviceState.CONNECTED:
+                return
+            self._send(seq, entry)
+
+    # -- paho callbacks -------------------------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        failure = None if not reason.is_failure else classify_connack(int(reason.value))
+        if failure is None:
+            assert self._loop is not None
+            self._session_end = self._loop.create_future()
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(failure)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if client is not self._client:
+            return
+        socket_error = self._client.socket_error if self._client is not None else None
+        if socket_error is not None:
+            failure = classify_os_error(socket_error)
+        elif self._closing:
+            failure = Failure("closed_by_device", permanent=False)
+        elif self._connack is not None and not self._connack.done():
+            failure = Failure("closed_before_connack", permanent=False)
+        else:
+            failure = Failure("connection_lost", permanent=False)
+        self._inflight.clear()  # readings stay in the window and are resent next time
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(failure)
+        if self._session_end is not None and not self._session_end.done():
+            self._session_end.set_result(failure)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        sent = self._inflight.pop(mid, None)
+        if sent is None:
+            return
+        self._complete(*sent)
+
+    def _complete(self, seq: int, sent_at: float) -> None:
+        if self._pending.pop(seq, None) is not None:
+            self.stats.acked += 1
+            self.stats.publish_latency.record(time.monotonic() - sent_at)
+            if not self._pending and self._window_empty is not None:
+                self._window_empty.set()
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._fd = sock.fileno()
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        # TLS may hold decrypted bytes the kernel no longer reports as readable: keep reading
+        # while the TLS layer has some (bounded).
+        for _ in range(64):
+            if client.loop_read(max_packets=64) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            tls_socket = client.socket()
+            if tls_socket is None or not isinstance(tls_socket, ssl.SSLSocket):
+                return
+            if tls_socket.pending() == 0:
+                return
+
+    def _on_writable(self) -> None:
+        client = self._client
+        if client is not None:
+            client.loop_write()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self._inflight.clear()
+        if client is None:
+            return
+        self._closing = True
+        # paho's _sock_close runs our socket-close callback (remove the fd from the loop)
+        # before closing the socket.
+        sock = client.socket()
+        if sock is not None:
+            try:
+                client._sock_close()
+            except OSError:
+                log.debug("socket close failed device_id=%s", self.device_id)
+
+    def _emit(self, kind: str, reason: str = "") -> None:
+        if self._events is not None:
+            self._events(DeviceEvent(self.device_id, kind, time.time(), reason))

@@ -1,0 +1,529 @@
+"""Provision a batch of devices: mint keys and certificates, write bundles, append the manifest.
+
+Pipeline: the parent cuts the batch into chunks and keeps a bounded number of them in flight
+in a pool of minting processes (one per core). A worker mints each device of its chunk and
+renames the finished bundle into ``devices/<id>/``; the parent appends the chunk's manifest
+lines *in batch order*, fsyncs them, registers them with the registry when asked, and hands
+out the next chunk. Memory stays flat with batch size: at most ``workers * 3`` chunks exist
+at a time.
+
+Resume (the same command run again after a kill):
+- a device with a manifest line is skipped (its bundle was renamed before the line was
+  written, so it exists);
+- a device with a bundle but no manifest line gets its line from the bundle's certificate,
+  never a second certificate;
+- half-written bundles (``.provision-tmp/``) are removed: their certificate never left the
+  factory;
+- a truncated last manifest line is dropped and re-derived from its bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from factory.batch import DeviceSpec, counted_devices
+from factory.bundle import bundle_info, clear_temp_bundles, read_bundle, write_bundle
+from factory.ca import CertificateAuthority, utcnow
+from factory.errors import IdentityError, ProvisionError
+from factory.keys import KEY_ALGORITHMS, load_private_key_pem, private_key_pem
+from factory.layout import DataLayout
+from factory.manifest import Manifest, ManifestRecord
+from factory.profile import CLOCK_SKEW, Identity, IdentityKind, read_identity, serial_hex
+from factory.stagger import stagger_offset
+
+__all__ = [
+    "DEFAULT_LIFETIME",
+    "DEFAULT_STAGGER",
+    "ProvisionLock",
+    "ProvisionSummary",
+    "Registrar",
+    "provision_batch",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIFETIME = dt.timedelta(days=365)
+DEFAULT_STAGGER = dt.timedelta(days=90)
+_IN_PROCESS_LIMIT = 400  # below this many devices to mint, a process pool costs more than it saves
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Registrar(Protocol):
+    """Receives every manifest record of the batch, in order (see factory.registration)."""
+
+    def add(self, record: ManifestRecord) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class ProvisionSummary:
+    """What a provisioning run did."""
+
+    batch_id: str
+    data_dir: str
+    requested: int = 0
+    issued: int = 0
+    recovered: int = 0
+    skipped: int = 0
+    missing_bundles: int = 0
+    registered: bool = False
+    temp_bundles_removed: int = 0
+    manifest_bytes_repaired: int = 0
+    elapsed_s: float = 0.0
+    first_device_id: str | None = None
+    last_device_id: str | None = None
+    device_ids: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """Devices minted per second (new certificates only)."""
+        return self.issued / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self, *, with_ids: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "batch_id": self.batch_id,
+            "data_dir": self.data_dir,
+            "requested": self.requested,
+            "issued": self.issued,
+            "recovered": self.recovered,
+            "skipped": self.skipped,
+            "missing_bundles": self.missing_bundles,
+            "registered": self.registered,
+            "temp_bundles_removed": self.temp_bundles_removed,
+            "manifest_bytes_repaired": self.manifest_bytes_repaired,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "devices_per_s": round(self.rate, 1),
+            "first_device_id": self.first_device_id,
+            "last_device_id": self.last_device_id,
+        }
+        if with_ids:
+            body["device_ids"] = list(self.device_ids)
+        return body
+
+
+# -- the minting worker -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WorkerConfig:
+    """Everything a minting process needs; pickled once per worker."""
+
+    data_dir: str
+    trust_domain: str
+    root_pem: bytes
+    issuing_pem: bytes
+    issuing_key_pem: bytes
+    broker: str
+    key_algorithm: str
+    batch_start: dt.datetime
+    lifetime: dt.timedelta
+    stagger: dt.timedelta
+    batch_id: str
+
+
+@dataclass
+class _ChunkResult:
+    lines: bytes
+    issued: int
+    recovered: int
+    records: list[ManifestRecord] | None
+
+
+class _Minter:
+    """Mints the devices of one chunk; one instance per worker process."""
+
+    def __init__(self, config: _WorkerConfig) -> None:
+        layout = DataLayout(Path(config.data_dir))
+        self.config = config
+        self.ca = CertificateAuthority(
+            layout=layout,
+            trust_domain=config.trust_domain,
+            root_cert=x509.load_pem_x509_certificate(config.root_pem),
+            issuing_cert=x509.load_pem_x509_certificate(config.issuing_pem),
+            issuing_key=load_private_key_pem(config.issuing_key_pem),
+        )
+        self.devices_dir = layout.devices_dir
+        self.temp_dir = layout.provision_tmp_dir
+        self.chain_pem = self.ca.chain_pem
+        self.not_after_base = config.batch_start + config.lifetime
+
+    def mint_chunk(
+        self, chunk: list[tuple[int, str, str | None]], want_records: bool
+    ) -> _ChunkResult:
+        now = utcnow()
+        not_before = now - CLOCK_SKEW
+        lines: list[bytes] = []
+        records: list[ManifestRecord] = []
+        issued = recovered = 0
+        for rank, device_id, hardware_serial in chunk:
+            final_dir = self.devices_dir / device_id
+            if final_dir.exists():
+                record = self._recover(final_dir, device_id, hardware_serial)
+                recovered += 1
+            else:
+                record = self._mint(rank, device_id, hardware_serial, now, not_before)
+                issued += 1
+            lines.append(record.to_line())
+            if want_records:
+                records.append(record)
+        return _ChunkResult(b"".join(lines), issued, recovered, records if want_records else None)
+
+    def _mint(
+        self,
+        rank: int,
+        device_id: str,
+        hardware_serial: str | None,
+        now: dt.datetime,
+        not_before: dt.datetime,
+    ) -> ManifestRecord:
+        config = self.config
+        identity = Identity(config.trust_domain, IdentityKind.DEVICE, device_id)
+        issued = self.ca.issue_client(
+            identity,
+            not_before=not_before,
+            not_after=self.not_after_base + stagger_offset(rank, config.stagger),
+            key_algorithm=config.key_algorithm,
+        )
+        assert issued.private_key is not None
+        certificate = issued.certificate
+        certificate_pem = issued.certificate_pem
+        serial = serial_hex(certificate.serial_number)
+        not_before_iso = certificate.not_valid_before_utc.isoformat()
+        not_after_iso = certificate.not_valid_after_utc.isoformat()
+        write_bundle(
+            self.temp_dir / device_id,
+            self.devices_dir / device_id,
+            certificate_pem=certificate_pem,
+            key_pem=private_key_pem(issued.private_key),
+            chain_pem=self.chain_pem,
+            root_pem=config.root_pem,
+            info_json=bundle_info(
+                device_id=device_id,
+                hardware_serial=hardware_serial,
+                serial=serial,
+                identity=identity.uri,
+                trust_domain=config.trust_domain,
+                not_before=not_before_iso,
+                not_after=not_after_iso,
+                broker=config.broker,
+            ),
+        )
+        return ManifestRecord(
+            device_id=device_id,
+            hardware_serial=hardware_serial,
+            serial=serial,
+            not_before=not_before_iso,
+            not_after=not_after_iso,
+            issued_at=now.isoformat(),
+            certificate_pem=certificate_pem.decode(),
+            batch_id=config.batch_id,
+        )
+
+    def _recover(
+        self, final_dir: Path, device_id: str, hardware_serial: str | None
+    ) -> ManifestRecord:
+        """A bundle that exists without a manifest line: its certificate goes into the line."""
+        contents = read_bundle(final_dir)
+        try:
+            identity = read_identity(contents.certificate)
+        except IdentityError as exc:
+            raise ProvisionError(f"bundle {final_dir} holds no device identity: {exc}") from None
+        expected = Identity(self.config.trust_domain, IdentityKind.DEVICE, device_id)
+        if identity != expected:
+            raise ProvisionError(
+                f"bundle {final_dir} belongs to {identity.uri}, not {expected.uri}: "
+                "move it away and run again"
+            )
+        bundle_serial = contents.info.get("hardware_serial")
+        if hardware_serial is not None and bundle_serial not in (None, hardware_serial):
+            raise ProvisionError(
+                f"bundle {final_dir} was made for hardware serial {bundle_serial!r}, "
+                f"the input says {hardware_serial!r}"
+            )
+        log.info("manifest line recovered from bundle device_id=%s", device_id)
+        return ManifestRecord.from_certificate(
+            contents.certificate,
+            device_id=device_id,
+            hardware_serial=hardware_serial if hardware_serial is not None else bundle_serial,
+            issued_at=contents.certificate.not_valid_before_utc + CLOCK_SKEW,
+            batch_id=self.config.batch_id,
+        )
+
+
+_worker_minter: _Minter | None = None
+
+
+def _init_worker(config: _WorkerConfig) -> None:
+    global _worker_minter
+    _worker_minter = _Minter(config)
+
+
+def _mint_in_worker(chunk: list[tuple[int, str, str | None]], want_records: bool) -> _ChunkResult:
+    assert _worker_minter is not None, "worker not initialised"
+    return _worker_minter.mint_chunk(chunk, want_records)
+
+
+# -- the batch ----------------------------------------------------------------------------
+
+
+class ProvisionLock:
+    """One provisioning run per data folder (flock on ``.provision.lock``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> ProvisionLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ProvisionError(
+                f"another provisioning run is using {self.path.parent} (lock {self.path}); "
+                "wait for it to finish"
+            ) from None
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def new_batch_id() -> str:
+    return f"b{utcnow():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _chunks(
+    items: Iterator[tuple[int, str, str | None]], size: int
+) -> Iterator[list[tuple[int, str, str | None]]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def provision_batch(
+    ca: CertificateAuthority,
+    devices: Iterable[DeviceSpec] | int,
+    *,
+    prefix: str = "dev",
+    lifetime: dt.timedelta = DEFAULT_LIFETIME,
+    stagger: dt.timedelta = DEFAULT_STAGGER,
+    broker: str = "127.0.0.1:8883",
+    key_algorithm: str = "p256",
+    workers: int = 0,
+    chunk_size: int = 250,
+    batch_id: str | None = None,
+    registrar: Registrar | None = None,
+    on_progress: ProgressCallback | None = None,
+    keep_ids: bool = True,
+    fsync_interval_s: float = 1.0,
+) -> ProvisionSummary:
+    """Provision ``devices`` (a count, or DeviceSpecs from ``read_serials_csv``).
+
+    Returns a summary; re-running with the same input resumes a killed run (module doc).
+    Manifest lines are written as each chunk finishes and fsync'd in groups at most
+    ``fsync_interval_s`` apart (0: after every chunk), and always before returning.
+    Raises ProvisionError for refused input, CAError when the CA cannot sign.
+    """
+    if key_algorithm not in KEY_ALGORITHMS:
+        raise ProvisionError(
+            f"key algorithm {key_algorithm!r} is not one of {', '.join(KEY_ALGORITHMS)}"
+        )
+    if lifetime <= dt.timedelta(0):
+        raise ProvisionError("lifetime must be longer than zero")
+    if stagger < dt.timedelta(0):
+        raise ProvisionError("stagger window cannot be negative")
+    if chunk_size < 1:
+        raise ProvisionError(f"chunk size must be at least 1 (got {chunk_size})")
+    if isinstance(devices, int):
+        total = devices
+        specs: Iterable[DeviceSpec] = counted_devices(devices, prefix)
+    else:
+        specs = devices if isinstance(devices, list) else list(devices)
+        total = len(specs)
+        if total == 0:
+            raise ProvisionError("the batch has no devices")
+    worker_count = workers or os.cpu_count() or 1
+    layout = ca.layout
+    summary = ProvisionSummary(
+        batch_id=batch_id or new_batch_id(), data_dir=str(layout.root), requested=total
+    )
+    started = time.perf_counter()
+    with ProvisionLock(layout.provision_lock):
+        manifest = Manifest(layout.manifest)
+        summary.manifest_bytes_repaired = manifest.repair()
+        summary.temp_bundles_removed = clear_temp_bundles(layout.provision_tmp_dir)
+        layout.provision_tmp_dir.mkdir(parents=True, exist_ok=True)
+        layout.devices_dir.mkdir(parents=True, exist_ok=True)
+        issued_ids, device_by_hardware = _index_manifest(manifest)
+
+        done = 0
+        skipped_ids: set[str] = set()
+
+        def pending() -> Iterator[tuple[int, str, str | None]]:
+            nonlocal done
+            for spec in specs:
+                if keep_ids:
+                    summary.device_ids.append(spec.device_id)
+                if summary.first_device_id is None:
+                    summary.first_device_id = spec.device_id
+                summary.last_device_id = spec.device_id
+                if spec.hardware_serial is not None:
+                    owner = device_by_hardware.get(spec.hardware_serial)
+                    if owner is not None and owner != spec.device_id:
+                        raise ProvisionError(
+                            f"hardware serial {spec.hardware_serial!r} was already issued to "
+                            f"device {owner!r} (manifest); one board, one identity"
+                        )
+                if spec.device_id in issued_ids:
+                    summary.skipped += 1
+                    done += 1
+                    if not layout.device_dir(spec.device_id).exists():
+                        summary.missing_bundles += 1
+                        log.warning(
+                            "bundle missing for an issued device, not re-issuing device_id=%s",
+                            spec.device_id,
+                        )
+                    if registrar is not None:
+                        skipped_ids.add(spec.device_id)
+                    continue
+                yield (spec.rank, spec.device_id, spec.hardware_serial)
+
+        config = _WorkerConfig(
+            data_dir=str(layout.root),
+            trust_domain=ca.trust_domain,
+            root_pem=ca.root_pem,
+            issuing_pem=ca.issuing_cert.public_bytes(serialization.Encoding.PEM),
+            issuing_key_pem=private_key_pem(ca.issuing_key),
+            broker=broker,
+            key_algorithm=key_algorithm,
+            batch_start=utcnow(),
+            lifetime=lifetime,
+            stagger=stagger,
+            batch_id=summary.batch_id,
+        )
+        want_records = registrar is not None
+        log.info(
+            "provisioning started batch_id=%s devices=%d already_issued=%d workers=%d",
+            summary.batch_id,
+            total,
+            len(issued_ids),
+            worker_count,
+        )
+        with manifest.writer(fsync_interval_s=fsync_interval_s) as writer:
+
+            def handle(result: _ChunkResult) -> None:
+                nonlocal done
+                writer.append(result.lines)
+                summary.issued += result.issued
+                summary.recovered += result.recovered
+                done += result.issued + result.recovered
+                if registrar is not None and result.records is not None:
+                    for record in result.records:
+                        registrar.add(record)
+                if on_progress is not None:
+                    on_progress(done, total)
+
+            chunks = _chunks(pending(), chunk_size)
+            to_mint = total - len(issued_ids)
+            if worker_count <= 1 or to_mint <= _IN_PROCESS_LIMIT:
+                minter = _Minter(config)
+                for chunk in chunks:
+                    handle(minter.mint_chunk(chunk, want_records))
+            else:
+                _run_pool(config, chunks, worker_count, want_records, handle)
+        if on_progress is not None:
+            on_progress(done, total)
+        if registrar is not None:
+            if skipped_ids:
+                for record in manifest.records():
+                    if record.device_id in skipped_ids:
+                        registrar.add(record)
+            registrar.flush()
+            summary.registered = True
+        layout.provision_tmp_dir.rmdir()
+    summary.elapsed_s = time.perf_counter() - started
+    log.info(
+        "provisioning finished batch_id=%s issued=%d recovered=%d skipped=%d elapsed_s=%.2f "
+        "devices_per_s=%.0f",
+        summary.batch_id,
+        summary.issued,
+        summary.recovered,
+        summary.skipped,
+        summary.elapsed_s,
+        summary.rate,
+    )
+    return summary
+
+
+def _run_pool(
+    config: _WorkerConfig,
+    chunks: Iterator[list[tuple[int, str, str | None]]],
+    worker_count: int,
+    want_records: bool,
+    handle: Callable[[_ChunkResult], None],
+) -> None:
+    """Keep at most ``3 * worker_count`` chunks in flight; handle results in batch order."""
+    context = multiprocessing.get_context("forkserver")
+    in_flight: deque[Future[_ChunkResult]] = deque()
+    limit = worker_count * 3
+    with ProcessPoolExecutor(
+        max_workers=worker_count,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config,),
+    ) as pool:
+        try:
+            for chunk in chunks:
+                in_flight.append(pool.submit(_mint_in_worker, chunk, want_records))
+                if len(in_flight) >= limit:
+                    handle(in_flight.popleft().result())
+            while in_flight:
+                handle(in_flight.popleft().result())
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+
+
+def _index_manifest(manifest: Manifest) -> tuple[set[str], dict[str, str]]:
+    """Device ids already in the manifest, and hardware serial -> device id."""
+    issued: set[str] = set()
+    by_hardware: dict[str, str] = {}
+    for record in manifest.records():
+        if record.device_id in issued:
+            log.warning("manifest lists a device twice device_id=%s", record.device_id)
+        issued.add(record.device_id)
+        if record.hardware_serial:
+            by_hardware[record.hardware_serial] = record.device_id
+    return issued, by_hardware
+
+
+def summary_json(summary: ProvisionSummary) -> str:
+    return json.dumps(summary.as_dict(), indent=2)

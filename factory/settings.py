@@ -1,0 +1,67 @@
+"""Factory settings: ``CERTFLEET_*`` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from factory.errors import ConfigError
+from factory.layout import DEFAULT_DATA_DIR, DataLayout
+
+__all__ = ["FactorySettings", "load_settings"]
+
+
+class FactorySettings(BaseSettings):
+    """Everything the CA and provisioning commands read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE); None = keys are not encrypted.
+    ca_passphrase: SecretStr | None = None
+    trust_domain: str = "fleet.local"
+    key_algorithm: str = "p256"
+    #: Broker address written into every device bundle (CERTFLEET_BROKER_ADDR).
+    broker_addr: str = "127.0.0.1:8883"
+    #: Registry to register provisioned devices with (CERTFLEET_REGISTRY_URL); None = none.
+    registry_url: str | None = None
+    #: Bearer token for the registry (CERTFLEET_REGISTRY_TOKEN); else a client certificate.
+    registry_token: SecretStr | None = None
+    #: Client certificate name under clients/ used for the registry when no token is set.
+    registry_client: str = "factory"
+    lifetime: str = "365d"
+    stagger: str = "90d"
+    #: Minting processes; 0 = one per CPU.
+    workers: int = Field(default=0, ge=0, le=256)
+    #: Devices per unit of work handed to a minting process.
+    chunk_size: int = Field(default=250, ge=1, le=10_000)
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
+    def passphrase(self) -> bytes | None:
+        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
+            return None
+        return self.ca_passphrase.get_secret_value().encode()
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def load_settings(**overrides: Any) -> FactorySettings:
+    """Build settings from the environment; keyword overrides (CLI flags) win when not None."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return FactorySettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"invalid factory settings: {problems}") from None

@@ -1,0 +1,91 @@
+"""Typed dependencies every route declares: the session, the state, and who may call.
+
+An operator route declares ``CurrentOperator``; an unprotected route is visible in its
+signature by having none of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from factory.profile import IdentityKind
+from registry.auth import Caller, authenticate, refuse
+from registry.state import RegistryState
+
+__all__ = [
+    "CurrentCaller",
+    "CurrentOperator",
+    "CurrentReader",
+    "CurrentRegistrar",
+    "SessionDep",
+    "StateDep",
+]
+
+#: The service allowed to register devices besides operators.
+REGISTRAR_SERVICE = "factory"
+
+
+def get_state(request: Request) -> RegistryState:
+    state: RegistryState = request.app.state.registry
+    return state
+
+
+StateDep = Annotated[RegistryState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with Session(state.engine) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_caller(request: Request, state: StateDep, session: SessionDep) -> Caller:
+    return authenticate(request, session, state.metrics, state.ca.trust_domain)
+
+
+CurrentCaller = Annotated[Caller, Depends(get_caller)]
+
+
+def _forbidden(request: Request, state: StateDep, caller: Caller, allowed: str) -> Exception:
+    return refuse(
+        request,
+        state.metrics,
+        403,
+        f"{caller.kind.value}_not_allowed",
+        f"{caller.uri} may not call this endpoint; it needs {allowed}",
+        caller.uri,
+    )
+
+
+def get_operator(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
+    if caller.kind is not IdentityKind.OPERATOR:
+        raise _forbidden(request, state, caller, "an operator")
+    return caller
+
+
+def get_reader(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
+    if caller.kind not in (IdentityKind.OPERATOR, IdentityKind.SERVICE):
+        raise _forbidden(request, state, caller, "an operator or a service")
+    return caller
+
+
+def get_registrar(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
+    if caller.kind is IdentityKind.OPERATOR or (
+        caller.kind is IdentityKind.SERVICE and caller.name == REGISTRAR_SERVICE
+    ):
+        return caller
+    raise _forbidden(request, state, caller, f"an operator or service/{REGISTRAR_SERVICE}")
+
+
+#: An operator (mTLS operator certificate or bearer token).
+CurrentOperator = Annotated[Caller, Depends(get_operator)]
+#: An operator or any service (the feed and metrics).
+CurrentReader = Annotated[Caller, Depends(get_reader)]
+#: An operator or service/factory (registration).
+CurrentRegistrar = Annotated[Caller, Depends(get_registrar)]

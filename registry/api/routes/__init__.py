@@ -1,0 +1,3 @@
+"""One router per resource, each carrying its full path under ``API_PREFIX``."""
+
+API_PREFIX = "/api/v1"

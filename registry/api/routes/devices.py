@@ -1,0 +1,166 @@
+"""Devices: register (one, batch), list, get one, decommission."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from registry import crud
+from registry.api.deps import CurrentOperator, CurrentRegistrar, SessionDep, StateDep
+from registry.api.routes import API_PREFIX
+from registry.certs import parse_device_certificate
+from registry.errors import InvalidCertificateError
+from registry.models import (
+    DEVICE_ID_PATTERN,
+    BatchRegistration,
+    BatchResult,
+    DecommissionRequest,
+    DecommissionResult,
+    DeviceList,
+    DevicePublic,
+    DeviceRegistration,
+)
+from registry.state import RegistryState
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
+
+DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, max_length=64)]
+
+_ERROR = {"description": "refused, with {'detail': {'error': code, 'message': text}}"}
+_REFUSALS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR}
+
+
+def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.Registration]:
+    registrations = []
+    for index, item in enumerate(items):
+        try:
+            parsed = parse_device_certificate(
+                item.certificate_pem,
+                issuing_cert=state.ca.issuing_cert,
+                trust_domain=state.ca.trust_domain,
+            )
+        except InvalidCertificateError as exc:
+            raise InvalidCertificateError(f"devices[{index}]: {exc}") from None
+        registrations.append(crud.Registration(parsed, item.hardware_serial))
+    return registrations
+
+
+@router.post(
+    "",
+    response_model=DevicePublic,
+    status_code=201,
+    responses={200: {"description": "already registered"}, 409: _ERROR, 422: _ERROR, **_REFUSALS},
+)
+def register_device(
+    body: DeviceRegistration,
+    caller: CurrentRegistrar,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> DevicePublic:
+    """Register one device certificate (201 when new, 200 when already registered)."""
+    (registration,) = _parse(state, [body])
+    result = crud.register_devices(session, [registration], caller.actor(request))
+    state.metrics.registrations.inc(result.created)
+    log.info(
+        "device registered device_id=%s serial=%s created=%d by=%s",
+        registration.certificate.device_id,
+        registration.certificate.serial,
+        result.created,
+        caller.who,
+    )
+    if not result.created:
+        response.status_code = 200
+    return crud.get_device(session, registration.certificate.device_id)
+
+
+@router.post(
+    "/batch", response_model=BatchResult, responses={409: _ERROR, 422: _ERROR, **_REFUSALS}
+)
+def register_batch(
+    body: BatchRegistration,
+    caller: CurrentRegistrar,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+) -> BatchResult:
+    """Register up to 1000 device certificates in one transaction (all or nothing)."""
+    registrations = _parse(state, body.devices)
+    result = crud.register_devices(session, registrations, caller.actor(request))
+    state.metrics.registrations.inc(result.created)
+    log.info(
+        "devices registered count=%d created=%d existing=%d by=%s",
+        len(registrations),
+        result.created,
+        result.existing,
+        caller.who,
+    )
+    return result
+
+
+@router.get("", response_model=DeviceList, responses={422: _ERROR, **_REFUSALS})
+def list_devices(
+    caller: CurrentOperator,
+    session: SessionDep,
+    status: Literal["active", "decommissioned"] | None = None,
+    expiring_before: Annotated[
+        dt.datetime | None,
+        Query(description="only devices with a live certificate expiring before this time"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> DeviceList:
+    """One page of devices ordered by id; pass ``next_cursor`` back for the next page."""
+    if expiring_before is not None and expiring_before.tzinfo is None:
+        expiring_before = expiring_before.replace(tzinfo=dt.UTC)
+    return crud.list_devices(
+        session, status=status, expiring_before=expiring_before, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/{device_id}", response_model=DevicePublic, responses={404: _ERROR, **_REFUSALS})
+def get_device(device_id: DeviceId, caller: CurrentOperator, session: SessionDep) -> DevicePublic:
+    """A device with its certificates and what it last reported."""
+    return crud.get_device(session, device_id)
+
+
+@router.post(
+    "/{device_id}/decommission",
+    response_model=DecommissionResult,
+    responses={404: _ERROR, 409: _ERROR, **_REFUSALS},
+)
+def decommission(
+    device_id: DeviceId,
+    body: DecommissionRequest,
+    caller: CurrentOperator,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+) -> DecommissionResult:
+    """Decommission a device: revoke every live certificate, append one feed event.
+
+    A device already decommissioned is a 409 (``already_decommissioned``).
+    """
+    result = crud.decommission_device(session, device_id, body.reason, caller.actor(request))
+    state.feed.published()
+    state.metrics.decommissions.inc()
+    log.info(
+        "device decommissioned device_id=%s seq=%d serials=%s by=%s",
+        device_id,
+        result.revocation_seq,
+        ",".join(c.serial for c in result.certificates if c.status == "revoked") or "-",
+        caller.who,
+    )
+    try:
+        state.crl.current()  # re-sign now, so the next CRL fetch is immediate
+    except Exception:
+        log.exception("crl re-sign failed after decommission device_id=%s", device_id)
+    return result

@@ -1,0 +1,52 @@
+"""The revocation feed: ordered, gap-free, long-polling when nothing is newer."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from registry import crud
+from registry.api.deps import CurrentReader, StateDep
+from registry.api.routes import API_PREFIX
+from registry.models import RevocationFeed
+from registry.state import RegistryState
+
+__all__ = ["router"]
+
+#: Sequence numbers are 32-bit signed integers in the database.
+MAX_SEQ = 2**31 - 1
+
+router = APIRouter(prefix=API_PREFIX, tags=["revocations"])
+
+
+def _read(state: RegistryState, after: int, limit: int) -> RevocationFeed:
+    with Session(state.engine) as session:
+        return crud.revocations_after(session, after, limit)
+
+
+@router.get("/revocations", response_model=RevocationFeed)
+async def revocations(
+    caller: CurrentReader,
+    state: StateDep,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> RevocationFeed:
+    """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds."""
+    deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)
+    poll = state.settings.registry_feed_poll_seconds
+    while True:
+        generation = state.feed.generation
+        feed = await run_in_threadpool(_read, state, after, limit)
+        remaining = deadline - time.monotonic()
+        if feed.events or remaining <= 0 or state.feed.closed:
+            return feed
+        state.metrics.feed_waiters.inc()
+        try:
+            await state.feed.wait(generation, min(remaining, poll))
+        finally:
+            state.metrics.feed_waiters.dec()

@@ -1,0 +1,19 @@
+"""Fleet statistics: devices by status, upcoming expiries per week, seen in the last minute."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from registry import crud
+from registry.api.deps import CurrentOperator, SessionDep
+from registry.api.routes import API_PREFIX
+from registry.models import Stats, utcnow
+
+__all__ = ["router"]
+
+router = APIRouter(prefix=API_PREFIX, tags=["stats"])
+
+
+@router.get("/stats", response_model=Stats)
+def stats(caller: CurrentOperator, session: SessionDep) -> Stats:
+    return crud.stats(session, utcnow())

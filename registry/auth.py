@@ -1,0 +1,122 @@
+"""Who is calling: an mTLS client certificate or an operator bearer token.
+
+Rules (DESIGN.md): operator endpoints need an operator; services may read the feed and
+metrics, and ``service/factory`` may register devices; a device identity is refused (403);
+no identity is refused (401). When an ``Authorization`` header is present it is what counts
+(a bad token is a 401 even over an mTLS connection); otherwise the client certificate does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from fastapi import HTTPException, Request, status
+from sqlmodel import Session
+
+from factory.errors import IdentityError
+from factory.profile import Identity, IdentityKind, read_identity
+from registry import crud
+from registry.metrics import RegistryMetrics
+from registry.tls import peer_certificate_der
+
+__all__ = ["Caller", "authenticate", "refuse"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller."""
+
+    kind: IdentityKind
+    name: str
+    via: Literal["mtls", "token"]
+    uri: str
+
+    @property
+    def who(self) -> str:
+        return self.uri if self.via == "mtls" else f"token:operator/{self.name}"
+
+    def actor(self, request: Request) -> crud.Actor:
+        return crud.Actor(who=self.who, from_addr=client_addr(request))
+
+
+def client_addr(request: Request) -> str | None:
+    return f"{request.client.host}:{request.client.port}" if request.client else None
+
+
+def refuse(
+    request: Request,
+    metrics: RegistryMetrics,
+    code: int,
+    reason: str,
+    message: str,
+    identity: str = "-",
+) -> HTTPException:
+    """Log and count one refusal; return the HTTPException to raise."""
+    metrics.auth_refusals.labels(reason).inc()
+    log.warning(
+        "request refused status=%d reason=%s method=%s path=%s identity=%s from=%s",
+        code,
+        reason,
+        request.method,
+        request.url.path,
+        identity,
+        client_addr(request) or "-",
+    )
+    headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
+    error = "unauthenticated" if code == status.HTTP_401_UNAUTHORIZED else "forbidden"
+    return HTTPException(code, detail={"error": error, "message": message}, headers=headers)
+
+
+def authenticate(
+    request: Request, session: Session, metrics: RegistryMetrics, trust_domain: str
+) -> Caller:
+    """The caller of ``request``, or raise 401/403 (logged and counted)."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise refuse(
+                request,
+                metrics,
+                401,
+                "bad_authorization_header",
+                "Authorization must be 'Bearer <token>'",
+            )
+        operator = crud.operator_for_token(session, token)
+        if operator is None:
+            raise refuse(request, metrics, 401, "bad_token", "bearer token is unknown or revoked")
+        identity = Identity(trust_domain, IdentityKind.OPERATOR, operator)
+        return Caller(IdentityKind.OPERATOR, operator, "token", identity.uri)
+
+    der = peer_certificate_der(request.scope)
+    if der is None:
+        raise refuse(
+            request,
+            metrics,
+            401,
+            "no_identity",
+            "no client certificate and no bearer token: present an operator certificate "
+            "or 'Authorization: Bearer <token>'",
+        )
+    try:
+        identity = read_identity(x509.load_der_x509_certificate(der))
+    except (IdentityError, ValueError) as exc:
+        raise refuse(
+            request, metrics, 403, "bad_identity", f"client certificate refused: {exc}"
+        ) from None
+    if identity.trust_domain != trust_domain:
+        raise refuse(
+            request,
+            metrics,
+            403,
+            "foreign_trust_domain",
+            f"identity {identity.uri} is outside trust domain {trust_domain}",
+            identity.uri,
+        )
+    return Caller(identity.kind, identity.name, "mtls", identity.uri)

@@ -1,0 +1,100 @@
+"""Database engine and schema: SQLite (WAL, busy timeout) by default, PostgreSQL by URL.
+
+Write transactions call :func:`begin_write` first. On SQLite that makes the transaction
+``BEGIN IMMEDIATE``: writers are serialized up front instead of failing when a read
+transaction tries to upgrade. On PostgreSQL row locks (``SELECT ... FOR UPDATE`` on the
+counter row) do the same job where it matters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection
+from sqlmodel import Session
+
+from factory.errors import ConfigError
+from registry.settings import RegistrySettings
+
+__all__ = ["begin_write", "make_engine", "migrate"]
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_WRITE_OPTION = "certfleet_write"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own transaction handling is off: we emit BEGIN ourselves below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(settings: RegistrySettings) -> Engine:
+    """The engine for ``settings.database_url`` (SQLite file in the data dir by default)."""
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        if not settings.registry_database_url:
+            settings.layout.root.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=8,
+            max_overflow=16,
+        )
+        _configure_sqlite(engine)
+        return engine
+    if url.startswith(("postgresql", "postgres")):
+        if url.startswith("postgres://") or url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    raise ConfigError(
+        f"unsupported CERTFLEET_REGISTRY_DATABASE_URL scheme in {url.split(':', 1)[0]!r}: "
+        "use sqlite:///path or postgresql://user@host/db"
+    )
+
+
+def begin_write(session: Session) -> None:
+    """Start ``session``'s transaction as a write transaction (SQLite: BEGIN IMMEDIATE).
+
+    A read transaction the session already holds (e.g. the bearer-token lookup) is ended
+    first: a read transaction cannot be turned into an IMMEDIATE one.
+    """
+    if session.in_transaction():
+        if session.new or session.dirty or session.deleted:
+            raise RuntimeError("begin_write() called with unflushed changes in the session")
+        session.commit()
+    session.connection(execution_options={_WRITE_OPTION: True})
+
+
+def alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Create or upgrade the schema with the Alembic migrations shipped in the package."""
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    log.info("registry schema migrated revision=%s url=%s", revision, engine.url.render_as_string())

@@ -1,0 +1,120 @@
+"""The registry FastAPI app: :func:`create_app` wires settings, database, CA and routes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from factory.ca import CertificateAuthority
+from registry.api.routes import API_PREFIX, crl, devices, health, metrics, revocations, stats
+from registry.crl import CrlCache
+from registry.db import make_engine, migrate
+from registry.errors import RegistryError
+from registry.feed import FeedNotifier
+from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
+from registry.settings import RegistrySettings
+from registry.state import RegistryState
+
+__all__ = ["API_PREFIX", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"detail": {"error": code, "message": message}}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RegistryError)
+    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        log.info(
+            "request refused status=%d error=%s method=%s path=%s message=%s",
+            exc.status,
+            exc.code,
+            request.method,
+            request.url.path,
+            exc,
+        )
+        return _error(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(request: Request, exc: IntegrityError) -> JSONResponse:
+        log.warning("write conflict method=%s path=%s", request.method, request.url.path)
+        return _error(
+            409,
+            "conflict",
+            "a concurrent request registered the same device, serial or hardware serial; "
+            "retry to see the outcome",
+        )
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        log.error(
+            "database unavailable method=%s path=%s error=%s",
+            request.method,
+            request.url.path,
+            type(exc.orig).__name__,
+        )
+        return _error(503, "database_unavailable", "the registry database is unavailable; retry")
+
+
+def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> FastAPI:
+    """Build the app: open the database (migrating it), load the CA, mount the routes."""
+    ca = CertificateAuthority.load(settings.layout, passphrase=settings.ca_passphrase_bytes)
+    engine = make_engine(settings)
+    if migrate_schema:
+        migrate(engine)
+    registry_metrics = RegistryMetrics()
+    state = RegistryState(
+        settings=settings,
+        engine=engine,
+        ca=ca,
+        feed=FeedNotifier(),
+        crl=CrlCache(
+            ca,
+            engine,
+            next_update=dt.timedelta(hours=settings.registry_crl_next_update_hours),
+            on_resign=registry_metrics.crl_resigns.inc,
+        ),
+        metrics=registry_metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ingest = None
+        if settings.telemetry_broker_addr:
+            from registry.telemetry import start_ingest
+
+            started = start_ingest(settings, engine)
+            ingest = await started if inspect.isawaitable(started) else started
+            log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
+        try:
+            yield
+        finally:
+            state.feed.close()
+            if ingest is not None:
+                await ingest.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="certfleet registry",
+        version="1",
+        summary="Devices, certificates, revocation feed and CRL of a certfleet fleet.",
+        lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.registry = state
+    _install_error_handlers(app)
+    for module in (devices, revocations, crl, stats, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
+    return app

@@ -1,0 +1,241 @@
+"""Registry tables (SQLModel) and the API's request/response shapes, side by side.
+
+Serials are stored as :func:`factory.profile.serial_hex` strings: the one serial format used
+by the registry, the feed, the broker and the manifest. Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+from factory.profile import NAME_PATTERN
+
+__all__ = [
+    "HARDWARE_SERIAL_PATTERN",
+    "MAX_BATCH",
+    "ApiToken",
+    "AuditLog",
+    "BatchRegistration",
+    "BatchResult",
+    "Certificate",
+    "CertificatePublic",
+    "Counter",
+    "DecommissionRequest",
+    "DecommissionResult",
+    "Device",
+    "DeviceList",
+    "DevicePublic",
+    "DeviceRegistration",
+    "DeviceStatus",
+    "DeviceSummary",
+    "RevocationEvent",
+    "RevocationFeed",
+    "Revocation",
+    "Stats",
+    "WeekCount",
+    "utcnow",
+]
+
+MAX_BATCH = 1000
+DEVICE_ID_PATTERN = NAME_PATTERN.pattern
+#: Printable ASCII without spaces: what manufacturers print on a label.
+HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
+
+DeviceStatus = Literal["active", "decommissioned"]
+CertificateStatus = Literal["live", "revoked"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "device"
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(default="active", max_length=16, index=True)
+    hardware_serial: str | None = Field(default=None, max_length=128, unique=True)
+    created_at: dt.datetime = Field(sa_type=UTCDateTime)
+    decommissioned_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_seen_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_telemetry: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Certificate(SQLModel, table=True):
+    __tablename__ = "certificate"
+    __table_args__ = (Index("ix_certificate_status_not_after", "status", "not_after"),)
+
+    serial: str = Field(primary_key=True, max_length=48)
+    device_id: str = Field(foreign_key="device.device_id", index=True, max_length=64)
+    not_before: dt.datetime = Field(sa_type=UTCDateTime)
+    not_after: dt.datetime = Field(sa_type=UTCDateTime, index=True)
+    status: str = Field(default="live", max_length=16)
+    revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class Revocation(SQLModel, table=True):
+    """One event of the revocation feed; ``seq`` is gap-free (allocated under a lock)."""
+
+    __tablename__ = "revocation"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    device_id: str = Field(max_length=64, index=True)
+    serials: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    revoked_at: dt.datetime = Field(sa_type=UTCDateTime)
+    operator: str = Field(max_length=256)
+
+
+class Counter(SQLModel, table=True):
+    """Named counters (``revocation_seq``, ``crl_number``) locked with SELECT ... FOR UPDATE."""
+
+    __tablename__ = "counter"
+
+    name: str = Field(primary_key=True, max_length=32)
+    value: int = Field(default=0)
+
+
+class AuditLog(SQLModel, table=True):
+    """Every operator action: who, what, on what, when, from where."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    who: str = Field(max_length=256)
+    action: str = Field(max_length=64, index=True)
+    target: str = Field(max_length=256)
+    at: dt.datetime = Field(sa_type=UTCDateTime, index=True)
+    from_addr: str | None = Field(default=None, max_length=64)
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class ApiToken(SQLModel, table=True):
+    """An operator bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    operator: str = Field(max_length=64, index=True)
+    token_sha256: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    created_at: dt.datetime = Field(sa_type=UTCDateTime)
+    revoked: bool = Field(default=False)
+
+
+# -- API shapes -------------------------------------------------------------------------------
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class DeviceRegistration(BaseModel):
+    model_config = _STRICT
+
+    certificate_pem: str = PydanticField(
+        min_length=1, max_length=16_384, description="the device's leaf certificate, PEM"
+    )
+    hardware_serial: str | None = PydanticField(default=None, pattern=HARDWARE_SERIAL_PATTERN)
+
+
+class BatchRegistration(BaseModel):
+    model_config = _STRICT
+
+    devices: list[DeviceRegistration] = PydanticField(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchResult(BaseModel):
+    created: int
+    existing: int
+
+
+class CertificatePublic(BaseModel):
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    status: CertificateStatus
+    revoked_at: dt.datetime | None
+
+
+class DeviceSummary(BaseModel):
+    device_id: str
+    status: DeviceStatus
+    hardware_serial: str | None
+    created_at: dt.datetime
+    decommissioned_at: dt.datetime | None
+    last_seen_at: dt.datetime | None
+    last_telemetry: dict[str, Any] | None
+
+
+class DevicePublic(DeviceSummary):
+    certificates: list[CertificatePublic]
+
+
+class DecommissionResult(DevicePublic):
+    revocation_seq: int
+
+
+class DeviceList(BaseModel):
+    devices: list[DeviceSummary]
+    next_cursor: str | None
+
+
+class DecommissionRequest(BaseModel):
+    model_config = _STRICT
+
+    reason: str = PydanticField(min_length=1, max_length=500)
+
+
+class RevocationEvent(BaseModel):
+    seq: int
+    device_id: str
+    serials: list[str]
+    reason: str
+    revoked_at: dt.datetime
+
+
+class RevocationFeed(BaseModel):
+    events: list[RevocationEvent]
+    last_seq: int
+    head_seq: int
+
+
+class WeekCount(BaseModel):
+    week_start: dt.date
+    count: int
+
+
+class Stats(BaseModel):
+    devices_by_status: dict[str, int]
+    expiries_per_week: list[WeekCount]
+    seen_last_minute: int

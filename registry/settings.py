@@ -1,0 +1,67 @@
+"""Registry settings: ``CERTFLEET_*`` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from factory.errors import ConfigError
+from factory.layout import DEFAULT_DATA_DIR, DataLayout
+
+__all__ = ["RegistrySettings", "load_settings", "split_addr"]
+
+
+class RegistrySettings(BaseSettings):
+    """Everything the registry needs; build it with :func:`load_settings`, never at import."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: host:port to listen on; port 0 picks a free port.
+    registry_addr: str = "127.0.0.1:8443"
+    #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
+    registry_database_url: str | None = None
+    #: passphrase of the issuing CA key (the registry signs CRLs with it).
+    ca_passphrase: SecretStr | None = None
+    #: name of the server certificate in ``<data_dir>/tls/<name>.crt|.key``.
+    registry_tls_name: str = "registry"
+    #: CRL nextUpdate; the CRL is also re-signed when half of it has passed.
+    registry_crl_next_update_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    #: upper bound on ``GET /revocations?wait=``; requests asking for more are clamped.
+    registry_feed_max_wait: float = Field(default=60.0, ge=0, le=60)
+    #: how often a long-poll re-reads the database, for revocations written by another process.
+    registry_feed_poll_seconds: float = Field(default=1.0, gt=0, le=10)
+    #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
+    telemetry_broker_addr: str | None = None
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.registry_database_url:
+            return self.registry_database_url
+        return f"sqlite:///{self.layout.registry_db.resolve()}"
+
+    @property
+    def ca_passphrase_bytes(self) -> bytes | None:
+        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
+            return None
+        return self.ca_passphrase.get_secret_value().encode()
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)``; raise ConfigError when malformed."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8443)")
+    return host.strip("[]"), int(port_text)
+
+
+def load_settings(**overrides: object) -> RegistrySettings:
+    """Settings from the environment, with non-None ``overrides`` (CLI flags) on top."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return RegistrySettings(**given)  # type: ignore[arg-type]

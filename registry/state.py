@@ -1,0 +1,25 @@
+"""What one running registry app holds: settings, engine, CA, feed notifier, CRL, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from factory.ca import CertificateAuthority
+from registry.crl import CrlCache
+from registry.feed import FeedNotifier
+from registry.metrics import RegistryMetrics
+from registry.settings import RegistrySettings
+
+__all__ = ["RegistryState"]
+
+
+@dataclass
+class RegistryState:
+    settings: RegistrySettings
+    engine: Engine
+    ca: CertificateAuthority
+    feed: FeedNotifier
+    crl: CrlCache
+    metrics: RegistryMetrics

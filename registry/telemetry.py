@@ -1,0 +1,246 @@
+"""Telemetry ingest: the registry's MQTT subscriber that keeps each device's last seen time
+and latest telemetry.
+
+The registry connects to the broker as ``spiffe://<td>/service/registry`` (client id
+``registry``, certificate ``clients/registry.crt|.key``, trusting ``ca/root.crt``), subscribes
+to ``devices/+/telemetry`` at QoS 1 and keeps, per device, only the newest reading in memory.
+A separate flusher thread writes the buffer through :func:`registry.crud.record_telemetry` in
+one batched UPDATE every ``flush_interval`` seconds (sooner when ``flush_batch`` devices are
+waiting), so the broker's message rate is never bounded by the database: receiving a message
+costs a JSON parse and a dict store, nothing more.
+
+A message is dropped and counted when its payload is not a JSON object, is larger than
+``MAX_PAYLOAD_BYTES``, or names a different device than its topic (``devices/<id>/...``).
+Telemetry of unknown devices is ignored by the UPDATE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import ssl
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
+
+from factory.errors import ConfigError
+from factory.profile import NAME_PATTERN
+from registry.crud import TelemetryUpdate, record_telemetry
+from registry.settings import RegistrySettings, split_addr
+
+__all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ingest"]
+
+log = logging.getLogger(__name__)
+
+TOPIC_FILTER = "devices/+/telemetry"
+MAX_PAYLOAD_BYTES = 16 * 1024
+CLIENT_NAME = "registry"
+
+
+class TelemetryRejected(ValueError):
+    """A telemetry message that is dropped; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_telemetry(topic: str, payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
+    """``(device_id, telemetry)`` of a message, or TelemetryRejected with the reason."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
+        raise TelemetryRejected("bad_topic", f"topic {topic!r} is not devices/<id>/telemetry")
+    device_id = parts[1]
+    if not NAME_PATTERN.fullmatch(device_id):
+        raise TelemetryRejected("bad_topic", f"topic {topic!r} names no valid device id")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise TelemetryRejected("too_large", f"payload of {len(payload)} bytes")
+    try:
+        telemetry = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise TelemetryRejected("malformed_json", "payload is not JSON") from None
+    if not isinstance(telemetry, dict):
+        raise TelemetryRejected("malformed_json", "payload is not a JSON object")
+    if telemetry.get("device_id") != device_id:
+        raise TelemetryRejected(
+            "device_mismatch",
+            f"payload device_id {telemetry.get('device_id')!r} differs from topic {device_id!r}",
+        )
+    return device_id, telemetry
+
+
+@dataclass
+class IngestCounters:
+    received: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    flushes: int = 0
+    rows_written: int = 0
+    flush_errors: int = 0
+    connects: int = 0
+
+
+class TelemetryIngest:
+    """The subscriber (paho's network thread) and the batch writer (a flusher thread)."""
+
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        engine: Engine,
+        *,
+        flush_interval: float = 0.5,
+        flush_batch: int = 1000,
+    ) -> None:
+        if not settings.telemetry_broker_addr:
+            raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
+        self.host, self.port = split_addr(settings.telemetry_broker_addr)
+        self.engine = engine
+        self.flush_interval = flush_interval
+        self.flush_batch = flush_batch
+        self.counters = IngestCounters()
+        self.connected = threading.Event()
+        self._layout = settings.layout
+        self._buffer: dict[str, TelemetryUpdate] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._client = self._build_client()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="telemetry-flush", daemon=True
+        )
+
+    def _build_client(self) -> mqtt.Client:
+        cert = self._layout.client_cert(CLIENT_NAME)
+        key = self._layout.client_key(CLIENT_NAME)
+        if not cert.is_file() or not key.is_file():
+            raise ConfigError(
+                f"telemetry ingest needs the registry's service certificate {cert} and key: "
+                "create it with 'certfleet ca issue-client --service registry' "
+                "(or run 'certfleet up')"
+            )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_verify_locations(cafile=str(self._layout.root_cert))
+            context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"telemetry ingest cannot load its TLS credentials: {exc}") from None
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=CLIENT_NAME,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        client.tls_set_context(context)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> TelemetryIngest:
+        self._flusher.start()
+        self._client.connect_async(self.host, self.port, keepalive=30)
+        self._client.loop_start()  # one network thread; retries until the broker is up
+        log.info("telemetry ingest connecting broker=%s:%s", self.host, self.port)
+        return self
+
+    def stop_sync(self, timeout: float = 5.0) -> None:
+        """Disconnect, flush what is buffered, stop both threads."""
+        self._stopping.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._wake.set()
+        self._flusher.join(timeout)
+        self.flush()
+        log.info(
+            "telemetry ingest stopped received=%d accepted=%d rows_written=%d rejected=%s",
+            self.counters.received,
+            self.counters.accepted,
+            self.counters.rows_written,
+            dict(self.counters.rejected),
+        )
+
+    async def stop(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.stop_sync)
+
+    # -- receiving (paho's thread) --------------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("telemetry ingest refused by broker reason=%s", reason)
+            return
+        self.counters.connects += 1
+        client.subscribe(TOPIC_FILTER, qos=1)
+        self.connected.set()
+        log.info("telemetry ingest subscribed topic=%s", TOPIC_FILTER)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            log.warning("telemetry ingest disconnected reason=%s; reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.counters.received += 1
+        try:
+            device_id, telemetry = parse_telemetry(message.topic, message.payload)
+        except TelemetryRejected as exc:
+            self.counters.rejected[exc.reason] += 1
+            log.debug("telemetry dropped topic=%s reason=%s", message.topic, exc.reason)
+            return
+        self.counters.accepted += 1
+        update = TelemetryUpdate(device_id, dt.datetime.now(dt.UTC), telemetry)
+        with self._lock:
+            self._buffer[device_id] = update
+            full = len(self._buffer) >= self.flush_batch
+        if full:
+            self._wake.set()
+
+    # -- writing (the flusher thread) -----------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Write the buffered updates in one batch; returns how many devices were updated."""
+        with self._lock:
+            batch, self._buffer = self._buffer, {}
+        if not batch:
+            return 0
+        try:
+            with Session(self.engine) as session:
+                written = record_telemetry(session, list(batch.values()))
+        except SQLAlchemyError as exc:
+            self.counters.flush_errors += 1
+            log.error("telemetry flush failed devices=%d error=%s", len(batch), type(exc).__name__)
+            with self._lock:  # keep them for the next attempt unless newer ones arrived
+                for device_id, update in batch.items():
+                    self._buffer.setdefault(device_id, update)
+            return 0
+        self.counters.flushes += 1
+        self.counters.rows_written += written
+        return written
+
+
+def start_ingest(settings: RegistrySettings, engine: Engine) -> TelemetryIngest:
+    """Start ingesting telemetry from ``settings.telemetry_broker_addr``; ``await .stop()``."""
+    return TelemetryIngest(settings, engine).start()

@@ -1,0 +1,140 @@
+"""Live revocation against a real registry: decommission drops the session at once."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.auth import Refusal
+from broker.server import BrokerServer
+from factory.layout import DataLayout
+from factory.profile import IdentityKind
+from registry.server import RegistryServer
+from registry.settings import RegistrySettings
+from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
+from tests.conftest import ClientFiles, TestPKI
+
+
+@pytest.fixture
+def registry(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
+    settings = RegistrySettings(
+        data_dir=pki.layout.root,
+        registry_addr="127.0.0.1:0",
+        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=None,
+    )
+    with RegistryServer(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def operator(pki: TestPKI, registry: RegistryServer) -> Iterator[httpx.Client]:
+    files = pki.client(IdentityKind.OPERATOR, "alice")
+    with httpx.Client(
+        base_url=f"{registry.url}/api/v1",
+        verify=_context(pki, files),
+        timeout=30,
+    ) as client:
+        yield client
+
+
+def _context(pki: TestPKI, files: ClientFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return context
+
+
+def feed_broker_layout(pki: TestPKI, root: Path) -> DataLayout:
+    """Broker data folder plus its service/broker client certificate for the feed."""
+    layout = broker_data_dir(pki, root)
+    service = pki.client(IdentityKind.SERVICE, "broker")
+    layout.clients_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(service.cert, layout.client_cert("broker"))
+    shutil.copy(service.key, layout.client_key("broker"))
+    return layout
+
+
+def register(operator: httpx.Client, files: ClientFiles, device_id: str) -> None:
+    response = operator.post(
+        "/devices",
+        json={"certificate_pem": files.cert.read_text(), "hardware_serial": f"hw-{device_id}"},
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def test_decommission_drops_live_session_and_refuses_reconnect(
+    pki: TestPKI, registry: RegistryServer, operator: httpx.Client, tmp_path: Path
+) -> None:
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    files = issue_device(pki, tmp_path, "dev-live-1")
+    register(operator, files, "dev-live-1")
+    settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=5)
+    with BrokerServer(settings) as broker:
+        device = connect(broker.port, files, "dev-live-1")
+        try:
+            assert device.connected.is_set(), device.reason
+            response = operator.post("/devices/dev-live-1/decommission", json={"reason": "stolen"})
+            assert response.status_code == 200, response.text
+            returned = time.monotonic()
+            assert device.disconnected.wait(5), "session of the revoked device was not dropped"
+            assert time.monotonic() - returned < 1.0
+        finally:
+            device.close()
+        before = broker.metrics.refusal_count(Refusal.REVOKED.value)
+        again = connect(broker.port, files, "dev-live-1")
+        try:
+            assert not again.connected.is_set()
+            assert wait_for(
+                lambda: broker.metrics.refusal_count(Refusal.REVOKED.value) == before + 1
+            )
+        finally:
+            again.close()
+        assert (layout.broker_dir / "revoked.json").exists()
+
+
+def test_restart_with_registry_down_still_refuses_revoked_serial(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    files = issue_device(pki, tmp_path, "dev-gone-1")
+    settings = RegistrySettings(
+        data_dir=pki.layout.root,
+        registry_addr="127.0.0.1:0",
+        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=None,
+    )
+    with RegistryServer(settings) as registry:
+        operator_files = pki.client(IdentityKind.OPERATOR, "alice")
+        with httpx.Client(
+            base_url=f"{registry.url}/api/v1", verify=_context(pki, operator_files), timeout=30
+        ) as operator:
+            register(operator, files, "dev-gone-1")
+            response = operator.post("/devices/dev-gone-1/decommission", json={"reason": "eol"})
+            assert response.status_code == 200, response.text
+        registry_url = registry.url
+        with BrokerServer(broker_settings(layout, registry_url=registry_url)) as broker:
+            assert wait_for(
+                lambda: (
+                    broker.metrics.registry.get_sample_value("certfleet_broker_revoked_serials")
+                    == 1
+                )
+            )
+    # The registry is gone now; a new broker reads the revoked set from disk.
+    with BrokerServer(broker_settings(layout, registry_url=registry_url)) as broker:
+        before = broker.metrics.refusal_count(Refusal.REVOKED.value)
+        probe = connect(broker.port, files, "dev-gone-1")
+        try:
+            assert not probe.connected.is_set()
+            assert wait_for(
+                lambda: broker.metrics.refusal_count(Refusal.REVOKED.value) == before + 1
+            )
+        finally:
+            probe.close()

@@ -1,0 +1,200 @@
+"""Fixtures for the simulator: device bundles from the session CA and a real Mosquitto broker
+over mTLS (trusting ca/chain.pem), started on a free loopback port and killed by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from broker.server import BrokerServer
+from broker.settings import BrokerSettings
+from factory.ca import CertificateAuthority, RevokedEntry, utcnow, write_issued
+from factory.layout import DataLayout, write_public
+from factory.profile import IdentityKind, serial_hex
+from tests.conftest import TestPKI
+
+
+def write_device_bundle(ca: CertificateAuthority, data_dir: Path, device_id: str) -> int:
+    """A device bundle as the factory writes it; returns the certificate serial."""
+    layout = DataLayout(data_dir)
+    directory = layout.device_dir(device_id)
+    issued = ca.issue_client(ca.identity(IdentityKind.DEVICE, device_id))
+    write_issued(issued, directory / "device.crt", directory / "device.key")
+    write_public(directory / "chain.pem", ca.chain_pem)
+    write_public(directory / "root.crt", ca.root_pem)
+    cert = issued.certificate
+    meta = {
+        "device_id": device_id,
+        "hardware_serial": None,
+        "serial": serial_hex(cert.serial_number),
+        "identity": ca.identity(IdentityKind.DEVICE, device_id).uri,
+        "trust_domain": ca.trust_domain,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "broker": "127.0.0.1:8883",
+    }
+    write_public(directory / "device.json", json.dumps(meta).encode())
+    return cert.serial_number
+
+
+@dataclass
+class Fleet:
+    """A data folder with device bundles (dev-0000 .. dev-NNNN) from the session CA."""
+
+    data_dir: Path
+    serials: dict[str, int]
+
+
+@pytest.fixture(scope="session")
+def fleet(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    data_dir = tmp_path_factory.mktemp("sim-fleet")
+    serials = {
+        f"dev-{i:04d}": write_device_bundle(pki.ca, data_dir, f"dev-{i:04d}") for i in range(60)
+    }
+    return Fleet(data_dir, serials)
+
+
+@pytest.fixture(scope="session")
+def foreign_fleet(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """Bundles from a different CA (same trust domain name): the broker must refuse them."""
+    data_dir = tmp_path_factory.mktemp("foreign-fleet")
+    ca = CertificateAuthority.init(DataLayout(tmp_path_factory.mktemp("foreign-ca")), "fleet.test")
+    serial = write_device_bundle(ca, data_dir, "dev-foreign")
+    # The device trusts OUR root (it reaches our broker), but its certificate is foreign.
+    write_public(data_dir / "devices" / "dev-foreign" / "root.crt", pki.ca.root_pem)
+    return Fleet(data_dir, {"dev-foreign": serial})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited early with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"broker did not listen on {port} within {timeout}s")
+
+
+@dataclass
+class Mosquitto:
+    port: int
+    process: subprocess.Popen[bytes]
+    config: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+MosquittoFactory = Callable[..., Mosquitto]
+
+
+@pytest.fixture
+def mosquitto(pki: TestPKI, tmp_path: Path) -> Iterator[MosquittoFactory]:
+    """Start Mosquitto over mTLS: ``start(revoked=[serial...], require_certificate=True,
+    port=None)``; every broker started is killed at teardown."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto binary not installed (make system-deps)")
+    cert, key = pki.server("mosquitto")
+    started: list[Mosquitto] = []
+
+    def start(
+        revoked: list[int] | None = None,
+        *,
+        require_certificate: bool = True,
+        port: int | None = None,
+    ) -> Mosquitto:
+        port = port or free_port()
+        lines = [
+            f"listener {port} 127.0.0.1",
+            f"cafile {pki.layout.chain}",
+            f"certfile {cert}",
+            f"keyfile {key}",
+            "tls_version tlsv1.2",
+            f"require_certificate {'true' if require_certificate else 'false'}",
+            f"use_identity_as_username {'true' if require_certificate else 'false'}",
+            "allow_anonymous false",
+            "persistence false",
+            "max_inflight_messages 0",
+            "max_queued_messages 100000",
+            "log_dest none",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto', who cannot read tmp_path
+        if revoked:
+            crl = pki.ca.build_crl([RevokedEntry(s, utcnow()) for s in revoked])
+            crl_path = tmp_path / f"crl-{port}.pem"
+            crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+            lines.append(f"crlfile {crl_path}")
+        config = tmp_path / f"mosquitto-{port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        process = subprocess.Popen(
+            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        broker = Mosquitto(port, process, config)
+        started.append(broker)
+        wait_listening(port, process)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+def device_cert(data_dir: Path, device_id: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(
+        (data_dir / "devices" / device_id / "device.crt").read_bytes()
+    )
+
+
+def certfleet_broker_settings(pki: TestPKI, root: Path, **overrides: object) -> BrokerSettings:
+    """Settings for our broker in a data folder holding the session CA's public files."""
+    layout = DataLayout(root)
+    layout.ca_dir.mkdir(parents=True, exist_ok=True)
+    for src in (
+        pki.layout.root_cert,
+        pki.layout.chain,
+        pki.layout.issuing_cert,
+        pki.layout.ca_meta,
+    ):
+        shutil.copy(src, layout.ca_dir / src.name)
+    cert, key = pki.server("broker-sim")
+    layout.tls_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cert, layout.server_cert("broker"))
+    shutil.copy(key, layout.server_key("broker"))
+    values: dict[str, object] = {
+        "data_dir": root,
+        "broker_addr": "127.0.0.1:0",
+        "broker_metrics_addr": None,
+        "registry_url": None,
+    }
+    values.update(overrides)
+    return BrokerSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def certfleet_broker(pki: TestPKI, tmp_path: Path) -> Iterator[BrokerServer]:
+    """Our own broker (mTLS, identity from the certificate, revocation) on 127.0.0.1:0."""
+    with BrokerServer(certfleet_broker_settings(pki, tmp_path / "broker-data")) as server:
+        yield server

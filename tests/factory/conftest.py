@@ -1,0 +1,49 @@
+"""Factory test helpers: a fresh CA per test where a test writes into the data folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from factory.ca import CertificateAuthority
+from factory.cli import ca_app, factory_app
+from factory.layout import DataLayout
+
+TRUST_DOMAIN = "fleet.test"
+CERTFLEET = [sys.executable, "-m", "certfleet.cli"]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> DataLayout:
+    return DataLayout(tmp_path / "data")
+
+
+@pytest.fixture
+def ca(layout: DataLayout) -> CertificateAuthority:
+    """A fresh CA of its own (tests here write devices, manifests and client files)."""
+    return CertificateAuthority.init(layout, TRUST_DOMAIN)
+
+
+def run_ca(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(ca_app, list(args), env=env)
+
+
+def run_factory(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(factory_app, list(args), env=env)
+
+
+def run_certfleet(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a subprocess (one-line errors, exit codes)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [*CERTFLEET, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )

@@ -1,0 +1,170 @@
+"""`certfleet registry ...` as an operator runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from factory.ca import CertificateAuthority, IssuedCertificate
+from factory.layout import DataLayout
+from factory.profile import IdentityKind, serial_hex
+
+TRUST_DOMAIN = "cli.test"
+
+
+def certfleet(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "certfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.init(DataLayout(tmp_path / "data"), TRUST_DOMAIN)
+
+
+def manifest_line(issued: IssuedCertificate, device_id: str, hardware_serial: str) -> str:
+    cert = issued.certificate
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "hardware_serial": hardware_serial,
+            "serial": serial_hex(cert.serial_number),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "issued_at": cert.not_valid_before_utc.isoformat(),
+            "certificate_pem": issued.certificate_pem.decode(),
+            "batch_id": "b1",
+        }
+    )
+
+
+def test_import_manifest_is_idempotent(ca: CertificateAuthority, database_url: str) -> None:
+    manifest = ca.layout.manifest
+    lines = []
+    for i in range(3):
+        device_id = f"imp-{i}"
+        lines.append(
+            manifest_line(
+                ca.issue_client(ca.identity(IdentityKind.DEVICE, device_id)), device_id, f"HW-{i}"
+            )
+        )
+    manifest.write_text("\n".join(lines) + "\n")
+    args = [
+        "registry",
+        "import",
+        str(manifest),
+        "--data-dir",
+        str(ca.layout.root),
+        "--database-url",
+        database_url,
+        "--json",
+    ]
+    assert json.loads(certfleet(*args).stdout) == {"created": 3, "existing": 0}
+    assert json.loads(certfleet(*args).stdout) == {"created": 0, "existing": 3}
+
+
+def test_import_names_the_bad_line(ca: CertificateAuthority, tmp_path: Path) -> None:
+    manifest = tmp_path / "bad.jsonl"
+    good = manifest_line(ca.issue_client(ca.identity(IdentityKind.DEVICE, "ok-1")), "ok-1", "HW")
+    manifest.write_text(good + "\n{not json\n")
+    result = certfleet(
+        "registry", "import", str(manifest), "--data-dir", str(ca.layout.root), check=False
+    )
+    assert result.returncode == 2
+    assert f"{manifest}:2: not a manifest record" in result.stderr
+
+
+def test_token_create_prints_a_token_that_works_and_migrate_is_repeatable(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    data = str(ca.layout.root)
+    assert "schema up to date" in certfleet("registry", "migrate", "--data-dir", data).stdout
+    certfleet("registry", "migrate", "--data-dir", data)
+    token = certfleet(
+        "registry", "token", "create", "--operator", "ops-bot", "--data-dir", data
+    ).stdout.strip()
+    assert token.startswith("cfr_")
+    assert token not in ca.layout.registry_db.read_bytes().decode("latin-1")
+    refused = certfleet(
+        "registry", "token", "create", "--operator", "bad name", "--data-dir", data, check=False
+    )
+    assert refused.returncode == 2
+    assert "operator name 'bad name' is not valid" in refused.stderr
+
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "certfleet.cli",
+            "registry",
+            "serve",
+            "--data-dir",
+            data,
+            "--addr",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "registry did not write its ready file"
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == process.pid
+        assert info["url"].startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(ca.layout.root_cert))
+        with httpx.Client(base_url=info["url"] + "/api/v1", verify=context) as http:
+            assert http.get("/healthz").json()["status"] == "ok"
+            with_token = http.get("/devices", headers={"Authorization": f"Bearer {token}"})
+            assert with_token.status_code == 200
+            assert http.get("/devices").status_code == 401
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            stdout, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, _ = process.communicate()
+    assert info["url"] in stdout
+    assert process.returncode == 0
+    assert not ready.exists()
+
+
+def test_serve_without_a_ca_says_what_to_do(tmp_path: Path) -> None:
+    result = certfleet(
+        "registry",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "empty"),
+        "--addr",
+        "127.0.0.1:0",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "run 'certfleet ca init' first" in result.stderr
