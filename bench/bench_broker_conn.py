@@ -66,8 +66,11 @@ async def _hold(data_dir: Path, port: int, start: int, end: int, concurrency: in
 
 
 def run_broker(name: str, layout: lib.DataLayout, devices: int, procs: int) -> dict[str, object]:
-    starter = {"ours": lib.start_ours, "stock-amqtt": lib.start_stock,
-               "mosquitto": lib.start_mosquitto}[name]
+    starter = {
+        "ours": lib.start_ours,
+        "stock-amqtt": lib.start_stock,
+        "mosquitto": lib.start_mosquitto,
+    }[name]
     broker = starter(layout)
     try:
         time.sleep(1.0)  # let the process finish importing/allocating before the idle sample
@@ -79,9 +82,22 @@ def run_broker(name: str, layout: lib.DataLayout, devices: int, procs: int) -> d
             start, end = p * per_proc, devices if p == procs - 1 else (p + 1) * per_proc
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, "--worker", "--data-dir", str(layout.root),
-                     "--port", str(broker.port), "--start", str(start), "--end", str(end)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        "--data-dir",
+                        str(layout.root),
+                        "--port",
+                        str(broker.port),
+                        "--start",
+                        str(start),
+                        "--end",
+                        str(end),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                     preexec_fn=lib.raise_nofile,
                 )
             )
@@ -132,8 +148,9 @@ def main() -> None:
     t0 = time.monotonic()
     layout = lib.make_fleet(root, args.devices)
     print(f"# fleet of {args.devices} minted in {time.monotonic() - t0:.1f}s at {root}", flush=True)
-    results = [run_broker(name, layout, args.devices, args.procs)
-               for name in args.brokers.split(",")]
+    results = [
+        run_broker(name, layout, args.devices, args.procs) for name in args.brokers.split(",")
+    ]
     print(json.dumps({"machine": lib.lscpu_model(), "results": results}, indent=2))
 
 

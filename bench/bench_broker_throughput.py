@@ -146,8 +146,14 @@ async def _publishers(
         for seq in range(messages):
             await credit.acquire()
             payload = json.dumps(
-                {"device_id": name, "seq": seq, "ts": time.time(), "temperature_c": 21.5,
-                 "humidity_pct": 40.0, "battery_v": 3.7}
+                {
+                    "device_id": name,
+                    "seq": seq,
+                    "ts": time.time(),
+                    "temperature_c": 21.5,
+                    "humidity_pct": 40.0,
+                    "battery_v": 3.7,
+                }
             ).encode()
             client.send(lib.publish_packet(topic, payload, qos=1, packet_id=seq % 65535 + 1))
         for _ in range(window):  # wait for the last PUBACKs
@@ -164,42 +170,91 @@ async def _publishers(
     t0 = time.monotonic()
     start.set()
     await asyncio.gather(*tasks)
-    print(json.dumps({"sent": count * messages, "acked": acked,
-                      "seconds": round(time.monotonic() - t0, 2)}), flush=True)
+    print(
+        json.dumps(
+            {"sent": count * messages, "acked": acked, "seconds": round(time.monotonic() - t0, 2)}
+        ),
+        flush=True,
+    )
 
 
 def run_broker(name: str, layout: lib.DataLayout, args: argparse.Namespace) -> dict[str, object]:
-    starter = {"ours": lib.start_ours, "stock-amqtt": lib.start_stock,
-               "mosquitto": lib.start_mosquitto}[name]
+    starter = {
+        "ours": lib.start_ours,
+        "stock-amqtt": lib.start_stock,
+        "mosquitto": lib.start_mosquitto,
+    }[name]
     broker = starter(layout)
     expected = args.publishers * args.messages
     profiler = None
     if args.profile:
         profiler = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(broker.pid), "--format", "raw", "--rate", "200",
-             "--nonblocking", "-o", f"{args.profile}-{name}.txt"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(broker.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                f"{args.profile}-{name}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     try:
         sub = subprocess.Popen(
-            [sys.executable, __file__, "--role", "sub", "--data-dir", str(layout.root),
-             "--port", str(broker.port), "--expected", str(expected)],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "sub",
+                "--data-dir",
+                str(layout.root),
+                "--port",
+                str(broker.port),
+                "--expected",
+                str(expected),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         json.loads(sub.stdout.readline())  # type: ignore[union-attr]  # subscribed
         pub = subprocess.Popen(
-            [sys.executable, __file__, "--role", "pub", "--data-dir", str(layout.root),
-             "--port", str(broker.port), "--publishers", str(args.publishers),
-             "--messages", str(args.messages), "--window", str(args.window)],
-            stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile,
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "pub",
+                "--data-dir",
+                str(layout.root),
+                "--port",
+                str(broker.port),
+                "--publishers",
+                str(args.publishers),
+                "--messages",
+                str(args.messages),
+                "--window",
+                str(args.window),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lib.raise_nofile,
         )
         pub_result = json.loads(pub.stdout.readline())  # type: ignore[union-attr]
         sub_result = json.loads(sub.stdout.readline())  # type: ignore[union-attr]
         pub.wait(timeout=60)
         sub.wait(timeout=60)
-        result = {"broker": name, **sub_result, "sent": pub_result["sent"],
-                  "acked": pub_result["acked"],
-                  "lost": pub_result["acked"] - sub_result["received_unique"]}
+        result = {
+            "broker": name,
+            **sub_result,
+            "sent": pub_result["sent"],
+            "acked": pub_result["acked"],
+            "lost": pub_result["acked"] - sub_result["received_unique"],
+        }
         print(json.dumps(result), flush=True)
         return result
     finally:
@@ -226,15 +281,25 @@ def main() -> None:
         asyncio.run(_subscriber(args.data_dir, args.port, args.expected, idle_s=15.0))
         return
     if args.role == "pub":
-        asyncio.run(_publishers(args.data_dir, args.port, 0, args.publishers, args.messages,
-                                args.window))
+        asyncio.run(
+            _publishers(args.data_dir, args.port, 0, args.publishers, args.messages, args.window)
+        )
         return
     root = lib.tmp_root("certfleet-bench-tput-")
     layout = lib.make_fleet(root, args.publishers)
     results = [run_broker(name, layout, args) for name in args.brokers.split(",")]
-    print(json.dumps({"machine": lib.lscpu_model(), "publishers": args.publishers,
-                      "messages_each": args.messages, "window": args.window,
-                      "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": lib.lscpu_model(),
+                "publishers": args.publishers,
+                "messages_each": args.messages,
+                "window": args.window,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def make_fleet(root: Path, devices: int, services: tuple[str, ...] = ("bench",))
     ca = CertificateAuthority.init(layout, "fleet.bench")
     issued = ca.issue_server("broker", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     write_issued(
-        issued, layout.server_cert("broker"), layout.server_key("broker"),
+        issued,
+        layout.server_cert("broker"),
+        layout.server_key("broker"),
         intermediate=ca.issuing_cert,
     )
     for name in services:
@@ -63,7 +65,9 @@ def make_fleet(root: Path, devices: int, services: tuple[str, ...] = ("bench",))
     for index in range(devices):
         name = device_id(index)
         dev = ca.issue_client(ca.identity(IdentityKind.DEVICE, name))
-        write_issued(dev, layout.device_dir(name) / "device.crt", layout.device_dir(name) / "device.key")
+        write_issued(
+            dev, layout.device_dir(name) / "device.crt", layout.device_dir(name) / "device.key"
+        )
     return layout
 
 
@@ -112,11 +116,25 @@ class BrokerProcess:
                 self.process.wait(timeout=10)
 
 
-def start_ours(layout: DataLayout, *, registry_url: str | None = None,
-               extra_env: dict[str, str] | None = None) -> BrokerProcess:
+def start_ours(
+    layout: DataLayout, *, registry_url: str | None = None, extra_env: dict[str, str] | None = None
+) -> BrokerProcess:
     ready = layout.root / f"broker-ready-{time.monotonic_ns()}.json"
-    command = [PYTHON, "-m", "certfleet.cli", "--log-level", "warning", "broker", "serve",
-               "--data-dir", str(layout.root), "--addr", "127.0.0.1:0", "--ready-file", str(ready)]
+    command = [
+        PYTHON,
+        "-m",
+        "certfleet.cli",
+        "--log-level",
+        "warning",
+        "broker",
+        "serve",
+        "--data-dir",
+        str(layout.root),
+        "--addr",
+        "127.0.0.1:0",
+        "--ready-file",
+        str(ready),
+    ]
     if registry_url:
         command += ["--registry-url", registry_url]
     env = dict(os.environ, **(extra_env or {}))
@@ -127,13 +145,21 @@ def start_ours(layout: DataLayout, *, registry_url: str | None = None,
             raise RuntimeError("our broker did not start")
         time.sleep(0.05)
     body = json.loads(ready.read_text())
-    return BrokerProcess("ours", process, int(body["addr"].rsplit(":", 1)[1]), body.get("metrics_url"))
+    return BrokerProcess(
+        "ours", process, int(body["addr"].rsplit(":", 1)[1]), body.get("metrics_url")
+    )
 
 
 def start_stock(layout: DataLayout) -> BrokerProcess:
     port = free_port()
-    command = [PYTHON, str(REPO / "bench" / "stock_amqtt.py"), "--port", str(port),
-               "--data-dir", str(layout.root)]
+    command = [
+        PYTHON,
+        str(REPO / "bench" / "stock_amqtt.py"),
+        "--port",
+        str(port),
+        "--data-dir",
+        str(layout.root),
+    ]
     process = subprocess.Popen(command, cwd=REPO)
     wait_port(port)
     return BrokerProcess("stock-amqtt", process, port)
@@ -287,7 +313,9 @@ def tmp_root(prefix: str) -> Path:
 
 
 def lscpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+    for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True, check=False
+    ).stdout.splitlines():
         if line.startswith("Model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"

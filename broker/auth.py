@@ -8,6 +8,7 @@ sees the CONNECT (so a refused client never touches another client's session), a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -155,9 +156,12 @@ class CertAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self._policy: AdmissionPolicy | None = None
+        self._on_authenticated: Callable[[Session], None] = lambda _session: None
 
-    def bind(self, policy: AdmissionPolicy) -> None:
+    def bind(self, policy: AdmissionPolicy, on_authenticated: Callable[[Session], None]) -> None:
+        """Attach the policy, and a hook told about every session let in."""
         self._policy = policy
+        self._on_authenticated = on_authenticated
 
     async def authenticate(self, *, session: Session) -> bool | None:
         if self._policy is None or session.ssl_object is None:
@@ -170,4 +174,5 @@ class CertAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
         except RefusedError as exc:
             log.warning("client refused by auth plugin reason=%s %s", exc.reason, exc.detail)
             return False
+        self._on_authenticated(session)
         return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -26,6 +27,15 @@ __all__ = ["PacketTooLargeError", "StreamReader", "StreamWriter", "TlsConnection
 _TLS_READ_CHUNK = 16 * 1024
 #: Pause reading from the socket when this many undelivered plaintext bytes are buffered.
 _READ_HIGH_WATER = 64 * 1024
+#: amqtt acknowledges a QoS 1 PUBLISH when it queues it, before routing it. Stop reading a
+#: client's next packet while this many of its messages wait to be routed (backpressure),
+#: and resume below the low mark.
+_BACKLOG_HIGH = 64
+_BACKLOG_LOW = 16
+#: At EOF, wait at most this long for the client's queued messages to be routed before amqtt
+#: is told the connection ended (amqtt drops a session's unrouted messages at disconnect).
+_EOF_DRAIN_S = 5.0
+_BACKLOG_POLL_S = 0.002
 
 
 class PacketTooLargeError(ConnectionError):
@@ -41,7 +51,9 @@ class TlsConnection(asyncio.Protocol):
         "_handshake_timer",
         "_incoming",
         "_listener",
+        "_loop",
         "_outgoing",
+        "_plain_out",
         "_paused_writing",
         "_tls",
         "_transport",
@@ -55,6 +67,9 @@ class TlsConnection(asyncio.Protocol):
     def __init__(self, listener: MqttTlsListener) -> None:
         self._listener = listener
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Plaintext written by amqtt during this loop iteration, encrypted and sent in one go.
+        self._plain_out: bytearray | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls: ssl.SSLObject = listener.ssl_context.wrap_bio(
@@ -75,9 +90,10 @@ class TlsConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the Transport interface without subclassing it.
         self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peername = (str(peer[0]), int(peer[1])) if peer else None
-        self._handshake_timer = asyncio.get_running_loop().call_later(
+        self._handshake_timer = self._loop.call_later(
             self._listener.handshake_timeout_s, self._on_handshake_timeout
         )
         self._listener.connection_opened(self)
@@ -173,7 +189,20 @@ class TlsConnection(asyncio.Protocol):
     # -- used by the writer and the listener ------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """Queue plaintext; everything written in one loop iteration becomes one TLS write
+        and one send() (amqtt writes packet by packet, a syscall each would dominate)."""
         if self._closed or not self.established:
+            return
+        if self._plain_out is None:
+            self._plain_out = bytearray(data)
+            assert self._loop is not None
+            self._loop.call_soon(self._send_plaintext)
+        else:
+            self._plain_out += data
+
+    def _send_plaintext(self) -> None:
+        data, self._plain_out = self._plain_out, None
+        if not data or self._closed:
             return
         try:
             self._tls.write(data)
@@ -199,11 +228,14 @@ class TlsConnection(asyncio.Protocol):
     def close(self) -> None:
         """Flush what is pending, then close."""
         if not self._closed and self._transport is not None:
+            self._send_plaintext()
             self._closed = True
             self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once (revocation, protocol abuse, timeouts)."""
+        if self.reader is not None:
+            self.reader.discard_backlog = True
         if self._transport is not None and not self._transport.is_closing():
             self._closed = True
             self._transport.abort()
@@ -222,7 +254,17 @@ class TlsConnection(asyncio.Protocol):
 class StreamReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type hints
     """The plaintext side for amqtt: ``read(n)`` returns exactly ``n`` bytes or fewer at EOF."""
 
-    __slots__ = ("_buffer", "_connection", "_eof", "_max_read", "_paused", "_waiter", "_wanted")
+    __slots__ = (
+        "_buffer",
+        "_connection",
+        "_eof",
+        "_max_read",
+        "_paused",
+        "_waiter",
+        "_wanted",
+        "backlog",
+        "discard_backlog",
+    )
 
     def __init__(self, connection: TlsConnection, max_read: int) -> None:
         self._connection = connection
@@ -232,6 +274,10 @@ class StreamReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type 
         self._wanted = 0
         self._max_read = max_read
         self._paused = False
+        #: Number of this client's messages amqtt has accepted but not yet routed.
+        self.backlog: Callable[[], int] | None = None
+        #: Set when the session is dropped (revocation): no waiting for its backlog at EOF.
+        self.discard_backlog = False
 
     def feed_data(self, data: bytes) -> None:
         self._buffer += data
@@ -264,6 +310,8 @@ class StreamReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type 
             # amqtt reads a packet body in one call: refuse before buffering it.
             self._connection.abort()
             raise PacketTooLargeError(f"packet of {n} bytes exceeds {self._max_read}")
+        if self.backlog is not None and self.backlog() > _BACKLOG_HIGH:
+            await self._wait_for_backlog(_BACKLOG_LOW, deadline=None)
         while len(self._buffer) < n and not self._eof:
             self._wanted = n
             if self._paused:
@@ -274,12 +322,24 @@ class StreamReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type 
                 await self._waiter
             finally:
                 self._waiter = None
+        if len(self._buffer) < n and self.backlog is not None and not self.discard_backlog:
+            loop = asyncio.get_running_loop()
+            await self._wait_for_backlog(0, deadline=loop.time() + _EOF_DRAIN_S)
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         if self._paused and len(self._buffer) < _READ_HIGH_WATER // 2:
             self._paused = False
             self._connection.resume_reading()
         return data
+
+    async def _wait_for_backlog(self, low: int, deadline: float | None) -> None:
+        backlog = self.backlog
+        assert backlog is not None
+        loop = asyncio.get_running_loop()
+        while backlog() > low and not self.discard_backlog:
+            if deadline is not None and loop.time() > deadline:
+                return
+            await asyncio.sleep(_BACKLOG_POLL_S)
 
 
 class StreamWriter(WriterAdapter):  # type: ignore[misc]  # amqtt ships no type hints

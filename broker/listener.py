@@ -28,6 +28,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.session import Session
 
 from broker.auth import Admission, AdmissionPolicy, Refusal, RefusedError
 from broker.connection import PacketTooLargeError, StreamReader, StreamWriter, TlsConnection
@@ -119,6 +120,8 @@ class MqttTlsListener:
         self._by_serial: dict[str, set[TlsConnection]] = {}
         self._by_device: dict[str, set[TlsConnection]] = {}
         self._by_client_id: dict[str, tuple[TlsConnection, Identity]] = {}
+        #: Admitted connections whose amqtt session is not yet authenticated, by SSLObject.
+        self._awaiting_session: dict[int, TlsConnection] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -168,6 +171,14 @@ class MqttTlsListener:
         task = asyncio.get_running_loop().create_task(self._serve(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def session_authenticated(self, session: Session) -> None:
+        """amqtt let a session in: give its connection's reader the session's backlog."""
+        if session.ssl_object is None:
+            return
+        connection = self._awaiting_session.pop(id(session.ssl_object), None)
+        if connection is not None and connection.reader is not None:
+            connection.reader.backlog = session.delivered_message_queue.qsize
 
     # -- the ACL's view -------------------------------------------------------------------
 
@@ -260,6 +271,7 @@ class MqttTlsListener:
             return
         self._remember(connection, admission)
         reader.unread(packet)
+        self._awaiting_session[id(connection.ssl_object)] = connection
         self.metrics.admitted.inc()
         self.metrics.connections.inc()
         log.debug(
@@ -272,6 +284,7 @@ class MqttTlsListener:
                 "session ended client_id=%s error=%s", admission.identity.name, type(exc).__name__
             )
         finally:
+            self._awaiting_session.pop(id(connection.ssl_object), None)
             self.metrics.connections.dec()
             self._forget(connection)
             connection.close()

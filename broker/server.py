@@ -131,7 +131,7 @@ class BrokerApp:
         )
         for plugin in self.broker.plugins_manager.plugins:
             if isinstance(plugin, CertAuthPlugin):
-                plugin.bind(self.policy)
+                plugin.bind(self.policy, self.listener.session_authenticated)
             elif isinstance(plugin, DeviceTopicPlugin):
                 plugin.bind(
                     self.listener.identity_of,

@@ -84,6 +84,8 @@ class WorkerStats:
     permanent: Counter[str] = field(default_factory=Counter)  # why devices stopped
     connect_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: How late the worker's housekeeping timer fires: a stalled loop shows up here.
+    loop_lag: LatencyHistogram = field(default_factory=LatencyHistogram)
     cpu_seconds: float = 0.0
 
     def merge(self, other: WorkerStats) -> None:
@@ -105,6 +107,7 @@ class WorkerStats:
         self.permanent.update(other.permanent)
         self.connect_latency.merge(other.connect_latency)
         self.publish_latency.merge(other.publish_latency)
+        self.loop_lag.merge(other.loop_lag)
         self.cpu_seconds += other.cpu_seconds
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,5 +127,6 @@ class WorkerStats:
             "stopped_by_reason": dict(sorted(self.permanent.items())),
             "connect_latency": self.connect_latency.summary(),
             "publish_latency": self.publish_latency.summary(),
+            "event_loop_lag": self.loop_lag.summary(),
             "cpu_seconds": round(self.cpu_seconds, 2),
         }

@@ -27,6 +27,8 @@ __all__ = ["WorkerPlan", "WorkerReport", "raise_open_file_limit", "run_worker", 
 
 log = logging.getLogger(__name__)
 
+LAG_PROBE_INTERVAL = 0.05
+
 
 @dataclass(frozen=True)
 class WorkerPlan:
@@ -108,13 +110,22 @@ async def run_worker(
                     device.misc()
             send(done=False)
 
-    keeper = asyncio.ensure_future(housekeeping())
+    async def lag_probe() -> None:
+        """How late a 50 ms timer fires: what a blocking call would cost every device."""
+        while True:
+            expected = loop.time() + LAG_PROBE_INTERVAL
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            stats.loop_lag.record(max(0.0, loop.time() - expected))
+
+    helpers = [asyncio.ensure_future(housekeeping()), asyncio.ensure_future(lag_probe())]
     try:
         await asyncio.gather(*(device.run(stop_at=stop_at, stop=stop) for device in devices))
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for helper in helpers:
+            helper.cancel()
+        for helper in helpers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await helper
     send(done=True)
     return stats
 

@@ -48,23 +48,22 @@ def bundle_info(
     not_after: str,
     broker: str,
 ) -> bytes:
-    """device.json, as the device reads it."""
-    return (
-        json.dumps(
-            {
-                "device_id": device_id,
-                "hardware_serial": hardware_serial,
-                "serial": serial,
-                "identity": identity,
-                "trust_domain": trust_domain,
-                "not_before": not_before,
-                "not_after": not_after,
-                "broker": broker,
-            },
-            indent=2,
-        ).encode()
-        + b"\n"
+    """device.json, as the device reads it (indented; built with the C encoder per value)."""
+    fields = (
+        ("device_id", device_id),
+        ("hardware_serial", hardware_serial),
+        ("serial", serial),
+        ("identity", identity),
+        ("trust_domain", trust_domain),
+        ("not_before", not_before),
+        ("not_after", not_after),
+        ("broker", broker),
     )
+    body = ",\n".join(f'  "{name}": {_dumps(value)}' for name, value in fields)
+    return f"{{\n{body}\n}}\n".encode()
+
+
+_dumps = json.JSONEncoder(ensure_ascii=True).encode
 
 
 def _write(path: str, data: bytes, mode: int) -> None:
@@ -76,8 +75,8 @@ def _write(path: str, data: bytes, mode: int) -> None:
 
 
 def write_bundle(
-    temp_dir: Path,
-    final_dir: Path,
+    temp_dir: Path | str,
+    final_dir: Path | str,
     *,
     certificate_pem: bytes,
     key_pem: bytes,
@@ -86,16 +85,18 @@ def write_bundle(
     info_json: bytes,
 ) -> None:
     """Write the five files into ``temp_dir`` and rename it to ``final_dir`` atomically."""
-    if temp_dir.exists():
-        shutil.rmtree(temp_dir)
-    os.mkdir(temp_dir, 0o755)
     base = str(temp_dir)
+    try:
+        os.mkdir(base, 0o755)
+    except FileExistsError:  # left by a worker that died; the run start normally clears these
+        shutil.rmtree(base)
+        os.mkdir(base, 0o755)
     _write(f"{base}/device.key", key_pem, 0o600)
     _write(f"{base}/device.crt", certificate_pem, 0o644)
     _write(f"{base}/chain.pem", chain_pem, 0o644)
     _write(f"{base}/root.crt", root_pem, 0o644)
     _write(f"{base}/device.json", info_json, 0o644)
-    os.rename(temp_dir, final_dir)
+    os.rename(base, final_dir)
 
 
 def read_bundle(device_dir: Path) -> BundleContents:

@@ -16,12 +16,12 @@ from factory.keys import generate_key, load_private_key, private_key_pem
 from factory.layout import DataLayout, write_private, write_public
 from factory.profile import (
     CLOCK_SKEW,
+    ClientCertificateTemplate,
     Identity,
     IdentityKind,
     PrivateKey,
     PublicKey,
     build_ca_certificate,
-    build_leaf_certificate,
     build_server_certificate,
 )
 
@@ -75,6 +75,7 @@ class CertificateAuthority:
         self.root_cert = root_cert
         self.issuing_cert = issuing_cert
         self.issuing_key = issuing_key
+        self._client_template: ClientCertificateTemplate | None = None
 
     # -- creation and loading -------------------------------------------------------------
 
@@ -205,11 +206,11 @@ class CertificateAuthority:
         if public_key is None:
             private_key = generate_key(key_algorithm)
             public_key = private_key.public_key()
-        certificate = build_leaf_certificate(
+        if self._client_template is None:
+            self._client_template = ClientCertificateTemplate(self.issuing_cert, self.issuing_key)
+        certificate = self._client_template.build(
             identity=identity,
             public_key=public_key,
-            issuer_cert=self.issuing_cert,
-            issuer_key=self.issuing_key,
             not_before=not_before or now - CLOCK_SKEW,
             not_after=not_after or now + DEFAULT_CLIENT_LIFETIME,
             serial=serial,

@@ -233,6 +233,13 @@ def factory_provision(
     workers: Annotated[int | None, typer.Option(help="Minting processes (0 = per CPU).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Devices per unit of work.")] = None,
     batch_id: Annotated[str | None, typer.Option(help="Batch id for the manifest.")] = None,
+    fsync_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between manifest fsyncs (0 = after every chunk; default 1). "
+            "CERTFLEET_MANIFEST_FSYNC_INTERVAL."
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -256,6 +263,7 @@ def factory_provision(
         key_algorithm=key_algorithm,
         workers=workers,
         chunk_size=chunk_size,
+        manifest_fsync_interval=fsync_interval,
     )
     lifetime_td = parse_duration(settings.lifetime, what="--lifetime")
     stagger_td = parse_duration(settings.stagger, what="--stagger", allow_zero=True)
@@ -281,6 +289,7 @@ def factory_provision(
                 registrar=registrar,
                 on_progress=on_progress,
                 keep_ids=False,
+                fsync_interval_s=settings.manifest_fsync_interval,
             )
     finally:
         if registrar is not None:

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -85,7 +85,17 @@ class ManifestRecord:
         return cls(**{name: obj[name] for name in MANIFEST_FIELDS})
 
     def to_line(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode() + b"\n"
+        body = {
+            "device_id": self.device_id,
+            "hardware_serial": self.hardware_serial,
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "issued_at": self.issued_at,
+            "certificate_pem": self.certificate_pem,
+            "batch_id": self.batch_id,
+        }
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
 class Manifest:

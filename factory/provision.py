@@ -162,8 +162,8 @@ class _Minter:
             issuing_cert=x509.load_pem_x509_certificate(config.issuing_pem),
             issuing_key=load_private_key_pem(config.issuing_key_pem),
         )
-        self.devices_dir = layout.devices_dir
-        self.temp_dir = layout.provision_tmp_dir
+        self.devices_dir = str(layout.devices_dir)
+        self.temp_dir = str(layout.provision_tmp_dir)
         self.chain_pem = self.ca.chain_pem
         self.not_after_base = config.batch_start + config.lifetime
 
@@ -176,9 +176,9 @@ class _Minter:
         records: list[ManifestRecord] = []
         issued = recovered = 0
         for rank, device_id, hardware_serial in chunk:
-            final_dir = self.devices_dir / device_id
-            if final_dir.exists():
-                record = self._recover(final_dir, device_id, hardware_serial)
+            final_dir = f"{self.devices_dir}/{device_id}"
+            if os.path.lexists(final_dir):
+                record = self._recover(Path(final_dir), device_id, hardware_serial)
                 recovered += 1
             else:
                 record = self._mint(rank, device_id, hardware_serial, now, not_before)
@@ -211,8 +211,8 @@ class _Minter:
         not_before_iso = certificate.not_valid_before_utc.isoformat()
         not_after_iso = certificate.not_valid_after_utc.isoformat()
         write_bundle(
-            self.temp_dir / device_id,
-            self.devices_dir / device_id,
+            f"{self.temp_dir}/{device_id}",
+            f"{self.devices_dir}/{device_id}",
             certificate_pem=certificate_pem,
             key_pem=private_key_pem(issued.private_key),
             chain_pem=self.chain_pem,
@@ -382,6 +382,8 @@ def provision_batch(
         layout.provision_tmp_dir.mkdir(parents=True, exist_ok=True)
         layout.devices_dir.mkdir(parents=True, exist_ok=True)
         issued_ids, device_by_hardware = _index_manifest(manifest)
+        if isinstance(specs, list):  # serials input: refuse before minting anything
+            _refuse_rebound_hardware(specs, device_by_hardware)
 
         done = 0
         skipped_ids: set[str] = set()
@@ -394,13 +396,6 @@ def provision_batch(
                 if summary.first_device_id is None:
                     summary.first_device_id = spec.device_id
                 summary.last_device_id = spec.device_id
-                if spec.hardware_serial is not None:
-                    owner = device_by_hardware.get(spec.hardware_serial)
-                    if owner is not None and owner != spec.device_id:
-                        raise ProvisionError(
-                            f"hardware serial {spec.hardware_serial!r} was already issued to "
-                            f"device {owner!r} (manifest); one board, one identity"
-                        )
                 if spec.device_id in issued_ids:
                     summary.skipped += 1
                     done += 1
@@ -445,6 +440,7 @@ def provision_batch(
                 summary.recovered += result.recovered
                 done += result.issued + result.recovered
                 if registrar is not None and result.records is not None:
+                    writer.sync()  # the registry never knows a certificate the manifest lacks
                     for record in result.records:
                         registrar.add(record)
                 if on_progress is not None:
@@ -510,6 +506,18 @@ def _run_pool(
             for future in in_flight:
                 future.cancel()
             raise
+
+
+def _refuse_rebound_hardware(specs: list[DeviceSpec], device_by_hardware: dict[str, str]) -> None:
+    for spec in specs:
+        if spec.hardware_serial is None:
+            continue
+        owner = device_by_hardware.get(spec.hardware_serial)
+        if owner is not None and owner != spec.device_id:
+            raise ProvisionError(
+                f"hardware serial {spec.hardware_serial!r} was already issued to device "
+                f"{owner!r} (manifest); one board, one identity"
+            )
 
 
 def _index_manifest(manifest: Manifest) -> tuple[set[str], dict[str, str]]:

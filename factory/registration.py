@@ -23,7 +23,7 @@ from factory.errors import RegistrationError
 from factory.layout import DataLayout
 from factory.manifest import ManifestRecord
 
-__all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient"]
+__all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "tls_context"]
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,8 @@ class FactorySettings(BaseSettings):
     workers: int = Field(default=0, ge=0, le=256)
     #: Devices per unit of work handed to a minting process.
     chunk_size: int = Field(default=250, ge=1, le=10_000)
+    #: Manifest lines are fsync'd in groups at most this many seconds apart (0 = every chunk).
+    manifest_fsync_interval: float = Field(default=1.0, ge=0.0, le=60.0)
 
     @property
     def layout(self) -> DataLayout:

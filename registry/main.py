@@ -101,6 +101,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             state.feed.close()
             if ingest is not None:
                 await ingest.stop()
+            state.verify_pool.shutdown(wait=False, cancel_futures=True)
             engine.dispose()
 
     app = FastAPI(

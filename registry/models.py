@@ -83,9 +83,11 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 class Device(SQLModel, table=True):
     __tablename__ = "device"
+    #: (status, device_id): a status-filtered page is an index range, no sort.
+    __table_args__ = (Index("ix_device_status_device_id", "status", "device_id"),)
 
     device_id: str = Field(primary_key=True, max_length=64)
-    status: str = Field(default="active", max_length=16, index=True)
+    status: str = Field(default="active", max_length=16)
     hardware_serial: str | None = Field(default=None, max_length=128, unique=True)
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     decommissioned_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)

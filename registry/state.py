@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
@@ -12,7 +14,10 @@ from registry.feed import FeedNotifier
 from registry.metrics import RegistryMetrics
 from registry.settings import RegistrySettings
 
-__all__ = ["RegistryState"]
+__all__ = ["VERIFY_WORKERS", "RegistryState"]
+
+#: Threads checking a batch's certificate signatures (OpenSSL releases the GIL meanwhile).
+VERIFY_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -23,3 +28,9 @@ class RegistryState:
     feed: FeedNotifier
     crl: CrlCache
     metrics: RegistryMetrics
+    #: Checks certificate signatures of a batch in parallel (OpenSSL releases the GIL).
+    verify_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            max_workers=VERIFY_WORKERS, thread_name_prefix="registry-verify"
+        )
+    )

@@ -46,6 +46,7 @@ class Subscriber:
         context.load_cert_chain(str(files.cert), str(files.key))
         self.seen: dict[str, set[int]] = defaultdict(set)
         self.received = 0
+        self._closed = False
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="restart-monitor")
         self.client.tls_set_context(context)
@@ -72,8 +73,10 @@ class Subscriber:
                 return
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        if not self._closed:
+            self._closed = True
+            self.client.disconnect()
+            self.client.loop_stop()
 
 
 @pytest.fixture
@@ -118,6 +121,9 @@ def test_broker_restart_every_device_back_and_no_sequence_number_lost(
                 # session; a new broker comes up on the same port.
                 gate.close()
                 subscribers[0].wait_quiet()
+                # Closed, not left to reconnect: a second client with the same client id
+                # would take the new subscriber's session over (and back) on the new broker.
+                subscribers[0].close()
                 first.stop()
                 acked_before_restart = run.snapshot().acked
                 time.sleep(0.5)  # devices fail to reconnect meanwhile and keep readings
@@ -154,6 +160,12 @@ def test_broker_restart_every_device_back_and_no_sequence_number_lost(
     for device_id, seqs in seen.items():
         last = max(seqs)
         missing = set(range(1, last + 1)) - seqs
-        assert not missing, f"{device_id} lost seqs {sorted(missing)[:10]}"
+        first_seen = subscribers[0].seen.get(device_id, set())
+        second_seen = subscribers[1].seen.get(device_id, set())
+        assert not missing, (
+            f"{device_id} lost seqs {sorted(missing)[:10]}; before the restart the subscriber "
+            f"saw up to {max(first_seen, default=None)}, after it from "
+            f"{min(second_seen, default=None)}"
+        )
         produced += last
     assert produced == summary["messages_produced"]

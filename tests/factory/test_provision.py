@@ -206,6 +206,8 @@ def test_hardware_serial_already_issued_to_another_device_is_refused(
     assert isinstance(result.exception, ProvisionError)
     with pytest.raises(ProvisionError, match="HW-1.*already issued to device 'meter-1'"):
         raise result.exception
+    assert [r.device_id for r in Manifest(layout.manifest).records()] == ["meter-1"]
+    assert not layout.device_dir("meter-2").exists()
 
 
 def test_large_batch_uses_the_process_pool_and_keeps_batch_order(

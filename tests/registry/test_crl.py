@@ -60,3 +60,29 @@ def test_crl_is_cached_between_revocations(
         registry.state.metrics.registry.get_sample_value("certfleet_registry_crl_resigns_total")
         == 1
     )
+
+
+def test_crl_is_re_signed_when_half_its_validity_has_passed(pki: TestPKI, tmp_path: object) -> None:
+    import time
+
+    from registry.crl import CrlCache
+    from registry.db import make_engine, migrate
+    from registry.settings import RegistrySettings
+
+    engine = make_engine(
+        RegistrySettings(
+            data_dir=pki.layout.root, registry_database_url=f"sqlite:///{tmp_path}/c.db"
+        )
+    )
+    try:
+        migrate(engine)
+        cache = CrlCache(pki.ca, engine, next_update=dt.timedelta(seconds=0.4))
+        first = cache.current()
+        assert cache.current() is first
+        deadline = time.monotonic() + 5
+        while cache.current() is first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = cache.current()
+        assert second.crl_number > first.crl_number
+    finally:
+        engine.dispose()

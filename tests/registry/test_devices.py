@@ -239,3 +239,16 @@ def test_decommissioned_device_gets_no_new_certificate(operator: httpx.Client, m
     response = register(operator, mint("dev-dead"))
     assert response.status_code == 409
     assert "decommissioned" in response.json()["detail"]["message"]
+
+
+def test_large_batch_reports_the_first_bad_certificate_by_index(
+    operator: httpx.Client, mint: Mint
+) -> None:
+    """Batches are verified in parallel chunks; the error still names the right item."""
+    good = pem(mint("par-0"))
+    devices = [{"certificate_pem": good} for _ in range(100)]
+    devices[66] = {"certificate_pem": "not a certificate"}
+    devices[90] = {"certificate_pem": "not one either"}
+    response = operator.post("/devices/batch", json={"devices": devices})
+    assert response.status_code == 422
+    assert response.json()["detail"]["message"].startswith("devices[66]: ")

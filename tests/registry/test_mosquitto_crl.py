@@ -147,10 +147,12 @@ def test_mosquitto_refuses_decommissioned_device_with_registry_crl(
         # paho only sees the connection drop; a bare handshake shows the TLS alert's reason.
         context = ssl.create_default_context(cafile=str(root))
         context.load_cert_chain(str(tmp_path / "mq-dead.crt"), str(tmp_path / "mq-dead.key"))
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with pytest.raises(ssl.SSLError, match="certificate revoked"):
-                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                    tls.recv(1)  # TLS 1.3 would report client-certificate alerts here
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            pytest.raises(ssl.SSLError, match="certificate revoked"),
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.recv(1)
     finally:
         process.terminate()
         try:

@@ -23,7 +23,7 @@ from registry.models import (
     DevicePublic,
     DeviceRegistration,
 )
-from registry.state import RegistryState
+from registry.state import VERIFY_WORKERS, RegistryState
 
 __all__ = ["router"]
 
@@ -37,9 +37,15 @@ _ERROR = {"description": "refused, with {'detail': {'error': code, 'message': te
 _REFUSALS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR}
 
 
-def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.Registration]:
+#: Batches at least this large are checked in parallel chunks on the state's verify pool.
+PARALLEL_PARSE_MIN = 64
+
+
+def _parse_chunk(
+    state: RegistryState, items: list[DeviceRegistration], offset: int
+) -> list[crud.Registration]:
     registrations = []
-    for index, item in enumerate(items):
+    for index, item in enumerate(items, start=offset):
         try:
             parsed = parse_device_certificate(
                 item.certificate_pem,
@@ -49,6 +55,21 @@ def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.R
         except InvalidCertificateError as exc:
             raise InvalidCertificateError(f"devices[{index}]: {exc}") from None
         registrations.append(crud.Registration(parsed, item.hardware_serial))
+    return registrations
+
+
+def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.Registration]:
+    """Parse and verify every certificate (signature checks spread over the verify pool)."""
+    if len(items) < PARALLEL_PARSE_MIN:
+        return _parse_chunk(state, items, 0)
+    size = -(-len(items) // VERIFY_WORKERS)
+    futures = [
+        state.verify_pool.submit(_parse_chunk, state, items[start : start + size], start)
+        for start in range(0, len(items), size)
+    ]
+    registrations: list[crud.Registration] = []
+    for future in futures:  # in order: the first bad index is the one reported
+        registrations += future.result()
     return registrations
 
 

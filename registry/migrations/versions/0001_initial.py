@@ -29,7 +29,7 @@ def upgrade() -> None:
         sa.Column("last_seen_at", _TS, nullable=True),
         sa.Column("last_telemetry", sa.JSON(), nullable=True),
     )
-    op.create_index("ix_device_status", "device", ["status"])
+    op.create_index("ix_device_status_device_id", "device", ["status", "device_id"])
     op.create_table(
         "certificate",
         sa.Column("serial", sa.String(48), primary_key=True),
