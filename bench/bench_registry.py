@@ -12,6 +12,7 @@ leaf with its own serial and identity, and the registry verifies every signature
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import json
 import os
@@ -171,8 +172,6 @@ def run(
     list_times, get_times = [], []
     for _ in range(args.reads):
         cursor_id = f"bench-{rng.randrange(len(pems)):07d}"
-        import base64
-
         cursor = base64.urlsafe_b64encode(cursor_id.encode()).decode().rstrip("=")
         t0 = time.perf_counter()
         response = http.get("/devices", params={"limit": 100, "cursor": cursor})
@@ -182,9 +181,22 @@ def run(
         response = http.get(f"/devices/bench-{rng.randrange(len(pems)):07d}")
         get_times.append(time.perf_counter() - t0)
         assert response.status_code == 200
+    filtered_times = []
+    for _ in range(args.reads // 2):
+        cursor_id = f"bench-{rng.randrange(len(pems)):07d}"
+        cursor = base64.urlsafe_b64encode(cursor_id.encode()).decode().rstrip("=")
+        t0 = time.perf_counter()
+        response = http.get("/devices", params={"limit": 100, "cursor": cursor, "status": "active"})
+        filtered_times.append(time.perf_counter() - t0)
+        assert response.status_code == 200
+    result["list_page_100_status_active"] = summary_ms(filtered_times)
     result["list_page_100"] = summary_ms(list_times)
     result["get_one"] = summary_ms(get_times)
-    print(f"[{label}] list {result['list_page_100']} get {result['get_one']}", flush=True)
+    print(
+        f"[{label}] list {result['list_page_100']} "
+        f"list?status=active {result['list_page_100_status_active']} get {result['get_one']}",
+        flush=True,
+    )
 
     # decommission -> visible to a long-poll waiter
     waiter_http = client(url, layout)

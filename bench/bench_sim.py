@@ -34,8 +34,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
 from broker_bench_lib import (  # noqa: E402
     BrokerProcess,
     lscpu_model,
@@ -44,6 +42,8 @@ from broker_bench_lib import (  # noqa: E402
     start_mosquitto,
     start_ours,
 )
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
 from device_sim.bundle import discover_bundles  # noqa: E402
 from device_sim.device import DeviceConfig  # noqa: E402
 from device_sim.runner import SimRun  # noqa: E402

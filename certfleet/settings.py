@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from factory.errors import ConfigError
@@ -23,6 +23,8 @@ class OrchestrateSettings(BaseSettings):
     registry_addr: str = "127.0.0.1:8443"
     broker_addr: str = "127.0.0.1:8883"
     trust_domain: str = "fleet.local"
+    #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE), for `up` creating missing certs.
+    ca_passphrase: SecretStr | None = None
     #: The demo's own folder (wiped on each run, only if a previous demo made it);
     #: default ``<data_dir>/demo``.
     demo_dir: Path | None = None
@@ -34,6 +36,12 @@ class OrchestrateSettings(BaseSettings):
     #: The drop must be seen within this many seconds of the decommission call returning.
     demo_drop_budget_s: float = Field(default=1.0, gt=0)
     demo_workers: int | None = Field(default=None, ge=0, le=64)
+
+    @property
+    def passphrase(self) -> bytes | None:
+        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
+            return None
+        return self.ca_passphrase.get_secret_value().encode()
 
     @property
     def demo_folder(self) -> Path:

@@ -36,12 +36,11 @@ def run_up(
     settings: OrchestrateSettings,
     console: Console,
     *,
-    ca_passphrase: bytes | None = None,
     until: float | None = None,
 ) -> UpResult:
     """Start both services and supervise them until Ctrl-C (or ``until`` seconds, for tests)."""
     layout = DataLayout(settings.data_dir.resolve())
-    ca = CertificateAuthority.load(layout, passphrase=ca_passphrase)
+    ca = CertificateAuthority.load(layout, passphrase=settings.passphrase)
     ensure_service_certs(ca, layout)
     root = layout.root
     broker_host, _, broker_port = settings.broker_addr.rpartition(":")

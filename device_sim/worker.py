@@ -14,6 +14,7 @@ import copy
 import logging
 import random
 import resource
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,15 +132,20 @@ async def run_worker(
 
 
 def worker_main(plan: WorkerPlan, queue: Any, stop_flag: StopFlag) -> None:
-    """Process entry point: run the worker, report through ``queue`` (multiprocessing)."""
+    """Process entry point: run the worker, report through ``queue`` (multiprocessing).
+
+    Ctrl-C on the terminal reaches every process of the group: the worker ignores it and
+    stops when the parent sets ``stop_flag``, so its devices drain and it still reports.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter(
-            "ts=%(asctime)s level=%(levelname)s logger=%(name)s worker="
-            + str(plan.worker_id)
-            + " %(message)s"
-        )
+    formatter = logging.Formatter(
+        "ts=%(asctime)s.%(msecs)03dZ level=%(levelname)s logger=%(name)s "
+        f"worker={plan.worker_id} %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(plan.log_level.upper())

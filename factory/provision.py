@@ -387,6 +387,8 @@ def provision_batch(
 
         done = 0
         skipped_ids: set[str] = set()
+        if on_progress is not None:
+            on_progress(0, total)
 
         def pending() -> Iterator[tuple[int, str, str | None]]:
             nonlocal done

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from factory.errors import IdentityError
 from factory.profile import IdentityKind, read_identity, serial_hex
@@ -16,6 +15,7 @@ from registry.errors import InvalidCertificateError
 __all__ = ["ParsedCertificate", "parse_device_certificate"]
 
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_END = "-----END CERTIFICATE-----"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,5 +72,13 @@ def parse_device_certificate(
         serial=serial_hex(certificate.serial_number),
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
-        certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        certificate_pem=_pem_block(certificate_pem),
     )
+
+
+def _pem_block(certificate_pem: str) -> str:
+    """The BEGIN..END block as sent (it parsed, so it is well-formed), without surrounding
+    text; cheaper than re-encoding, which matters at thousands of certificates a second."""
+    start = certificate_pem.index(_PEM_BEGIN)
+    end = certificate_pem.index(_PEM_END, start) + len(_PEM_END)
+    return certificate_pem[start:end].replace("\r\n", "\n") + "\n"

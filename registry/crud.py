@@ -149,9 +149,12 @@ def register_devices(
     devices: dict[str, tuple[str, str | None]] = {
         device_id: (status, hardware_serial)
         for device_id, status, hardware_serial in session.exec(
-            select(Device.device_id, Device.status, Device.hardware_serial).where(
-                col(Device.device_id).in_(device_ids)
-            )
+            select(Device.device_id, Device.status, Device.hardware_serial)
+            .where(col(Device.device_id).in_(device_ids))
+            # FOR SHARE (PostgreSQL): a concurrent decommission of one of these devices
+            # either finishes first (we then see it decommissioned) or waits for us (and then
+            # revokes the certificate we add). SQLite's BEGIN IMMEDIATE already serializes.
+            .with_for_update(read=True)
         ).all()
     }
     hardware_owner: dict[str, str] = {}

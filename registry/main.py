@@ -21,6 +21,7 @@ from registry.feed import FeedNotifier
 from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
+from registry.verify import BatchVerifier
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -84,6 +85,9 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             on_resign=registry_metrics.crl_resigns.inc,
         ),
         metrics=registry_metrics,
+        verifier=BatchVerifier(
+            ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes
+        ),
     )
 
     @asynccontextmanager
@@ -101,7 +105,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             state.feed.close()
             if ingest is not None:
                 await ingest.stop()
-            state.verify_pool.shutdown(wait=False, cancel_futures=True)
+            state.verifier.close()
             engine.dispose()
 
     app = FastAPI(

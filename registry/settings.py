@@ -33,6 +33,9 @@ class RegistrySettings(BaseSettings):
     registry_feed_max_wait: float = Field(default=60.0, ge=0, le=60)
     #: how often a long-poll re-reads the database, for revocations written by another process.
     registry_feed_poll_seconds: float = Field(default=1.0, gt=0, le=10)
+    #: worker processes checking large registration batches (empty: one per CPU; 0 or 1:
+    #: check in the serving process).
+    registry_verify_processes: int | None = Field(default=None, ge=0, le=64)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: str | None = None
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
@@ -13,11 +11,9 @@ from registry.crl import CrlCache
 from registry.feed import FeedNotifier
 from registry.metrics import RegistryMetrics
 from registry.settings import RegistrySettings
+from registry.verify import BatchVerifier
 
-__all__ = ["VERIFY_WORKERS", "RegistryState"]
-
-#: Threads checking a batch's certificate signatures (OpenSSL releases the GIL meanwhile).
-VERIFY_WORKERS = min(4, os.cpu_count() or 1)
+__all__ = ["RegistryState"]
 
 
 @dataclass
@@ -28,9 +24,9 @@ class RegistryState:
     feed: FeedNotifier
     crl: CrlCache
     metrics: RegistryMetrics
-    #: Checks certificate signatures of a batch in parallel (OpenSSL releases the GIL).
-    verify_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(
-            max_workers=VERIFY_WORKERS, thread_name_prefix="registry-verify"
-        )
-    )
+    verifier: BatchVerifier
+
+    def close(self) -> None:
+        """Stop what the state started (long-poll waiters, verify workers)."""
+        self.feed.close()
+        self.verifier.close()

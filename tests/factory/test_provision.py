@@ -220,6 +220,7 @@ def test_large_batch_uses_the_process_pool_and_keeps_batch_order(
     assert summary.issued == 900
     ids = [r.device_id for r in Manifest(layout.manifest).records()]
     assert ids == [f"dev-{i:06d}" for i in range(1, 901)]
+    assert ticks[0] == (0, 900)
     assert ticks[-1] == (900, 900)
     assert summary.device_ids == ids
 

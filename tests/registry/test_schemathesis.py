@@ -32,6 +32,7 @@ def api_app(pki: TestPKI, database_url: str) -> Iterator[FastAPI]:
         )
     )
     yield app
+    app.state.registry.close()
     app.state.registry.engine.dispose()
 
 

@@ -7,12 +7,12 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
 
 from registry import crud
 from registry.api.deps import CurrentOperator, CurrentRegistrar, SessionDep, StateDep
 from registry.api.routes import API_PREFIX
-from registry.certs import parse_device_certificate
-from registry.errors import InvalidCertificateError
 from registry.models import (
     DEVICE_ID_PATTERN,
     BatchRegistration,
@@ -23,7 +23,7 @@ from registry.models import (
     DevicePublic,
     DeviceRegistration,
 )
-from registry.state import VERIFY_WORKERS, RegistryState
+from registry.state import RegistryState
 
 __all__ = ["router"]
 
@@ -37,40 +37,25 @@ _ERROR = {"description": "refused, with {'detail': {'error': code, 'message': te
 _REFUSALS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR}
 
 
-#: Batches at least this large are checked in parallel chunks on the state's verify pool.
-PARALLEL_PARSE_MIN = 64
-
-
-def _parse_chunk(
-    state: RegistryState, items: list[DeviceRegistration], offset: int
-) -> list[crud.Registration]:
-    registrations = []
-    for index, item in enumerate(items, start=offset):
-        try:
-            parsed = parse_device_certificate(
-                item.certificate_pem,
-                issuing_cert=state.ca.issuing_cert,
-                trust_domain=state.ca.trust_domain,
-            )
-        except InvalidCertificateError as exc:
-            raise InvalidCertificateError(f"devices[{index}]: {exc}") from None
-        registrations.append(crud.Registration(parsed, item.hardware_serial))
-    return registrations
-
-
 def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.Registration]:
-    """Parse and verify every certificate (signature checks spread over the verify pool)."""
-    if len(items) < PARALLEL_PARSE_MIN:
-        return _parse_chunk(state, items, 0)
-    size = -(-len(items) // VERIFY_WORKERS)
-    futures = [
-        state.verify_pool.submit(_parse_chunk, state, items[start : start + size], start)
-        for start in range(0, len(items), size)
+    parsed = state.verifier.parse([item.certificate_pem for item in items])
+    return [
+        crud.Registration(certificate, item.hardware_serial)
+        for certificate, item in zip(parsed, items, strict=True)
     ]
-    registrations: list[crud.Registration] = []
-    for future in futures:  # in order: the first bad index is the one reported
-        registrations += future.result()
-    return registrations
+
+
+def _register(
+    session: Session, registrations: list[crud.Registration], actor: crud.Actor
+) -> BatchResult:
+    """Register; on PostgreSQL two requests inserting the same new device can race to the
+    unique constraint: the loser retries once and then sees the winner's rows."""
+    try:
+        return crud.register_devices(session, registrations, actor)
+    except IntegrityError:
+        session.rollback()
+        log.info("registration raced a concurrent insert, retrying count=%d", len(registrations))
+        return crud.register_devices(session, registrations, actor)
 
 
 @router.post(
@@ -89,7 +74,7 @@ def register_device(
 ) -> DevicePublic:
     """Register one device certificate (201 when new, 200 when already registered)."""
     (registration,) = _parse(state, [body])
-    result = crud.register_devices(session, [registration], caller.actor(request))
+    result = _register(session, [registration], caller.actor(request))
     state.metrics.registrations.inc(result.created)
     log.info(
         "device registered device_id=%s serial=%s created=%d by=%s",
@@ -115,7 +100,7 @@ def register_batch(
 ) -> BatchResult:
     """Register up to 1000 device certificates in one transaction (all or nothing)."""
     registrations = _parse(state, body.devices)
-    result = crud.register_devices(session, registrations, caller.actor(request))
+    result = _register(session, registrations, caller.actor(request))
     state.metrics.registrations.inc(result.created)
     log.info(
         "devices registered count=%d created=%d existing=%d by=%s",
