@@ -101,6 +101,10 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships n
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool | None:
+        return self.check(session, topic, action)
+
+    def check(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
+        """The ACL decision for a session (synchronous: see broker.core.CertfleetBroker)."""
         if session is None or topic is None or action is None or session.client_id is None:
             return False
         identity = self._identity_of(session.client_id)

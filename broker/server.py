@@ -22,10 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from amqtt.broker import Broker
-
 from broker.acl import DeviceTopicPlugin
 from broker.auth import AdmissionPolicy, CertAuthPlugin
+from broker.core import CertfleetBroker
 from broker.errors import BrokerError
 from broker.listener import LISTENER_NAME, MqttTlsListener
 from broker.metrics import BrokerMetrics
@@ -113,14 +112,14 @@ class BrokerApp:
                 wait_s=settings.broker_feed_wait_s,
                 max_backoff_s=settings.broker_feed_max_backoff_s,
             )
-        self.broker: Broker | None = None
+        self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self._follower_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.broker = Broker(amqtt_config(self.settings))
+        self.broker = CertfleetBroker(amqtt_config(self.settings))
         self.listener = MqttTlsListener(
             broker=self.broker,
             ssl_context=self.ssl_context,
@@ -139,6 +138,7 @@ class BrokerApp:
                     self.listener.count_acl_refusal,
                     self.listener.count_acl_allowed,
                 )
+                self.broker.use_topic_plugin(plugin)
         await self.broker.start()
         host, port = split_addr(self.settings.broker_addr)
         try:

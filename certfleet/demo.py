@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -51,6 +52,13 @@ log = logging.getLogger(__name__)
 
 DEMO_MARKER = ".certfleet-demo"
 OPERATOR = "demo-operator"
+#: The demo's processes use only the demo folder, whatever the caller's environment says.
+DEMO_ENV = {
+    "CERTFLEET_CA_PASSPHRASE": "",
+    "CERTFLEET_REGISTRY_DATABASE_URL": "",
+    "CERTFLEET_REGISTRY_TOKEN": "",
+    "CERTFLEET_REGISTRY_URL": "",
+}
 #: Reasons a device stops for when its identity is refused (TLS alert or CONNACK).
 REFUSAL_REASONS = {
     "certificate_revoked",
@@ -192,6 +200,7 @@ class _Demo:
                     broker_addr,
                 ),
                 root / "registry.ready.json",
+                env=DEMO_ENV,
             )
             url = str(registry.ready["url"])
             self.result.facts["registry_url"] = url
@@ -215,6 +224,7 @@ class _Demo:
                     str(root / "broker.ready.json"),
                 ),
                 root / "broker.ready.json",
+                env=DEMO_ENV,
             )
             self.result.facts["broker_addr"] = broker.ready.get("addr", broker_addr)
             self.result.facts["broker_pid"] = broker.pid
@@ -243,7 +253,12 @@ class _Demo:
             "--json",
         )
         completed = subprocess.run(  # noqa: S603  (our own CLI, fixed arguments)
-            command, capture_output=True, text=True, timeout=600, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, **DEMO_ENV},
         )
         if completed.returncode != 0:
             raise OrchestrationError(

@@ -176,6 +176,7 @@ class SimDevice:
         self._ever_connected = False
         self._stop_at = 0.0
         self._window_empty: asyncio.Event | None = None
+        self._next_due = 0.0
 
     # -- public ---------------------------------------------------------------------------
 
@@ -348,7 +349,8 @@ class SimDevice:
                 self._producing = True
                 # A random phase, so a fleet started together does not publish in lockstep.
                 first = self._rng.uniform(0.0, 1.0 / self.config.rate)
-                self._tick_handle = self._loop.call_later(first, self._tick)
+                self._next_due = self._loop.time() + first
+                self._tick_handle = self._loop.call_at(self._next_due, self._tick)
             await asyncio.wait(
                 [session_end, stopper],
                 timeout=max(self._time_left(), 0.0),
@@ -390,7 +392,11 @@ class SimDevice:
         if not self._producing or self._time_left() <= 0:
             self._producing = False
             return
-        self._tick_handle = self._loop.call_later(1.0 / self.config.rate, self._tick)
+        # A fixed schedule (not "period after this tick"), so a late tick does not lower the
+        # rate; after a stall of more than a second it catches up one second's worth at most.
+        now = self._loop.time()
+        self._next_due = max(self._next_due + 1.0 / self.config.rate, now - 1.0)
+        self._tick_handle = self._loop.call_at(max(self._next_due, now), self._tick)
         self._seq += 1
         self.stats.produced += 1
         payload = self._sensors.reading(self._seq)

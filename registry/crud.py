@@ -135,6 +135,16 @@ def register_devices(
     device, is a ConflictError and nothing of the batch is written.
     """
     begin_write(session)
+    try:
+        result = _register(session, registrations, actor)
+    except BaseException:
+        session.rollback()  # release the write lock now, not when the session closes
+        raise
+    session.commit()
+    return result
+
+
+def _register(session: Session, registrations: Sequence[Registration], actor: Actor) -> BatchResult:
     serials = list({r.certificate.serial for r in registrations})
     device_ids = list({r.certificate.device_id for r in registrations})
     hardware_serials = list({r.hardware_serial for r in registrations if r.hardware_serial})
@@ -253,7 +263,6 @@ def register_devices(
             else f"{len(registrations)} devices",
             {"created": len(new_certificates), "existing": existing},
         )
-    session.commit()
     return BatchResult(created=len(new_certificates), existing=existing)
 
 

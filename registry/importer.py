@@ -16,6 +16,7 @@ from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.errors import InvalidCertificateError
 from registry.models import MAX_BATCH, BatchResult
+from registry.planner import analyze
 from registry.settings import RegistrySettings
 
 __all__ = ["import_manifest", "read_manifest"]
@@ -72,6 +73,8 @@ def import_manifest(settings: RegistrySettings, path: Path, *, who: str) -> Batc
                 result = crud.register_devices(session, batch, actor)
             created += result.created
             existing += result.existing
+        if created:
+            analyze(engine)
     finally:
         engine.dispose()
     log.info("manifest imported path=%s created=%d existing=%d", path, created, existing)

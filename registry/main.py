@@ -19,6 +19,7 @@ from registry.db import make_engine, migrate
 from registry.errors import RegistryError
 from registry.feed import FeedNotifier
 from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
+from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
 from registry.verify import BatchVerifier
@@ -85,6 +86,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             on_resign=registry_metrics.crl_resigns.inc,
         ),
         metrics=registry_metrics,
+        planner=PlannerStatistics(engine),
         verifier=BatchVerifier(
             ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes
         ),
@@ -105,7 +107,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             state.feed.close()
             if ingest is not None:
                 await ingest.stop()
-            state.verifier.close()
+            state.close()
             engine.dispose()
 
     app = FastAPI(

@@ -10,6 +10,7 @@ from factory.ca import CertificateAuthority
 from registry.crl import CrlCache
 from registry.feed import FeedNotifier
 from registry.metrics import RegistryMetrics
+from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.verify import BatchVerifier
 
@@ -25,8 +26,10 @@ class RegistryState:
     crl: CrlCache
     metrics: RegistryMetrics
     verifier: BatchVerifier
+    planner: PlannerStatistics
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""
         self.feed.close()
         self.verifier.close()
+        self.planner.join(30)

@@ -252,3 +252,26 @@ def test_large_batch_reports_the_first_bad_certificate_by_index(
     response = operator.post("/devices/batch", json={"devices": devices})
     assert response.status_code == 422
     assert response.json()["detail"]["message"].startswith("devices[66]: ")
+
+
+def test_concurrent_overlapping_batches_all_succeed(clients: object, mint: Mint) -> None:
+    """The same new devices sent by several clients at once: each certificate is created
+    exactly once and nobody gets an error (PostgreSQL: the unique-constraint race is retried)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.registry.conftest import Clients
+
+    assert isinstance(clients, Clients)
+    shared = [{"certificate_pem": pem(mint(f"overlap-{i}"))} for i in range(30)]
+    callers = [clients.of(IdentityKind.OPERATOR, "alice") for _ in range(4)]
+
+    def send(index: int) -> dict[str, int]:
+        response = callers[index].post("/devices/batch", json={"devices": shared})
+        assert response.status_code == 200, response.text
+        result: dict[str, int] = response.json()
+        return result
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(send, range(4)))
+    assert sum(r["created"] for r in results) == 30
+    assert sum(r["existing"] for r in results) == 90

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -76,6 +76,7 @@ def register_device(
     (registration,) = _parse(state, [body])
     result = _register(session, [registration], caller.actor(request))
     state.metrics.registrations.inc(result.created)
+    state.planner.registered(result.created)
     log.info(
         "device registered device_id=%s serial=%s created=%d by=%s",
         registration.certificate.device_id,
@@ -102,6 +103,7 @@ def register_batch(
     registrations = _parse(state, body.devices)
     result = _register(session, registrations, caller.actor(request))
     state.metrics.registrations.inc(result.created)
+    state.planner.registered(result.created)
     log.info(
         "devices registered count=%d created=%d existing=%d by=%s",
         len(registrations),
@@ -150,6 +152,7 @@ def decommission(
     session: SessionDep,
     state: StateDep,
     request: Request,
+    background: BackgroundTasks,
 ) -> DecommissionResult:
     """Decommission a device: revoke every live certificate, append one feed event.
 
@@ -165,8 +168,14 @@ def decommission(
         ",".join(c.serial for c in result.certificates if c.status == "revoked") or "-",
         caller.who,
     )
+    # Re-sign the CRL right after the response, so the answer does not wait for it and the
+    # next CRL fetch finds it ready (a fetch before that re-signs it itself).
+    background.add_task(_resign_crl, state, device_id)
+    return result
+
+
+def _resign_crl(state: RegistryState, device_id: str) -> None:
     try:
-        state.crl.current()  # re-sign now, so the next CRL fetch is immediate
+        state.crl.current()
     except Exception:
         log.exception("crl re-sign failed after decommission device_id=%s", device_id)
-    return result
