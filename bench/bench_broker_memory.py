@@ -40,10 +40,22 @@ def main() -> None:
         before = tracemalloc.take_snapshot()
         rss_before = lib.rss_kib(os.getpid())
         worker = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("bench_broker_conn.py")), "--worker",
-             "--data-dir", str(root), "--port", str(broker.port), "--start", "0",
-             "--end", str(args.devices)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(Path(__file__).with_name("bench_broker_conn.py")),
+                "--worker",
+                "--data-dir",
+                str(root),
+                "--port",
+                str(broker.port),
+                "--start",
+                "0",
+                "--end",
+                str(args.devices),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             preexec_fn=lib.raise_nofile,
         )
         report = json.loads(worker.stdout.readline())  # type: ignore[union-attr]
@@ -54,8 +66,10 @@ def main() -> None:
         stats = after.compare_to(before, "filename")
         total = sum(s.size_diff for s in stats)
         print(f"# {connected} connections held")
-        print(f"RSS growth per connection: {(rss_after - rss_before) / connected:.1f} KiB "
-              "(includes tracemalloc's own bookkeeping)")
+        print(
+            f"RSS growth per connection: {(rss_after - rss_before) / connected:.1f} KiB "
+            "(includes tracemalloc's own bookkeeping)"
+        )
         print(f"Python heap growth per connection: {total / connected / 1024:.1f} KiB")
         for stat in stats[:15]:
             name = stat.traceback[0].filename.split("site-packages/")[-1]

@@ -120,3 +120,36 @@ def test_unreadable_bundle_is_a_permanent_failure(fleet: Fleet, tmp_path: Path) 
     device, stats = asyncio.run(_run(broken, config, 2.0))
     assert device.stop_reason == "bundle_unreadable"
     assert stats.permanent == {"bundle_unreadable": 1}
+
+
+def test_device_at_qos0_counts_readings_written(fleet: Fleet, mosquitto: MosquittoFactory) -> None:
+    broker = mosquitto()
+    config = DeviceConfig("127.0.0.1", broker.port, rate=20.0, qos=0)
+    device, stats = asyncio.run(_run(_bundle(fleet, "dev-0005"), config, 1.0))
+    assert stats.produced >= 10
+    assert stats.acked == stats.sent == stats.produced
+    assert device.unacked == 0
+
+
+def test_unacked_window_is_bounded_while_the_broker_is_gone(
+    fleet: Fleet, mosquitto: MosquittoFactory
+) -> None:
+    broker = mosquitto()
+    config = DeviceConfig(
+        "127.0.0.1", broker.port, rate=40.0, window=5, backoff_base=0.05, backoff_cap=0.1
+    )
+    events: list[DeviceEvent] = []
+
+    async def scenario() -> tuple[SimDevice, WorkerStats]:
+        run = asyncio.ensure_future(_run(_bundle(fleet, "dev-0006"), config, 2.0, events))
+        while not events:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(broker.stop)  # the broker goes away for the rest of the run
+        return await run
+
+    device, stats = asyncio.run(scenario())
+    assert device.state is DeviceState.FINISHED  # a vanished broker is not a reason to give up
+    assert stats.disconnects == {"connection_lost": 1}
+    assert stats.failures["connection_refused"] >= 2
+    assert device.unacked == 5
+    assert stats.dropped_overflow == stats.produced - stats.acked - 5 > 0

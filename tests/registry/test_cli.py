@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from factory.ca import CertificateAuthority, IssuedCertificate
+from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
 from factory.layout import DataLayout
 from factory.profile import IdentityKind, serial_hex
 
@@ -144,6 +144,13 @@ def test_token_create_prints_a_token_that_works_and_migrate_is_repeatable(
             with_token = http.get("/devices", headers={"Authorization": f"Bearer {token}"})
             assert with_token.status_code == 200
             assert http.get("/devices").status_code == 401
+        # the CLI server runs on uvloop: the peer certificate must reach the app there too
+        operator = ca.issue_client(ca.identity(IdentityKind.OPERATOR, "cli-op"))
+        write_issued(operator, tmp_path / "op.crt", tmp_path / "op.key")
+        mtls = ssl.create_default_context(cafile=str(ca.layout.root_cert))
+        mtls.load_cert_chain(str(tmp_path / "op.crt"), str(tmp_path / "op.key"))
+        with httpx.Client(base_url=info["url"] + "/api/v1", verify=mtls) as http:
+            assert http.get("/devices").status_code == 200
     finally:
         os.kill(process.pid, signal.SIGTERM)
         try:

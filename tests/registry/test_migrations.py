@@ -24,7 +24,9 @@ def test_migrations_match_the_models_and_rerun_cleanly(database_url: str, tmp_pa
                 MigrationContext.configure(connection, opts={"compare_type": False}),
                 SQLModel.metadata,
             )
-            counters = dict(connection.execute(text("SELECT name, value FROM counter")).all())
+            counters: dict[str, int] = dict(
+                connection.execute(text("SELECT name, value FROM counter")).all()
+            )
         assert diff == []
         assert counters == {"revocation_seq": 0, "crl_number": 0}
         assert {"device", "certificate", "revocation", "audit_log", "api_token", "counter"} <= set(

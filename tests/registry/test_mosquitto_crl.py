@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from factory.ca import write_issued
 from factory.profile import IdentityKind
@@ -63,11 +65,11 @@ def start_mosquitto(config: Path, port: int, log: Path) -> subprocess.Popen[byte
             time.sleep(0.05)
 
 
-def connect_device(port: int, device_id: str, cert: Path, key: Path, root: Path) -> mqtt.ReasonCode:
+def connect_device(port: int, device_id: str, cert: Path, key: Path, root: Path) -> ReasonCode:
     """Connect as ``device_id`` over mTLS; return the CONNACK reason code (raises on TLS)."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
     client.tls_set(ca_certs=str(root), certfile=str(cert), keyfile=str(key))
-    acks: list[mqtt.ReasonCode] = []
+    acks: list[ReasonCode] = []
     client.on_connect = lambda _c, _u, _f, reason, _p: acks.append(reason)
     try:
         client.connect("127.0.0.1", port, keepalive=10)
