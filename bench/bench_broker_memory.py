@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import broker_bench_lib as lib  # noqa: E402
+
 from broker.server import BrokerServer  # noqa: E402
 from broker.settings import BrokerSettings  # noqa: E402
 
@@ -32,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     lib.raise_nofile()
     root = lib.tmp_root("certfleet-bench-mem-")
-    layout = lib.make_fleet(root, args.devices)
+    lib.make_fleet(root, args.devices)
     settings = BrokerSettings(data_dir=root, broker_addr="127.0.0.1:0", broker_metrics_addr=None)
     tracemalloc.start(1)
     with BrokerServer(settings) as broker:

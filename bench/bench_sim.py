@@ -9,6 +9,9 @@ Scenarios (run each under ``flock /tmp/certfleet-bench.lock``; each stays under 
   Reports the worker's CPU (process time / wall time) during steady publishing and over the
   whole run, the connect ramp, the event-loop lag and the latency percentiles.
 - ``fleet``: N devices (default 10,000) spread over K worker processes.
+- ``ingest``: N devices (default 2,500) publishing while the registry's telemetry ingest
+  (``registry/telemetry.py``) subscribes to all of them and batches last-seen writes into
+  SQLite: does the ingest keep up, and what do the batched writes cost?
 
 Brokers: ``ours`` (``certfleet broker serve``) or ``mosquitto`` (the peer, require_certificate),
 both started here as separate processes on ephemeral ports and stopped by PID.
@@ -186,9 +189,82 @@ def simulate(
     }
 
 
+def ingest(
+    layout: DataLayout, broker: BrokerProcess, devices: int, duration: float, rate: float
+) -> dict[str, Any]:
+    """The registry's ingest subscribed while the fleet publishes; SQLite in a temp folder."""
+    import tempfile
+
+    from sqlmodel import Session
+
+    from registry import crud
+    from registry.certs import parse_device_certificate
+    from registry.db import make_engine, migrate
+    from registry.settings import RegistrySettings
+    from registry.telemetry import TelemetryIngest
+
+    if not layout.client_cert("registry").exists():
+        certfleet("ca", "issue-client", "--service", "registry", "--data-dir", str(layout.root))
+    from factory.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load(layout)
+    db_dir = Path(tempfile.mkdtemp(prefix="certfleet-bench-ingest-"))
+    settings = RegistrySettings(
+        data_dir=layout.root,
+        registry_database_url=f"sqlite:///{db_dir / 'registry.db'}",
+        telemetry_broker_addr=f"127.0.0.1:{broker.port}",
+    )
+    engine = make_engine(settings)
+    migrate(engine)
+    bundles = discover_bundles(layout.root, devices)
+    registrations = [
+        crud.Registration(
+            parse_device_certificate(
+                bundle.cert.read_text(), issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain
+            )
+        )
+        for bundle in bundles
+    ]
+    with Session(engine) as session:
+        crud.register_devices(session, registrations, crud.Actor("bench"))
+    subscriber = TelemetryIngest(settings, engine).start()
+    try:
+        if not subscriber.connected.wait(30):
+            raise SystemExit("the ingest did not connect to the broker")
+        ingest_cpu_started = time.process_time()
+        started = time.monotonic()
+        result = simulate(layout, broker, devices, 1, duration, rate, 64)
+        elapsed = time.monotonic() - started
+        deadline = time.monotonic() + 30
+        acked = result["summary"]["messages_acknowledged"]
+        while subscriber.counters.received < acked and time.monotonic() < deadline:
+            time.sleep(0.1)
+        bench_cpu = time.process_time() - ingest_cpu_started
+    finally:
+        subscriber.stop_sync()
+        engine.dispose()
+        shutil.rmtree(db_dir, ignore_errors=True)
+    counters = subscriber.counters
+    result["scenario"] = "ingest"
+    result["ingest"] = {
+        "received": counters.received,
+        "accepted": counters.accepted,
+        "rejected": dict(counters.rejected),
+        "received_of_acked": round(counters.received / max(acked, 1), 4),
+        "received_per_s": round(counters.received / elapsed, 1),
+        "flushes": counters.flushes,
+        "rows_written": counters.rows_written,
+        "flush_mean_ms": round(counters.flush_seconds_total / max(counters.flushes, 1) * 1000, 2),
+        "flush_max_ms": round(counters.flush_seconds_max * 1000, 2),
+        "flush_busy_share": round(counters.flush_seconds_total / elapsed, 4),
+        "bench_process_cpu_cores": round(bench_cpu / elapsed, 3),
+    }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["blocking-connect", "one-process", "fleet"])
+    parser.add_argument("scenario", choices=["blocking-connect", "one-process", "fleet", "ingest"])
     parser.add_argument("--broker", choices=["ours", "mosquitto"], default="ours")
     parser.add_argument("--devices", type=int)
     parser.add_argument("--workers", type=int)
@@ -197,7 +273,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     raise_nofile()
-    defaults = {"blocking-connect": 300, "one-process": 2500, "fleet": 10_000}
+    defaults = {"blocking-connect": 300, "one-process": 2500, "fleet": 10_000, "ingest": 2500}
     devices = args.devices or defaults[args.scenario]
     layout = ensure_fleet(max(devices, 2500))
     broker = start_broker(args.broker, layout)
@@ -205,6 +281,8 @@ def main() -> None:
         if args.scenario == "blocking-connect":
             result = blocking_connect(layout, broker, devices)
             result["broker"] = broker.name
+        elif args.scenario == "ingest":
+            result = ingest(layout, broker, devices, args.duration, args.rate)
         else:
             workers = args.workers or (1 if args.scenario == "one-process" else 4)
             result = simulate(

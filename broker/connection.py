@@ -49,6 +49,8 @@ class TlsConnection(asyncio.Protocol):
         "_closed",
         "_drain_waiter",
         "_handshake_timer",
+        "_idle_limit",
+        "_idle_timer",
         "_incoming",
         "_listener",
         "_loop",
@@ -58,6 +60,7 @@ class TlsConnection(asyncio.Protocol):
         "_tls",
         "_transport",
         "established",
+        "last_received",
         "peer_certificate_der",
         "peername",
         "reader",
@@ -76,6 +79,9 @@ class TlsConnection(asyncio.Protocol):
             self._incoming, self._outgoing, server_side=True
         )
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_limit = 0.0
+        self.last_received = 0.0
         self._paused_writing = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -101,6 +107,8 @@ class TlsConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        assert self._loop is not None
+        self.last_received = self._loop.time()
         self._incoming.write(data)
         if not self.established:
             self._continue_handshake()
@@ -118,6 +126,9 @@ class TlsConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self.reader is not None:
             self.reader.feed_eof()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -185,6 +196,31 @@ class TlsConnection(asyncio.Protocol):
             self.refused = True
             self._listener.handshake_timed_out(self)
             self.abort()
+
+    # -- MQTT keep-alive -------------------------------------------------------------------
+
+    def enforce_keepalive(self, keepalive_s: float) -> None:
+        """Abort when nothing arrives for 1.5 x the client's keep-alive (MQTT-3.1.2-24).
+
+        One timer per connection, re-armed only when it fires: receiving data costs a
+        timestamp, not a timer. amqtt's own read timeout per packet is switched off by the
+        listener (it costs a task per packet, and amqtt's broker ignores its expiry).
+        """
+        if keepalive_s <= 0 or self._closed:
+            return
+        assert self._loop is not None
+        self._idle_limit = 1.5 * keepalive_s
+        self._idle_timer = self._loop.call_later(self._idle_limit, self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self._loop is not None
+        idle = self._loop.time() - self.last_received
+        if idle >= self._idle_limit:
+            self._idle_timer = None
+            self._listener.keepalive_expired(self)
+            self.abort()
+            return
+        self._idle_timer = self._loop.call_later(self._idle_limit - idle, self._check_idle)
 
     # -- used by the writer and the listener ------------------------------------------------
 

@@ -179,6 +179,17 @@ class MqttTlsListener:
         connection = self._awaiting_session.pop(id(session.ssl_object), None)
         if connection is not None and connection.reader is not None:
             connection.reader.backlog = session.delivered_message_queue.qsize
+            # The connection enforces the keep-alive; amqtt would otherwise wrap every packet
+            # read in asyncio.wait_for (a task each) and re-arm a timer per packet sent.
+            connection.enforce_keepalive(session.keep_alive)
+            session.keep_alive = 0
+
+    def keepalive_expired(self, connection: TlsConnection) -> None:
+        admission = self._admitted.get(connection)
+        log.info(
+            "session dropped reason=keepalive client_id=%s",
+            admission.identity.name if admission else "?",
+        )
 
     # -- the ACL's view -------------------------------------------------------------------
 

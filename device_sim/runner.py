@@ -136,8 +136,10 @@ class SimRun:
             try:
                 report: WorkerReport = self._queue.get(timeout=0.25)
             except queue.Empty:
-                self._check_workers_alive(finished)
-                if self._errors and len(finished) + len(self._dead_workers()) >= len(expected):
+                # Nothing in the queue: a worker process that has exited by now without its
+                # final report never will send it (crashed, killed, out of memory).
+                dead = self._dead_without_report(finished)
+                if finished | dead == expected:
                     break
                 continue
             with self._lock:
@@ -152,24 +154,29 @@ class SimRun:
         self._ended_at = time.monotonic()
         self._done.set()
 
-    def _dead_workers(self) -> list[int]:
-        return [
-            index
-            for index, process in enumerate(self._processes)
-            if not process.is_alive() and process.exitcode not in (0, None)
-        ]
-
-    def _check_workers_alive(self, finished: set[int]) -> None:
-        for index, process in enumerate(self._processes):
-            worker_id = self._plans[index].worker_id
-            if worker_id in finished or process.is_alive():
+    def _dead_without_report(self, finished: set[int]) -> set[int]:
+        dead: set[int] = set()
+        for plan, process in zip(self._plans, self._processes, strict=False):
+            if plan.worker_id in finished or process.is_alive():
                 continue
-            message = f"worker {worker_id} exited with code {process.exitcode} without a report"
+            dead.add(plan.worker_id)
+            message = (
+                f"worker {plan.worker_id} exited with code {process.exitcode} without its "
+                "final report"
+            )
             if message not in self._errors:
                 log.error(
-                    "simulator worker died worker_id=%s exitcode=%s", worker_id, process.exitcode
+                    "simulator worker died worker_id=%s exitcode=%s",
+                    plan.worker_id,
+                    process.exitcode,
                 )
                 self._errors.append(message)
+        return dead
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes (empty when workers run as threads)."""
+        return [process.pid for process in self._processes if process.pid is not None]
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,7 @@
 """certfleet factory: the private CA, device certificates, provisioning bundles.
 
-Pure PKI: imports nothing else of certfleet's.
+Pure PKI: imports nothing else of certfleet's. Provisioning lives in ``factory.provision``
+(``provision_batch``), CSR signing in ``factory.csr``, registration in ``factory.registration``.
 """
 
 from factory.ca import CertificateAuthority, IssuedCertificate, RevokedEntry
@@ -12,6 +13,7 @@ from factory.errors import (
     FactoryError,
     IdentityError,
     ProvisionError,
+    RegistrationError,
 )
 from factory.layout import DataLayout
 from factory.profile import Identity, IdentityKind, read_identity, serial_hex
@@ -29,6 +31,7 @@ __all__ = [
     "IdentityKind",
     "IssuedCertificate",
     "ProvisionError",
+    "RegistrationError",
     "RevokedEntry",
     "read_identity",
     "serial_hex",

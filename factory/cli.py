@@ -206,11 +206,14 @@ def factory_provision(
     ] = None,
     prefix: Annotated[str, typer.Option(help="Device id prefix.")] = "dev",
     lifetime: Annotated[
-        str | None, typer.Option(help="Certificate lifetime, e.g. 365d (CERTFLEET_LIFETIME).")
+        str | None,
+        typer.Option(help="Certificate lifetime, e.g. 365d (CERTFLEET_DEVICE_LIFETIME)."),
     ] = None,
     stagger: Annotated[
         str | None,
-        typer.Option(help="Window the expiries are spread over, e.g. 90d (CERTFLEET_STAGGER)."),
+        typer.Option(
+            help="Window the expiries are spread over, e.g. 90d (CERTFLEET_DEVICE_STAGGER)."
+        ),
     ] = None,
     registry: Annotated[
         str | None,
@@ -237,7 +240,7 @@ def factory_provision(
         float | None,
         typer.Option(
             help="Seconds between manifest fsyncs (0 = after every chunk; default 1). "
-            "CERTFLEET_MANIFEST_FSYNC_INTERVAL."
+            "CERTFLEET_FACTORY_FSYNC_INTERVAL."
         ),
     ] = None,
     data_dir: DataDirOption = None,
@@ -254,19 +257,19 @@ def factory_provision(
         raise ProvisionError("give exactly one of --count N or --serials FILE.csv")
     settings = load_settings(
         data_dir=data_dir,
-        lifetime=lifetime,
-        stagger=stagger,
+        device_lifetime=lifetime,
+        device_stagger=stagger,
         registry_url=registry,
         registry_token=token,
-        registry_client=client,
+        factory_registry_client=client,
         broker_addr=broker,
         key_algorithm=key_algorithm,
-        workers=workers,
-        chunk_size=chunk_size,
-        manifest_fsync_interval=fsync_interval,
+        factory_workers=workers,
+        factory_chunk_size=chunk_size,
+        factory_fsync_interval=fsync_interval,
     )
-    lifetime_td = parse_duration(settings.lifetime, what="--lifetime")
-    stagger_td = parse_duration(settings.stagger, what="--stagger", allow_zero=True)
+    lifetime_td = parse_duration(settings.device_lifetime, what="--lifetime")
+    stagger_td = parse_duration(settings.device_stagger, what="--stagger", allow_zero=True)
     if count is not None and count < 1:
         raise ProvisionError(f"--count must be at least 1 (got {count})")
     devices = read_serials_csv(serials, prefix) if serials is not None else count
@@ -284,12 +287,12 @@ def factory_provision(
                 broker=settings.broker_addr,
                 key_algorithm=settings.key_algorithm,
                 workers=settings.worker_count,
-                chunk_size=settings.chunk_size,
+                chunk_size=settings.factory_chunk_size,
                 batch_id=batch_id,
                 registrar=registrar,
                 on_progress=on_progress,
                 keep_ids=False,
-                fsync_interval_s=settings.manifest_fsync_interval,
+                fsync_interval_s=settings.factory_fsync_interval,
             )
     finally:
         if registrar is not None:
@@ -326,7 +329,7 @@ def _registrar(settings: FactorySettings, ca: CertificateAuthority) -> Any:
         settings.registry_url,
         layout=layout,
         token=token or None,
-        client_name=settings.registry_client,
+        client_name=settings.factory_registry_client,
     )
     return BatchRegistrar(client)
 
@@ -398,9 +401,9 @@ def factory_sign_csr(
     from factory.provision import ProvisionLock, new_batch_id
     from factory.stagger import stagger_fraction_for_id
 
-    settings = load_settings(data_dir=data_dir, lifetime=lifetime, stagger=stagger)
-    lifetime_td = parse_duration(settings.lifetime, what="--lifetime")
-    stagger_td = parse_duration(settings.stagger, what="--stagger", allow_zero=True)
+    settings = load_settings(data_dir=data_dir, device_lifetime=lifetime, device_stagger=stagger)
+    lifetime_td = parse_duration(settings.device_lifetime, what="--lifetime")
+    stagger_td = parse_duration(settings.device_stagger, what="--stagger", allow_zero=True)
     try:
         csr_bytes = csr_path.read_bytes()
     except OSError as exc:

@@ -32,15 +32,16 @@ class FactorySettings(BaseSettings):
     #: Bearer token for the registry (CERTFLEET_REGISTRY_TOKEN); else a client certificate.
     registry_token: SecretStr | None = None
     #: Client certificate name under clients/ used for the registry when no token is set.
-    registry_client: str = "factory"
-    lifetime: str = "365d"
-    stagger: str = "90d"
+    factory_registry_client: str = "factory"
+    #: Device certificate lifetime and the window their expiries are spread over.
+    device_lifetime: str = "365d"
+    device_stagger: str = "90d"
     #: Minting processes; 0 = one per CPU.
-    workers: int = Field(default=0, ge=0, le=256)
+    factory_workers: int = Field(default=0, ge=0, le=256)
     #: Devices per unit of work handed to a minting process.
-    chunk_size: int = Field(default=250, ge=1, le=10_000)
+    factory_chunk_size: int = Field(default=250, ge=1, le=10_000)
     #: Manifest lines are fsync'd in groups at most this many seconds apart (0 = every chunk).
-    manifest_fsync_interval: float = Field(default=1.0, ge=0.0, le=60.0)
+    factory_fsync_interval: float = Field(default=1.0, ge=0.0, le=60.0)
 
     @property
     def layout(self) -> DataLayout:
@@ -54,7 +55,7 @@ class FactorySettings(BaseSettings):
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.factory_workers or os.cpu_count() or 1
 
 
 def load_settings(**overrides: Any) -> FactorySettings:

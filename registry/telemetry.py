@@ -21,6 +21,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,8 @@ class IngestCounters:
     flushes: int = 0
     rows_written: int = 0
     flush_errors: int = 0
+    flush_seconds_total: float = 0.0
+    flush_seconds_max: float = 0.0
     connects: int = 0
 
 
@@ -226,6 +229,7 @@ class TelemetryIngest:
             batch, self._buffer = self._buffer, {}
         if not batch:
             return 0
+        started = time.perf_counter()
         try:
             with Session(self.engine) as session:
                 written = record_telemetry(session, list(batch.values()))
@@ -236,8 +240,11 @@ class TelemetryIngest:
                 for device_id, update in batch.items():
                     self._buffer.setdefault(device_id, update)
             return 0
+        elapsed = time.perf_counter() - started
         self.counters.flushes += 1
         self.counters.rows_written += written
+        self.counters.flush_seconds_total += elapsed
+        self.counters.flush_seconds_max = max(self.counters.flush_seconds_max, elapsed)
         return written
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +20,10 @@ from tests.broker.conftest import broker_data_dir, broker_settings, connect, iss
 from tests.conftest import ClientFiles, TestPKI
 
 
-def connect_packet(client_id: str) -> bytes:
-    """A minimal MQTT 3.1.1 CONNECT (clean session, keepalive 30 s)."""
+def connect_packet(client_id: str, keepalive_s: int = 30) -> bytes:
+    """A minimal MQTT 3.1.1 CONNECT (clean session)."""
     payload = len(client_id).to_bytes(2, "big") + client_id.encode()
-    variable = b"\x00\x04MQTT\x04\x02\x00\x1e"
+    variable = b"\x00\x04MQTT\x04\x02" + keepalive_s.to_bytes(2, "big")
     body = variable + payload
     return bytes((0x10, len(body))) + body
 
@@ -116,9 +117,43 @@ def test_truncated_and_oversized_packets_are_cut_off(
 def test_thousands_of_half_open_connections_do_not_block_devices(
     pki: TestPKI, fuzz_broker: BrokerServer, tmp_path: Path
 ) -> None:
-    half_open = [socket.create_connection(("127.0.0.1", fuzz_broker.port)) for _ in range(2000)]
+    # paho selects on its socket, so its clients connect before the flood takes fds > 1024.
+    service = connect(fuzz_broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    device = connect(fuzz_broker.port, issue_device(pki, tmp_path, "dev-flood-1"), "dev-flood-1")
+    newcomer = issue_device(pki, tmp_path, "dev-flood-2")
+    half_open: list[socket.socket] = []
     try:
-        device_still_served(pki, fuzz_broker, tmp_path, "dev-fuzz-4")
+        assert service.connected.is_set() and device.connected.is_set()
+        service.client.subscribe("devices/+/telemetry", qos=1)
+        assert service.subscribed.wait(5)
+        half_open = [socket.create_connection(("127.0.0.1", fuzz_broker.port)) for _ in range(2000)]
+        with tls_socket(pki, newcomer, fuzz_broker.port) as tls:  # a new device gets in
+            tls.sendall(connect_packet("dev-flood-2"))
+            assert tls.recv(4) == b"\x20\x02\x00\x00"
+        device.client.publish("devices/dev-flood-1/telemetry", b"{}", qos=1).wait_for_publish(5)
+        assert wait_for(lambda: len(service.messages) == 1)
     finally:
         for sock in half_open:
             sock.close()
+        device.close()
+        service.close()
+
+
+def test_silent_client_is_dropped_after_one_and_a_half_keepalives(
+    pki: TestPKI, fuzz_broker: BrokerServer, tmp_path: Path
+) -> None:
+    files = issue_device(pki, tmp_path, "dev-idle")
+    with tls_socket(pki, files, fuzz_broker.port) as tls:
+        tls.sendall(connect_packet("dev-idle", keepalive_s=1))
+        assert tls.recv(4) == b"\x20\x02\x00\x00"
+        started = time.monotonic()
+        tls.settimeout(10)
+        assert tls.recv(10) == b""  # closed by the broker, no PINGREQ was sent
+        assert 1.4 < time.monotonic() - started < 5
+    with tls_socket(pki, files, fuzz_broker.port) as tls:  # PINGREQs keep a session alive
+        tls.sendall(connect_packet("dev-idle", keepalive_s=1))
+        assert tls.recv(4) == b"\x20\x02\x00\x00"
+        for _ in range(4):
+            tls.sendall(b"\xc0\x00")
+            assert tls.recv(2) == b"\xd0\x00"
+            time.sleep(0.5)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,19 @@ def test_run_needs_bundles() -> None:
 
 def test_default_workers_is_one_per_2500_devices() -> None:
     assert [default_workers(n) for n in (1, 2500, 2501, 10_000)] == [1, 1, 2, 4]
+
+
+def test_a_worker_that_dies_is_reported_and_the_run_still_ends(
+    fleet: Fleet, certfleet_broker: BrokerServer
+) -> None:
+    bundles = discover_bundles(fleet.data_dir, 4)
+    config = DeviceConfig("127.0.0.1", certfleet_broker.port, rate=2.0)
+    with SimRun(bundles, config, duration=60.0, workers=1) as run:
+        deadline = time.monotonic() + 30
+        while run.snapshot().connected < 4 and time.monotonic() < deadline:
+            run.wait(0.1)
+        os.kill(run.worker_pids[0], signal.SIGKILL)
+        assert run.wait(10), "the run did not notice its dead worker"
+    assert run.errors == ["worker 0 exited with code -9 without its final report"]
+    summary = run.summary()
+    assert summary["errors"] == run.errors

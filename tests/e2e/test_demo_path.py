@@ -5,13 +5,18 @@ over REST and its proof."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
 import pytest
+import typer
+from click.testing import Result
 from rich.console import Console
+from typer.testing import CliRunner
 
-from certfleet.demo import DEMO_MARKER, prepare_demo_folder, run_demo
+from certfleet.demo import DEMO_MARKER, Check, DemoResult, prepare_demo_folder, run_demo
+from certfleet.orchestrate import register
 from certfleet.procs import OrchestrationError
 from certfleet.settings import OrchestrateSettings
 
@@ -83,3 +88,36 @@ def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path: Path) -> None:
     with pytest.raises(OrchestrationError, match="was not made by 'certfleet demo'"):
         prepare_demo_folder(folder)
     assert (folder / "registry.db").read_text() == "real data"
+
+
+def _invoke_demo(monkeypatch: pytest.MonkeyPatch, result: DemoResult, *args: str) -> Result:
+    import certfleet.demo
+
+    monkeypatch.setattr(certfleet.demo, "run_demo", lambda settings, console: result)
+    app = typer.Typer()
+    register(app)
+    app.command("noop", hidden=True)(lambda: None)  # keep demo a subcommand
+    return CliRunner().invoke(app, ["demo", *args])
+
+
+def test_demo_command_exits_non_zero_when_a_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    failed = DemoResult(
+        checks=[
+            Check("devices registered", True, "10 active"),
+            Check("live session dropped within 1 s", False, "still connected after 10 s"),
+        ]
+    )
+    outcome = _invoke_demo(monkeypatch, failed, "--json")
+    assert outcome.exit_code == 1
+    body = json.loads(outcome.stdout[outcome.stdout.index("{") :])
+    assert body["ok"] is False
+    assert [c["ok"] for c in body["checks"]] == [True, False]
+
+
+def test_demo_command_exits_zero_when_every_check_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    passed = DemoResult(checks=[Check("devices registered", True, "10 active")])
+    outcome = _invoke_demo(monkeypatch, passed)
+    assert outcome.exit_code == 0
+    assert "every check passed" in outcome.stdout
