@@ -22,6 +22,7 @@ both started here as separate processes on ephemeral ports and stopped by PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -154,11 +155,15 @@ def simulate(
     ramp_s = None
     ramp_cpu = ramp_acked = 0.0
     ramp_at = 0.0
-    broker_rss_peak = 0
+    broker_rss_peak = workers_rss_peak = 0
     with run:
         while not run.wait(0.5):
             stats = run.snapshot()
             broker_rss_peak = max(broker_rss_peak, rss_kib(broker.pid))
+            with contextlib.suppress(OSError, RuntimeError):  # a worker may be exiting
+                workers_rss_peak = max(
+                    workers_rss_peak, sum(rss_kib(pid) for pid in run.worker_pids)
+                )
             if ramp_s is None and stats.connected >= devices:
                 ramp_s = run.elapsed
                 ramp_at, ramp_cpu, ramp_acked = time.monotonic(), stats.cpu_seconds, stats.acked
@@ -185,6 +190,8 @@ def simulate(
         "connect_ramp_s": None if ramp_s is None else round(ramp_s, 1),
         "steady": steady,
         "broker_rss_peak_mib": round(broker_rss_peak / 1024, 1),
+        "sim_workers_rss_peak_mib": round(workers_rss_peak / 1024, 1),
+        "sim_kib_per_device": round(workers_rss_peak / devices, 1),
         "summary": summary,
     }
 

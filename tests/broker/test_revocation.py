@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -136,5 +137,23 @@ def test_restart_with_registry_down_still_refuses_revoked_serial(
             assert wait_for(
                 lambda: broker.metrics.refusal_count(Refusal.REVOKED.value) == before + 1
             )
+        finally:
+            probe.close()
+
+
+def test_broker_serves_devices_while_registry_is_unreachable(pki: TestPKI, tmp_path: Path) -> None:
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    with socket.socket() as placeholder:  # a loopback port with nobody listening
+        placeholder.bind(("127.0.0.1", 0))
+        dead_url = f"https://127.0.0.1:{placeholder.getsockname()[1]}"
+    settings = broker_settings(layout, registry_url=dead_url, broker_feed_max_backoff_s=0.2)
+    with BrokerServer(settings) as broker:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.errors >= 2)  # retried, with backoff
+        probe = connect(broker.port, issue_device(pki, tmp_path, "dev-offline-1"), "dev-offline-1")
+        try:
+            assert probe.connected.is_set(), probe.reason
         finally:
             probe.close()
