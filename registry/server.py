@@ -158,11 +158,23 @@ def write_ready_file(path: Path, url: str) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, calling ``on_started`` once its sockets listen."""
+    """uvicorn's server, calling ``on_started`` once its sockets listen.
+
+    At shutdown it first releases the feed's long-polls: uvicorn waits for open connections
+    before it runs the lifespan shutdown, so a waiting follower would otherwise hold the
+    shutdown until ``timeout_graceful_shutdown`` and end in a cancelled-task traceback.
+    """
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_started = on_started
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        state = getattr(getattr(app, "state", None), "registry", None)
+        if isinstance(state, RegistryState):
+            state.feed.close()
+        await super().shutdown(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

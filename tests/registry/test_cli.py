@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +176,73 @@ def test_serve_without_a_ca_says_what_to_do(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "run 'certfleet ca init' first" in result.stderr
+
+
+def test_serve_releases_open_long_polls_when_stopped(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    data = str(ca.layout.root)
+    token = certfleet(
+        "registry", "token", "create", "--operator", "feed-op", "--data-dir", data
+    ).stdout.strip()
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "certfleet.cli",
+            "registry",
+            "serve",
+            "--data-dir",
+            data,
+            "--addr",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    poll_status: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "registry did not write its ready file"
+            time.sleep(0.05)
+        url = json.loads(ready.read_text())["url"]
+        context = ssl.create_default_context(cafile=str(ca.layout.root_cert))
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def long_poll() -> None:
+            with httpx.Client(base_url=url + "/api/v1", verify=context, timeout=60) as http:
+                poll_status.append(
+                    http.get(
+                        "/revocations", params={"after": 0, "wait": 50}, headers=headers
+                    ).status_code
+                )
+
+        poller = threading.Thread(target=long_poll)
+        poller.start()
+        with httpx.Client(base_url=url + "/api/v1", verify=context) as http:
+            # the long-poll is parked once the registry counts a waiter on its feed
+            deadline = time.monotonic() + 20
+            while (
+                "certfleet_registry_feed_waiters 1.0"
+                not in http.get("/metrics", headers=headers).text
+            ):
+                assert time.monotonic() < deadline, "long-poll never parked"
+                time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+    poller.join(20)
+    assert poll_status == [200]
+    assert process.returncode == 0
+    assert "graceful shutdown exceeded" not in stderr
+    assert "Traceback" not in stderr
