@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from device_sim.bundle import discover_bundles
+from device_sim.bundle import DeviceBundle, discover_bundles
 from device_sim.device import DeviceConfig
 from device_sim.errors import SimError
 from device_sim.progress import watch
+from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
 from device_sim.settings import build_settings, parse_addr
 
@@ -127,3 +128,42 @@ def run(
         Console().print_json(json.dumps(summary))
     if summary["errors"] or summary["devices_connected_ever"] == 0:
         raise typer.Exit(1)
+
+
+@app.command("renew")
+def renew(
+    device: Annotated[str, typer.Option("--device", help="device id whose bundle to renew")],
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="certfleet data folder")
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="seconds to wait for the answer")
+    ] = 30.0,
+    key_algorithm: Annotated[
+        str, typer.Option("--key-algorithm", help="p256, p384, ed25519 or rsa2048")
+    ] = "p256",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Renew one device's certificate over MQTT (new key, CSR, answer from the registry)."""
+    settings = build_settings(data_dir=data_dir, broker_addr=broker)
+    directory = settings.data_dir / "devices" / device
+    if not directory.is_dir():
+        raise SimError(f"no bundle for device {device!r} in {settings.data_dir / 'devices'}")
+    address = settings.broker_addr or DeviceBundle.load(directory).broker
+    if address is None:
+        raise SimError("no broker address: pass --broker host:port")
+    host, port = parse_addr(address)
+    result = renew_bundle(directory, host, port, timeout=timeout, key_algorithm=key_algorithm)
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
+    else:
+        Console().print(
+            f"renewed {result.device_id}: serial {result.serial} "
+            f"(was {result.previous_serial}), valid until {result.not_after}"
+        )

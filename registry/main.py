@@ -98,7 +98,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         if settings.telemetry_broker_addr:
             from registry.telemetry import start_ingest
 
-            started = start_ingest(settings, engine)
+            started = start_ingest(settings, engine, ca)
             ingest = await started if inspect.isawaitable(started) else started
             log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
         try:

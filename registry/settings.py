@@ -38,6 +38,12 @@ class RegistrySettings(BaseSettings):
     registry_verify_processes: int | None = Field(default=None, ge=0, le=64)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: str | None = None
+    #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).
+    registry_renewal_enabled: bool = True
+    #: at most one renewal per device per this many seconds (0: no limit).
+    registry_renewal_min_interval_s: float = Field(default=300.0, ge=0, le=30 * 86400)
+    #: lifetime of a renewed certificate; empty: that of the device's current certificate.
+    registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
 
     @property
     def layout(self) -> DataLayout:

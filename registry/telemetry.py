@@ -12,6 +12,11 @@ costs a JSON parse and a dict store, nothing more.
 A message is dropped and counted when its payload is not a JSON object, is larger than
 ``MAX_PAYLOAD_BYTES``, or names a different device than its topic (``devices/<id>/...``).
 Telemetry of unknown devices is ignored by the UPDATE.
+
+Given the CA (``start_ingest(settings, engine, ca)``, as the app does) and with
+``registry_renewal_enabled``, the same connection also subscribes to ``devices/+/cert/renew``
+(QoS 1) and hands each CSR to :class:`registry.renewal.RenewalService`, which signs on its own
+worker thread and answers on ``devices/<id>/cert/issued``.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from factory.ca import CertificateAuthority
 from factory.errors import ConfigError
 from factory.profile import NAME_PATTERN
 from registry.crud import TelemetryUpdate, record_telemetry
+from registry.renewal import RENEW_TOPIC_FILTER, CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
 
 __all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ingest"]
@@ -101,6 +108,7 @@ class TelemetryIngest:
         *,
         flush_interval: float = 0.5,
         flush_batch: int = 1000,
+        ca: CertificateAuthority | None = None,
     ) -> None:
         if not settings.telemetry_broker_addr:
             raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
@@ -116,6 +124,16 @@ class TelemetryIngest:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._client = self._build_client()
+        self.renewal: RenewalService | None = None
+        if ca is not None and settings.registry_renewal_enabled:
+            lifetime_days = settings.registry_renewal_lifetime_days
+            renewer = CertificateRenewer(
+                ca,
+                engine,
+                min_interval_s=settings.registry_renewal_min_interval_s,
+                lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
+            )
+            self.renewal = RenewalService(renewer, self._publish_qos1)
         self._flusher = threading.Thread(
             target=self._flush_loop, name="telemetry-flush", daemon=True
         )
@@ -161,6 +179,8 @@ class TelemetryIngest:
     def stop_sync(self, timeout: float = 5.0) -> None:
         """Disconnect, flush what is buffered, stop both threads."""
         self._stopping.set()
+        if self.renewal is not None:
+            self.renewal.close()  # its last answer still goes out before the disconnect
         self._client.disconnect()
         self._client.loop_stop()
         self._wake.set()
@@ -188,9 +208,10 @@ class TelemetryIngest:
             log.warning("telemetry ingest refused by broker reason=%s", reason)
             return
         self.counters.connects += 1
-        client.subscribe(TOPIC_FILTER, qos=1)
+        filters = [TOPIC_FILTER] + ([RENEW_TOPIC_FILTER] if self.renewal is not None else [])
+        client.subscribe([(topic_filter, 1) for topic_filter in filters])
         self.connected.set()
-        log.info("telemetry ingest subscribed topic=%s", TOPIC_FILTER)
+        log.info("telemetry ingest subscribed topics=%s", ",".join(filters))
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -199,7 +220,15 @@ class TelemetryIngest:
         if not self._stopping.is_set():
             log.warning("telemetry ingest disconnected reason=%s; reconnecting", reason)
 
+    def _publish_qos1(self, topic: str, payload: bytes) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("publish failed topic=%s rc=%s", topic, info.rc)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.renewal is not None and message.topic.endswith("/cert/renew"):
+            self.renewal.submit(message.topic, message.payload)
+            return
         self.counters.received += 1
         try:
             device_id, telemetry = parse_telemetry(message.topic, message.payload)
@@ -248,6 +277,9 @@ class TelemetryIngest:
         return written
 
 
-def start_ingest(settings: RegistrySettings, engine: Engine) -> TelemetryIngest:
-    """Start ingesting telemetry from ``settings.telemetry_broker_addr``; ``await .stop()``."""
-    return TelemetryIngest(settings, engine).start()
+def start_ingest(
+    settings: RegistrySettings, engine: Engine, ca: CertificateAuthority | None = None
+) -> TelemetryIngest:
+    """Start ingesting telemetry from ``settings.telemetry_broker_addr`` (and answering
+    renewals when ``ca`` is given); ``await .stop()``."""
+    return TelemetryIngest(settings, engine, ca=ca).start()

@@ -1,0 +1,257 @@
+"""Renew a device's certificate over MQTT, as firmware would (DESIGN.md, "MQTT topics").
+
+The device generates a new key (it never leaves the device), builds a CSR for its own
+identity, connects to the broker with its *current* certificate, subscribes to
+``devices/<id>/cert/issued``, publishes the CSR on ``devices/<id>/cert/renew`` (QoS 1) and
+waits for the answer: the new leaf certificate (PEM), or a JSON refusal
+``{"error": ..., "message": ...}`` from the registry.
+
+A certificate is accepted only if it is for this device's identity, certifies the new key,
+and is signed by the issuing CA in the bundle's ``chain.pem``. Then the bundle is updated:
+the previous pair is kept as ``device.crt.prev`` / ``device.key.prev``, the new key (0600) and
+certificate replace ``device.key`` / ``device.crt`` (each atomically), and ``device.json``
+gets the new serial and validity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.errors import SimError
+from factory.errors import IdentityError
+from factory.keys import build_csr, generate_key, private_key_pem
+from factory.layout import write_private, write_public
+from factory.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
+
+__all__ = [
+    "RenewalRefusedError",
+    "RenewalResult",
+    "RenewalTimeoutError",
+    "renew_bundle",
+    "request_certificate",
+]
+
+log = logging.getLogger(__name__)
+
+PEM = serialization.Encoding.PEM
+
+
+class RenewalRefusedError(SimError):
+    """The registry refused the CSR; ``error`` is its code (e.g. ``rate_limited``)."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class RenewalTimeoutError(SimError):
+    """The broker could not be used, or no answer came in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalResult:
+    device_id: str
+    previous_serial: str
+    serial: str
+    not_before: str
+    not_after: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "device_id": self.device_id,
+            "previous_serial": self.previous_serial,
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
+
+
+class _Exchange:
+    """One paho client on its own network thread: connect, subscribe, publish, one answer."""
+
+    def __init__(self, bundle: DeviceBundle, host: str, port: int) -> None:
+        self.device_id = bundle.device_id
+        self.answer: bytes | None = None
+        self.failure: str | None = None
+        self._subscribed = threading.Event()
+        self._done = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=bundle.device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        self._client.tls_set_context(tls_context(bundle))
+        self._client.reconnect_delay_set(60, 120)  # one attempt: the caller reports failures
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
+        self._host, self._port = host, port
+
+    def run(self, csr_pem: bytes, timeout: float) -> bytes:
+        try:
+            self._client.connect(self._host, self._port, keepalive=30)
+        except (OSError, ssl.SSLError) as exc:
+            raise RenewalTimeoutError(
+                f"device {self.device_id}: cannot connect to the broker at "
+                f"{self._host}:{self._port}: {exc}"
+            ) from None
+        self._client.loop_start()
+        try:
+            if not self._subscribed.wait(timeout) or self.failure is not None:
+                raise RenewalTimeoutError(
+                    f"device {self.device_id}: could not subscribe to "
+                    f"devices/{self.device_id}/cert/issued: {self.failure or 'no answer'}"
+                )
+            self._client.publish(f"devices/{self.device_id}/cert/renew", csr_pem, qos=1)
+            if not self._done.wait(timeout) or self.answer is None:
+                raise RenewalTimeoutError(
+                    f"device {self.device_id}: no answer on devices/{self.device_id}/cert/issued "
+                    f"within {timeout:g} s ({self.failure or 'the broker kept the connection'}); "
+                    "is the registry connected to the broker "
+                    "(CERTFLEET_TELEMETRY_BROKER_ADDR) with renewal enabled?"
+                )
+            return self.answer
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.failure = f"broker refused the connection: {reason}"
+            self._subscribed.set()
+            self._done.set()
+            return
+        client.subscribe(f"devices/{self.device_id}/cert/issued", qos=1)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any
+    ) -> None:
+        if any(getattr(code, "is_failure", False) for code in codes):
+            self.failure = "the broker refused the subscription"
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.answer is None:
+            self.answer = bytes(message.payload)
+            self._done.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if not self._done.is_set():
+            self.failure = self.failure or f"disconnected by the broker: {reason}"
+            self._subscribed.set()
+            self._done.set()
+
+
+def _interpret(device_id: str, answer: bytes) -> x509.Certificate:
+    if answer.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
+        try:
+            return x509.load_pem_x509_certificate(answer)
+        except ValueError:
+            raise RenewalRefusedError(
+                "bad_answer", f"device {device_id}: the answer is not a readable certificate"
+            ) from None
+    try:
+        refusal = json.loads(answer)
+        error, message = str(refusal["error"]), str(refusal["message"])
+    except (ValueError, KeyError, TypeError):
+        raise RenewalRefusedError(
+            "bad_answer", f"device {device_id}: unreadable answer on cert/issued"
+        ) from None
+    raise RenewalRefusedError(error, f"registry refused the renewal of {device_id}: {message}")
+
+
+def request_certificate(
+    bundle: DeviceBundle, host: str, port: int, csr_pem: bytes, *, timeout: float = 30.0
+) -> x509.Certificate:
+    """Send ``csr_pem`` for ``bundle``'s device; the certificate, or RenewalRefusedError /
+    RenewalTimeoutError."""
+    answer = _Exchange(bundle, host, port).run(csr_pem, timeout)
+    return _interpret(bundle.device_id, answer)
+
+
+def _check_certificate(
+    certificate: x509.Certificate,
+    identity: Identity,
+    public_key: PublicKey,
+    issuing: x509.Certificate,
+) -> None:
+    try:
+        certificate.verify_directly_issued_by(issuing)
+        found = read_identity(certificate)
+    except (ValueError, TypeError, InvalidSignature, IdentityError) as exc:
+        raise RenewalRefusedError(
+            "bad_answer", f"device {identity.name}: the issued certificate is unusable: {exc}"
+        ) from None
+    if found != identity or certificate.public_key() != public_key:
+        raise RenewalRefusedError(
+            "bad_answer",
+            f"device {identity.name}: the issued certificate is for {found.uri} or another key",
+        )
+
+
+def renew_bundle(
+    directory: Path,
+    host: str,
+    port: int,
+    *,
+    timeout: float = 30.0,
+    key_algorithm: str = "p256",
+) -> RenewalResult:
+    """Renew the certificate of the bundle in ``directory`` and write the new pair into it."""
+    bundle = DeviceBundle.load(directory)
+    meta_path = directory / "device.json"
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    try:
+        current = x509.load_pem_x509_certificate(bundle.cert.read_bytes())
+        identity = read_identity(current)
+        issuing = x509.load_pem_x509_certificates((directory / "chain.pem").read_bytes())[0]
+    except (OSError, ValueError, IdentityError) as exc:
+        raise SimError(f"device bundle {directory} cannot be renewed: {exc}") from None
+    if identity.kind is not IdentityKind.DEVICE or identity.name != bundle.device_id:
+        raise SimError(f"{bundle.cert} is not the certificate of device {bundle.device_id}")
+
+    key = generate_key(key_algorithm)
+    csr_pem = build_csr(key, identity).public_bytes(PEM)
+    certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
+    _check_certificate(certificate, identity, key.public_key(), issuing)
+
+    write_private(directory / "device.key.prev", bundle.key.read_bytes())
+    write_public(directory / "device.crt.prev", bundle.cert.read_bytes())
+    write_private(bundle.key, private_key_pem(key))
+    write_public(bundle.cert, certificate.public_bytes(PEM))
+    result = RenewalResult(
+        device_id=bundle.device_id,
+        previous_serial=serial_hex(current.serial_number),
+        serial=serial_hex(certificate.serial_number),
+        not_before=certificate.not_valid_before_utc.isoformat(),
+        not_after=certificate.not_valid_after_utc.isoformat(),
+    )
+    meta.update(serial=result.serial, not_before=result.not_before, not_after=result.not_after)
+    write_public(meta_path, json.dumps(meta, indent=2).encode())
+    log.info(
+        "certificate renewed device_id=%s serial=%s previous_serial=%s not_after=%s",
+        result.device_id,
+        result.serial,
+        result.previous_serial,
+        result.not_after,
+    )
+    return result
