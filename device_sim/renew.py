@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from factory.profile import Identity, IdentityKind, PublicKey, read_identity, se
 __all__ = [
     "RenewalRefusedError",
     "RenewalResult",
-    "RenewalTimeoutError",
+    "RenewalFailedError",
     "renew_bundle",
     "request_certificate",
 ]
@@ -57,8 +58,9 @@ class RenewalRefusedError(SimError):
         self.error = error
 
 
-class RenewalTimeoutError(SimError):
-    """The broker could not be used, or no answer came in time."""
+class RenewalFailedError(SimError):
+    """No answer: the broker could not be reached or used, or the registry did not answer
+    in time (the bundle is left as it was)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,20 +108,20 @@ class _Exchange:
         try:
             self._client.connect(self._host, self._port, keepalive=30)
         except (OSError, ssl.SSLError) as exc:
-            raise RenewalTimeoutError(
+            raise RenewalFailedError(
                 f"device {self.device_id}: cannot connect to the broker at "
                 f"{self._host}:{self._port}: {exc}"
             ) from None
         self._client.loop_start()
         try:
             if not self._subscribed.wait(timeout) or self.failure is not None:
-                raise RenewalTimeoutError(
+                raise RenewalFailedError(
                     f"device {self.device_id}: could not subscribe to "
                     f"devices/{self.device_id}/cert/issued: {self.failure or 'no answer'}"
                 )
             self._client.publish(f"devices/{self.device_id}/cert/renew", csr_pem, qos=1)
             if not self._done.wait(timeout) or self.answer is None:
-                raise RenewalTimeoutError(
+                raise RenewalFailedError(
                     f"device {self.device_id}: no answer on devices/{self.device_id}/cert/issued "
                     f"within {timeout:g} s ({self.failure or 'the broker kept the connection'}); "
                     "is the registry connected to the broker "
@@ -138,6 +140,9 @@ class _Exchange:
             self._subscribed.set()
             self._done.set()
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # no Nagle delay on the CSR after the SUBACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe(f"devices/{self.device_id}/cert/issued", qos=1)
 
     def _on_subscribe(
@@ -183,7 +188,7 @@ def request_certificate(
     bundle: DeviceBundle, host: str, port: int, csr_pem: bytes, *, timeout: float = 30.0
 ) -> x509.Certificate:
     """Send ``csr_pem`` for ``bundle``'s device; the certificate, or RenewalRefusedError /
-    RenewalTimeoutError."""
+    RenewalFailedError."""
     answer = _Exchange(bundle, host, port).run(csr_pem, timeout)
     return _interpret(bundle.device_id, answer)
 
@@ -229,7 +234,10 @@ def renew_bundle(
     if identity.kind is not IdentityKind.DEVICE or identity.name != bundle.device_id:
         raise SimError(f"{bundle.cert} is not the certificate of device {bundle.device_id}")
 
-    key = generate_key(key_algorithm)
+    try:
+        key = generate_key(key_algorithm)
+    except ValueError as exc:
+        raise SimError(str(exc)) from None
     csr_pem = build_csr(key, identity).public_bytes(PEM)
     certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
     _check_certificate(certificate, identity, key.public_key(), issuing)

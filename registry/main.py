@@ -98,8 +98,14 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         if settings.telemetry_broker_addr:
             from registry.telemetry import start_ingest
 
-            started = start_ingest(settings, engine, ca)
+            started = start_ingest(
+                settings,
+                engine,
+                ca,
+                on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
+            )
             ingest = await started if inspect.isawaitable(started) else started
+            app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
             log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
         try:
             yield

@@ -51,6 +51,12 @@ class RegistryMetrics:
             "long-poll requests currently waiting on the revocation feed",
             registry=self.registry,
         )
+        self.renewals = Counter(
+            "certfleet_registry_renewals",
+            "certificate renewals over MQTT, by outcome (issued, repeated, or the refusal code)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.crl_resigns = Counter(
             "certfleet_registry_crl_resigns",
             "times the CRL was signed",

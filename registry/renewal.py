@@ -32,6 +32,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -188,7 +189,7 @@ class CertificateRenewer:
             raise RenewalRefused(
                 "identity_mismatch",
                 f"CSR names device {validated.identity.name!r} but was sent on "
-                f"{'devices/' + device_id + '/cert/renew'}; a device renews only itself",
+                f"devices/{device_id}/cert/renew; a device renews only itself",
             )
         return validated
 
@@ -232,12 +233,12 @@ class CertificateRenewer:
                 recent.renewed.serial,
             )
             return dataclasses.replace(recent.renewed, repeated=True)
-        wait = self.min_interval_s - (now - recent.at)
+        wait = math.ceil(self.min_interval_s - (now - recent.at))
         raise RenewalRefused(
             "rate_limited",
             f"device {device_id} was renewed {now - recent.at:.0f} s ago; at most one renewal "
             f"per {self.min_interval_s:g} s (CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): "
-            f"retry in {wait:.0f} s",
+            f"retry in {wait} s",
         )
 
     def _store(self, renewed: RenewedCertificate, previous_serial: str | None) -> None:
@@ -283,7 +284,8 @@ class RenewalService:
     publishes each answer on ``devices/<id>/cert/issued``.
 
     ``publish(topic, payload)`` must be thread-safe (paho's ``Client.publish`` is).
-    ``counters`` counts outcomes: ``issued``, ``repeated`` and each refusal code.
+    ``counters`` counts outcomes: ``issued``, ``repeated`` and each refusal code (and
+    ``on_outcome``, when given, is called with each: the app feeds its Prometheus counter).
     """
 
     def __init__(
@@ -292,10 +294,12 @@ class RenewalService:
         publish: Callable[[str, bytes], None],
         *,
         max_pending: int = MAX_PENDING,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.renewer = renewer
         self.counters: Counter[str] = Counter()
         self._publish = publish
+        self._on_outcome = on_outcome
         self._max_pending = max_pending
         self._pending = 0
         self._lock = threading.Lock()
@@ -372,6 +376,8 @@ class RenewalService:
     def _count(self, outcome: str) -> None:
         with self._lock:
             self.counters[outcome] += 1
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
 
     def close(self) -> None:
         """Finish the request in progress, drop the queued ones."""

@@ -21,13 +21,16 @@ worker thread and answers on ``devices/<id>/cert/issued``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +112,7 @@ class TelemetryIngest:
         flush_interval: float = 0.5,
         flush_batch: int = 1000,
         ca: CertificateAuthority | None = None,
+        on_renewal_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if not settings.telemetry_broker_addr:
             raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
@@ -118,6 +122,8 @@ class TelemetryIngest:
         self.flush_batch = flush_batch
         self.counters = IngestCounters()
         self.connected = threading.Event()
+        #: set once the broker acknowledged the subscriptions (telemetry and renewal)
+        self.subscribed = threading.Event()
         self._layout = settings.layout
         self._buffer: dict[str, TelemetryUpdate] = {}
         self._lock = threading.Lock()
@@ -133,7 +139,9 @@ class TelemetryIngest:
                 min_interval_s=settings.registry_renewal_min_interval_s,
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
             )
-            self.renewal = RenewalService(renewer, self._publish_qos1)
+            self.renewal = RenewalService(
+                renewer, self._publish_qos1, on_outcome=on_renewal_outcome
+            )
         self._flusher = threading.Thread(
             target=self._flush_loop, name="telemetry-flush", daemon=True
         )
@@ -165,6 +173,7 @@ class TelemetryIngest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -208,6 +217,7 @@ class TelemetryIngest:
             log.warning("telemetry ingest refused by broker reason=%s", reason)
             return
         self.counters.connects += 1
+        _no_delay(client)
         filters = [TOPIC_FILTER] + ([RENEW_TOPIC_FILTER] if self.renewal is not None else [])
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         self.connected.set()
@@ -217,8 +227,18 @@ class TelemetryIngest:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if not self._stopping.is_set():
             log.warning("telemetry ingest disconnected reason=%s; reconnecting", reason)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any
+    ) -> None:
+        refused = [code for code in codes if getattr(code, "is_failure", False)]
+        if refused:
+            log.error("telemetry ingest subscription refused by broker codes=%s", refused)
+            return
+        self.subscribed.set()
 
     def _publish_qos1(self, topic: str, payload: bytes) -> None:
         info = self._client.publish(topic, payload, qos=1)
@@ -277,9 +297,21 @@ class TelemetryIngest:
         return written
 
 
+def _no_delay(client: mqtt.Client) -> None:
+    """TCP_NODELAY: paho leaves Nagle on, which holds a renewal answer written right after a
+    PUBACK until the broker's delayed ACK (about 40 ms per answer)."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def start_ingest(
-    settings: RegistrySettings, engine: Engine, ca: CertificateAuthority | None = None
+    settings: RegistrySettings,
+    engine: Engine,
+    ca: CertificateAuthority | None = None,
+    on_renewal_outcome: Callable[[str], None] | None = None,
 ) -> TelemetryIngest:
     """Start ingesting telemetry from ``settings.telemetry_broker_addr`` (and answering
     renewals when ``ca`` is given); ``await .stop()``."""
-    return TelemetryIngest(settings, engine, ca=ca).start()
+    return TelemetryIngest(settings, engine, ca=ca, on_renewal_outcome=on_renewal_outcome).start()

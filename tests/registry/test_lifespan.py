@@ -40,11 +40,13 @@ class FakeIngest:
 def test_lifespan_starts_and_stops_telemetry_ingest(
     pki: TestPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started: list[tuple[Any, Engine]] = []
+    started: list[tuple[Any, Engine, Any]] = []
     ingest = FakeIngest()
 
-    def fake_start(settings: RegistrySettings, engine: Engine) -> FakeIngest:
-        started.append((settings, engine))
+    def fake_start(
+        settings: RegistrySettings, engine: Engine, ca: Any = None, **_hooks: Any
+    ) -> FakeIngest:
+        started.append((settings, engine, ca))
         return ingest
 
     monkeypatch.setattr(registry.telemetry, "start_ingest", fake_start)
@@ -57,6 +59,7 @@ def test_lifespan_starts_and_stops_telemetry_ingest(
     assert run_app(app) == 200
     assert len(started) == 1
     assert started[0][1] is app.state.registry.engine
+    assert started[0][2] is app.state.registry.ca  # renewal signs with the app's CA
     assert ingest.stopped
 
 

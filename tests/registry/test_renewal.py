@@ -1,0 +1,178 @@
+"""The registry's renewal logic without MQTT: rate limit, lifetime, races and the refusals
+the end-to-end tests (tests/e2e/test_renewal.py) cannot provoke cheaply."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from factory.ca import IssuedCertificate
+from factory.keys import build_csr, generate_key
+from factory.profile import Identity, IdentityKind
+from registry import crud
+from registry.certs import parse_device_certificate
+from registry.db import make_engine, migrate
+from registry.renewal import CertificateRenewer, RenewalRefused, RenewalService
+from registry.settings import RegistrySettings
+from tests.conftest import TRUST_DOMAIN, TestPKI
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def engine(tmp_path: Path, database_url: str) -> Iterator[Engine]:
+    """A migrated registry database: SQLite, and PostgreSQL when reachable (conftest)."""
+    settings = RegistrySettings(data_dir=tmp_path, registry_database_url=database_url)
+    made = make_engine(settings)
+    migrate(made)
+    yield made
+    made.dispose()
+
+
+def _register(pki: TestPKI, engine: Engine, device_id: str, **kwargs: object) -> IssuedCertificate:
+    issued = pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id), **kwargs)  # type: ignore[arg-type]
+    parsed = parse_device_certificate(
+        issued.certificate_pem.decode(),
+        issuing_cert=pki.ca.issuing_cert,
+        trust_domain=pki.ca.trust_domain,
+    )
+    with Session(engine) as session:
+        crud.register_devices(session, [crud.Registration(parsed)], crud.Actor("test"))
+    return issued
+
+
+def _csr(device_id: str) -> bytes:
+    key = generate_key()
+    csr = build_csr(key, Identity.device(TRUST_DOMAIN, device_id))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def test_renewal_copies_the_lifetime_of_the_current_certificate(
+    pki: TestPKI, engine: Engine
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    old = _register(pki, engine, "dev-life", not_before=now, not_after=now + dt.timedelta(days=40))
+    renewed = CertificateRenewer(pki.ca, engine).renew("dev-life", _csr("dev-life"))
+    assert renewed.not_after - renewed.not_before == dt.timedelta(days=40)
+    assert renewed.serial != format(old.certificate.serial_number, "x")
+
+
+def test_lifetime_setting_overrides_the_current_certificate(pki: TestPKI, engine: Engine) -> None:
+    _register(pki, engine, "dev-life-2")
+    renewer = CertificateRenewer(pki.ca, engine, lifetime=dt.timedelta(days=7))
+    renewed = renewer.renew("dev-life-2", _csr("dev-life-2"))
+    assert renewed.not_after - renewed.not_before == dt.timedelta(days=7)
+
+
+def test_rate_limit_lifts_after_the_interval(pki: TestPKI, engine: Engine) -> None:
+    _register(pki, engine, "dev-rate")
+    clock = FakeClock()
+    renewer = CertificateRenewer(pki.ca, engine, min_interval_s=60, clock=clock)
+    first = renewer.renew("dev-rate", _csr("dev-rate"))
+    clock.now += 59
+    with pytest.raises(RenewalRefused, match="retry in 1 s") as refused:
+        renewer.renew("dev-rate", _csr("dev-rate"))
+    assert refused.value.error == "rate_limited"
+    clock.now += 1
+    second = renewer.renew("dev-rate", _csr("dev-rate"))
+    assert second.serial != first.serial
+
+
+def test_oversized_payload_is_refused(pki: TestPKI, engine: Engine) -> None:
+    with pytest.raises(RenewalRefused, match="exceeds 16384 bytes") as refused:
+        CertificateRenewer(pki.ca, engine).renew("dev-big", b"x" * 20_000)
+    assert refused.value.error == "too_large"
+
+
+def test_decommission_committed_while_signing_wins(
+    pki: TestPKI, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(pki, engine, "dev-race")
+    renewer = CertificateRenewer(pki.ca, engine)
+    issue = pki.ca.issue_client
+
+    def issue_then_decommission(*args: object, **kwargs: object) -> IssuedCertificate:
+        issued = issue(*args, **kwargs)  # type: ignore[arg-type]
+        with Session(engine) as session:
+            crud.decommission_device(session, "dev-race", "lost", crud.Actor("test"))
+        return issued
+
+    monkeypatch.setattr(pki.ca, "issue_client", issue_then_decommission)
+    with pytest.raises(RenewalRefused, match="dev-race is decommissioned"):
+        renewer.renew("dev-race", _csr("dev-race"))
+    with Session(engine) as session:
+        certificates = crud.get_device(session, "dev-race").certificates
+    assert [c.status for c in certificates] == ["revoked"]  # the new one was never stored
+
+
+def _service(
+    renewer: CertificateRenewer, **kwargs: int
+) -> tuple[RenewalService, list[tuple[str, bytes]]]:
+    published: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+
+    def publish(topic: str, payload: bytes) -> None:
+        with lock:
+            published.append((topic, payload))
+
+    return RenewalService(renewer, publish, **kwargs), published
+
+
+def test_service_answers_busy_when_too_many_are_waiting(pki: TestPKI, engine: Engine) -> None:
+    service, published = _service(CertificateRenewer(pki.ca, engine), max_pending=0)
+    service.submit("devices/dev-busy/cert/renew", _csr("dev-busy"))
+    service.close()
+    assert [topic for topic, _ in published] == ["devices/dev-busy/cert/issued"]
+    assert json.loads(published[0][1])["error"] == "busy"
+    assert service.counters["busy"] == 1
+
+
+def test_service_answers_registry_unavailable_when_the_database_fails(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    settings = RegistrySettings(
+        data_dir=tmp_path,
+        registry_database_url=f"sqlite:///{tmp_path / 'missing-dir' / 'registry.db'}",
+    )
+    broken = make_engine(settings)
+    service, published = _service(CertificateRenewer(pki.ca, broken))
+    service.submit("devices/dev-db/cert/renew", _csr("dev-db"))
+    service.close()
+    broken.dispose()
+    answer = json.loads(published[0][1])
+    assert answer == {
+        "error": "registry_unavailable",
+        "message": "the registry could not record the certificate; retry later",
+    }
+
+
+def test_service_ignores_a_topic_naming_no_device(pki: TestPKI, engine: Engine) -> None:
+    service, published = _service(CertificateRenewer(pki.ca, engine))
+    service.submit("devices/+/cert/renew", b"")
+    service.close()
+    assert published == []
+    assert service.counters["bad_topic"] == 1
+
+
+def test_service_publishes_the_certificate_pem(pki: TestPKI, engine: Engine) -> None:
+    _register(pki, engine, "dev-pem")
+    service, published = _service(CertificateRenewer(pki.ca, engine))
+    service.submit("devices/dev-pem/cert/renew", _csr("dev-pem"))
+    service.close()
+    assert published[0][0] == "devices/dev-pem/cert/issued"
+    assert published[0][1].startswith(b"-----BEGIN CERTIFICATE-----")
+    assert service.counters["issued"] == 1
