@@ -185,22 +185,8 @@ class _Demo:
         broker_port = _free_port()
         broker_addr = f"127.0.0.1:{broker_port}"
         with ProcessGroup(root / "logs") as group:
-            registry = group.start(
-                "registry",
-                certfleet_argv(
-                    "registry",
-                    "serve",
-                    "--data-dir",
-                    str(root),
-                    "--addr",
-                    "127.0.0.1:0",
-                    "--ready-file",
-                    str(root / "registry.ready.json"),
-                    "--telemetry-broker",
-                    broker_addr,
-                ),
-                root / "registry.ready.json",
-                env=DEMO_ENV,
+            registry = group.start_registry(
+                root, "127.0.0.1:0", telemetry_broker=broker_addr, env=DEMO_ENV
             )
             url = str(registry.ready["url"])
             self.result.facts["registry_url"] = url
@@ -209,23 +195,7 @@ class _Demo:
 
             self._provision(root, url, broker_addr, count)
 
-            broker = group.start(
-                "broker",
-                certfleet_argv(
-                    "broker",
-                    "serve",
-                    "--data-dir",
-                    str(root),
-                    "--addr",
-                    broker_addr,
-                    "--registry-url",
-                    url,
-                    "--ready-file",
-                    str(root / "broker.ready.json"),
-                ),
-                root / "broker.ready.json",
-                env=DEMO_ENV,
-            )
+            broker = group.start_broker(root, broker_addr, registry_url=url, env=DEMO_ENV)
             self.result.facts["broker_addr"] = broker.ready.get("addr", broker_addr)
             self.result.facts["broker_pid"] = broker.pid
             self.step(f"broker listening at {broker.ready.get('addr')} (pid {broker.pid})")

@@ -149,6 +149,28 @@ class ProcessGroup:
             f"{process.log_tail()}"
         )
 
+    def start_registry(
+        self, data_dir: Path, addr: str, *, telemetry_broker: str, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        """``certfleet registry serve`` on ``addr``, subscribed to the broker's telemetry."""
+        ready_file = data_dir / "registry.ready.json"
+        argv = certfleet_argv(
+            "registry", "serve", "--data-dir", str(data_dir), "--addr", addr,
+            "--ready-file", str(ready_file), "--telemetry-broker", telemetry_broker,
+        )  # fmt: skip
+        return self.start("registry", argv, ready_file, env=env)
+
+    def start_broker(
+        self, data_dir: Path, addr: str, *, registry_url: str, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        """``certfleet broker serve`` on ``addr``, following ``registry_url``'s revocations."""
+        ready_file = data_dir / "broker.ready.json"
+        argv = certfleet_argv(
+            "broker", "serve", "--data-dir", str(data_dir), "--addr", addr,
+            "--registry-url", registry_url, "--ready-file", str(ready_file),
+        )  # fmt: skip
+        return self.start("broker", argv, ready_file, env=env)
+
 
 @contextlib.contextmanager
 def terminate_on_sigterm() -> Iterator[None]:

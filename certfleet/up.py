@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from certfleet.credentials import ensure_service_certs
-from certfleet.procs import OrchestrationError, ProcessGroup, certfleet_argv
+from certfleet.procs import OrchestrationError, ProcessGroup
 from certfleet.settings import OrchestrateSettings
 from factory.ca import CertificateAuthority
 from factory.layout import DataLayout
@@ -50,39 +50,11 @@ def run_up(
             "broker starts): set CERTFLEET_BROKER_ADDR or --broker-addr to host:port"
         )
     with ProcessGroup(root / "logs") as group:
-        registry = group.start(
-            "registry",
-            certfleet_argv(
-                "registry",
-                "serve",
-                "--data-dir",
-                str(root),
-                "--addr",
-                settings.registry_addr,
-                "--ready-file",
-                str(root / "registry.ready.json"),
-                "--telemetry-broker",
-                settings.broker_addr,
-            ),
-            root / "registry.ready.json",
+        registry = group.start_registry(
+            root, settings.registry_addr, telemetry_broker=settings.broker_addr
         )
         url = str(registry.ready["url"])
-        broker = group.start(
-            "broker",
-            certfleet_argv(
-                "broker",
-                "serve",
-                "--data-dir",
-                str(root),
-                "--addr",
-                settings.broker_addr,
-                "--registry-url",
-                url,
-                "--ready-file",
-                str(root / "broker.ready.json"),
-            ),
-            root / "broker.ready.json",
-        )
+        broker = group.start_broker(root, settings.broker_addr, registry_url=url)
         broker_addr = str(broker.ready.get("addr", settings.broker_addr))
         console.print(f"registry  {url}  (pid {registry.pid}, log {registry.log_path})")
         console.print(

@@ -10,6 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,46 @@ def certfleet(
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+@dataclass
+class ServedRegistry:
+    """A `certfleet registry serve` subprocess; ``stdout``/``stderr`` filled once it stopped."""
+
+    process: subprocess.Popen[str]
+    url: str
+    ready_info: dict[str, object]
+    stdout: str = ""
+    stderr: str = ""
+
+
+@contextmanager
+def served_registry(data: str, ready: Path) -> Iterator[ServedRegistry]:
+    """Run `certfleet registry serve` until the block ends, then SIGTERM it (by PID)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "certfleet.cli", "registry", "serve", "--data-dir", data,
+         "--addr", "127.0.0.1:0", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    served = ServedRegistry(process, "", {})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "registry did not write its ready file"
+            time.sleep(0.05)
+        served.ready_info = json.loads(ready.read_text())
+        served.url = str(served.ready_info["url"])
+        yield served
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            served.stdout, served.stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            served.stdout, served.stderr = process.communicate()
 
 
 @pytest.fixture
@@ -112,35 +155,12 @@ def test_token_create_prints_a_token_that_works_and_migrate_is_repeatable(
     assert "operator name 'bad name' is not valid" in refused.stderr
 
     ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "certfleet.cli",
-            "registry",
-            "serve",
-            "--data-dir",
-            data,
-            "--addr",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "registry did not write its ready file"
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        assert info["pid"] == process.pid
-        assert info["url"].startswith("https://127.0.0.1:")
+    with served_registry(data, ready) as served:
+        info = served.ready_info
+        assert info["pid"] == served.process.pid
+        assert served.url.startswith("https://127.0.0.1:")
         context = ssl.create_default_context(cafile=str(ca.layout.root_cert))
-        with httpx.Client(base_url=info["url"] + "/api/v1", verify=context) as http:
+        with httpx.Client(base_url=served.url + "/api/v1", verify=context) as http:
             assert http.get("/healthz").json()["status"] == "ok"
             with_token = http.get("/devices", headers={"Authorization": f"Bearer {token}"})
             assert with_token.status_code == 200
@@ -150,17 +170,10 @@ def test_token_create_prints_a_token_that_works_and_migrate_is_repeatable(
         write_issued(operator, tmp_path / "op.crt", tmp_path / "op.key")
         mtls = ssl.create_default_context(cafile=str(ca.layout.root_cert))
         mtls.load_cert_chain(str(tmp_path / "op.crt"), str(tmp_path / "op.key"))
-        with httpx.Client(base_url=info["url"] + "/api/v1", verify=mtls) as http:
+        with httpx.Client(base_url=served.url + "/api/v1", verify=mtls) as http:
             assert http.get("/devices").status_code == 200
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            stdout, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, _ = process.communicate()
-    assert info["url"] in stdout
-    assert process.returncode == 0
+    assert served.url in served.stdout
+    assert served.process.returncode == 0
     assert not ready.exists()
 
 
@@ -185,33 +198,9 @@ def test_serve_releases_open_long_polls_when_stopped(
     token = certfleet(
         "registry", "token", "create", "--operator", "feed-op", "--data-dir", data
     ).stdout.strip()
-    ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "certfleet.cli",
-            "registry",
-            "serve",
-            "--data-dir",
-            data,
-            "--addr",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     poll_status: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "registry did not write its ready file"
-            time.sleep(0.05)
-        url = json.loads(ready.read_text())["url"]
+    with served_registry(data, tmp_path / "ready.json") as served:
+        url = served.url
         context = ssl.create_default_context(cafile=str(ca.layout.root_cert))
         headers = {"Authorization": f"Bearer {token}"}
 
@@ -234,15 +223,8 @@ def test_serve_releases_open_long_polls_when_stopped(
             ):
                 assert time.monotonic() < deadline, "long-poll never parked"
                 time.sleep(0.05)
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            _, stderr = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
     poller.join(20)
     assert poll_status == [200]
-    assert process.returncode == 0
-    assert "graceful shutdown exceeded" not in stderr
-    assert "Traceback" not in stderr
+    assert served.process.returncode == 0
+    assert "graceful shutdown exceeded" not in served.stderr
+    assert "Traceback" not in served.stderr
