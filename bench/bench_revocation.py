@@ -43,23 +43,8 @@ async def _hold(data_dir: Path, port: int, start: int, end: int, concurrency: in
     async def one(index: int) -> None:
         nonlocal ok, failed
         async with semaphore:
-            cert, key = lib.device_files(layout, index)
-            context = lib.client_context(layout, cert, key)
-            connack: asyncio.Future[bytes] = loop.create_future()
-            buffer = bytearray()
-
-            def on_plain(data: bytes) -> None:
-                buffer.extend(data)
-                if len(buffer) >= 4 and not connack.done():
-                    connack.set_result(bytes(buffer[:4]))
-
             try:
-                _, client = await loop.create_connection(
-                    lambda: lib.TlsClient(context, on_plain), "127.0.0.1", port
-                )
-                client.send(lib.connect_packet(lib.device_id(index)))
-                if await asyncio.wait_for(connack, 60) != b"\x20\x02\x00\x00":
-                    raise ConnectionError("refused")
+                client = await lib.connect_device(layout, port, index)
             except (OSError, TimeoutError, ConnectionError):
                 failed += 1
                 return

@@ -319,3 +319,34 @@ def lscpu_model() -> str:
         if line.startswith("Model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
+
+
+async def connect_device(layout: DataLayout, port: int, index: int) -> TlsClient:
+    """Open device ``index``'s mTLS session and wait for an accepting CONNACK.
+
+    Raises ConnectionError (refused), OSError or TimeoutError, like any failed connect.
+    """
+    loop = asyncio.get_running_loop()
+    cert, key = device_files(layout, index)
+    context = client_context(layout, cert, key)
+    connack: asyncio.Future[bytes] = loop.create_future()
+    buffer = bytearray()
+
+    def on_plain(data: bytes) -> None:
+        buffer.extend(data)
+        if len(buffer) >= 4 and not connack.done():
+            connack.set_result(bytes(buffer[:4]))
+
+    _, client = await loop.create_connection(
+        lambda: TlsClient(context, on_plain), "127.0.0.1", port
+    )
+    client.send(connect_packet(device_id(index)))
+    reply = await asyncio.wait_for(connack, 60)
+    if reply != CONNACK_ACCEPTED:
+        if client.transport is not None:
+            client.transport.close()
+        raise ConnectionError(f"CONNACK {reply.hex()}")
+    return client
