@@ -1,15 +1,25 @@
-"""`certfleet registry` commands: serve, migrate, import, token create."""
+"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke."""
 
 from __future__ import annotations
 
 import getpass
 import json
+import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlmodel import Session
+
+    from registry import crud
+    from registry.models import TokenInfo
+
 __all__ = ["app"]
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(help="The registry: devices, revocation feed, CRL.", no_args_is_help=True)
 token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
@@ -114,9 +124,108 @@ def token_create(
     try:
         run_migrations(engine)
         with Session(engine) as session:
-            token = crud.create_token(
-                session, operator, crud.Actor(who=f"cli:{getpass.getuser()}", from_addr="local")
-            )
+            token = crud.create_token(session, operator, _cli_actor())
     finally:
         engine.dispose()
     typer.echo(token)
+
+
+def _cli_actor() -> crud.Actor:
+    """Who CLI token commands act as in the audit log: the local administrator (unix user)."""
+    from registry import crud
+
+    return crud.Actor(who=f"cli:{getpass.getuser()}", from_addr="local")
+
+
+def _open_session(data_dir: Path | None, database_url: str | None) -> tuple[Engine, Session]:
+    from sqlmodel import Session
+
+    from registry.db import make_engine
+    from registry.db import migrate as run_migrations
+    from registry.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir, registry_database_url=database_url)
+    engine = make_engine(settings)
+    try:
+        run_migrations(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, Session(engine)
+
+
+def _token_line(token: TokenInfo) -> str:
+    state = f"revoked {token.revoked_at.isoformat()}" if token.revoked_at else "revoked"
+    return (
+        f"{token.id:>6}  {token.operator:<24}  {token.created_at.isoformat()}  "
+        f"{state if token.revoked else 'active'}"
+    )
+
+
+@token_app.command("list")
+def token_list(
+    operator: Annotated[
+        str | None, typer.Option("--operator", help="only this operator's tokens")
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON array")] = False,
+) -> None:
+    """List bearer tokens: id, operator, created_at, revoked (never the token or its hash)."""
+    from registry import crud
+
+    engine, session = _open_session(data_dir, database_url)
+    try:
+        with session:
+            tokens = crud.list_tokens(session, operator)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([token.model_dump(mode="json") for token in tokens]))
+        return
+    typer.echo(f"{'ID':>6}  {'OPERATOR':<24}  {'CREATED_AT':<32}  STATUS")
+    for token in tokens:
+        typer.echo(_token_line(token))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[
+        int | None, typer.Argument(help="id of the token to revoke (see 'token list')")
+    ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option("--operator", help="revoke every token of this operator instead"),
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+) -> None:
+    """Revoke TOKEN_ID, or all tokens of --operator; effective on the next request."""
+    from registry import crud
+    from registry.errors import InvalidRequestError
+
+    if (token_id is None) == (operator is None):
+        raise InvalidRequestError("give either TOKEN_ID or --operator NAME (exactly one)")
+    actor = _cli_actor()
+    engine, session = _open_session(data_dir, database_url)
+    try:
+        with session:
+            outcome = crud.revoke_tokens(session, actor, token_id=token_id, operator=operator)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "revoked": [token.id for token in outcome.revoked],
+                    "already_revoked": [token.id for token in outcome.already_revoked],
+                }
+            )
+        )
+        return
+    for token in outcome.revoked:
+        log.info("token revoked token_id=%d operator=%s by=%s", token.id, token.operator, actor.who)
+        typer.echo(f"revoked token {token.id} of operator {token.operator}")
+    for token in outcome.already_revoked:
+        typer.echo(f"token {token.id} of operator {token.operator} was already revoked")

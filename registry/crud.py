@@ -46,6 +46,7 @@ from registry.models import (
     RevocationEvent,
     RevocationFeed,
     Stats,
+    TokenInfo,
     WeekCount,
     utcnow,
 )
@@ -66,6 +67,9 @@ __all__ = [
     "register_devices",
     "revocations_after",
     "revoked_entries",
+    "find_token",
+    "list_tokens",
+    "revoke_tokens",
     "stats",
 ]
 
@@ -570,12 +574,98 @@ def create_token(session: Session, operator: str, actor: Actor) -> str:
     return token
 
 
+@dataclass(frozen=True, slots=True)
+class TokenMatch:
+    """The stored token a bearer token hashes to (revoked or not)."""
+
+    id: int
+    operator: str
+    revoked: bool
+
+
+def find_token(session: Session, token: str) -> TokenMatch | None:
+    """The stored token ``token`` hashes to, revoked ones included; None when unknown."""
+    digest = _token_hash(token)
+    row = session.exec(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
+    if row is None or row.id is None or not hmac.compare_digest(row.token_sha256, digest):
+        return None
+    return TokenMatch(row.id, row.operator, row.revoked)
+
+
 def operator_for_token(session: Session, token: str) -> str | None:
     """The operator a bearer token belongs to, or None (unknown or revoked)."""
-    digest = _token_hash(token)
-    row = session.exec(
-        select(ApiToken).where(ApiToken.token_sha256 == digest, ApiToken.revoked == False)  # noqa: E712
-    ).first()
-    if row is None or not hmac.compare_digest(row.token_sha256, digest):
-        return None
-    return row.operator
+    match = find_token(session, token)
+    return None if match is None or match.revoked else match.operator
+
+
+def _token_info(row: ApiToken) -> TokenInfo:
+    assert row.id is not None
+    return TokenInfo(
+        id=row.id,
+        operator=row.operator,
+        created_at=row.created_at,
+        revoked=row.revoked,
+        revoked_at=row.revoked_at,
+    )
+
+
+def list_tokens(session: Session, operator: str | None = None) -> list[TokenInfo]:
+    """Every bearer token (of ``operator``, when given), oldest first; no hashes."""
+    query = select(ApiToken).order_by(col(ApiToken.id))
+    if operator is not None:
+        query = query.where(ApiToken.operator == operator)
+    return [_token_info(row) for row in session.exec(query).all()]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevocation:
+    """What :func:`revoke_tokens` did: tokens revoked now, and those revoked before."""
+
+    revoked: list[TokenInfo]
+    already_revoked: list[TokenInfo]
+
+
+def revoke_tokens(
+    session: Session,
+    actor: Actor,
+    *,
+    token_id: int | None = None,
+    operator: str | None = None,
+) -> TokenRevocation:
+    """Revoke one token (``token_id``) or all of ``operator``'s, in one write transaction
+    with one audit entry per token revoked. Tokens already revoked are left as they were
+    (no audit entry). Raises NotFoundError when nothing matches."""
+    if (token_id is None) == (operator is None):
+        raise InvalidRequestError("give exactly one of a token id or an operator name")
+    begin_write(session)
+    query = select(ApiToken).order_by(col(ApiToken.id))
+    if token_id is not None:
+        query = query.where(ApiToken.id == token_id)
+        missing = f"no token with id {token_id}: see 'certfleet registry token list'"
+    else:
+        query = query.where(ApiToken.operator == operator)
+        missing = f"operator {operator!r} has no tokens: see 'certfleet registry token list'"
+    rows = list(session.exec(query).all())
+    if not rows:
+        session.rollback()
+        raise NotFoundError(missing)
+    now = utcnow()
+    revoked: list[TokenInfo] = []
+    already: list[TokenInfo] = []
+    for row in rows:
+        if row.revoked:
+            already.append(_token_info(row))
+            continue
+        row.revoked = True
+        row.revoked_at = now
+        session.add(row)
+        audit(
+            session,
+            actor,
+            "token_revoke",
+            f"token/{row.id}",
+            {"operator": row.operator, "selected_by": "id" if token_id is not None else "operator"},
+        )
+        revoked.append(_token_info(row))
+    session.commit()
+    return TokenRevocation(revoked, already)

@@ -106,6 +106,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             )
             ingest = await started if inspect.isawaitable(started) else started
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
+            registry_metrics.telemetry.attach(ingest)
             log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
         try:
             yield

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
 
-__all__ = ["RegistryMetrics", "RequestMetricsMiddleware"]
+if TYPE_CHECKING:
+    from registry.telemetry import TelemetryIngest
+
+__all__ = ["RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
+
+#: Why the ingest drops a message (``registry.telemetry.TelemetryRejected.reason``).
+TELEMETRY_DROP_REASONS = ("bad_topic", "too_large", "malformed_json", "device_mismatch")
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -61,6 +74,72 @@ class RegistryMetrics:
             "certfleet_registry_crl_resigns",
             "times the CRL was signed",
             registry=self.registry,
+        )
+        self.telemetry = TelemetryCollector()
+        self.registry.register(self.telemetry)
+
+
+class TelemetryCollector(Collector):
+    """The telemetry ingest's counters, read at scrape time.
+
+    The ingest counts in plain attributes (``TelemetryIngest.counters``) on its own threads, so
+    receiving a message costs no Prometheus call; this collector turns them into metrics when
+    ``/metrics`` is read. Without a running ingest it yields nothing.
+    """
+
+    def __init__(self) -> None:
+        self.ingest: TelemetryIngest | None = None
+
+    def attach(self, ingest: TelemetryIngest) -> None:
+        self.ingest = ingest
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.ingest
+        if ingest is None:
+            return
+        counters = ingest.counters
+        prefix = "certfleet_registry_telemetry"
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{prefix}_{name}", doc, value=value)
+
+        yield counter(
+            "messages_received", "telemetry messages received from the broker", counters.received
+        )
+        yield counter(
+            "messages_accepted", "telemetry messages accepted into the buffer", counters.accepted
+        )
+        dropped = CounterMetricFamily(
+            f"{prefix}_messages_dropped",
+            "telemetry messages dropped, by reason (malformed_json, device_mismatch, ...)",
+            labels=["reason"],
+        )
+        for reason in TELEMETRY_DROP_REASONS:  # never iterates the dict paho's thread writes
+            dropped.add_metric([reason], counters.rejected.get(reason, 0))
+        yield dropped
+        yield counter("flushes", "batched telemetry writes committed", counters.flushes)
+        yield counter("flush_errors", "batched telemetry writes that failed", counters.flush_errors)
+        yield counter(
+            "devices_updated",
+            "device rows updated with last seen time and telemetry",
+            counters.rows_written,
+        )
+        yield SummaryMetricFamily(
+            f"{prefix}_flush_seconds",
+            "time of one committed batched telemetry write",
+            count_value=counters.flushes,
+            sum_value=counters.flush_seconds_total,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_flush_seconds_max",
+            "longest committed batched telemetry write so far",
+            value=counters.flush_seconds_max,
+        )
+        yield counter("connects", "connections to the broker established", counters.connects)
+        yield GaugeMetricFamily(
+            f"{prefix}_connected",
+            "1 while the ingest is connected to the broker",
+            value=1.0 if ingest.connected.is_set() else 0.0,
         )
 
 

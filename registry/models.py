@@ -39,6 +39,7 @@ __all__ = [
     "RevocationFeed",
     "Revocation",
     "Stats",
+    "TokenInfo",
     "WeekCount",
     "utcnow",
 ]
@@ -154,6 +155,7 @@ class ApiToken(SQLModel, table=True):
     token_sha256: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     revoked: bool = Field(default=False)
+    revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 # -- API shapes -------------------------------------------------------------------------------
@@ -230,6 +232,16 @@ class RevocationFeed(BaseModel):
     events: list[RevocationEvent]
     last_seq: int
     head_seq: int
+
+
+class TokenInfo(BaseModel):
+    """What ``certfleet registry token list`` shows of a token: never the token or its hash."""
+
+    id: int
+    operator: str
+    created_at: dt.datetime
+    revoked: bool
+    revoked_at: dt.datetime | None
 
 
 class WeekCount(BaseModel):

@@ -13,6 +13,9 @@ A message is dropped and counted when its payload is not a JSON object, is large
 ``MAX_PAYLOAD_BYTES``, or names a different device than its topic (``devices/<id>/...``).
 Telemetry of unknown devices is ignored by the UPDATE.
 
+The counters (``IngestCounters``) are plain attributes; ``registry.metrics.TelemetryCollector``
+exports them on the registry's ``/api/v1/metrics`` when it is scraped.
+
 Given the CA (``start_ingest(settings, engine, ca)``, as the app does) and with
 ``registry_renewal_enabled``, the same connection also subscribes to ``devices/+/cert/renew``
 (QoS 1) and hands each CSR to :class:`registry.renewal.RenewalService`, which signs on its own

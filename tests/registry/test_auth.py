@@ -130,6 +130,8 @@ def test_revoked_token_is_refused(clients: Clients, registry: RegistryServer) ->
         session.execute(update(ApiToken).values(revoked=True))
         session.commit()
     assert http.get("/devices").status_code == 401
+    assert refusals(registry, "revoked_token") == 1
+    assert refusals(registry, "bad_token") == 0
 
 
 def test_tokens_are_stored_hashed(registry: RegistryServer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 
 import registry.models  # noqa: F401
 from registry.db import make_engine, migrate
@@ -44,5 +44,28 @@ def test_sqlite_database_runs_in_wal_mode(tmp_path: Path) -> None:
             assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 10_000
         assert (tmp_path / "registry.db").exists()
+    finally:
+        engine.dispose()
+
+
+def test_0002_keeps_existing_tokens_and_adds_revoked_at(database_url: str, tmp_path: Path) -> None:
+    from registry import crud
+
+    engine = make_engine(RegistrySettings(data_dir=tmp_path, registry_database_url=database_url))
+    try:
+        migrate(engine, "0001")
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO api_token (operator, token_sha256, created_at, revoked) "
+                    "VALUES ('old-op', :digest, CURRENT_TIMESTAMP, false)"
+                ),
+                {"digest": crud._token_hash("cfr_from-before-0002")},
+            )
+        migrate(engine)
+        with Session(engine) as session:
+            assert crud.operator_for_token(session, "cfr_from-before-0002") == "old-op"
+            [token] = crud.list_tokens(session)
+        assert (token.operator, token.revoked, token.revoked_at) == ("old-op", False, None)
     finally:
         engine.dispose()
