@@ -46,24 +46,18 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning our own errors into one line and exit code 2."""
+    """Entry point: run the CLI, turning our own errors into one line and exit code 2.
+
+    typer runs in standalone mode, so usage errors (unknown option, bad value) are printed
+    by typer itself with the usage line and exit code 2.
+    """
     _register_groups()
     try:
-        app(standalone_mode=False)
+        app()
     except CertfleetError as exc:
         print(f"certfleet: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except typer.Abort:
-        print("certfleet: aborted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         if os.environ.get("CERTFLEET_TRACEBACK"):
             raise
         print(
