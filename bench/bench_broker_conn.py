@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,32 +58,8 @@ def run_broker(name: str, layout: lib.DataLayout, devices: int, procs: int) -> d
     try:
         time.sleep(1.0)  # let the process finish importing/allocating before the idle sample
         idle = lib.rss_kib(broker.pid)
-        per_proc = devices // procs
-        workers = []
         t0 = time.monotonic()
-        for p in range(procs):
-            start, end = p * per_proc, devices if p == procs - 1 else (p + 1) * per_proc
-            workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        "--data-dir",
-                        str(layout.root),
-                        "--port",
-                        str(broker.port),
-                        "--start",
-                        str(start),
-                        "--end",
-                        str(end),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    preexec_fn=lib.raise_nofile,
-                )
-            )
+        workers = lib.spawn_device_workers(__file__, layout.root, broker.port, devices, procs)
         reports = [json.loads(w.stdout.readline()) for w in workers]  # type: ignore[union-attr]
         connect_seconds = time.monotonic() - t0
         ok = sum(int(r["ok"]) for r in reports)

@@ -132,30 +132,7 @@ def main() -> None:
         broker = lib.start_ours(layout, registry_url=url)
         closed: dict[str, float] = {}
         lock = threading.Lock()
-        per = args.devices // args.procs
-        for p in range(args.procs):
-            start, end = p * per, args.devices if p == args.procs - 1 else (p + 1) * per
-            workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        "--data-dir",
-                        str(root),
-                        "--port",
-                        str(broker.port),
-                        "--start",
-                        str(start),
-                        "--end",
-                        str(end),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    preexec_fn=lib.raise_nofile,
-                )
-            )
+        workers = lib.spawn_device_workers(__file__, root, broker.port, args.devices, args.procs)
         connected = 0
         for w in workers:
             line = json.loads(w.stdout.readline())  # type: ignore[union-attr]

@@ -350,3 +350,30 @@ async def connect_device(layout: DataLayout, port: int, index: int) -> TlsClient
             client.transport.close()
         raise ConnectionError(f"CONNACK {reply.hex()}")
     return client
+
+
+def spawn_device_workers(
+    script: str, data_dir: Path, port: int, devices: int, procs: int
+) -> list[subprocess.Popen[str]]:
+    """Start ``procs`` copies of ``script --worker``, splitting device indexes 0..devices.
+
+    Each worker holds its share of connections until its stdin is closed.
+    """
+    per_proc = devices // procs
+    workers = []
+    for p in range(procs):
+        start, end = p * per_proc, devices if p == procs - 1 else (p + 1) * per_proc
+        argv = [
+            sys.executable, script, "--worker", "--data-dir", str(data_dir),
+            "--port", str(port), "--start", str(start), "--end", str(end),
+        ]  # fmt: skip
+        workers.append(
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=raise_nofile,  # each child holds thousands of sockets
+            )
+        )
+    return workers

@@ -22,18 +22,19 @@ from device_sim.settings import build_settings, parse_addr
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
 
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="certfleet data folder")]
+BrokerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
+    ),
+]
+
 
 @app.command("run")
 def run(
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="certfleet data folder")
-    ] = None,
-    broker: Annotated[
-        str | None,
-        typer.Option(
-            "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
-        ),
-    ] = None,
+    data_dir: DataDirOption = None,
+    broker: BrokerOption = None,
     devices: Annotated[
         int | None, typer.Option("--devices", min=1, help="run the first N bundles")
     ] = None,
@@ -133,15 +134,8 @@ def run(
 @app.command("renew")
 def renew(
     device: Annotated[str, typer.Option("--device", help="device id whose bundle to renew")],
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="certfleet data folder")
-    ] = None,
-    broker: Annotated[
-        str | None,
-        typer.Option(
-            "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
-        ),
-    ] = None,
+    data_dir: DataDirOption = None,
+    broker: BrokerOption = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="seconds to wait for the answer")
     ] = 30.0,
