@@ -1,11 +1,20 @@
 """A device bundle: ``devices/<id>/`` with device.crt, device.key, chain.pem, root.crt,
 device.json. Written into a temporary folder and renamed into place, so a bundle either
 exists complete or not at all.
+
+chain.pem and root.crt are the same in every bundle a CA issues. A provisioning run writes
+them once per worker (:class:`SharedCAFiles`) and hard-links them into each bundle: two
+fewer inodes and page-cache pages per device, which is a third of a bundle's filesystem
+cost. Every writer in certfleet replaces files by rename, never in place, so a linked file
+is never changed under another bundle; a copy (``cp -r``, tar, rsync) gets plain files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +28,7 @@ from factory.errors import ProvisionError
 __all__ = [
     "BUNDLE_FILES",
     "BundleContents",
+    "SharedCAFiles",
     "bundle_info",
     "clear_temp_bundles",
     "read_bundle",
@@ -26,6 +36,15 @@ __all__ = [
 ]
 
 BUNDLE_FILES = ("device.crt", "device.key", "chain.pem", "root.crt", "device.json")
+
+#: Links made to one shared pair before a new pair is written. ext4 refuses a 65,001st link
+#: to one inode (EMLINK); staying well under it means the limit is never met in practice.
+LINKS_PER_SHARED_PAIR = 50_000
+
+#: Shared pairs live in the temporary folder under this prefix; bundles being written do not.
+SHARED_PREFIX = ".ca-files-"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +82,11 @@ def bundle_info(
     return f"{{\n{body}\n}}\n".encode()
 
 
-_dumps = json.JSONEncoder(ensure_ascii=True).encode
+_encode = json.JSONEncoder(ensure_ascii=True).encode
+
+
+def _dumps(value: str | None) -> str:
+    return "null" if value is None else _encode(value)
 
 
 def _write(path: str, data: bytes, mode: int) -> None:
@@ -74,14 +97,75 @@ def _write(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+class SharedCAFiles:
+    """chain.pem and root.crt for the bundles one process writes: hard links to a pair kept
+    in the temporary folder, or plain copies where the filesystem has no hard links.
+
+    Not shared between processes: each keeps its own pair, named after its pid.
+    """
+
+    def __init__(self, temp_root: Path | str, *, chain_pem: bytes, root_pem: bytes) -> None:
+        self.temp_root = str(temp_root)
+        self.chain_pem = chain_pem
+        self.root_pem = root_pem
+        self._pair_dir: str | None = None
+        self._pairs_made = 0
+        self._links_left = 0
+        self.linking = True
+
+    def place(self, bundle_dir: str) -> None:
+        """Put chain.pem and root.crt into ``bundle_dir`` (a folder not yet renamed)."""
+        if self.linking:
+            try:
+                self._link(bundle_dir)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.ENOSYS):
+                    raise
+                self.linking = False
+                log.info("no hard links on this filesystem (%s); writing copies", exc.strerror)
+                # a link made before the failure would make the copy below fail: start clean
+                for name in ("chain.pem", "root.crt"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{bundle_dir}/{name}")
+        _write(f"{bundle_dir}/chain.pem", self.chain_pem, 0o644)
+        _write(f"{bundle_dir}/root.crt", self.root_pem, 0o644)
+
+    def _link(self, bundle_dir: str) -> None:
+        if self._links_left <= 0:
+            self._new_pair()
+        assert self._pair_dir is not None
+        try:
+            os.link(f"{self._pair_dir}/chain.pem", f"{bundle_dir}/chain.pem")
+            os.link(f"{self._pair_dir}/root.crt", f"{bundle_dir}/root.crt")
+        except OSError as exc:
+            if exc.errno != errno.EMLINK:  # a filesystem with a lower link limit than ext4
+                raise
+            for name in ("chain.pem", "root.crt"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{bundle_dir}/{name}")
+            self._new_pair()
+            os.link(f"{self._pair_dir}/chain.pem", f"{bundle_dir}/chain.pem")
+            os.link(f"{self._pair_dir}/root.crt", f"{bundle_dir}/root.crt")
+        self._links_left -= 1
+
+    def _new_pair(self) -> None:
+        self._pairs_made += 1
+        pair_dir = f"{self.temp_root}/{SHARED_PREFIX}{os.getpid()}-{self._pairs_made}"
+        os.mkdir(pair_dir, 0o755)
+        _write(f"{pair_dir}/chain.pem", self.chain_pem, 0o644)
+        _write(f"{pair_dir}/root.crt", self.root_pem, 0o644)
+        self._pair_dir = pair_dir
+        self._links_left = LINKS_PER_SHARED_PAIR
+
+
 def write_bundle(
     temp_dir: Path | str,
     final_dir: Path | str,
     *,
     certificate_pem: bytes,
     key_pem: bytes,
-    chain_pem: bytes,
-    root_pem: bytes,
+    ca_files: SharedCAFiles,
     info_json: bytes,
 ) -> None:
     """Write the five files into ``temp_dir`` and rename it to ``final_dir`` atomically."""
@@ -93,8 +177,7 @@ def write_bundle(
         os.mkdir(base, 0o755)
     _write(f"{base}/device.key", key_pem, 0o600)
     _write(f"{base}/device.crt", certificate_pem, 0o644)
-    _write(f"{base}/chain.pem", chain_pem, 0o644)
-    _write(f"{base}/root.crt", root_pem, 0o644)
+    ca_files.place(base)
     _write(f"{base}/device.json", info_json, 0o644)
     os.rename(base, final_dir)
 
@@ -116,7 +199,8 @@ def read_bundle(device_dir: Path) -> BundleContents:
 
 
 def clear_temp_bundles(temp_root: Path) -> int:
-    """Remove half-written bundles left by a killed run; return how many."""
+    """Remove half-written bundles (and shared CA file pairs) left in the temporary folder;
+    return how many bundles."""
     if not temp_root.exists():
         return 0
     removed = 0
@@ -125,5 +209,6 @@ def clear_temp_bundles(temp_root: Path) -> int:
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
-        removed += 1
+        if not entry.name.startswith(SHARED_PREFIX):
+            removed += 1
     return removed

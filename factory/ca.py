@@ -23,6 +23,7 @@ from factory.profile import (
     PublicKey,
     build_ca_certificate,
     build_server_certificate,
+    certificate_pem,
 )
 
 __all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow", "write_issued"]
@@ -46,7 +47,7 @@ class IssuedCertificate:
 
     @property
     def certificate_pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
+        return certificate_pem(self.certificate)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,11 @@ class ManifestRecord:
             "certificate_pem": self.certificate_pem,
             "batch_id": self.batch_id,
         }
-        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        return _LINE_ENCODER.encode(body).encode() + b"\n"
+
+
+#: One encoder for every line (``json.dumps`` with separators makes a new one per call).
+_LINE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class Manifest:

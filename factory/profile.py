@@ -11,12 +11,14 @@ import datetime as dt
 import ipaddress
 import re
 import secrets
+import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory.errors import IdentityError
@@ -34,6 +36,7 @@ __all__ = [
     "build_leaf_certificate",
     "build_server_certificate",
     "check_name",
+    "certificate_pem",
     "check_public_key",
     "new_serial",
     "read_identity",
@@ -119,6 +122,12 @@ class Identity:
 def new_serial() -> int:
     """A random positive 159-bit serial (RFC 5280 allows up to 20 octets)."""
     return secrets.randbits(159) | (1 << 158)
+
+
+def certificate_pem(certificate: x509.Certificate) -> bytes:
+    """The certificate as PEM; the same bytes as ``public_bytes(PEM)``, in a third of the time
+    (the standard library's encoder, from DER)."""
+    return ssl.DER_cert_to_PEM_cert(certificate.public_bytes(Encoding.DER)).encode("ascii")
 
 
 def serial_hex(serial: int) -> str:
@@ -251,9 +260,10 @@ class ClientCertificateTemplate:
     """Client certificates (device, service, operator) from one issuer, minted fast.
 
     The extensions every such certificate shares (basicConstraints, keyUsage, extKeyUsage,
-    authorityKeyIdentifier) are DER-encoded once and added as pre-encoded values, so each
-    certificate costs one signature and the per-device fields only. The DER produced is the
-    same as with the extension objects.
+    authorityKeyIdentifier) are DER-encoded once and kept as pre-encoded values, and the
+    builder is made in one call with the whole extension list, so each certificate costs
+    one signature and its own fields only. The DER produced is the same as with the
+    extension objects added one by one (a test compares them).
     """
 
     def __init__(self, issuer_cert: x509.Certificate, issuer_key: PrivateKey) -> None:
@@ -288,32 +298,56 @@ class ClientCertificateTemplate:
     ) -> x509.Certificate:
         """A client certificate: clientAuth, CN = name, one SPIFFE URI SAN."""
         public_key = check_public_key(public_key)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
-            .issuer_name(self._issuer_name)
-            .public_key(public_key)
-            .serial_number(serial if serial is not None else new_serial())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-        )
-        for value, critical in self._constant[isinstance(public_key, rsa.RSAPublicKey)]:
-            builder = builder.add_extension(value, critical=critical)
-        builder = (
-            builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-            .add_extension(self._aki[0], critical=self._aki[1])
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-                critical=False,
+        not_before, not_after = _naive_utc(not_before), _naive_utc(not_after)
+        if not_after <= not_before:
+            raise IdentityError(
+                f"not_after {not_after.isoformat()} is not after not_before "
+                f"{not_before.isoformat()}"
             )
+        serial_number = serial if serial is not None else new_serial()
+        if not 0 < serial_number < 1 << 159:
+            raise IdentityError("a certificate serial must be positive and at most 159 bits")
+        extensions = [
+            *self._constant[isinstance(public_key, rsa.RSAPublicKey)],
+            x509.Extension(
+                x509.SubjectKeyIdentifier.oid,
+                False,
+                x509.SubjectKeyIdentifier.from_public_key(public_key),
+            ),
+            self._aki,
+            x509.Extension(
+                x509.SubjectAlternativeName.oid,
+                False,
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            ),
+        ]
+        # The constructor takes the finished list; the chained setters would copy the
+        # builder and re-check for duplicates once per extension.
+        builder = x509.CertificateBuilder(
+            issuer_name=self._issuer_name,
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]),
+            public_key=public_key,
+            serial_number=serial_number,
+            not_valid_before=not_before,
+            not_valid_after=not_after,
+            extensions=extensions,
         )
         return builder.sign(self.issuer_key, self._hash)
 
 
+def _naive_utc(moment: dt.datetime) -> dt.datetime:
+    """What the builder's setters do: aware times to naive UTC (the constructor does not)."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
 def _pre_encoded(
     extension: x509.ExtensionType, *, critical: bool
-) -> tuple[x509.UnrecognizedExtension, bool]:
-    return x509.UnrecognizedExtension(extension.oid, extension.public_bytes()), critical
+) -> x509.Extension[x509.UnrecognizedExtension]:
+    return x509.Extension(
+        extension.oid, critical, x509.UnrecognizedExtension(extension.oid, extension.public_bytes())
+    )
 
 
 def _leaf_key_usage(key_encipherment: bool) -> x509.KeyUsage:

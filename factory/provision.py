@@ -40,13 +40,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from factory.batch import DeviceSpec, counted_devices
-from factory.bundle import bundle_info, clear_temp_bundles, read_bundle, write_bundle
+from factory.bundle import (
+    SharedCAFiles,
+    bundle_info,
+    clear_temp_bundles,
+    read_bundle,
+    write_bundle,
+)
 from factory.ca import CertificateAuthority, utcnow
 from factory.errors import IdentityError, ProvisionError
 from factory.keys import KEY_ALGORITHMS, load_private_key_pem, private_key_pem
 from factory.layout import DataLayout
 from factory.manifest import Manifest, ManifestRecord
-from factory.profile import CLOCK_SKEW, Identity, IdentityKind, read_identity, serial_hex
+from factory.profile import (
+    CLOCK_SKEW,
+    Identity,
+    IdentityKind,
+    new_serial,
+    read_identity,
+    serial_hex,
+)
 from factory.stagger import stagger_offset
 
 __all__ = [
@@ -141,6 +154,20 @@ class _WorkerConfig:
     batch_id: str
 
 
+#: One device for a worker: rank, device id, hardware serial, and whether its bundle folder
+#: already exists (a killed run's bundle without a manifest line: recovered, not minted).
+_ChunkItem = tuple[int, str, str | None, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkTimes:
+    """The times every device of one chunk shares."""
+
+    issued_at_iso: str
+    not_before: dt.datetime
+    not_before_iso: str
+
+
 @dataclass
 class _ChunkResult:
     lines: bytes
@@ -164,24 +191,28 @@ class _Minter:
         )
         self.devices_dir = str(layout.devices_dir)
         self.temp_dir = str(layout.provision_tmp_dir)
-        self.chain_pem = self.ca.chain_pem
-        self.not_after_base = config.batch_start + config.lifetime
+        self.ca_files = SharedCAFiles(
+            self.temp_dir, chain_pem=self.ca.chain_pem, root_pem=config.root_pem
+        )
+        # Whole seconds, as the certificate holds them (stagger offsets are whole seconds).
+        self.not_after_base = (config.batch_start + config.lifetime).replace(microsecond=0)
 
-    def mint_chunk(
-        self, chunk: list[tuple[int, str, str | None]], want_records: bool
-    ) -> _ChunkResult:
+    def mint_chunk(self, chunk: list[_ChunkItem], want_records: bool) -> _ChunkResult:
         now = utcnow()
-        not_before = now - CLOCK_SKEW
+        # Certificates hold whole seconds; the manifest and device.json say what they hold.
+        not_before = (now - CLOCK_SKEW).replace(microsecond=0)
+        times = _ChunkTimes(now.isoformat(), not_before, not_before.isoformat())
         lines: list[bytes] = []
         records: list[ManifestRecord] = []
         issued = recovered = 0
-        for rank, device_id, hardware_serial in chunk:
-            final_dir = f"{self.devices_dir}/{device_id}"
-            if os.path.lexists(final_dir):
-                record = self._recover(Path(final_dir), device_id, hardware_serial)
+        for rank, device_id, hardware_serial, exists in chunk:
+            if exists:
+                record = self._recover(
+                    Path(f"{self.devices_dir}/{device_id}"), device_id, hardware_serial
+                )
                 recovered += 1
             else:
-                record = self._mint(rank, device_id, hardware_serial, now, not_before)
+                record = self._mint(rank, device_id, hardware_serial, times)
                 issued += 1
             lines.append(record.to_line())
             if want_records:
@@ -189,52 +220,54 @@ class _Minter:
         return _ChunkResult(b"".join(lines), issued, recovered, records if want_records else None)
 
     def _mint(
-        self,
-        rank: int,
-        device_id: str,
-        hardware_serial: str | None,
-        now: dt.datetime,
-        not_before: dt.datetime,
+        self, rank: int, device_id: str, hardware_serial: str | None, times: _ChunkTimes
     ) -> ManifestRecord:
         config = self.config
         identity = Identity(config.trust_domain, IdentityKind.DEVICE, device_id)
+        serial = new_serial()
+        not_after = self.not_after_base + stagger_offset(rank, config.stagger)
         issued = self.ca.issue_client(
             identity,
-            not_before=not_before,
-            not_after=self.not_after_base + stagger_offset(rank, config.stagger),
+            not_before=times.not_before,
+            not_after=not_after,
+            serial=serial,
             key_algorithm=config.key_algorithm,
         )
         assert issued.private_key is not None
-        certificate = issued.certificate
         certificate_pem = issued.certificate_pem
-        serial = serial_hex(certificate.serial_number)
-        not_before_iso = certificate.not_valid_before_utc.isoformat()
-        not_after_iso = certificate.not_valid_after_utc.isoformat()
-        write_bundle(
-            f"{self.temp_dir}/{device_id}",
-            f"{self.devices_dir}/{device_id}",
-            certificate_pem=certificate_pem,
-            key_pem=private_key_pem(issued.private_key),
-            chain_pem=self.chain_pem,
-            root_pem=config.root_pem,
-            info_json=bundle_info(
-                device_id=device_id,
-                hardware_serial=hardware_serial,
-                serial=serial,
-                identity=identity.uri,
-                trust_domain=config.trust_domain,
-                not_before=not_before_iso,
-                not_after=not_after_iso,
-                broker=config.broker,
-            ),
-        )
+        serial_text = serial_hex(serial)
+        not_after_iso = not_after.isoformat()
+        try:
+            write_bundle(
+                f"{self.temp_dir}/{device_id}",
+                f"{self.devices_dir}/{device_id}",
+                certificate_pem=certificate_pem,
+                key_pem=private_key_pem(issued.private_key),
+                ca_files=self.ca_files,
+                info_json=bundle_info(
+                    device_id=device_id,
+                    hardware_serial=hardware_serial,
+                    serial=serial_text,
+                    identity=identity.uri,
+                    trust_domain=config.trust_domain,
+                    not_before=times.not_before_iso,
+                    not_after=not_after_iso,
+                    broker=config.broker,
+                ),
+            )
+        except OSError as exc:
+            raise ProvisionError(
+                f"cannot write the bundle of {device_id} under {self.devices_dir}: "
+                f"{exc.strerror or exc}; fix that and run the same command again, the batch "
+                "resumes where it stopped"
+            ) from None
         return ManifestRecord(
             device_id=device_id,
             hardware_serial=hardware_serial,
-            serial=serial,
-            not_before=not_before_iso,
+            serial=serial_text,
+            not_before=times.not_before_iso,
             not_after=not_after_iso,
-            issued_at=now.isoformat(),
+            issued_at=times.issued_at_iso,
             certificate_pem=certificate_pem.decode(),
             batch_id=config.batch_id,
         )
@@ -278,7 +311,7 @@ def _init_worker(config: _WorkerConfig) -> None:
     _worker_minter = _Minter(config)
 
 
-def _mint_in_worker(chunk: list[tuple[int, str, str | None]], want_records: bool) -> _ChunkResult:
+def _mint_in_worker(chunk: list[_ChunkItem], want_records: bool) -> _ChunkResult:
     assert _worker_minter is not None, "worker not initialised"
     return _worker_minter.mint_chunk(chunk, want_records)
 
@@ -320,9 +353,7 @@ def new_batch_id() -> str:
     return f"b{utcnow():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def _chunks(
-    items: Iterator[tuple[int, str, str | None]], size: int
-) -> Iterator[list[tuple[int, str, str | None]]]:
+def _chunks(items: Iterator[_ChunkItem], size: int) -> Iterator[list[_ChunkItem]]:
     while chunk := list(islice(items, size)):
         yield chunk
 
@@ -382,6 +413,9 @@ def provision_batch(
         layout.provision_tmp_dir.mkdir(parents=True, exist_ok=True)
         layout.devices_dir.mkdir(parents=True, exist_ok=True)
         issued_ids, device_by_hardware = _index_manifest(manifest)
+        # One listing instead of a lookup per device: only this run (it holds the lock) adds
+        # bundles, and renaming onto a finished bundle fails (ENOTEMPTY), never replaces it.
+        existing_bundles = set(os.listdir(layout.devices_dir))
         if isinstance(specs, list):  # serials input: refuse before minting anything
             _refuse_rebound_hardware(specs, device_by_hardware)
 
@@ -390,7 +424,7 @@ def provision_batch(
         if on_progress is not None:
             on_progress(0, total)
 
-        def pending() -> Iterator[tuple[int, str, str | None]]:
+        def pending() -> Iterator[_ChunkItem]:
             nonlocal done
             for spec in specs:
                 if keep_ids:
@@ -410,7 +444,12 @@ def provision_batch(
                     if registrar is not None:
                         skipped_ids.add(spec.device_id)
                     continue
-                yield (spec.rank, spec.device_id, spec.hardware_serial)
+                yield (
+                    spec.rank,
+                    spec.device_id,
+                    spec.hardware_serial,
+                    spec.device_id in existing_bundles,
+                )
 
         config = _WorkerConfig(
             data_dir=str(layout.root),
@@ -465,6 +504,7 @@ def provision_batch(
                         registrar.add(record)
             registrar.flush()
             summary.registered = True
+        clear_temp_bundles(layout.provision_tmp_dir)  # the workers' shared CA file pairs
         layout.provision_tmp_dir.rmdir()
     summary.elapsed_s = time.perf_counter() - started
     log.info(
@@ -482,7 +522,7 @@ def provision_batch(
 
 def _run_pool(
     config: _WorkerConfig,
-    chunks: Iterator[list[tuple[int, str, str | None]]],
+    chunks: Iterator[list[_ChunkItem]],
     worker_count: int,
     want_records: bool,
     handle: Callable[[_ChunkResult], None],
