@@ -10,9 +10,18 @@ What is measured (each in a fresh data folder on the same filesystem):
   copying chain/root and writing device.json and a manifest line, for ``--openssl-count``
   devices, sequentially as such scripts run.
 
+- the filesystem's own ceiling for the same bundle layout (``bench_fs_ceiling.py``: the
+  factory's bundle writer with no cryptography), in the same scratch folder, after the
+  factory runs.
+
 Run it alone (two shared cores):
 
     flock /tmp/certfleet-bench.lock .venv/bin/python bench/bench_factory.py
+
+On ext4 without a journal (this machine's disk) new inodes are slow to allocate next to
+inodes freed in the last few minutes (the kernel's ``recently_deleted`` check scans past
+them on every allocation). The scratch tree is deleted at the end, so leave five minutes
+between runs, and do not delete other large trees on the same disk just before one.
 
 Writes a Markdown summary to stdout (and ``--out`` if given).
 """
@@ -23,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +41,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import cryptography
+from cryptography.hazmat.backends.openssl import backend
 
 CERTFLEET = [sys.executable, "-m", "certfleet.cli"]
 TRUST_DOMAIN = "fleet.bench"
@@ -155,6 +168,20 @@ def run_openssl(count: int, data_dir: Path) -> Run:
     return Run(count, elapsed, 0.0)
 
 
+def fs_ceiling(count: int, scratch: Path) -> float:
+    """bench_fs_ceiling.py in the same scratch folder; its bundles/s."""
+    script = Path(__file__).with_name("bench_fs_ceiling.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--scratch", str(scratch), "--count", str(count)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    # "filesystem ceiling at DIR: N bundles, W writers, R bundles/s"
+    match = re.search(r"([\d,]+) bundles/s", result.stdout)
+    if match is None:
+        raise SystemExit(f"bench_fs_ceiling.py printed no rate: {result.stdout!r}")
+    return float(match.group(1).replace(",", ""))
+
+
 def cpu_model() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -178,6 +205,9 @@ def main() -> None:
         "leaves ext4 block groups slow to allocate from for a while, so give a fresh folder "
         "and leave time between runs; folders are deleted only at the end.",
     )
+    parser.add_argument(
+        "--ceiling-count", type=int, default=30_000, help="bundles for the filesystem ceiling"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     options = parser.parse_args()
 
@@ -195,6 +225,9 @@ def main() -> None:
             subprocess.run(["sync"], check=False)
         shell = run_openssl(options.openssl_count, scratch / "openssl")
         print(f"openssl {shell.devices}: {shell.rate:.1f}/s", file=sys.stderr)
+        ceiling = fs_ceiling(options.ceiling_count, scratch) if options.ceiling_count else None
+        if ceiling is not None:
+            print(f"filesystem ceiling: {ceiling:,.0f} bundles/s", file=sys.stderr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -203,6 +236,8 @@ def main() -> None:
         "## Factory: provisioning throughput",
         "",
         f"Machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}; "
+        f"cryptography {cryptography.__version__} ({backend.openssl_version_text()}); "
+        f"openssl command for the shell loop: "
         f"{subprocess.run(['openssl', 'version'], capture_output=True, text=True).stdout.strip()}.",
         "",
         "| run | devices | seconds | devices/s | peak RSS, whole process tree |",
@@ -217,6 +252,11 @@ def main() -> None:
         f"| one openssl process chain per device | {shell.devices:,} | {shell.seconds:.1f} | "
         f"{shell.rate:,.1f} | - |"
     )
+    if ceiling is not None:
+        lines.append(
+            f"| filesystem ceiling (bundle files only, no cryptography) | "
+            f"{options.ceiling_count:,} | - | {ceiling:,.0f} | - |"
+        )
     lines += [
         "",
         f"Ratio at {biggest.devices:,} devices: **{biggest.rate / shell.rate:,.0f}x** the "

@@ -8,12 +8,15 @@ Rules (DESIGN.md "MQTT topics and ACL"):
 - a service may subscribe to ``devices/+/telemetry`` and ``devices/+/cert/renew`` (or the
   same for one device id) and publish only to ``devices/<id>/cert/issued``.
 
-Every refusal is counted (``certfleet_broker_acl_refusals_total{action=...}``).
+Every refusal is counted (``certfleet_broker_acl_refusals_total{action=...}``); the log
+gets at most one line per client per ``REFUSAL_LOG_INTERVAL_S`` (:class:`RefusalLog`), so a
+device stuck in a loop of refused publishes cannot flood it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from amqtt.contexts import Action, BaseContext
@@ -22,7 +25,7 @@ from amqtt.session import Session
 
 from factory.profile import NAME_PATTERN, Identity, IdentityKind
 
-__all__ = ["DeviceTopicPlugin", "is_allowed"]
+__all__ = ["REFUSAL_LOG_INTERVAL_S", "DeviceTopicPlugin", "RefusalLog", "is_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,59 @@ def is_allowed(identity: Identity, topic: str, action: Action) -> bool:
     return False
 
 
+#: A client's refused topics are logged at most once per this many seconds.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RefusalLog:
+    """Topic refusals as warnings: the first of a client's at once, then at most one per
+    ``interval_s``, carrying how many were left out since the last line.
+
+    Keeps one entry per recently refused client, at most ``max_clients`` (older entries are
+    dropped first, which only means a client's next refusal is logged at once).
+    """
+
+    def __init__(
+        self,
+        interval_s: float = REFUSAL_LOG_INTERVAL_S,
+        *,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.max_clients = max_clients
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # client id -> (logged at, left out)
+
+    def refused(self, client_id: str, action: Action, topic: str) -> None:
+        """Record one refusal; log it unless this client was logged within the interval."""
+        now = self._clock()
+        entry = self._last.get(client_id)
+        if entry is not None and now - entry[0] < self.interval_s:
+            self._last[client_id] = (entry[0], entry[1] + 1)
+            return
+        left_out = entry[1] if entry is not None else 0
+        if entry is None and len(self._last) >= self.max_clients:
+            self._forget_before(now - self.interval_s)
+        self._last[client_id] = (now, 0)
+        log.warning(
+            "topic refused client_id=%s action=%s topic=%r refusals_not_logged=%d",
+            client_id,
+            action.value,
+            topic[:200],
+            left_out,
+        )
+
+    def _forget_before(self, cutoff: float) -> None:
+        stale = [client for client, (at, _) in self._last.items() if at < cutoff]
+        for client in stale:
+            del self._last[client]
+        if len(self._last) >= self.max_clients:  # all recent: drop the oldest half
+            by_age = sorted(self._last, key=lambda client: self._last[client][0])
+            for client in by_age[: len(by_age) // 2 + 1]:
+                del self._last[client]
+
+
 class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints
     """amqtt topic plugin applying :func:`is_allowed` to the session's identity.
 
@@ -83,6 +139,7 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships n
         self._identity_of: Callable[[str], Identity | None] = lambda _client_id: None
         self._on_refused: Callable[[Action], None] = lambda _action: None
         self._on_allowed: Callable[[Action], None] = lambda _action: None
+        self.refusal_log = RefusalLog()
 
     def bind(
         self,
@@ -113,10 +170,5 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships n
             return True
         self._on_refused(action)
         if action is not Action.RECEIVE:
-            log.warning(
-                "topic refused client_id=%s action=%s topic=%r",
-                session.client_id,
-                action.value,
-                topic[:200],
-            )
+            self.refusal_log.refused(session.client_id, action, topic)
         return False

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 from amqtt.contexts import Action
 
-from broker.acl import is_allowed
+from broker.acl import RefusalLog, is_allowed
 from broker.server import BrokerServer
 from factory.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
@@ -118,3 +119,58 @@ def test_service_cannot_subscribe_to_everything(pki: TestPKI, broker: BrokerServ
         assert service.suback == [0x80, 0x80]
     finally:
         service.close()
+
+
+def test_refused_topics_are_logged_once_per_interval_and_all_counted(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
+    try:
+        assert device.connected.is_set()
+        before = broker.metrics.acl_refusal_count("publish")
+        with caplog.at_level(logging.WARNING, logger="broker.acl"):
+            for _ in range(30):
+                device.client.publish("devices/dev-2/telemetry", b"x", qos=1).wait_for_publish(5)
+            assert wait_for(lambda: broker.metrics.acl_refusal_count("publish") == before + 30)
+        lines = [r.getMessage() for r in caplog.records if r.name == "broker.acl"]
+        assert len(lines) == 1, lines
+        assert "client_id=dev-1" in lines[0] and "devices/dev-2/telemetry" in lines[0]
+    finally:
+        device.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusal_log_reports_what_it_left_out_after_the_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    refusals = RefusalLog(10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="broker.acl"):
+        for _ in range(5):
+            refusals.refused("dev-1", Action.PUBLISH, "devices/dev-2/x")
+        refusals.refused("dev-3", Action.SUBSCRIBE, "#")  # another client: its own line
+        clock.now += 10.0
+        refusals.refused("dev-1", Action.PUBLISH, "devices/dev-2/x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert "client_id=dev-1" in lines[0] and "refusals_not_logged=0" in lines[0]
+    assert "client_id=dev-3" in lines[1]
+    assert "client_id=dev-1" in lines[2] and "refusals_not_logged=4" in lines[2]
+
+
+def test_refusal_log_memory_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    clock = _Clock()
+    refusals = RefusalLog(10.0, max_clients=100, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="broker.acl"):
+        for index in range(1000):
+            clock.now += 0.001  # all within one interval: nothing is stale
+            refusals.refused(f"dev-{index}", Action.PUBLISH, "#")
+    assert len(refusals._last) <= 100
+    assert len(caplog.records) == 1000  # every new client still gets its first line

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,16 +75,16 @@ def test_decommission_drops_live_session_and_refuses_reconnect(
     layout = feed_broker_layout(pki, tmp_path / "broker-data")
     files = issue_device(pki, tmp_path, "dev-live-1")
     register(operator, files, "dev-live-1")
-    settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=5)
+    # The broker's long-poll lasts 30 s: a drop within 10 s can only come from the feed
+    # answering the open poll at once (how fast that is, is bench/bench_revocation.py's job).
+    settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=30)
     with BrokerServer(settings) as broker:
         device = connect(broker.port, files, "dev-live-1")
         try:
             assert device.connected.is_set(), device.reason
             response = operator.post("/devices/dev-live-1/decommission", json={"reason": "stolen"})
             assert response.status_code == 200, response.text
-            returned = time.monotonic()
-            assert device.disconnected.wait(5), "session of the revoked device was not dropped"
-            assert time.monotonic() - returned < 1.0
+            assert device.disconnected.wait(10), "session of the revoked device was not dropped"
         finally:
             device.close()
         before = broker.metrics.refusal_count(Refusal.REVOKED.value)
