@@ -10,9 +10,9 @@ What is measured (each in a fresh data folder on the same filesystem):
   copying chain/root and writing device.json and a manifest line, for ``--openssl-count``
   devices, sequentially as such scripts run.
 
-- the filesystem's own ceiling for the same bundle layout (``bench_fs_ceiling.py``: the
-  factory's bundle writer with no cryptography), in the same scratch folder, after the
-  factory runs.
+- first, the filesystem's own ceiling for the same bundle layout (``bench_fs_ceiling.py``:
+  the factory's bundle writer with no cryptography) in the same scratch folder, as a check
+  that the disk is in its normal state (see below).
 
 Run it alone (two shared cores):
 
@@ -20,8 +20,9 @@ Run it alone (two shared cores):
 
 On ext4 without a journal (this machine's disk) new inodes are slow to allocate next to
 inodes freed in the last few minutes (the kernel's ``recently_deleted`` check scans past
-them on every allocation). The scratch tree is deleted at the end, so leave five minutes
-between runs, and do not delete other large trees on the same disk just before one.
+them on every allocation). The scratch tree is deleted only at the end, so leave ten minutes
+between runs, and do not delete other large trees on the same disk just before one; the
+ceiling measured first shows whether the disk is in that slow state.
 
 Writes a Markdown summary to stdout (and ``--out`` if given).
 """
@@ -47,6 +48,8 @@ from cryptography.hazmat.backends.openssl import backend
 
 CERTFLEET = [sys.executable, "-m", "certfleet.cli"]
 TRUST_DOMAIN = "fleet.bench"
+#: Below this filesystem ceiling the disk is in a slow phase (measured 9,000-14,000 normally).
+SLOW_DISK_BUNDLES_PER_S = 6_000
 
 
 @dataclass
@@ -172,10 +175,11 @@ def fs_ceiling(count: int, scratch: Path) -> float:
     """bench_fs_ceiling.py in the same scratch folder; its bundles/s."""
     script = Path(__file__).with_name("bench_fs_ceiling.py")
     result = subprocess.run(
-        [sys.executable, str(script), "--scratch", str(scratch), "--count", str(count)],
+        [sys.executable, str(script), "--scratch", str(scratch), "--count", str(count), "--keep"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    # "filesystem ceiling at DIR: N bundles, W writers, R bundles/s"
+    # "filesystem ceiling at DIR: N bundles, W writers, R bundles/s"; the tree stays until
+    # the whole scratch is deleted, so it frees no inodes before the factory runs.
     match = re.search(r"([\d,]+) bundles/s", result.stdout)
     if match is None:
         raise SystemExit(f"bench_fs_ceiling.py printed no rate: {result.stdout!r}")
@@ -214,6 +218,15 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="certfleet-bench-", dir=options.scratch))
     runs: list[Run] = []
     try:
+        ceiling = fs_ceiling(options.ceiling_count, scratch) if options.ceiling_count else None
+        if ceiling is not None:
+            print(f"filesystem ceiling: {ceiling:,.0f} bundles/s", file=sys.stderr)
+            if ceiling < SLOW_DISK_BUNDLES_PER_S:
+                print(
+                    f"warning: the disk writes only {ceiling:,.0f} bundles/s; on ext4 without a "
+                    "journal that follows a large deletion: wait ten minutes and run again",
+                    file=sys.stderr,
+                )
         for count in (int(c) for c in options.counts.split(",")):
             data_dir = scratch / f"provision-{count}"
             runs.append(run_provision(count, data_dir, options.workers))
@@ -225,9 +238,6 @@ def main() -> None:
             subprocess.run(["sync"], check=False)
         shell = run_openssl(options.openssl_count, scratch / "openssl")
         print(f"openssl {shell.devices}: {shell.rate:.1f}/s", file=sys.stderr)
-        ceiling = fs_ceiling(options.ceiling_count, scratch) if options.ceiling_count else None
-        if ceiling is not None:
-            print(f"filesystem ceiling: {ceiling:,.0f} bundles/s", file=sys.stderr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

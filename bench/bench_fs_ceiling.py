@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--count", type=int, default=30_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the tree (the caller deletes the scratch)"
+    )
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="fs-ceiling-", dir=args.scratch)
     os.mkdir(f"{root}/.provision-tmp")
@@ -68,7 +71,8 @@ def main() -> None:
             f"writers, {rate:,.0f} bundles/s"
         )
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -415,7 +415,10 @@ def provision_batch(
         issued_ids, device_by_hardware = _index_manifest(manifest)
         # One listing instead of a lookup per device: only this run (it holds the lock) adds
         # bundles, and renaming onto a finished bundle fails (ENOTEMPTY), never replaces it.
-        existing_bundles = set(os.listdir(layout.devices_dir))
+        # Kept: bundles without a manifest line (a killed run's), the only ones asked about.
+        existing_bundles = {
+            name for name in os.listdir(layout.devices_dir) if name not in issued_ids
+        }
         if isinstance(specs, list):  # serials input: refuse before minting anything
             _refuse_rebound_hardware(specs, device_by_hardware)
 
