@@ -124,10 +124,7 @@ class SharedCAFiles:
                     raise
                 self.linking = False
                 log.info("no hard links on this filesystem (%s); writing copies", exc.strerror)
-                # a link made before the failure would make the copy below fail: start clean
-                for name in ("chain.pem", "root.crt"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{bundle_dir}/{name}")
+                _remove_ca_files(bundle_dir)  # a link made before the failure: start clean
         _write(f"{bundle_dir}/chain.pem", self.chain_pem, 0o644)
         _write(f"{bundle_dir}/root.crt", self.root_pem, 0o644)
 
@@ -141,9 +138,7 @@ class SharedCAFiles:
         except OSError as exc:
             if exc.errno != errno.EMLINK:  # a filesystem with a lower link limit than ext4
                 raise
-            for name in ("chain.pem", "root.crt"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{bundle_dir}/{name}")
+            _remove_ca_files(bundle_dir)
             self._new_pair()
             os.link(f"{self._pair_dir}/chain.pem", f"{bundle_dir}/chain.pem")
             os.link(f"{self._pair_dir}/root.crt", f"{bundle_dir}/root.crt")
@@ -157,6 +152,12 @@ class SharedCAFiles:
         _write(f"{pair_dir}/root.crt", self.root_pem, 0o644)
         self._pair_dir = pair_dir
         self._links_left = LINKS_PER_SHARED_PAIR
+
+
+def _remove_ca_files(bundle_dir: str) -> None:
+    for name in ("chain.pem", "root.crt"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{bundle_dir}/{name}")
 
 
 def write_bundle(
