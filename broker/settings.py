@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.config import settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["BrokerSettings", "build_settings"]
@@ -48,4 +49,4 @@ class BrokerSettings(BaseSettings):
 
 def build_settings(**overrides: Any) -> BrokerSettings:
     """Settings from the environment, with explicit (non-None) overrides from flags."""
-    return BrokerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return settings_from_env(BrokerSettings, "broker", overrides)

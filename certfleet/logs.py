@@ -30,5 +30,5 @@ def configure_logging(level: str = "info") -> None:
     handler.setFormatter(_LogfmtFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # Third-party chatter stays at warning unless asked for.
-    for noisy in ("amqtt", "transitions", "uvicorn.access", "httpx", "httpcore"):
+    for noisy in ("amqtt", "transitions", "uvicorn.access", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

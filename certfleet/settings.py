@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.errors import ConfigError
+from factory.config import secret_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR
 
 __all__ = ["OrchestrateSettings", "build_settings"]
@@ -39,9 +39,7 @@ class OrchestrateSettings(BaseSettings):
 
     @property
     def passphrase(self) -> bytes | None:
-        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
-            return None
-        return self.ca_passphrase.get_secret_value().encode()
+        return secret_bytes(self.ca_passphrase)
 
     @property
     def demo_folder(self) -> Path:
@@ -49,9 +47,5 @@ class OrchestrateSettings(BaseSettings):
 
 
 def build_settings(**overrides: Any) -> OrchestrateSettings:
-    try:
-        return OrchestrateSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"setting {where}: {first['msg']}") from None
+    """Settings from the environment; explicit (non-None) keyword overrides win."""
+    return settings_from_env(OrchestrateSettings, "demo", overrides)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.config import settings_from_env
 from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR
 
@@ -44,12 +45,7 @@ class SimSettings(BaseSettings):
 
 def build_settings(**overrides: Any) -> SimSettings:
     """Settings from the environment; explicit (non-None) keyword overrides win."""
-    try:
-        return SimSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"simulator setting {where}: {first['msg']}") from None
+    return settings_from_env(SimSettings, "simulator", overrides)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

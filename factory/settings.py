@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.errors import ConfigError
+from factory.config import secret_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["FactorySettings", "load_settings"]
@@ -49,9 +49,7 @@ class FactorySettings(BaseSettings):
 
     @property
     def passphrase(self) -> bytes | None:
-        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
-            return None
-        return self.ca_passphrase.get_secret_value().encode()
+        return secret_bytes(self.ca_passphrase)
 
     @property
     def worker_count(self) -> int:
@@ -60,11 +58,4 @@ class FactorySettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> FactorySettings:
     """Build settings from the environment; keyword overrides (CLI flags) win when not None."""
-    given = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return FactorySettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
-        raise ConfigError(f"invalid factory settings: {problems}") from None
+    return settings_from_env(FactorySettings, "factory", overrides)

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.config import secret_bytes, settings_from_env
 from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
@@ -57,9 +58,7 @@ class RegistrySettings(BaseSettings):
 
     @property
     def ca_passphrase_bytes(self) -> bytes | None:
-        if self.ca_passphrase is None or not self.ca_passphrase.get_secret_value():
-            return None
-        return self.ca_passphrase.get_secret_value().encode()
+        return secret_bytes(self.ca_passphrase)
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -72,5 +71,4 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 def load_settings(**overrides: object) -> RegistrySettings:
     """Settings from the environment, with non-None ``overrides`` (CLI flags) on top."""
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return RegistrySettings(**given)  # type: ignore[arg-type]
+    return settings_from_env(RegistrySettings, "registry", overrides)

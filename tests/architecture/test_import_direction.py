@@ -3,8 +3,8 @@
 - factory imports nothing of ours (pure PKI);
 - registry may import factory;
 - broker imports factory and talks to the registry over HTTP only;
-- device_sim imports only key/CSR/profile helpers from factory and reaches everything else
-  over MQTT or HTTP, as a real device would.
+- device_sim imports only key/CSR/profile helpers and the settings loader from factory and
+  reaches everything else over MQTT or HTTP, as a real device would.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ ALLOWED: dict[str, set[str]] = {
     "device_sim": {"device_sim", "factory"},
 }
 #: device_sim may take only these factory modules (what firmware would link in).
-DEVICE_SIM_FACTORY_MODULES = {"factory.keys", "factory.profile", "factory.errors", "factory.layout"}
+DEVICE_SIM_FACTORY_MODULES = {
+    "factory.keys",
+    "factory.profile",
+    "factory.errors",
+    "factory.layout",
+    "factory.config",  # the settings loader every part shares
+}
 
 
 def _imports(path: Path) -> list[str]:

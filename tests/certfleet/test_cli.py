@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def run_certfleet(*args: str) -> subprocess.CompletedProcess[str]:
+
+def run_certfleet(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "certfleet.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
 
 
@@ -38,3 +44,27 @@ def test_refusal_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
         f"certfleet: error: a CA already exists in {data}/ca; remove it first or choose "
         "another --data-dir (nothing was overwritten)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "command", "part"),
+    [
+        ("CERTFLEET_FACTORY_WORKERS", "-1", ["factory", "provision", "--count", "1"], "factory"),
+        ("CERTFLEET_BROKER_FEED_WAIT_S", "999", ["broker", "serve"], "broker"),
+        ("CERTFLEET_REGISTRY_FEED_MAX_WAIT", "999", ["registry", "serve"], "registry"),
+        ("CERTFLEET_SIM_WINDOW", "0", ["sim", "run"], "simulator"),
+        ("CERTFLEET_DEMO_WORKERS", "999", ["demo"], "demo"),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_one_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str, command: list[str], part: str
+) -> None:
+    env = {**os.environ, "CERTFLEET_DATA_DIR": str(tmp_path / "data"), variable: value}
+    result = run_certfleet(*command, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"certfleet: error: invalid {part} settings: {variable} (or its flag): Input should be"
+    )
+    assert not (tmp_path / "data").exists()  # refused before anything was written
