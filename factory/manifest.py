@@ -23,10 +23,9 @@ from pathlib import Path
 from types import TracebackType
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from factory.errors import ProvisionError
-from factory.profile import serial_hex
+from factory.profile import certificate_pem, serial_hex
 
 __all__ = ["MANIFEST_FIELDS", "Manifest", "ManifestRecord", "ManifestWriter"]
 
@@ -74,7 +73,7 @@ class ManifestRecord:
             not_before=certificate.not_valid_before_utc.isoformat(),
             not_after=certificate.not_valid_after_utc.isoformat(),
             issued_at=issued_at.isoformat(),
-            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            certificate_pem=certificate_pem(certificate).decode(),
             batch_id=batch_id,
         )
 

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from factory import bundle
 from factory.ca import CertificateAuthority
@@ -23,6 +23,7 @@ from factory.profile import (
     ClientCertificateTemplate,
     Identity,
     IdentityKind,
+    _leaf_builder,
     certificate_pem,
 )
 from factory.provision import provision_batch
@@ -148,41 +149,20 @@ def test_any_other_link_error_stops_the_run_with_a_clear_error(
 def _obvious_builder(
     ca: CertificateAuthority, identity: Identity, public_key: ec.EllipticCurvePublicKey
 ) -> x509.CertificateBuilder:
-    """DESIGN.md's device profile, built with one setter call per field."""
-    issuer_ski = ca.issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
-        .issuer_name(ca.issuing_cert.subject)
-        .public_key(public_key)
-        .serial_number(0x1234567890ABCDEF)
-        .not_valid_before(dt.datetime(2026, 1, 1, 12, 0, 0))
-        .not_valid_after(dt.datetime(2027, 1, 1, 12, 0, 0))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-            critical=False,
-        )
+    """DESIGN.md's device profile with one setter call per field: the builder the server
+    certificates use, plus the device's SPIFFE URI."""
+    return _leaf_builder(
+        subject_cn=identity.name,
+        public_key=public_key,
+        issuer_cert=ca.issuing_cert,
+        not_before=dt.datetime(2026, 1, 1, 12, 0, 0),
+        not_after=dt.datetime(2027, 1, 1, 12, 0, 0),
+        serial=0x1234567890ABCDEF,
+        eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        key_usage_encipherment=False,
+    ).add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+        critical=False,
     )
 
 
