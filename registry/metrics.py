@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 __all__ = ["RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
 
 #: Why the ingest drops a message (``registry.telemetry.TelemetryRejected.reason``).
-TELEMETRY_DROP_REASONS = ("bad_topic", "too_large", "malformed_json", "device_mismatch")
+TELEMETRY_DROP_REASONS = (
+    "bad_topic",
+    "too_large",
+    "malformed_json",
+    "device_mismatch",
+    "retained_renewal",
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

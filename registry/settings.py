@@ -48,6 +48,8 @@ class RegistrySettings(BaseSettings):
     registry_renewal_enabled: bool = True
     #: at most one renewal per device per this many seconds (0: no limit).
     registry_renewal_min_interval_s: float = Field(default=300.0, ge=0, le=30 * 86400)
+    #: renewal requests (bad CSRs included) per device per that interval before rate_limited.
+    registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
 
