@@ -127,6 +127,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
                 engine,
                 ca,
                 on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
+                on_crash=lambda task: registry_metrics.task_crashes.labels(task).inc(),
             )
             ingest = await started if inspect.isawaitable(started) else started
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
