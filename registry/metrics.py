@@ -165,6 +165,11 @@ class TelemetryCollector(Collector):
             counters.subscribe_checks,
         )
         yield counter(
+            "callback_errors",
+            "received messages whose handling raised (logged with traceback; the client lives)",
+            counters.callback_errors,
+        )
+        yield counter(
             "subscribe_failures",
             "SUBACKs refused or missing (a lost subscription): logged, retried, alerted on",
             counters.subscribe_failures,

@@ -119,6 +119,7 @@ class IngestCounters:
     connects: int = 0
     subscribe_checks: int = 0
     subscribe_failures: int = 0
+    callback_errors: int = 0
 
 
 class TelemetryIngest:
@@ -147,6 +148,7 @@ class TelemetryIngest:
         self.subscribed = threading.Event()
         self._layout = settings.layout
         self._client_id = settings.registry_mqtt_client_id
+        self._on_crash = on_crash
         self._watchdog_s = settings.registry_mqtt_watchdog_s
         #: SUBSCRIBE message ids waiting for their SUBACK -> set when it came and granted all.
         self._suback_waits: dict[int, tuple[threading.Event, list[bool]]] = {}
@@ -335,6 +337,16 @@ class TelemetryIngest:
             log.warning("publish failed topic=%s rc=%s", topic, info.rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's network thread dies with an exception raised here: never let one out.
+        try:
+            self._receive(message)
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("telemetry ingest message handling failed topic=%s", message.topic)
+            if self._on_crash is not None:
+                self._on_crash("mqtt-receive")
+
+    def _receive(self, message: mqtt.MQTTMessage) -> None:
         if message.retain and not message.topic.endswith("/cert/renew"):
             self.counters.received += 1
             self.counters.rejected["retained"] += 1
