@@ -64,6 +64,7 @@ __all__ = [
     "decommission_device",
     "get_device",
     "feed_epoch",
+    "redraw_feed_epoch",
     "head_seq",
     "list_devices",
     "next_crl_number",
@@ -459,6 +460,23 @@ def feed_epoch(session: Session) -> int:
     except IntegrityError:  # another reader drew it first: theirs stands
         session.rollback()
     return int(session.exec(query).one())
+
+
+def redraw_feed_epoch(session: Session) -> int:
+    """Give the feed a new epoch (the database was restored: its sequence numbers repeat
+    ones readers have seen, so readers must start over); returns it."""
+    begin_write(session)
+    counter = session.exec(
+        select(Counter).where(Counter.name == FEED_EPOCH).with_for_update()
+    ).one_or_none()
+    if counter is None:
+        counter = Counter(name=FEED_EPOCH, value=0)
+    old = counter.value
+    while counter.value == old:
+        counter.value = secrets.randbelow(2**31 - 2) + 1
+    session.add(counter)
+    session.commit()
+    return counter.value
 
 
 def head_seq(session: Session) -> int:

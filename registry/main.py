@@ -20,6 +20,7 @@ from registry.crl import CrlCache
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
 from registry.feed import FeedNotifier
+from registry.feedmark import MARK_FILE, FeedMark
 from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
@@ -111,6 +112,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         ),
         metrics=registry_metrics,
         planner=PlannerStatistics(engine, on_crash=crashed),
+        mark=FeedMark(settings.layout.root / MARK_FILE),
         verifier=BatchVerifier(
             ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes, crashed
         ),
@@ -145,6 +147,9 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
                 await ingest.stop()
             state.close()
             engine.dispose()
+
+    if state.mark.check(engine):
+        registry_metrics.feed_restores.inc()
 
     app = FastAPI(
         title="certfleet registry",

@@ -87,6 +87,11 @@ class RegistryMetrics:
             "CRL signings that failed (database unreachable); the signer retries",
             registry=self.registry,
         )
+        self.feed_restores = Counter(
+            "certfleet_registry_feed_restores",
+            "starts on a database restored from an older copy (feed head below the mark)",
+            registry=self.registry,
+        )
         self.pool_exhausted = Counter(
             "certfleet_registry_db_pool_exhausted",
             "requests answered 503 because no pooled database connection was free in time",

@@ -36,6 +36,7 @@ def decommission_device(
         result = crud.decommission_device(
             session, device_id, request.reason, actor, reason_code=request.reason_code
         )
+    state.mark.advance(result.revocation_seq)
     state.feed.published()
     state.metrics.decommissions.inc()
     log.info(

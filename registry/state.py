@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from factory.ca import CertificateAuthority
 from registry.crl import CrlCache
 from registry.feed import FeedNotifier
+from registry.feedmark import FeedMark
 from registry.metrics import RegistryMetrics
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
@@ -28,6 +29,7 @@ class RegistryState:
     metrics: RegistryMetrics
     verifier: BatchVerifier
     planner: PlannerStatistics
+    mark: FeedMark
     #: Threads of /healthz, apart from the worker threads: a burst that occupies every
     #: worker thread cannot make the health check wait.
     probe_threads: ThreadPoolExecutor = field(

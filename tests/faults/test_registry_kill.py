@@ -74,7 +74,10 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_decommission(
         answers.values()
     )
 
-    with registry_process(pki, database_url, ready) as registry, _client(pki, registry.url, operator) as http:
+    with (
+        registry_process(pki, database_url, ready) as registry,
+        _client(pki, registry.url, operator) as http,
+    ):
         # Finish the burst: a device whose answer was lost is either done (409) or not (200).
         for device_id in serials:
             if device_id not in done:
