@@ -19,7 +19,7 @@ from factory.profile import IdentityKind
 from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
-from tests.broker.conftest import connect
+from tests.broker.conftest import connect, wait_for
 from tests.conftest import TestPKI
 from tests.device_sim.conftest import certfleet_broker_settings, free_port, write_device_bundle
 
@@ -119,6 +119,26 @@ def test_registry_started_while_the_broker_is_down_subscribes_once_it_is_up(
         )
         with BrokerServer(broker_settings) as broker:
             assert ingest.subscribed.wait(20), "the registry never subscribed"
+            assert _publish_until_received(pki, tmp_path, broker.port, ingest, timeout=10)
+    finally:
+        ingest.stop_sync()
+
+
+def test_broker_restarted_under_a_running_registry_is_subscribed_again(
+    pki: TestPKI, tmp_path: Path, engine: Engine
+) -> None:
+    port = free_port()
+    settings = _settings(pki, tmp_path / "registry", port)
+    broker_settings = certfleet_broker_settings(
+        pki, tmp_path / "broker", broker_addr=f"127.0.0.1:{port}"
+    )
+    ingest = TelemetryIngest(settings, engine, flush_interval=0.2).start()
+    try:
+        with BrokerServer(broker_settings):
+            assert ingest.subscribed.wait(20)
+        assert wait_for(lambda: not ingest.connected.is_set())  # the broker went away
+        with BrokerServer(broker_settings) as broker:
+            assert ingest.subscribed.wait(20), "the registry never subscribed again"
             assert _publish_until_received(pki, tmp_path, broker.port, ingest, timeout=10)
     finally:
         ingest.stop_sync()
