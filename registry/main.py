@@ -148,7 +148,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             state.close()
             engine.dispose()
 
-    if state.mark.check(engine):
+    if state.mark is not None and state.mark.check(engine):
         registry_metrics.feed_restores.inc()
 
     app = FastAPI(

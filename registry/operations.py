@@ -36,7 +36,8 @@ def decommission_device(
         result = crud.decommission_device(
             session, device_id, request.reason, actor, reason_code=request.reason_code
         )
-    state.mark.advance(result.revocation_seq)
+    if state.mark is not None:
+        state.mark.advance(result.revocation_seq)
     state.feed.published()
     state.metrics.decommissions.inc()
     log.info(

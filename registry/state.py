@@ -29,12 +29,13 @@ class RegistryState:
     metrics: RegistryMetrics
     verifier: BatchVerifier
     planner: PlannerStatistics
-    mark: FeedMark
     #: Threads of /healthz, apart from the worker threads: a burst that occupies every
     #: worker thread cannot make the health check wait.
     probe_threads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="certfleet-probe")
     )
+    #: The feed's high-water mark in the data folder (None: not kept, e.g. a bare state).
+    mark: FeedMark | None = None
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""
