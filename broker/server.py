@@ -97,7 +97,7 @@ class BrokerApp:
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(layout.broker_dir / "revoked.json")
         self.revoked.load()
-        self.policy = AdmissionPolicy(self.trust_domain, self.revoked)
+        self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
         self.follower: RevocationFollower | None = None
         if settings.registry_url:
             self.follower = RevocationFollower(
@@ -128,15 +128,17 @@ class BrokerApp:
             handshake_timeout_s=self.settings.broker_handshake_timeout_s,
             connect_timeout_s=self.settings.broker_connect_timeout_s,
             max_packet_bytes=self.settings.broker_max_packet_bytes,
+            renewal_service=self.settings.broker_renewal_service,
         )
         for plugin in self.broker.plugins_manager.plugins:
             if isinstance(plugin, CertAuthPlugin):
-                plugin.bind(self.policy, self.listener.session_authenticated)
+                plugin.bind(self.policy, self.listener.claim_session)
             elif isinstance(plugin, DeviceTopicPlugin):
                 plugin.bind(
                     self.listener.identity_of,
                     self.listener.count_acl_refusal,
                     self.listener.count_acl_allowed,
+                    renewal_service=self.settings.broker_renewal_service,
                 )
                 self.broker.use_topic_plugin(plugin)
         await self.broker.start()

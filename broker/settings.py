@@ -8,8 +8,10 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.auth import ClientIdMode
 from factory.config import settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
+from factory.profile import NAME_PATTERN
 
 __all__ = ["BrokerSettings", "build_settings"]
 
@@ -41,6 +43,12 @@ class BrokerSettings(BaseSettings):
     broker_feed_wait_s: int = Field(default=25, ge=0, le=60)
     #: Longest pause between retries when the registry cannot be reached.
     broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
+    #: strict: the client id must be the certificate's id (empty + clean session gets it);
+    #: from-certificate: any client id is replaced by the certificate's id.
+    broker_client_id: ClientIdMode = ClientIdMode.STRICT
+    #: The only service identity that may publish renewal answers (devices/<id>/cert/issued)
+    #: and read renewal requests; every other service reads telemetry only.
+    broker_renewal_service: str = Field(default="registry", pattern=NAME_PATTERN.pattern)
 
     @property
     def layout(self) -> DataLayout:

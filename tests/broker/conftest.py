@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +93,9 @@ class MqttProbe:
     disconnected: threading.Event = field(default_factory=threading.Event)
     reason: str | None = None
     messages: list[tuple[str, bytes]] = field(default_factory=list)
+    #: (topic, payload, qos, retain) of every message, for tests that look at flags.
+    received: list[tuple[str, bytes, int, bool]] = field(default_factory=list)
+    session_present: bool | None = None
     suback: list[int] = field(default_factory=list)
     subscribed: threading.Event = field(default_factory=threading.Event)
 
@@ -100,6 +105,15 @@ class MqttProbe:
         finally:
             self.client.loop_stop()
 
+    def drop(self) -> None:
+        """Vanish without DISCONNECT (the broker then publishes the will)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
 
 def connect(
     port: int,
@@ -108,11 +122,27 @@ def connect(
     *,
     root: Path | None = None,
     timeout: float = 10.0,
+    clean_session: bool = True,
+    will: tuple[str, bytes, int, bool] | None = None,
+    protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
 ) -> MqttProbe:
-    """Connect a paho client over mTLS; returns the probe once connected, refused or failed."""
+    """Connect a paho client over mTLS; returns the probe once connected, refused or failed.
+
+    ``will`` is (topic, payload, qos, retain).
+    """
     cert, key = (files.cert, files.key) if isinstance(files, ClientFiles) else files
     ca_file = root or (files.root if isinstance(files, ClientFiles) else None)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if protocol is mqtt.MQTTv5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=protocol,
+        )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=will[2], retain=will[3])
     client.tls_set(
         ca_certs=str(ca_file),
         certfile=str(cert) if cert else None,
@@ -121,8 +151,9 @@ def connect(
     client.reconnect_delay_set(60, 120)  # never reconnect inside a test
     probe = MqttProbe(client)
 
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+    def on_connect(_c: mqtt.Client, _u: object, flags: object, rc: object, _p: object) -> None:
         probe.reason = str(rc)
+        probe.session_present = bool(getattr(flags, "session_present", False))
         if not getattr(rc, "is_failure", True):
             probe.connected.set()
         else:
@@ -134,6 +165,7 @@ def connect(
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         probe.messages.append((message.topic, message.payload))
+        probe.received.append((message.topic, message.payload, message.qos, message.retain))
 
     def on_subscribe(
         _c: mqtt.Client, _u: object, _mid: int, codes: list[object], _p: object
