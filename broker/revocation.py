@@ -2,9 +2,12 @@
 
 - :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`factory.profile.serial_hex`)
   and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
-  from ``<data>/broker/revoked.json`` at start, so a restart while the registry is down is no
+  from ``<data>/broker/revoked-<node>.json`` at start (or, once, from the single-broker
+  ``broker/revoked.json`` of earlier versions), so a restart while the registry is down is no
   hole, and written back atomically after every batch that changed it. Revocation is
-  permanent: a set only grows.
+  permanent: a set only grows. A write that fails (disk full, folder read-only or replaced)
+  never stops enforcement: the sets are already changed in memory, the failure is logged and
+  counted, and :meth:`RevokedSet.keep_persisted` retries with backoff until the disk is back.
 - :class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=``
   over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
   ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
@@ -64,11 +67,24 @@ class RevocationEvent:
 class RevokedSet:
     """Revoked serials and decommissioned devices, persisted to one JSON file."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        legacy_path: Path | None = None,
+        on_write: Callable[[bool], None] = lambda _ok: None,
+    ) -> None:
         self.path = path
+        self.legacy_path = legacy_path
         self.serials: set[str] = set()
         self.device_ids: set[str] = set()
         self.last_seq = 0
+        #: True while the file lags behind the sets (a write failed; retried).
+        self.dirty = False
+        #: Why the last write failed, while :attr:`dirty`.
+        self.persist_error: str | None = None
+        self._on_write = on_write
+        self._failed = asyncio.Event()
 
     # -- checks (RevocationView) ----------------------------------------------------------
 
@@ -95,17 +111,32 @@ class RevokedSet:
     # -- disk -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the persisted set; a missing file is an empty set, a corrupt one an error."""
-        if self.path is None or not self.path.exists():
+        """Read the persisted set; a missing file is an empty set, a corrupt one an error.
+
+        Without a file of its own, the set starts from the legacy path (the one file every
+        broker wrote before files were named by node), and writes its own file at once.
+        """
+        if self.path is None:
             return
+        source = self.path
+        if not source.exists():
+            if self.legacy_path is None or not self.legacy_path.exists():
+                return
+            source = self.legacy_path
+        self._read(source)
+        if source != self.path:
+            log.info("revoked set migrated from=%s to=%s", source, self.path)
+            self.save()
+
+    def _read(self, source: Path) -> None:
         try:
-            body = json.loads(self.path.read_text())
+            body = json.loads(source.read_text())
             serials = {str(s).lower() for s in body["serials"]}
             device_ids = {str(d) for d in body.get("device_ids", [])}
             last_seq = int(body.get("last_seq", 0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RevocationStateError(
-                f"{self.path} is unreadable ({exc}); restore it from a backup or remove it to "
+                f"{source} is unreadable ({exc}); restore it from a backup or remove it to "
                 "rebuild it from the registry feed (refuses nothing until the feed is read)"
             ) from None
         self.serials |= serials
@@ -113,15 +144,17 @@ class RevokedSet:
         self.last_seq = max(self.last_seq, last_seq)
         log.info(
             "revoked set loaded path=%s serials=%d devices=%d last_seq=%d",
-            self.path,
+            source,
             len(self.serials),
             len(self.device_ids),
             self.last_seq,
         )
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the sets atomically; False (logged, counted, retried by
+        :meth:`keep_persisted`) when the disk refuses. Never raises: enforcement goes on."""
         if self.path is None:
-            return
+            return True
         body = {
             "last_seq": self.last_seq,
             "serials": sorted(self.serials),
@@ -130,7 +163,35 @@ class RevokedSet:
         try:
             write_public(self.path, json.dumps(body).encode())
         except OSError as exc:
-            raise RevocationStateError(f"cannot write {self.path}: {exc}") from None
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if not self.dirty:
+                log.error(
+                    "revoked set not persisted path=%s error=%s serials=%d "
+                    "(enforced in memory; retrying)",
+                    self.path,
+                    error,
+                    len(self.serials),
+                )
+            self.dirty, self.persist_error = True, error
+            self._on_write(False)
+            self._failed.set()
+            return False
+        if self.dirty:
+            log.info("revoked set persisted again path=%s serials=%d", self.path, len(self.serials))
+        self.dirty, self.persist_error = False, None
+        self._on_write(True)
+        return True
+
+    async def keep_persisted(self, min_backoff_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
+        """Retry a failed write with exponential backoff until it succeeds; forever."""
+        while True:
+            await self._failed.wait()
+            self._failed.clear()
+            backoff = min_backoff_s
+            while self.dirty:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff_s)
+                self.save()
 
 
 def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> ssl.SSLContext:

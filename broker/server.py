@@ -35,6 +35,7 @@ from broker.revocation import (
     feed_client_context,
 )
 from broker.settings import BrokerSettings
+from broker.supervisor import Supervisor
 from broker.tls import server_context
 from factory.errors import ConfigError
 from factory.layout import write_public
@@ -95,8 +96,13 @@ class BrokerApp:
             ca_file=layout.chain,
         )
         self.metrics = BrokerMetrics()
-        self.revoked = RevokedSet(layout.broker_dir / "revoked.json")
+        self.revoked = RevokedSet(
+            layout.broker_dir / f"revoked-{settings.broker_node}.json",
+            legacy_path=layout.broker_dir / "revoked.json",
+            on_write=self._revoked_written,
+        )
         self.revoked.load()
+        self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
         self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
         self.follower: RevocationFollower | None = None
         if settings.registry_url:
@@ -116,7 +122,6 @@ class BrokerApp:
         self.listener: MqttTlsListener | None = None
         self.port = 0
         self.metrics_port: int | None = None
-        self._follower_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.broker = CertfleetBroker(amqtt_config(self.settings))
@@ -141,6 +146,7 @@ class BrokerApp:
                     renewal_service=self.settings.broker_renewal_service,
                 )
                 self.broker.use_topic_plugin(plugin)
+        self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
         await self.broker.start()
         host, port = split_addr(self.settings.broker_addr)
         try:
@@ -150,11 +156,12 @@ class BrokerApp:
             raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
         if self.settings.broker_metrics_addr:
             metrics_host, metrics_port = split_addr(self.settings.broker_metrics_addr)
-            self.metrics_port = self.metrics.serve(metrics_host, metrics_port)
+            self.metrics_port = self.metrics.serve(metrics_host, metrics_port, self.problems)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
+        self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
         if self.follower is not None:
-            self._follower_task = asyncio.get_running_loop().create_task(self.follower.run())
+            self.supervisor.start("revocation-feed", self.follower.run)
         log.info(
             "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s",
             host,
@@ -164,10 +171,27 @@ class BrokerApp:
             self.settings.registry_url or "none",
         )
 
+    def _revoked_written(self, ok: bool) -> None:
+        self.metrics.revoked_persisted.set(1 if ok else 0)
+        if not ok:
+            self.metrics.persist_failures.inc()
+
+    def problems(self) -> list[str]:
+        """What is wrong right now, for /healthz (empty: healthy). Any thread."""
+        found = []
+        if self.revoked.dirty:
+            found.append(
+                f"revoked set not persisted to {self.revoked.path}: {self.revoked.persist_error} "
+                "(enforced in memory; retrying)"
+            )
+        found += [
+            f"task {name} failed: {error} (restarting)"
+            for name, error in dict(self.supervisor.failing).items()
+        ]
+        return found
+
     async def stop(self) -> None:
-        if self._follower_task is not None:
-            self._follower_task.cancel()
-            await asyncio.gather(self._follower_task, return_exceptions=True)
+        await self.supervisor.stop()
         if self.listener is not None:
             await self.listener.close()
         if self.broker is not None:

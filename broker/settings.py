@@ -24,13 +24,16 @@ class BrokerSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     broker_addr: str = "127.0.0.1:8883"
     #: Base URL of the registry whose revocation feed the broker follows; None = no follower
-    #: (the broker still enforces the revoked set persisted in <data>/broker/revoked.json).
+    #: (the broker still enforces the revoked set persisted in <data>/broker/).
     registry_url: str | None = None
     #: Prometheus metrics on a separate loopback port (0 = ephemeral, None = disabled).
     broker_metrics_addr: str | None = "127.0.0.1:0"
     #: Name of the server certificate in <data>/tls/ and of the service client cert used
     #: to read the registry feed (<data>/clients/<name>.crt).
     broker_name: str = "broker"
+    #: This broker node's name: its state files are <data>/broker/revoked-<node>.json, so
+    #: several brokers can share one data folder.
+    broker_node: str = Field(default="broker", pattern=NAME_PATTERN.pattern)
     #: A TLS client that has not completed its handshake by then is cut off.
     broker_handshake_timeout_s: float = Field(default=10.0, gt=0)
     #: A connection that sends no CONNECT within this time after the handshake is cut off.

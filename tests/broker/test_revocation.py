@@ -96,7 +96,7 @@ def test_decommission_drops_live_session_and_refuses_reconnect(
             )
         finally:
             again.close()
-        assert (layout.broker_dir / "revoked.json").exists()
+        assert (layout.broker_dir / "revoked-broker.json").exists()
 
 
 def test_restart_with_registry_down_still_refuses_revoked_serial(
