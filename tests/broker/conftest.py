@@ -6,12 +6,14 @@ import contextlib
 import datetime as dt
 import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -21,6 +23,8 @@ from broker.settings import BrokerSettings
 from factory.ca import CertificateAuthority, write_issued
 from factory.layout import DataLayout
 from factory.profile import IdentityKind
+from registry.server import RegistryServer
+from registry.settings import RegistrySettings
 from tests.conftest import ClientFiles, TestPKI
 
 
@@ -200,3 +204,51 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+@pytest.fixture
+def registry(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
+    settings = RegistrySettings(
+        data_dir=pki.layout.root,
+        registry_addr="127.0.0.1:0",
+        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=None,
+    )
+    with RegistryServer(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def operator(pki: TestPKI, registry: RegistryServer) -> Iterator[httpx.Client]:
+    files = pki.client(IdentityKind.OPERATOR, "alice")
+    with httpx.Client(
+        base_url=f"{registry.url}/api/v1",
+        verify=tls_context(pki, files),
+        timeout=30,
+    ) as client:
+        yield client
+
+
+def tls_context(pki: TestPKI, files: ClientFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return context
+
+
+def feed_broker_layout(pki: TestPKI, root: Path) -> DataLayout:
+    """Broker data folder plus its service/broker client certificate for the feed."""
+    layout = broker_data_dir(pki, root)
+    service = pki.client(IdentityKind.SERVICE, "broker")
+    layout.clients_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(service.cert, layout.client_cert("broker"))
+    shutil.copy(service.key, layout.client_key("broker"))
+    return layout
+
+
+def register(operator: httpx.Client, files: ClientFiles, device_id: str) -> None:
+    response = operator.post(
+        "/devices",
+        json={"certificate_pem": files.cert.read_text(), "hardware_serial": f"hw-{device_id}"},
+    )
+    assert response.status_code in (200, 201), response.text
