@@ -12,6 +12,10 @@
   over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
   ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
   last sequence it applied, and backs off exponentially while the registry is unreachable.
+  It re-reads from 0 (keeping every serial it has: the sets never shrink) when the feed's
+  head is below its position or the feed's epoch changed (the registry's database was
+  restored from a backup or replaced), and every ``resync_s`` as a backstop (a restored
+  database that has already moved past the broker's position shows neither sign).
 """
 
 from __future__ import annotations
@@ -229,6 +233,7 @@ class RevocationFollower:
         wait_s: int = 25,
         max_backoff_s: float = 10.0,
         batch_limit: int = 1000,
+        resync_s: float = 300.0,
     ) -> None:
         self._url = registry_url.rstrip("/") + "/api/v1/revocations"
         self._revoked = revoked
@@ -239,6 +244,10 @@ class RevocationFollower:
         self._batch_limit = batch_limit
         self.after = 0  # full resync from the start of the feed on every start
         self.head_seq = 0
+        self.epoch: int | None = None
+        self.resyncs = 0
+        self._resync_s = resync_s
+        self._resync_at = time.monotonic() + resync_s
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
         self.errors = 0
 
@@ -271,15 +280,43 @@ class RevocationFollower:
         )
         response.raise_for_status()
         body = response.json()
+        head_seq = int(body["head_seq"])
+        epoch = int(body["epoch"]) if body.get("epoch") is not None else None
+        if self._must_resync(head_seq, epoch):
+            return
         events = [RevocationEvent.from_json(e) for e in body["events"]]
         self.apply(events)
         self.after = max(self.after, int(body["last_seq"]))
-        self.head_seq = int(body["head_seq"])
+        self.head_seq = head_seq
         if self.after >= self.head_seq and not self.synced.is_set():
             log.info(
                 "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
             )
             self.synced.set()
+
+    def _must_resync(self, head_seq: int, epoch: int | None) -> bool:
+        """Start over from 0 when the feed is not the one the position was reached in."""
+        why = None
+        if self.epoch is not None and epoch is not None and epoch != self.epoch:
+            why = f"feed epoch changed from {self.epoch} to {epoch} (registry database replaced)"
+        elif head_seq < self.after:
+            why = f"feed head {head_seq} is below position {self.after} (registry restored?)"
+        elif self.after > 0 and time.monotonic() >= self._resync_at:
+            why = f"periodic resync every {self._resync_s:.0f}s"
+        self.epoch = epoch if epoch is not None else self.epoch
+        if why is None:
+            return False
+        log.warning(
+            "revocation feed resync from=0 after=%d reason=%r serials_kept=%d",
+            self.after,
+            why,
+            len(self._revoked.serials),
+        )
+        self.after = 0
+        self.resyncs += 1
+        self._resync_at = time.monotonic() + self._resync_s
+        self.synced.clear()  # catch up with wait=0 again
+        return True
 
     def apply(self, events: list[RevocationEvent]) -> None:
         """Apply events in order, drop affected sessions, then persist once for the batch."""

@@ -117,6 +117,7 @@ class BrokerApp:
                 ),
                 wait_s=settings.broker_feed_wait_s,
                 max_backoff_s=settings.broker_feed_max_backoff_s,
+                resync_s=settings.broker_feed_resync_s,
             )
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None

@@ -46,6 +46,8 @@ class BrokerSettings(BaseSettings):
     broker_feed_wait_s: int = Field(default=25, ge=0, le=60)
     #: Longest pause between retries when the registry cannot be reached.
     broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
+    #: Re-read the whole feed from 0 this often (backstop for a restored registry database).
+    broker_feed_resync_s: float = Field(default=300.0, gt=0)
     #: strict: the client id must be the certificate's id (empty + clean session gets it);
     #: from-certificate: any client id is replaced by the certificate's id.
     broker_client_id: ClientIdMode = ClientIdMode.STRICT
