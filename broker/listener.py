@@ -153,6 +153,8 @@ class MqttTlsListener:
         self._admitted: dict[TlsConnection, Admission] = {}
         self._by_serial: dict[str, set[TlsConnection]] = {}
         self._by_device: dict[str, set[TlsConnection]] = {}
+        #: The live connection of each session key: a new one takes the session over.
+        self._by_key: dict[str, TlsConnection] = {}
         #: Admitted connections whose amqtt session is not yet authenticated, by session key
         #: (oldest first: amqtt reaches its auth plugin in the order connections arrive).
         self._awaiting_session: dict[str, list[TlsConnection]] = {}
@@ -386,6 +388,14 @@ class MqttTlsListener:
         connection.close()
 
     def _remember(self, connection: TlsConnection, admission: Admission) -> None:
+        key = admission.session_key
+        previous = self._by_key.get(key)
+        if previous is not None and not previous.is_closed:
+            # [MQTT-3.1.4-2]: the server disconnects the client already using this id.
+            # amqtt does not (for a clean-session CONNECT it only deletes the old session).
+            log.info("session taken over client_id=%s", admission.identity.name)
+            previous.abort()
+        self._by_key[key] = connection
         self._admitted[connection] = admission
         self._by_serial.setdefault(admission.serial, set()).add(connection)
         self._by_device.setdefault(admission.identity.name, set()).add(connection)
@@ -401,3 +411,5 @@ class MqttTlsListener:
                 members.discard(connection)
                 if not members:
                     del index[key]
+        if self._by_key.get(admission.session_key) is connection:
+            del self._by_key[admission.session_key]
