@@ -207,8 +207,8 @@ def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> 
     ):
         if not path.is_file():
             raise BrokerError(
-                f"{what} {path} is missing: issue the service/broker client certificate "
-                "into clients/ of the data dir, or run without --registry-url"
+                f"{what} {path} is missing: run 'certfleet ca issue-client --service "
+                f"{cert_file.stem}' (or pass the right --data-dir), or run without --registry-url"
             )
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2

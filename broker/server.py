@@ -37,25 +37,14 @@ from broker.revocation import (
 from broker.settings import BrokerSettings
 from broker.supervisor import Supervisor
 from broker.tls import server_context
-from factory.errors import ConfigError
+from factory.address import Address, parse_address
 from factory.layout import write_public
 
-__all__ = ["BrokerApp", "BrokerServer", "serve", "split_addr"]
+__all__ = ["BrokerApp", "BrokerServer", "serve"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8883)")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise ConfigError(f"address {addr!r} has a non-numeric port") from None
 
 
 def _trust_domain(settings: BrokerSettings) -> str:
@@ -149,14 +138,16 @@ class BrokerApp:
                 self.broker.use_topic_plugin(plugin)
         self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
         await self.broker.start()
-        host, port = split_addr(self.settings.broker_addr)
+        address = parse_address(self.settings.broker_addr)
+        host, port = address.host, address.port
         try:
             self.port = await self.listener.start(host, port)
         except OSError as exc:
             await self.broker.shutdown()
             raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
         if self.settings.broker_metrics_addr:
-            metrics_host, metrics_port = split_addr(self.settings.broker_metrics_addr)
+            metrics = parse_address(self.settings.broker_metrics_addr)
+            metrics_host, metrics_port = metrics.host, metrics.port
             self.metrics_port = self.metrics.serve(metrics_host, metrics_port, self.problems)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
@@ -257,8 +248,8 @@ class BrokerServer:
     def metrics_url(self) -> str | None:
         if self.app is None or self.app.metrics_port is None:
             return None
-        host = split_addr(self.settings.broker_metrics_addr or "127.0.0.1:0")[0]
-        return f"http://{host}:{self.app.metrics_port}/metrics"
+        host = parse_address(self.settings.broker_metrics_addr or "127.0.0.1:0").host
+        return f"http://{Address(host, self.app.metrics_port)}/metrics"
 
     def start(self) -> BrokerServer:
         self._thread = threading.Thread(target=self._run, name="certfleet-broker", daemon=True)
@@ -339,11 +330,11 @@ async def serve(settings: BrokerSettings, ready_file: os.PathLike[str] | None = 
     await app.start()
     tune_garbage_collector()
     try:
-        host = split_addr(settings.broker_addr)[0]
-        ready: dict[str, Any] = {"addr": f"{host}:{app.port}", "pid": os.getpid()}
+        host = parse_address(settings.broker_addr).host
+        ready: dict[str, Any] = {"addr": str(Address(host, app.port)), "pid": os.getpid()}
         if app.metrics_port is not None:
-            metrics_host = split_addr(settings.broker_metrics_addr or "127.0.0.1:0")[0]
-            ready["metrics_url"] = f"http://{metrics_host}:{app.metrics_port}/metrics"
+            metrics_host = parse_address(settings.broker_metrics_addr or "127.0.0.1:0").host
+            ready["metrics_url"] = f"http://{Address(metrics_host, app.metrics_port)}/metrics"
         if ready_file is not None:
             write_public(Path(ready_file), json.dumps(ready).encode())
         print(f"broker listening on {ready['addr']}", flush=True)

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.auth import ClientIdMode
+from factory.address import AddressStr
 from factory.config import settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 from factory.profile import NAME_PATTERN
@@ -22,12 +23,12 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
 
     data_dir: Path = DEFAULT_DATA_DIR
-    broker_addr: str = "127.0.0.1:8883"
+    broker_addr: AddressStr = "127.0.0.1:8883"
     #: Base URL of the registry whose revocation feed the broker follows; None = no follower
     #: (the broker still enforces the revoked set persisted in <data>/broker/).
     registry_url: str | None = None
     #: Prometheus metrics on a separate loopback port (0 = ephemeral, None = disabled).
-    broker_metrics_addr: str | None = "127.0.0.1:0"
+    broker_metrics_addr: AddressStr | None = "127.0.0.1:0"
     #: Name of the server certificate in <data>/tls/ and of the service client cert used
     #: to read the registry feed (<data>/clients/<name>.crt).
     broker_name: str = "broker"
