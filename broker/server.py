@@ -137,6 +137,7 @@ class BrokerApp:
                 )
                 self.broker.use_topic_plugin(plugin)
         self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
+        self.broker.on_retain_refused(self.metrics.acl_refusals.labels("retain").inc)
         await self.broker.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
