@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
@@ -287,6 +287,11 @@ class BrokerServer:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(_call(), self._loop).result(timeout=30)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the broker's loop and return its result (thread-safe)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     def revoke(self, serials: list[str], device_id: str | None = None) -> int:
         """Revoke serials without a registry (tests); returns the sessions dropped."""
