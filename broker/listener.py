@@ -204,9 +204,18 @@ class MqttTlsListener:
         )
 
     def handshake_completed(self, connection: TlsConnection) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(connection))
+        task = asyncio.get_running_loop().create_task(self._serve_guarded(connection))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._connection_task_done)
+
+    def _connection_task_done(self, task: asyncio.Task[None]) -> None:
+        """A connection's task ended: an unexpected error is logged and counted, not lost."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.metrics.connection_errors.inc()
+        log.error("connection task failed error=%s", f"{type(exc).__name__}: {exc}"[:300])
 
     def claim_session(self, session: Session) -> bytes | None:
         """amqtt's auth plugin asks for a session: the certificate of the connection the
@@ -292,6 +301,15 @@ class MqttTlsListener:
             peer[1] if peer else "?",
             detail,
         )
+
+    async def _serve_guarded(self, connection: TlsConnection) -> None:
+        """:meth:`_serve`, closing the socket on an unexpected error (then logged and counted
+        by :meth:`_connection_task_done`) instead of leaving the client hanging."""
+        try:
+            await self._serve(connection)
+        except Exception:
+            connection.abort()
+            raise
 
     async def _serve(self, connection: TlsConnection) -> None:
         reader = connection.reader

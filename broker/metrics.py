@@ -98,6 +98,11 @@ class BrokerMetrics:
             ["task"],
             registry=r,
         )
+        self.connection_errors = Counter(
+            "certfleet_broker_connection_errors",
+            "Connections whose task ended with an unexpected error (logged; the socket closed)",
+            registry=r,
+        )
         self.route_errors = Counter(
             "certfleet_broker_route_errors",
             "Messages whose routing raised (logged; routing goes on)",

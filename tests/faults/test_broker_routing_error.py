@@ -59,3 +59,39 @@ def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
     finally:
         for probe in (device, monitor, registry):
             probe.close()
+
+
+class _BrokenRevocations:
+    """A revocation view that fails (a fault injected into the CONNECT gate)."""
+
+    def is_serial_revoked(self, serial: str) -> bool:
+        raise RuntimeError("injected fault")
+
+    def is_device_decommissioned(self, device_id: str) -> bool:
+        raise RuntimeError("injected fault")
+
+
+def test_an_unexpected_error_at_connect_closes_the_socket_and_is_counted(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    app = broker.app
+    assert app is not None
+    files = issue_device(pki, tmp_path, "dev-y")
+    working = app.policy.revocations
+    broker.call(lambda: setattr(app.policy, "revocations", _BrokenRevocations()))
+    try:
+        probe = connect(broker.port, files, "dev-y", timeout=5)
+        assert probe.disconnected.is_set(), "the client was left hanging"
+        assert not probe.connected.is_set()
+        probe.close()
+        assert wait_for(
+            lambda: (
+                broker.metrics.registry.get_sample_value("certfleet_broker_connection_errors_total")
+                == 1
+            )
+        )
+    finally:
+        broker.call(lambda: setattr(app.policy, "revocations", working))
+    again = connect(broker.port, files, "dev-y")
+    assert again.connected.is_set(), again.reason
+    again.close()
