@@ -109,6 +109,10 @@ class MqttProbe:
         finally:
             self.client.loop_stop()
 
+    def freeze(self) -> None:
+        """Go silent with the socket open (a half-open connection: no PINGREQ any more)."""
+        self.client.loop_stop()
+
     def drop(self) -> None:
         """Vanish without DISCONNECT (the broker then publishes the will)."""
         self.client.loop_stop()
@@ -129,6 +133,7 @@ def connect(
     clean_session: bool = True,
     will: tuple[str, bytes, int, bool] | None = None,
     protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
+    keepalive: int = 30,
 ) -> MqttProbe:
     """Connect a paho client over mTLS; returns the probe once connected, refused or failed.
 
@@ -182,7 +187,7 @@ def connect(
     client.on_message = on_message
     client.on_subscribe = on_subscribe
     try:
-        client.connect("127.0.0.1", port, keepalive=30)
+        client.connect("127.0.0.1", port, keepalive=keepalive)
     except OSError as exc:  # TLS 1.2 refusals surface here
         probe.reason = f"{type(exc).__name__}: {exc}"
         probe.disconnected.set()

@@ -112,3 +112,33 @@ def test_retained_renewal_requests_are_routed_but_never_stored(
         assert not wait_for(lambda: len(again.messages) > 0, timeout=1.0)
     finally:
         again.close()
+
+
+def test_keepalive_is_enforced_on_a_persistent_session_that_came_back(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    """The connection that resumes an existing session gets the keep-alive watch too (it
+    used to be matched by the *first* connection's TLS object, so it got none)."""
+    watcher = _service(pki, broker)
+    watcher.client.subscribe("devices/+/telemetry", qos=1)
+    assert watcher.subscribed.wait(5)
+    files = issue_device(pki, tmp_path, "dev-ka")
+    first = connect(broker.port, files, "dev-ka", clean_session=False, keepalive=2)
+    assert first.connected.is_set()
+    first.close()
+    back = connect(
+        broker.port,
+        files,
+        "dev-ka",
+        clean_session=False,
+        keepalive=2,
+        will=("devices/dev-ka/telemetry", b"gone", 1, False),
+    )
+    try:
+        assert back.connected.is_set() and back.session_present
+        back.freeze()
+        # No packet for 1.5 x 2 s: dropped, and its will published.
+        assert wait_for(lambda: ("devices/dev-ka/telemetry", b"gone") in watcher.messages, 10)
+    finally:
+        back.drop()
+        watcher.close()
