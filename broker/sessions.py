@@ -19,6 +19,8 @@ so the QoS 1 messages queued for it pass the ACL's receive check.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from factory.errors import IdentityError
 from factory.profile import NAME_PATTERN, Identity, IdentityKind
 
@@ -51,6 +53,7 @@ def service_instance(identity: Identity, client_id: str) -> tuple[bool, str | No
     return NAME_PATTERN.fullmatch(instance) is not None, instance
 
 
+@lru_cache(maxsize=65_536)  # asked twice per routed message; a fleet's keys fit
 def identity_of_key(key: str, trust_domain: str) -> Identity | None:
     """The identity a session key stands for; None for a key the gate never hands out."""
     kind, name = IdentityKind.DEVICE, key
