@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import httpx
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from factory.profile import IdentityKind, serial_hex
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import (
@@ -111,3 +112,22 @@ def test_broker_serves_devices_while_registry_is_unreachable(pki: TestPKI, tmp_p
             assert probe.connected.is_set(), probe.reason
         finally:
             probe.close()
+
+
+def test_the_single_broker_revoked_file_is_migrated_to_the_node_file(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    files = issue_device(pki, tmp_path, "dev-legacy")
+    layout.broker_dir.mkdir(parents=True, exist_ok=True)
+    legacy = layout.broker_dir / "revoked.json"
+    legacy.write_text(json.dumps({"last_seq": 4, "serials": [serial_hex(files.serial)]}))
+    with BrokerServer(broker_settings(layout, broker_node="node-a")) as broker:
+        probe = connect(broker.port, files, "dev-legacy")
+        try:
+            assert not probe.connected.is_set()
+            assert broker.metrics.refusal_count(Refusal.REVOKED.value) == 1
+        finally:
+            probe.close()
+    migrated = json.loads((layout.broker_dir / "revoked-node-a.json").read_text())
+    assert migrated["serials"] == [serial_hex(files.serial)] and migrated["last_seq"] == 4
