@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from factory.config import LOG_LEVELS
 from factory.errors import CertfleetError
 
 __all__ = ["app", "main"]
@@ -37,7 +38,7 @@ def _register_groups() -> None:
 @app.callback()
 def _root(
     log_level: str = typer.Option(
-        "info", "--log-level", envvar="CERTFLEET_LOG_LEVEL", help="debug, info, warning, error"
+        "info", "--log-level", envvar="CERTFLEET_LOG_LEVEL", help=", ".join(LOG_LEVELS)
     ),
 ) -> None:
     from certfleet.logs import configure_logging

@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from factory.config import log_level
+
 __all__ = ["configure_logging"]
 
 
@@ -25,10 +27,13 @@ class _LogfmtFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send certfleet's logs to stderr as one structured line per event."""
+    """Send certfleet's logs to stderr as one structured line per event.
+
+    A level that is not one of :data:`factory.config.LOG_LEVELS` is a ConfigError."""
+    numeric = log_level(level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogfmtFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     # Third-party chatter stays at warning unless asked for.
     for noisy in ("amqtt", "transitions", "uvicorn.access", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -3,6 +3,7 @@ CLI flags on top, and a bad value refused as one ConfigError naming the variable
 
 from __future__ import annotations
 
+import logging
 from typing import Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
@@ -10,7 +11,10 @@ from pydantic_settings import BaseSettings
 
 from factory.errors import ConfigError
 
-__all__ = ["secret_bytes", "settings_from_env"]
+__all__ = ["LOG_LEVELS", "log_level", "secret_bytes", "settings_from_env"]
+
+#: The log levels every part accepts (``--log-level``, ``CERTFLEET_LOG_LEVEL``).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
@@ -40,3 +44,12 @@ def secret_bytes(secret: SecretStr | None) -> bytes | None:
     if secret is None or not secret.get_secret_value():
         return None
     return secret.get_secret_value().encode()
+
+
+def log_level(name: str) -> int:
+    """A log level name (any case) as a :mod:`logging` level; ConfigError listing the valid
+    ones otherwise. The one place certfleet parses log levels."""
+    normalized = name.strip().lower()
+    if normalized not in LOG_LEVELS:
+        raise ConfigError(f"log level {name!r} is not one of {', '.join(LOG_LEVELS)}")
+    return int(logging.getLevelName(normalized.upper()))

@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.address import AddressStr, parse_address
 from factory.config import secret_bytes, settings_from_env
-from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["RegistrySettings", "load_settings", "split_addr"]
@@ -21,7 +21,7 @@ class RegistrySettings(BaseSettings):
 
     data_dir: Path = DEFAULT_DATA_DIR
     #: host:port to listen on; port 0 picks a free port.
-    registry_addr: str = "127.0.0.1:8443"
+    registry_addr: AddressStr = "127.0.0.1:8443"
     #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).
@@ -43,7 +43,7 @@ class RegistrySettings(BaseSettings):
     #: how long a request waits for a pooled database connection before a 503 (pool exhausted).
     registry_db_pool_timeout_s: float = Field(default=0.5, gt=0, le=30)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
-    telemetry_broker_addr: str | None = None
+    telemetry_broker_addr: AddressStr | None = None
     #: MQTT client id of the registry's broker connection; empty: the service name of its
     #: certificate (``registry``), which a strict broker requires.
     registry_mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9:._-]{1,64}$")
@@ -74,11 +74,9 @@ class RegistrySettings(BaseSettings):
 
 
 def split_addr(addr: str) -> tuple[str, int]:
-    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)``; raise ConfigError when malformed."""
-    host, sep, port_text = addr.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8443)")
-    return host.strip("[]"), int(port_text)
+    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)`` (:func:`factory.address.parse_address`)."""
+    address = parse_address(addr)
+    return address.host, address.port
 
 
 def load_settings(**overrides: object) -> RegistrySettings:
