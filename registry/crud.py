@@ -338,11 +338,21 @@ def list_devices(
     expiring_before: dt.datetime | None = None,
     limit: int = 100,
     cursor: str | None = None,
+    id_prefix: str | None = None,
 ) -> DeviceList:
-    """One page of devices ordered by id (keyset pagination: ``cursor`` = last id seen)."""
+    """One page of devices ordered by id (keyset pagination: ``cursor`` = last id seen).
+
+    ``id_prefix`` keeps the ids starting with it, as an index range: ids are made of
+    characters below ``~`` (NAME_PATTERN), so ``[prefix, prefix + "~")`` holds exactly them
+    in a byte-ordered collation (SQLite's, and PostgreSQL's C / C.UTF-8).
+    """
     statement = select(Device).order_by(col(Device.device_id)).limit(limit + 1)
     if status is not None:
         statement = statement.where(Device.status == status)
+    if id_prefix:
+        statement = statement.where(
+            col(Device.device_id) >= id_prefix, col(Device.device_id) < id_prefix + "~"
+        )
     if cursor:
         statement = statement.where(col(Device.device_id) > decode_cursor(cursor))
     if expiring_before is not None:
