@@ -31,5 +31,6 @@ class RegistryState:
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""
         self.feed.close()
+        self.crl.close()
         self.verifier.close()
         self.planner.join(30)
