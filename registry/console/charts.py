@@ -85,9 +85,7 @@ def weekly_histogram(weeks: list[WeekCount]) -> Histogram:
         Tick(round(plot_bottom - plot_height * i / 4, 1), f"{top * i // 4:,}") for i in range(5)
     ]
     every = max(1, len(shown) // 8)
-    x_ticks = [
-        Tick(round(b.x + b.width / 2, 1), b.week_start) for b in bars[::every]
-    ]
+    x_ticks = [Tick(round(b.x + b.width / 2, 1), b.week_start) for b in bars[::every]]
     return Histogram(
         width=WIDTH,
         height=HEIGHT,

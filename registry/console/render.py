@@ -66,6 +66,7 @@ def _environment() -> Environment:
     environment.filters["when"] = _when
     environment.filters["ago"] = _ago
     environment.filters["json"] = _json
+    environment.filters["compact"] = lambda v: json.dumps(v, sort_keys=True, default=str)
     environment.filters["thousands"] = lambda n: f"{n:,}"
     return environment
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
+from registry import crud
 from registry.auth import Caller
 from registry.db import begin_write
 from registry.models import ApiToken, ConsoleSession, ConsoleSigninFailure
@@ -61,9 +62,7 @@ class RateLimited(Exception):
     def __init__(self, client: str, retry_after_s: int) -> None:
         minutes, seconds = divmod(retry_after_s, 60)
         wait = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-        super().__init__(
-            f"Too many failed sign-ins from {client}. Try again in {wait}."
-        )
+        super().__init__(f"Too many failed sign-ins from {client}. Try again in {wait}.")
         self.retry_after_s = retry_after_s
 
 
@@ -79,9 +78,8 @@ def same_secret(given: str | None, expected: str) -> bool:
 def create_session(
     db: Session, caller: Caller, lifetime: dt.timedelta, now: dt.datetime, from_addr: str | None
 ) -> tuple[str, ConsoleUser]:
-    """Store a new session for ``caller`` (an operator); returns the cookie value and user.
-
-    Sessions past their expiry are deleted in the same transaction.
+    """Store a new session for ``caller`` (an operator), with its audit entry; returns the
+    cookie value and the user. Sessions past their expiry are deleted in the same transaction.
     """
     cookie = secrets.token_urlsafe(32)
     row = ConsoleSession(
@@ -97,8 +95,16 @@ def create_session(
     begin_write(db)
     db.execute(delete(ConsoleSession).where(col(ConsoleSession.expires_at) <= now))
     db.add(row)
+    user = ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at)
+    crud.audit(
+        db,
+        crud.Actor(who=user.who, from_addr=from_addr),
+        "console_sign_in",
+        f"operator/{caller.name}",
+        {"via": caller.via},
+    )
     db.commit()
-    return cookie, ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at)
+    return cookie, user
 
 
 def find_session(db: Session, cookie: str, now: dt.datetime) -> ConsoleUser | None:
