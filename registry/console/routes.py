@@ -142,6 +142,18 @@ def _operator_certificate(request: Request, state: RegistryState) -> Caller | Re
         return refused
 
 
+def _certificate_refusal(certificate: Caller | Refused | None) -> str | None:
+    """Why this certificate cannot sign in to the console (None: it can, or there is none)."""
+    if isinstance(certificate, Refused):
+        return certificate.message
+    if certificate is not None and certificate.kind is not IdentityKind.OPERATOR:
+        return (
+            f"The certificate {certificate.uri} is a {certificate.kind.value} identity; "
+            "only operators may sign in to the console."
+        )
+    return None
+
+
 def _sign_in_page(
     request: Request,
     state: RegistryState,
@@ -153,6 +165,7 @@ def _sign_in_page(
 ) -> HTMLResponse:
     signin_token = request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(32)
     certificate = _operator_certificate(request, state)
+    refusal = _certificate_refusal(certificate)
     response = render(
         request,
         "sign_in.html",
@@ -163,8 +176,8 @@ def _sign_in_page(
         notice=notice,
         next_url=_safe_next(next_url) if next_url else "",
         csrf_token=signin_token,
-        certificate=certificate if isinstance(certificate, Caller) else None,
-        certificate_refused=certificate.message if isinstance(certificate, Refused) else None,
+        certificate=certificate if isinstance(certificate, Caller) and not refusal else None,
+        certificate_refused=refusal,
     )
     response.set_cookie(
         SIGNIN_COOKIE,
@@ -297,16 +310,10 @@ def sign_in_with_certificate(
         return _refuse_sign_in(
             request, state, certificate.reason, certificate.message, next, certificate.status
         )
-    if certificate.kind is not IdentityKind.OPERATOR:
-        return _refuse_sign_in(
-            request,
-            state,
-            f"{certificate.kind.value}_not_allowed",
-            f"The certificate {certificate.uri} is a {certificate.kind.value} identity; "
-            "only operators may sign in to the console.",
-            next,
-            403,
-        )
+    refusal = _certificate_refusal(certificate)
+    if refusal is not None:
+        reason = f"{certificate.kind.value}_not_allowed"
+        return _refuse_sign_in(request, state, reason, refusal, next, 403)
     return _start_session(request, state, certificate, next)
 
 

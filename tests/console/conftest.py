@@ -16,7 +16,10 @@ from registry import crud
 from registry.server import RegistryServer
 from tests.conftest import ClientFiles, TestPKI
 from tests.registry.conftest import (  # noqa: F401  (fixtures)
+    clients,
     database_url,
+    mint,
+    operator,
     postgres_database,
     registry,
     registry_settings,
@@ -26,10 +29,10 @@ from tests.registry.conftest import (  # noqa: F401  (fixtures)
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
-def make_token(server: RegistryServer, operator: str = "alice") -> str:
-    """A bearer token for ``operator``, created the way ``certfleet registry token create`` does."""
+def make_token(server: RegistryServer, name: str = "alice") -> str:
+    """A bearer token for operator ``name``, made as ``certfleet registry token create`` does."""
     with Session(server.state.engine) as session:
-        return crud.create_token(session, operator, crud.Actor(who="test"))
+        return crud.create_token(session, name, crud.Actor(who="test"))
 
 
 def csrf_of(html: str) -> str:
@@ -58,13 +61,11 @@ class Console:
 
 
 @pytest.fixture
-def console_factory(pki: TestPKI, registry: RegistryServer) -> Iterator[object]:
+def console_factory(pki: TestPKI, registry: RegistryServer) -> Iterator[object]:  # noqa: F811
     opened: list[httpx.Client] = []
 
     def make(client: ClientFiles | None = None) -> Console:
-        http = httpx.Client(
-            base_url=registry.url, verify=tls_context(pki, client), timeout=30
-        )
+        http = httpx.Client(base_url=registry.url, verify=tls_context(pki, client), timeout=30)
         opened.append(http)
         return Console(http)
 
