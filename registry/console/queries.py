@@ -65,14 +65,14 @@ class DeviceHistory:
     audit: list[AuditEntry]
 
 
-def _revocation_row(row: Revocation) -> RevocationRow:
+def _revocation_row(row: Revocation, reason_code: str | None = None) -> RevocationRow:
     return RevocationRow(
         seq=row.seq,
         device_id=row.device_id,
         serials=list(row.serials),
         reason=row.reason,
-        # The reason code column arrives with the registry's RFC 5280 reason codes.
-        reason_code=getattr(row, "reason_code", None),
+        # The feed row's own reason code where the schema has one; else the audit entry's.
+        reason_code=getattr(row, "reason_code", None) or reason_code,
         revoked_at=row.revoked_at,
         operator=row.operator,
     )
@@ -104,11 +104,22 @@ def fleet_overview(session: Session, now: dt.datetime) -> FleetOverview:
 
 def device_history(session: Session, device_id: str) -> DeviceHistory:
     """The device's revocations (by serial) and its newest audit entries."""
+    codes: dict[int, str] = {}
+    for detail in session.exec(
+        select(AuditLog.detail).where(
+            AuditLog.target == device_id, AuditLog.action == "decommission"
+        )
+    ).all():
+        if not isinstance(detail, dict):
+            continue
+        seq, code = detail.get("seq"), detail.get("reason_code")
+        if isinstance(seq, int) and isinstance(code, str):
+            codes[seq] = code
     by_serial: dict[str, RevocationRow] = {}
     for row in session.exec(
         select(Revocation).where(Revocation.device_id == device_id).order_by(col(Revocation.seq))
     ).all():
-        revocation = _revocation_row(row)
+        revocation = _revocation_row(row, codes.get(row.seq))
         for serial in revocation.serials:
             by_serial[serial] = revocation
     entries = session.exec(

@@ -110,7 +110,7 @@ class ConsoleHeadersMiddleware:
                     (b"content-security-policy", csp.encode()),
                     (b"x-frame-options", b"DENY"),
                     (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
+                    (b"referrer-policy", b"same-origin"),  # no-referrer makes Origin "null"
                     (b"server-timing", f"app;dur={elapsed_ms:.2f}".encode()),
                 ]
                 if not path.startswith((CONSOLE_PREFIX + "/static/", "/docs/assets/")):
