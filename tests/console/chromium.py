@@ -1,11 +1,17 @@
 """Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, trusting exactly the
 registry's server certificate: its SPKI hash goes to ``--ignore-certificate-errors-spki-list``,
-so no certificate check is switched off for anything else."""
+so no certificate check is switched off for anything else.
+
+Client certificates (``browser.new_context(client_certificates=...)``) are presented by
+Playwright's driver, which makes the TLS connection to the registry itself: it must trust our
+root CA, given as ``NODE_EXTRA_CA_CERTS`` to the driver process (``root_ca``).
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,11 +56,29 @@ def spki_hash(certificate_file: Path) -> str:
 
 
 @contextmanager
-def chromium(trusted_server_cert: Path) -> Iterator[Browser]:
-    """A headless Chromium that accepts ``trusted_server_cert`` (and nothing else unknown)."""
-    from playwright.sync_api import sync_playwright
+def chromium(trusted_server_cert: Path, root_ca: Path | None = None) -> Iterator[Browser]:
+    """A headless Chromium that accepts ``trusted_server_cert`` (and nothing else unknown);
+    with ``root_ca``, Playwright's driver trusts it for client-certificate connections."""
 
     executable = CHROMIUM if CHROMIUM.exists() else Path(shutil.which("chromium") or CHROMIUM)
+    previous = os.environ.get("NODE_EXTRA_CA_CERTS")
+    if root_ca is not None:
+        os.environ["NODE_EXTRA_CA_CERTS"] = str(root_ca)  # read once, when the driver starts
+    try:
+        with _launched(executable, trusted_server_cert) as browser:
+            yield browser
+    finally:
+        if root_ca is not None:
+            if previous is None:
+                os.environ.pop("NODE_EXTRA_CA_CERTS", None)
+            else:
+                os.environ["NODE_EXTRA_CA_CERTS"] = previous
+
+
+@contextmanager
+def _launched(executable: Path, trusted_server_cert: Path) -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(executable),

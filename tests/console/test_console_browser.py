@@ -46,7 +46,8 @@ def served(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
 
 @pytest.fixture
 def browser(pki: TestPKI, served: RegistryServer) -> Iterator[Browser]:
-    with chromium(pki.layout.server_cert(served.settings.registry_tls_name)) as launched:
+    server_cert = pki.layout.server_cert(served.settings.registry_tls_name)
+    with chromium(server_cert, root_ca=pki.layout.root_cert) as launched:
         yield launched
 
 
@@ -203,3 +204,44 @@ def test_docs_page_renders_from_local_assets_with_authorize(
     expect(page.get_by_text("bearerAuth")).to_be_visible()
     expect(page.get_by_text("mutualTLS")).to_be_visible()
     assert requested and all(url.startswith(served.url) for url in requested)
+
+
+def _certificate_page(browser: Browser, pki: TestPKI, url: str, kind: IdentityKind) -> Page:
+    files = pki.client(kind, f"browser-{kind.value}")
+    context = browser.new_context(
+        client_certificates=[
+            {"origin": url, "certPath": str(files.cert), "keyPath": str(files.key)}
+        ]
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    return context.new_page()
+
+
+def test_operator_certificate_signs_in_in_the_browser(
+    browser: Browser, pki: TestPKI, served: RegistryServer
+) -> None:
+    from playwright.sync_api import expect
+
+    page = _certificate_page(browser, pki, served.url, IdentityKind.OPERATOR)
+    try:
+        page.goto(f"{served.url}/ui/")
+        expect(page.get_by_text("spiffe://fleet.test/operator/browser-operator")).to_be_visible()
+        page.get_by_role("button", name="Sign in with this certificate").click()
+        page.get_by_role("heading", name="Fleet").wait_for()
+        expect(page.locator(".who")).to_have_text("operator/browser-operator (certificate)")
+    finally:
+        page.context.close()
+
+
+def test_device_certificate_cannot_sign_in_in_the_browser(
+    browser: Browser, pki: TestPKI, served: RegistryServer
+) -> None:
+    from playwright.sync_api import expect
+
+    page = _certificate_page(browser, pki, served.url, IdentityKind.DEVICE)
+    try:
+        page.goto(f"{served.url}/ui/")
+        expect(page.get_by_text("only operators may sign in to the console")).to_be_visible()
+        expect(page.get_by_role("button", name="Sign in with this certificate")).to_have_count(0)
+    finally:
+        page.context.close()
