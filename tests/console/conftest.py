@@ -4,7 +4,7 @@ tokens from the registry's own code, and an HTTPS client that signs in through t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -60,12 +60,16 @@ class Console:
         return csrf_of(page.text)
 
 
+MakeConsole = Callable[..., Console]
+
+
 @pytest.fixture
-def console_factory(pki: TestPKI, registry: RegistryServer) -> Iterator[object]:  # noqa: F811
+def console_at(pki: TestPKI) -> Iterator[Callable[[str, ClientFiles | None], Console]]:
+    """``console_at(url, client_files)``: a console client of any registry (closed after)."""
     opened: list[httpx.Client] = []
 
-    def make(client: ClientFiles | None = None) -> Console:
-        http = httpx.Client(base_url=registry.url, verify=tls_context(pki, client), timeout=30)
+    def make(url: str, client: ClientFiles | None = None) -> Console:
+        http = httpx.Client(base_url=url, verify=tls_context(pki, client), timeout=30)
         opened.append(http)
         return Console(http)
 
@@ -75,8 +79,17 @@ def console_factory(pki: TestPKI, registry: RegistryServer) -> Iterator[object]:
 
 
 @pytest.fixture
-def console(console_factory: object) -> Console:
-    return console_factory()  # type: ignore[operator, no-any-return]
+def console_factory(
+    registry: RegistryServer,  # noqa: F811  (first: set up before, torn down after, the clients)
+    console_at: Callable[[str, ClientFiles | None], Console],
+) -> MakeConsole:
+    """``console_factory(client_files=None)``: a console client of the ``registry`` fixture."""
+    return lambda client=None: console_at(registry.url, client)
+
+
+@pytest.fixture
+def console(console_factory: MakeConsole) -> Console:
+    return console_factory()
 
 
 @pytest.fixture

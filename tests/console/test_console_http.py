@@ -20,12 +20,13 @@ from registry import crud
 from registry.models import ConsoleSession
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
+from tests.conftest import ClientFiles, TestPKI
 from tests.console.conftest import Console, csrf_of, make_token
 from tests.registry.conftest import pem
 
 Mint = Callable[..., IssuedCertificate]
 MakeConsole = Callable[..., Console]
+ConsoleAt = Callable[[str, ClientFiles | None], Console]
 
 
 def register(operator: httpx.Client, *issued: IssuedCertificate) -> None:
@@ -125,41 +126,39 @@ def test_revoked_token_cannot_sign_in_and_ends_its_sessions(
 
 
 def test_repeated_failures_are_rate_limited_across_registry_processes(
-    registry_settings: RegistrySettings, pki: TestPKI
+    registry_settings: RegistrySettings, console_at: ConsoleAt
 ) -> None:
     settings = registry_settings.model_copy(update={"console_signin_max_failures": 3})
     with RegistryServer(settings) as first:
         token = make_token(first)
-        one = _console_for(first, pki)
+        one = console_at(first.url, None)
         for _ in range(3):
             assert one.sign_in("cfr_wrong").status_code == 401
         # A second registry on the same database counts the same failures.
         with RegistryServer(settings) as second:
-            two = _console_for(second, pki)
+            two = console_at(second.url, None)
             limited = two.sign_in(token)
+            two.http.close()  # no keep-alive connection holds the server's shutdown
             assert limited.status_code == 429
             assert "Too many failed sign-ins from 127.0.0.1. Try again in" in limited.text
             assert 1 <= int(limited.headers["retry-after"]) <= 300
         assert one.sign_in(token).status_code == 429  # a right token does not skip the wait
-
-
-def _console_for(server: RegistryServer, pki: TestPKI) -> Console:
-    from tests.registry.conftest import tls_context
-
-    return Console(httpx.Client(base_url=server.url, verify=tls_context(pki), timeout=30))
+        one.http.close()
 
 
 def test_session_survives_a_registry_restart(
-    registry_settings: RegistrySettings, pki: TestPKI
+    registry_settings: RegistrySettings, console_at: ConsoleAt
 ) -> None:
     with RegistryServer(registry_settings) as first:
-        console = _console_for(first, pki)
+        console = console_at(first.url, None)
         assert console.sign_in(make_token(first)).status_code == 303
         cookies = console.http.cookies
+        console.http.close()
     with RegistryServer(registry_settings) as second:
-        again = _console_for(second, pki)
+        again = console_at(second.url, None)
         again.http.cookies = cookies
         assert again.http.get("/ui/").status_code == 200
+        again.http.close()
 
 
 def test_expired_session_is_refused(registry: RegistryServer, console: Console) -> None:
