@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 __all__ = ["RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
 
 #: Why the ingest drops a message (``registry.telemetry.TelemetryRejected.reason``).
-TELEMETRY_DROP_REASONS = ("bad_topic", "too_large", "malformed_json", "device_mismatch")
+TELEMETRY_DROP_REASONS = (
+    "bad_topic",
+    "too_large",
+    "malformed_json",
+    "device_mismatch",
+    "retained_renewal",
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -73,6 +79,22 @@ class RegistryMetrics:
         self.crl_resigns = Counter(
             "certfleet_registry_crl_resigns",
             "times the CRL was signed",
+            registry=self.registry,
+        )
+        self.crl_failures = Counter(
+            "certfleet_registry_crl_sign_failures",
+            "CRL signings that failed (database unreachable); the signer retries",
+            registry=self.registry,
+        )
+        self.pool_exhausted = Counter(
+            "certfleet_registry_db_pool_exhausted",
+            "requests answered 503 because no pooled database connection was free in time",
+            registry=self.registry,
+        )
+        self.task_crashes = Counter(
+            "certfleet_registry_task_crashes",
+            "background task crashes (each logged with its traceback and restarted), by task",
+            ["task"],
             registry=self.registry,
         )
         self.telemetry = TelemetryCollector()

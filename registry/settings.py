@@ -37,12 +37,19 @@ class RegistrySettings(BaseSettings):
     #: worker processes checking large registration batches (empty: one per CPU; 0 or 1:
     #: check in the serving process).
     registry_verify_processes: int | None = Field(default=None, ge=0, le=64)
+    #: threads serving sync endpoints (anyio's limiter); the connection pool holds this many
+    #: plus a reserve for background tasks and /healthz, so a request never waits for one.
+    registry_worker_threads: int = Field(default=40, ge=4, le=512)
+    #: how long a request waits for a pooled database connection before a 503 (pool exhausted).
+    registry_db_pool_timeout_s: float = Field(default=0.5, gt=0, le=30)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: str | None = None
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).
     registry_renewal_enabled: bool = True
     #: at most one renewal per device per this many seconds (0: no limit).
     registry_renewal_min_interval_s: float = Field(default=300.0, ge=0, le=30 * 86400)
+    #: renewal requests (bad CSRs included) per device per that interval before rate_limited.
+    registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
     #: how long a web console sign-in lasts (the cookie's and the stored session's expiry).

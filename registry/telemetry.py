@@ -140,6 +140,7 @@ class TelemetryIngest:
                 ca,
                 engine,
                 min_interval_s=settings.registry_renewal_min_interval_s,
+                max_attempts=settings.registry_renewal_max_attempts,
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
             )
             self.renewal = RenewalService(
@@ -244,12 +245,18 @@ class TelemetryIngest:
         self.subscribed.set()
 
     def _publish_qos1(self, topic: str, payload: bytes) -> None:
-        info = self._client.publish(topic, payload, qos=1)
+        # Never retained: a stored answer would reach the device's next subscription.
+        info = self._client.publish(topic, payload, qos=1, retain=False)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.warning("publish failed topic=%s rc=%s", topic, info.rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.renewal is not None and message.topic.endswith("/cert/renew"):
+            if message.retain:
+                # A stored request replays on every (re)subscription: never act on one.
+                self.counters.rejected["retained_renewal"] += 1
+                log.warning("renewal request ignored topic=%s reason=retained", message.topic)
+                return
             self.renewal.submit(message.topic, message.payload)
             return
         self.counters.received += 1

@@ -30,7 +30,9 @@ __all__ = [
 REGISTRAR_SERVICE = "factory"
 
 
-def get_state(request: Request) -> RegistryState:
+async def get_state(request: Request) -> RegistryState:
+    # async: resolved on the event loop, so an async route using only the state (/healthz)
+    # never waits for a worker thread.
     state: RegistryState = request.app.state.registry
     return state
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any, cast
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 
 from registry.console.docs import install_docs
@@ -57,4 +65,37 @@ def install_console(app: FastAPI) -> None:
             message=exc.message,
         )
 
+    _errors_as_pages(app)
     app.add_middleware(ConsoleHeadersMiddleware)
+
+
+def _errors_as_pages(app: FastAPI) -> None:
+    """The app's JSON error answers (RegistryError, database unavailable or busy, ...) become
+    an error page with the same status and message on console paths; elsewhere unchanged."""
+    for exc_class, handler in list(app.exception_handlers.items()):
+        if not isinstance(exc_class, type) or exc_class in (SignInRequired, ConsoleRefusal):
+            continue
+        app.add_exception_handler(exc_class, _as_page(handler))
+
+
+def _as_page(handler: Any) -> Any:
+    async def handle(request: Request, exc: Exception) -> Response:
+        answer = await handler(request, exc)
+        path = request.url.path
+        if not path.startswith(CONSOLE_PREFIX + "/") or not isinstance(answer, JSONResponse):
+            return cast(Response, answer)
+        detail = json.loads(bytes(answer.body)).get("detail")
+        message = detail.get("message") if isinstance(detail, dict) else None
+        page = render(
+            request,
+            "error.html",
+            status_code=answer.status_code,
+            title="Refused" if answer.status_code < 500 else "Unavailable",
+            user=None,
+            message=message or "The registry could not answer; try again.",
+        )
+        if "retry-after" in answer.headers:
+            page.headers["Retry-After"] = answer.headers["retry-after"]
+        return page
+
+    return handle

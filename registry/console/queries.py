@@ -36,7 +36,7 @@ class RevocationRow:
     device_id: str
     serials: list[str]
     reason: str
-    reason_code: str | None
+    reason_code: str
     revoked_at: dt.datetime
     operator: str
 
@@ -65,14 +65,13 @@ class DeviceHistory:
     audit: list[AuditEntry]
 
 
-def _revocation_row(row: Revocation, reason_code: str | None = None) -> RevocationRow:
+def _revocation_row(row: Revocation) -> RevocationRow:
     return RevocationRow(
         seq=row.seq,
         device_id=row.device_id,
         serials=list(row.serials),
         reason=row.reason,
-        # The feed row's own reason code where the schema has one; else the audit entry's.
-        reason_code=getattr(row, "reason_code", None) or reason_code,
+        reason_code=row.reason_code,
         revoked_at=row.revoked_at,
         operator=row.operator,
     )
@@ -104,22 +103,11 @@ def fleet_overview(session: Session, now: dt.datetime) -> FleetOverview:
 
 def device_history(session: Session, device_id: str) -> DeviceHistory:
     """The device's revocations (by serial) and its newest audit entries."""
-    codes: dict[int, str] = {}
-    for detail in session.exec(
-        select(AuditLog.detail).where(
-            AuditLog.target == device_id, AuditLog.action == "decommission"
-        )
-    ).all():
-        if not isinstance(detail, dict):
-            continue
-        seq, code = detail.get("seq"), detail.get("reason_code")
-        if isinstance(seq, int) and isinstance(code, str):
-            codes[seq] = code
     by_serial: dict[str, RevocationRow] = {}
     for row in session.exec(
         select(Revocation).where(Revocation.device_id == device_id).order_by(col(Revocation.seq))
     ).all():
-        revocation = _revocation_row(row, codes.get(row.seq))
+        revocation = _revocation_row(row)
         for serial in revocation.serials:
             by_serial[serial] = revocation
     entries = session.exec(

@@ -184,7 +184,7 @@ def test_fleet_page_updates_by_itself_and_sign_out_ends_it(
     assert response.status_code == 200
     # No reload: console.js fetches the live block again every 5 s.
     expect(page.locator("#count-decommissioned")).to_have_text("1", timeout=TIMEOUT_MS)
-    expect(page.locator("#revocations .reason")).to_have_text("<i>eol</i>")
+    expect(page.locator("#revocations .reason")).to_have_text("<i>eol</i> (cessationOfOperation)")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("status")).to_have_text("Signed out.")
     page.goto(f"{served.url}/ui/")

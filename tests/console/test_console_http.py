@@ -419,7 +419,8 @@ def test_device_search_refuses_bad_filters_with_a_message(
         assert message in response.text
     assert 'value="&lt;script&gt;"' in console.http.get("/ui/devices?q=<script>").text
     bad_cursor = console.http.get("/ui/devices?cursor=%%%")
-    assert bad_cursor.status_code == 422
+    assert bad_cursor.status_code == 422  # the registry's own refusal, as a page
+    assert bad_cursor.headers["content-type"].startswith("text/html")
     assert "cursor is not one this registry handed out" in bad_cursor.text
 
 

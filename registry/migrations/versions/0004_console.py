@@ -5,7 +5,7 @@ is valid on every registry process of the same database, and the sign-in rate li
 failures against all of them.
 
 Revision ID: 0004
-Revises: 0002 (0003 once the registry branch is merged)
+Revises: 0003
 Create Date: 2026-12-01
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
