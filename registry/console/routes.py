@@ -191,10 +191,15 @@ def _sign_in_page(
     return response
 
 
-@router.get("/sign-in", response_class=HTMLResponse)
+@router.get("/sign-in", response_model=None)
 def sign_in_form(
     request: Request, state: StateDep, next: str = "", signed_out: bool = False
-) -> HTMLResponse:
+) -> Response:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        with Session(state.engine) as db:
+            if find_session(db, cookie, utcnow()) is not None:  # signed in already
+                return RedirectResponse(_safe_next(next or CONSOLE_PREFIX + "/"), status_code=303)
     return _sign_in_page(
         request, state, next_url=next, notice="Signed out." if signed_out else None
     )

@@ -107,7 +107,7 @@ def main(out: Path) -> None:
                 shot("devices")
                 page.goto(f"{server.url}/ui/devices/dev-000420")
                 shot("device")
-                page.get_by_role("link", name="Decommission").click()
+                page.get_by_role("button", name="Decommission", exact=True).click()
                 page.get_by_label("Reason", exact=True).fill("lost in transit")
                 shot("decommission")
                 page.get_by_role("button", name="Decommission device").click()

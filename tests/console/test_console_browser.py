@@ -113,7 +113,7 @@ def test_operator_decommissions_a_device_and_the_broker_drops_it(
             expect(page.get_by_role("heading", level=1)).to_have_text(device_id)
             expect(page.locator("#device-status")).to_have_text("active")
 
-            page.get_by_role("link", name="Decommission").click()
+            page.get_by_role("button", name="Decommission", exact=True).click()
             reason = '<img src=x onerror="document.title=1"> stolen from <b>site 4</b>'
             page.get_by_label("Reason", exact=True).fill(reason)
             page.get_by_label("Reason code (RFC 5280)").select_option("keyCompromise")

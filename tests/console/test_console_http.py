@@ -80,7 +80,7 @@ def test_pages_send_someone_signed_out_to_the_sign_in_page(console: Console) -> 
 
 
 def test_sign_in_returns_to_the_page_asked_for_but_never_off_site(
-    registry: RegistryServer, console: Console
+    registry: RegistryServer, console_factory: MakeConsole
 ) -> None:
     token = make_token(registry)
     for next_url, expected in (
@@ -89,12 +89,23 @@ def test_sign_in_returns_to_the_page_asked_for_but_never_off_site(
         ("https://evil.example/", "/ui/"),
         ("/api/v1/devices", "/ui/"),
     ):
+        console = console_factory()
         form = console.http.get("/ui/sign-in")
         response = console.http.post(
             "/ui/sign-in",
             data={"token": token, "csrf_token": csrf_of(form.text), "next": next_url},
         )
         assert response.headers["location"] == expected, next_url
+
+
+def test_sign_in_page_sends_someone_signed_in_on(
+    registry: RegistryServer, console: Console
+) -> None:
+    assert console.sign_in(make_token(registry)).status_code == 303
+    again = console.http.get("/ui/sign-in?next=/ui/devices")
+    assert again.status_code == 303
+    assert again.headers["location"] == "/ui/devices"
+    assert console.http.get("/ui/sign-in?next=//evil.example/").headers["location"] == "/ui/"
 
 
 def test_wrong_token_is_refused_with_a_clear_message(console: Console) -> None:
@@ -322,7 +333,7 @@ def test_device_page_shows_certificates_telemetry_and_audit(
     assert "&#34;temp_c&#34;: 21.5" in page.text
     assert "&lt;i&gt;hi&lt;/i&gt;" in page.text and "<i>hi</i>" not in page.text
     assert seen.strftime("%Y-%m-%d %H:%M:%S UTC") in page.text
-    assert ">Decommission</a>" in page.text
+    assert '<button type="submit" class="danger">Decommission</button>' in page.text
 
 
 def test_decommission_through_the_console_records_reason_and_code(
