@@ -16,12 +16,20 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from factory.errors import ConfigError
+from factory.errors import CertfleetError, ConfigError
 from registry.settings import RegistrySettings
 
-__all__ = ["POOL_RESERVE", "begin_write", "make_engine", "migrate"]
+__all__ = [
+    "POOL_RESERVE",
+    "DatabaseUnreachableError",
+    "begin_write",
+    "make_engine",
+    "migrate",
+    "unreachable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,14 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: Pooled connections beyond the worker threads: CRL signer, renewal worker, telemetry
 #: flusher, planner, /healthz (each holds at most one at a time).
 POOL_RESERVE = 12
+
+
+class DatabaseUnreachableError(CertfleetError):
+    """The registry database cannot be opened (server down, wrong URL, missing folder)."""
+
+
+#: PostgreSQL: give up connecting after this long (an unreachable host would hang otherwise).
+CONNECT_TIMEOUT_S = 5
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -76,7 +92,9 @@ def make_engine(settings: RegistrySettings) -> Engine:
     if url.startswith(("postgresql", "postgres")):
         if url.startswith("postgres://") or url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        return create_engine(url, pool_pre_ping=True, **pool)
+        return create_engine(
+            url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, **pool
+        )
     raise ConfigError(
         f"unsupported CERTFLEET_REGISTRY_DATABASE_URL scheme in {url.split(':', 1)[0]!r}: "
         "use sqlite:///path or postgresql://user@host/db"
@@ -102,8 +120,30 @@ def alembic_config() -> AlembicConfig:
     return config
 
 
+def unreachable(engine: Engine, exc: OperationalError) -> DatabaseUnreachableError:
+    """The one-line error for a database that cannot be opened (no SQLAlchemy text)."""
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    todo = (
+        "check that its folder exists and is writable"
+        if engine.dialect.name == "sqlite"
+        else "check that the server runs and accepts us"
+    )
+    return DatabaseUnreachableError(
+        f"cannot reach the registry database {engine.url.render_as_string(hide_password=True)}"
+        f" ({reason[:200]}): {todo}, or fix --database-url / CERTFLEET_REGISTRY_DATABASE_URL"
+    )
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Create or upgrade the schema with the Alembic migrations shipped in the package."""
+    """Create or upgrade the schema with the Alembic migrations shipped in the package.
+
+    Every registry command opens its database here first, so a database that cannot be
+    reached is reported here, in one line (DatabaseUnreachableError).
+    """
+    try:
+        engine.connect().close()
+    except OperationalError as exc:
+        raise unreachable(engine, exc) from None
     config = alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
