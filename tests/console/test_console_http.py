@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from cryptography import x509
 from sqlalchemy import update
 from sqlmodel import Session
 
@@ -339,7 +340,8 @@ def test_device_page_shows_certificates_telemetry_and_audit(
 def test_decommission_through_the_console_records_reason_and_code(
     registry: RegistryServer, console: Console, operator: httpx.Client, mint: Mint
 ) -> None:
-    register(operator, mint("dev-dec-1"))
+    issued = mint("dev-dec-1")
+    register(operator, issued)
     assert console.sign_in(make_token(registry)).status_code == 303
     reason = '<script>alert("x")</script> stolen & <b>gone</b>'
     csrf = console.csrf("/ui/devices/dev-dec-1/decommission")
@@ -358,7 +360,19 @@ def test_decommission_through_the_console_records_reason_and_code(
     assert device["status"] == "decommissioned"
     assert {c["status"] for c in device["certificates"]} == {"revoked"}
     feed = operator.get("/revocations", params={"after": 0}).json()
-    assert [(e["device_id"], e["reason"]) for e in feed["events"]] == [("dev-dec-1", reason)]
+    assert [(e["device_id"], e["reason"], e["reason_code"]) for e in feed["events"]] == [
+        ("dev-dec-1", reason, "keyCompromise")
+    ]
+    # The REST route's service function ran: counted, and the CRL lists the serial with its
+    # reason (the CRL is served re-signed once the feed head moved).
+    metrics = operator.get("/metrics").text
+    assert "certfleet_registry_decommissions_total 1.0" in metrics
+    crl = x509.load_der_x509_crl(operator.get("/crl.der").content)
+    entry = crl.get_revoked_certificate_by_serial_number(issued.certificate.serial_number)
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.key_compromise
+    )
     fleet = console.http.get("/ui/")
     assert "&lt;script&gt;alert" in fleet.text and "<script>alert" not in fleet.text
     again = console.http.post(
