@@ -58,6 +58,10 @@ def run_up(
         broker_addr = str(broker.ready.get("addr", settings.broker_addr))
         console.print(f"registry  {url}  (pid {registry.pid}, log {registry.log_path})")
         console.print(
+            f"console   {url}/ui/  (sign in with a token: certfleet registry token create "
+            "--operator NAME)"
+        )
+        console.print(
             f"broker    mqtts://{broker_addr}  (pid {broker.pid}, log {broker.log_path}"
             + (f", metrics {broker.ready['metrics_url']}" if "metrics_url" in broker.ready else "")
             + ")"

@@ -22,7 +22,14 @@ from registry import crud
 from registry.metrics import RegistryMetrics
 from registry.tls import peer_certificate_der
 
-__all__ = ["Caller", "authenticate", "refuse"]
+__all__ = [
+    "Caller",
+    "Refused",
+    "authenticate",
+    "caller_from_certificate",
+    "caller_from_token",
+    "refuse",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ class Caller:
     name: str
     via: Literal["mtls", "token"]
     uri: str
+    #: the stored bearer token's id (``via == "token"``), so a session can follow its revocation.
+    token_id: int | None = None
 
     @property
     def who(self) -> str:
@@ -72,61 +81,74 @@ def refuse(
     return HTTPException(code, detail={"error": error, "message": message}, headers=headers)
 
 
-def authenticate(
-    request: Request, session: Session, metrics: RegistryMetrics, trust_domain: str
-) -> Caller:
-    """The caller of ``request``, or raise 401/403 (logged and counted)."""
-    header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise refuse(
-                request,
-                metrics,
-                401,
-                "bad_authorization_header",
-                "Authorization must be 'Bearer <token>'",
-            )
-        match = crud.find_token(session, token)
-        if match is None:
-            raise refuse(request, metrics, 401, "bad_token", "bearer token is unknown or revoked")
-        if match.revoked:
-            # Same answer as an unknown token; only the log line and the counter tell them apart.
-            raise refuse(
-                request,
-                metrics,
-                401,
-                "revoked_token",
-                "bearer token is unknown or revoked",
-                f"token:operator/{match.operator}#{match.id}",
-            )
-        identity = Identity(trust_domain, IdentityKind.OPERATOR, match.operator)
-        return Caller(IdentityKind.OPERATOR, match.operator, "token", identity.uri)
+class Refused(Exception):
+    """Why a credential is refused: the HTTP status, the counted reason, a message to act on."""
 
-    der = peer_certificate_der(request.scope)
-    if der is None:
-        raise refuse(
-            request,
-            metrics,
+    def __init__(self, status: int, reason: str, message: str, identity: str = "-") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.identity = identity
+
+
+def caller_from_token(session: Session, token: str, trust_domain: str) -> Caller:
+    """The operator a bearer token belongs to, or raise Refused (401)."""
+    match = crud.find_token(session, token)
+    if match is None:
+        raise Refused(401, "bad_token", "bearer token is unknown or revoked")
+    if match.revoked:
+        # Same answer as an unknown token; only the log line and the counter tell them apart.
+        raise Refused(
             401,
-            "no_identity",
-            "no client certificate and no bearer token: present an operator certificate "
-            "or 'Authorization: Bearer <token>'",
+            "revoked_token",
+            "bearer token is unknown or revoked",
+            f"token:operator/{match.operator}#{match.id}",
         )
+    identity = Identity(trust_domain, IdentityKind.OPERATOR, match.operator)
+    return Caller(IdentityKind.OPERATOR, match.operator, "token", identity.uri, match.id)
+
+
+def caller_from_certificate(der: bytes, trust_domain: str) -> Caller:
+    """The identity of a verified client certificate (DER), or raise Refused (403)."""
     try:
         identity = read_identity(x509.load_der_x509_certificate(der))
     except (IdentityError, ValueError) as exc:
-        raise refuse(
-            request, metrics, 403, "bad_identity", f"client certificate refused: {exc}"
-        ) from None
+        raise Refused(403, "bad_identity", f"client certificate refused: {exc}") from None
     if identity.trust_domain != trust_domain:
-        raise refuse(
-            request,
-            metrics,
+        raise Refused(
             403,
             "foreign_trust_domain",
             f"identity {identity.uri} is outside trust domain {trust_domain}",
             identity.uri,
         )
     return Caller(identity.kind, identity.name, "mtls", identity.uri)
+
+
+def authenticate(
+    request: Request, session: Session, metrics: RegistryMetrics, trust_domain: str
+) -> Caller:
+    """The caller of ``request``, or raise 401/403 (logged and counted)."""
+    header = request.headers.get("authorization")
+    try:
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Refused(
+                    401, "bad_authorization_header", "Authorization must be 'Bearer <token>'"
+                )
+            return caller_from_token(session, token, trust_domain)
+        der = peer_certificate_der(request.scope)
+        if der is None:
+            raise Refused(
+                401,
+                "no_identity",
+                "no client certificate and no bearer token: present an operator certificate "
+                "or 'Authorization: Bearer <token>'",
+            )
+        return caller_from_certificate(der, trust_domain)
+    except Refused as refused:
+        raise refuse(
+            request, metrics, refused.status, refused.reason, refused.message, refused.identity
+        ) from None

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, func, literal_column, or_, update
+from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
@@ -348,11 +347,21 @@ def list_devices(
     expiring_before: dt.datetime | None = None,
     limit: int = 100,
     cursor: str | None = None,
+    id_prefix: str | None = None,
 ) -> DeviceList:
-    """One page of devices ordered by id (keyset pagination: ``cursor`` = last id seen)."""
+    """One page of devices ordered by id (keyset pagination: ``cursor`` = last id seen).
+
+    ``id_prefix`` keeps the ids starting with it, as an index range: ids are made of
+    characters below ``~`` (NAME_PATTERN), so ``[prefix, prefix + "~")`` holds exactly them
+    in a byte-ordered collation (SQLite's, and PostgreSQL's C / C.UTF-8).
+    """
     statement = select(Device).order_by(col(Device.device_id)).limit(limit + 1)
     if status is not None:
         statement = statement.where(Device.status == status)
+    if id_prefix:
+        statement = statement.where(
+            col(Device.device_id) >= id_prefix, col(Device.device_id) < id_prefix + "~"
+        )
     if cursor:
         statement = statement.where(col(Device.device_id) > decode_cursor(cursor))
     if expiring_before is not None:
@@ -565,10 +574,52 @@ def next_crl_number(session: Session) -> int:
 # -- stats ------------------------------------------------------------------------------------
 
 
-def _week_start(session: Session, column: Any) -> ColumnElement[Any]:
-    if session.get_bind().dialect.name == "postgresql":
-        return func.date(func.date_trunc("week", func.timezone("UTC", column)))
-    return func.date(column, literal_column("'-6 days'"), literal_column("'weekday 1'"))
+#: Weeks counted per statement (one indexed range count each; SQLite allows 2000 columns).
+_WEEKS_PER_STATEMENT = 100
+
+
+def _expiries_per_week(session: Session, now: dt.datetime) -> list[WeekCount]:
+    """Live, not yet expired certificates by the UTC week (Monday) of their not_after.
+
+    One range count per week on the (status, not_after) index, instead of a GROUP BY over a
+    per-row date expression: at 100,000 certificates on SQLite that was 47 ms (a date()
+    call and a temporary B-tree per row), and the range counts take a few.
+    """
+    live = (Certificate.status == "live", col(Certificate.not_after) >= now)
+    last = session.exec(select(func.max(Certificate.not_after)).where(*live)).one()
+    if last is None:
+        return []
+    utc_now = now.astimezone(dt.UTC)
+    monday = dt.datetime.combine(
+        utc_now.date() - dt.timedelta(days=utc_now.weekday()), dt.time(), tzinfo=dt.UTC
+    )
+    starts = []
+    while monday <= last:
+        starts.append(monday)
+        monday += dt.timedelta(weeks=1)
+    counts: list[WeekCount] = []
+    for chunk in range(0, len(starts), _WEEKS_PER_STATEMENT):
+        weeks = starts[chunk : chunk + _WEEKS_PER_STATEMENT]
+        row = session.execute(
+            select(
+                *[
+                    select(func.count())
+                    .where(
+                        Certificate.status == "live",
+                        col(Certificate.not_after) >= max(week, now),
+                        col(Certificate.not_after) < week + dt.timedelta(weeks=1),
+                    )
+                    .scalar_subquery()
+                    for week in weeks
+                ]
+            )
+        ).one()
+        counts += [
+            WeekCount(week_start=week.date(), count=int(n))
+            for week, n in zip(weeks, tuple(row), strict=True)
+            if n
+        ]
+    return counts
 
 
 def stats(session: Session, now: dt.datetime) -> Stats:
@@ -577,25 +628,12 @@ def stats(session: Session, now: dt.datetime) -> Stats:
         select(Device.status, func.count()).group_by(col(Device.status))
     ).all():
         by_status[status] = int(count)
-    week = _week_start(session, col(Certificate.not_after)).label("week_start")
-    weeks = session.exec(
-        select(week, func.count())
-        .where(Certificate.status == "live", col(Certificate.not_after) >= now)
-        .group_by(week)
-        .order_by(week)
-    ).all()
     seen = session.exec(
         select(func.count()).where(col(Device.last_seen_at) >= now - dt.timedelta(minutes=1))
     ).one()
     return Stats(
         devices_by_status=by_status,
-        expiries_per_week=[
-            WeekCount(
-                week_start=w if isinstance(w, dt.date) else dt.date.fromisoformat(str(w)),
-                count=int(n),
-            )
-            for w, n in weeks
-        ],
+        expiries_per_week=_expiries_per_week(session, now),
         seen_last_minute=int(seen),
     )
 

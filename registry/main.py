@@ -16,6 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
 from registry.api.routes import API_PREFIX, crl, devices, health, metrics, revocations, stats
+from registry.console import install_console
 from registry.crl import CrlCache
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
@@ -157,12 +158,13 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         summary="Devices, certificates, revocation feed and CRL of a certfleet fleet.",
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # /docs: registry.console.docs, from local assets
         redoc_url=None,
     )
     app.state.registry = state
     _install_error_handlers(app)
     for module in (devices, revocations, crl, stats, health, metrics):
         app.include_router(module.router)
+    install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
     return app

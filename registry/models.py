@@ -27,6 +27,8 @@ __all__ = [
     "BatchResult",
     "Certificate",
     "CertificatePublic",
+    "ConsoleSession",
+    "ConsoleSigninFailure",
     "Counter",
     "DecommissionRequest",
     "DecommissionResult",
@@ -158,6 +160,8 @@ class AuditLog(SQLModel, table=True):
     """Every operator action: who, what, on what, when, from where."""
 
     __tablename__ = "audit_log"
+    #: (target, at): a device's history (the console's device page) is an index range.
+    __table_args__ = (Index("ix_audit_log_target_at", "target", "at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     who: str = Field(max_length=256)
@@ -179,6 +183,34 @@ class ApiToken(SQLModel, table=True):
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     revoked: bool = Field(default=False)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ConsoleSession(SQLModel, table=True):
+    """One signed-in operator of the web console; only the cookie's SHA-256 is stored."""
+
+    __tablename__ = "console_session"
+
+    id_sha256: str = Field(sa_column=Column(String(64), primary_key=True))
+    operator: str = Field(max_length=64)
+    #: how the operator signed in: ``token`` (bearer token) or ``mtls`` (client certificate).
+    via: str = Field(max_length=8)
+    #: the bearer token signed in with: revoking it ends the session at once.
+    token_id: int | None = Field(default=None)
+    csrf_token: str = Field(max_length=64)
+    created_at: dt.datetime = Field(sa_type=UTCDateTime)
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime, index=True)
+    from_addr: str | None = Field(default=None, max_length=64)
+
+
+class ConsoleSigninFailure(SQLModel, table=True):
+    """A failed console sign-in, counted per client address to rate-limit guessing."""
+
+    __tablename__ = "console_signin_failure"
+    __table_args__ = (Index("ix_console_signin_failure_client_at", "client", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    client: str = Field(max_length=64)
+    at: dt.datetime = Field(sa_type=UTCDateTime)
 
 
 # -- API shapes -------------------------------------------------------------------------------

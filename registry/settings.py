@@ -57,6 +57,12 @@ class RegistrySettings(BaseSettings):
     registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
+    #: how long a web console sign-in lasts (the cookie's and the stored session's expiry).
+    console_session_hours: float = Field(default=8.0, gt=0, le=24 * 7)
+    #: failed console sign-ins allowed per client address within the window, then 429.
+    console_signin_max_failures: int = Field(default=5, ge=1, le=1000)
+    #: the window over which failed console sign-ins are counted, in seconds.
+    console_signin_window_s: float = Field(default=300.0, gt=0, le=86400)
 
     @property
     def layout(self) -> DataLayout:

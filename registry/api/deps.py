@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from factory.profile import IdentityKind
@@ -49,7 +50,18 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_caller(request: Request, state: StateDep) -> Caller:
+#: Declares the bearer scheme in the OpenAPI document (so /docs can "Authorize"); it decides
+#: nothing: ``authenticate`` reads the header itself. The mutual TLS scheme is added beside it
+#: by ``registry.console.docs``.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    description="An operator token from 'certfleet registry token create' (cfr_...)",
+)
+BearerDeclared = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def get_caller(request: Request, state: StateDep, _bearer: BearerDeclared) -> Caller:
     # Its own short session: a bearer-token lookup must not keep a connection checked out
     # for the rest of the request (a long-poll of the feed lasts up to a minute).
     with Session(state.engine) as session:

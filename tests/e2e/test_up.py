@@ -66,6 +66,12 @@ def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) 
         transcript = "".join(lines)
         assert f"https://127.0.0.1:{registry_port}" in transcript, transcript
         assert f"mqtts://127.0.0.1:{broker_port}" in transcript, transcript
+        assert f"console   https://127.0.0.1:{registry_port}/ui/" in transcript, transcript
+        sign_in = httpx.get(
+            f"https://127.0.0.1:{registry_port}/ui/sign-in",
+            verify=ssl.create_default_context(cafile=str(layout.root_cert)),
+        )
+        assert sign_in.status_code == 200 and "Operator token" in sign_in.text
         # Missing server and service certificates were created.
         for name in ("registry", "broker"):
             assert layout.server_cert(name).exists()
