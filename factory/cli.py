@@ -63,6 +63,13 @@ def ca_init(
     key_algorithm: Annotated[
         str | None, typer.Option(help="p256 (default), p384, ed25519 or rsa2048.")
     ] = None,
+    publish_url: Annotated[
+        str | None,
+        typer.Option(
+            help="http:// base URL of the registry's publication listener: every certificate "
+            "carries <URL>/crl.der and <URL>/ocsp (CERTFLEET_CA_PUBLISH_URL)."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create the root and issuing CA. Keys are encrypted when CERTFLEET_CA_PASSPHRASE is set.
@@ -70,7 +77,10 @@ def ca_init(
     Refuses to overwrite an existing CA.
     """
     settings = load_settings(
-        data_dir=data_dir, trust_domain=trust_domain, key_algorithm=key_algorithm
+        data_dir=data_dir,
+        trust_domain=trust_domain,
+        key_algorithm=key_algorithm,
+        ca_publish_url=publish_url,
     )
     if settings.key_algorithm not in ("p256", "p384", "ed25519", "rsa2048"):
         raise ConfigError(
@@ -82,12 +92,14 @@ def ca_init(
         settings.trust_domain,
         passphrase=settings.passphrase,
         key_algorithm=settings.key_algorithm,
+        publish_url=settings.ca_publish_url,
     )
     log.info(
-        "ca created trust_domain=%s data_dir=%s encrypted=%s",
+        "ca created trust_domain=%s data_dir=%s encrypted=%s publish_url=%s",
         ca.trust_domain,
         layout.root,
         settings.passphrase is not None,
+        ca.publish_url or "-",
     )
     _emit(
         as_json,
@@ -97,6 +109,7 @@ def ca_init(
             "issuing_cert": str(layout.issuing_cert),
             "chain": str(layout.chain),
             "encrypted": settings.passphrase is not None,
+            "publish_url": ca.publish_url,
         },
         f"CA created for trust domain {ca.trust_domain} in {layout.ca_dir}\n"
         f"  root:  {layout.root_cert}\n  chain: {layout.chain}",

@@ -25,6 +25,8 @@ class FactorySettings(BaseSettings):
     ca_passphrase: SecretStr | None = None
     trust_domain: str = "fleet.local"
     key_algorithm: str = "p256"
+    #: http:// base URL certificates name for their CRL and OCSP (``ca init --publish-url``).
+    ca_publish_url: str | None = None
     #: Broker address written into every device bundle (CERTFLEET_BROKER_ADDR).
     broker_addr: str = "127.0.0.1:8883"
     #: Registry to register provisioned devices with (CERTFLEET_REGISTRY_URL); None = none.

@@ -46,6 +46,14 @@ def serve(
         str | None,
         typer.Option("--addr", help="host:port (CERTFLEET_REGISTRY_ADDR, default 127.0.0.1:8443)"),
     ] = None,
+    publish_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--publish-addr",
+            help="host:port of the plain-HTTP CRL/OCSP listener "
+            "(CERTFLEET_REGISTRY_PUBLISH_ADDR; default off)",
+        ),
+    ] = None,
     ready_file: Annotated[
         Path | None,
         typer.Option("--ready-file", help='write {"url", "pid"} here once listening'),
@@ -63,6 +71,7 @@ def serve(
         data_dir=data_dir,
         registry_database_url=database_url,
         registry_addr=addr,
+        registry_publish_addr=publish_addr,
         telemetry_broker_addr=telemetry_broker,
     )
     run(settings, ready_file)

@@ -22,6 +22,8 @@ class RegistrySettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     #: host:port to listen on; port 0 picks a free port.
     registry_addr: str = "127.0.0.1:8443"
+    #: host:port of the plain-HTTP publication listener (CRL, OCSP); empty: not served.
+    registry_publish_addr: str | None = None
     #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).
