@@ -3,6 +3,7 @@
     CertfleetError
      ├── ConfigError            bad settings, flags or paths
      ├── IdentityError          a certificate does not carry exactly one valid certfleet identity
+     ├── RegistryCallError      an operator call to the registry failed or was refused
      └── FactoryError           anything the factory refuses
           ├── CAError           CA missing, already present, unreadable or wrong passphrase
           ├── CSRError          a certificate signing request is refused
@@ -23,6 +24,7 @@ __all__ = [
     "IdentityError",
     "ProvisionError",
     "RegistrationError",
+    "RegistryCallError",
 ]
 
 
@@ -36,6 +38,10 @@ class ConfigError(CertfleetError):
 
 class IdentityError(CertfleetError):
     """A certificate carries no, several, or a malformed certfleet identity."""
+
+
+class RegistryCallError(CertfleetError):
+    """An operator command's call to the registry could not be made or was refused."""
 
 
 class FactoryError(CertfleetError):

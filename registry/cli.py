@@ -1,4 +1,5 @@
-"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke."""
+"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke, and
+the operator's devices list|show|decommission|audit (registry/operator_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from registry.operator_cli import devices_app
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 app = typer.Typer(help="The registry: devices, revocation feed, CRL.", no_args_is_help=True)
 token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(devices_app, name="devices")
 
 DataDir = Annotated[
     Path | None,
