@@ -532,3 +532,48 @@ def factory_expiry_report(
     console.print(table)
     if png_path is not None:
         console.print(f"chart: {png_path}")
+
+
+@factory_app.command("export")
+def factory_export(
+    device: Annotated[str, typer.Option("--device", help="Device id whose bundle to export.")],
+    p12: Annotated[
+        Path | None,
+        typer.Option("--p12", help="Write key + certificate + CA chain as PKCS#12 (0600)."),
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="PKCS#12 password: first line of this 0600 file."),
+    ] = None,
+    der: Annotated[
+        Path | None, typer.Option("--der", help="Write the certificate alone, DER.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a device bundle as PKCS#12 (openssl pkcs12, Windows, Java) and/or DER."""
+    from factory.export import export_der, export_pkcs12, read_password_file, write_export
+
+    if p12 is None and der is None:
+        raise ConfigError("give --p12 FILE (with --password-file) and/or --der FILE")
+    if p12 is not None and password_file is None:
+        raise ConfigError("--p12 needs --password-file FILE (a PKCS#12 always has a password)")
+    if p12 is None and password_file is not None:
+        raise ConfigError("--password-file is for --p12; give --p12 FILE as well")
+    layout = load_settings(data_dir=data_dir).layout
+    written: dict[str, str] = {}
+    if p12 is not None:
+        assert password_file is not None
+        data = export_pkcs12(layout, device, read_password_file(password_file))
+        write_export(p12, data, secret=True, force=force)
+        written["p12"] = str(p12)
+    if der is not None:
+        write_export(der, export_der(layout, device), secret=False, force=force)
+        written["der"] = str(der)
+    log.info("device exported device_id=%s formats=%s", device, ",".join(written))
+    _emit(
+        as_json,
+        {"device_id": device, **written},
+        "\n".join(f"{device}: {kind} {path}" for kind, path in written.items()),
+    )

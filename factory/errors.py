@@ -8,7 +8,8 @@
           ├── CAError           CA missing, already present, unreadable or wrong passphrase
           ├── CSRError          a certificate signing request is refused
           ├── ProvisionError    a provisioning batch input is refused
-          └── RegistrationError the registry refused or could not take a batch
+          ├── RegistrationError the registry refused or could not take a batch
+          └── ExportError       a bundle cannot be exported (missing, damaged, bad password file)
 
 Messages say what is wrong and what to do about it; the CLI prints them as one line.
 """
@@ -20,6 +21,7 @@ __all__ = [
     "CSRError",
     "CertfleetError",
     "ConfigError",
+    "ExportError",
     "FactoryError",
     "IdentityError",
     "ProvisionError",
@@ -62,3 +64,7 @@ class ProvisionError(FactoryError):
 
 class RegistrationError(FactoryError):
     """The registry refused a batch (conflict, credentials) or stayed unreachable."""
+
+
+class ExportError(FactoryError):
+    """A device bundle cannot be exported in the format asked for."""
