@@ -70,9 +70,14 @@ def ca_init(
             "carries <URL>/crl.der and <URL>/ocsp (CERTFLEET_CA_PUBLISH_URL)."
         ),
     ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(help="Encrypt the CA keys with the first line of this 0600 file."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create the root and issuing CA. Keys are encrypted when CERTFLEET_CA_PASSPHRASE is set.
+    """Create the root and issuing CA. Keys are encrypted with --passphrase-file or
+    CERTFLEET_CA_PASSPHRASE.
 
     Refuses to overwrite an existing CA.
     """
@@ -81,6 +86,7 @@ def ca_init(
         trust_domain=trust_domain,
         key_algorithm=key_algorithm,
         ca_publish_url=publish_url,
+        ca_passphrase_file=passphrase_file,
     )
     if settings.key_algorithm not in ("p256", "p384", "ed25519", "rsa2048"):
         raise ConfigError(

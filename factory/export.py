@@ -7,13 +7,13 @@ Windows, Java 9+ and browsers read; the file is written 0600, it holds the priva
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from factory.config import read_secret_file
 from factory.errors import CAError, ExportError
 from factory.keys import load_private_key
 from factory.layout import DataLayout, write_private, write_public
@@ -31,24 +31,9 @@ MIN_PASSWORD_LENGTH = 8
 
 
 def read_password_file(path: Path, what: str = "--password-file") -> bytes:
-    """A password from the first line of ``path`` (the trailing newline dropped).
-
-    Refuses a missing, unreadable or empty file, a password shorter than
-    MIN_PASSWORD_LENGTH, and a file other users can read (a password in it is no secret).
-    """
-    try:
-        mode = path.stat().st_mode
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise ExportError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise ExportError(f"{what} {path} cannot be read: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ExportError(
-            f"{what} {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-            f"chmod 600 {path}"
-        )
-    password = text.split(b"\n", 1)[0].rstrip(b"\r")
+    """A password from the first line of ``path`` (:func:`factory.config.read_secret_file`:
+    missing, empty or other-readable files are refused), at least MIN_PASSWORD_LENGTH long."""
+    password = read_secret_file(path, what)
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ExportError(
             f"{what} {path}: the password on its first line is shorter than "

@@ -66,6 +66,13 @@ def serve(
         str | None,
         typer.Option("--telemetry-broker", help="host:port of the broker to ingest telemetry from"),
     ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            help="CA key passphrase: first line of this file (CERTFLEET_CA_PASSPHRASE_FILE)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the registry over HTTPS (migrating the database first)."""
     from registry.server import serve as run
@@ -77,6 +84,7 @@ def serve(
         registry_addr=addr,
         registry_publish_addr=publish_addr,
         telemetry_broker_addr=telemetry_broker,
+        ca_passphrase_file=passphrase_file,
     )
     run(settings, ready_file)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.config import secret_bytes, settings_from_env
+from factory.config import passphrase_bytes, settings_from_env
 from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
@@ -28,6 +28,8 @@ class RegistrySettings(BaseSettings):
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).
     ca_passphrase: SecretStr | None = None
+    #: file whose first line is that passphrase (``--passphrase-file``).
+    ca_passphrase_file: Path | None = None
     #: name of the server certificate in ``<data_dir>/tls/<name>.crt|.key``.
     registry_tls_name: str = "registry"
     #: CRL nextUpdate; the CRL is also re-signed when half of it has passed.
@@ -60,7 +62,7 @@ class RegistrySettings(BaseSettings):
 
     @property
     def ca_passphrase_bytes(self) -> bytes | None:
-        return secret_bytes(self.ca_passphrase)
+        return passphrase_bytes(self.ca_passphrase, self.ca_passphrase_file)
 
 
 def split_addr(addr: str) -> tuple[str, int]:

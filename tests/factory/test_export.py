@@ -106,15 +106,21 @@ def test_der_is_the_bundle_certificate(
 
 
 @pytest.mark.parametrize(
-    ("text", "mode", "match"),
+    ("text", "mode", "error", "match"),
     [
-        ("short\n", 0o600, "shorter than 8"),
-        ("\n", 0o600, "shorter than 8"),
-        (PASSWORD, 0o644, "readable by other users"),
+        ("short\n", 0o600, ExportError, "shorter than 8"),
+        ("\n", 0o600, ConfigError, "is empty"),
+        (PASSWORD, 0o644, ConfigError, "readable by other users"),
     ],
 )
 def test_bad_password_files_are_refused_and_nothing_is_written(
-    layout: DataLayout, provisioned: str, tmp_path: Path, text: str, mode: int, match: str
+    layout: DataLayout,
+    provisioned: str,
+    tmp_path: Path,
+    text: str,
+    mode: int,
+    error: type[Exception],
+    match: str,
 ) -> None:
     out = tmp_path / "dev.p12"
     result = export(
@@ -126,7 +132,7 @@ def test_bad_password_files_are_refused_and_nothing_is_written(
         "--password-file",
         str(password_file(tmp_path, text, mode)),
     )
-    assert isinstance(result.exception, ExportError)
+    assert isinstance(result.exception, error)
     assert match in str(result.exception)
     assert not out.exists()
 
@@ -155,7 +161,7 @@ def test_refusals_of_export(layout: DataLayout, provisioned: str, tmp_path: Path
                 "--password-file",
                 str(tmp_path / "none"),
             ],
-            ExportError,
+            ConfigError,
             "does not exist",
         ),
     ]
