@@ -2,11 +2,18 @@
 
 Rules (DESIGN.md "MQTT topics and ACL"):
 
-- device ``d`` may publish to ``devices/d/<anything>`` and subscribe to filters under
-  ``devices/d/`` (``devices/d/#`` included); nothing else, so ``#``, ``+/...``, ``$SYS/...``
-  and ``devices/dx/...`` (an id sharing a prefix) are refused;
-- a service may subscribe to ``devices/+/telemetry`` and ``devices/+/cert/renew`` (or the
-  same for one device id) and publish only to ``devices/<id>/cert/issued``.
+- device ``d`` may publish to ``devices/d/<anything>`` except its renewal answer topic
+  ``devices/d/cert/issued``, and subscribe to filters under ``devices/d/``
+  (``devices/d/#`` included); nothing else, so ``#``, ``+/...``, ``$SYS/...`` and
+  ``devices/dx/...`` (an id sharing a prefix) are refused;
+- the renewal service (the registry's identity, ``service/registry`` by default) may
+  subscribe to ``devices/+/telemetry`` and ``devices/+/cert/renew`` (or the same for one
+  device id) and publish only to ``devices/<id>/cert/issued``;
+- any other service may only subscribe to ``devices/+/telemetry`` (or one device's).
+
+A will is a PUBLISH the broker makes on the client's behalf: :func:`will_refusal` applies
+the same rules to it at CONNECT, and refuses a retained will on a renewal topic (renewal
+requests and answers are never retained).
 
 Every refusal is counted (``certfleet_broker_acl_refusals_total{action=...}``); the log
 gets at most one line per client per ``REFUSAL_LOG_INTERVAL_S`` (:class:`RefusalLog`), so a
@@ -25,12 +32,24 @@ from amqtt.session import Session
 
 from factory.profile import NAME_PATTERN, Identity, IdentityKind
 
-__all__ = ["REFUSAL_LOG_INTERVAL_S", "DeviceTopicPlugin", "RefusalLog", "is_allowed"]
+__all__ = [
+    "REFUSAL_LOG_INTERVAL_S",
+    "RENEWAL_SERVICE",
+    "DeviceTopicPlugin",
+    "RefusalLog",
+    "is_allowed",
+    "will_refusal",
+]
 
 log = logging.getLogger(__name__)
 
-_SERVICE_SUBSCRIPTIONS = ("telemetry", "cert/renew")
-_SERVICE_PUBLICATIONS = ("cert/issued",)
+#: The service whose identity alone answers renewals (the registry's MQTT client).
+RENEWAL_SERVICE = "registry"
+
+_TELEMETRY = "telemetry"
+_RENEW = "cert/renew"
+_ISSUED = "cert/issued"
+_RENEWAL_TOPICS = (_RENEW, _ISSUED)
 
 
 def _device_level_and_rest(topic: str) -> tuple[str, str] | None:
@@ -49,29 +68,49 @@ def _device_may(device_id: str, topic: str, action: Action) -> bool:
         return False
     rest = parts[1]
     if action is Action.PUBLISH:
-        return "+" not in rest and "#" not in rest
+        # Only the renewal service answers renewals, even on the device's own topic.
+        return "+" not in rest and "#" not in rest and rest != _ISSUED
     return True  # SUBSCRIBE filters and RECEIVE topics under the device's own prefix
 
 
-def _service_may(topic: str, action: Action) -> bool:
+def _service_may(topic: str, action: Action, *, renews: bool) -> bool:
     parts = _device_level_and_rest(topic)
     if parts is None:
         return False
     device_level, rest = parts
     if action is Action.PUBLISH:
-        return rest in _SERVICE_PUBLICATIONS and NAME_PATTERN.fullmatch(device_level) is not None
-    if rest not in _SERVICE_SUBSCRIPTIONS:
+        return renews and rest == _ISSUED and NAME_PATTERN.fullmatch(device_level) is not None
+    readable = (_TELEMETRY, _RENEW) if renews else (_TELEMETRY,)
+    if rest not in readable:
         return False
     return device_level == "+" or NAME_PATTERN.fullmatch(device_level) is not None
 
 
-def is_allowed(identity: Identity, topic: str, action: Action) -> bool:
+def is_allowed(
+    identity: Identity, topic: str, action: Action, *, renewal_service: str = RENEWAL_SERVICE
+) -> bool:
     """Whether ``identity`` may ``action`` (publish, subscribe, receive) on ``topic``."""
     if identity.kind is IdentityKind.DEVICE:
         return _device_may(identity.name, topic, action)
     if identity.kind is IdentityKind.SERVICE:
-        return _service_may(topic, action)
+        return _service_may(topic, action, renews=identity.name == renewal_service)
     return False
+
+
+def will_refusal(
+    identity: Identity,
+    topic: str,
+    *,
+    retain: bool,
+    renewal_service: str = RENEWAL_SERVICE,
+) -> str | None:
+    """Why a CONNECT's will may not be published for ``identity``; None when it may."""
+    if not is_allowed(identity, topic, Action.PUBLISH, renewal_service=renewal_service):
+        return f"will topic {topic[:200]!r} is outside what {identity.uri} may publish"
+    parts = _device_level_and_rest(topic)
+    if retain and parts is not None and parts[1] in _RENEWAL_TOPICS:
+        return f"retained will on renewal topic {topic[:200]!r} (renewals are never retained)"
+    return None
 
 
 #: A client's refused topics are logged at most once per this many seconds.
@@ -130,13 +169,15 @@ class RefusalLog:
 class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints
     """amqtt topic plugin applying :func:`is_allowed` to the session's identity.
 
-    The listener records each admitted session's identity; :meth:`bind` attaches the lookup
-    (client id -> identity) and the refusal counter after the broker is built.
+    A session's identity is read from its amqtt key (:mod:`broker.sessions`), so it is
+    known while a persistent session is offline; :meth:`bind` attaches that lookup, the
+    renewal service's name and the counters after the broker is built.
     """
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self._identity_of: Callable[[str], Identity | None] = lambda _client_id: None
+        self._renewal_service = RENEWAL_SERVICE
         self._on_refused: Callable[[Action], None] = lambda _action: None
         self._on_allowed: Callable[[Action], None] = lambda _action: None
         self.refusal_log = RefusalLog()
@@ -146,8 +187,10 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships n
         identity_of: Callable[[str], Identity | None],
         on_refused: Callable[[Action], None],
         on_allowed: Callable[[Action], None],
+        renewal_service: str = RENEWAL_SERVICE,
     ) -> None:
         self._identity_of = identity_of
+        self._renewal_service = renewal_service
         self._on_refused = on_refused
         self._on_allowed = on_allowed
 
@@ -165,7 +208,9 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships n
         if session is None or topic is None or action is None or session.client_id is None:
             return False
         identity = self._identity_of(session.client_id)
-        if identity is not None and is_allowed(identity, topic, action):
+        if identity is not None and is_allowed(
+            identity, topic, action, renewal_service=self._renewal_service
+        ):
             self._on_allowed(action)
             return True
         self._on_refused(action)

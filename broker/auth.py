@@ -19,10 +19,26 @@ from amqtt.session import Session
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from broker.sessions import accepted_client_ids, session_key
 from factory.errors import IdentityError
 from factory.profile import Identity, IdentityKind, read_identity, serial_hex
 
-__all__ = ["Admission", "AdmissionPolicy", "CertAuthPlugin", "Refusal", "RefusedError"]
+__all__ = [
+    "CONNACK_IDENTIFIER_REJECTED",
+    "CONNACK_NOT_AUTHORIZED",
+    "CONNACK_UNACCEPTABLE_PROTOCOL",
+    "Admission",
+    "AdmissionPolicy",
+    "CertAuthPlugin",
+    "ClientIdMode",
+    "Refusal",
+    "RefusedError",
+]
+
+#: CONNACK return codes of MQTT 3.1.1 (section 3.2.2.3) the gate answers with.
+CONNACK_UNACCEPTABLE_PROTOCOL = 0x01
+CONNACK_IDENTIFIER_REJECTED = 0x02
+CONNACK_NOT_AUTHORIZED = 0x05
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +61,36 @@ class Refusal(StrEnum):
     FOREIGN_TRUST_DOMAIN = "foreign_trust_domain"
     OPERATOR = "operator"
     CLIENT_ID_MISMATCH = "client_id_mismatch"
+    EMPTY_CLIENT_ID = "empty_client_id"  # CONNACK 0x02: empty id with clean session off
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # CONNACK 0x01: not MQTT 3.1.1
+    WILL_REFUSED = "will_refused"  # the will topic fails the publish ACL
     REVOKED = "revoked"
     DECOMMISSIONED = "decommissioned"
     CONNECT_TIMEOUT = "connect_timeout"
     BAD_CONNECT = "bad_connect"
 
 
-class RefusedError(Exception):
-    """A client is refused; ``reason`` is counted, ``detail`` is logged."""
+class ClientIdMode(StrEnum):
+    """How the MQTT client id relates to the certificate (``CERTFLEET_BROKER_CLIENT_ID``)."""
 
-    def __init__(self, reason: Refusal, detail: str) -> None:
+    #: The client id must be the certificate's id (an empty one, with clean session, gets it).
+    STRICT = "strict"
+    #: Whatever the client sends is replaced by the certificate's id (EMQX's
+    #: ``peer_cert_as_clientid``).
+    FROM_CERTIFICATE = "from-certificate"
+
+
+class RefusedError(Exception):
+    """A client is refused; ``reason`` is counted, ``detail`` is logged, ``connack`` is the
+    CONNACK return code answered when the refusal happens at CONNECT."""
+
+    def __init__(
+        self, reason: Refusal, detail: str, *, connack: int = CONNACK_NOT_AUTHORIZED
+    ) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.connack = connack
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +99,11 @@ class Admission:
 
     identity: Identity
     serial: str
+
+    @property
+    def session_key(self) -> str:
+        """The client id amqtt gets for this client (:mod:`broker.sessions`)."""
+        return session_key(self.identity)
 
 
 class RevocationView(Protocol):
@@ -79,9 +117,15 @@ class RevocationView(Protocol):
 class AdmissionPolicy:
     """Decide whether a verified client certificate may connect with a given client id."""
 
-    def __init__(self, trust_domain: str, revocations: RevocationView) -> None:
+    def __init__(
+        self,
+        trust_domain: str,
+        revocations: RevocationView,
+        client_id_mode: ClientIdMode = ClientIdMode.STRICT,
+    ) -> None:
         self.trust_domain = trust_domain
         self.revocations = revocations
+        self.client_id_mode = client_id_mode
 
     def identify(self, certificate_der: bytes) -> Admission:
         """The identity and serial of a client certificate, or RefusedError."""
@@ -125,16 +169,16 @@ class AdmissionPolicy:
             )
         return Admission(identity, serial)
 
-    def admit(self, certificate_der: bytes, client_id: str | None) -> Admission:
-        """Admission for ``client_id`` presenting ``certificate_der``, or RefusedError."""
+    def admit(
+        self, certificate_der: bytes, client_id: str | None, *, clean_session: bool = True
+    ) -> Admission:
+        """Admission for ``client_id`` presenting ``certificate_der``, or RefusedError.
+
+        ``client_id`` None (or empty) is a CONNECT with a zero-length client id.
+        """
         admission = self.identify(certificate_der)
         identity = admission.identity
-        if client_id != identity.name:
-            raise RefusedError(
-                Refusal.CLIENT_ID_MISMATCH,
-                f"client id {client_id!r} is not the certificate's {identity.kind.value} "
-                f"id {identity.name!r}",
-            )
+        self._check_client_id(identity, client_id or None, clean_session)
         if self.revocations.is_serial_revoked(admission.serial):
             raise RefusedError(Refusal.REVOKED, f"serial={admission.serial} is revoked")
         if identity.kind is IdentityKind.DEVICE and self.revocations.is_device_decommissioned(
@@ -145,34 +189,55 @@ class AdmissionPolicy:
             )
         return admission
 
+    def _check_client_id(self, identity: Identity, client_id: str | None, clean: bool) -> None:
+        if self.client_id_mode is ClientIdMode.FROM_CERTIFICATE:
+            return
+        if client_id is None:
+            if clean:
+                return  # [MQTT-3.1.3-6]: the server assigns one, the certificate's
+            raise RefusedError(
+                Refusal.EMPTY_CLIENT_ID,
+                f"empty client id with clean session off certificate_id={identity.name}",
+                connack=CONNACK_IDENTIFIER_REJECTED,  # [MQTT-3.1.3-8]
+            )
+        if client_id not in accepted_client_ids(identity):
+            raise RefusedError(
+                Refusal.CLIENT_ID_MISMATCH,
+                f"client_id={client_id[:100]!r} certificate_id={identity.name!r} "
+                f"kind={identity.kind.value} (the client id must be the certificate's id)",
+            )
+
 
 class CertAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
     """amqtt authentication plugin: the session's peer certificate must pass the policy.
 
     The policy object is attached after the broker is built (:meth:`bind`); an unbound
-    plugin refuses everyone.
+    plugin refuses everyone. The certificate checked is the one of the connection the
+    listener's gate handed over for this session (``claim``): amqtt keeps the *first*
+    connection's ``ssl_object`` on a persistent session that reconnects, which may be an
+    older certificate than the one presented now.
     """
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self._policy: AdmissionPolicy | None = None
-        self._on_authenticated: Callable[[Session], None] = lambda _session: None
+        self._claim: Callable[[Session], bytes | None] = lambda _session: None
 
-    def bind(self, policy: AdmissionPolicy, on_authenticated: Callable[[Session], None]) -> None:
-        """Attach the policy, and a hook told about every session let in."""
+    def bind(self, policy: AdmissionPolicy, claim: Callable[[Session], bytes | None]) -> None:
+        """Attach the policy, and the hook giving the certificate a session connects with."""
         self._policy = policy
-        self._on_authenticated = on_authenticated
+        self._claim = claim
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        if self._policy is None or session.ssl_object is None:
+        if self._policy is None:
             return False
-        certificate_der = session.ssl_object.getpeercert(binary_form=True)
+        certificate_der = self._claim(session)
         if certificate_der is None:
+            log.warning("client refused by auth plugin reason=not_admitted_by_gate")
             return False
         try:
             self._policy.admit(certificate_der, session.client_id)
         except RefusedError as exc:
             log.warning("client refused by auth plugin reason=%s %s", exc.reason, exc.detail)
             return False
-        self._on_authenticated(session)
         return True

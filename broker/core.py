@@ -1,4 +1,5 @@
-"""amqtt's Broker with two hot spots of its per-message path taken off the slow road.
+"""amqtt's Broker with two hot spots of its per-message path taken off the slow road, and
+two holes in its retained-message paths closed.
 
 1. Topic checks. amqtt asks topic plugins through ``PluginManager.map_plugin_topic``, which
 wraps each call in a task and gathers the results, twice for every routed message (the
@@ -12,8 +13,21 @@ an ``asyncio.wait`` (so that it can notice shutdown while blocked on the queue).
 queued messages back to back while there is a backlog and takes amqtt's waiting path only
 when the queue is empty; shutdown, task bookkeeping and error handling are amqtt's.
 
-Both override private methods of amqtt 0.12 (pinned ``<0.13`` in pyproject.toml); the
-broker tests exercise both paths.
+3. Retained messages at CONNECT. amqtt replays, to every client that connects, the retained
+messages matching *any* subscription filter in the broker (not only the client's own), with
+no receive check: a device would get other devices' retained telemetry. Ours sends a retained
+message only for a filter the session holds, and only if the ACL lets it receive the topic.
+
+4. A persistent session's queue. Messages queued while a clean-session-off client was away
+are forwarded with the retain flag set by amqtt; they are ordinary forwarded messages
+(MQTT-3.1.2-... "retain 0 when sent to an established subscription"), so ours clears it:
+a subscriber that ignores retained messages (renewal requests) must not ignore them.
+
+A message whose routing raises is logged and counted; the broadcast loop goes on (a loop
+that died would stop all routing, silently).
+
+All override private methods of amqtt 0.12 (pinned ``<0.13`` in pyproject.toml); the broker
+tests exercise every path.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
 from amqtt.contexts import Action
@@ -37,9 +52,51 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
     """The amqtt broker certfleet runs."""
 
     _acl: DeviceTopicPlugin | None = None
+    _on_route_error: Callable[[BaseException], None] = staticmethod(lambda _exc: None)
 
     def use_topic_plugin(self, plugin: DeviceTopicPlugin) -> None:
         self._acl = plugin
+
+    def on_route_error(self, hook: Callable[[BaseException], None]) -> None:
+        """Told about every message whose routing raised (the metrics count them)."""
+        self._on_route_error = hook
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        queued = []
+        while not session.retained_messages.empty():
+            message = session.retained_messages.get_nowait()
+            queued.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(message.topic, message.data, message.qos, retain=False)
+                )
+            )
+        if queued:
+            await asyncio.wait(queued)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        if not any(s is session for s, _ in self._subscriptions.get(topic_filter, ())):
+            return  # amqtt asks for every filter in the broker at CONNECT
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(
+                    retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                )
+            )
+            for topic, retained in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter)
+            and await self._topic_filtering(session, topic, Action.RECEIVE)
+        ]
+        if sends:
+            await asyncio.wait(sends)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         acl = self._acl
@@ -55,7 +112,11 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                 while running and running[0].done():
                     _log_failed(running.popleft())
                 if not queue.empty():
-                    await self._run_broadcast(running)  # takes the next item without waiting
+                    try:
+                        await self._run_broadcast(running)  # takes the next item at once
+                    except Exception as exc:  # noqa: BLE001 - one bad message must not stop routing
+                        log.warning("message routing failed error=%s", f"{exc!r}"[:200])
+                        self._on_route_error(exc)
                     continue
                 shutdown = self._broadcast_shutdown_waiter
                 route_next = asyncio.ensure_future(self._run_broadcast(running))
@@ -66,6 +127,10 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                     route_next.cancel()
                     await asyncio.gather(route_next, return_exceptions=True)
                     break
+                failure = route_next.exception()
+                if failure is not None:
+                    log.warning("message routing failed error=%s", f"{failure!r}"[:200])
+                    self._on_route_error(failure)
         finally:
             for task in running:
                 if not task.done():

@@ -5,14 +5,18 @@ connections accepted elsewhere); this module owns the socket. For each connectio
 
 1. TLS handshake with ``CERT_REQUIRED`` (:mod:`broker.tls`) under a deadline; a failure is
    counted by reason (no certificate, self-signed, unknown CA, expired, ...).
-2. The first MQTT packet must be a CONNECT, within a deadline. The :class:`AdmissionPolicy`
-   decides from the peer certificate and the client id; a refusal is answered with CONNACK
-   0x05 (not authorized), counted and closed *before amqtt sees the CONNECT*. This matters:
-   amqtt deletes any existing session of a clean-session CONNECT's client id before it asks
-   the auth plugins, so a device that claimed another device's id would otherwise wipe that
-   device's subscriptions even though it is then refused.
-3. Admitted: the connection is indexed by its certificate serial and device id (for live
-   revocation) and the byte stream, CONNECT included, goes to ``Broker.external_connected``.
+2. The first MQTT packet must be a CONNECT of MQTT 3.1.1, within a deadline (another
+   protocol level is answered CONNACK 0x01). The :class:`AdmissionPolicy` decides from the
+   peer certificate and the client id, and the will topic must pass the publish ACL
+   (:func:`broker.acl.will_refusal`); a refusal is answered with its CONNACK code (0x05 not
+   authorized, 0x02 identifier rejected), counted and closed *before amqtt sees the
+   CONNECT*. This matters: amqtt deletes any existing session of a clean-session CONNECT's
+   client id before it asks the auth plugins, so a device that claimed another device's id
+   would otherwise wipe that device's subscriptions even though it is then refused.
+3. Admitted: the CONNECT's client id is replaced by the identity's session key
+   (:mod:`broker.sessions`: services and devices never share one), the connection is
+   indexed by its certificate serial and device id (for live revocation), and the byte
+   stream, CONNECT included, goes to ``Broker.external_connected``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,17 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.session import Session
 
-from broker.auth import Admission, AdmissionPolicy, Refusal, RefusedError
+from broker.acl import RENEWAL_SERVICE, will_refusal
+from broker.auth import (
+    CONNACK_UNACCEPTABLE_PROTOCOL,
+    Admission,
+    AdmissionPolicy,
+    Refusal,
+    RefusedError,
+)
 from broker.connection import PacketTooLargeError, StreamReader, StreamWriter, TlsConnection
 from broker.metrics import BrokerMetrics
+from broker.sessions import identity_of_key
 from factory.profile import Identity, IdentityKind
 
 __all__ = ["LISTENER_NAME", "MqttTlsListener", "classify_handshake_error"]
@@ -43,7 +55,13 @@ log = logging.getLogger(__name__)
 LISTENER_NAME = "default"
 
 _CONNECT = 1
-_CONNACK_NOT_AUTHORIZED = bytes((0x20, 0x02, 0x00, 0x05))
+#: The one protocol level amqtt speaks: MQTT 3.1.1 ("MQTT", level 4).
+_MQTT_311 = ("MQTT", 4)
+
+
+def _connack(code: int) -> bytes:
+    return bytes((0x20, 0x02, 0x00, code))
+
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) that map to a counted reason.
 _VERIFY_REASONS = {
@@ -93,6 +111,20 @@ async def _read_packet(reader: StreamReader, max_bytes: int) -> bytes:
     return bytes(header) + body
 
 
+def _protocol(packet: bytes) -> tuple[str, int]:
+    """Protocol name and level of a raw CONNECT, read before anything else is parsed (an
+    MQTT 5 CONNECT carries properties that amqtt's 3.1.1 parser would misread)."""
+    offset = 1
+    while packet[offset] & 0x80:
+        offset += 1
+    offset += 1
+    name_length = int.from_bytes(packet[offset : offset + 2], "big")
+    name_end = offset + 2 + name_length
+    if name_length > 6 or name_end >= len(packet):
+        raise MQTTError("CONNECT protocol name is malformed")
+    return packet[offset + 2 : name_end].decode("ascii", "replace"), packet[name_end]
+
+
 class MqttTlsListener:
     """Accepts mTLS clients for one amqtt :class:`Broker`."""
 
@@ -106,6 +138,7 @@ class MqttTlsListener:
         handshake_timeout_s: float = 10.0,
         connect_timeout_s: float = 10.0,
         max_packet_bytes: int = 256 * 1024,
+        renewal_service: str = RENEWAL_SERVICE,
     ) -> None:
         self.broker = broker
         self.ssl_context = ssl_context
@@ -114,14 +147,17 @@ class MqttTlsListener:
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_packet_bytes = max_packet_bytes
+        self.renewal_service = renewal_service
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted: dict[TlsConnection, Admission] = {}
         self._by_serial: dict[str, set[TlsConnection]] = {}
         self._by_device: dict[str, set[TlsConnection]] = {}
-        self._by_client_id: dict[str, tuple[TlsConnection, Identity]] = {}
-        #: Admitted connections whose amqtt session is not yet authenticated, by SSLObject.
-        self._awaiting_session: dict[int, TlsConnection] = {}
+        #: The live connection of each session key: a new one takes the session over.
+        self._by_key: dict[str, TlsConnection] = {}
+        #: Admitted connections whose amqtt session is not yet authenticated, by session key
+        #: (oldest first: amqtt reaches its auth plugin in the order connections arrive).
+        self._awaiting_session: dict[str, list[TlsConnection]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -172,17 +208,25 @@ class MqttTlsListener:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def session_authenticated(self, session: Session) -> None:
-        """amqtt let a session in: give its connection's reader the session's backlog."""
-        if session.ssl_object is None:
-            return
-        connection = self._awaiting_session.pop(id(session.ssl_object), None)
-        if connection is not None and connection.reader is not None:
+    def claim_session(self, session: Session) -> bytes | None:
+        """amqtt's auth plugin asks for a session: the certificate of the connection the
+        gate admitted for its key (None: not through the gate). The connection's reader
+        gets the session's backlog, and the connection takes the keep-alive over."""
+        if session.client_id is None:
+            return None
+        waiting = self._awaiting_session.get(session.client_id)
+        if not waiting:
+            return None
+        connection = waiting.pop(0)
+        if not waiting:
+            del self._awaiting_session[session.client_id]
+        if connection.reader is not None:
             connection.reader.backlog = session.delivered_message_queue.qsize
             # The connection enforces the keep-alive; amqtt would otherwise wrap every packet
             # read in asyncio.wait_for (a task each) and re-arm a timer per packet sent.
             connection.enforce_keepalive(session.keep_alive)
             session.keep_alive = 0
+        return connection.peer_certificate_der
 
     def keepalive_expired(self, connection: TlsConnection) -> None:
         admission = self._admitted.get(connection)
@@ -194,8 +238,8 @@ class MqttTlsListener:
     # -- the ACL's view -------------------------------------------------------------------
 
     def identity_of(self, client_id: str) -> Identity | None:
-        entry = self._by_client_id.get(client_id)
-        return entry[1] if entry is not None else None
+        """The identity of an amqtt session (connected or not) from its key."""
+        return identity_of_key(client_id, self.policy.trust_domain)
 
     def count_acl_refusal(self, action: Action) -> None:
         self.metrics.acl_refusals.labels(action.value).inc()
@@ -258,8 +302,16 @@ class MqttTlsListener:
             )
             if packet[0] >> 4 != _CONNECT:
                 raise MQTTError(f"first packet has type {packet[0] >> 4}, not CONNECT")
+            protocol = _protocol(packet)
+            if protocol != _MQTT_311:
+                raise RefusedError(
+                    Refusal.UNSUPPORTED_PROTOCOL,
+                    f"protocol {protocol[0]!r} level {protocol[1]}: only MQTT 3.1.1 (level 4)",
+                    connack=CONNACK_UNACCEPTABLE_PROTOCOL,
+                )
             connect = await ConnectPacket.from_stream(BufferReader(packet))
-            client_id = connect.payload.client_id if connect.payload is not None else None
+            if connect.payload is None or connect.variable_header is None:
+                raise MQTTError("CONNECT without payload")
         except TimeoutError:
             self._refused(connection, Refusal.CONNECT_TIMEOUT, "no CONNECT in time")
             connection.abort()
@@ -267,22 +319,28 @@ class MqttTlsListener:
         except NoDataError:
             connection.close()
             return
+        except RefusedError as exc:
+            self._refuse_connect(connection, exc)
+            return
         except (MQTTError, AMQTTError, PacketTooLargeError, ValueError, IndexError) as exc:
             self._refused(connection, Refusal.BAD_CONNECT, str(exc)[:200])
             connection.abort()
             return
         try:
-            admission = self.policy.admit(connection.peer_certificate_der, client_id)
+            admission = self._admit(connection.peer_certificate_der, connect)
         except RefusedError as exc:
-            self._refused(connection, exc.reason, exc.detail)
-            connection.write(_CONNACK_NOT_AUTHORIZED)
-            connection.close()
+            self._refuse_connect(connection, exc)
             return
         if connection.is_closed:
             return
+        key = admission.session_key
+        if connect.payload.client_id != key or connect.payload.client_id_is_random:
+            connect.payload.client_id = key
+            connect.payload.client_id_is_random = False
+            packet = bytes(connect.to_bytes())
         self._remember(connection, admission)
         reader.unread(packet)
-        self._awaiting_session[id(connection.ssl_object)] = connection
+        self._awaiting_session.setdefault(key, []).append(connection)
         self.metrics.admitted.inc()
         self.metrics.connections.inc()
         log.debug(
@@ -295,16 +353,52 @@ class MqttTlsListener:
                 "session ended client_id=%s error=%s", admission.identity.name, type(exc).__name__
             )
         finally:
-            self._awaiting_session.pop(id(connection.ssl_object), None)
+            waiting = self._awaiting_session.get(key)
+            if waiting is not None and connection in waiting:
+                waiting.remove(connection)
+                if not waiting:
+                    del self._awaiting_session[key]
             self.metrics.connections.dec()
             self._forget(connection)
             connection.close()
 
+    def _admit(self, certificate_der: bytes, connect: ConnectPacket) -> Admission:
+        """The gate's decision on a parsed CONNECT: identity, client id, revocation, will."""
+        payload, header = connect.payload, connect.variable_header
+        assert payload is not None and header is not None
+        client_id = None if payload.client_id_is_random else payload.client_id
+        admission = self.policy.admit(
+            certificate_der, client_id, clean_session=header.clean_session_flag
+        )
+        if header.will_flag:
+            why = will_refusal(
+                admission.identity,
+                payload.will_topic or "",
+                retain=header.will_retain_flag,
+                renewal_service=self.renewal_service,
+            )
+            if why is not None:
+                detail = f"client_id={admission.identity.name} {why}"
+                raise RefusedError(Refusal.WILL_REFUSED, detail)
+        return admission
+
+    def _refuse_connect(self, connection: TlsConnection, exc: RefusedError) -> None:
+        self._refused(connection, exc.reason, exc.detail)
+        connection.write(_connack(exc.connack))
+        connection.close()
+
     def _remember(self, connection: TlsConnection, admission: Admission) -> None:
+        key = admission.session_key
+        previous = self._by_key.get(key)
+        if previous is not None and not previous.is_closed:
+            # [MQTT-3.1.4-2]: the server disconnects the client already using this id.
+            # amqtt does not (for a clean-session CONNECT it only deletes the old session).
+            log.info("session taken over client_id=%s", admission.identity.name)
+            previous.abort()
+        self._by_key[key] = connection
         self._admitted[connection] = admission
         self._by_serial.setdefault(admission.serial, set()).add(connection)
         self._by_device.setdefault(admission.identity.name, set()).add(connection)
-        self._by_client_id[admission.identity.name] = (connection, admission.identity)
 
     def _forget(self, connection: TlsConnection) -> None:
         admission = self._admitted.pop(connection, None)
@@ -317,6 +411,5 @@ class MqttTlsListener:
                 members.discard(connection)
                 if not members:
                     del index[key]
-        entry = self._by_client_id.get(name)
-        if entry is not None and entry[0] is connection:
-            del self._by_client_id[name]
+        if self._by_key.get(admission.session_key) is connection:
+            del self._by_key[admission.session_key]

@@ -1,17 +1,32 @@
-"""Prometheus metrics of one broker, served on their own loopback HTTP port.
+"""Prometheus metrics of one broker, served on their own loopback HTTP port, with
+``/healthz`` beside ``/metrics``.
 
 Each :class:`BrokerMetrics` has its own ``CollectorRegistry`` so several brokers (tests)
-can live in one process.
+can live in one process. ``/healthz`` answers 200 ``{"status": "ok", "problems": []}`` or
+503 ``{"status": "degraded", "problems": [...]}`` from the health check the broker passes
+to :meth:`BrokerMetrics.serve` (the revoked set not persisted, a background task failing).
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
-__all__ = ["BrokerMetrics"]
+__all__ = ["BrokerMetrics", "HealthCheck"]
+
+#: Returns the broker's current problems, one short sentence each; empty = healthy.
+HealthCheck = Callable[[], list[str]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        """Scrapes are not log lines."""
 
 
 class BrokerMetrics:
@@ -66,6 +81,28 @@ class BrokerMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0),
             registry=r,
         )
+        self.revoked_persisted = Gauge(
+            "certfleet_broker_revoked_set_persisted",
+            "1 when the revoked set on disk is up to date, 0 while writes fail (retried)",
+            registry=r,
+        )
+        self.revoked_persisted.set(1)
+        self.persist_failures = Counter(
+            "certfleet_broker_revoked_set_write_failures",
+            "Failed writes of the revoked set file (enforcement goes on in memory)",
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            "certfleet_broker_task_restarts",
+            "Background tasks that failed and were restarted, by task",
+            ["task"],
+            registry=r,
+        )
+        self.route_errors = Counter(
+            "certfleet_broker_route_errors",
+            "Messages whose routing raised (logged; routing goes on)",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -82,9 +119,26 @@ class BrokerMetrics:
         )
         return value or 0.0
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (port 0 = ephemeral); return the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, health: HealthCheck = list) -> int:
+        """Serve ``/metrics`` and ``/healthz`` on ``host:port`` (0 = ephemeral); the port."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            problems = health()
+            body = {"status": "degraded" if problems else "ok", "problems": problems}
+            status = "503 Service Unavailable" if problems else "200 OK"
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(body).encode()]
+
+        server = make_server(
+            host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, name="certfleet-broker-metrics", daemon=True
+        )
+        thread.start()
         self._server, self._thread = server, thread
         return int(server.server_address[1])
 

@@ -2,13 +2,20 @@
 
 - :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`factory.profile.serial_hex`)
   and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
-  from ``<data>/broker/revoked.json`` at start, so a restart while the registry is down is no
+  from ``<data>/broker/revoked-<node>.json`` at start (or, once, from the single-broker
+  ``broker/revoked.json`` of earlier versions), so a restart while the registry is down is no
   hole, and written back atomically after every batch that changed it. Revocation is
-  permanent: a set only grows.
+  permanent: a set only grows. A write that fails (disk full, folder read-only or replaced)
+  never stops enforcement: the sets are already changed in memory, the failure is logged and
+  counted, and :meth:`RevokedSet.keep_persisted` retries with backoff until the disk is back.
 - :class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=``
   over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
   ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
   last sequence it applied, and backs off exponentially while the registry is unreachable.
+  It re-reads from 0 (keeping every serial it has: the sets never shrink) when the feed's
+  head is below its position or the feed's epoch changed (the registry's database was
+  restored from a backup or replaced), and every ``resync_s`` as a backstop (a restored
+  database that has already moved past the broker's position shows neither sign).
 """
 
 from __future__ import annotations
@@ -64,11 +71,24 @@ class RevocationEvent:
 class RevokedSet:
     """Revoked serials and decommissioned devices, persisted to one JSON file."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        legacy_path: Path | None = None,
+        on_write: Callable[[bool], None] = lambda _ok: None,
+    ) -> None:
         self.path = path
+        self.legacy_path = legacy_path
         self.serials: set[str] = set()
         self.device_ids: set[str] = set()
         self.last_seq = 0
+        #: True while the file lags behind the sets (a write failed; retried).
+        self.dirty = False
+        #: Why the last write failed, while :attr:`dirty`.
+        self.persist_error: str | None = None
+        self._on_write = on_write
+        self._failed = asyncio.Event()
 
     # -- checks (RevocationView) ----------------------------------------------------------
 
@@ -95,17 +115,32 @@ class RevokedSet:
     # -- disk -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the persisted set; a missing file is an empty set, a corrupt one an error."""
-        if self.path is None or not self.path.exists():
+        """Read the persisted set; a missing file is an empty set, a corrupt one an error.
+
+        Without a file of its own, the set starts from the legacy path (the one file every
+        broker wrote before files were named by node), and writes its own file at once.
+        """
+        if self.path is None:
             return
+        source = self.path
+        if not source.exists():
+            if self.legacy_path is None or not self.legacy_path.exists():
+                return
+            source = self.legacy_path
+        self._read(source)
+        if source != self.path:
+            log.info("revoked set migrated from=%s to=%s", source, self.path)
+            self.save()
+
+    def _read(self, source: Path) -> None:
         try:
-            body = json.loads(self.path.read_text())
+            body = json.loads(source.read_text())
             serials = {str(s).lower() for s in body["serials"]}
             device_ids = {str(d) for d in body.get("device_ids", [])}
             last_seq = int(body.get("last_seq", 0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RevocationStateError(
-                f"{self.path} is unreadable ({exc}); restore it from a backup or remove it to "
+                f"{source} is unreadable ({exc}); restore it from a backup or remove it to "
                 "rebuild it from the registry feed (refuses nothing until the feed is read)"
             ) from None
         self.serials |= serials
@@ -113,15 +148,17 @@ class RevokedSet:
         self.last_seq = max(self.last_seq, last_seq)
         log.info(
             "revoked set loaded path=%s serials=%d devices=%d last_seq=%d",
-            self.path,
+            source,
             len(self.serials),
             len(self.device_ids),
             self.last_seq,
         )
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the sets atomically; False (logged, counted, retried by
+        :meth:`keep_persisted`) when the disk refuses. Never raises: enforcement goes on."""
         if self.path is None:
-            return
+            return True
         body = {
             "last_seq": self.last_seq,
             "serials": sorted(self.serials),
@@ -130,7 +167,35 @@ class RevokedSet:
         try:
             write_public(self.path, json.dumps(body).encode())
         except OSError as exc:
-            raise RevocationStateError(f"cannot write {self.path}: {exc}") from None
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if not self.dirty:
+                log.error(
+                    "revoked set not persisted path=%s error=%s serials=%d "
+                    "(enforced in memory; retrying)",
+                    self.path,
+                    error,
+                    len(self.serials),
+                )
+            self.dirty, self.persist_error = True, error
+            self._on_write(False)
+            self._failed.set()
+            return False
+        if self.dirty:
+            log.info("revoked set persisted again path=%s serials=%d", self.path, len(self.serials))
+        self.dirty, self.persist_error = False, None
+        self._on_write(True)
+        return True
+
+    async def keep_persisted(self, min_backoff_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
+        """Retry a failed write with exponential backoff until it succeeds; forever."""
+        while True:
+            await self._failed.wait()
+            self._failed.clear()
+            backoff = min_backoff_s
+            while self.dirty:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff_s)
+                self.save()
 
 
 def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> ssl.SSLContext:
@@ -142,8 +207,8 @@ def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> 
     ):
         if not path.is_file():
             raise BrokerError(
-                f"{what} {path} is missing: issue the service/broker client certificate "
-                "into clients/ of the data dir, or run without --registry-url"
+                f"{what} {path} is missing: run 'certfleet ca issue-client --service "
+                f"{cert_file.stem}' (or pass the right --data-dir), or run without --registry-url"
             )
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -168,6 +233,7 @@ class RevocationFollower:
         wait_s: int = 25,
         max_backoff_s: float = 10.0,
         batch_limit: int = 1000,
+        resync_s: float = 300.0,
     ) -> None:
         self._url = registry_url.rstrip("/") + "/api/v1/revocations"
         self._revoked = revoked
@@ -178,6 +244,10 @@ class RevocationFollower:
         self._batch_limit = batch_limit
         self.after = 0  # full resync from the start of the feed on every start
         self.head_seq = 0
+        self.epoch: int | None = None
+        self.resyncs = 0
+        self._resync_s = resync_s
+        self._resync_at = time.monotonic() + resync_s
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
         self.errors = 0
 
@@ -210,15 +280,43 @@ class RevocationFollower:
         )
         response.raise_for_status()
         body = response.json()
+        head_seq = int(body["head_seq"])
+        epoch = int(body["epoch"]) if body.get("epoch") is not None else None
+        if self._must_resync(head_seq, epoch):
+            return
         events = [RevocationEvent.from_json(e) for e in body["events"]]
         self.apply(events)
         self.after = max(self.after, int(body["last_seq"]))
-        self.head_seq = int(body["head_seq"])
+        self.head_seq = head_seq
         if self.after >= self.head_seq and not self.synced.is_set():
             log.info(
                 "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
             )
             self.synced.set()
+
+    def _must_resync(self, head_seq: int, epoch: int | None) -> bool:
+        """Start over from 0 when the feed is not the one the position was reached in."""
+        why = None
+        if self.epoch is not None and epoch is not None and epoch != self.epoch:
+            why = f"feed epoch changed from {self.epoch} to {epoch} (registry database replaced)"
+        elif head_seq < self.after:
+            why = f"feed head {head_seq} is below position {self.after} (registry restored?)"
+        elif self.after > 0 and time.monotonic() >= self._resync_at:
+            why = f"periodic resync every {self._resync_s:.0f}s"
+        self.epoch = epoch if epoch is not None else self.epoch
+        if why is None:
+            return False
+        log.warning(
+            "revocation feed resync from=0 after=%d reason=%r serials_kept=%d",
+            self.after,
+            why,
+            len(self._revoked.serials),
+        )
+        self.after = 0
+        self.resyncs += 1
+        self._resync_at = time.monotonic() + self._resync_s
+        self.synced.clear()  # catch up with wait=0 again
+        return True
 
     def apply(self, events: list[RevocationEvent]) -> None:
         """Apply events in order, drop affected sessions, then persist once for the batch."""

@@ -35,26 +35,16 @@ from broker.revocation import (
     feed_client_context,
 )
 from broker.settings import BrokerSettings
+from broker.supervisor import Supervisor
 from broker.tls import server_context
-from factory.errors import ConfigError
+from factory.address import Address, parse_address
 from factory.layout import write_public
 
-__all__ = ["BrokerApp", "BrokerServer", "serve", "split_addr"]
+__all__ = ["BrokerApp", "BrokerServer", "serve"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8883)")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise ConfigError(f"address {addr!r} has a non-numeric port") from None
 
 
 def _trust_domain(settings: BrokerSettings) -> str:
@@ -95,9 +85,14 @@ class BrokerApp:
             ca_file=layout.chain,
         )
         self.metrics = BrokerMetrics()
-        self.revoked = RevokedSet(layout.broker_dir / "revoked.json")
+        self.revoked = RevokedSet(
+            layout.broker_dir / f"revoked-{settings.broker_node}.json",
+            legacy_path=layout.broker_dir / "revoked.json",
+            on_write=self._revoked_written,
+        )
         self.revoked.load()
-        self.policy = AdmissionPolicy(self.trust_domain, self.revoked)
+        self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
+        self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
         self.follower: RevocationFollower | None = None
         if settings.registry_url:
             self.follower = RevocationFollower(
@@ -111,12 +106,12 @@ class BrokerApp:
                 ),
                 wait_s=settings.broker_feed_wait_s,
                 max_backoff_s=settings.broker_feed_max_backoff_s,
+                resync_s=settings.broker_feed_resync_s,
             )
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
         self.metrics_port: int | None = None
-        self._follower_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.broker = CertfleetBroker(amqtt_config(self.settings))
@@ -128,31 +123,37 @@ class BrokerApp:
             handshake_timeout_s=self.settings.broker_handshake_timeout_s,
             connect_timeout_s=self.settings.broker_connect_timeout_s,
             max_packet_bytes=self.settings.broker_max_packet_bytes,
+            renewal_service=self.settings.broker_renewal_service,
         )
         for plugin in self.broker.plugins_manager.plugins:
             if isinstance(plugin, CertAuthPlugin):
-                plugin.bind(self.policy, self.listener.session_authenticated)
+                plugin.bind(self.policy, self.listener.claim_session)
             elif isinstance(plugin, DeviceTopicPlugin):
                 plugin.bind(
                     self.listener.identity_of,
                     self.listener.count_acl_refusal,
                     self.listener.count_acl_allowed,
+                    renewal_service=self.settings.broker_renewal_service,
                 )
                 self.broker.use_topic_plugin(plugin)
+        self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
         await self.broker.start()
-        host, port = split_addr(self.settings.broker_addr)
+        address = parse_address(self.settings.broker_addr)
+        host, port = address.host, address.port
         try:
             self.port = await self.listener.start(host, port)
         except OSError as exc:
             await self.broker.shutdown()
             raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
         if self.settings.broker_metrics_addr:
-            metrics_host, metrics_port = split_addr(self.settings.broker_metrics_addr)
-            self.metrics_port = self.metrics.serve(metrics_host, metrics_port)
+            metrics = parse_address(self.settings.broker_metrics_addr)
+            metrics_host, metrics_port = metrics.host, metrics.port
+            self.metrics_port = self.metrics.serve(metrics_host, metrics_port, self.problems)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
+        self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
         if self.follower is not None:
-            self._follower_task = asyncio.get_running_loop().create_task(self.follower.run())
+            self.supervisor.start("revocation-feed", self.follower.run)
         log.info(
             "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s",
             host,
@@ -162,10 +163,27 @@ class BrokerApp:
             self.settings.registry_url or "none",
         )
 
+    def _revoked_written(self, ok: bool) -> None:
+        self.metrics.revoked_persisted.set(1 if ok else 0)
+        if not ok:
+            self.metrics.persist_failures.inc()
+
+    def problems(self) -> list[str]:
+        """What is wrong right now, for /healthz (empty: healthy). Any thread."""
+        found = []
+        if self.revoked.dirty:
+            found.append(
+                f"revoked set not persisted to {self.revoked.path}: {self.revoked.persist_error} "
+                "(enforced in memory; retrying)"
+            )
+        found += [
+            f"task {name} failed: {error} (restarting)"
+            for name, error in dict(self.supervisor.failing).items()
+        ]
+        return found
+
     async def stop(self) -> None:
-        if self._follower_task is not None:
-            self._follower_task.cancel()
-            await asyncio.gather(self._follower_task, return_exceptions=True)
+        await self.supervisor.stop()
         if self.listener is not None:
             await self.listener.close()
         if self.broker is not None:
@@ -230,8 +248,8 @@ class BrokerServer:
     def metrics_url(self) -> str | None:
         if self.app is None or self.app.metrics_port is None:
             return None
-        host = split_addr(self.settings.broker_metrics_addr or "127.0.0.1:0")[0]
-        return f"http://{host}:{self.app.metrics_port}/metrics"
+        host = parse_address(self.settings.broker_metrics_addr or "127.0.0.1:0").host
+        return f"http://{Address(host, self.app.metrics_port)}/metrics"
 
     def start(self) -> BrokerServer:
         self._thread = threading.Thread(target=self._run, name="certfleet-broker", daemon=True)
@@ -312,11 +330,11 @@ async def serve(settings: BrokerSettings, ready_file: os.PathLike[str] | None = 
     await app.start()
     tune_garbage_collector()
     try:
-        host = split_addr(settings.broker_addr)[0]
-        ready: dict[str, Any] = {"addr": f"{host}:{app.port}", "pid": os.getpid()}
+        host = parse_address(settings.broker_addr).host
+        ready: dict[str, Any] = {"addr": str(Address(host, app.port)), "pid": os.getpid()}
         if app.metrics_port is not None:
-            metrics_host = split_addr(settings.broker_metrics_addr or "127.0.0.1:0")[0]
-            ready["metrics_url"] = f"http://{metrics_host}:{app.metrics_port}/metrics"
+            metrics_host = parse_address(settings.broker_metrics_addr or "127.0.0.1:0").host
+            ready["metrics_url"] = f"http://{Address(metrics_host, app.metrics_port)}/metrics"
         if ready_file is not None:
             write_public(Path(ready_file), json.dumps(ready).encode())
         print(f"broker listening on {ready['addr']}", flush=True)

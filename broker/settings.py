@@ -8,8 +8,11 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.auth import ClientIdMode
+from factory.address import AddressStr
 from factory.config import settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
+from factory.profile import NAME_PATTERN
 
 __all__ = ["BrokerSettings", "build_settings"]
 
@@ -20,15 +23,18 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
 
     data_dir: Path = DEFAULT_DATA_DIR
-    broker_addr: str = "127.0.0.1:8883"
+    broker_addr: AddressStr = "127.0.0.1:8883"
     #: Base URL of the registry whose revocation feed the broker follows; None = no follower
-    #: (the broker still enforces the revoked set persisted in <data>/broker/revoked.json).
+    #: (the broker still enforces the revoked set persisted in <data>/broker/).
     registry_url: str | None = None
     #: Prometheus metrics on a separate loopback port (0 = ephemeral, None = disabled).
-    broker_metrics_addr: str | None = "127.0.0.1:0"
+    broker_metrics_addr: AddressStr | None = "127.0.0.1:0"
     #: Name of the server certificate in <data>/tls/ and of the service client cert used
     #: to read the registry feed (<data>/clients/<name>.crt).
     broker_name: str = "broker"
+    #: This broker node's name: its state files are <data>/broker/revoked-<node>.json, so
+    #: several brokers can share one data folder.
+    broker_node: str = Field(default="broker", pattern=NAME_PATTERN.pattern)
     #: A TLS client that has not completed its handshake by then is cut off.
     broker_handshake_timeout_s: float = Field(default=10.0, gt=0)
     #: A connection that sends no CONNECT within this time after the handshake is cut off.
@@ -41,6 +47,14 @@ class BrokerSettings(BaseSettings):
     broker_feed_wait_s: int = Field(default=25, ge=0, le=60)
     #: Longest pause between retries when the registry cannot be reached.
     broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
+    #: Re-read the whole feed from 0 this often (backstop for a restored registry database).
+    broker_feed_resync_s: float = Field(default=300.0, gt=0)
+    #: strict: the client id must be the certificate's id (empty + clean session gets it);
+    #: from-certificate: any client id is replaced by the certificate's id.
+    broker_client_id: ClientIdMode = ClientIdMode.STRICT
+    #: The only service identity that may publish renewal answers (devices/<id>/cert/issued)
+    #: and read renewal requests; every other service reads telemetry only.
+    broker_renewal_service: str = Field(default="registry", pattern=NAME_PATTERN.pattern)
 
     @property
     def layout(self) -> DataLayout:

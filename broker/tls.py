@@ -21,15 +21,17 @@ __all__ = ["server_context"]
 
 def server_context(*, cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context that requires a client certificate chaining to ``ca_file``."""
-    for what, path in (
-        ("server certificate", cert_file),
-        ("server key", key_file),
-        ("CA chain", ca_file),
+    issue = (
+        f"run 'certfleet ca issue-server --name {cert_file.stem} --dns localhost "
+        "--ip 127.0.0.1' (or pass the right --data-dir)"
+    )
+    for what, path, fix in (
+        ("server certificate", cert_file, issue),
+        ("server key", key_file, issue),
+        ("CA chain", ca_file, "run 'certfleet ca init' (or pass the right --data-dir)"),
     ):
         if not path.is_file():
-            raise BrokerError(
-                f"{what} {path} is missing: run 'certfleet ca server broker' (or pass --data-dir)"
-            )
+            raise BrokerError(f"{what} {path} is missing: {fix}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED

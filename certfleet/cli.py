@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from factory.config import LOG_LEVELS
 from factory.errors import CertfleetError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def _settings_classes() -> list[type[BaseSettings]]:
 @app.callback()
 def _root(
     log_level: str = typer.Option(
-        "info", "--log-level", envvar="CERTFLEET_LOG_LEVEL", help="debug, info, warning, error"
+        "info", "--log-level", envvar="CERTFLEET_LOG_LEVEL", help=", ".join(LOG_LEVELS)
     ),
     log_format: str = typer.Option(
         "logfmt", "--log-format", envvar="CERTFLEET_LOG_FORMAT", help="logfmt or json"

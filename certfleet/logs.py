@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import structlog
 
+from factory.config import log_level
 from factory.errors import ConfigError
 
 __all__ = ["LOG_FORMATS", "LogFormat", "configure_logging", "split_event"]
@@ -93,12 +94,16 @@ def _json_formatter() -> logging.Formatter:
 
 
 def configure_logging(level: str = "info", log_format: str = "logfmt") -> None:
-    """Send certfleet's logs to stderr as one structured line per event."""
+    """Send certfleet's logs to stderr as one structured line per event.
+
+    A level not one of :data:`factory.config.LOG_LEVELS`, or a format not one of
+    LOG_FORMATS, is a ConfigError."""
+    numeric = log_level(level)
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"--log-format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_json_formatter() if log_format == "json" else _LogfmtFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     # Third-party chatter stays at warning unless asked for.
     for noisy in ("amqtt", "transitions", "uvicorn.access", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.address import AddressStr
 from factory.config import passphrase_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR
 
@@ -20,8 +21,8 @@ class OrchestrateSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
 
     data_dir: Path = DEFAULT_DATA_DIR
-    registry_addr: str = "127.0.0.1:8443"
-    broker_addr: str = "127.0.0.1:8883"
+    registry_addr: AddressStr = "127.0.0.1:8443"
+    broker_addr: AddressStr = "127.0.0.1:8883"
     trust_domain: str = "fleet.local"
     #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE), for `up` creating missing certs.
     ca_passphrase: SecretStr | None = None

@@ -17,6 +17,7 @@ from rich.console import Console
 from certfleet.credentials import ensure_service_certs
 from certfleet.procs import OrchestrationError, ProcessGroup
 from certfleet.settings import OrchestrateSettings
+from factory.address import parse_address
 from factory.ca import CertificateAuthority
 from factory.layout import DataLayout
 
@@ -43,8 +44,7 @@ def run_up(
     ca = CertificateAuthority.load(layout, passphrase=settings.passphrase)
     ensure_service_certs(ca, layout)
     root = layout.root
-    broker_host, _, broker_port = settings.broker_addr.rpartition(":")
-    if broker_port == "0":
+    if parse_address(settings.broker_addr).port == 0:
         raise OrchestrationError(
             "certfleet up needs a fixed broker port (the registry subscribes to it before the "
             "broker starts): set CERTFLEET_BROKER_ADDR or --broker-addr to host:port"

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.address import AddressStr, parse_address
 from factory.config import settings_from_env
 from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR
@@ -22,7 +23,7 @@ class SimSettings(BaseSettings):
 
     data_dir: Path = DEFAULT_DATA_DIR
     #: Where devices connect (CERTFLEET_BROKER_ADDR); else each bundle's device.json.
-    broker_addr: str | None = None
+    broker_addr: AddressStr | None = None
     #: How many bundles to run (the first N by name); None = every bundle.
     sim_devices: int | None = Field(default=None, ge=1)
     sim_rate: float = Field(default=1.0, gt=0, le=1000)  # readings per second per device
@@ -49,8 +50,9 @@ def build_settings(**overrides: Any) -> SimSettings:
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); ConfigError when malformed."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"broker address {addr!r} is not host:port (e.g. 127.0.0.1:8883)")
-    return host, int(port)
+    """``host:port`` -> (host, port) (:func:`factory.address.parse_address`); a device
+    connects, so port 0 (ephemeral, for listeners) is refused too."""
+    address = parse_address(addr)
+    if address.port == 0:
+        raise ConfigError(f"broker address {addr!r} needs a real port, not 0")
+    return address.host, address.port

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent, SimDevice
 from device_sim.stats import WorkerStats
+from factory.config import log_level
 
 __all__ = ["WorkerPlan", "WorkerReport", "raise_open_file_limit", "run_worker", "worker_main"]
 
@@ -148,7 +149,7 @@ def worker_main(plan: WorkerPlan, queue: Any, stop_flag: StopFlag) -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(plan.log_level.upper())
+    root.setLevel(log_level(plan.log_level))
     runner: Callable[..., Any] = asyncio.run
     if plan.uvloop:
         try:

@@ -11,6 +11,7 @@ named after their first word (``[registry] addr = ...`` is ``registry_addr``). K
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import stat
 import tomllib
@@ -25,14 +26,19 @@ from factory.errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV",
+    "LOG_LEVELS",
     "NON_SETTING_VARIABLES",
     "config_file_values",
+    "log_level",
     "passphrase_bytes",
     "read_secret_file",
     "secret_bytes",
     "settings_from_env",
     "unknown_settings",
 ]
+
+#: The log levels every part accepts (``--log-level``, ``CERTFLEET_LOG_LEVEL``).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
@@ -185,3 +191,12 @@ def passphrase_bytes(secret: SecretStr | None, secret_file: Path | None) -> byte
             "both CERTFLEET_CA_PASSPHRASE and a passphrase file are set; keep only one"
         )
     return read_secret_file(secret_file, "--passphrase-file")
+
+
+def log_level(name: str) -> int:
+    """A log level name (any case) as a :mod:`logging` level; ConfigError listing the valid
+    ones otherwise. The one place certfleet parses log levels."""
+    normalized = name.strip().lower()
+    if normalized not in LOG_LEVELS:
+        raise ConfigError(f"log level {name!r} is not one of {', '.join(LOG_LEVELS)}")
+    return int(logging.getLevelName(normalized.upper()))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, func, literal_column, or_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
@@ -59,6 +60,7 @@ __all__ = [
     "create_token",
     "decommission_device",
     "get_device",
+    "feed_epoch",
     "head_seq",
     "list_devices",
     "next_crl_number",
@@ -75,6 +77,9 @@ __all__ = [
 
 REVOCATION_SEQ = "revocation_seq"
 CRL_NUMBER = "crl_number"
+#: A random number drawn once per database (the Counter table, no migration): a broker that
+#: sees it change knows the feed's sequence numbers start over, and re-reads from 0.
+FEED_EPOCH = "feed_epoch"
 TOKEN_PREFIX = "cfr_"  # noqa: S105  (a marker prefix, not a secret)
 
 
@@ -432,6 +437,20 @@ def decommission_device(
     return DecommissionResult(**public.model_dump(), revocation_seq=seq)
 
 
+def feed_epoch(session: Session) -> int:
+    """This database's feed epoch, drawn (and committed) by the first reader that needs it."""
+    query = select(Counter.value).where(Counter.name == FEED_EPOCH)
+    value = session.exec(query).first()
+    if value is not None:
+        return int(value)
+    session.add(Counter(name=FEED_EPOCH, value=secrets.randbelow(2**31 - 2) + 1))
+    try:
+        session.commit()
+    except IntegrityError:  # another reader drew it first: theirs stands
+        session.rollback()
+    return int(session.exec(query).one())
+
+
 def head_seq(session: Session) -> int:
     """The highest revocation sequence number stored (0 when none)."""
     value = session.exec(select(Counter.value).where(Counter.name == REVOCATION_SEQ)).one()
@@ -459,6 +478,7 @@ def revocations_after(session: Session, after: int, limit: int) -> RevocationFee
         events=events,
         last_seq=events[-1].seq if events else after,
         head_seq=head_seq(session),
+        epoch=feed_epoch(session),
     )
 
 

@@ -232,6 +232,8 @@ class RevocationFeed(BaseModel):
     events: list[RevocationEvent]
     last_seq: int
     head_seq: int
+    #: Random per database: changes when the database is replaced (the broker re-reads).
+    epoch: int
 
 
 class TokenInfo(BaseModel):

@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factory.address import AddressStr, parse_address
 from factory.config import passphrase_bytes, settings_from_env
-from factory.errors import ConfigError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["RegistrySettings", "load_settings", "split_addr"]
@@ -21,9 +21,9 @@ class RegistrySettings(BaseSettings):
 
     data_dir: Path = DEFAULT_DATA_DIR
     #: host:port to listen on; port 0 picks a free port.
-    registry_addr: str = "127.0.0.1:8443"
+    registry_addr: AddressStr = "127.0.0.1:8443"
     #: host:port of the plain-HTTP publication listener (CRL, OCSP); empty: not served.
-    registry_publish_addr: str | None = None
+    registry_publish_addr: AddressStr | None = None
     #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).
@@ -42,7 +42,7 @@ class RegistrySettings(BaseSettings):
     #: check in the serving process).
     registry_verify_processes: int | None = Field(default=None, ge=0, le=64)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
-    telemetry_broker_addr: str | None = None
+    telemetry_broker_addr: AddressStr | None = None
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).
     registry_renewal_enabled: bool = True
     #: at most one renewal per device per this many seconds (0: no limit).
@@ -66,11 +66,9 @@ class RegistrySettings(BaseSettings):
 
 
 def split_addr(addr: str) -> tuple[str, int]:
-    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)``; raise ConfigError when malformed."""
-    host, sep, port_text = addr.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"address {addr!r} is not host:port (e.g. 127.0.0.1:8443)")
-    return host.strip("[]"), int(port_text)
+    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)`` (:func:`factory.address.parse_address`)."""
+    address = parse_address(addr)
+    return address.host, address.port
 
 
 def load_settings(**overrides: object) -> RegistrySettings:

@@ -30,6 +30,7 @@ DEVICE_SIM_FACTORY_MODULES = {
     "factory.errors",
     "factory.layout",
     "factory.config",  # the settings loader every part shares
+    "factory.address",  # the host:port type every settings object uses
 }
 
 

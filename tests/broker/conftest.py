@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -19,6 +23,8 @@ from broker.settings import BrokerSettings
 from factory.ca import CertificateAuthority, write_issued
 from factory.layout import DataLayout
 from factory.profile import IdentityKind
+from registry.server import RegistryServer
+from registry.settings import RegistrySettings
 from tests.conftest import ClientFiles, TestPKI
 
 
@@ -91,6 +97,9 @@ class MqttProbe:
     disconnected: threading.Event = field(default_factory=threading.Event)
     reason: str | None = None
     messages: list[tuple[str, bytes]] = field(default_factory=list)
+    #: (topic, payload, qos, retain) of every message, for tests that look at flags.
+    received: list[tuple[str, bytes, int, bool]] = field(default_factory=list)
+    session_present: bool | None = None
     suback: list[int] = field(default_factory=list)
     subscribed: threading.Event = field(default_factory=threading.Event)
 
@@ -100,6 +109,15 @@ class MqttProbe:
         finally:
             self.client.loop_stop()
 
+    def drop(self) -> None:
+        """Vanish without DISCONNECT (the broker then publishes the will)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
 
 def connect(
     port: int,
@@ -108,11 +126,27 @@ def connect(
     *,
     root: Path | None = None,
     timeout: float = 10.0,
+    clean_session: bool = True,
+    will: tuple[str, bytes, int, bool] | None = None,
+    protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
 ) -> MqttProbe:
-    """Connect a paho client over mTLS; returns the probe once connected, refused or failed."""
+    """Connect a paho client over mTLS; returns the probe once connected, refused or failed.
+
+    ``will`` is (topic, payload, qos, retain).
+    """
     cert, key = (files.cert, files.key) if isinstance(files, ClientFiles) else files
     ca_file = root or (files.root if isinstance(files, ClientFiles) else None)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if protocol is mqtt.MQTTv5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=protocol,
+        )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=will[2], retain=will[3])
     client.tls_set(
         ca_certs=str(ca_file),
         certfile=str(cert) if cert else None,
@@ -121,8 +155,9 @@ def connect(
     client.reconnect_delay_set(60, 120)  # never reconnect inside a test
     probe = MqttProbe(client)
 
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+    def on_connect(_c: mqtt.Client, _u: object, flags: object, rc: object, _p: object) -> None:
         probe.reason = str(rc)
+        probe.session_present = bool(getattr(flags, "session_present", False))
         if not getattr(rc, "is_failure", True):
             probe.connected.set()
         else:
@@ -134,6 +169,7 @@ def connect(
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         probe.messages.append((message.topic, message.payload))
+        probe.received.append((message.topic, message.payload, message.qos, message.retain))
 
     def on_subscribe(
         _c: mqtt.Client, _u: object, _mid: int, codes: list[object], _p: object
@@ -168,3 +204,51 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+@pytest.fixture
+def registry(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
+    settings = RegistrySettings(
+        data_dir=pki.layout.root,
+        registry_addr="127.0.0.1:0",
+        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=None,
+    )
+    with RegistryServer(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def operator(pki: TestPKI, registry: RegistryServer) -> Iterator[httpx.Client]:
+    files = pki.client(IdentityKind.OPERATOR, "alice")
+    with httpx.Client(
+        base_url=f"{registry.url}/api/v1",
+        verify=tls_context(pki, files),
+        timeout=30,
+    ) as client:
+        yield client
+
+
+def tls_context(pki: TestPKI, files: ClientFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return context
+
+
+def feed_broker_layout(pki: TestPKI, root: Path) -> DataLayout:
+    """Broker data folder plus its service/broker client certificate for the feed."""
+    layout = broker_data_dir(pki, root)
+    service = pki.client(IdentityKind.SERVICE, "broker")
+    layout.clients_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(service.cert, layout.client_cert("broker"))
+    shutil.copy(service.key, layout.client_key("broker"))
+    return layout
+
+
+def register(operator: httpx.Client, files: ClientFiles, device_id: str) -> None:
+    response = operator.post(
+        "/devices",
+        json={"certificate_pem": files.cert.read_text(), "hardware_serial": f"hw-{device_id}"},
+    )
+    assert response.status_code in (200, 201), response.text

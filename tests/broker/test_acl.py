@@ -39,6 +39,7 @@ SERVICE = Identity(TRUST_DOMAIN, IdentityKind.SERVICE, "registry")
         ("$SYS/broker/clients", Action.SUBSCRIBE, False),
         ("/devices/dev-1/telemetry", Action.PUBLISH, False),
         ("devices/dev-2/telemetry", Action.RECEIVE, False),
+        ("devices/dev-1/cert/issued", Action.PUBLISH, False),  # only the registry answers
     ],
 )
 def test_device_acl(topic: str, action: Action, allowed: bool) -> None:
@@ -63,6 +64,60 @@ def test_device_acl(topic: str, action: Action, allowed: bool) -> None:
 )
 def test_service_acl(topic: str, action: Action, allowed: bool) -> None:
     assert is_allowed(SERVICE, topic, action) is allowed
+
+
+MONITOR = Identity(TRUST_DOMAIN, IdentityKind.SERVICE, "monitor")
+
+
+@pytest.mark.parametrize(
+    ("topic", "action", "allowed"),
+    [
+        ("devices/+/telemetry", Action.SUBSCRIBE, True),
+        ("devices/dev-7/telemetry", Action.SUBSCRIBE, True),
+        ("devices/dev-7/telemetry", Action.RECEIVE, True),
+        ("devices/dev-7/cert/issued", Action.PUBLISH, False),
+        ("devices/+/cert/renew", Action.SUBSCRIBE, False),
+        ("devices/dev-7/cert/renew", Action.SUBSCRIBE, False),
+        ("devices/dev-7/cert/renew", Action.RECEIVE, False),
+        ("devices/+/cert/issued", Action.SUBSCRIBE, False),
+        ("devices/dev-7/telemetry", Action.PUBLISH, False),
+    ],
+)
+def test_other_services_only_read_telemetry(topic: str, action: Action, allowed: bool) -> None:
+    assert is_allowed(MONITOR, topic, action) is allowed
+
+
+def test_the_renewal_service_is_a_setting() -> None:
+    topic = "devices/dev-7/cert/issued"
+    assert is_allowed(MONITOR, topic, Action.PUBLISH, renewal_service="monitor")
+    assert not is_allowed(SERVICE, topic, Action.PUBLISH, renewal_service="monitor")
+
+
+def test_forged_renewal_answer_never_reaches_the_device(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
+    monitor = connect(broker.port, pki.client(IdentityKind.SERVICE, "monitor"), "monitor")
+    registry = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    try:
+        assert device.connected.is_set() and monitor.connected.is_set()
+        assert registry.connected.is_set()
+        device.client.subscribe("devices/dev-1/cert/issued", qos=1)
+        assert device.subscribed.wait(5)
+        monitor.client.subscribe("devices/+/cert/renew", qos=1)
+        assert monitor.subscribed.wait(5)
+        assert monitor.suback == [0x80]
+        before = broker.metrics.acl_refusal_count("publish")
+        issued = "devices/dev-1/cert/issued"
+        monitor.client.publish(issued, b"forged refusal", qos=1).wait_for_publish(5)
+        device.client.publish(issued, b"self-issued", qos=1).wait_for_publish(5)
+        registry.client.publish(issued, b"real answer", qos=1).wait_for_publish(5)
+        assert wait_for(lambda: len(device.messages) >= 1)
+        assert device.messages == [(issued, b"real answer")]
+        assert wait_for(lambda: broker.metrics.acl_refusal_count("publish") == before + 2)
+    finally:
+        for probe in (device, monitor, registry):
+            probe.close()
 
 
 def test_operator_has_no_topic_rights() -> None:

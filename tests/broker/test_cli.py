@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.broker.conftest import broker_data_dir, connect, issue_device, wait_for
 from tests.conftest import TestPKI
@@ -84,3 +85,48 @@ def test_broker_serve_without_server_certificate_fails_with_one_line(tmp_path: P
     assert result.returncode == 2
     assert "server certificate" in result.stderr and "is missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _certfleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "certfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("addr", "says"),
+    [("127.0.0.1:99999", "port 99999 is outside 0..65535"), ("127.0.0.1:-1", "port '-1'")],
+)
+def test_bad_listen_address_is_one_line_and_exit_2(
+    pki: TestPKI, tmp_path: Path, addr: str, says: str
+) -> None:
+    layout = broker_data_dir(pki, tmp_path / "data")
+    result = _certfleet("broker", "serve", "--data-dir", str(layout.root), "--addr", addr)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "CERTFLEET_BROKER_ADDR" in lines[0] and says in lines[0]
+    assert "internal error" not in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unknown_log_level_lists_the_valid_ones(tmp_path: Path) -> None:
+    result = _certfleet("--log-level", "trace", "broker", "serve", "--data-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "certfleet: error: log level 'trace' is not one of debug, info, warning, error, critical"
+    ]
+
+
+def test_missing_server_certificate_hint_names_the_real_command(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    layout = broker_data_dir(pki, tmp_path / "data")
+    layout.server_cert("broker").unlink()
+    result = _certfleet("broker", "serve", "--data-dir", str(layout.root), "--addr", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert "certfleet ca issue-server --name broker" in result.stderr

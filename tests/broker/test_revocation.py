@@ -2,71 +2,26 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.layout import DataLayout
 from factory.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
-from tests.conftest import ClientFiles, TestPKI
-
-
-@pytest.fixture
-def registry(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
-    settings = RegistrySettings(
-        data_dir=pki.layout.root,
-        registry_addr="127.0.0.1:0",
-        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
-        registry_feed_poll_seconds=0.2,
-        telemetry_broker_addr=None,
-    )
-    with RegistryServer(settings) as server:
-        yield server
-
-
-@pytest.fixture
-def operator(pki: TestPKI, registry: RegistryServer) -> Iterator[httpx.Client]:
-    files = pki.client(IdentityKind.OPERATOR, "alice")
-    with httpx.Client(
-        base_url=f"{registry.url}/api/v1",
-        verify=_context(pki, files),
-        timeout=30,
-    ) as client:
-        yield client
-
-
-def _context(pki: TestPKI, files: ClientFiles) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
-    context.load_cert_chain(str(files.cert), str(files.key))
-    return context
-
-
-def feed_broker_layout(pki: TestPKI, root: Path) -> DataLayout:
-    """Broker data folder plus its service/broker client certificate for the feed."""
-    layout = broker_data_dir(pki, root)
-    service = pki.client(IdentityKind.SERVICE, "broker")
-    layout.clients_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(service.cert, layout.client_cert("broker"))
-    shutil.copy(service.key, layout.client_key("broker"))
-    return layout
-
-
-def register(operator: httpx.Client, files: ClientFiles, device_id: str) -> None:
-    response = operator.post(
-        "/devices",
-        json={"certificate_pem": files.cert.read_text(), "hardware_serial": f"hw-{device_id}"},
-    )
-    assert response.status_code in (200, 201), response.text
+from tests.broker.conftest import (
+    broker_settings,
+    connect,
+    feed_broker_layout,
+    issue_device,
+    register,
+    tls_context,
+    wait_for,
+)
+from tests.conftest import TestPKI
 
 
 def test_decommission_drops_live_session_and_refuses_reconnect(
@@ -96,7 +51,7 @@ def test_decommission_drops_live_session_and_refuses_reconnect(
             )
         finally:
             again.close()
-        assert (layout.broker_dir / "revoked.json").exists()
+        assert (layout.broker_dir / "revoked-broker.json").exists()
 
 
 def test_restart_with_registry_down_still_refuses_revoked_serial(
@@ -114,7 +69,7 @@ def test_restart_with_registry_down_still_refuses_revoked_serial(
     with RegistryServer(settings) as registry:
         operator_files = pki.client(IdentityKind.OPERATOR, "alice")
         with httpx.Client(
-            base_url=f"{registry.url}/api/v1", verify=_context(pki, operator_files), timeout=30
+            base_url=f"{registry.url}/api/v1", verify=tls_context(pki, operator_files), timeout=30
         ) as operator:
             register(operator, files, "dev-gone-1")
             response = operator.post("/devices/dev-gone-1/decommission", json={"reason": "eol"})

@@ -1,0 +1,7 @@
+"""Fault-injection fixtures: the broker tests' real brokers, registries and clients."""
+
+from __future__ import annotations
+
+from tests.broker.conftest import broker, operator, registry
+
+__all__ = ["broker", "operator", "registry"]

@@ -1,0 +1,117 @@
+"""The registry's database is restored from a backup, or replaced by a new one, behind the
+broker's back: the broker notices (feed head below its position, or a new feed epoch),
+re-reads the feed from 0 keeping every serial it had, and applies new decommissions."""
+
+from __future__ import annotations
+
+import sqlite3
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from broker.auth import Refusal
+from broker.server import BrokerServer
+from factory.profile import IdentityKind
+from registry.server import RegistryServer
+from registry.settings import RegistrySettings
+from tests.broker.conftest import (
+    MqttProbe,
+    broker_settings,
+    connect,
+    feed_broker_layout,
+    issue_device,
+    register,
+    tls_context,
+    wait_for,
+)
+from tests.conftest import ClientFiles, TestPKI
+
+
+@contextmanager
+def _registry(
+    pki: TestPKI, db: Path, addr: str = "127.0.0.1:0"
+) -> Iterator[tuple[RegistryServer, httpx.Client]]:
+    settings = RegistrySettings(
+        data_dir=pki.layout.root,
+        registry_addr=addr,
+        registry_database_url=f"sqlite:///{db}",
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=None,
+    )
+    context: ssl.SSLContext = tls_context(pki, pki.client(IdentityKind.OPERATOR, "alice"))
+    with (
+        RegistryServer(settings) as server,
+        httpx.Client(base_url=f"{server.url}/api/v1", verify=context, timeout=30) as operator,
+    ):
+        yield server, operator
+
+
+def _decommission(operator: httpx.Client, device_id: str) -> None:
+    response = operator.post(f"/devices/{device_id}/decommission", json={"reason": "lost"})
+    assert response.status_code == 200, response.text
+
+
+def _refused(broker: BrokerServer, files: ClientFiles, device_id: str) -> bool:
+    probe = connect(broker.port, files, device_id)
+    try:
+        return not probe.connected.is_set()
+    finally:
+        probe.close()
+
+
+def _run_scenario(pki: TestPKI, tmp_path: Path, *, restore: bool) -> None:
+    """Three devices decommissioned in the first database; then the registry comes back on
+    the same address with a backup taken after the first one (``restore``) or an empty
+    database, and one more device is decommissioned there."""
+    old = {f"dev-old-{n}": issue_device(pki, tmp_path, f"dev-old-{n}") for n in range(3)}
+    new_files = issue_device(pki, tmp_path, "dev-new")
+    first_db, second_db = tmp_path / "first.db", tmp_path / "second.db"
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    with _registry(pki, first_db) as (registry, operator):
+        addr = urlsplit(registry.url).netloc
+        for device_id, files in old.items():
+            register(operator, files, device_id)
+        register(operator, new_files, "dev-new")
+        _decommission(operator, "dev-old-0")
+        if restore:
+            with sqlite3.connect(first_db) as source, sqlite3.connect(second_db) as copy:
+                source.backup(copy)  # the backup: one revocation in it, dev-new registered
+        for device_id in ("dev-old-1", "dev-old-2"):
+            _decommission(operator, device_id)
+        settings = broker_settings(
+            layout, registry_url=registry.url, broker_feed_wait_s=1, broker_feed_max_backoff_s=0.2
+        )
+        broker = BrokerServer(settings).start()
+    try:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.after == 3 and follower.synced.is_set())
+        live: MqttProbe = connect(broker.port, new_files, "dev-new")
+        assert live.connected.is_set(), live.reason
+        with _registry(pki, second_db, addr) as (_second, operator):
+            if not restore:
+                register(operator, new_files, "dev-new")
+            _decommission(operator, "dev-new")  # seq 2 (restored) or 1 (empty): both <= 3
+            assert live.disconnected.wait(15), "the new decommission was never applied"
+            assert wait_for(lambda: follower.resyncs >= 1)
+        before = broker.metrics.refusal_count(Refusal.REVOKED.value)
+        assert _refused(broker, new_files, "dev-new")
+        for device_id, files in old.items():  # the revoked set never shrinks
+            assert _refused(broker, files, device_id), device_id
+        assert broker.metrics.refusal_count(Refusal.REVOKED.value) == before + 4
+        live.close()
+    finally:
+        broker.stop()
+
+
+def test_registry_restored_from_an_older_backup_is_followed(pki: TestPKI, tmp_path: Path) -> None:
+    _run_scenario(pki, tmp_path, restore=True)
+
+
+def test_registry_with_a_new_database_is_followed(pki: TestPKI, tmp_path: Path) -> None:
+    _run_scenario(pki, tmp_path, restore=False)

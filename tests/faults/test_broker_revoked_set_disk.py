@@ -1,0 +1,145 @@
+"""The revoked set's folder fails (replaced by a file, full): revocation goes on.
+
+Every decommission is still applied and enforced at once; the failure shows in the log, in
+``certfleet_broker_revoked_set_persisted`` / ``..._write_failures_total`` and on
+``/healthz``; the file is written as soon as the disk is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.auth import Refusal
+from broker.server import BrokerServer
+from factory.layout import DataLayout
+from registry.server import RegistryServer
+from tests.broker.conftest import (
+    broker_settings,
+    connect,
+    feed_broker_layout,
+    issue_device,
+    register,
+    wait_for,
+)
+from tests.conftest import TestPKI
+
+
+def _health(broker: BrokerServer) -> tuple[int, dict[str, object]]:
+    assert broker.metrics_url is not None
+    response = httpx.get(broker.metrics_url.replace("/metrics", "/healthz"), timeout=5)
+    return response.status_code, response.json()
+
+
+def _gauge(broker: BrokerServer, name: str) -> float | None:
+    return broker.metrics.registry.get_sample_value(name)
+
+
+def _decommission_and_check_dropped(
+    pki: TestPKI, broker: BrokerServer, operator: httpx.Client, tmp_path: Path, device_id: str
+) -> None:
+    files = issue_device(pki, tmp_path, device_id)
+    register(operator, files, device_id)
+    device = connect(broker.port, files, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        response = operator.post(f"/devices/{device_id}/decommission", json={"reason": "lost"})
+        assert response.status_code == 200, response.text
+        assert device.disconnected.wait(10), f"{device_id} was not dropped"
+    finally:
+        device.close()
+    before = broker.metrics.refusal_count(Refusal.REVOKED.value)
+    again = connect(broker.port, files, device_id)
+    try:
+        assert not again.connected.is_set()
+        assert broker.metrics.refusal_count(Refusal.REVOKED.value) == before + 1
+    finally:
+        again.close()
+
+
+@pytest.fixture
+def feed_layout(pki: TestPKI, tmp_path: Path) -> DataLayout:
+    return feed_broker_layout(pki, tmp_path / "broker-data")
+
+
+def test_revocation_goes_on_when_the_state_folder_is_a_file(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+    feed_layout: DataLayout,
+) -> None:
+    folder = feed_layout.broker_dir
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("not a folder")  # works against root too, unlike chmod
+    settings = broker_settings(feed_layout, registry_url=registry.url, broker_feed_wait_s=30)
+    with BrokerServer(settings) as broker:
+        for n in range(3):  # the follower used to die after the first failed write
+            _decommission_and_check_dropped(pki, broker, operator, tmp_path, f"dev-file-{n}")
+        assert _gauge(broker, "certfleet_broker_revoked_set_persisted") == 0
+        failures = _gauge(broker, "certfleet_broker_revoked_set_write_failures_total")
+        assert failures is not None and failures >= 3
+        status, body = _health(broker)
+        assert status == 503 and "revoked set not persisted" in str(body["problems"])
+        # The operator puts the folder back: the retry (backoff) writes every serial.
+        folder.unlink()
+        folder.mkdir()
+        state = folder / "revoked-broker.json"
+        assert wait_for(state.exists, timeout=20)
+        assert len(json.loads(state.read_text())["serials"]) == 3
+        assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)
+        assert _gauge(broker, "certfleet_broker_revoked_set_persisted") == 1
+
+
+@contextlib.contextmanager
+def _tiny_tmpfs(where: Path) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("ENOSPC test needs root and mount(8) for a small tmpfs")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); ENOSPC not tested")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], timeout=10, check=False)
+
+
+def test_revocation_goes_on_when_the_disk_is_full(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+    feed_layout: DataLayout,
+) -> None:
+    with _tiny_tmpfs(feed_layout.broker_dir) as folder:
+        filler = folder / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as out:
+            while True:
+                out.write(b"\0" * 1024)
+                out.flush()
+        settings = broker_settings(feed_layout, registry_url=registry.url, broker_feed_wait_s=30)
+        with BrokerServer(settings) as broker:
+            for n in range(2):
+                _decommission_and_check_dropped(pki, broker, operator, tmp_path, f"dev-full-{n}")
+            status, body = _health(broker)
+            assert status == 503 and "No space left" in str(body["problems"])
+            filler.unlink()  # space again
+            state = folder / "revoked-broker.json"
+            assert wait_for(state.exists, timeout=20)
+            assert len(json.loads(state.read_text())["serials"]) == 2
+            assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)
