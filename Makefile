@@ -12,12 +12,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
 
-# Debian packages the tests and benchmarks use (mosquitto for interop, openssl for verify).
+# Debian packages the tests and benchmarks use (mosquitto and nginx for interop, openssl for
+# verify and OCSP).
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || \
+	@command -v mosquitto >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && \
+	  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl >/dev/null; \
-	    else echo "note: mosquitto/openssl missing and cannot install them; those tests will skip"; fi; }
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl nginx >/dev/null; \
+	    else echo "note: mosquitto/openssl/nginx missing and cannot install them; those tests will skip"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/certfleet demo
