@@ -1,8 +1,12 @@
-"""The CRL the registry serves: signed by the issuing CA, cached, re-signed when needed.
+"""The CRL the registry serves: signed by the issuing CA, cached, re-signed in one place.
 
-It is rebuilt when the revocation feed's head moved (every revocation, from this process
-or another one writing the same database), and when half of its validity has passed.
-CRLNumber comes from a database counter, so it only ever grows.
+One signer thread (:class:`CrlCache`) re-signs the CRL. A decommission only *requests* a
+re-sign (:meth:`CrlCache.request_resign`, no wait, no database connection); requests that
+arrive while the signer works are merged into its next run, so a burst of 200 decommissions
+costs a handful of signatures, not 200 and no queue of waiting threads. A reader of the CRL
+(:meth:`CrlCache.current`) that finds it older than the feed's head asks for a re-sign and
+waits, bounded, for the signer. The CRL is also re-signed when half of its validity has
+passed. CRLNumber comes from a database counter, so it only ever grows.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
 from registry import crud
+from registry.errors import UnavailableError
 from registry.models import utcnow
+from registry.supervise import SupervisedThread
 
 __all__ = ["CrlCache", "SignedCrl"]
 
 log = logging.getLogger(__name__)
+
+#: How long a CRL reader waits for the signer before answering 503.
+CRL_WAIT_S = 10.0
+#: Wait after a failed signing (database down) before the signer tries again.
+RETRY_AFTER_FAILURE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ class SignedCrl:
 
 
 class CrlCache:
-    """Holds the current signed CRL; :meth:`current` re-signs it when it is out of date."""
+    """Holds the current signed CRL and the one thread that signs it."""
 
     def __init__(
         self,
@@ -46,34 +57,112 @@ class CrlCache:
         *,
         next_update: dt.timedelta = dt.timedelta(hours=24),
         on_resign: Callable[[], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+        on_crash: Callable[[str], None] | None = None,
+        wait_seconds: float = CRL_WAIT_S,
     ) -> None:
         self._ca = ca
         self._engine = engine
         self._next_update = next_update
-        self._lock = threading.Lock()
-        self._crl: SignedCrl | None = None
         self._on_resign = on_resign
+        self._on_failure = on_failure
+        self._wait_seconds = wait_seconds
+        self._cond = threading.Condition()
+        self._crl: SignedCrl | None = None
+        self._requested = False
+        self._failures = 0
+        self._signer = SupervisedThread("crl-signer", self._run, on_crash=on_crash)
+
+    @property
+    def signer(self) -> SupervisedThread:
+        return self._signer
+
+    def request_resign(self) -> None:
+        """Ask the signer for a CRL as of the current head; returns at once."""
+        with self._cond:
+            self._requested = True
+            self._cond.notify_all()
+        self._signer.start()
 
     def current(self) -> SignedCrl:
-        """The CRL as of the feed's current head (re-signed first if that moved)."""
-        with self._lock:
-            with Session(self._engine) as session:
-                head = crud.head_seq(session)
-            crl = self._crl
-            now = utcnow()
-            if (
-                crl is None
-                or crl.head_seq != head
-                or now - crl.this_update >= self._next_update / 2
-            ):
-                crl = self._build(head, now)
-                self._crl = crl
-            return crl
+        """The CRL as of the feed's current head (waiting for the signer if that moved).
 
-    def _build(self, head: int, now: dt.datetime) -> SignedCrl:
+        Raises UnavailableError (503) when the signer cannot produce it in time.
+        """
         with Session(self._engine) as session:
+            head = crud.head_seq(session)
+        with self._cond:
+            if self._fresh(head):
+                assert self._crl is not None
+                return self._crl
+            self._requested = True
+            self._cond.notify_all()
+        self._signer.start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._fresh(head), self._wait_seconds)
+            if not self._fresh(head):
+                raise UnavailableError(
+                    "the CRL could not be signed in time (is the database reachable?); retry"
+                )
+            assert self._crl is not None
+            return self._crl
+
+    def close(self) -> None:
+        self._signer.stop(0)
+        with self._cond:
+            self._cond.notify_all()
+        self._signer.stop()
+
+    def _fresh(self, head: int) -> bool:
+        crl = self._crl
+        return (
+            crl is not None
+            and crl.head_seq >= head
+            and utcnow() - crl.this_update < self._next_update / 2
+        )
+
+    def _due_in(self) -> float:
+        crl = self._crl
+        if crl is None:
+            return 0.0
+        return max(0.0, (crl.this_update + self._next_update / 2 - utcnow()).total_seconds())
+
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._requested or stopping.is_set(), timeout=self._due_in()
+                )
+                if stopping.is_set():
+                    return
+                # Every request up to here is answered by the CRL built next.
+                self._requested = False
+            try:
+                crl = self._build()
+            except Exception as exc:
+                self._failures += 1
+                if self._on_failure is not None:
+                    self._on_failure()
+                log.error(
+                    "crl signing failed error=%s failures=%d retry_in=%.1fs",
+                    type(exc).__name__,
+                    self._failures,
+                    RETRY_AFTER_FAILURE_S,
+                )
+                with self._cond:
+                    self._requested = True
+                stopping.wait(RETRY_AFTER_FAILURE_S)
+                continue
+            with self._cond:
+                self._crl = crl
+                self._cond.notify_all()
+
+    def _build(self) -> SignedCrl:
+        now = utcnow()
+        with Session(self._engine) as session:
+            # Head first: the entries read after it include at least every revocation up to it.
+            head = crud.head_seq(session)
             entries = crud.revoked_entries(session, now)
-        with Session(self._engine) as session:
             number = crud.next_crl_number(session)
         crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
         if self._on_resign is not None:

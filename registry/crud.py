@@ -51,6 +51,7 @@ from registry.models import (
     WeekCount,
     utcnow,
 )
+from registry.reasons import DEFAULT_REASON_CODE
 
 __all__ = [
     "Actor",
@@ -378,7 +379,11 @@ def _bump_counter(session: Session, name: str) -> int:
 
 
 def decommission_device(
-    session: Session, device_id: str, reason: str, actor: Actor
+    session: Session,
+    device_id: str,
+    reason: str,
+    actor: Actor,
+    reason_code: str = DEFAULT_REASON_CODE,
 ) -> DecommissionResult:
     """Decommission a device: revoke its live certificates, append one feed event and one
     audit entry, all in one transaction. Raises NotFoundError / AlreadyDecommissionedError.
@@ -430,7 +435,7 @@ def decommission_device(
         actor,
         "decommission",
         device_id,
-        {"reason": reason, "serials": serials, "seq": seq},
+        {"reason": reason, "reason_code": reason_code, "serials": serials, "seq": seq},
     )
     session.commit()
     public = _device_public(session, device)

@@ -21,13 +21,16 @@ from sqlmodel import Session
 from factory.errors import ConfigError
 from registry.settings import RegistrySettings
 
-__all__ = ["begin_write", "make_engine", "migrate"]
+__all__ = ["POOL_RESERVE", "begin_write", "make_engine", "migrate"]
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _WRITE_OPTION = "certfleet_write"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: Pooled connections beyond the worker threads: CRL signer, renewal worker, telemetry
+#: flusher, planner, /healthz (each holds at most one at a time).
+POOL_RESERVE = 12
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -51,21 +54,29 @@ def _configure_sqlite(engine: Engine) -> None:
 def make_engine(settings: RegistrySettings) -> Engine:
     """The engine for ``settings.database_url`` (SQLite file in the data dir by default)."""
     url = settings.database_url
+    # Every worker thread can hold one connection, and the background tasks have their own
+    # reserve: waiting for the pool means something leaked or stalled, so it is short and
+    # turns into a 503 (``database_busy``), never a hang.
+    capacity = settings.registry_worker_threads + POOL_RESERVE
+    pool = {
+        "pool_size": min(10, capacity),
+        "max_overflow": max(0, capacity - 10),
+        "pool_timeout": settings.registry_db_pool_timeout_s,
+    }
     if url.startswith("sqlite"):
         if not settings.registry_database_url:
             settings.layout.root.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-            pool_size=8,
-            max_overflow=16,
+            **pool,
         )
         _configure_sqlite(engine)
         return engine
     if url.startswith(("postgresql", "postgres")):
         if url.startswith("postgres://") or url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, **pool)
     raise ConfigError(
         f"unsupported CERTFLEET_REGISTRY_DATABASE_URL scheme in {url.split(':', 1)[0]!r}: "
         "use sqlite:///path or postgresql://user@host/db"

@@ -6,7 +6,8 @@ CertfleetError
       ├── ConflictError             409  a serial / hardware serial bound elsewhere
       │    └── AlreadyDecommissionedError   409  decommission of a decommissioned device
       ├── InvalidCertificateError   422  not PEM, not a device certificate, not ours
-      └── InvalidRequestError       422  a cursor or filter that cannot be used
+      ├── InvalidRequestError       422  a cursor or filter that cannot be used
+      └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "RegistryError",
+    "UnavailableError",
 ]
 
 
@@ -52,3 +54,8 @@ class InvalidCertificateError(RegistryError):
 class InvalidRequestError(RegistryError):
     status = 422
     code = "invalid_request"
+
+
+class UnavailableError(RegistryError):
+    status = 503
+    code = "unavailable"

@@ -8,9 +8,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
 from registry.api.routes import (
@@ -38,8 +40,15 @@ __all__ = ["API_PREFIX", "create_app"]
 log = logging.getLogger(__name__)
 
 
+#: Retry-After of every 503: the causes (pool, database, CRL signer) pass in about a second.
+RETRY_AFTER_S = "1"
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"detail": {"error": code, "message": message}}, status_code=status)
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    return JSONResponse(
+        {"detail": {"error": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -75,6 +84,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return _error(503, "database_unavailable", "the registry database is unavailable; retry")
 
+    @app.exception_handler(PoolTimeoutError)
+    async def pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+        # Not an OperationalError: the pool had no free connection within its short timeout.
+        log.error("database pool exhausted method=%s path=%s", request.method, request.url.path)
+        request.app.state.registry.metrics.pool_exhausted.inc()
+        return _error(
+            503, "database_busy", "the registry has no free database connection; retry shortly"
+        )
+
 
 def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> FastAPI:
     """Build the app: open the database (migrating it), load the CA, mount the routes."""
@@ -93,6 +111,8 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             engine,
             next_update=dt.timedelta(hours=settings.registry_crl_next_update_hours),
             on_resign=registry_metrics.crl_resigns.inc,
+            on_failure=registry_metrics.crl_failures.inc,
+            on_crash=lambda task: registry_metrics.task_crashes.labels(task).inc(),
         ),
         metrics=registry_metrics,
         planner=PlannerStatistics(engine),
@@ -103,6 +123,10 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The pool is sized from the same number (registry.db.make_engine).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = (
+            settings.registry_worker_threads
+        )
         ingest = None
         if settings.telemetry_broker_addr:
             from registry.telemetry import start_ingest

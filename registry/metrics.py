@@ -75,6 +75,22 @@ class RegistryMetrics:
             "times the CRL was signed",
             registry=self.registry,
         )
+        self.crl_failures = Counter(
+            "certfleet_registry_crl_sign_failures",
+            "CRL signings that failed (database unreachable); the signer retries",
+            registry=self.registry,
+        )
+        self.pool_exhausted = Counter(
+            "certfleet_registry_db_pool_exhausted",
+            "requests answered 503 because no pooled database connection was free in time",
+            registry=self.registry,
+        )
+        self.task_crashes = Counter(
+            "certfleet_registry_task_crashes",
+            "background task crashes (each logged with its traceback and restarted), by task",
+            ["task"],
+            registry=self.registry,
+        )
         self.telemetry = TelemetryCollector()
         self.registry.register(self.telemetry)
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
 from factory.profile import NAME_PATTERN
+from registry.reasons import DEFAULT_REASON_CODE, ReasonCode
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -218,6 +219,10 @@ class DecommissionRequest(BaseModel):
     model_config = _STRICT
 
     reason: str = PydanticField(min_length=1, max_length=500)
+    reason_code: ReasonCode = PydanticField(
+        default=DEFAULT_REASON_CODE,
+        description="RFC 5280 CRLReason name, carried into the feed, the CRL entry and OCSP",
+    )
 
 
 class RevocationEvent(BaseModel):

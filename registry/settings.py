@@ -41,6 +41,11 @@ class RegistrySettings(BaseSettings):
     #: worker processes checking large registration batches (empty: one per CPU; 0 or 1:
     #: check in the serving process).
     registry_verify_processes: int | None = Field(default=None, ge=0, le=64)
+    #: threads serving sync endpoints (anyio's limiter); the connection pool holds this many
+    #: plus a reserve for background tasks and /healthz, so a request never waits for one.
+    registry_worker_threads: int = Field(default=40, ge=4, le=512)
+    #: how long a request waits for a pooled database connection before a 503 (pool exhausted).
+    registry_db_pool_timeout_s: float = Field(default=0.5, gt=0, le=30)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: AddressStr | None = None
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).

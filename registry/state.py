@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
@@ -27,9 +28,16 @@ class RegistryState:
     metrics: RegistryMetrics
     verifier: BatchVerifier
     planner: PlannerStatistics
+    #: Threads of /healthz, apart from the worker threads: a burst that occupies every
+    #: worker thread cannot make the health check wait.
+    probe_threads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="certfleet-probe")
+    )
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""
         self.feed.close()
+        self.crl.close()
         self.verifier.close()
         self.planner.join(30)
+        self.probe_threads.shutdown(wait=False, cancel_futures=True)

@@ -29,7 +29,9 @@ __all__ = [
 REGISTRAR_SERVICE = "factory"
 
 
-def get_state(request: Request) -> RegistryState:
+async def get_state(request: Request) -> RegistryState:
+    # async: resolved on the event loop, so an async route using only the state (/healthz)
+    # never waits for a worker thread.
     state: RegistryState = request.app.state.registry
     return state
 
@@ -42,11 +44,16 @@ def get_session(state: StateDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+#: Closed when the endpoint function returns ("function" scope), not after the response and
+#: its background tasks: a finished request never keeps a pooled connection.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_caller(request: Request, state: StateDep, session: SessionDep) -> Caller:
-    return authenticate(request, session, state.metrics, state.ca.trust_domain)
+def get_caller(request: Request, state: StateDep) -> Caller:
+    # Its own short session: a bearer-token lookup must not keep a connection checked out
+    # for the rest of the request (a long-poll of the feed lasts up to a minute).
+    with Session(state.engine) as session:
+        return authenticate(request, session, state.metrics, state.ca.trust_domain)
 
 
 CurrentCaller = Annotated[Caller, Depends(get_caller)]

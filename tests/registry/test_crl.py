@@ -84,5 +84,7 @@ def test_crl_is_re_signed_when_half_its_validity_has_passed(pki: TestPKI, tmp_pa
             time.sleep(0.05)
         second = cache.current()
         assert second.crl_number > first.crl_number
+        cache.close()
+        assert not cache.signer.alive
     finally:
         engine.dispose()

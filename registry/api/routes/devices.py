@@ -6,11 +6,11 @@ import datetime as dt
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from registry import crud
+from registry import crud, operations
 from registry.api.deps import CurrentOperator, CurrentRegistrar, SessionDep, StateDep
 from registry.api.routes import API_PREFIX
 from registry.models import (
@@ -143,39 +143,17 @@ def get_device(device_id: DeviceId, caller: CurrentOperator, session: SessionDep
 @router.post(
     "/{device_id}/decommission",
     response_model=DecommissionResult,
-    responses={404: _ERROR, 409: _ERROR, **_REFUSALS},
+    responses={404: _ERROR, 409: _ERROR, 503: _ERROR, **_REFUSALS},
 )
 def decommission(
     device_id: DeviceId,
     body: DecommissionRequest,
     caller: CurrentOperator,
-    session: SessionDep,
     state: StateDep,
     request: Request,
-    background: BackgroundTasks,
 ) -> DecommissionResult:
     """Decommission a device: revoke every live certificate, append one feed event.
 
     A device already decommissioned is a 409 (``already_decommissioned``).
     """
-    result = crud.decommission_device(session, device_id, body.reason, caller.actor(request))
-    state.feed.published()
-    state.metrics.decommissions.inc()
-    log.info(
-        "device decommissioned device_id=%s seq=%d serials=%s by=%s",
-        device_id,
-        result.revocation_seq,
-        ",".join(c.serial for c in result.certificates if c.status == "revoked") or "-",
-        caller.who,
-    )
-    # Re-sign the CRL right after the response, so the answer does not wait for it and the
-    # next CRL fetch finds it ready (a fetch before that re-signs it itself).
-    background.add_task(_resign_crl, state, device_id)
-    return result
-
-
-def _resign_crl(state: RegistryState, device_id: str) -> None:
-    try:
-        state.crl.current()
-    except Exception:
-        log.exception("crl re-sign failed after decommission device_id=%s", device_id)
+    return operations.decommission_device(state, device_id, body, caller.actor(request))
