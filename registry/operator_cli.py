@@ -26,6 +26,7 @@ from factory.errors import ConfigError, RegistryCallError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 from factory.profile import check_name
 from factory.registration import RegistryClient
+from registry.reasons import DEFAULT_REASON_CODE, REASON_CODES
 
 __all__ = ["OperatorSettings", "devices_app", "operator_client"]
 
@@ -258,8 +259,8 @@ def decommission_device(
         str | None,
         typer.Option(
             "--reason-code",
-            help="RFC 5280 reason: keyCompromise, cessationOfOperation (the registry's "
-            "default), affiliationChanged, superseded, privilegeWithdrawn, unspecified",
+            help=f"RFC 5280 reason: {', '.join(REASON_CODES)} "
+            f"(the registry's default: {DEFAULT_REASON_CODE})",
         ),
     ] = None,
     data_dir: DataDir = None,

@@ -152,6 +152,22 @@ def test_decommission_passes_the_reason_code_to_the_registry(
     assert "HTTP 422" in str(refused.exception) and "reason_code" in str(refused.exception)
 
 
+def test_decommission_with_a_reason_code_is_recorded(
+    pki: TestPKI, registry: RegistryServer, registered: list[str]
+) -> None:
+    operator_files(pki, "alice")
+    device_id = registered[0]
+    done = run(
+        pki, registry, "decommission", device_id, "--reason", "key leaked",
+        "--reason-code", "keyCompromise", "--operator", "alice",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    audit = json.loads(
+        run(pki, registry, "audit", device_id, "--json", "--operator", "alice").output
+    )
+    assert audit["entries"][0]["detail"]["reason_code"] == "keyCompromise"
+
+
 def test_a_service_certificate_is_refused_as_operator(
     pki: TestPKI, registry: RegistryServer, registered: list[str]
 ) -> None:
