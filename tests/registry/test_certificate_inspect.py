@@ -193,3 +193,27 @@ def test_a_replayed_ocsp_answer_is_not_believed(
     assert ask_ocsp(certificate, published.ca.issuing_cert, f"{published.publish_url}/ocsp")
     with pytest.raises(OcspCheckError, match="does not echo our nonce"):
         ask_ocsp(certificate, published.ca.issuing_cert, url)
+
+
+def test_an_answer_not_signed_for_the_issuer_is_not_believed(
+    published: Published, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    from factory.ca import CertificateAuthority
+    from factory.layout import DataLayout
+
+    cert_path, _ = published.device("dev-forged")
+    certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    # Asked about another issuer, our responder answers (unknown) with its own signature,
+    # which that issuer never delegated: the answer must be refused, not read.
+    other = CertificateAuthority.init(DataLayout(tmp_path / "other"), "fleet.pub")
+    with pytest.raises(OcspCheckError, match="signature does not verify"):
+        ask_ocsp(certificate, other.issuing_cert, f"{published.publish_url}/ocsp")
+
+
+def test_inspect_without_the_issuing_ca_says_so(published: Published, tmp_path: Path) -> None:
+    cert, _ = published.device("dev-no-issuer")
+    revocation = report(str(cert), "--data-dir", str(tmp_path / "empty"))["revocation"]
+    assert isinstance(revocation, dict) and revocation["status"] == "not checked"
+    assert "pass --issuer" in revocation["detail"]

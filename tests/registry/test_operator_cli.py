@@ -24,6 +24,7 @@ from registry.cli import app as registry_app
 from registry.server import RegistryServer
 from tests.conftest import TestPKI
 from tests.registry.conftest import Clients, pem, unique_id
+from tests.registry.publishing import Published
 
 
 def operator_files(pki: TestPKI, name: str, kind: IdentityKind = IdentityKind.OPERATOR) -> None:
@@ -260,3 +261,12 @@ def test_audit_endpoint_refuses_unknown_devices_and_bad_cursors(
     bad = operator.get(f"/devices/{registered[0]}/audit", params={"cursor": "abc"})
     assert bad.status_code == 422
     assert bad.json()["detail"]["error"] == "invalid_request"
+
+
+def test_a_registry_with_a_foreign_certificate_is_a_tls_error(
+    pki: TestPKI, published: Published
+) -> None:
+    refused = run(pki, published.registry, "list", "--token", "cfr_x")
+    assert isinstance(refused.exception, RegistryCallError)
+    assert "TLS to the registry" in str(refused.exception)
+    assert "unable to get local issuer certificate" in str(refused.exception)
