@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import ocsp
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Session, col, select
 
 from factory.ca import CertificateAuthority, write_issued
@@ -189,8 +190,8 @@ class OcspResponder:
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         try:
             status = self._status(request)
-        except OperationalError:
-            log.error("ocsp answer deferred status=try_later error=database_unavailable")
+        except (OperationalError, PoolTimeoutError) as exc:
+            log.error("ocsp answer deferred status=try_later error=%s", type(exc).__name__)
             return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
         der = self._sign(request, status)
         log.info(

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from factory.errors import ConfigError
 from factory.publication import CRL_PATH, CRL_PEM_PATH, OCSP_PATH
+from registry.main import _install_error_handlers
 from registry.ocsp import OcspResponder
 from registry.settings import split_addr
 from registry.state import RegistryState
@@ -42,6 +43,10 @@ _OCSP_RESPONSE = "application/ocsp-response"
 def create_publication_app(state: RegistryState, responder: OcspResponder) -> FastAPI:
     """The CRL and OCSP routes over ``state`` (the HTTPS app's state, shared)."""
     app = FastAPI(title="certfleet publication", openapi_url=None, docs_url=None, redoc_url=None)
+    # The same answers as the HTTPS app when the CRL cannot be signed or the database is down
+    # (the handlers count on app.state.registry).
+    app.state.registry = state
+    _install_error_handlers(app)
 
     @app.get(CRL_PATH)
     def crl_der() -> Response:

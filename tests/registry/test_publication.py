@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
+from sqlalchemy.pool import QueuePool
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.errors import ConfigError
@@ -282,6 +284,23 @@ def test_ocsp_refuses_an_oversized_request(published: Published) -> None:
         f"{published.publish_url}/ocsp", content=b"\0" * (MAX_OCSP_REQUEST + 1), timeout=10
     )
     assert response.status_code == 413
+
+
+def test_a_busy_database_is_try_later_and_503_not_a_traceback(published: Published) -> None:
+    cert, _ = published.device("dev-busy")
+    request = ocsp_request(published, cert, None)
+    pool = published.registry.state.engine.pool
+    assert isinstance(pool, QueuePool)
+    with ExitStack() as held:
+        for _ in range(pool.size() + pool._max_overflow):  # noqa: SLF001
+            held.enter_context(published.registry.state.engine.connect())
+        answer = httpx.post(f"{published.publish_url}/ocsp", content=request, timeout=30)
+        parsed = ocsp.load_der_ocsp_response(answer.content)
+        assert parsed.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+        crl = httpx.get(f"{published.publish_url}/crl.der", timeout=30)
+        assert crl.status_code == 503
+    again = httpx.post(f"{published.publish_url}/ocsp", content=request, timeout=30)
+    assert ocsp.load_der_ocsp_response(again.content).certificate_status is ocsp.OCSPCertStatus.GOOD
 
 
 def test_publication_does_not_serve_the_operator_api(published: Published) -> None:
