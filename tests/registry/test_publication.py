@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -467,3 +470,40 @@ def test_nginx_refuses_a_device_the_registry_never_registered(
     refused = device_get(published, nginx.url, cert, key)
     assert refused.status_code == 400
     assert "certificate status unknown" in nginx.error_log.read_text()
+
+
+def test_registry_serve_publish_addr_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    layout = DataLayout(tmp_path / "data")
+    CertificateAuthority.init(layout, TRUST_DOMAIN, publish_url=f"http://127.0.0.1:{port}")
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "certfleet.cli", "registry", "serve",
+            "--data-dir", str(layout.root), "--addr", "127.0.0.1:0",
+            "--publish-addr", f"127.0.0.1:{port}", "--ready-file", str(ready),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CERTFLEET_REGISTRY_PUBLISH_ADDR": ""},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "registry serve did not get ready"
+            time.sleep(0.05)
+        crl = httpx.get(f"http://127.0.0.1:{port}/crl.pem", timeout=10)
+        assert crl.status_code == 200
+        assert x509.load_pem_x509_crl(crl.content).extensions.get_extension_for_class(
+            x509.IssuingDistributionPoint
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "publication listening url=http://127.0.0.1:" in stderr
+    assert "Traceback" not in stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/crl.pem", timeout=2)
