@@ -20,6 +20,8 @@ __all__ = ["app", "main"]
 
 log = logging.getLogger("certfleet")
 
+_OUR_PACKAGES = frozenset({"factory", "registry", "broker", "device_sim", "certfleet"})
+
 app = typer.Typer(
     name="certfleet",
     help="Per-device X.509 identities and an MQTT broker that lets only live devices in.",
@@ -55,6 +57,8 @@ def _version(value: bool) -> None:
 
 def _settings_classes() -> list[type[BaseSettings]]:
     """Every part's settings object: what the config file and CERTFLEET_* may name."""
+    from pydantic_settings import BaseSettings
+
     from broker.settings import BrokerSettings
     from certfleet.settings import OrchestrateSettings
     from device_sim.settings import SimSettings
@@ -62,7 +66,7 @@ def _settings_classes() -> list[type[BaseSettings]]:
     from registry.operator_cli import OperatorSettings
     from registry.settings import RegistrySettings
 
-    return [
+    listed: list[type[BaseSettings]] = [
         FactorySettings,
         RegistrySettings,
         OperatorSettings,
@@ -70,6 +74,15 @@ def _settings_classes() -> list[type[BaseSettings]]:
         SimSettings,
         OrchestrateSettings,
     ]
+    # And any other settings class of ours already imported (a part added later).
+    pending, seen = list(BaseSettings.__subclasses__()), set(listed)
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls not in seen and cls.__module__.split(".")[0] in _OUR_PACKAGES:
+            seen.add(cls)
+            listed.append(cls)
+    return listed
 
 
 @app.callback()
