@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.errors import IdentityError, ProvisionError
-from factory.profile import check_name
+from factory.profile import check_device_id, check_name
 
 __all__ = ["DeviceSpec", "counted_devices", "read_serials_csv"]
 
@@ -98,7 +98,7 @@ def read_serials_csv(path: Path, prefix: str = "dev") -> list[DeviceSpec]:
                 )
             device_id = row[id_col].strip() if id_col >= 0 else f"{prefix}-{serial}"
             try:
-                check_name(device_id, "device id")
+                check_device_id(device_id)
             except IdentityError as exc:
                 raise ProvisionError(f"{path} line {line}: {exc}") from None
             if serial in seen_serials:

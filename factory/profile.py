@@ -28,6 +28,7 @@ __all__ = [
     "CLOCK_SKEW",
     "ClientCertificateTemplate",
     "NAME_PATTERN",
+    "RESERVED_DEVICE_IDS",
     "TRUST_DOMAIN_PATTERN",
     "Identity",
     "IdentityKind",
@@ -38,6 +39,7 @@ __all__ = [
     "build_ocsp_responder_certificate",
     "build_server_certificate",
     "certificate_pem",
+    "check_device_id",
     "check_name",
     "check_public_key",
     "new_serial",
@@ -54,6 +56,25 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 #: Device ids, service and operator names: what is safe in a URI path, an MQTT topic level
 #: and a file name alike.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Names a device id may not take (compared without case): the services of a fleet and the
+#: words of our identity URIs. A device named like a service would share its MQTT client id
+#: and take its broker session over (issue 11.7). Name a new service from this list.
+RESERVED_DEVICE_IDS = frozenset(
+    {
+        "broker",
+        "ca",
+        "certfleet",
+        "console",
+        "device",
+        "factory",
+        "monitor",
+        "ocsp",
+        "operator",
+        "probe",
+        "registry",
+        "service",
+    }
+)
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 TRUST_DOMAIN_PATTERN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
@@ -79,6 +100,17 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is a valid device id and no service's name, else raise."""
+    check_name(device_id, "device id")
+    if device_id.lower() in RESERVED_DEVICE_IDS:
+        raise IdentityError(
+            f"device id {device_id!r} is reserved for a service "
+            f"(reserved: {', '.join(sorted(RESERVED_DEVICE_IDS))}); choose another id"
+        )
+    return device_id
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """A certfleet identity: ``spiffe://<trust_domain>/<kind>/<name>``."""
@@ -92,7 +124,10 @@ class Identity:
             raise IdentityError(
                 f"trust domain {self.trust_domain!r} is not a lower-case DNS-like name"
             )
-        check_name(self.name, f"{self.kind.value} name")
+        if self.kind is IdentityKind.DEVICE:
+            check_device_id(self.name)
+        else:
+            check_name(self.name, f"{self.kind.value} name")
 
     @property
     def uri(self) -> str:

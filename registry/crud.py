@@ -51,13 +51,15 @@ from registry.models import (
     WeekCount,
     utcnow,
 )
-from registry.reasons import DEFAULT_REASON_CODE
+from registry.reasons import DEFAULT_REASON_CODE, reason_flag
 
 __all__ = [
     "Actor",
     "Registration",
     "TelemetryUpdate",
+    "CertificateStatusInfo",
     "audit",
+    "certificate_status",
     "create_token",
     "decommission_device",
     "get_device",
@@ -306,6 +308,7 @@ def _device_public(session: Session, device: Device) -> DevicePublic:
                 not_after=c.not_after,
                 status=c.status,  # type: ignore[arg-type]
                 revoked_at=c.revoked_at,
+                revocation_reason=c.revocation_reason,  # type: ignore[arg-type]
             )
             for c in certificates
         ],
@@ -416,6 +419,7 @@ def decommission_device(
     for certificate in live:
         certificate.status = "revoked"
         certificate.revoked_at = now
+        certificate.revocation_reason = reason_code
         session.add(certificate)
     device.status = "decommissioned"
     device.decommissioned_at = now
@@ -426,6 +430,7 @@ def decommission_device(
             device_id=device_id,
             serials=serials,
             reason=reason,
+            reason_code=reason_code,
             revoked_at=now,
             operator=actor.who[:256],
         )
@@ -475,6 +480,7 @@ def revocations_after(session: Session, after: int, limit: int) -> RevocationFee
             device_id=r.device_id,
             serials=list(r.serials),
             reason=r.reason,
+            reason_code=r.reason_code,  # type: ignore[arg-type]
             revoked_at=r.revoked_at,
         )
         for r in rows
@@ -493,14 +499,41 @@ def revocations_after(session: Session, after: int, limit: int) -> RevocationFee
 def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
     """Revoked certificates that have not expired yet (expired ones need no CRL entry)."""
     rows = session.exec(
-        select(Certificate.serial, Certificate.revoked_at)
+        select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
         .where(Certificate.status == "revoked", col(Certificate.not_after) > now)
         .order_by(col(Certificate.serial))
     ).all()
     return [
-        RevokedEntry(serial=int(serial, 16), revoked_at=revoked_at or now)
-        for serial, revoked_at in rows
+        RevokedEntry(
+            serial=int(serial, 16), revoked_at=revoked_at or now, reason=reason_flag(reason)
+        )
+        for serial, revoked_at, reason in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateStatusInfo:
+    """What an OCSP responder needs of one serial: good or revoked, when and why."""
+
+    serial: str
+    device_id: str
+    status: str
+    revoked_at: dt.datetime | None
+    reason_code: str | None
+
+
+def certificate_status(session: Session, serial: str) -> CertificateStatusInfo | None:
+    """The status of certificate ``serial`` (serial_hex form); None when it is not ours."""
+    row = session.get(Certificate, serial)
+    if row is None:
+        return None
+    return CertificateStatusInfo(
+        row.serial,
+        row.device_id,
+        row.status,
+        row.revoked_at,
+        (row.revocation_reason or DEFAULT_REASON_CODE) if row.status == "revoked" else None,
+    )
 
 
 def next_crl_number(session: Session) -> int:

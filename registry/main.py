@@ -101,6 +101,10 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     if migrate_schema:
         migrate(engine)
     registry_metrics = RegistryMetrics()
+
+    def crashed(task: str) -> None:
+        registry_metrics.task_crashes.labels(task).inc()
+
     state = RegistryState(
         settings=settings,
         engine=engine,
@@ -112,12 +116,12 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             next_update=dt.timedelta(hours=settings.registry_crl_next_update_hours),
             on_resign=registry_metrics.crl_resigns.inc,
             on_failure=registry_metrics.crl_failures.inc,
-            on_crash=lambda task: registry_metrics.task_crashes.labels(task).inc(),
+            on_crash=crashed,
         ),
         metrics=registry_metrics,
-        planner=PlannerStatistics(engine),
+        planner=PlannerStatistics(engine, on_crash=crashed),
         verifier=BatchVerifier(
-            ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes
+            ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes, crashed
         ),
     )
 
@@ -136,6 +140,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
                 engine,
                 ca,
                 on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
+                on_crash=crashed,
             )
             ingest = await started if inspect.isawaitable(started) else started
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 __all__ = ["RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
 
 #: Why the ingest drops a message (``registry.telemetry.TelemetryRejected.reason``).
-TELEMETRY_DROP_REASONS = ("bad_topic", "too_large", "malformed_json", "device_mismatch")
+TELEMETRY_DROP_REASONS = (
+    "bad_topic",
+    "too_large",
+    "malformed_json",
+    "device_mismatch",
+    "retained_renewal",
+    "retained",
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -152,6 +159,21 @@ class TelemetryCollector(Collector):
             value=counters.flush_seconds_max,
         )
         yield counter("connects", "connections to the broker established", counters.connects)
+        yield counter(
+            "subscribe_checks",
+            "watchdog re-subscriptions the broker acknowledged in full",
+            counters.subscribe_checks,
+        )
+        yield counter(
+            "callback_errors",
+            "received messages whose handling raised (logged with traceback; the client lives)",
+            counters.callback_errors,
+        )
+        yield counter(
+            "subscribe_failures",
+            "SUBACKs refused or missing (a lost subscription): logged, retried, alerted on",
+            counters.subscribe_failures,
+        )
         yield GaugeMetricFamily(
             f"{prefix}_connected",
             "1 while the ingest is connected to the broker",

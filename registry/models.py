@@ -39,6 +39,7 @@ __all__ = [
     "RevocationEvent",
     "RevocationFeed",
     "Revocation",
+    "RenewalLimit",
     "Stats",
     "TokenInfo",
     "WeekCount",
@@ -107,6 +108,8 @@ class Certificate(SQLModel, table=True):
     not_after: dt.datetime = Field(sa_type=UTCDateTime, index=True)
     status: str = Field(default="live", max_length=16)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: RFC 5280 reason name (:mod:`registry.reasons`) once revoked: the CRL entry and OCSP.
+    revocation_reason: str | None = Field(default=None, max_length=32)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
 
 
@@ -119,6 +122,10 @@ class Revocation(SQLModel, table=True):
     device_id: str = Field(max_length=64, index=True)
     serials: list[str] = Field(sa_column=Column(JSON, nullable=False))
     reason: str = Field(sa_column=Column(Text, nullable=False))
+    reason_code: str = Field(
+        default=DEFAULT_REASON_CODE,
+        sa_column=Column(String(32), nullable=False, server_default=DEFAULT_REASON_CODE),
+    )
     revoked_at: dt.datetime = Field(sa_type=UTCDateTime)
     operator: str = Field(max_length=256)
 
@@ -130,6 +137,21 @@ class Counter(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=32)
     value: int = Field(default=0)
+
+
+class RenewalLimit(SQLModel, table=True):
+    """Per-device renewal rate limit, in the database so that a restart or a second
+    registry process keeps it: attempts (bad CSRs too) in the current window, and the last
+    certificate issued (a re-delivered CSR with the same key gets it again)."""
+
+    __tablename__ = "renewal_limit"
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    window_start: dt.datetime = Field(sa_type=UTCDateTime)
+    attempts: int = Field(default=0)
+    issued_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    issued_serial: str | None = Field(default=None, max_length=48)
+    issued_key_sha256: str | None = Field(default=None, max_length=64)
 
 
 class AuditLog(SQLModel, table=True):
@@ -190,6 +212,7 @@ class CertificatePublic(BaseModel):
     not_after: dt.datetime
     status: CertificateStatus
     revoked_at: dt.datetime | None
+    revocation_reason: ReasonCode | None = None
 
 
 class DeviceSummary(BaseModel):
@@ -230,6 +253,7 @@ class RevocationEvent(BaseModel):
     device_id: str
     serials: list[str]
     reason: str
+    reason_code: ReasonCode = DEFAULT_REASON_CODE
     revoked_at: dt.datetime
 
 

@@ -22,13 +22,15 @@ from cryptography.x509 import ocsp
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.errors import CAError
 from factory.keys import load_private_key
 from factory.profile import PrivateKey, PublicKey, serial_hex
-from registry.models import Certificate, Revocation, utcnow
+from registry import crud
+from registry.models import utcnow
+from registry.reasons import reason_flag
 
 __all__ = [
     "ANSWER_VALIDITY",
@@ -65,32 +67,14 @@ class CertificateStatus:
 
 
 def certificate_status(session: Session, serial: int) -> CertificateStatus:
-    """The status of ``serial``: unknown when the registry never registered it."""
-    row = session.get(Certificate, serial_hex(serial))
-    if row is None:
+    """The status of ``serial`` (:func:`registry.crud.certificate_status`): unknown when the
+    registry never registered it; revoked with the decommission's time and reason code."""
+    info = crud.certificate_status(session, serial_hex(serial))
+    if info is None:
         return CertificateStatus("unknown")
-    if row.status != "revoked":
+    if info.status != "revoked":
         return CertificateStatus("good")
-    revoked_at = row.revoked_at or utcnow()
-    return CertificateStatus("revoked", revoked_at, _reason(session, row))
-
-
-def _reason(session: Session, row: Certificate) -> x509.ReasonFlags:
-    """The revocation's RFC 5280 reason when the schema stores one, else ``unspecified``."""
-    column = getattr(Revocation, "reason_code", None)
-    if column is None:
-        return x509.ReasonFlags.unspecified
-    # One decommission writes one feed event and stamps its certificates with its time.
-    code = session.exec(
-        select(column)
-        .where(col(Revocation.device_id) == row.device_id)
-        .where(col(Revocation.revoked_at) == row.revoked_at)
-        .limit(1)
-    ).one_or_none()
-    try:
-        return x509.ReasonFlags(code) if code else x509.ReasonFlags.unspecified
-    except ValueError:
-        return x509.ReasonFlags.unspecified
+    return CertificateStatus("revoked", info.revoked_at or utcnow(), reason_flag(info.reason_code))
 
 
 def _public_key_bits(public_key: PublicKey) -> bytes:

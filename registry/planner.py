@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
@@ -41,8 +42,9 @@ def analyze(engine: Engine) -> None:
 class PlannerStatistics:
     """Counts registrations and analyzes the tables when they have doubled."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_crash: Callable[[str], None] | None = None) -> None:
         self._engine = engine
+        self._on_crash = on_crash
         self._lock = threading.Lock()
         self._at_last_analysis = 0
         self._since = 0
@@ -63,8 +65,10 @@ class PlannerStatistics:
     def _run(self) -> None:
         try:
             analyze(self._engine)
-        except Exception:
+        except Exception:  # one-shot: logged and counted; the next growth tries again
             log.exception("planner statistics refresh failed")
+            if self._on_crash is not None:
+                self._on_crash("planner")
 
     def join(self, timeout: float | None = None) -> None:
         running = self._running

@@ -14,35 +14,43 @@ The checks, in order (each refusal is logged, counted and answered):
 - ``identity_mismatch``: the CSR names another device than the topic it came on (the broker's
   ACL guarantees the topic is the sender's own);
 - ``unknown_device`` / ``device_decommissioned``: only an active registered device is renewed;
-- ``rate_limited``: one renewal per device per ``registry_renewal_min_interval_s`` (a
-  re-delivered copy of the CSR just renewed, same key, gets the same certificate again);
+- ``rate_limited``: at most ``registry_renewal_max_attempts`` requests per device per
+  ``registry_renewal_min_interval_s`` (bad CSRs count too), and one renewal per device per
+  interval (a re-delivered copy of the CSR just renewed, same key, gets the same certificate
+  again). The limit lives in the ``renewal_limit`` table: a restart or a second registry
+  process keeps it;
 - ``busy`` (too many requests waiting) and ``registry_unavailable`` (the database failed).
+
+Requests wait in one queue per device, served round-robin by one worker thread, at most
+``PER_DEVICE_PENDING`` per device (a flood beyond that is dropped and counted as
+``flooded``): one device's flood cannot starve the others. Retained renewal requests are
+ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
 certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
 device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
 previous certificate stays live until it expires: the device may still be using it.
 
-Signing and the database write run on one worker thread, never on paho's network thread.
+Signing and the database writes run on the worker thread (supervised: a crash is logged,
+counted and the worker restarted), never on paho's network thread.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from factory.ca import CertificateAuthority, utcnow
@@ -51,7 +59,8 @@ from factory.errors import CertfleetError, CSRError
 from factory.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
 from registry.crud import Actor, audit
 from registry.db import begin_write
-from registry.models import Certificate, Device
+from registry.models import Certificate, Device, RenewalLimit
+from registry.supervise import SupervisedThread
 
 __all__ = [
     "DEFAULT_LIFETIME",
@@ -73,6 +82,10 @@ MAX_CSR_BYTES = 16 * 1024
 DEFAULT_LIFETIME = dt.timedelta(days=365)
 #: CSRs waiting for the worker beyond this are refused with ``busy``.
 MAX_PENDING = 1000
+#: CSRs of one device waiting at once; more are dropped (``flooded``), not answered.
+PER_DEVICE_PENDING = 2
+#: Requests (good or bad) per device per interval before ``rate_limited``.
+DEFAULT_MAX_ATTEMPTS = 5
 
 
 class RenewalRefused(CertfleetError):
@@ -114,13 +127,6 @@ def issued_topic(device_id: str) -> str:
     return f"devices/{device_id}/cert/issued"
 
 
-@dataclass(frozen=True, slots=True)
-class _Recent:
-    at: float  # time.monotonic() of the renewal
-    public_key: bytes  # SubjectPublicKeyInfo DER of the renewed key
-    renewed: RenewedCertificate
-
-
 class CertificateRenewer:
     """Checks a CSR, signs it with the issuing CA and records the certificate (synchronous)."""
 
@@ -130,31 +136,38 @@ class CertificateRenewer:
         engine: Engine,
         *,
         min_interval_s: float = 300.0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         lifetime: dt.timedelta | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.ca = ca
         self.engine = engine
         self.min_interval_s = min_interval_s
+        self.max_attempts = max_attempts
         self.lifetime = lifetime
         self.actor = Actor(ca.identity(IdentityKind.SERVICE, "registry").uri)
         self._clock = clock
-        self._recent: dict[str, _Recent] = {}
-        self._lock = threading.Lock()
+
+    @property
+    def _interval(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.min_interval_s)
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
+        self._count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
                 "too_large", f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
         validated = self._validate(device_id, payload)
-        public_key = validated.public_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        key_sha256 = hashlib.sha256(
+            validated.public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        ).hexdigest()
         with Session(self.engine) as session:
             previous = self._current_certificate(session, device_id)
-        duplicate = self._check_rate(device_id, public_key)
+            duplicate = self._check_rate(session, device_id, key_sha256)
         if duplicate is not None:
             return duplicate
         lifetime = self.lifetime or (
@@ -175,10 +188,47 @@ class CertificateRenewer:
             not_after=certificate.not_valid_after_utc,
             certificate_pem=issued.certificate_pem.decode(),
         )
-        self._store(renewed, previous.serial if previous is not None else None)
-        with self._lock:
-            self._recent[device_id] = _Recent(self._clock(), public_key, renewed)
-        return renewed
+        return self._store(renewed, previous.serial if previous is not None else None, key_sha256)
+
+    def _count_attempt(self, device_id: str) -> None:
+        """Count one request of ``device_id`` in its window; refuse beyond ``max_attempts``."""
+        if self.min_interval_s <= 0:
+            return
+        for attempt in range(2):
+            try:
+                self._count_attempt_once(device_id)
+                return
+            except IntegrityError:  # PostgreSQL: another process inserted the row first
+                if attempt:
+                    raise
+
+    def _count_attempt_once(self, device_id: str) -> None:
+        now = self._clock()
+        with Session(self.engine) as session:
+            begin_write(session)
+            row = self._limit_row(session, device_id)
+            if row is None:
+                row = RenewalLimit(device_id=device_id, window_start=now, attempts=0)
+            elif now - row.window_start >= self._interval:
+                row.window_start, row.attempts = now, 0
+            row.attempts += 1
+            attempts, window_start = row.attempts, row.window_start
+            session.add(row)
+            session.commit()
+        if attempts > self.max_attempts:
+            wait = math.ceil((window_start + self._interval - now).total_seconds())
+            raise RenewalRefused(
+                "rate_limited",
+                f"device {device_id} sent {attempts} renewal requests within "
+                f"{self.min_interval_s:g} s; at most {self.max_attempts} "
+                f"(CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS): retry in {wait} s",
+            )
+
+    @staticmethod
+    def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:
+        return session.exec(
+            select(RenewalLimit).where(RenewalLimit.device_id == device_id).with_for_update()
+        ).one_or_none()
 
     def _validate(self, device_id: str, payload: bytes) -> ValidatedCSR:
         try:
@@ -215,35 +265,50 @@ class CertificateRenewer:
             .limit(1)
         ).first()
 
-    def _check_rate(self, device_id: str, public_key: bytes) -> RenewedCertificate | None:
+    def _check_rate(
+        self, session: Session, device_id: str, key_sha256: str
+    ) -> RenewedCertificate | None:
         """The certificate to send again for a re-delivered CSR, None to go ahead, or refuse."""
-        now = self._clock()
-        with self._lock:
-            if len(self._recent) > 10_000:  # forget renewals older than the interval
-                self._recent = {
-                    k: v for k, v in self._recent.items() if now - v.at < self.min_interval_s
-                }
-            recent = self._recent.get(device_id)
-        if recent is None or now - recent.at >= self.min_interval_s:
+        if self.min_interval_s <= 0:
             return None
-        if recent.public_key == public_key:
-            log.info(
-                "renewal repeated device_id=%s serial=%s (same key: same certificate sent again)",
-                device_id,
-                recent.renewed.serial,
-            )
-            return dataclasses.replace(recent.renewed, repeated=True)
-        wait = math.ceil(self.min_interval_s - (now - recent.at))
+        row = session.get(RenewalLimit, device_id)
+        if row is None or row.issued_at is None or row.issued_serial is None:
+            return None
+        now = self._clock()
+        since = (now - row.issued_at).total_seconds()
+        if since >= self.min_interval_s:
+            return None
+        if row.issued_key_sha256 == key_sha256:
+            certificate = session.get(Certificate, row.issued_serial)
+            if certificate is not None:
+                log.info(
+                    "renewal repeated device_id=%s serial=%s (same key: same certificate sent "
+                    "again)",
+                    device_id,
+                    certificate.serial,
+                )
+                return RenewedCertificate(
+                    device_id=device_id,
+                    serial=certificate.serial,
+                    not_before=certificate.not_before,
+                    not_after=certificate.not_after,
+                    certificate_pem=certificate.certificate_pem,
+                    repeated=True,
+                )
+        wait = math.ceil(self.min_interval_s - since)
         raise RenewalRefused(
             "rate_limited",
-            f"device {device_id} was renewed {now - recent.at:.0f} s ago; at most one renewal "
+            f"device {device_id} was renewed {since:.0f} s ago; at most one renewal "
             f"per {self.min_interval_s:g} s (CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): "
             f"retry in {wait} s",
         )
 
-    def _store(self, renewed: RenewedCertificate, previous_serial: str | None) -> None:
-        """Add the certificate and its audit entry, re-checking the device under the write
-        lock: a decommission that committed since the first check wins."""
+    def _store(
+        self, renewed: RenewedCertificate, previous_serial: str | None, key_sha256: str
+    ) -> RenewedCertificate:
+        """Add the certificate, its audit entry and the rate-limit record, re-checking the
+        device and the limit under the write lock: a decommission that committed since the
+        first check wins, and so does a renewal another registry process just made."""
         with Session(self.engine) as session:
             begin_write(session)
             try:
@@ -251,6 +316,20 @@ class CertificateRenewer:
                     select(Device).where(Device.device_id == renewed.device_id).with_for_update()
                 ).one_or_none()
                 self._check_active(device, renewed.device_id)
+                row = self._limit_row(session, renewed.device_id)
+                if row is not None:
+                    duplicate = self._check_rate(session, renewed.device_id, key_sha256)
+                    if duplicate is not None:
+                        session.rollback()
+                        return duplicate
+                else:
+                    row = RenewalLimit(
+                        device_id=renewed.device_id, window_start=self._clock(), attempts=0
+                    )
+                row.issued_at = self._clock()
+                row.issued_serial = renewed.serial
+                row.issued_key_sha256 = key_sha256
+                session.add(row)
                 session.add(
                     Certificate(
                         serial=renewed.serial,
@@ -277,6 +356,7 @@ class CertificateRenewer:
             except BaseException:
                 session.rollback()
                 raise
+        return renewed
 
 
 class RenewalService:
@@ -294,16 +374,28 @@ class RenewalService:
         publish: Callable[[str, bytes], None],
         *,
         max_pending: int = MAX_PENDING,
+        per_device_pending: int = PER_DEVICE_PENDING,
         on_outcome: Callable[[str], None] | None = None,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
         self.renewer = renewer
         self.counters: Counter[str] = Counter()
         self._publish = publish
         self._on_outcome = on_outcome
         self._max_pending = max_pending
+        self._per_device = per_device_pending
         self._pending = 0
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="renewal")
+        self._ready = threading.Condition(self._lock)
+        #: device id -> its waiting CSRs; the first key is served next (round-robin).
+        self._queues: OrderedDict[str, deque[bytes]] = OrderedDict()
+        self._closing = False
+        self._worker = SupervisedThread("renewal-worker", self._work, on_crash=on_crash)
+        self._worker.start()
+
+    @property
+    def worker(self) -> SupervisedThread:
+        return self._worker
 
     def submit(self, topic: str, payload: bytes | bytearray) -> None:
         """Queue one CSR (called on paho's network thread: never blocks on crypto or DB)."""
@@ -314,22 +406,45 @@ class RenewalService:
             log.warning("renewal refused topic=%r error=%s", topic[:200], exc.error)
             return  # no device to answer
         with self._lock:
-            busy = self._pending >= self._max_pending
-            if not busy:
+            queue = self._queues.get(device_id)
+            flooded = queue is not None and len(queue) >= self._per_device
+            busy = not flooded and self._pending >= self._max_pending
+            if not flooded and not busy:
                 self._pending += 1
-        if busy:
+                self._queues.setdefault(device_id, deque()).append(bytes(payload))
+                self._ready.notify()
+        if flooded:
+            # Not answered: the device's waiting requests will be. Logged at debug only, so a
+            # flood does not become a flood of log lines; the counter shows it.
+            self._count("flooded")
+            log.debug("renewal dropped device_id=%s reason=flooded", device_id)
+        elif busy:
             self._refuse(
                 device_id,
                 RenewalRefused(
                     "busy", f"{self._max_pending} renewals are waiting; retry in a minute"
                 ),
             )
-            return
-        try:
-            self._executor.submit(self._handle, device_id, bytes(payload))
-        except RuntimeError:  # shut down
-            with self._lock:
-                self._pending -= 1
+
+    def _next(self, stopping: threading.Event) -> tuple[str, bytes] | None:
+        with self._lock:
+            while not self._queues and not stopping.is_set() and not self._closing:
+                self._ready.wait(1.0)
+            if stopping.is_set() or not self._queues:
+                return None
+            device_id, queue = next(iter(self._queues.items()))
+            payload = queue.popleft()
+            if queue:
+                self._queues.move_to_end(device_id)  # the others go first
+            else:
+                del self._queues[device_id]
+            return device_id, payload
+
+    def _work(self, stopping: threading.Event) -> None:
+        while (item := self._next(stopping)) is not None:
+            self._handle(*item)
+        if not stopping.is_set():  # closing and drained: done, not a crash
+            stopping.wait()
 
     def _handle(self, device_id: str, payload: bytes) -> None:
         try:
@@ -355,7 +470,7 @@ class RenewalService:
             return
         finally:
             with self._lock:
-                self._pending -= 1
+                self._pending = max(0, self._pending - 1)
         self._count("repeated" if renewed.repeated else "issued")
         if not renewed.repeated:
             log.info(
@@ -379,7 +494,22 @@ class RenewalService:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
 
-    def close(self) -> None:
-        """Finish the request in progress, drop the queued ones."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float = 5.0) -> None:
+        """Answer what is queued (for up to ``timeout`` seconds), then drop the rest."""
+        with self._lock:
+            self._closing = True
+            self._ready.notify_all()
+        end = time.monotonic() + timeout
+        while self._pending and time.monotonic() < end:
+            time.sleep(0.01)
+        with self._lock:
+            dropped = self._pending
+            self._queues.clear()
+            self._pending = 0
+        self._worker.stop(0)
+        with self._lock:
+            self._ready.notify_all()
+        self._worker.stop()
+        if dropped:
+            log.warning("renewal requests dropped at shutdown count=%d", dropped)
         log.info("renewal service stopped outcomes=%s", dict(self.counters))

@@ -48,10 +48,17 @@ class RegistrySettings(BaseSettings):
     registry_db_pool_timeout_s: float = Field(default=0.5, gt=0, le=30)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: AddressStr | None = None
+    #: MQTT client id of the registry's broker connection; empty: the service name of its
+    #: certificate (``registry``), which a strict broker requires.
+    registry_mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9:._-]{1,64}$")
+    #: how often the MQTT watchdog re-subscribes and checks the SUBACK.
+    registry_mqtt_watchdog_s: float = Field(default=30.0, gt=0, le=3600)
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).
     registry_renewal_enabled: bool = True
     #: at most one renewal per device per this many seconds (0: no limit).
     registry_renewal_min_interval_s: float = Field(default=300.0, ge=0, le=30 * 86400)
+    #: renewal requests (bad CSRs included) per device per that interval before rate_limited.
+    registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
 

@@ -1,9 +1,17 @@
 """Telemetry ingest: the registry's MQTT subscriber that keeps each device's last seen time
 and latest telemetry.
 
-The registry connects to the broker as ``spiffe://<td>/service/registry`` (client id
-``registry``, certificate ``clients/registry.crt|.key``, trusting ``ca/root.crt``), subscribes
-to ``devices/+/telemetry`` at QoS 1 and keeps, per device, only the newest reading in memory.
+The registry connects to the broker as ``spiffe://<td>/service/registry`` (certificate
+``clients/registry.crt|.key``, trusting ``ca/root.crt``; client id: the certificate's service
+name, or ``CERTFLEET_REGISTRY_MQTT_CLIENT_ID``), subscribes to ``devices/+/telemetry`` at
+QoS 1 and keeps, per device, only the newest reading in memory.
+
+The subscriptions are checked: every SUBACK must grant every filter, on each (re)connect and
+from a watchdog that re-subscribes every ``registry_mqtt_watchdog_s`` (SUBSCRIBE is
+idempotent, and a broker that silently dropped the session's subscriptions gives no other
+sign). A refused or missing SUBACK is logged, counted (``subscribe_failures``) and retried;
+three in a row force a reconnect. Retained messages (replayed at every subscription) are
+never acted on: a retained CSR is not a request, a retained reading is not "seen now".
 A separate flusher thread writes the buffer through :func:`registry.crud.record_telemetry` in
 one batched UPDATE every ``flush_interval`` seconds (sooner when ``flush_batch`` devices are
 waiting), so the broker's message rate is never bounded by the database: receiving a message
@@ -35,20 +43,23 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.errors import ConfigError
-from factory.profile import NAME_PATTERN
+from factory.errors import ConfigError, IdentityError
+from factory.profile import NAME_PATTERN, read_identity
 from registry.crud import TelemetryUpdate, record_telemetry
 from registry.renewal import RENEW_TOPIC_FILTER, CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
+from registry.supervise import SupervisedThread
 
 __all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ingest"]
 
@@ -57,6 +68,10 @@ log = logging.getLogger(__name__)
 TOPIC_FILTER = "devices/+/telemetry"
 MAX_PAYLOAD_BYTES = 16 * 1024
 CLIENT_NAME = "registry"
+#: How long a SUBACK may take before the subscription counts as failed.
+SUBACK_TIMEOUT_S = 10.0
+#: Failed subscription checks in a row before the watchdog reconnects.
+FAILURES_BEFORE_RECONNECT = 3
 
 
 class TelemetryRejected(ValueError):
@@ -102,6 +117,9 @@ class IngestCounters:
     flush_seconds_total: float = 0.0
     flush_seconds_max: float = 0.0
     connects: int = 0
+    subscribe_checks: int = 0
+    subscribe_failures: int = 0
+    callback_errors: int = 0
 
 
 class TelemetryIngest:
@@ -116,6 +134,7 @@ class TelemetryIngest:
         flush_batch: int = 1000,
         ca: CertificateAuthority | None = None,
         on_renewal_outcome: Callable[[str], None] | None = None,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
         if not settings.telemetry_broker_addr:
             raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
@@ -128,6 +147,12 @@ class TelemetryIngest:
         #: set once the broker acknowledged the subscriptions (telemetry and renewal)
         self.subscribed = threading.Event()
         self._layout = settings.layout
+        self._client_id = settings.registry_mqtt_client_id
+        self._on_crash = on_crash
+        self._watchdog_s = settings.registry_mqtt_watchdog_s
+        #: SUBSCRIBE message ids waiting for their SUBACK -> set when it came and granted all.
+        self._suback_waits: dict[int, tuple[threading.Event, list[bool]]] = {}
+        self._sub_lock = threading.Lock()
         self._buffer: dict[str, TelemetryUpdate] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -140,14 +165,14 @@ class TelemetryIngest:
                 ca,
                 engine,
                 min_interval_s=settings.registry_renewal_min_interval_s,
+                max_attempts=settings.registry_renewal_max_attempts,
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
             )
             self.renewal = RenewalService(
-                renewer, self._publish_qos1, on_outcome=on_renewal_outcome
+                renewer, self._publish_qos1, on_outcome=on_renewal_outcome, on_crash=on_crash
             )
-        self._flusher = threading.Thread(
-            target=self._flush_loop, name="telemetry-flush", daemon=True
-        )
+        self._flusher = SupervisedThread("telemetry-flush", self._flush_loop, on_crash=on_crash)
+        self._watchdog = SupervisedThread("mqtt-watchdog", self._watch, on_crash=on_crash)
 
     def _build_client(self) -> mqtt.Client:
         cert = self._layout.client_cert(CLIENT_NAME)
@@ -165,9 +190,11 @@ class TelemetryIngest:
             context.load_cert_chain(certfile=str(cert), keyfile=str(key))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"telemetry ingest cannot load its TLS credentials: {exc}") from None
+        client_id = self._client_id or _service_name(cert)
+        self.client_id = client_id
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=CLIENT_NAME,
+            client_id=client_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
@@ -181,8 +208,13 @@ class TelemetryIngest:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    @property
+    def filters(self) -> list[str]:
+        return [TOPIC_FILTER] + ([RENEW_TOPIC_FILTER] if self.renewal is not None else [])
+
     def start(self) -> TelemetryIngest:
         self._flusher.start()
+        self._watchdog.start()
         self._client.connect_async(self.host, self.port, keepalive=30)
         self._client.loop_start()  # one network thread; retries until the broker is up
         log.info("telemetry ingest connecting broker=%s:%s", self.host, self.port)
@@ -196,7 +228,8 @@ class TelemetryIngest:
         self._client.disconnect()
         self._client.loop_stop()
         self._wake.set()
-        self._flusher.join(timeout)
+        self._watchdog.stop(timeout)
+        self._flusher.stop(timeout)
         self.flush()
         log.info(
             "telemetry ingest stopped received=%d accepted=%d rows_written=%d rejected=%s",
@@ -221,10 +254,23 @@ class TelemetryIngest:
             return
         self.counters.connects += 1
         _no_delay(client)
-        filters = [TOPIC_FILTER] + ([RENEW_TOPIC_FILTER] if self.renewal is not None else [])
-        client.subscribe([(topic_filter, 1) for topic_filter in filters])
         self.connected.set()
-        log.info("telemetry ingest subscribed topics=%s", ",".join(filters))
+        self._subscribe()
+        log.info(
+            "telemetry ingest subscribing client_id=%s topics=%s",
+            self.client_id,
+            ",".join(self.filters),
+        )
+
+    def _subscribe(self) -> tuple[threading.Event, list[bool]] | None:
+        """Send one SUBSCRIBE for every filter; the wait its SUBACK will settle."""
+        waiter: tuple[threading.Event, list[bool]] = (threading.Event(), [])
+        with self._sub_lock:  # held until the mid is recorded: the SUBACK waits for it
+            rc, mid = self._client.subscribe([(f, 1) for f in self.filters])
+            if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+                return None
+            self._suback_waits[mid] = waiter
+        return waiter
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -237,19 +283,80 @@ class TelemetryIngest:
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any
     ) -> None:
+        with self._sub_lock:
+            waiter = self._suback_waits.pop(mid, None)
         refused = [code for code in codes if getattr(code, "is_failure", False)]
-        if refused:
-            log.error("telemetry ingest subscription refused by broker codes=%s", refused)
+        granted = not refused and len(codes) == len(self.filters)
+        if waiter is not None:
+            waiter[1].append(granted)
+            waiter[0].set()
+        if not granted:
+            self.counters.subscribe_failures += 1
+            self.subscribed.clear()
+            log.error(
+                "telemetry ingest subscription refused by broker codes=%s filters=%s",
+                refused or codes,
+                ",".join(self.filters),
+            )
             return
         self.subscribed.set()
 
+    # -- the subscription watchdog --------------------------------------------------------
+
+    def _watch(self, stopping: threading.Event) -> None:
+        failures = 0
+        while not stopping.wait(self._watchdog_s):
+            if not self.connected.is_set():
+                continue
+            waiter = self._subscribe()
+            ok = waiter is not None and waiter[0].wait(SUBACK_TIMEOUT_S) and waiter[1] == [True]
+            if ok:
+                self.counters.subscribe_checks += 1
+                if failures:
+                    log.warning("telemetry ingest subscriptions restored after=%d", failures)
+                failures = 0
+                continue
+            if waiter is not None and not waiter[0].is_set():
+                self.counters.subscribe_failures += 1  # no SUBACK at all
+            failures += 1
+            log.error(
+                "telemetry ingest subscription check failed client_id=%s failures=%d",
+                self.client_id,
+                failures,
+            )
+            if failures >= FAILURES_BEFORE_RECONNECT:
+                failures = 0
+                log.error("telemetry ingest reconnecting after failed subscription checks")
+                with contextlib.suppress(Exception):
+                    self._client.reconnect()
+
     def _publish_qos1(self, topic: str, payload: bytes) -> None:
-        info = self._client.publish(topic, payload, qos=1)
+        # Never retained: a stored answer would reach the device's next subscription.
+        info = self._client.publish(topic, payload, qos=1, retain=False)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.warning("publish failed topic=%s rc=%s", topic, info.rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's network thread dies with an exception raised here: never let one out.
+        try:
+            self._receive(message)
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("telemetry ingest message handling failed topic=%s", message.topic)
+            if self._on_crash is not None:
+                self._on_crash("mqtt-receive")
+
+    def _receive(self, message: mqtt.MQTTMessage) -> None:
+        if message.retain and not message.topic.endswith("/cert/renew"):
+            self.counters.received += 1
+            self.counters.rejected["retained"] += 1
+            return
         if self.renewal is not None and message.topic.endswith("/cert/renew"):
+            if message.retain:
+                # A stored request replays on every (re)subscription: never act on one.
+                self.counters.rejected["retained_renewal"] += 1
+                log.warning("renewal request ignored topic=%s reason=retained", message.topic)
+                return
             self.renewal.submit(message.topic, message.payload)
             return
         self.counters.received += 1
@@ -269,11 +376,12 @@ class TelemetryIngest:
 
     # -- writing (the flusher thread) -----------------------------------------------------
 
-    def _flush_loop(self) -> None:
-        while not self._stopping.is_set():
+    def _flush_loop(self, stopping: threading.Event) -> None:
+        while not stopping.is_set() and not self._stopping.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             self.flush()
+        stopping.wait()
 
     def flush(self) -> int:
         """Write the buffered updates in one batch; returns how many devices were updated."""
@@ -309,12 +417,23 @@ def _no_delay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _service_name(cert: Path) -> str:
+    """The service name in the registry's certificate: its MQTT client id by default."""
+    try:
+        return read_identity(x509.load_pem_x509_certificate(cert.read_bytes())).name
+    except (OSError, ValueError, IdentityError) as exc:
+        raise ConfigError(f"telemetry ingest cannot read its certificate {cert}: {exc}") from None
+
+
 def start_ingest(
     settings: RegistrySettings,
     engine: Engine,
     ca: CertificateAuthority | None = None,
     on_renewal_outcome: Callable[[str], None] | None = None,
+    on_crash: Callable[[str], None] | None = None,
 ) -> TelemetryIngest:
     """Start ingesting telemetry from ``settings.telemetry_broker_addr`` (and answering
     renewals when ``ca`` is given); ``await .stop()``."""
-    return TelemetryIngest(settings, engine, ca=ca, on_renewal_outcome=on_renewal_outcome).start()
+    return TelemetryIngest(
+        settings, engine, ca=ca, on_renewal_outcome=on_renewal_outcome, on_crash=on_crash
+    ).start()

@@ -13,8 +13,9 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -61,8 +62,13 @@ class BatchVerifier:
     """Parse and verify device certificates against one issuing CA."""
 
     def __init__(
-        self, issuing_cert: x509.Certificate, trust_domain: str, processes: int | None = None
+        self,
+        issuing_cert: x509.Certificate,
+        trust_domain: str,
+        processes: int | None = None,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_crash = on_crash
         self._issuing = issuing_cert
         self._trust_domain = trust_domain
         self._processes = (os.cpu_count() or 1) if processes is None else processes
@@ -91,6 +97,21 @@ class BatchVerifier:
         first bad one by its index (``devices[i]: ...``)."""
         if len(pems) < PARALLEL_MIN or self._processes < 2:
             return _parse_chunk(pems, 0, self._issuing, self._trust_domain)
+        try:
+            return self._parse_parallel(pems)
+        except BrokenProcessPool:
+            # A worker process died (OOM killer, SIGKILL): the pool is unusable for good.
+            # Replace it once, and say so, instead of failing every later batch.
+            log.error("certificate verify pool broken; starting a new one")
+            if self._on_crash is not None:
+                self._on_crash("verify-pool")
+            with self._lock:
+                broken, self._pool = self._pool, None
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+            return self._parse_parallel(pems)
+
+    def _parse_parallel(self, pems: Sequence[str]) -> list[ParsedCertificate]:
         size = -(-len(pems) // self._processes)
         executor = self._executor()
         futures = [

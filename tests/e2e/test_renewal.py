@@ -9,6 +9,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,3 +309,40 @@ def test_device_without_an_answer_gets_a_clear_error_and_keeps_its_bundle(
 def test_renew_topic_must_name_one_device(topic: str) -> None:
     with pytest.raises(RenewalRefused, match="is not devices/<id>/cert/renew"):
         device_of_renew_topic(topic)
+
+
+def test_a_retained_renewal_request_is_not_answered_again_on_resubscribe(stack: Stack) -> None:
+    """A device publishes its CSR with retain. A registry process that subscribes later (a
+    restart, a second process) must not mint for it again: retained requests are ignored,
+    and the rate limit lives in the database, not in the first process's memory."""
+    from tests.broker.conftest import wait_for
+
+    device_id = "dev-renew-retained"
+    directory = stack.provision(device_id)
+    issued_before = stack.renewal.counters["issued"]
+    device = connect(
+        stack.broker.port,
+        (directory / "device.crt", directory / "device.key"),
+        device_id,
+        root=directory / "root.crt",
+    )
+    assert device.connected.is_set(), device.reason
+    try:
+        device.client.publish(
+            f"devices/{device_id}/cert/renew", _csr_for(device_id), qos=1, retain=True
+        ).wait_for_publish(10)
+        assert wait_for(lambda: stack.renewal.counters["issued"] == issued_before + 1)
+    finally:
+        device.client.disconnect()
+        device.client.loop_stop()
+    state = stack.registry.state
+    second = TelemetryIngest(state.settings, state.engine, ca=state.ca).start()
+    try:
+        assert second.subscribed.wait(15), "the second registry client did not subscribe"
+        time.sleep(1.0)  # a retained message arrives right after the SUBACK
+        assert second.renewal is not None
+        assert sum(second.renewal.counters.values()) == 0, second.renewal.counters
+    finally:
+        second.stop_sync()
+    certificates = stack.operator.get(f"/devices/{device_id}").json()["certificates"]
+    assert len(certificates) == 2  # the provisioned one and one renewal

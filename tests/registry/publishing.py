@@ -53,10 +53,11 @@ class Published:
             assert response.status_code == 201, response.text
         return cert, key
 
-    def decommission(self, device_id: str) -> None:
-        response = self.operator.post(
-            f"/devices/{device_id}/decommission", json={"reason": "stolen from the field"}
-        )
+    def decommission(self, device_id: str, reason_code: str | None = None) -> None:
+        body = {"reason": "stolen from the field"}
+        if reason_code is not None:
+            body["reason_code"] = reason_code
+        response = self.operator.post(f"/devices/{device_id}/decommission", json=body)
         assert response.status_code == 200, response.text
 
 

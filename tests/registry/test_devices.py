@@ -39,6 +39,7 @@ def test_register_one_device_then_again_is_idempotent(operator: httpx.Client, mi
             "not_after": issued.certificate.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
             "status": "live",
             "revoked_at": None,
+            "revocation_reason": None,
         }
     ]
     again = register(operator, issued, "HW-0001")

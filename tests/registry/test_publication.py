@@ -141,12 +141,12 @@ def test_openssl_ocsp_says_good_then_revoked_after_decommission(published: Publi
     assert f"{cert}: good" in before
     assert "nonce" not in before.lower()  # openssl warns when a nonce is missing or wrong
 
-    published.decommission("dev-ocsp")
+    published.decommission("dev-ocsp", reason_code="keyCompromise")
     after = openssl_ocsp(published, cert)
     assert "Response verify OK" in after
     assert f"{cert}: revoked" in after
     assert "Revocation Time:" in after
-    assert "Reason:" in after
+    assert "Reason: keyCompromise" in after
 
 
 def test_openssl_ocsp_says_unknown_for_a_certificate_never_registered(
@@ -231,7 +231,8 @@ def test_ocsp_revoked_answer_has_time_and_reason(published: Published) -> None:
     assert answer.certificate_status is ocsp.OCSPCertStatus.REVOKED
     assert answer.revocation_time_utc is not None
     assert abs(answer.revocation_time_utc - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=5)
-    assert isinstance(answer.revocation_reason, x509.ReasonFlags)
+    # No reason code given: the registry's default, as in the CRL entry.
+    assert answer.revocation_reason is x509.ReasonFlags.cessation_of_operation
     with pytest.raises(x509.ExtensionNotFound):
         answer.extensions.get_extension_for_class(x509.OCSPNonce)  # none asked, none given
 

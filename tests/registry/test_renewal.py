@@ -27,10 +27,13 @@ from tests.conftest import TRUST_DOMAIN, TestPKI
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
-    def __call__(self) -> float:
+    def __call__(self) -> dt.datetime:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -83,11 +86,11 @@ def test_rate_limit_lifts_after_the_interval(pki: TestPKI, engine: Engine) -> No
     clock = FakeClock()
     renewer = CertificateRenewer(pki.ca, engine, min_interval_s=60, clock=clock)
     first = renewer.renew("dev-rate", _csr("dev-rate"))
-    clock.now += 59
+    clock.advance(59)
     with pytest.raises(RenewalRefused, match="retry in 1 s") as refused:
         renewer.renew("dev-rate", _csr("dev-rate"))
     assert refused.value.error == "rate_limited"
-    clock.now += 1
+    clock.advance(1)
     second = renewer.renew("dev-rate", _csr("dev-rate"))
     assert second.serial != first.serial
 
@@ -176,3 +179,66 @@ def test_service_publishes_the_certificate_pem(pki: TestPKI, engine: Engine) -> 
     assert published[0][0] == "devices/dev-pem/cert/issued"
     assert published[0][1].startswith(b"-----BEGIN CERTIFICATE-----")
     assert service.counters["issued"] == 1
+
+
+def test_rate_limit_is_shared_by_registry_processes_and_survives_restart(
+    pki: TestPKI, engine: Engine
+) -> None:
+    """Two renewers on one database (two processes, or one restarted): the second sees the
+    first's renewal."""
+    _register(pki, engine, "dev-shared")
+    CertificateRenewer(pki.ca, engine, min_interval_s=60).renew("dev-shared", _csr("dev-shared"))
+    with pytest.raises(RenewalRefused, match="at most one renewal per 60 s") as refused:
+        CertificateRenewer(pki.ca, engine, min_interval_s=60).renew(
+            "dev-shared", _csr("dev-shared")
+        )
+    assert refused.value.error == "rate_limited"
+
+
+def test_a_redelivered_csr_gets_the_same_certificate_from_another_process(
+    pki: TestPKI, engine: Engine
+) -> None:
+    _register(pki, engine, "dev-again")
+    csr = _csr("dev-again")
+    first = CertificateRenewer(pki.ca, engine).renew("dev-again", csr)
+    again = CertificateRenewer(pki.ca, engine).renew("dev-again", csr)
+    assert (again.serial, again.repeated) == (first.serial, True)
+
+
+def test_bad_csrs_count_against_the_rate_limit(pki: TestPKI, engine: Engine) -> None:
+    _register(pki, engine, "dev-bad")
+    clock = FakeClock()
+    renewer = CertificateRenewer(pki.ca, engine, min_interval_s=60, max_attempts=3, clock=clock)
+    for _ in range(3):
+        with pytest.raises(RenewalRefused) as refused:
+            renewer.renew("dev-bad", b"not a CSR")
+        assert refused.value.error == "invalid_csr"
+    with pytest.raises(RenewalRefused, match="at most 3") as refused:
+        renewer.renew("dev-bad", _csr("dev-bad"))  # a good one, but the window is used up
+    assert refused.value.error == "rate_limited"
+    clock.advance(60)
+    assert renewer.renew("dev-bad", _csr("dev-bad")).serial
+
+
+def test_one_devices_flood_does_not_starve_the_others(pki: TestPKI, engine: Engine) -> None:
+    """100 requests from one device, then one from another: the other is answered among the
+    first few, and the flood beyond the per-device queue is dropped and counted."""
+    _register(pki, engine, "dev-fair")
+    gate = threading.Event()
+    renewer = CertificateRenewer(pki.ca, engine, min_interval_s=0)
+    real_renew = renewer.renew
+
+    def slow_renew(device_id: str, payload: bytes) -> object:
+        gate.wait(10)  # hold the worker until every request is queued
+        return real_renew(device_id, payload)
+
+    renewer.renew = slow_renew  # type: ignore[method-assign, assignment]
+    service, published = _service(renewer)
+    for _ in range(100):
+        service.submit("devices/dev-flood/cert/renew", b"not a CSR")
+    service.submit("devices/dev-fair/cert/renew", _csr("dev-fair"))
+    gate.set()
+    service.close()
+    topics = [topic for topic, _ in published]
+    assert "devices/dev-fair/cert/issued" in topics[:4], topics[:10]
+    assert service.counters["flooded"] >= 90

@@ -156,7 +156,14 @@ def test_ingest_counters_are_exported_on_the_registry_metrics(
     assert {
         reason: value(samples, "messages_dropped_total", reason=reason)
         for reason in TELEMETRY_DROP_REASONS
-    } == {"bad_topic": 0, "too_large": 0, "malformed_json": 1, "device_mismatch": 1}
+    } == {
+        "bad_topic": 0,
+        "too_large": 0,
+        "malformed_json": 1,
+        "device_mismatch": 1,
+        "retained_renewal": 0,
+        "retained": 0,
+    }
     flushes = value(samples, "flushes_total")
     assert 1 <= flushes <= 7
     assert value(samples, "flush_errors_total") == 0
