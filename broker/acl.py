@@ -38,6 +38,7 @@ __all__ = [
     "DeviceTopicPlugin",
     "RefusalLog",
     "is_allowed",
+    "is_renewal_topic",
     "will_refusal",
 ]
 
@@ -97,6 +98,12 @@ def is_allowed(
     return False
 
 
+def is_renewal_topic(topic: str) -> bool:
+    """``devices/<id>/cert/renew`` or ``devices/<id>/cert/issued``: never retained."""
+    parts = _device_level_and_rest(topic)
+    return parts is not None and parts[1] in _RENEWAL_TOPICS
+
+
 def will_refusal(
     identity: Identity,
     topic: str,
@@ -107,8 +114,7 @@ def will_refusal(
     """Why a CONNECT's will may not be published for ``identity``; None when it may."""
     if not is_allowed(identity, topic, Action.PUBLISH, renewal_service=renewal_service):
         return f"will topic {topic[:200]!r} is outside what {identity.uri} may publish"
-    parts = _device_level_and_rest(topic)
-    if retain and parts is not None and parts[1] in _RENEWAL_TOPICS:
+    if retain and is_renewal_topic(topic):
         return f"retained will on renewal topic {topic[:200]!r} (renewals are never retained)"
     return None
 

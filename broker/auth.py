@@ -19,7 +19,7 @@ from amqtt.session import Session
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from broker.sessions import accepted_client_ids, session_key
+from broker.sessions import service_instance, session_key
 from factory.errors import IdentityError
 from factory.profile import Identity, IdentityKind, read_identity, serial_hex
 
@@ -95,15 +95,12 @@ class RefusedError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A client let in: its identity and the serial it authenticated with."""
+    """A client let in: its identity, the serial it authenticated with, and the client id
+    amqtt gets for it (:mod:`broker.sessions`)."""
 
     identity: Identity
     serial: str
-
-    @property
-    def session_key(self) -> str:
-        """The client id amqtt gets for this client (:mod:`broker.sessions`)."""
-        return session_key(self.identity)
+    session_key: str
 
 
 class RevocationView(Protocol):
@@ -167,7 +164,7 @@ class AdmissionPolicy:
             raise RefusedError(
                 Refusal.OPERATOR, f"operator identity {identity.uri} cannot connect to MQTT"
             )
-        return Admission(identity, serial)
+        return Admission(identity, serial, session_key(identity))
 
     def admit(
         self, certificate_der: bytes, client_id: str | None, *, clean_session: bool = True
@@ -178,7 +175,9 @@ class AdmissionPolicy:
         """
         admission = self.identify(certificate_der)
         identity = admission.identity
-        self._check_client_id(identity, client_id or None, clean_session)
+        instance = self._check_client_id(identity, client_id or None, clean_session)
+        if instance is not None:
+            admission = Admission(identity, admission.serial, session_key(identity, instance))
         if self.revocations.is_serial_revoked(admission.serial):
             raise RefusedError(Refusal.REVOKED, f"serial={admission.serial} is revoked")
         if identity.kind is IdentityKind.DEVICE and self.revocations.is_device_decommissioned(
@@ -189,23 +188,33 @@ class AdmissionPolicy:
             )
         return admission
 
-    def _check_client_id(self, identity: Identity, client_id: str | None, clean: bool) -> None:
+    def _check_client_id(
+        self, identity: Identity, client_id: str | None, clean: bool
+    ) -> str | None:
+        """Refuse a client id the mode does not allow; return a service's instance name."""
+        accepted, instance = False, None
+        if client_id is not None:
+            if identity.kind is IdentityKind.SERVICE:
+                accepted, instance = service_instance(identity, client_id)
+            else:
+                accepted = client_id == identity.name
         if self.client_id_mode is ClientIdMode.FROM_CERTIFICATE:
-            return
+            return instance if accepted else None
         if client_id is None:
             if clean:
-                return  # [MQTT-3.1.3-6]: the server assigns one, the certificate's
+                return None  # [MQTT-3.1.3-6]: the server assigns one, the certificate's
             raise RefusedError(
                 Refusal.EMPTY_CLIENT_ID,
                 f"empty client id with clean session off certificate_id={identity.name}",
                 connack=CONNACK_IDENTIFIER_REJECTED,  # [MQTT-3.1.3-8]
             )
-        if client_id not in accepted_client_ids(identity):
+        if not accepted:
             raise RefusedError(
                 Refusal.CLIENT_ID_MISMATCH,
                 f"client_id={client_id[:100]!r} certificate_id={identity.name!r} "
                 f"kind={identity.kind.value} (the client id must be the certificate's id)",
             )
+        return instance
 
 
 class CertAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints

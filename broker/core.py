@@ -23,6 +23,11 @@ are forwarded with the retain flag set by amqtt; they are ordinary forwarded mes
 (MQTT-3.1.2-... "retain 0 when sent to an established subscription"), so ours clears it:
 a subscriber that ignores retained messages (renewal requests) must not ignore them.
 
+5. Retained renewal messages. A PUBLISH (or will) with retain on ``devices/<id>/cert/renew``
+or ``.../cert/issued`` is routed to the subscribers it has now, but never stored: a stored
+CSR would be replayed to the registry at every resubscribe (issue 11.6). ``retain_message``
+is amqtt's public method for storing one.
+
 A message whose routing raises is logged and counted; the broadcast loop goes on (a loop
 that died would stop all routing, silently).
 
@@ -41,7 +46,7 @@ from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
 from amqtt.contexts import Action
 from amqtt.session import Session
 
-from broker.acl import DeviceTopicPlugin
+from broker.acl import DeviceTopicPlugin, is_renewal_topic
 
 __all__ = ["CertfleetBroker"]
 
@@ -56,6 +61,30 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
 
     def use_topic_plugin(self, plugin: DeviceTopicPlugin) -> None:
         self._acl = plugin
+
+    _on_retain_refused: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_retain_refused(self, hook: Callable[[], None]) -> None:
+        """Told about every retained renewal message that was not stored."""
+        self._on_retain_refused = hook
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if data and topic_name is not None and is_renewal_topic(topic_name):
+            client_id = source_session.client_id if source_session is not None else None
+            log.warning(
+                "retain refused client_id=%s topic=%r (renewal messages are never retained)",
+                client_id,
+                topic_name[:200],
+            )
+            self._on_retain_refused()
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
 
     def on_route_error(self, hook: Callable[[BaseException], None]) -> None:
         """Told about every message whose routing raised (the metrics count them)."""

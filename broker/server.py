@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
@@ -137,6 +137,7 @@ class BrokerApp:
                 )
                 self.broker.use_topic_plugin(plugin)
         self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
+        self.broker.on_retain_refused(self.metrics.acl_refusals.labels("retain").inc)
         await self.broker.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
@@ -296,6 +297,11 @@ class BrokerServer:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(_call(), self._loop).result(timeout=30)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the broker's loop and return its result (thread-safe)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     def revoke(self, serials: list[str], device_id: str | None = None) -> int:
         """Revoke serials without a registry (tests); returns the sessions dropped."""

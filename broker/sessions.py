@@ -6,13 +6,15 @@ clean-session CONNECT of the device would wipe the service's subscriptions. The 
 (:mod:`broker.listener`) therefore hands amqtt a key made from the certificate's identity,
 never the client's own string:
 
-- a device ``d`` -> ``d`` (what it sends as its client id),
-- a service ``s`` -> ``service:s`` (a service may send ``s`` or ``service:s``).
+- a device ``d`` -> ``d`` (what it sends as its client id);
+- a service ``s`` -> ``service:s``; one of several processes of a service (two registry
+  replicas) -> ``service:s/<instance>``, when it sends ``s/<instance>`` as its client id, so
+  that the processes do not take each other's session over.
 
-A ``:`` cannot occur in a name (:data:`factory.profile.NAME_PATTERN`), so no device key can
-ever equal a service key. The key also *is* the identity for the topic ACL, for as long as
-amqtt keeps the session: a persistent session that is offline still has one, so the QoS 1
-messages queued for it pass the ACL's receive check.
+Neither ``:`` nor ``/`` can occur in a name (:data:`factory.profile.NAME_PATTERN`), so no
+device key can ever equal a service key. The key also *is* the identity for the topic ACL,
+for as long as amqtt keeps the session: a persistent session that is offline still has one,
+so the QoS 1 messages queued for it pass the ACL's receive check.
 """
 
 from __future__ import annotations
@@ -20,31 +22,43 @@ from __future__ import annotations
 from factory.errors import IdentityError
 from factory.profile import NAME_PATTERN, Identity, IdentityKind
 
-__all__ = ["SERVICE_PREFIX", "accepted_client_ids", "identity_of_key", "session_key"]
+__all__ = ["SERVICE_PREFIX", "identity_of_key", "service_instance", "session_key"]
 
 #: Prefix of the amqtt session key of a service identity.
 SERVICE_PREFIX = "service:"
+_INSTANCE_SEPARATOR = "/"
 
 
-def session_key(identity: Identity) -> str:
+def session_key(identity: Identity, instance: str | None = None) -> str:
     """The amqtt session key (client id handed to amqtt) of an admitted identity."""
-    if identity.kind is IdentityKind.SERVICE:
-        return SERVICE_PREFIX + identity.name
-    return identity.name
+    if identity.kind is not IdentityKind.SERVICE:
+        return identity.name
+    key = SERVICE_PREFIX + identity.name
+    return key if instance is None else key + _INSTANCE_SEPARATOR + instance
 
 
-def accepted_client_ids(identity: Identity) -> tuple[str, ...]:
-    """The client ids an identity may send in strict mode."""
-    key = session_key(identity)
-    return (identity.name,) if key == identity.name else (identity.name, key)
+def service_instance(identity: Identity, client_id: str) -> tuple[bool, str | None]:
+    """Whether a service may use ``client_id`` in strict mode, and the instance it names.
+
+    Accepted: ``s``, ``service:s``, ``s/<instance>``, ``service:s/<instance>``.
+    """
+    name = client_id.removeprefix(SERVICE_PREFIX)
+    base, sep, instance = name.partition(_INSTANCE_SEPARATOR)
+    if base != identity.name:
+        return False, None
+    if not sep:
+        return True, None
+    return NAME_PATTERN.fullmatch(instance) is not None, instance
 
 
 def identity_of_key(key: str, trust_domain: str) -> Identity | None:
     """The identity a session key stands for; None for a key the gate never hands out."""
-    kind = IdentityKind.DEVICE
-    name = key
+    kind, name = IdentityKind.DEVICE, key
     if key.startswith(SERVICE_PREFIX):
-        kind, name = IdentityKind.SERVICE, key[len(SERVICE_PREFIX) :]
+        kind = IdentityKind.SERVICE
+        name, sep, instance = key[len(SERVICE_PREFIX) :].partition(_INSTANCE_SEPARATOR)
+        if sep and NAME_PATTERN.fullmatch(instance) is None:
+            return None
     if NAME_PATTERN.fullmatch(name) is None:
         return None
     try:

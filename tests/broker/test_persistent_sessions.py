@@ -85,3 +85,30 @@ def test_retained_messages_reach_only_sessions_allowed_to_receive_them(
         other.close()
         late.close()
         service.close()
+
+
+def test_retained_renewal_requests_are_routed_but_never_stored(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    registry = _service(pki, broker)
+    registry.client.subscribe("devices/+/cert/renew", qos=1)
+    assert registry.subscribed.wait(5)
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-rr"), "dev-rr")
+    before = broker.metrics.acl_refusal_count("retain")
+    try:
+        assert device.connected.is_set()
+        topic = "devices/dev-rr/cert/renew"
+        device.client.publish(topic, b"CSR", qos=1, retain=True).wait_for_publish(5)
+        assert wait_for(lambda: registry.received == [(topic, b"CSR", 1, False)])
+    finally:
+        device.close()
+        registry.close()
+    assert broker.metrics.acl_refusal_count("retain") == before + 1
+    # The registry subscribes again (restart): the CSR is not replayed.
+    again = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    try:
+        again.client.subscribe("devices/+/cert/renew", qos=1)
+        assert again.subscribed.wait(5)
+        assert not wait_for(lambda: len(again.messages) > 0, timeout=1.0)
+    finally:
+        again.close()

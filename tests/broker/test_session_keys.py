@@ -20,6 +20,9 @@ def test_keys_of_devices_and_services_cannot_collide() -> None:
     assert identity_of_key(session_key(service), TRUST_DOMAIN) == service
     assert identity_of_key("service:", TRUST_DOMAIN) is None
     assert identity_of_key("a/b", TRUST_DOMAIN) is None
+    assert session_key(service, "a") == "service:registry/a"
+    assert identity_of_key("service:registry/a", TRUST_DOMAIN) == service
+    assert identity_of_key("service:registry/a b", TRUST_DOMAIN) is None
 
 
 def test_a_device_named_like_a_service_leaves_the_service_session_alone(
@@ -52,3 +55,35 @@ def test_a_service_may_send_its_namespaced_key_as_client_id(
     probe = connect(broker.port, pki.client(IdentityKind.SERVICE, "monitor"), "service:monitor")
     assert probe.connected.is_set(), probe.reason
     probe.close()
+
+
+def test_processes_of_one_service_keep_their_own_sessions(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    """Two registry replicas (client ids ``registry/a``, ``registry/b``) both stay connected
+    and both get telemetry; a second ``registry/a`` takes over only ``registry/a``."""
+    files = pki.client(IdentityKind.SERVICE, "registry")
+    replicas = [connect(broker.port, files, f"registry/{n}") for n in ("a", "b")]
+    sender = connect(broker.port, issue_device(pki, tmp_path, "dev-i"), "dev-i")
+    try:
+        for replica in replicas:
+            assert replica.connected.is_set(), replica.reason
+            replica.client.subscribe("devices/+/telemetry", qos=1)
+            assert replica.subscribed.wait(5)
+        sender.client.publish("devices/dev-i/telemetry", b"1", qos=1).wait_for_publish(5)
+        assert all(wait_for(lambda r=r: len(r.messages) == 1) for r in replicas)
+        takeover = connect(broker.port, files, "registry/a")
+        assert takeover.connected.is_set()
+        assert wait_for(replicas[0].disconnected.is_set)
+        assert not replicas[1].disconnected.is_set()
+        takeover.close()
+        bad = connect(broker.port, files, "registry/a b")
+        assert not bad.connected.is_set() and bad.reason == "Not authorized"
+        bad.close()
+        device_instance = connect(broker.port, issue_device(pki, tmp_path, "dev-j"), "dev-j/x")
+        assert not device_instance.connected.is_set()
+        device_instance.close()
+    finally:
+        sender.close()
+        for replica in replicas:
+            replica.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from broker.auth import Refusal
 from broker.server import BrokerServer
 from factory.profile import IdentityKind
@@ -23,32 +21,35 @@ def _watcher(pki: TestPKI, broker: BrokerServer) -> MqttProbe:
     return service
 
 
-@pytest.mark.parametrize(
-    ("topic", "qos", "retain"),
-    [
-        ("devices/dev-victim/telemetry", 0, False),  # another device's telemetry
-        ("devices/dev-victim/telemetry", 1, True),  # ... retained
-        ("devices/dev-victim/telemetry", 2, False),  # ... QoS 2
-        ("devices/+/telemetry", 1, False),  # wildcards are no topic
-        ("devices/dev-w/#", 1, False),
-        ("$SYS/broker/uptime", 1, False),
-        ("devices/dev-w/cert/issued", 1, False),  # only the registry answers renewals
-        ("devices/dev-w/cert/renew", 1, True),  # renewal requests are never retained
-    ],
-)
+#: (topic, qos, retain) of wills a device "dev-w" must not be able to arm.
+FORGED_WILLS = [
+    ("devices/dev-victim/telemetry", 0, False),  # another device's telemetry
+    ("devices/dev-victim/telemetry", 1, True),  # ... retained
+    ("devices/dev-victim/telemetry", 2, False),  # ... QoS 2
+    ("devices/+/telemetry", 1, False),  # wildcards are no topic
+    ("devices/dev-w/#", 1, False),
+    ("$SYS/broker/uptime", 1, False),
+    ("devices/dev-w/cert/issued", 1, False),  # only the registry answers renewals
+    ("devices/dev-w/cert/renew", 1, True),  # renewal requests are never retained
+]
+
+
 def test_will_outside_what_the_device_may_publish_is_refused(
-    pki: TestPKI, broker: BrokerServer, tmp_path: Path, topic: str, qos: int, retain: bool
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:
     service = _watcher(pki, broker)
     files = issue_device(pki, tmp_path, "dev-w")
     before = broker.metrics.refusal_count(Refusal.WILL_REFUSED.value)
-    device = connect(broker.port, files, "dev-w", will=(topic, b"forged", qos, retain))
     try:
-        assert not device.connected.is_set()
-        assert device.reason == "Not authorized", device.reason
-        assert broker.metrics.refusal_count(Refusal.WILL_REFUSED.value) == before + 1
+        for n, (topic, qos, retain) in enumerate(FORGED_WILLS, start=1):
+            device = connect(broker.port, files, "dev-w", will=(topic, b"forged", qos, retain))
+            case = f"will {topic!r} qos={qos} retain={retain}"
+            assert not device.connected.is_set(), case
+            assert device.reason == "Not authorized", (case, device.reason)
+            assert broker.metrics.refusal_count(Refusal.WILL_REFUSED.value) == before + n, case
+            device.drop()  # vanish without DISCONNECT: a will, had it been armed, would go out
         # The real device with a will on its own telemetry: admitted, and its will (sent
-        # when it vanishes) is the only message the service gets.
+        # when it vanishes) is the only message the service ever gets.
         honest = connect(
             broker.port, files, "dev-w", will=("devices/dev-w/telemetry", b"bye", 1, False)
         )
@@ -58,7 +59,6 @@ def test_will_outside_what_the_device_may_publish_is_refused(
         assert service.messages == [("devices/dev-w/telemetry", b"bye")]
         assert broker.call(lambda: "devices/dev-victim/telemetry" not in _retained(broker))
     finally:
-        device.close()
         service.close()
 
 

@@ -115,3 +115,36 @@ def test_registry_restored_from_an_older_backup_is_followed(pki: TestPKI, tmp_pa
 
 def test_registry_with_a_new_database_is_followed(pki: TestPKI, tmp_path: Path) -> None:
     _run_scenario(pki, tmp_path, restore=False)
+
+
+def test_new_database_ahead_of_the_broker_is_noticed_by_its_epoch(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The new database's head never drops below the broker's position (1): only the
+    changed epoch tells the broker that seq 1 is not the event it already has."""
+    gone = issue_device(pki, tmp_path, "dev-ep-0")
+    fresh = {f"dev-ep-{n}": issue_device(pki, tmp_path, f"dev-ep-{n}") for n in (1, 2)}
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    with _registry(pki, tmp_path / "first.db") as (registry, operator):
+        addr = urlsplit(registry.url).netloc
+        register(operator, gone, "dev-ep-0")
+        _decommission(operator, "dev-ep-0")
+        settings = broker_settings(
+            layout, registry_url=registry.url, broker_feed_wait_s=1, broker_feed_max_backoff_s=0.2
+        )
+        broker = BrokerServer(settings).start()
+    try:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.after == 1 and follower.synced.is_set())
+        with _registry(pki, tmp_path / "second.db", addr) as (_second, operator):
+            for device_id, files in fresh.items():
+                register(operator, files, device_id)
+            for device_id in fresh:
+                _decommission(operator, device_id)  # seq 1 and 2 of the new database
+            assert wait_for(lambda: follower.resyncs >= 1 and follower.after == 2)
+        for device_id, files in {"dev-ep-0": gone, **fresh}.items():
+            assert _refused(broker, files, device_id), device_id
+    finally:
+        broker.stop()

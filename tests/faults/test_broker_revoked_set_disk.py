@@ -99,24 +99,57 @@ def test_revocation_goes_on_when_the_state_folder_is_a_file(
         assert _gauge(broker, "certfleet_broker_revoked_set_persisted") == 1
 
 
+def _mount(*argv: str, what: str) -> None:
+    """Run mount(8) or skip visibly: these faults need root and a kernel that lets us mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"{what} needs root and mount(8)")
+    result = subprocess.run(
+        ["mount", *argv], capture_output=True, text=True, timeout=10, check=False
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here ({result.stderr.strip()}); {what} not tested")
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], timeout=10, check=False)
+
+
 @contextlib.contextmanager
 def _tiny_tmpfs(where: Path) -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("ENOSPC test needs root and mount(8) for a small tmpfs")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); ENOSPC not tested")
+    _mount("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(where), what="the ENOSPC test")
     try:
         yield where
     finally:
-        subprocess.run(["umount", "-l", str(where)], timeout=10, check=False)
+        _umount(where)
+
+
+def test_revocation_goes_on_when_the_state_folder_is_read_only(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+    feed_layout: DataLayout,
+) -> None:
+    """A read-only bind mount: refuses root too (chmod would not)."""
+    folder = feed_layout.broker_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    _mount("--bind", str(folder), str(folder), what="the read-only folder test")
+    try:
+        _mount("-o", "remount,ro,bind", str(folder), what="the read-only folder test")
+        settings = broker_settings(feed_layout, registry_url=registry.url, broker_feed_wait_s=30)
+        with BrokerServer(settings) as broker:
+            for n in range(2):
+                _decommission_and_check_dropped(pki, broker, operator, tmp_path, f"dev-ro-{n}")
+            status, body = _health(broker)
+            assert status == 503 and "Read-only file system" in str(body["problems"])
+            _umount(folder)  # writable again
+            state = folder / "revoked-broker.json"
+            assert wait_for(state.exists, timeout=20)
+            assert len(json.loads(state.read_text())["serials"]) == 2
+            assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)
+    finally:
+        _umount(folder)
 
 
 def test_revocation_goes_on_when_the_disk_is_full(

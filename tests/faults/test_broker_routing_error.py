@@ -1,0 +1,61 @@
+"""A fault while routing messages (here: the ACL raising for one subscriber) is logged and
+counted per message, and routing goes on: it used to end the broker's broadcast loop, after
+which no message reached anyone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.server import BrokerServer
+from factory.profile import Identity, IdentityKind
+from tests.broker.conftest import connect, issue_device, wait_for
+from tests.conftest import TestPKI
+
+
+def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    app = broker.app
+    assert app is not None and app.broker is not None and app.listener is not None
+    listener, acl = app.listener, app.broker._acl
+    assert acl is not None
+    registry = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    monitor = connect(broker.port, pki.client(IdentityKind.SERVICE, "monitor"), "monitor")
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-x"), "dev-x")
+    try:
+        for probe in (registry, monitor):
+            assert probe.connected.is_set()
+            probe.client.subscribe("devices/+/telemetry", qos=1)
+            assert probe.subscribed.wait(5)
+
+        def failing(key: str) -> Identity | None:
+            if key == "service:monitor":
+                raise RuntimeError("injected fault")
+            return listener.identity_of(key)
+
+        def bind(identity_of: object) -> None:
+            acl.bind(identity_of, listener.count_acl_refusal, listener.count_acl_allowed)  # type: ignore[arg-type]
+
+        broker.call(lambda: bind(failing))
+
+        async def burst() -> None:  # 50 queued before the routing loop runs again
+            assert app.broker is not None
+            for n in range(50):
+                await app.broker.internal_message_broadcast(
+                    "devices/dev-x/telemetry", str(n).encode(), 0
+                )
+
+        broker.run(burst())
+
+        def errors() -> float:
+            value = broker.metrics.registry.get_sample_value("certfleet_broker_route_errors_total")
+            return value or 0.0
+
+        assert wait_for(lambda: errors() == 50)
+        broker.call(lambda: bind(listener.identity_of))
+        device.client.publish("devices/dev-x/telemetry", b"after", qos=1).wait_for_publish(5)
+        for probe in (registry, monitor):
+            assert wait_for(lambda p=probe: ("devices/dev-x/telemetry", b"after") in p.messages)
+    finally:
+        for probe in (device, monitor, registry):
+            probe.close()
