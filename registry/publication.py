@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import datetime as dt
 import logging
 import socket
 import threading
@@ -93,7 +94,11 @@ class PublicationServer:
 
     def __init__(self, state: RegistryState, addr: str) -> None:
         self.addr = addr
-        self.responder = OcspResponder(state.ca, state.engine)
+        self.responder = OcspResponder(
+            state.ca,
+            state.engine,
+            answer_validity=dt.timedelta(seconds=state.settings.registry_ocsp_next_update_s),
+        )
         self.app = create_publication_app(state, self.responder)
         self._server = uvicorn.Server(
             uvicorn.Config(

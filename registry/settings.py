@@ -24,6 +24,9 @@ class RegistrySettings(BaseSettings):
     registry_addr: AddressStr = "127.0.0.1:8443"
     #: host:port of the plain-HTTP publication listener (CRL, OCSP); empty: not served.
     registry_publish_addr: AddressStr | None = None
+    #: OCSP nextUpdate: how long a relying party may cache an answer (a revocation reaches
+    #: a caching one at most this late).
+    registry_ocsp_next_update_s: float = Field(default=3600.0, ge=60, le=7 * 86400)
     #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).

@@ -333,6 +333,26 @@ def test_responder_certificate_is_renewed_before_it_expires(published: Published
     assert again.serial_number == renewed.serial_number
 
 
+def test_ocsp_next_update_follows_its_setting(published: Published, tmp_path: Path) -> None:
+    cert, _ = published.device("dev-validity", register=False)
+    port = free_port()
+    settings = RegistrySettings(
+        data_dir=published.layout.root,
+        registry_addr="127.0.0.1:0",
+        registry_publish_addr=f"127.0.0.1:{port}",
+        registry_ocsp_next_update_s=300,
+        registry_database_url=f"sqlite:///{tmp_path / 'validity.db'}",
+    )
+    with RegistryServer(settings):
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/ocsp", content=ocsp_request(published, cert, None), timeout=10
+        )
+    answer = ocsp.load_der_ocsp_response(reply.content)
+    assert answer.next_update_utc is not None
+    # thisUpdate is backdated a minute for slow clocks.
+    assert answer.next_update_utc - answer.this_update_utc == dt.timedelta(seconds=360)
+
+
 def test_publish_addr_in_use_is_one_clear_error(published: Published, tmp_path: Path) -> None:
     assert published.registry.publication is not None
     settings = RegistrySettings(
@@ -480,9 +500,19 @@ def test_registry_serve_publish_addr_serves_and_stops_cleanly(tmp_path: Path) ->
     ready = tmp_path / "ready.json"
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "certfleet.cli", "registry", "serve",
-            "--data-dir", str(layout.root), "--addr", "127.0.0.1:0",
-            "--publish-addr", f"127.0.0.1:{port}", "--ready-file", str(ready),
+            sys.executable,
+            "-m",
+            "certfleet.cli",
+            "registry",
+            "serve",
+            "--data-dir",
+            str(layout.root),
+            "--addr",
+            "127.0.0.1:0",
+            "--publish-addr",
+            f"127.0.0.1:{port}",
+            "--ready-file",
+            str(ready),
         ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
