@@ -48,7 +48,11 @@ def serve_command(
     ] = None,
     metrics_addr: Annotated[
         str | None,
-        typer.Option("--metrics-addr", help="Prometheus /metrics address [127.0.0.1:0]"),
+        typer.Option(
+            "--metrics-addr",
+            help="/metrics, /healthz, /readyz host:port (CERTFLEET_BROKER_METRICS_ADDR) "
+            "[127.0.0.1:9883]",
+        ),
     ] = None,
     ready_file: Annotated[
         Path | None,

@@ -5,6 +5,9 @@ Each :class:`BrokerMetrics` has its own ``CollectorRegistry`` so several brokers
 can live in one process. ``/healthz`` answers 200 ``{"status": "ok", "problems": []}`` or
 503 ``{"status": "degraded", "problems": [...]}`` from the health check the broker passes
 to :meth:`BrokerMetrics.serve` (the revoked set not persisted, a background task failing).
+``/readyz`` answers 200 ``{"status": "ready", "waiting_for": []}`` once the broker takes
+traffic as intended (listening, following the revocation feed), else 503
+``{"status": "not ready", "waiting_for": [...]}``: for a load balancer or an orchestrator.
 """
 
 from __future__ import annotations
@@ -124,16 +127,25 @@ class BrokerMetrics:
         )
         return value or 0.0
 
-    def serve(self, host: str, port: int, health: HealthCheck = list) -> int:
-        """Serve ``/metrics`` and ``/healthz`` on ``host:port`` (0 = ephemeral); the port."""
+    def serve(
+        self, host: str, port: int, health: HealthCheck = list, readiness: HealthCheck = list
+    ) -> int:
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0 = ephemeral);
+        return the port."""
         metrics_app = make_wsgi_app(self.registry)
+        checks = {
+            "/healthz": (health, "problems", "ok", "degraded"),
+            "/readyz": (readiness, "waiting_for", "ready", "not ready"),
+        }
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") != "/healthz":
+            check = checks.get(str(environ.get("PATH_INFO")))
+            if check is None:
                 return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-            problems = health()
-            body = {"status": "degraded" if problems else "ok", "problems": problems}
-            status = "503 Service Unavailable" if problems else "200 OK"
+            run, key, good, bad = check
+            found = run()
+            body = {"status": bad if found else good, key: found}
+            status = "503 Service Unavailable" if found else "200 OK"
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(body).encode()]
 

@@ -249,6 +249,7 @@ class RevocationFollower:
         self._resync_s = resync_s
         self._resync_at = time.monotonic() + resync_s
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
+        self.last_success: float | None = None  # monotonic time of the last feed answer
         self.errors = 0
 
     async def run(self) -> None:
@@ -280,6 +281,7 @@ class RevocationFollower:
         )
         response.raise_for_status()
         body = response.json()
+        self.last_success = time.monotonic()
         head_seq = int(body["head_seq"])
         epoch = int(body["epoch"]) if body.get("epoch") is not None else None
         if self._must_resync(head_seq, epoch):
@@ -293,6 +295,16 @@ class RevocationFollower:
                 "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
             )
             self.synced.set()
+
+    def not_following(self) -> list[str]:
+        """Why the broker is not following the feed right now (for /readyz); empty when it
+        has caught up and the registry answered within a long-poll and a retry."""
+        if not self.synced.is_set():
+            return [f"the revocation feed ({self._url}): not caught up yet"]
+        silent_for = time.monotonic() - (self.last_success or 0.0)
+        if silent_for > self._wait_s + 15.0 + self._max_backoff_s:
+            return [f"the revocation feed ({self._url}): no answer for {silent_for:.0f}s"]
+        return []
 
     def _must_resync(self, head_seq: int, epoch: int | None) -> bool:
         """Start over from 0 when the feed is not the one the position was reached in."""

@@ -149,7 +149,9 @@ class BrokerApp:
         if self.settings.broker_metrics_addr:
             metrics = parse_address(self.settings.broker_metrics_addr)
             metrics_host, metrics_port = metrics.host, metrics.port
-            self.metrics_port = self.metrics.serve(metrics_host, metrics_port, self.problems)
+            self.metrics_port = self.metrics.serve(
+                metrics_host, metrics_port, self.problems, self.not_ready
+            )
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
@@ -168,6 +170,14 @@ class BrokerApp:
         self.metrics.revoked_persisted.set(1 if ok else 0)
         if not ok:
             self.metrics.persist_failures.inc()
+
+    def not_ready(self) -> list[str]:
+        """What the broker still waits for before it takes traffic as intended, for /readyz
+        (empty: ready). Any thread."""
+        waiting = [] if self.port else ["the MQTT listener"]
+        if self.follower is not None:
+            waiting += self.follower.not_following()
+        return waiting
 
     def problems(self) -> list[str]:
         """What is wrong right now, for /healthz (empty: healthy). Any thread."""

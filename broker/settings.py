@@ -27,8 +27,9 @@ class BrokerSettings(BaseSettings):
     #: Base URL of the registry whose revocation feed the broker follows; None = no follower
     #: (the broker still enforces the revoked set persisted in <data>/broker/).
     registry_url: str | None = None
-    #: Prometheus metrics on a separate loopback port (0 = ephemeral, None = disabled).
-    broker_metrics_addr: AddressStr | None = "127.0.0.1:0"
+    #: /metrics, /healthz and /readyz on their own loopback port (documented default 9883,
+    #: beside MQTT's 8883; port 0 = ephemeral, None = disabled).
+    broker_metrics_addr: AddressStr | None = "127.0.0.1:9883"
     #: Name of the server certificate in <data>/tls/ and of the service client cert used
     #: to read the registry feed (<data>/clients/<name>.crt).
     broker_name: str = "broker"

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from factory.config import LOG_LEVELS
 from factory.errors import CertfleetError
 
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
 __all__ = ["app", "main"]
+
+log = logging.getLogger("certfleet")
+
+_OUR_PACKAGES = frozenset({"factory", "registry", "broker", "device_sim", "certfleet"})
 
 app = typer.Typer(
     name="certfleet",
@@ -22,6 +32,7 @@ app = typer.Typer(
 
 def _register_groups() -> None:
     from broker.cli import app as broker_app
+    from certfleet.certificate_cli import certificate_app
     from certfleet.orchestrate import register as register_orchestration
     from device_sim.cli import app as sim_app
     from factory.cli import ca_app, factory_app
@@ -32,7 +43,46 @@ def _register_groups() -> None:
     app.add_typer(registry_app, name="registry")
     app.add_typer(broker_app, name="broker")
     app.add_typer(sim_app, name="sim")
+    app.add_typer(certificate_app, name="certificate")
     register_orchestration(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"certfleet {version('certfleet')}")
+        raise typer.Exit()
+
+
+def _settings_classes() -> list[type[BaseSettings]]:
+    """Every part's settings object: what the config file and CERTFLEET_* may name."""
+    from pydantic_settings import BaseSettings
+
+    from broker.settings import BrokerSettings
+    from certfleet.settings import OrchestrateSettings
+    from device_sim.settings import SimSettings
+    from factory.settings import FactorySettings
+    from registry.operator_cli import OperatorSettings
+    from registry.settings import RegistrySettings
+
+    listed: list[type[BaseSettings]] = [
+        FactorySettings,
+        RegistrySettings,
+        OperatorSettings,
+        BrokerSettings,
+        SimSettings,
+        OrchestrateSettings,
+    ]
+    # And any other settings class of ours already imported (a part added later).
+    pending, seen = list(BaseSettings.__subclasses__()), set(listed)
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls not in seen and cls.__module__.split(".")[0] in _OUR_PACKAGES:
+            seen.add(cls)
+            listed.append(cls)
+    return listed
 
 
 @app.callback()
@@ -40,10 +90,46 @@ def _root(
     log_level: str = typer.Option(
         "info", "--log-level", envvar="CERTFLEET_LOG_LEVEL", help=", ".join(LOG_LEVELS)
     ),
+    log_format: str = typer.Option(
+        "logfmt", "--log-format", envvar="CERTFLEET_LOG_FORMAT", help="logfmt or json"
+    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="CERTFLEET_CONFIG",
+            help="TOML settings file, below flags and CERTFLEET_* variables (docs/operations.md)",
+        ),
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            envvar="CERTFLEET_CA_PASSPHRASE_FILE",
+            help="file whose first line is the CA key passphrase (not CERTFLEET_CA_PASSPHRASE)",
+        ),
+    ] = None,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     from certfleet.logs import configure_logging
+    from factory.config import CONFIG_ENV, config_file_values, unknown_settings
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
+    # Flags become the variables every settings object (and every child process) reads.
+    os.environ["CERTFLEET_LOG_LEVEL"] = log_level
+    os.environ["CERTFLEET_LOG_FORMAT"] = log_format
+    if passphrase_file is not None:
+        os.environ["CERTFLEET_CA_PASSPHRASE_FILE"] = str(passphrase_file)
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config.resolve())
+        config_file_values(config)  # refuse a missing or invalid file now, in one line
+    for warning in unknown_settings(_settings_classes()):
+        log.warning("setting ignored: %s", warning)
 
 
 def main() -> None:

@@ -54,6 +54,8 @@ DEMO_MARKER = ".certfleet-demo"
 OPERATOR = "demo-operator"
 #: The demo's processes use only the demo folder, whatever the caller's environment says.
 DEMO_ENV = {
+    # The demo runs beside whatever else runs here: an ephemeral metrics port, not 9883.
+    "CERTFLEET_BROKER_METRICS_ADDR": "127.0.0.1:0",
     "CERTFLEET_CA_PASSPHRASE": "",
     "CERTFLEET_REGISTRY_DATABASE_URL": "",
     "CERTFLEET_REGISTRY_TOKEN": "",

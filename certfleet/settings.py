@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from factory.address import AddressStr
-from factory.config import secret_bytes, settings_from_env
+from factory.config import passphrase_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR
 
 __all__ = ["OrchestrateSettings", "build_settings"]
@@ -26,6 +26,8 @@ class OrchestrateSettings(BaseSettings):
     trust_domain: str = "fleet.local"
     #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE), for `up` creating missing certs.
     ca_passphrase: SecretStr | None = None
+    #: File whose first line is that passphrase (``--passphrase-file``).
+    ca_passphrase_file: Path | None = None
     #: The demo's own folder (wiped on each run, only if a previous demo made it);
     #: default ``<data_dir>/demo``.
     demo_dir: Path | None = None
@@ -40,7 +42,7 @@ class OrchestrateSettings(BaseSettings):
 
     @property
     def passphrase(self) -> bytes | None:
-        return secret_bytes(self.ca_passphrase)
+        return passphrase_bytes(self.ca_passphrase, self.ca_passphrase_file)
 
     @property
     def demo_folder(self) -> Path:

@@ -22,9 +22,11 @@ from factory.profile import (
     PrivateKey,
     PublicKey,
     build_ca_certificate,
+    build_ocsp_responder_certificate,
     build_server_certificate,
     certificate_pem,
 )
+from factory.publication import check_publish_url, issuing_distribution_point
 
 __all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow", "write_issued"]
 
@@ -70,12 +72,15 @@ class CertificateAuthority:
         root_cert: x509.Certificate,
         issuing_cert: x509.Certificate,
         issuing_key: PrivateKey,
+        publish_url: str | None = None,
     ) -> None:
         self.layout = layout
         self.trust_domain = trust_domain
         self.root_cert = root_cert
         self.issuing_cert = issuing_cert
         self.issuing_key = issuing_key
+        #: base URL of the CRL and OCSP responder written into every new certificate.
+        self.publish_url = publish_url
         self._client_template: ClientCertificateTemplate | None = None
 
     # -- creation and loading -------------------------------------------------------------
@@ -88,9 +93,12 @@ class CertificateAuthority:
         *,
         passphrase: bytes | None = None,
         key_algorithm: str = "p256",
+        publish_url: str | None = None,
     ) -> CertificateAuthority:
         """Create a new root and issuing CA in ``layout.ca_dir``; refuse to overwrite one."""
         Identity(trust_domain, IdentityKind.SERVICE, "probe")  # validates the trust domain
+        if publish_url is not None:
+            publish_url = check_publish_url(publish_url)
         if layout.root_cert.exists() or layout.root_key.exists():
             raise CAError(
                 f"a CA already exists in {layout.ca_dir}; remove it first or choose another "
@@ -130,6 +138,7 @@ class CertificateAuthority:
                     "created_at": now.isoformat(),
                     "key_algorithm": key_algorithm,
                     "encrypted": bool(passphrase),
+                    "publish_url": publish_url,
                 },
                 indent=2,
             ).encode(),
@@ -142,6 +151,7 @@ class CertificateAuthority:
             root_cert=root_cert,
             issuing_cert=issuing_cert,
             issuing_key=issuing_key,
+            publish_url=publish_url,
         )
 
     @classmethod
@@ -154,6 +164,7 @@ class CertificateAuthority:
         try:
             meta = json.loads(layout.ca_meta.read_text())
             trust_domain = str(meta["trust_domain"])
+            publish_url = meta.get("publish_url")
             root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
             issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
         except (OSError, ValueError, KeyError) as exc:
@@ -167,6 +178,7 @@ class CertificateAuthority:
             root_cert=root_cert,
             issuing_cert=issuing_cert,
             issuing_key=issuing_key,
+            publish_url=str(publish_url) if publish_url else None,
         )
 
     # -- issuing --------------------------------------------------------------------------
@@ -208,7 +220,9 @@ class CertificateAuthority:
             private_key = generate_key(key_algorithm)
             public_key = private_key.public_key()
         if self._client_template is None:
-            self._client_template = ClientCertificateTemplate(self.issuing_cert, self.issuing_key)
+            self._client_template = ClientCertificateTemplate(
+                self.issuing_cert, self.issuing_key, publish_url=self.publish_url
+            )
         certificate = self._client_template.build(
             identity=identity,
             public_key=public_key,
@@ -233,6 +247,21 @@ class CertificateAuthority:
             name=name,
             dns_names=dns_names,
             ip_addresses=ip_addresses,
+            public_key=private_key.public_key(),
+            issuer_cert=self.issuing_cert,
+            issuer_key=self.issuing_key,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + lifetime,
+            publish_url=self.publish_url,
+        )
+        return IssuedCertificate(certificate, private_key)
+
+    def issue_ocsp_responder(self, name: str, *, lifetime: dt.timedelta) -> IssuedCertificate:
+        """Issue a delegated OCSP responder certificate (OCSPSigning) with a new key."""
+        now = utcnow()
+        private_key = generate_key("p256")
+        certificate = build_ocsp_responder_certificate(
+            name=name,
             public_key=private_key.public_key(),
             issuer_cert=self.issuing_cert,
             issuer_key=self.issuing_key,
@@ -264,6 +293,10 @@ class CertificateAuthority:
                 critical=False,
             )
         )
+        if self.publish_url is not None:
+            builder = builder.add_extension(
+                issuing_distribution_point(self.publish_url), critical=True
+            )
         for entry in revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()

@@ -63,14 +63,30 @@ def ca_init(
     key_algorithm: Annotated[
         str | None, typer.Option(help="p256 (default), p384, ed25519 or rsa2048.")
     ] = None,
+    publish_url: Annotated[
+        str | None,
+        typer.Option(
+            help="http:// base URL of the registry's publication listener: every certificate "
+            "carries <URL>/crl.der and <URL>/ocsp (CERTFLEET_CA_PUBLISH_URL)."
+        ),
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(help="Encrypt the CA keys with the first line of this 0600 file."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create the root and issuing CA. Keys are encrypted when CERTFLEET_CA_PASSPHRASE is set.
+    """Create the root and issuing CA. Keys are encrypted with --passphrase-file or
+    CERTFLEET_CA_PASSPHRASE.
 
     Refuses to overwrite an existing CA.
     """
     settings = load_settings(
-        data_dir=data_dir, trust_domain=trust_domain, key_algorithm=key_algorithm
+        data_dir=data_dir,
+        trust_domain=trust_domain,
+        key_algorithm=key_algorithm,
+        ca_publish_url=publish_url,
+        ca_passphrase_file=passphrase_file,
     )
     if settings.key_algorithm not in ("p256", "p384", "ed25519", "rsa2048"):
         raise ConfigError(
@@ -82,12 +98,14 @@ def ca_init(
         settings.trust_domain,
         passphrase=settings.passphrase,
         key_algorithm=settings.key_algorithm,
+        publish_url=settings.ca_publish_url,
     )
     log.info(
-        "ca created trust_domain=%s data_dir=%s encrypted=%s",
+        "ca created trust_domain=%s data_dir=%s encrypted=%s publish_url=%s",
         ca.trust_domain,
         layout.root,
         settings.passphrase is not None,
+        ca.publish_url or "-",
     )
     _emit(
         as_json,
@@ -97,6 +115,7 @@ def ca_init(
             "issuing_cert": str(layout.issuing_cert),
             "chain": str(layout.chain),
             "encrypted": settings.passphrase is not None,
+            "publish_url": ca.publish_url,
         },
         f"CA created for trust domain {ca.trust_domain} in {layout.ca_dir}\n"
         f"  root:  {layout.root_cert}\n  chain: {layout.chain}",
@@ -519,3 +538,48 @@ def factory_expiry_report(
     console.print(table)
     if png_path is not None:
         console.print(f"chart: {png_path}")
+
+
+@factory_app.command("export")
+def factory_export(
+    device: Annotated[str, typer.Option("--device", help="Device id whose bundle to export.")],
+    p12: Annotated[
+        Path | None,
+        typer.Option("--p12", help="Write key + certificate + CA chain as PKCS#12 (0600)."),
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="PKCS#12 password: first line of this 0600 file."),
+    ] = None,
+    der: Annotated[
+        Path | None, typer.Option("--der", help="Write the certificate alone, DER.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a device bundle as PKCS#12 (openssl pkcs12, Windows, Java) and/or DER."""
+    from factory.export import export_der, export_pkcs12, read_password_file, write_export
+
+    if p12 is None and der is None:
+        raise ConfigError("give --p12 FILE (with --password-file) and/or --der FILE")
+    if p12 is not None and password_file is None:
+        raise ConfigError("--p12 needs --password-file FILE (a PKCS#12 always has a password)")
+    if p12 is None and password_file is not None:
+        raise ConfigError("--password-file is for --p12; give --p12 FILE as well")
+    layout = load_settings(data_dir=data_dir).layout
+    written: dict[str, str] = {}
+    if p12 is not None:
+        assert password_file is not None
+        data = export_pkcs12(layout, device, read_password_file(password_file))
+        write_export(p12, data, secret=True, force=force)
+        written["p12"] = str(p12)
+    if der is not None:
+        write_export(der, export_der(layout, device), secret=False, force=force)
+        written["der"] = str(der)
+    log.info("device exported device_id=%s formats=%s", device, ",".join(written))
+    _emit(
+        as_json,
+        {"device_id": device, **written},
+        "\n".join(f"{device}: {kind} {path}" for kind, path in written.items()),
+    )

@@ -77,7 +77,8 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
         if passphrase:
             raise CAError(f"key file {path} is not encrypted but a passphrase was given") from None
         raise CAError(
-            f"key file {path} is encrypted: set its passphrase in CERTFLEET_CA_PASSPHRASE"
+            f"key file {path} is encrypted: give its passphrase with --passphrase-file "
+            "(CERTFLEET_CA_PASSPHRASE_FILE) or CERTFLEET_CA_PASSPHRASE"
         ) from None
     except ValueError:
         if passphrase:

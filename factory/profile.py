@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory.errors import IdentityError
+from factory.publication import leaf_publication_extensions
 
 __all__ = [
     "CLOCK_SKEW",
@@ -35,6 +36,7 @@ __all__ = [
     "PublicKey",
     "build_ca_certificate",
     "build_leaf_certificate",
+    "build_ocsp_responder_certificate",
     "build_server_certificate",
     "certificate_pem",
     "check_device_id",
@@ -288,7 +290,13 @@ class ClientCertificateTemplate:
     extension objects added one by one (a test compares them).
     """
 
-    def __init__(self, issuer_cert: x509.Certificate, issuer_key: PrivateKey) -> None:
+    def __init__(
+        self,
+        issuer_cert: x509.Certificate,
+        issuer_key: PrivateKey,
+        *,
+        publish_url: str | None = None,
+    ) -> None:
         self.issuer_cert = issuer_cert
         self.issuer_key = issuer_key
         self._issuer_name = issuer_cert.subject
@@ -304,6 +312,11 @@ class ClientCertificateTemplate:
             ]
             for encipherment in (False, True)
         }
+        # CRL Distribution Point and AIA OCSP URL when the CA publishes (ca init --publish-url).
+        self._publication = [
+            _pre_encoded(extension.value, critical=False)
+            for extension in (leaf_publication_extensions(publish_url) if publish_url else [])
+        ]
         self._aki = _pre_encoded(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
             critical=False,
@@ -337,6 +350,7 @@ class ClientCertificateTemplate:
                 x509.SubjectKeyIdentifier.from_public_key(public_key),
             ),
             self._aki,
+            *self._publication,
             x509.Extension(
                 x509.SubjectAlternativeName.oid,
                 False,
@@ -416,6 +430,7 @@ def build_server_certificate(
     issuer_key: PrivateKey,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    publish_url: str | None = None,
 ) -> x509.Certificate:
     """A TLS server certificate (serverAuth only) for the broker or the registry."""
     if not dns_names and not ip_addresses:
@@ -436,6 +451,33 @@ def build_server_certificate(
         eku=[ExtendedKeyUsageOID.SERVER_AUTH],
         key_usage_encipherment=isinstance(public_key, rsa.RSAPublicKey),
     ).add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for extension in leaf_publication_extensions(publish_url) if publish_url else []:
+        builder = builder.add_extension(extension.value, critical=False)
+    return builder.sign(issuer_key, _signing_hash(issuer_key))
+
+
+def build_ocsp_responder_certificate(
+    *,
+    name: str,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A delegated OCSP responder certificate (RFC 6960 4.2.2.2): OCSPSigning only, issued
+    by the CA whose certificates it answers for, with id-pkix-ocsp-nocheck (a relying party
+    does not ask about the responder itself)."""
+    builder = _leaf_builder(
+        subject_cn=check_name(name, "OCSP responder name"),
+        public_key=check_public_key(public_key),
+        issuer_cert=issuer_cert,
+        not_before=not_before,
+        not_after=not_after,
+        serial=new_serial(),
+        eku=[ExtendedKeyUsageOID.OCSP_SIGNING],
+        key_usage_encipherment=False,
+    ).add_extension(x509.OCSPNoCheck(), critical=False)
     return builder.sign(issuer_key, _signing_hash(issuer_key))
 
 

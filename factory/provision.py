@@ -152,6 +152,7 @@ class _WorkerConfig:
     lifetime: dt.timedelta
     stagger: dt.timedelta
     batch_id: str
+    publish_url: str | None = None
 
 
 #: One device for a worker: rank, device id, hardware serial, and whether its bundle folder
@@ -188,6 +189,7 @@ class _Minter:
             root_cert=x509.load_pem_x509_certificate(config.root_pem),
             issuing_cert=x509.load_pem_x509_certificate(config.issuing_pem),
             issuing_key=load_private_key_pem(config.issuing_key_pem),
+            publish_url=config.publish_url,
         )
         self.devices_dir = str(layout.devices_dir)
         self.temp_dir = str(layout.provision_tmp_dir)
@@ -466,6 +468,7 @@ def provision_batch(
             lifetime=lifetime,
             stagger=stagger,
             batch_id=summary.batch_id,
+            publish_url=ca.publish_url,
         )
         want_records = registrar is not None
         log.info(

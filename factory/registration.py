@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from factory.errors import RegistrationError
+from factory.errors import RegistrationError, RegistryCallError
 from factory.layout import DataLayout
 from factory.manifest import ManifestRecord
 
@@ -76,16 +76,18 @@ class RegistryClient:
         layout: DataLayout,
         token: str | None = None,
         client_name: str = "factory",
+        client_kind: str = "service",
         **kwargs: Any,
     ) -> RegistryClient:
-        """Trust ``ca/root.crt``; authenticate with ``token`` or ``clients/<client_name>``."""
+        """Trust ``ca/root.crt``; authenticate with ``token`` or ``clients/<client_name>``
+        (a certificate of ``client_kind``, named in the hint when it is missing)."""
         client_cert: tuple[Path, Path] | None = None
         if not token:
             cert, key = layout.client_cert(client_name), layout.client_key(client_name)
             if not cert.exists() or not key.exists():
                 raise RegistrationError(
                     f"no registry credentials: set CERTFLEET_REGISTRY_TOKEN, or create "
-                    f"{cert} with 'certfleet ca issue-client --service {client_name}'"
+                    f"{cert} with 'certfleet ca issue-client --{client_kind} {client_name}'"
                 )
             client_cert = (cert, key)
         return cls(
@@ -136,6 +138,23 @@ class RegistryClient:
             )
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call to ``<base>/api/v1<path>``, not retried (operator commands: a person
+        is watching); an unreachable registry or a TLS failure is a RegistryCallError."""
+        try:
+            return self._http.request(method, f"{self.base_url}/api/v1{path}", **kwargs)
+        except httpx.TransportError as exc:
+            tls_problem = _tls_failure(exc)
+            if tls_problem is not None:
+                raise RegistryCallError(
+                    f"TLS to the registry {self.base_url} failed ({tls_problem}); it must "
+                    "present a server certificate issued by this CA and accept ours"
+                ) from None
+            raise RegistryCallError(
+                f"registry {self.base_url} unreachable ({type(exc).__name__}: {exc}); is it "
+                "running? (certfleet registry serve, or --registry URL)"
+            ) from None
 
     def close(self) -> None:
         self._http.close()

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.config import secret_bytes, settings_from_env
+from factory.config import passphrase_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["FactorySettings", "load_settings"]
@@ -23,8 +23,12 @@ class FactorySettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE); None = keys are not encrypted.
     ca_passphrase: SecretStr | None = None
+    #: File whose first line is that passphrase (``--passphrase-file``), instead of the variable.
+    ca_passphrase_file: Path | None = None
     trust_domain: str = "fleet.local"
     key_algorithm: str = "p256"
+    #: http:// base URL certificates name for their CRL and OCSP (``ca init --publish-url``).
+    ca_publish_url: str | None = None
     #: Broker address written into every device bundle (CERTFLEET_BROKER_ADDR).
     broker_addr: str = "127.0.0.1:8883"
     #: Registry to register provisioned devices with (CERTFLEET_REGISTRY_URL); None = none.
@@ -49,7 +53,7 @@ class FactorySettings(BaseSettings):
 
     @property
     def passphrase(self) -> bytes | None:
-        return secret_bytes(self.ca_passphrase)
+        return passphrase_bytes(self.ca_passphrase, self.ca_passphrase_file)
 
     @property
     def worker_count(self) -> int:

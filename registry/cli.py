@@ -1,4 +1,5 @@
-"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke."""
+"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke, and
+the operator's devices list|show|decommission|audit (registry/operator_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from registry.operator_cli import devices_app
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 app = typer.Typer(help="The registry: devices, revocation feed, CRL.", no_args_is_help=True)
 token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(devices_app, name="devices")
 
 DataDir = Annotated[
     Path | None,
@@ -46,6 +50,14 @@ def serve(
         str | None,
         typer.Option("--addr", help="host:port (CERTFLEET_REGISTRY_ADDR, default 127.0.0.1:8443)"),
     ] = None,
+    publish_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--publish-addr",
+            help="host:port of the plain-HTTP CRL/OCSP listener "
+            "(CERTFLEET_REGISTRY_PUBLISH_ADDR; default off)",
+        ),
+    ] = None,
     ready_file: Annotated[
         Path | None,
         typer.Option("--ready-file", help='write {"url", "pid"} here once listening'),
@@ -53,6 +65,13 @@ def serve(
     telemetry_broker: Annotated[
         str | None,
         typer.Option("--telemetry-broker", help="host:port of the broker to ingest telemetry from"),
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            help="CA key passphrase: first line of this file (CERTFLEET_CA_PASSPHRASE_FILE)",
+        ),
     ] = None,
 ) -> None:
     """Serve the registry over HTTPS (migrating the database first)."""
@@ -63,7 +82,9 @@ def serve(
         data_dir=data_dir,
         registry_database_url=database_url,
         registry_addr=addr,
+        registry_publish_addr=publish_addr,
         telemetry_broker_addr=telemetry_broker,
+        ca_passphrase_file=passphrase_file,
     )
     run(settings, ready_file)
 

@@ -15,7 +15,16 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
-from registry.api.routes import API_PREFIX, crl, devices, health, metrics, revocations, stats
+from registry.api.routes import (
+    API_PREFIX,
+    audit,
+    crl,
+    devices,
+    health,
+    metrics,
+    revocations,
+    stats,
+)
 from registry.console import install_console
 from registry.crl import CrlCache
 from registry.db import make_engine, migrate
@@ -163,7 +172,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, revocations, crl, stats, health, metrics):
+    for module in (devices, audit, revocations, crl, stats, health, metrics):
         app.include_router(module.router)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)

@@ -27,6 +27,7 @@ from factory.ca import CertificateAuthority, write_issued
 from factory.errors import ConfigError
 from factory.layout import write_public
 from registry.main import create_app
+from registry.publication import PublicationServer
 from registry.settings import RegistrySettings, split_addr
 from registry.state import RegistryState
 from registry.tls import PeerCertH11Protocol, server_ssl_context
@@ -115,6 +116,7 @@ class RegistryServer:
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+        self.publication: PublicationServer | None = None
 
     @property
     def state(self) -> RegistryState:
@@ -137,6 +139,14 @@ class RegistryServer:
                 self.__exit__(None, None, None)
                 raise ConfigError(f"registry did not start on {self.settings.registry_addr}")
         log.info("registry listening url=%s", self.url)
+        if self.settings.registry_publish_addr:
+            try:
+                self.publication = PublicationServer(
+                    self.state, self.settings.registry_publish_addr
+                ).__enter__()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(
@@ -145,6 +155,8 @@ class RegistryServer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self.publication is not None:
+            self.publication.__exit__(None, None, None)
         self.state.feed.close()  # long-polls return now instead of holding the shutdown
         self._server.should_exit = True
         if self._thread is not None:
@@ -204,12 +216,18 @@ def serve(settings: RegistrySettings, ready_file: Path | None = None) -> None:
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal with the
     # previous handlers back: make that a clean exit instead of a traceback or a kill.
     previous = signal.signal(signal.SIGTERM, _exit_quietly)
+    publication: PublicationServer | None = None
     try:
+        if settings.registry_publish_addr:
+            publication = PublicationServer(app.state.registry, settings.registry_publish_addr)
+            publication.__enter__()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         log.info("registry stopped signal=SIGINT")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if publication is not None:
+            publication.__exit__(None, None, None)
         sock.close()
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)

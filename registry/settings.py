@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from factory.address import AddressStr, parse_address
-from factory.config import secret_bytes, settings_from_env
+from factory.config import passphrase_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["RegistrySettings", "load_settings", "split_addr"]
@@ -22,10 +22,17 @@ class RegistrySettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     #: host:port to listen on; port 0 picks a free port.
     registry_addr: AddressStr = "127.0.0.1:8443"
+    #: host:port of the plain-HTTP publication listener (CRL, OCSP); empty: not served.
+    registry_publish_addr: AddressStr | None = None
+    #: OCSP nextUpdate: how long a relying party may cache an answer (a revocation reaches
+    #: a caching one at most this late).
+    registry_ocsp_next_update_s: float = Field(default=3600.0, ge=60, le=7 * 86400)
     #: SQLAlchemy URL; empty means the SQLite file ``<data_dir>/registry.db``.
     registry_database_url: str | None = None
     #: passphrase of the issuing CA key (the registry signs CRLs with it).
     ca_passphrase: SecretStr | None = None
+    #: file whose first line is that passphrase (``--passphrase-file``).
+    ca_passphrase_file: Path | None = None
     #: name of the server certificate in ``<data_dir>/tls/<name>.crt|.key``.
     registry_tls_name: str = "registry"
     #: CRL nextUpdate; the CRL is also re-signed when half of it has passed.
@@ -76,7 +83,7 @@ class RegistrySettings(BaseSettings):
 
     @property
     def ca_passphrase_bytes(self) -> bytes | None:
-        return secret_bytes(self.ca_passphrase)
+        return passphrase_bytes(self.ca_passphrase, self.ca_passphrase_file)
 
 
 def split_addr(addr: str) -> tuple[str, int]:

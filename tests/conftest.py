@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,10 @@ from factory.layout import DataLayout
 from factory.profile import IdentityKind
 
 TRUST_DOMAIN = "fleet.test"
+
+# The broker's metrics port defaults to 127.0.0.1:9883; brokers the tests start (in
+# process or as `certfleet broker serve`) take an ephemeral one, so test runs never collide.
+os.environ.setdefault("CERTFLEET_BROKER_METRICS_ADDR", "127.0.0.1:0")
 
 
 @dataclass

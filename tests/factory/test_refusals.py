@@ -48,7 +48,7 @@ def test_wrong_passphrase_is_refused(layout: DataLayout) -> None:
     provision = ["provision", "--count", "1", "--data-dir", str(layout.root)]
     with pytest.raises(CAError, match="wrong passphrase for key file .*issuing.key"):
         _raise(run_factory(provision, env={"CERTFLEET_CA_PASSPHRASE": "battery staple"}))
-    with pytest.raises(CAError, match="is encrypted: set its passphrase in CERTFLEET_CA_PASS"):
+    with pytest.raises(CAError, match="is encrypted: give its passphrase with --passphrase-file"):
         _raise(run_factory(provision, env={"CERTFLEET_CA_PASSPHRASE": ""}))
     ok = run_factory(provision, env={"CERTFLEET_CA_PASSPHRASE": "correct horse"})
     assert ok.exit_code == 0, ok.output

@@ -160,3 +160,8 @@ def pem(issued: IssuedCertificate) -> str:
 
 def unique_id(prefix: str = "dev") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# The publishing registry fixture (``published``), shared by the publication listener's and
+# ``certificate inspect``'s tests.
+from tests.registry.publishing import published  # noqa: E402, F401

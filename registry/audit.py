@@ -1,0 +1,59 @@
+"""One device's audit trail, newest first: registrations, renewals, decommission.
+
+Entries whose target is the device id (a batch registration is one entry per batch,
+targeted ``"<n> devices"``, and is not listed here). Keyset pagination on the entry id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from registry.errors import InvalidRequestError, NotFoundError
+from registry.models import AuditLog, Device
+
+__all__ = ["AuditEntry", "AuditPage", "device_audit"]
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: dt.datetime
+    who: str
+    action: str
+    target: str
+    from_addr: str | None
+    detail: dict[str, Any] | None
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry]
+    next_cursor: str | None
+
+
+def device_audit(
+    session: Session, device_id: str, *, limit: int = 100, cursor: str | None = None
+) -> AuditPage:
+    """One page of ``device_id``'s audit entries, newest first; NotFoundError if unknown."""
+    if session.get(Device, device_id) is None:
+        raise NotFoundError(f"device {device_id} is not registered")
+    statement = (
+        select(AuditLog)
+        .where(AuditLog.target == device_id)
+        .order_by(col(AuditLog.id).desc())
+        .limit(limit + 1)
+    )
+    if cursor:
+        if not cursor.isdigit() or len(cursor) > 19:
+            raise InvalidRequestError(
+                "cursor is not one this registry handed out; pass next_cursor back unchanged"
+            )
+        statement = statement.where(col(AuditLog.id) < int(cursor))
+    rows = session.exec(statement).all()
+    page = rows[:limit]
+    return AuditPage(
+        entries=[AuditEntry.model_validate(row, from_attributes=True) for row in page],
+        next_cursor=str(page[-1].id) if len(rows) > limit and page[-1].id else None,
+    )

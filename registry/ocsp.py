@@ -1,0 +1,241 @@
+"""The OCSP responder (RFC 6960): answers good, revoked (time and reason) or unknown.
+
+Answers are signed by a delegated responder certificate (OCSPSigning EKU, issued by the
+issuing CA, id-pkix-ocsp-nocheck) kept in ``<data>/ca/ocsp-responder.crt|.key``; it is
+issued on first use and re-issued when less than a third of its lifetime is left. The
+request's nonce is echoed. A request about another issuer is answered ``unknown``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import ocsp
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlmodel import Session
+
+from factory.ca import CertificateAuthority, write_issued
+from factory.errors import CAError
+from factory.keys import load_private_key
+from factory.profile import PrivateKey, PublicKey, serial_hex
+from registry import crud
+from registry.models import utcnow
+from registry.reasons import reason_flag
+
+__all__ = [
+    "ANSWER_VALIDITY",
+    "RESPONDER_LIFETIME",
+    "CertificateStatus",
+    "OcspResponder",
+    "certificate_status",
+]
+
+log = logging.getLogger(__name__)
+
+RESPONDER_NAME = "ocsp-responder"
+RESPONDER_LIFETIME = dt.timedelta(days=30)
+#: nextUpdate of an answer: how long a relying party may cache it.
+ANSWER_VALIDITY = dt.timedelta(hours=1)
+#: thisUpdate is set this far back, for relying parties whose clock is slightly behind.
+_BACKDATE = dt.timedelta(minutes=1)
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateStatus:
+    """What the registry knows about one serial."""
+
+    status: Literal["good", "revoked", "unknown"]
+    revoked_at: dt.datetime | None = None
+    reason: x509.ReasonFlags | None = None
+
+
+def certificate_status(session: Session, serial: int) -> CertificateStatus:
+    """The status of ``serial`` (:func:`registry.crud.certificate_status`): unknown when the
+    registry never registered it; revoked with the decommission's time and reason code."""
+    info = crud.certificate_status(session, serial_hex(serial))
+    if info is None:
+        return CertificateStatus("unknown")
+    if info.status != "revoked":
+        return CertificateStatus("good")
+    return CertificateStatus("revoked", info.revoked_at or utcnow(), reason_flag(info.reason_code))
+
+
+def _public_key_bits(public_key: PublicKey) -> bytes:
+    """The subjectPublicKey BIT STRING's contents, which the OCSP issuerKeyHash covers."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return public_key.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    hasher = hashes.Hash(algorithm)
+    hasher.update(data)
+    return hasher.finalize()
+
+
+class _Signer:
+    """The delegated responder certificate and key: loaded, issued or renewed on demand."""
+
+    def __init__(self, ca: CertificateAuthority, lifetime: dt.timedelta) -> None:
+        self._ca = ca
+        self._lifetime = lifetime
+        self._lock = threading.Lock()
+        self._current: tuple[x509.Certificate, PrivateKey] | None = None
+        self._cert_path = ca.layout.ca_dir / f"{RESPONDER_NAME}.crt"
+        self._key_path = ca.layout.ca_dir / f"{RESPONDER_NAME}.key"
+
+    def get(self) -> tuple[x509.Certificate, PrivateKey]:
+        with self._lock:
+            if self._current is None or self._due(self._current[0]):
+                self._current = self._load() or self._issue()
+            return self._current
+
+    def _due(self, certificate: x509.Certificate) -> bool:
+        left = certificate.not_valid_after_utc - utcnow()
+        return left < self._lifetime / 3
+
+    def _load(self) -> tuple[x509.Certificate, PrivateKey] | None:
+        """The responder on disk, if it is this CA's and not due for renewal."""
+        if not self._cert_path.exists() or not self._key_path.exists():
+            return None
+        try:
+            certificate = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+            key = load_private_key(self._key_path, None)
+            certificate.verify_directly_issued_by(self._ca.issuing_cert)
+        except (OSError, ValueError, TypeError, CAError, InvalidSignature) as exc:
+            log.warning("ocsp responder certificate unusable, re-issuing error=%s", exc)
+            return None
+        if key.public_key() != certificate.public_key() or self._due(certificate):
+            return None
+        return certificate, key
+
+    def _issue(self) -> tuple[x509.Certificate, PrivateKey]:
+        issued = self._ca.issue_ocsp_responder(RESPONDER_NAME, lifetime=self._lifetime)
+        assert issued.private_key is not None
+        write_issued(issued, self._cert_path, self._key_path)
+        log.info(
+            "ocsp responder certificate issued serial=%s not_after=%s",
+            serial_hex(issued.certificate.serial_number),
+            issued.certificate.not_valid_after_utc.isoformat(),
+        )
+        return issued.certificate, issued.private_key
+
+
+class OcspResponder:
+    """Turns a DER OCSP request into a signed DER OCSP response."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        engine: Engine,
+        *,
+        responder_lifetime: dt.timedelta = RESPONDER_LIFETIME,
+        answer_validity: dt.timedelta = ANSWER_VALIDITY,
+    ) -> None:
+        self._ca = ca
+        self._engine = engine
+        self._signer = _Signer(ca, responder_lifetime)
+        self._answer_validity = answer_validity
+        self._issuer_name = ca.issuing_cert.subject.public_bytes()
+        self._issuer_key_bits = _public_key_bits(ca.issuing_cert.public_key())  # type: ignore[arg-type]
+
+    @property
+    def responder_certificate(self) -> x509.Certificate:
+        return self._signer.get()[0]
+
+    def respond(self, request_der: bytes) -> bytes:
+        """The DER response: malformedRequest for garbage, tryLater when the database is down."""
+        try:
+            request = ocsp.load_der_ocsp_request(request_der)
+            serial = request.serial_number
+        except ValueError as exc:
+            log.info("ocsp request refused status=malformed error=%s", exc)
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        try:
+            status = self._status(request)
+        except (OperationalError, PoolTimeoutError) as exc:
+            log.error("ocsp answer deferred status=try_later error=%s", type(exc).__name__)
+            return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+        der = self._sign(request, status)
+        log.info(
+            "ocsp answered serial=%s status=%s reason=%s",
+            serial_hex(serial),
+            status.status,
+            status.reason.value if status.reason else "-",
+        )
+        return der
+
+    def _status(self, request: ocsp.OCSPRequest) -> CertificateStatus:
+        algorithm_type = _HASHES.get(request.hash_algorithm.name)
+        if algorithm_type is None:
+            return CertificateStatus("unknown")
+        algorithm = algorithm_type()
+        if request.issuer_name_hash != _digest(
+            algorithm, self._issuer_name
+        ) or request.issuer_key_hash != _digest(algorithm, self._issuer_key_bits):
+            return CertificateStatus("unknown")
+        with Session(self._engine) as session:
+            return certificate_status(session, request.serial_number)
+
+    def _sign(self, request: ocsp.OCSPRequest, status: CertificateStatus) -> bytes:
+        responder_cert, responder_key = self._signer.get()
+        now = utcnow()
+        cert_status = {
+            "good": ocsp.OCSPCertStatus.GOOD,
+            "revoked": ocsp.OCSPCertStatus.REVOKED,
+            "unknown": ocsp.OCSPCertStatus.UNKNOWN,
+        }[status.status]
+        builder = (
+            ocsp.OCSPResponseBuilder()
+            .add_response_by_hash(
+                issuer_name_hash=request.issuer_name_hash,
+                issuer_key_hash=request.issuer_key_hash,
+                serial_number=request.serial_number,
+                algorithm=request.hash_algorithm,
+                cert_status=cert_status,
+                this_update=now - _BACKDATE,
+                next_update=now + self._answer_validity,
+                revocation_time=status.revoked_at,
+                revocation_reason=status.reason,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
+            .certificates([responder_cert])
+        )
+        try:
+            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce)
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            builder = builder.add_extension(nonce.value, critical=False)
+        algorithm = (
+            None if isinstance(responder_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        )
+        response = builder.sign(responder_key, algorithm)
+        return response.public_bytes(serialization.Encoding.DER)
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+        serialization.Encoding.DER
+    )
