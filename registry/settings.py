@@ -51,9 +51,16 @@ class RegistrySettings(BaseSettings):
     registry_db_pool_timeout_s: float = Field(default=0.5, gt=0, le=30)
     #: host:port of the MQTT broker to ingest telemetry from (empty: no ingest).
     telemetry_broker_addr: AddressStr | None = None
-    #: MQTT client id of the registry's broker connection; empty: the service name of its
-    #: certificate (``registry``), which a strict broker requires.
-    registry_mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9:._-]{1,64}$")
+    #: MQTT client id of the registry's broker connection; empty: ``<service>/<instance>``,
+    #: the service name of its certificate (``registry``) and this process's instance name,
+    #: so that two registry processes never take each other's broker session over.
+    registry_mqtt_client_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9:._/-]{1,128}$"
+    )
+    #: this registry process's name among replicas (empty: ``<hostname>-<pid>``).
+    registry_instance: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    )
     #: how often the MQTT watchdog re-subscribes and checks the SUBACK.
     registry_mqtt_watchdog_s: float = Field(default=30.0, gt=0, le=3600)
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).

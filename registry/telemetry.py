@@ -36,6 +36,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import re
 import socket
 import ssl
 import threading
@@ -148,6 +150,7 @@ class TelemetryIngest:
         self.subscribed = threading.Event()
         self._layout = settings.layout
         self._client_id = settings.registry_mqtt_client_id
+        self._instance = settings.registry_instance or _default_instance()
         self._on_crash = on_crash
         self._watchdog_s = settings.registry_mqtt_watchdog_s
         #: SUBSCRIBE message ids waiting for their SUBACK -> set when it came and granted all.
@@ -190,7 +193,7 @@ class TelemetryIngest:
             context.load_cert_chain(certfile=str(cert), keyfile=str(key))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"telemetry ingest cannot load its TLS credentials: {exc}") from None
-        client_id = self._client_id or _service_name(cert)
+        client_id = self._client_id or f"{_service_name(cert)}/{self._instance}"
         self.client_id = client_id
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -415,6 +418,12 @@ def _no_delay(client: mqtt.Client) -> None:
     if isinstance(sock, socket.socket):  # ssl.SSLSocket included
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _default_instance() -> str:
+    """``<hostname>-<pid>``, cut to a valid instance name (unique per process on a machine)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "host"
+    return f"{host[:50]}-{os.getpid()}"
 
 
 def _service_name(cert: Path) -> str:

@@ -12,37 +12,38 @@ from tests.conftest import TRUST_DOMAIN, TestPKI
 
 
 def test_keys_of_devices_and_services_cannot_collide() -> None:
-    device = Identity(TRUST_DOMAIN, IdentityKind.DEVICE, "registry")
-    service = Identity(TRUST_DOMAIN, IdentityKind.SERVICE, "registry")
-    assert session_key(device) == "registry"
-    assert session_key(service) == "service:registry"
+    device = Identity(TRUST_DOMAIN, IdentityKind.DEVICE, "grafana")
+    service = Identity(TRUST_DOMAIN, IdentityKind.SERVICE, "grafana")
+    assert session_key(device) == "grafana"
+    assert session_key(service) == "service:grafana"
     assert identity_of_key(session_key(device), TRUST_DOMAIN) == device
     assert identity_of_key(session_key(service), TRUST_DOMAIN) == service
     assert identity_of_key("service:", TRUST_DOMAIN) is None
     assert identity_of_key("a/b", TRUST_DOMAIN) is None
-    assert session_key(service, "a") == "service:registry/a"
-    assert identity_of_key("service:registry/a", TRUST_DOMAIN) == service
-    assert identity_of_key("service:registry/a b", TRUST_DOMAIN) is None
+    assert session_key(service, "a") == "service:grafana/a"
+    assert identity_of_key("service:grafana/a", TRUST_DOMAIN) == service
+    assert identity_of_key("service:grafana/a b", TRUST_DOMAIN) is None
 
 
 def test_a_device_named_like_a_service_leaves_the_service_session_alone(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:
-    service = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    service = connect(broker.port, pki.client(IdentityKind.SERVICE, "grafana"), "grafana")
     sender = connect(broker.port, issue_device(pki, tmp_path, "dev-s"), "dev-s")
     try:
         assert service.connected.is_set() and sender.connected.is_set()
         service.client.subscribe("devices/+/telemetry", qos=1)
         assert service.subscribed.wait(5)
-        # A device whose id is "registry" connects with clean session, twice.
+        # A device whose id is "grafana" (a service name, not reserved for devices)
+        # connects with clean session, twice.
         for _ in range(2):
-            twin = connect(broker.port, issue_device(pki, tmp_path, "registry"), "registry")
+            twin = connect(broker.port, issue_device(pki, tmp_path, "grafana"), "grafana")
             assert twin.connected.is_set(), twin.reason
-            twin.client.publish("devices/registry/telemetry", b"twin", qos=1).wait_for_publish(5)
+            twin.client.publish("devices/grafana/telemetry", b"twin", qos=1).wait_for_publish(5)
             twin.close()
         sender.client.publish("devices/dev-s/telemetry", b"after", qos=1).wait_for_publish(5)
         assert wait_for(lambda: ("devices/dev-s/telemetry", b"after") in service.messages)
-        assert service.messages.count(("devices/registry/telemetry", b"twin")) == 2
+        assert service.messages.count(("devices/grafana/telemetry", b"twin")) == 2
         assert service.client.is_connected()
     finally:
         sender.close()

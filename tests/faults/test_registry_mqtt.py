@@ -91,7 +91,8 @@ def test_a_lost_subscription_is_noticed_and_restored(
         ingest = TelemetryIngest(settings, engine, flush_interval=0.2).start()
         try:
             assert ingest.subscribed.wait(15)
-            assert ingest.client_id == "registry"  # the service name of its certificate
+            # the service name of its certificate and this process's instance name
+            assert ingest.client_id.startswith("registry/")
             service = pki.client(IdentityKind.SERVICE, "registry")
             intruder = connect(broker.port, service, ingest.client_id)
             intruder.client.disconnect()
