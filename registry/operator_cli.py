@@ -70,6 +70,8 @@ Operator = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+PageSize = Annotated[int, typer.Option("--limit", min=1, max=1000, help="page size")]
+Cursor = Annotated[str | None, typer.Option("--cursor", help="next_cursor of the previous page")]
 DeviceIdArg = Annotated[str, typer.Argument(help="device id, e.g. dev-000042")]
 
 
@@ -169,10 +171,8 @@ def list_devices(
             "--expiring-before", help="only devices whose live certificate expires before (ISO)"
         ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="page size")] = 100,
-    cursor: Annotated[
-        str | None, typer.Option("--cursor", help="next_cursor of the previous page")
-    ] = None,
+    limit: PageSize = 100,
+    cursor: Cursor = None,
     data_dir: DataDir = None,
     registry: RegistryUrl = None,
     token: Token = None,
@@ -289,10 +289,8 @@ def decommission_device(
 @devices_app.command("audit")
 def device_audit(
     device_id: DeviceIdArg,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="page size")] = 100,
-    cursor: Annotated[
-        str | None, typer.Option("--cursor", help="next_cursor of the previous page")
-    ] = None,
+    limit: PageSize = 100,
+    cursor: Cursor = None,
     data_dir: DataDir = None,
     registry: RegistryUrl = None,
     token: Token = None,
