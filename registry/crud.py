@@ -22,6 +22,8 @@ from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
 from factory.profile import NAME_PATTERN
+from factory.reasons import DEFAULT_REASON_CODE, reason_flag
+from factory.revocation_feed import RevocationEvent, RevocationFeed
 from registry.certs import ParsedCertificate
 from registry.db import begin_write
 from registry.errors import (
@@ -43,14 +45,11 @@ from registry.models import (
     DevicePublic,
     DeviceSummary,
     Revocation,
-    RevocationEvent,
-    RevocationFeed,
     Stats,
     TokenInfo,
     WeekCount,
     utcnow,
 )
-from registry.reasons import DEFAULT_REASON_CODE, reason_flag
 
 __all__ = [
     "Actor",

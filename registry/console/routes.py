@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from sqlmodel import Session
 
 from factory.profile import IdentityKind
+from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry import crud, operations
 from registry.api.deps import StateDep
 from registry.auth import Caller, Refused, caller_from_certificate, caller_from_token, client_addr
@@ -41,7 +42,6 @@ from registry.console.sessions import (
 )
 from registry.errors import AlreadyDecommissionedError, NotFoundError
 from registry.models import DEVICE_ID_PATTERN, DecommissionRequest, utcnow
-from registry.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry.state import RegistryState
 from registry.tls import peer_certificate_der
 
