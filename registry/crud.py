@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
+from factory.clock import utcnow
 from factory.profile import NAME_PATTERN
 from factory.reasons import DEFAULT_REASON_CODE, reason_flag
 from factory.revocation_feed import RevocationEvent, RevocationFeed
@@ -48,7 +49,6 @@ from registry.models import (
     Stats,
     TokenInfo,
     WeekCount,
-    utcnow,
 )
 
 __all__ = [

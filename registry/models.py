@@ -43,7 +43,6 @@ __all__ = [
     "Stats",
     "TokenInfo",
     "WeekCount",
-    "utcnow",
 ]
 
 MAX_BATCH = 1000
@@ -53,10 +52,6 @@ HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
 
 DeviceStatus = Literal["active", "decommissioned"]
 CertificateStatus = Literal["live", "revoked"]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

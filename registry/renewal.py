@@ -53,7 +53,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from factory.ca import CertificateAuthority, utcnow
+from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CertfleetError, CSRError
 from factory.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
