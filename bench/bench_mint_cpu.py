@@ -22,7 +22,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from factory.ca import CertificateAuthority, utcnow
+from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from factory.keys import private_key_pem
 from factory.layout import DataLayout
 from factory.provision import _Minter, _WorkerConfig

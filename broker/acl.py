@@ -31,6 +31,14 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
 from factory.profile import NAME_PATTERN, Identity, IdentityKind
+from factory.topics import (
+    ISSUED,
+    RENEW,
+    TELEMETRY,
+    has_wildcard,
+    is_renewal_topic,
+    split_device_topic,
+)
 
 __all__ = [
     "REFUSAL_LOG_INTERVAL_S",
@@ -38,7 +46,6 @@ __all__ = [
     "DeviceTopicPlugin",
     "RefusalLog",
     "is_allowed",
-    "is_renewal_topic",
     "will_refusal",
 ]
 
@@ -47,41 +54,26 @@ log = logging.getLogger(__name__)
 #: The service whose identity alone answers renewals (the registry's MQTT client).
 RENEWAL_SERVICE = "registry"
 
-_TELEMETRY = "telemetry"
-_RENEW = "cert/renew"
-_ISSUED = "cert/issued"
-_RENEWAL_TOPICS = (_RENEW, _ISSUED)
-
-
-def _device_level_and_rest(topic: str) -> tuple[str, str] | None:
-    """``devices/<id>/<rest>`` -> (id, rest); None for anything else."""
-    if not topic.startswith("devices/"):
-        return None
-    device_id, sep, rest = topic[8:].partition("/")
-    if not sep or not device_id or not rest:
-        return None
-    return device_id, rest
-
 
 def _device_may(device_id: str, topic: str, action: Action) -> bool:
-    parts = _device_level_and_rest(topic)
+    parts = split_device_topic(topic)
     if parts is None or parts[0] != device_id:
         return False
     rest = parts[1]
     if action is Action.PUBLISH:
         # Only the renewal service answers renewals, even on the device's own topic.
-        return "+" not in rest and "#" not in rest and rest != _ISSUED
+        return not has_wildcard(rest) and rest != ISSUED
     return True  # SUBSCRIBE filters and RECEIVE topics under the device's own prefix
 
 
 def _service_may(topic: str, action: Action, *, renews: bool) -> bool:
-    parts = _device_level_and_rest(topic)
+    parts = split_device_topic(topic)
     if parts is None:
         return False
     device_level, rest = parts
     if action is Action.PUBLISH:
-        return renews and rest == _ISSUED and NAME_PATTERN.fullmatch(device_level) is not None
-    readable = (_TELEMETRY, _RENEW) if renews else (_TELEMETRY,)
+        return renews and rest == ISSUED and NAME_PATTERN.fullmatch(device_level) is not None
+    readable = (TELEMETRY, RENEW) if renews else (TELEMETRY,)
     if rest not in readable:
         return False
     return device_level == "+" or NAME_PATTERN.fullmatch(device_level) is not None
@@ -96,12 +88,6 @@ def is_allowed(
     if identity.kind is IdentityKind.SERVICE:
         return _service_may(topic, action, renews=identity.name == renewal_service)
     return False
-
-
-def is_renewal_topic(topic: str) -> bool:
-    """``devices/<id>/cert/renew`` or ``devices/<id>/cert/issued``: never retained."""
-    parts = _device_level_and_rest(topic)
-    return parts is not None and parts[1] in _RENEWAL_TOPICS
 
 
 def will_refusal(

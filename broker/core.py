@@ -46,7 +46,8 @@ from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
 from amqtt.contexts import Action
 from amqtt.session import Session
 
-from broker.acl import DeviceTopicPlugin, is_renewal_topic
+from broker.acl import DeviceTopicPlugin
+from factory.topics import is_renewal_topic
 
 __all__ = ["CertfleetBroker"]
 

@@ -21,51 +21,22 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from broker.errors import BrokerError, RevocationStateError
 from factory.layout import write_public
+from factory.revocation_feed import FEED_BATCH_DEFAULT, RevocationEvent, RevocationFeed
 
-__all__ = ["RevocationEvent", "RevocationFollower", "RevokedSet", "feed_client_context"]
+__all__ = ["RevocationFollower", "RevokedSet", "feed_client_context"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RevocationEvent:
-    """One entry of the registry's revocation feed."""
-
-    seq: int
-    device_id: str
-    serials: tuple[str, ...]
-    reason: str
-    revoked_at: dt.datetime | None
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> RevocationEvent:
-        revoked_at_raw = body.get("revoked_at")
-        revoked_at = None
-        if isinstance(revoked_at_raw, str):
-            revoked_at = dt.datetime.fromisoformat(revoked_at_raw.replace("Z", "+00:00"))
-            if revoked_at.tzinfo is None:
-                revoked_at = revoked_at.replace(tzinfo=dt.UTC)
-        return cls(
-            seq=int(body["seq"]),
-            device_id=str(body["device_id"]),
-            serials=tuple(str(s).lower() for s in body["serials"]),
-            reason=str(body.get("reason", "")),
-            revoked_at=revoked_at,
-        )
 
 
 class RevokedSet:
@@ -232,7 +203,7 @@ class RevocationFollower:
         tls_context: ssl.SSLContext,
         wait_s: int = 25,
         max_backoff_s: float = 10.0,
-        batch_limit: int = 1000,
+        batch_limit: int = FEED_BATCH_DEFAULT,
         resync_s: float = 300.0,
     ) -> None:
         self._url = registry_url.rstrip("/") + "/api/v1/revocations"
@@ -280,16 +251,13 @@ class RevocationFollower:
             self._url, params={"after": self.after, "wait": wait, "limit": self._batch_limit}
         )
         response.raise_for_status()
-        body = response.json()
+        feed = RevocationFeed.model_validate_json(response.content)
         self.last_success = time.monotonic()
-        head_seq = int(body["head_seq"])
-        epoch = int(body["epoch"]) if body.get("epoch") is not None else None
-        if self._must_resync(head_seq, epoch):
+        if self._must_resync(feed.head_seq, feed.epoch):
             return
-        events = [RevocationEvent.from_json(e) for e in body["events"]]
-        self.apply(events)
-        self.after = max(self.after, int(body["last_seq"]))
-        self.head_seq = head_seq
+        self.apply(feed.events)
+        self.after = max(self.after, feed.last_seq)
+        self.head_seq = feed.head_seq
         if self.after >= self.head_seq and not self.synced.is_set():
             log.info(
                 "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
@@ -335,9 +303,7 @@ class RevocationFollower:
         for event in events:
             known_device = event.device_id in self._revoked.device_ids
             new_serials = self._revoked.add(event.serials, event.device_id, event.seq)
-            lag = (
-                time.time() - event.revoked_at.timestamp() if event.revoked_at is not None else None
-            )
+            lag = time.time() - event.revoked_at.timestamp()
             if new_serials or not known_device:
                 log.info(
                     "device revoked device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
@@ -345,7 +311,7 @@ class RevocationFollower:
                     ",".join(new_serials),
                     event.seq,
                     event.reason[:100],
-                    f"{lag:.3f}" if lag is not None else "unknown",
+                    f"{lag:.3f}",
                 )
             self._on_revoked(event, new_serials)
         if events:

@@ -28,17 +28,13 @@ from broker.core import CertfleetBroker
 from broker.errors import BrokerError
 from broker.listener import LISTENER_NAME, MqttTlsListener
 from broker.metrics import BrokerMetrics
-from broker.revocation import (
-    RevocationEvent,
-    RevocationFollower,
-    RevokedSet,
-    feed_client_context,
-)
+from broker.revocation import RevocationFollower, RevokedSet, feed_client_context
 from broker.settings import BrokerSettings
 from broker.supervisor import Supervisor
 from broker.tls import server_context
 from factory.address import Address, parse_address
 from factory.layout import write_public
+from factory.revocation_feed import RevocationEvent
 
 __all__ = ["BrokerApp", "BrokerServer", "serve"]
 
@@ -206,10 +202,7 @@ class BrokerApp:
         dropped = self.listener.drop(new_serials, event.device_id) if self.listener else 0
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(event.seq)
-        if event.revoked_at is not None:
-            self.metrics.revocation_lag.observe(
-                max(0.0, time.time() - event.revoked_at.timestamp())
-            )
+        self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))
         if dropped:
             log.info(
                 "revocation applied device_id=%s sessions_dropped=%d", event.device_id, dropped

@@ -161,15 +161,24 @@ class ProcessGroup:
         return self.start("registry", argv, ready_file, env=env)
 
     def start_broker(
-        self, data_dir: Path, addr: str, *, registry_url: str, env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        addr: str,
+        *,
+        registry_url: str,
+        node: str = "broker",
+        env: dict[str, str] | None = None,
     ) -> ManagedProcess:
-        """``certfleet broker serve`` on ``addr``, following ``registry_url``'s revocations."""
-        ready_file = data_dir / "broker.ready.json"
+        """``certfleet broker serve`` on ``addr`` as broker node ``node``, following
+        ``registry_url``'s revocations; its ready file is ``broker-<node>.ready.json`` so
+        several nodes can share one data folder."""
+        ready_file = data_dir / f"broker-{node}.ready.json"
         argv = certfleet_argv(
             "broker", "serve", "--data-dir", str(data_dir), "--addr", addr,
             "--registry-url", registry_url, "--ready-file", str(ready_file),
         )  # fmt: skip
-        return self.start("broker", argv, ready_file, env=env)
+        node_env = {**(env or {}), "CERTFLEET_BROKER_NODE": node}
+        return self.start("broker", argv, ready_file, env=node_env)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from factory.address import AddressStr
 from factory.config import passphrase_bytes, settings_from_env
 from factory.layout import DEFAULT_DATA_DIR
+from factory.profile import NAME_PATTERN
 
 __all__ = ["OrchestrateSettings", "build_settings"]
 
@@ -23,6 +24,9 @@ class OrchestrateSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     registry_addr: AddressStr = "127.0.0.1:8443"
     broker_addr: AddressStr = "127.0.0.1:8883"
+    #: The broker node `up` starts (CERTFLEET_BROKER_NODE, as the broker reads it); its ready
+    #: file is <data>/broker-<node>.ready.json.
+    broker_node: str = Field(default="broker", pattern=NAME_PATTERN.pattern)
     trust_domain: str = "fleet.local"
     #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE), for `up` creating missing certs.
     ca_passphrase: SecretStr | None = None

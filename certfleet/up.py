@@ -54,7 +54,9 @@ def run_up(
             root, settings.registry_addr, telemetry_broker=settings.broker_addr
         )
         url = str(registry.ready["url"])
-        broker = group.start_broker(root, settings.broker_addr, registry_url=url)
+        broker = group.start_broker(
+            root, settings.broker_addr, registry_url=url, node=settings.broker_node
+        )
         broker_addr = str(broker.ready.get("addr", settings.broker_addr))
         console.print(f"registry  {url}  (pid {registry.pid}, log {registry.log_path})")
         console.print(

@@ -38,6 +38,7 @@ from device_sim.errors import BundleError, Failure, classify_connack, classify_o
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
+from factory.topics import telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
 
@@ -155,7 +156,7 @@ class SimDevice:
         self.stats = stats
         self.state = DeviceState.IDLE
         self.stop_reason: str | None = None
-        self.topic = f"devices/{self.device_id}/telemetry"
+        self.topic = telemetry_topic(self.device_id)
         self._slots = connect_slots
         self._events = events
         self._rng = rng or random.Random()

@@ -36,6 +36,7 @@ from factory.errors import IdentityError
 from factory.keys import build_csr, generate_key, private_key_pem
 from factory.layout import write_private, write_public
 from factory.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
+from factory.topics import issued_topic, renew_topic
 
 __all__ = [
     "RenewalRefusedError",
@@ -117,12 +118,12 @@ class _Exchange:
             if not self._subscribed.wait(timeout) or self.failure is not None:
                 raise RenewalFailedError(
                     f"device {self.device_id}: could not subscribe to "
-                    f"devices/{self.device_id}/cert/issued: {self.failure or 'no answer'}"
+                    f"{issued_topic(self.device_id)}: {self.failure or 'no answer'}"
                 )
-            self._client.publish(f"devices/{self.device_id}/cert/renew", csr_pem, qos=1)
+            self._client.publish(renew_topic(self.device_id), csr_pem, qos=1)
             if not self._done.wait(timeout) or self.answer is None:
                 raise RenewalFailedError(
-                    f"device {self.device_id}: no answer on devices/{self.device_id}/cert/issued "
+                    f"device {self.device_id}: no answer on {issued_topic(self.device_id)} "
                     f"within {timeout:g} s ({self.failure or 'the broker kept the connection'}); "
                     "is the registry connected to the broker "
                     "(CERTFLEET_TELEMETRY_BROKER_ADDR) with renewal enabled?"
@@ -143,7 +144,7 @@ class _Exchange:
         sock = client.socket()
         if isinstance(sock, socket.socket):  # no Nagle delay on the CSR after the SUBACK
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.subscribe(f"devices/{self.device_id}/cert/issued", qos=1)
+        client.subscribe(issued_topic(self.device_id), qos=1)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from factory.clock import utcnow
 from factory.errors import CAError
 from factory.keys import generate_key, load_private_key, private_key_pem
 from factory.layout import DataLayout, write_private, write_public
@@ -28,16 +29,12 @@ from factory.profile import (
 )
 from factory.publication import check_publish_url, issuing_distribution_point
 
-__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "utcnow", "write_issued"]
+__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "write_issued"]
 
 ROOT_LIFETIME = dt.timedelta(days=20 * 365)
 ISSUING_LIFETIME = dt.timedelta(days=10 * 365)
 DEFAULT_SERVER_LIFETIME = dt.timedelta(days=397)
 DEFAULT_CLIENT_LIFETIME = dt.timedelta(days=365)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import typer
 from factory.ca import CertificateAuthority, write_issued
 from factory.duration import parse_duration
 from factory.errors import CAError, ConfigError, CSRError, ProvisionError
+from factory.keys import KEY_ALGORITHMS
 from factory.layout import DataLayout, write_public
 from factory.profile import IdentityKind, check_name, serial_hex
 from factory.settings import FactorySettings, load_settings
@@ -88,9 +89,9 @@ def ca_init(
         ca_publish_url=publish_url,
         ca_passphrase_file=passphrase_file,
     )
-    if settings.key_algorithm not in ("p256", "p384", "ed25519", "rsa2048"):
+    if settings.key_algorithm not in KEY_ALGORITHMS:
         raise ConfigError(
-            f"--key-algorithm {settings.key_algorithm!r} is not one of p256, p384, ed25519, rsa2048"
+            f"--key-algorithm {settings.key_algorithm!r} is not one of {', '.join(KEY_ALGORITHMS)}"
         )
     layout = settings.layout
     ca = CertificateAuthority.init(
@@ -208,7 +209,7 @@ def ca_issue_client(
 
 
 def _now() -> Any:
-    from factory.ca import utcnow
+    from factory.clock import utcnow
 
     return utcnow()
 

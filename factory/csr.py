@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa
 from cryptography.x509.oid import NameOID
 
-from factory.ca import CertificateAuthority, IssuedCertificate, utcnow
+from factory.ca import CertificateAuthority, IssuedCertificate
+from factory.clock import utcnow
 from factory.errors import CSRError, IdentityError
 from factory.profile import Identity, IdentityKind, PublicKey, check_public_key
 

@@ -47,7 +47,8 @@ from factory.bundle import (
     read_bundle,
     write_bundle,
 )
-from factory.ca import CertificateAuthority, utcnow
+from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from factory.errors import IdentityError, ProvisionError
 from factory.keys import KEY_ALGORITHMS, load_private_key_pem, private_key_pem
 from factory.layout import DataLayout

@@ -22,9 +22,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from registry import crud
 from registry.errors import UnavailableError
-from registry.models import utcnow
 from registry.supervise import SupervisedThread
 
 __all__ = ["CrlCache", "SignedCrl"]

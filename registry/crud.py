@@ -21,7 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
+from factory.clock import utcnow
 from factory.profile import NAME_PATTERN
+from factory.reasons import DEFAULT_REASON_CODE, reason_flag
+from factory.revocation_feed import RevocationEvent, RevocationFeed
 from registry.certs import ParsedCertificate
 from registry.db import begin_write
 from registry.errors import (
@@ -43,14 +46,10 @@ from registry.models import (
     DevicePublic,
     DeviceSummary,
     Revocation,
-    RevocationEvent,
-    RevocationFeed,
     Stats,
     TokenInfo,
     WeekCount,
-    utcnow,
 )
-from registry.reasons import DEFAULT_REASON_CODE, reason_flag
 
 __all__ = [
     "Actor",

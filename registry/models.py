@@ -16,7 +16,7 @@ from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
 from factory.profile import NAME_PATTERN
-from registry.reasons import DEFAULT_REASON_CODE, ReasonCode
+from factory.reasons import DEFAULT_REASON_CODE, ReasonCode
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -38,14 +38,11 @@ __all__ = [
     "DeviceRegistration",
     "DeviceStatus",
     "DeviceSummary",
-    "RevocationEvent",
-    "RevocationFeed",
     "Revocation",
     "RenewalLimit",
     "Stats",
     "TokenInfo",
     "WeekCount",
-    "utcnow",
 ]
 
 MAX_BATCH = 1000
@@ -55,10 +52,6 @@ HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
 
 DeviceStatus = Literal["active", "decommissioned"]
 CertificateStatus = Literal["live", "revoked"]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -110,7 +103,7 @@ class Certificate(SQLModel, table=True):
     not_after: dt.datetime = Field(sa_type=UTCDateTime, index=True)
     status: str = Field(default="live", max_length=16)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
-    #: RFC 5280 reason name (:mod:`registry.reasons`) once revoked: the CRL entry and OCSP.
+    #: RFC 5280 reason name (:mod:`factory.reasons`) once revoked: the CRL entry and OCSP.
     revocation_reason: str | None = Field(default=None, max_length=32)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
 
@@ -278,23 +271,6 @@ class DecommissionRequest(BaseModel):
         default=DEFAULT_REASON_CODE,
         description="RFC 5280 CRLReason name, carried into the feed, the CRL entry and OCSP",
     )
-
-
-class RevocationEvent(BaseModel):
-    seq: int
-    device_id: str
-    serials: list[str]
-    reason: str
-    reason_code: ReasonCode = DEFAULT_REASON_CODE
-    revoked_at: dt.datetime
-
-
-class RevocationFeed(BaseModel):
-    events: list[RevocationEvent]
-    last_seq: int
-    head_seq: int
-    #: Random per database: changes when the database is replaced (the broker re-reads).
-    epoch: int
 
 
 class TokenInfo(BaseModel):

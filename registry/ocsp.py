@@ -25,12 +25,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority, write_issued
+from factory.clock import utcnow
 from factory.errors import CAError
 from factory.keys import load_private_key
 from factory.profile import PrivateKey, PublicKey, serial_hex
+from factory.reasons import reason_flag
 from registry import crud
-from registry.models import utcnow
-from registry.reasons import reason_flag
 
 __all__ = [
     "ANSWER_VALIDITY",

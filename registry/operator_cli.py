@@ -25,8 +25,8 @@ from factory.config import settings_from_env
 from factory.errors import ConfigError, RegistryCallError
 from factory.layout import DEFAULT_DATA_DIR, DataLayout
 from factory.profile import check_name
+from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from factory.registration import RegistryClient
-from registry.reasons import DEFAULT_REASON_CODE, REASON_CODES
 
 __all__ = ["OperatorSettings", "devices_app", "operator_client"]
 

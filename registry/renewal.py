@@ -53,10 +53,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from factory.ca import CertificateAuthority, utcnow
+from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CertfleetError, CSRError
 from factory.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from factory.topics import RENEW, device_of, issued_topic, renew_topic
 from registry.crud import Actor, audit
 from registry.db import begin_write
 from registry.models import Certificate, Device, RenewalLimit
@@ -65,18 +67,15 @@ from registry.supervise import SupervisedThread
 __all__ = [
     "DEFAULT_LIFETIME",
     "MAX_CSR_BYTES",
-    "RENEW_TOPIC_FILTER",
     "CertificateRenewer",
     "RenewalRefused",
     "RenewalService",
     "RenewedCertificate",
     "device_of_renew_topic",
-    "issued_topic",
 ]
 
 log = logging.getLogger(__name__)
 
-RENEW_TOPIC_FILTER = "devices/+/cert/renew"
 MAX_CSR_BYTES = 16 * 1024
 #: Lifetime of a renewed certificate when the device has none to copy it from.
 DEFAULT_LIFETIME = dt.timedelta(days=365)
@@ -112,19 +111,10 @@ class RenewedCertificate:
 
 def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
-    parts = topic.split("/")
-    if (
-        len(parts) != 4
-        or parts[0] != "devices"
-        or parts[2:] != ["cert", "renew"]
-        or not NAME_PATTERN.fullmatch(parts[1])
-    ):
+    device_id = device_of(topic, RENEW)
+    if device_id is None or not NAME_PATTERN.fullmatch(device_id):
         raise RenewalRefused("bad_topic", f"topic {topic[:200]!r} is not devices/<id>/cert/renew")
-    return parts[1]
-
-
-def issued_topic(device_id: str) -> str:
-    return f"devices/{device_id}/cert/issued"
+    return device_id
 
 
 class CertificateRenewer:
@@ -239,7 +229,7 @@ class CertificateRenewer:
             raise RenewalRefused(
                 "identity_mismatch",
                 f"CSR names device {validated.identity.name!r} but was sent on "
-                f"devices/{device_id}/cert/renew; a device renews only itself",
+                f"{renew_topic(device_id)}; a device renews only itself",
             )
         return validated
 

@@ -58,8 +58,9 @@ from sqlmodel import Session
 from factory.ca import CertificateAuthority
 from factory.errors import ConfigError, IdentityError
 from factory.profile import NAME_PATTERN, read_identity
+from factory.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
 from registry.crud import TelemetryUpdate, record_telemetry
-from registry.renewal import RENEW_TOPIC_FILTER, CertificateRenewer, RenewalService
+from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
 from registry.supervise import SupervisedThread
 
@@ -67,7 +68,6 @@ __all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ing
 
 log = logging.getLogger(__name__)
 
-TOPIC_FILTER = "devices/+/telemetry"
 MAX_PAYLOAD_BYTES = 16 * 1024
 CLIENT_NAME = "registry"
 #: How long a SUBACK may take before the subscription counts as failed.
@@ -86,10 +86,9 @@ class TelemetryRejected(ValueError):
 
 def parse_telemetry(topic: str, payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
     """``(device_id, telemetry)`` of a message, or TelemetryRejected with the reason."""
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
+    device_id = device_of(topic, TELEMETRY)
+    if device_id is None:
         raise TelemetryRejected("bad_topic", f"topic {topic!r} is not devices/<id>/telemetry")
-    device_id = parts[1]
     if not NAME_PATTERN.fullmatch(device_id):
         raise TelemetryRejected("bad_topic", f"topic {topic!r} names no valid device id")
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -213,7 +212,7 @@ class TelemetryIngest:
 
     @property
     def filters(self) -> list[str]:
-        return [TOPIC_FILTER] + ([RENEW_TOPIC_FILTER] if self.renewal is not None else [])
+        return [TELEMETRY_FILTER] + ([RENEW_FILTER] if self.renewal is not None else [])
 
     def start(self) -> TelemetryIngest:
         self._flusher.start()
@@ -350,11 +349,12 @@ class TelemetryIngest:
                 self._on_crash("mqtt-receive")
 
     def _receive(self, message: mqtt.MQTTMessage) -> None:
-        if message.retain and not message.topic.endswith("/cert/renew"):
+        renewal = message.topic.endswith("/" + RENEW)
+        if message.retain and not renewal:
             self.counters.received += 1
             self.counters.rejected["retained"] += 1
             return
-        if self.renewal is not None and message.topic.endswith("/cert/renew"):
+        if self.renewal is not None and renewal:
             if message.retain:
                 # A stored request replays on every (re)subscription: never act on one.
                 self.counters.rejected["retained_renewal"] += 1

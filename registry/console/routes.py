@@ -20,7 +20,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlmodel import Session
 
+from factory.clock import utcnow
 from factory.profile import IdentityKind
+from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry import crud, operations
 from registry.api.deps import StateDep
 from registry.auth import Caller, Refused, caller_from_certificate, caller_from_token, client_addr
@@ -40,8 +42,7 @@ from registry.console.sessions import (
     same_secret,
 )
 from registry.errors import AlreadyDecommissionedError, NotFoundError
-from registry.models import DEVICE_ID_PATTERN, DecommissionRequest, utcnow
-from registry.reasons import DEFAULT_REASON_CODE, REASON_CODES
+from registry.models import DEVICE_ID_PATTERN, DecommissionRequest
 from registry.state import RegistryState
 from registry.tls import peer_certificate_der
 

@@ -3,6 +3,7 @@
 - factory imports nothing of ours (pure PKI);
 - registry may import factory;
 - broker imports factory and talks to the registry over HTTP only;
+- every part may import factory.topics (the MQTT topic names);
 - device_sim imports only key/CSR/profile helpers and the settings loader from factory and
   reaches everything else over MQTT or HTTP, as a real device would.
 """
@@ -31,6 +32,7 @@ DEVICE_SIM_FACTORY_MODULES = {
     "factory.layout",
     "factory.config",  # the settings loader every part shares
     "factory.address",  # the host:port type every settings object uses
+    "factory.topics",  # the MQTT topic names every part shares
 }
 
 

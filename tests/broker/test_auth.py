@@ -16,7 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker.auth import AdmissionPolicy, Refusal, RefusedError
 from broker.revocation import RevokedSet
 from broker.server import BrokerServer
-from factory.ca import CertificateAuthority, IssuedCertificate, utcnow, write_issued
+from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
+from factory.clock import utcnow
 from factory.keys import generate_key
 from factory.layout import DataLayout
 from factory.profile import IdentityKind

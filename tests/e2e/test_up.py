@@ -32,16 +32,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _up(data_dir: Path, *args: str) -> subprocess.Popen[str]:
+def _up(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "certfleet.cli", "up", "--data-dir", str(data_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
+    # The broker runs as node edge-1: its ready file is named by the node.
     layout = DataLayout(tmp_path)
     CertificateAuthority.init(layout, "fleet.test")
     registry_port, broker_port = _free_port(), _free_port()
@@ -51,6 +53,7 @@ def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) 
         f"127.0.0.1:{registry_port}",
         "--broker-addr",
         f"127.0.0.1:{broker_port}",
+        env={"CERTFLEET_BROKER_NODE": "edge-1"},
     )
     try:
         lines: list[str] = []
@@ -84,7 +87,7 @@ def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) 
             pass
         pids = [
             json.loads((tmp_path / f"{name}.ready.json").read_text())["pid"]
-            for name in ("registry", "broker")
+            for name in ("registry", "broker-edge-1")
         ]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

@@ -36,6 +36,15 @@ def test_ca_init_writes_keys_0600_and_refuses_to_overwrite(layout: DataLayout) -
     assert layout.root_cert.read_bytes() == root_before
 
 
+def test_ca_init_refuses_an_unknown_key_algorithm_naming_the_choices(layout: DataLayout) -> None:
+    args = ["init", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(layout.root)]
+    with pytest.raises(
+        ConfigError, match="--key-algorithm 'p521' is not one of p256, p384, ed25519, rsa2048"
+    ):
+        _raise(run_ca([*args, "--key-algorithm", "p521"]))
+    assert not layout.root_cert.exists()
+
+
 def test_ca_init_refuses_an_invalid_trust_domain(layout: DataLayout) -> None:
     with pytest.raises(CertfleetError, match="trust domain 'Fleet_Local' is not a lower-case"):
         _raise(run_ca(["init", "--trust-domain", "Fleet_Local", "--data-dir", str(layout.root)]))

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from factory.revocation_feed import FEED_BATCH_DEFAULT, FEED_BATCH_MAX, RevocationFeed
 from registry import crud
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
-from registry.models import RevocationFeed
 from registry.state import RegistryState
 
 __all__ = ["router"]
@@ -34,7 +34,7 @@ async def revocations(
     state: StateDep,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
-    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=FEED_BATCH_MAX)] = FEED_BATCH_DEFAULT,
 ) -> RevocationFeed:
     """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds."""
     deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from factory.clock import utcnow
 from registry import crud
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX
-from registry.models import Stats, utcnow
+from registry.models import Stats
 
 __all__ = ["router"]
 
