@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from sqlmodel import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_registry import POSTGRES_ADMIN_URL, percentile, registry_process  # noqa: E402
+from bench_registry import percentile, registry_process, scratch_postgres  # noqa: E402
 
 from factory.ca import CertificateAuthority  # noqa: E402
 from factory.layout import DataLayout  # noqa: E402
@@ -240,23 +239,11 @@ def _run_all(base: Path, args: argparse.Namespace) -> list[dict[str, object]]:
         results.append(run("sqlite", url, layout.root_cert, token, args))
 
     if not args.skip_postgres:
-        import psycopg
-
-        name = f"certfleet_bench_{uuid.uuid4().hex[:8]}"
-        try:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-                admin.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.OperationalError as exc:
-            print(f"postgres skipped: {exc}")
-        else:
-            try:
-                pg_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        with scratch_postgres() as pg_url:
+            if pg_url is not None:
                 token = seed(pg_url, base, args.devices, args.decommissioned)
                 with registry_process(base, pg_url) as url:
                     results.append(run("postgresql", url, layout.root_cert, token, args))
-            finally:
-                with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     return results
 

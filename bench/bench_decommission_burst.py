@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,10 +30,10 @@ from cryptography import x509
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_registry import (  # noqa: E402
-    POSTGRES_ADMIN_URL,
     client,
     mint,
     registry_process,
+    scratch_postgres,
     summary_ms,
 )
 
@@ -132,23 +131,11 @@ def main() -> None:
     with registry_process(base, None) as url:
         results.append(run("sqlite", url, layout, mint(base, args.devices), args.clients))
     if not args.skip_postgres:
-        import psycopg
-
-        name = f"certfleet_bench_{uuid.uuid4().hex[:8]}"
-        try:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-                admin.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.OperationalError as exc:
-            print(f"postgres skipped: {exc}")
-        else:
-            try:
-                pg_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        with scratch_postgres() as pg_url:
+            if pg_url is not None:
                 with registry_process(base, pg_url) as url:
                     pems = mint(base, args.devices)
                     results.append(run("postgresql", url, layout, pems, args.clients))
-            finally:
-                with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     report["results"] = results  # type: ignore[assignment]
     print(json.dumps(report, indent=2))

@@ -119,6 +119,27 @@ def registry_process(data_dir: Path, database_url: str | None) -> Iterator[str]:
             process.wait(10)
 
 
+@contextmanager
+def scratch_postgres() -> Iterator[str | None]:
+    """A fresh PostgreSQL database's URL for one benchmark run (dropped afterwards), or None
+    (with the reason printed) when no server is reachable."""
+    import psycopg
+
+    name = f"certfleet_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        print(f"postgres skipped: {exc}")
+        yield None
+        return
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def client(url: str, layout: DataLayout) -> httpx.Client:
     context = ssl.create_default_context(cafile=str(layout.root_cert))
     context.load_cert_chain(str(layout.client_cert("bench-op")), str(layout.client_key("bench-op")))
@@ -270,22 +291,10 @@ def main() -> None:
         results.append(run("sqlite", url, layout, pems, args))
 
     if not args.skip_postgres:
-        import psycopg
-
-        name = f"certfleet_bench_{uuid.uuid4().hex[:8]}"
-        try:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-                admin.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.OperationalError as exc:
-            print(f"postgres skipped: {exc}")
-        else:
-            try:
-                pg_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        with scratch_postgres() as pg_url:
+            if pg_url is not None:
                 with registry_process(base, pg_url) as url:
                     results.append(run("postgresql", url, layout, pems, args))
-            finally:
-                with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
