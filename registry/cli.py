@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from registry.cli_options import DataDir
 from registry.operator_cli import devices_app
 
 if TYPE_CHECKING:
@@ -29,10 +30,6 @@ token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="data folder (CERTFLEET_DATA_DIR, default ./certfleet-data)"),
-]
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(

@@ -27,6 +27,7 @@ from factory.layout import DEFAULT_DATA_DIR, DataLayout
 from factory.profile import check_name
 from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from factory.registration import RegistryClient
+from registry.cli_options import DataDir
 
 __all__ = ["OperatorSettings", "devices_app", "operator_client"]
 
@@ -48,10 +49,6 @@ class OperatorSettings(BaseSettings):
     registry_operator: str | None = None
 
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="data folder (CERTFLEET_DATA_DIR, default ./certfleet-data)"),
-]
 RegistryUrl = Annotated[
     str | None,
     typer.Option(
