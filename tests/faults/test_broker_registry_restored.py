@@ -86,11 +86,14 @@ def _run_scenario(pki: TestPKI, tmp_path: Path, *, restore: bool) -> None:
             layout, registry_url=registry.url, broker_feed_wait_s=1, broker_feed_max_backoff_s=0.2
         )
         broker = BrokerServer(settings).start()
-    try:
         app = broker.app
         assert app is not None and app.follower is not None
         follower = app.follower
-        assert wait_for(lambda: follower.after == 3 and follower.synced.is_set())
+        # The broker must have caught up with the first registry before that one goes away.
+        if not wait_for(lambda: follower.after == 3 and follower.synced.is_set()):
+            broker.stop()
+            raise AssertionError("the broker never caught up with the first registry")
+    try:
         live: MqttProbe = connect(broker.port, new_files, "dev-new")
         assert live.connected.is_set(), live.reason
         with _registry(pki, second_db, addr) as (_second, operator):
