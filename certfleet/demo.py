@@ -18,13 +18,9 @@ stopped by PID whatever happens (Ctrl-C and SIGTERM included).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from certfleet.credentials import ensure_client_cert, ensure_service_certs
-from certfleet.procs import OrchestrationError, ProcessGroup, certfleet_argv
+from certfleet.procs import (
+    ISOLATED_ENV,
+    OrchestrationError,
+    ProcessGroup,
+    free_port,
+    provision_fleet,
+)
 from certfleet.settings import OrchestrateSettings
 from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig, DeviceEvent
@@ -52,15 +54,6 @@ log = logging.getLogger(__name__)
 
 DEMO_MARKER = ".certfleet-demo"
 OPERATOR = "demo-operator"
-#: The demo's processes use only the demo folder, whatever the caller's environment says.
-DEMO_ENV = {
-    # The demo runs beside whatever else runs here: an ephemeral metrics port, not 9883.
-    "CERTFLEET_BROKER_METRICS_ADDR": "127.0.0.1:0",
-    "CERTFLEET_CA_PASSPHRASE": "",
-    "CERTFLEET_REGISTRY_DATABASE_URL": "",
-    "CERTFLEET_REGISTRY_TOKEN": "",
-    "CERTFLEET_REGISTRY_URL": "",
-}
 #: Reasons a device stops for when its identity is refused (TLS alert or CONNACK).
 REFUSAL_REASONS = {
     "certificate_revoked",
@@ -132,12 +125,6 @@ def prepare_demo_folder(folder: Path) -> DataLayout:
     return DataLayout(folder)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def operator_client(layout: DataLayout, base_url: str, name: str = OPERATOR) -> httpx.Client:
     """An HTTPS client for the registry that authenticates with the operator's certificate."""
     context = ssl.create_default_context(cafile=str(layout.root_cert))
@@ -184,11 +171,11 @@ class _Demo:
             f"registry; service certificates; operator certificate clients/{OPERATOR}.crt"
         )
 
-        broker_port = _free_port()
+        broker_port = free_port()
         broker_addr = f"127.0.0.1:{broker_port}"
         with ProcessGroup(root / "logs") as group:
             registry = group.start_registry(
-                root, "127.0.0.1:0", telemetry_broker=broker_addr, env=DEMO_ENV
+                root, "127.0.0.1:0", telemetry_broker=broker_addr, env=ISOLATED_ENV
             )
             url = str(registry.ready["url"])
             self.result.facts["registry_url"] = url
@@ -197,7 +184,7 @@ class _Demo:
 
             self._provision(root, url, broker_addr, count)
 
-            broker = group.start_broker(root, broker_addr, registry_url=url, env=DEMO_ENV)
+            broker = group.start_broker(root, broker_addr, registry_url=url, env=ISOLATED_ENV)
             self.result.facts["broker_addr"] = broker.ready.get("addr", broker_addr)
             self.result.facts["broker_pid"] = broker.pid
             self.step(f"broker listening at {broker.ready.get('addr')} (pid {broker.pid})")
@@ -209,40 +196,9 @@ class _Demo:
 
     def _provision(self, root: Path, url: str, broker_addr: str, count: int) -> None:
         started = time.monotonic()
-        command = certfleet_argv(
-            "factory",
-            "provision",
-            "--count",
-            str(count),
-            "--registry",
-            url,
-            "--client",
-            "factory",
-            "--broker",
-            broker_addr,
-            "--data-dir",
-            str(root),
-            "--json",
+        summary = provision_fleet(
+            root, count, registry_url=url, broker_addr=broker_addr, env=ISOLATED_ENV
         )
-        completed = subprocess.run(  # noqa: S603  (our own CLI, fixed arguments)
-            command,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            env={**os.environ, **DEMO_ENV},
-        )
-        if completed.returncode != 0:
-            raise OrchestrationError(
-                f"provisioning failed (exit {completed.returncode}): "
-                f"{completed.stderr.strip()[-2000:]}"
-            )
-        try:
-            summary = json.loads(completed.stdout)
-        except ValueError:
-            raise OrchestrationError(
-                f"provisioning printed no JSON summary: {completed.stdout[-500:]}"
-            ) from None
         self.result.facts["provision"] = summary
         self.step(
             f"{count} devices provisioned and registered in {time.monotonic() - started:.1f}s "

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,14 +26,28 @@ from typing import Any
 from factory.errors import CertfleetError
 
 __all__ = [
+    "ISOLATED_ENV",
     "ManagedProcess",
     "OrchestrationError",
     "ProcessGroup",
     "certfleet_argv",
+    "free_port",
+    "provision_fleet",
     "terminate_on_sigterm",
 ]
 
 log = logging.getLogger(__name__)
+
+#: For a self-contained run (the demo, `sim lifecycle`): its processes use only its own data
+#: folder, whatever the caller's environment says.
+ISOLATED_ENV = {
+    # Such a run goes beside whatever else runs here: an ephemeral metrics port, not 9883.
+    "CERTFLEET_BROKER_METRICS_ADDR": "127.0.0.1:0",
+    "CERTFLEET_CA_PASSPHRASE": "",
+    "CERTFLEET_REGISTRY_DATABASE_URL": "",
+    "CERTFLEET_REGISTRY_TOKEN": "",
+    "CERTFLEET_REGISTRY_URL": "",
+}
 
 
 class OrchestrationError(CertfleetError):
@@ -42,6 +57,55 @@ class OrchestrationError(CertfleetError):
 def certfleet_argv(*args: str) -> list[str]:
     """The command line that runs ``certfleet <args>`` with this interpreter."""
     return [sys.executable, "-m", "certfleet.cli", *args]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a listener another process must know first)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def provision_fleet(
+    data_dir: Path,
+    count: int,
+    *,
+    registry_url: str,
+    broker_addr: str,
+    lifetime: str | None = None,
+    stagger: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """``certfleet factory provision`` of ``count`` devices into ``data_dir``, registered with
+    the registry at ``registry_url`` as service/factory; its JSON summary."""
+    argv = certfleet_argv(
+        "factory", "provision", "--count", str(count), "--registry", registry_url,
+        "--client", "factory", "--broker", broker_addr, "--data-dir", str(data_dir), "--json",
+    )  # fmt: skip
+    if lifetime is not None:
+        argv += ["--lifetime", lifetime]
+    if stagger is not None:
+        argv += ["--stagger", stagger]
+    completed = subprocess.run(  # noqa: S603  (our own CLI, fixed arguments)
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if completed.returncode != 0:
+        raise OrchestrationError(
+            f"provisioning failed (exit {completed.returncode}): {completed.stderr.strip()[-2000:]}"
+        )
+    try:
+        summary: dict[str, Any] = json.loads(completed.stdout)
+    except ValueError:
+        raise OrchestrationError(
+            f"provisioning printed no JSON summary: {completed.stdout[-500:]}"
+        ) from None
+    return summary
 
 
 def _tail(path: Path, lines: int = 15) -> str:
