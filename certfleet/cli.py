@@ -33,6 +33,7 @@ app = typer.Typer(
 def _register_groups() -> None:
     from broker.cli import app as broker_app
     from certfleet.certificate_cli import certificate_app
+    from certfleet.lifecycle_cli import lifecycle
     from certfleet.orchestrate import register as register_orchestration
     from device_sim.cli import app as sim_app
     from factory.cli import ca_app, factory_app
@@ -42,6 +43,7 @@ def _register_groups() -> None:
     app.add_typer(factory_app, name="factory")
     app.add_typer(registry_app, name="registry")
     app.add_typer(broker_app, name="broker")
+    sim_app.command("lifecycle")(lifecycle)  # needs every part, so it lives in certfleet/
     app.add_typer(sim_app, name="sim")
     app.add_typer(certificate_app, name="certificate")
     register_orchestration(app)

@@ -43,6 +43,16 @@ class OrchestrateSettings(BaseSettings):
     #: The drop must be seen within this many seconds of the decommission call returning.
     demo_drop_budget_s: float = Field(default=1.0, gt=0)
     demo_workers: int | None = Field(default=None, ge=0, le=64)
+    #: `certfleet sim lifecycle`: fleet size, certificate lifetime, expiry staggers (one run
+    #: each), length of each run; durations as 4m, 240s, 0.
+    lifecycle_devices: int = Field(default=200, ge=1, le=20_000)
+    lifecycle_lifetime: str = "4m"
+    lifecycle_staggers: str = "0,2m"
+    lifecycle_duration: str = "10m"
+    #: Grace before a superseded certificate is revoked; default 5 % of the lifetime.
+    lifecycle_grace: str | None = None
+    lifecycle_rate: float = Field(default=0.1, gt=0, le=100)
+    lifecycle_workers: int | None = Field(default=None, ge=0, le=64)
 
     @property
     def passphrase(self) -> bytes | None:
