@@ -83,6 +83,7 @@ def write_png(plan: LifecyclePlan, runs: Sequence[StaggerRun], path: Path) -> Pa
         )
         axis.set_xlabel("seconds into the fleet's life")
         axis.set_xlim(0, plan.duration_s)
+        axis.set_ylim(bottom=0)
         axis.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"renewals per second ({BUCKET_S:g} s buckets)")
     figure.suptitle(

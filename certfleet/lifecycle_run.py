@@ -233,7 +233,7 @@ class _Run:
                 env=env,
             )
             renewals = _RenewalLog()
-            self._simulate(layout, broker_addr, renewals)
+            simulator = self._simulate(layout, broker_addr, renewals)
             for process in (registry, broker):
                 if not process.alive():
                     raise OrchestrationError(
@@ -249,10 +249,12 @@ class _Run:
             superseded_revoked=superseded,
             renewal_times_s=sorted(renewal.completed_s for renewal in renewals.renewals),
             certificates_issued=len(certificates),
-            facts={"data_dir": str(folder), "registry_url": url},
+            facts={"data_dir": str(folder), "registry_url": url, "simulator": simulator},
         )
 
-    def _simulate(self, layout: DataLayout, broker_addr: str, renewals: _RenewalLog) -> None:
+    def _simulate(
+        self, layout: DataLayout, broker_addr: str, renewals: _RenewalLog
+    ) -> dict[str, Any]:
         plan = self.plan
         host, _, port = broker_addr.rpartition(":")
         config = DeviceConfig(host, int(port), rate=plan.rate, qos=1)
@@ -271,7 +273,16 @@ class _Run:
                 )
         if run.errors:
             raise OrchestrationError(f"the simulator failed: {'; '.join(run.errors)}")
+        summary = run.summary()
+        if summary["devices_connected_ever"] < plan.devices:
+            log.warning(
+                "not every device connected connected=%d devices=%d stopped=%s",
+                summary["devices_connected_ever"],
+                plan.devices,
+                summary["stopped_by_reason"],
+            )
         self.progress(self.stagger_s, "done", plan.duration_s, renewals.count, 0)
+        return summary
 
 
 def run_lifecycle(plan: LifecyclePlan, progress: Progress | None = None) -> list[StaggerRun]:
