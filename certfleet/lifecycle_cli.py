@@ -10,14 +10,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 __all__ = ["lifecycle", "parse_seconds", "parse_staggers"]
 
 
 def parse_seconds(text: str, *, what: str, allow_zero: bool = False) -> int:
     """``240``, ``240s``, ``4m`` -> whole seconds (a bare number is seconds)."""
-    from factory.duration import parse_duration
+    from fleetcore.duration import parse_duration
 
     cleaned = text.strip()
     if cleaned.isdigit():

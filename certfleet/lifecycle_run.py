@@ -47,8 +47,8 @@ from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.runner import SimRun
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
-from factory.profile import CLOCK_SKEW
+from fleetcore.layout import DataLayout
+from fleetcore.profile import CLOCK_SKEW
 from registry.db import make_engine
 from registry.models import Certificate
 from registry.settings import RegistrySettings

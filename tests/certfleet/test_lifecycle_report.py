@@ -12,7 +12,7 @@ from certfleet.lifecycle_cli import parse_seconds, parse_staggers
 from certfleet.lifecycle_report import lifecycle_json, render_table, write_png
 from certfleet.lifecycle_run import LifecyclePlan, StaggerRun, registry_env
 from certfleet.lifecycle_stats import Renewal, figures
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 RUN_KEYS = [
     "stagger_s",
