@@ -133,7 +133,7 @@ def registry_env(plan: LifecyclePlan, stagger_s: int) -> dict[str, str]:
         # A device renews about once per 2/3 of a lifetime: the per-device limit must
         # allow that, and still stop a device that loops.
         "CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S": str(max(1, plan.lifetime_s // 4)),
-        "CERTFLEET_REGISTRY_SUPERSEDE_GRACE": f"{plan.grace:g}s",
+        "CERTFLEET_REGISTRY_SUPERSEDE_GRACE_S": f"{plan.grace:g}",
         "CERTFLEET_REGISTRY_RENEWAL_STAGGER": f"{stagger_s}s",
     }
 

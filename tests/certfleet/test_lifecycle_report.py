@@ -70,7 +70,7 @@ def test_grace_is_five_percent_of_the_lifetime_by_default() -> None:
 
 def test_the_registry_of_a_run_gets_the_grace_the_stagger_and_a_limit_below_the_lifetime() -> None:
     env = registry_env(PLAN, 20)
-    assert env["CERTFLEET_REGISTRY_SUPERSEDE_GRACE"] == "3s"
+    assert env["CERTFLEET_REGISTRY_SUPERSEDE_GRACE_S"] == "3"
     assert env["CERTFLEET_REGISTRY_RENEWAL_STAGGER"] == "20s"
     assert float(env["CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S"]) < 2 / 3 * PLAN.lifetime_s
 

@@ -1,0 +1,80 @@
+"""`certfleet sim lifecycle` for real, small: 20 devices whose certificates live 45 s, renewed
+by themselves over MQTT through our broker and registry (child processes), once without and
+once with an expiry stagger. About two and a half minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEVICES = 20
+LIFETIME_S = 45
+DURATION_S = 75
+RUN_KEYS = {
+    "stagger_s",
+    "renewals",
+    "peak_renewals_per_s",
+    "p99_renewals_per_s",
+    "renewal_latency_p50_ms",
+    "renewal_latency_p99_ms",
+    "refused",
+    "retried",
+    "expired_before_renewal",
+    "superseded_revoked",
+}
+
+
+@pytest.mark.slow
+def test_a_compressed_fleet_life_renews_every_device_before_it_expires(tmp_path: Path) -> None:
+    png = tmp_path / "storm.png"
+    work = tmp_path / "work"
+    work.mkdir()
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "certfleet.cli",
+            "sim",
+            "lifecycle",
+            "--devices",
+            str(DEVICES),
+            "--lifetime",
+            f"{LIFETIME_S}s",
+            "--stagger",
+            "0,20s",
+            "--duration",
+            f"{DURATION_S}s",
+            "--workers",
+            "1",
+            "--work-dir",
+            str(work),
+            "--json",
+            "--png",
+            str(png),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CERTFLEET_LOG_LEVEL": "warning"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    body = json.loads(completed.stdout)
+    assert set(body) == {"runs", "png"}
+    assert body["png"] == str(png)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    runs = body["runs"]
+    assert [run["stagger_s"] for run in runs] == [0, 20]
+    for run in runs:
+        assert set(run) == RUN_KEYS
+        assert run["renewals"] >= DEVICES, run
+        assert run["expired_before_renewal"] == 0, run
+        assert run["superseded_revoked"] > 0, run
+        assert 0 < run["renewal_latency_p50_ms"] <= run["renewal_latency_p99_ms"], run
+        assert 0 < run["p99_renewals_per_s"] <= run["peak_renewals_per_s"], run
+    # Every run's data folder (and so every process's files) is gone afterwards.
+    assert list(work.iterdir()) == []
