@@ -9,7 +9,9 @@ can send many CSRs; each CSR has its own pre-generated key (key generation is th
 cost, not the registry's).
 
 - round trip: one CSR at a time, publish -> certificate received (p50/p95/p99);
-- burst: N CSRs published at once, time until N certificates came back;
+- burst: N CSRs published at once, spread over ``--burst-devices`` devices (each its own
+  paho client; the registry keeps at most two CSRs per device waiting, so one device cannot
+  make a burst), time until N certificates came back: the registry's renewal capacity;
 - renewer alone: ``CertificateRenewer.renew`` in a loop (checks, signing, SQLite commit).
 """
 
@@ -44,8 +46,8 @@ from registry.settings import RegistrySettings
 DEVICE = "dev-bench"
 
 
-def _csrs(ca: CertificateAuthority, count: int) -> list[bytes]:
-    identity = ca.identity(IdentityKind.DEVICE, DEVICE)
+def _csrs(ca: CertificateAuthority, count: int, device_id: str = DEVICE) -> list[bytes]:
+    identity = ca.identity(IdentityKind.DEVICE, device_id)
     return [
         build_csr(generate_key(), identity).public_bytes(serialization.Encoding.PEM)
         for _ in range(count)
@@ -58,14 +60,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 class Device:
-    def __init__(self, layout: DataLayout, port: int) -> None:
+    def __init__(
+        self,
+        layout: DataLayout,
+        port: int,
+        device_id: str = DEVICE,
+        got: threading.Condition | None = None,
+    ) -> None:
+        self.device_id = device_id
         self.answers: list[tuple[float, bytes]] = []
-        self.got = threading.Condition()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=DEVICE)
+        self.got = got or threading.Condition()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
         client.tls_set(
             ca_certs=str(layout.root_cert),
-            certfile=str(layout.client_cert(DEVICE)),
-            keyfile=str(layout.client_key(DEVICE)),
+            certfile=str(layout.client_cert(device_id)),
+            keyfile=str(layout.client_key(device_id)),
         )
         client.max_inflight_messages_set(0)
         subscribed = threading.Event()
@@ -74,7 +83,7 @@ class Device:
             sock = c.socket()
             if isinstance(sock, socket.socket):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            c.subscribe(f"devices/{DEVICE}/cert/issued", qos=1)
+            c.subscribe(f"devices/{device_id}/cert/issued", qos=1)
 
         client.on_connect = on_connect
         client.on_subscribe = lambda *_: subscribed.set()
@@ -100,24 +109,72 @@ class Device:
                 self.got.wait(left)
 
     def send(self, csr: bytes) -> None:
-        self.client.publish(f"devices/{DEVICE}/cert/renew", csr, qos=1)
+        self.client.publish(f"devices/{self.device_id}/cert/renew", csr, qos=1)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
+def _burst(
+    ca: CertificateAuthority, layout: DataLayout, port: int, device_ids: list[str], count: int
+) -> dict[str, object]:
+    """``count`` CSRs published at once, round robin over ``device_ids`` (each connected and
+    subscribed first), until every answer is back."""
+    got = threading.Condition()
+    devices = [Device(layout, port, device_id, got) for device_id in device_ids]
+    try:
+        per_device = -(-count // len(devices))
+        csrs = {device.device_id: _csrs(ca, per_device, device.device_id) for device in devices}
+        plan = [
+            (
+                devices[index % len(devices)],
+                csrs[devices[index % len(devices)].device_id][index // len(devices)],
+            )
+            for index in range(count)
+        ]
+        started = time.perf_counter()
+        for device, csr in plan:
+            device.send(csr)
+        deadline = time.monotonic() + 120
+        with got:
+            while sum(len(device.answers) for device in devices) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                got.wait(left)
+        answers = [answer for device in devices for answer in device.answers]
+    finally:
+        for device in devices:
+            device.close()
+    if len(answers) < count:
+        raise SystemExit(f"burst: only {len(answers)} of {count} answers within 120 s")
+    elapsed = max(moment for moment, _ in answers) - started
+    certificates = sum(1 for _, payload in answers if payload.startswith(b"-----BEGIN CERTIFICATE"))
+    return {
+        "csrs": count,
+        "devices": len(devices),
+        "certificates": certificates,
+        "seconds": round(elapsed, 2),
+        "renewals_per_s": round(certificates / elapsed, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--round-trips", type=int, default=200)
     parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--burst-devices", type=int, default=500)
     parser.add_argument("--renewer", type=int, default=1000)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         layout = DataLayout(Path(tmp))
         ca = CertificateAuthority.init(layout, "fleet.bench")
-        for kind, name in ((IdentityKind.SERVICE, "registry"), (IdentityKind.DEVICE, DEVICE)):
+        burst_ids = [f"dev-burst-{index:05d}" for index in range(max(1, args.burst_devices))]
+        identities = [(IdentityKind.SERVICE, "registry"), (IdentityKind.DEVICE, DEVICE)]
+        identities += [(IdentityKind.DEVICE, device_id) for device_id in burst_ids]
+        for kind, name in identities:
             issued = ca.issue_client(ca.identity(kind, name))
             write_issued(issued, layout.client_cert(name), layout.client_key(name))
         server = ca.issue_server("broker", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -141,12 +198,18 @@ def main() -> None:
             )
             with RegistryServer(settings) as registry:
                 engine = registry.state.engine
-                pem = layout.client_cert(DEVICE).read_text()
-                parsed = parse_device_certificate(
-                    pem, issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain
-                )
+                registrations = [
+                    crud.Registration(
+                        parse_device_certificate(
+                            layout.client_cert(device_id).read_text(),
+                            issuing_cert=ca.issuing_cert,
+                            trust_domain=ca.trust_domain,
+                        )
+                    )
+                    for device_id in [DEVICE, *burst_ids]
+                ]
                 with Session(engine) as session:
-                    crud.register_devices(session, [crud.Registration(parsed)], crud.Actor("b"))
+                    crud.register_devices(session, registrations, crud.Actor("b"))
                 ingest = registry.app.state.telemetry_ingest
                 if not ingest.subscribed.wait(15):
                     raise SystemExit("registry did not subscribe")
@@ -165,26 +228,9 @@ def main() -> None:
                         "p95": round(_percentile(latencies, 0.95), 2),
                         "p99": round(_percentile(latencies, 0.99), 2),
                     }
-                    csrs = _csrs(ca, args.burst)
-                    done_before = len(device.answers)
-                    started = time.perf_counter()
-                    for csr in csrs:
-                        device.send(csr)
-                    device.wait_for(done_before + args.burst, 120)
-                    elapsed = device.answers[-1][0] - started
-                    certificates = sum(
-                        1
-                        for _, payload in device.answers[done_before:]
-                        if payload.startswith(b"-----BEGIN CERTIFICATE")
-                    )
-                    results["burst"] = {
-                        "csrs": args.burst,
-                        "certificates": certificates,
-                        "seconds": round(elapsed, 2),
-                        "renewals_per_s": round(args.burst / elapsed, 1),
-                    }
                 finally:
                     device.close()
+                results["burst"] = _burst(ca, layout, broker.port, burst_ids, args.burst)
                 renewer = CertificateRenewer(ca, engine, min_interval_s=0)
                 csrs = _csrs(ca, args.renewer)
                 started = time.perf_counter()
