@@ -39,17 +39,11 @@ HERE = Path(__file__).resolve().parent
 
 def renewal_capacity(burst: int) -> dict[str, object]:
     """bench_renewal.py's burst: renewals per second the registry answers when CSRs queue."""
+    devices = max(1, burst // 2)
+    argv = [sys.executable, str(HERE / "bench_renewal.py"), "--round-trips", "1"]
+    argv += ["--burst", str(burst), "--burst-devices", str(devices), "--renewer", str(burst)]
     completed = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "bench_renewal.py"),
-            "--round-trips",
-            "1",
-            "--burst",
-            str(burst),
-            "--renewer",
-            str(burst),
-        ],  # fmt: skip
+        argv,
         capture_output=True,
         text=True,
         timeout=600,
@@ -61,7 +55,7 @@ def renewal_capacity(burst: int) -> dict[str, object]:
         "renewals_per_s": measured["burst"]["renewals_per_s"],
         "renewer_alone_per_s": measured["renewer_alone"]["renewals_per_s"],
         "how": "bench/bench_renewal.py --burst: CSRs published at once over MQTT by "
-        f"{max(1, burst // 2)} devices; broker, registry and devices in one process",
+        f"{devices} devices; broker, registry and devices in one process",
     }
 
 
