@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -15,6 +15,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
+from factory.profile import IdentityKind
+from registry import operations
 from registry.api.routes import (
     API_PREFIX,
     audit,
@@ -27,6 +29,7 @@ from registry.api.routes import (
 )
 from registry.console import install_console
 from registry.crl import CrlCache
+from registry.crud import Actor
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
 from registry.feed import FeedNotifier
@@ -35,6 +38,7 @@ from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
+from registry.supersede import Confirmer, SupersededRevocation, SupersedeWorker
 from registry.verify import BatchVerifier
 
 __all__ = ["API_PREFIX", "create_app"]
@@ -96,6 +100,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def _supersede_worker(state: RegistryState, crashed: Callable[[str], None]) -> SupersedeWorker:
+    """The worker revoking superseded certificates, with a revocation's after-commit effects."""
+
+    def revoked(events: Sequence[SupersededRevocation]) -> None:
+        operations.revocations_committed(state, max(e.seq for e in events))
+        state.metrics.superseded.inc(sum(len(e.serials) for e in events))
+
+    return SupersedeWorker(
+        state.engine,
+        Actor(state.ca.identity(IdentityKind.SERVICE, "registry").uri),
+        on_revoked=revoked,
+        check_s=state.settings.registry_supersede_check_s,
+        on_crash=crashed,
+    )
+
+
 def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> FastAPI:
     """Build the app: open the database (migrating it), load the CA, mount the routes."""
     ca = CertificateAuthority.load(settings.layout, passphrase=settings.ca_passphrase_bytes)
@@ -128,6 +148,8 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         ),
     )
 
+    supersede = _supersede_worker(state, crashed)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The pool is sized from the same number (registry.db.make_engine).
@@ -144,17 +166,26 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
                 ca,
                 on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
                 on_crash=crashed,
+                confirm=Confirmer(
+                    engine,
+                    supersede.actor,
+                    grace=dt.timedelta(seconds=settings.registry_supersede_grace_s),
+                    on_scheduled=supersede.wake,
+                ),
+                on_confirm_outcome=lambda outcome: registry_metrics.confirms.labels(outcome).inc(),
             )
             ingest = await started if inspect.isawaitable(started) else started
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
             registry_metrics.telemetry.attach(ingest)
             log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
+        supersede.start()
         try:
             yield
         finally:
             state.feed.close()
             if ingest is not None:
                 await ingest.stop()
+            supersede.stop()
             state.close()
             engine.dispose()
 
