@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
+from factory.clock import utcnow
 from factory.profile import IdentityKind
 from registry import operations
 from registry.api.routes import (
@@ -22,6 +23,7 @@ from registry.api.routes import (
     audit,
     crl,
     devices,
+    expiry,
     health,
     metrics,
     revocations,
@@ -32,6 +34,7 @@ from registry.crl import CrlCache
 from registry.crud import Actor
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
+from registry.expiry import ExpiryCollector
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
 from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
@@ -123,6 +126,9 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     if migrate_schema:
         migrate(engine)
     registry_metrics = RegistryMetrics()
+    registry_metrics.registry.register(
+        ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
+    )
 
     def crashed(task: str) -> None:
         registry_metrics.task_crashes.labels(task).inc()
@@ -203,7 +209,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, audit, revocations, crl, stats, health, metrics):
+    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics):
         app.include_router(module.router)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
