@@ -1,6 +1,6 @@
 """Revoked serials: the in-memory set, its copy on disk, and the registry feed follower.
 
-- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`factory.profile.serial_hex`)
+- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`fleetcore.profile.serial_hex`)
   and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
   from ``<data>/broker/revoked-<node>.json`` at start (or, once, from the single-broker
   ``broker/revoked.json`` of earlier versions), so a restart while the registry is down is no
@@ -9,7 +9,7 @@
   never stops enforcement: the sets are already changed in memory, the failure is logged and
   counted, and :meth:`RevokedSet.keep_persisted` retries with backoff until the disk is back.
   The one exception to "only grows": a serial whose certificate has expired (its not_after,
-  carried by the feed, plus :data:`factory.profile.CLOCK_SKEW`) can no longer be presented,
+  carried by the feed, plus :data:`fleetcore.profile.CLOCK_SKEW`) can no longer be presented,
   so :meth:`RevokedSet.prune` forgets it, on load and every ``prune_s``
   (:meth:`RevokedSet.keep_pruned`). Serials whose not_after is unknown, and decommissioned
   device ids, are kept for good.
@@ -21,7 +21,7 @@
   head is below its position or the feed's epoch changed (the registry's database was
   restored from a backup or replaced), and every ``resync_s`` as a backstop (a restored
   database that has already moved past the broker's position shows neither sign). It asks
-  for every event kind (:data:`factory.revocation_feed.FOLLOWER_KINDS`): a ``superseded``
+  for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a ``superseded``
   event revokes serials without decommissioning the device.
 """
 
@@ -39,9 +39,9 @@ from pathlib import Path
 import httpx
 
 from broker.errors import BrokerError, RevocationStateError
-from factory.layout import write_public
-from factory.profile import CLOCK_SKEW
-from factory.revocation_feed import (
+from fleetcore.layout import write_public
+from fleetcore.profile import CLOCK_SKEW
+from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FOLLOWER_KINDS,
     RevocationEvent,

@@ -15,8 +15,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
-from factory.profile import IdentityKind
+from fleetcore.clock import utcnow
+from fleetcore.profile import IdentityKind
 from registry import operations
 from registry.api.routes import (
     API_PREFIX,

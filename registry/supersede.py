@@ -37,7 +37,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry.crud import REVOCATION_SEQ, Actor, audit, bump_counter
 from registry.db import begin_write
 from registry.models import Certificate, Device, Revocation

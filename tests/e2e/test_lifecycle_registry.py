@@ -32,10 +32,10 @@ from broker.auth import Refusal
 from broker.server import BrokerServer
 from device_sim.renew import renew_bundle
 from factory.ca import write_issued
-from factory.clock import utcnow
-from factory.layout import DataLayout
-from factory.profile import CLOCK_SKEW, IdentityKind, serial_hex
-from factory.topics import issued_topic, renew_topic, telemetry_topic
+from fleetcore.clock import utcnow
+from fleetcore.layout import DataLayout
+from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
+from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import MqttProbe, broker_settings, connect, feed_broker_layout, wait_for

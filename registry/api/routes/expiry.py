@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX
 from registry.expiry import LIST_LIMIT, ExpiryReport, expiry_report

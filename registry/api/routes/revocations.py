@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from factory.revocation_feed import (
+from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FEED_BATCH_MAX,
     RevocationFeed,

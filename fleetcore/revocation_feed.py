@@ -15,7 +15,7 @@ decommission and cut the device off); sequence numbers then have gaps, which suc
 never checked. A follower that understands kinds asks ``kinds=decommission,superseded``
 (:data:`FOLLOWER_KINDS`). ``not_after`` (serial -> its certificate's not_after) is optional:
 with it, a follower may forget a revoked serial once it has expired (plus the clock-skew
-margin, :data:`factory.profile.CLOCK_SKEW`); a serial without it is kept for good.
+margin, :data:`fleetcore.profile.CLOCK_SKEW`); a serial without it is kept for good.
 Followers ignore fields they do not know (pydantic's default), so both fields are additive.
 """
 
@@ -26,7 +26,7 @@ from typing import Annotated, Final, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from factory.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
 
 __all__ = [
     "DEFAULT_KINDS",
