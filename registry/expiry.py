@@ -64,14 +64,15 @@ def _aware(value: Any) -> dt.datetime | None:
 def _current() -> Any:
     """(device_id, expires) of every active device: the latest not_after of its live
     certificates, NULL when it has none."""
-    expires = func.max(Certificate.not_after).label("expires")
+    # The status test inside the aggregate, not in the join: with it in the ON clause
+    # SQLite's planner probes the (status, not_after) index per device, scanning every
+    # live certificate of the fleet for each (1.5 s at 2,000 devices instead of ms).
+    live_not_after = case((col(Certificate.status) == "live", col(Certificate.not_after)))
+    expires = func.max(live_not_after).label("expires")
     return (
         select(col(Device.device_id).label("device_id"), expires)
         .select_from(Device)
-        .outerjoin(
-            Certificate,
-            and_(col(Certificate.device_id) == Device.device_id, col(Certificate.status) == "live"),
-        )
+        .outerjoin(Certificate, col(Certificate.device_id) == Device.device_id)
         .where(col(Device.status) == "active")
         .group_by(col(Device.device_id))
         .subquery("current")
