@@ -104,6 +104,8 @@ class BrokerApp:
                 max_backoff_s=settings.broker_feed_max_backoff_s,
                 resync_s=settings.broker_feed_resync_s,
             )
+            follower = self.follower
+            self.metrics.feed_last_success.set_function(lambda: follower.last_success_at)
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
@@ -151,6 +153,10 @@ class BrokerApp:
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
+        self.supervisor.start(
+            "revoked-set-pruner",
+            lambda: self.revoked.keep_pruned(self.settings.broker_prune_s, self._pruned),
+        )
         if self.follower is not None:
             self.supervisor.start("revocation-feed", self.follower.run)
         log.info(
@@ -161,6 +167,10 @@ class BrokerApp:
             len(self.revoked.serials),
             self.settings.registry_url or "none",
         )
+
+    def _pruned(self, count: int) -> None:
+        self.metrics.revoked_expired.inc(count)
+        self.metrics.revoked_serials.set(len(self.revoked.serials))
 
     def _revoked_written(self, ok: bool) -> None:
         self.metrics.revoked_persisted.set(1 if ok else 0)
@@ -199,7 +209,9 @@ class BrokerApp:
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
-        dropped = self.listener.drop(new_serials, event.device_id) if self.listener else 0
+        # A superseded event revokes serials only: the device's new-certificate session stays.
+        device_id = event.device_id if event.kind == "decommission" else None
+        dropped = self.listener.drop(new_serials, device_id) if self.listener else 0
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(event.seq)
         self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))

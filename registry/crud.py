@@ -22,9 +22,9 @@ from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
 from fleetcore.clock import utcnow
-from fleetcore.profile import NAME_PATTERN
+from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN
 from fleetcore.reasons import DEFAULT_REASON_CODE, reason_flag
-from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
+from fleetcore.revocation_feed import DEFAULT_KINDS, FEED_KINDS, RevocationEvent, RevocationFeed
 from registry.certs import ParsedCertificate
 from registry.db import begin_write
 from registry.errors import (
@@ -57,6 +57,7 @@ __all__ = [
     "TelemetryUpdate",
     "CertificateStatusInfo",
     "audit",
+    "bump_counter",
     "certificate_status",
     "create_token",
     "decommission_device",
@@ -71,6 +72,7 @@ __all__ = [
     "register_devices",
     "revocations_after",
     "revoked_entries",
+    "next_crl_expiry",
     "find_token",
     "list_tokens",
     "revoke_tokens",
@@ -382,7 +384,7 @@ def list_devices(
 # -- decommission and the revocation feed ----------------------------------------------------
 
 
-def _bump_counter(session: Session, name: str) -> int:
+def bump_counter(session: Session, name: str) -> int:
     """Increment counter ``name`` under a row lock and return its new value."""
     counter = session.exec(select(Counter).where(Counter.name == name).with_for_update()).one()
     counter.value += 1
@@ -414,7 +416,7 @@ def decommission_device(
             f"{device.decommissioned_at.isoformat() if device.decommissioned_at else '?'}; "
             "its certificates are revoked"
         )
-    seq = _bump_counter(session, REVOCATION_SEQ)
+    seq = bump_counter(session, REVOCATION_SEQ)
     now = utcnow()
     # Filter on device_id only (a device has a handful of certificates): with the status in
     # the WHERE clause SQLite's planner may pick the (status, not_after) index and scan
@@ -493,13 +495,30 @@ def head_seq(session: Session) -> int:
     return int(value)
 
 
-def revocations_after(session: Session, after: int, limit: int) -> RevocationFeed:
-    rows = session.exec(
+def revocations_after(
+    session: Session,
+    after: int,
+    limit: int,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+) -> RevocationFeed:
+    """Feed events with ``seq > after`` of the given kinds, each with its serials' not_after.
+
+    The head is read first (every event up to it is committed: the counter and the event
+    commit together): when fewer than ``limit`` events match, every event up to the head
+    has been scanned and ``last_seq`` is at least the head (an answer of filtered kinds
+    moves the cursor past the events it left out).
+    """
+    head = head_seq(session)
+    query = (
         select(Revocation)
         .where(col(Revocation.seq) > after)
         .order_by(col(Revocation.seq))
         .limit(limit)
-    ).all()
+    )
+    if set(kinds) != set(FEED_KINDS):
+        query = query.where(col(Revocation.kind).in_(list(kinds)))
+    rows = session.exec(query).all()
+    expiry = _not_after_of(session, [s for r in rows for s in r.serials])
     events = [
         RevocationEvent(
             seq=r.seq,
@@ -508,25 +527,51 @@ def revocations_after(session: Session, after: int, limit: int) -> RevocationFee
             reason=r.reason,
             reason_code=r.reason_code,  # type: ignore[arg-type]
             revoked_at=r.revoked_at,
+            kind=r.kind,  # type: ignore[arg-type]
+            not_after={s: expiry[s] for s in r.serials if s in expiry},
         )
         for r in rows
     ]
+    complete = len(rows) < limit
     return RevocationFeed(
         events=events,
-        last_seq=events[-1].seq if events else after,
-        head_seq=head_seq(session),
+        last_seq=max(after, head, rows[-1].seq if rows else 0) if complete else rows[-1].seq,
+        head_seq=head,
         epoch=feed_epoch(session),
     )
+
+
+#: Serials per IN list (SQLite's bound-parameter limit is 999 in old builds).
+_IN_CHUNK = 500
+
+
+def _not_after_of(session: Session, serials: Sequence[str]) -> dict[str, dt.datetime]:
+    found: dict[str, dt.datetime] = {}
+    unique = sorted(set(serials))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        found.update(
+            session.exec(
+                select(Certificate.serial, Certificate.not_after).where(
+                    col(Certificate.serial).in_(chunk)
+                )
+            ).all()
+        )
+    return found
 
 
 # -- CRL --------------------------------------------------------------------------------------
 
 
 def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
-    """Revoked certificates that have not expired yet (expired ones need no CRL entry)."""
+    """Revoked certificates that have not expired yet (expired ones need no CRL entry).
+
+    A certificate stays listed until ``CLOCK_SKEW`` after its not_after: a relying party
+    whose clock is behind by up to that margin still takes it for valid.
+    """
     rows = session.exec(
         select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-        .where(Certificate.status == "revoked", col(Certificate.not_after) > now)
+        .where(Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW)
         .order_by(col(Certificate.serial))
     ).all()
     return [
@@ -535,6 +580,24 @@ def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
         )
         for serial, revoked_at, reason in rows
     ]
+
+
+def next_crl_expiry(session: Session, now: dt.datetime) -> dt.datetime | None:
+    """When the first CRL entry expires (not_after + CLOCK_SKEW of the earliest revoked
+    certificate still listed); None when the CRL lists nothing."""
+    first = session.exec(
+        select(func.min(Certificate.not_after)).where(
+            Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW
+        )
+    ).one()
+    return None if first is None else _aware(first) + CLOCK_SKEW
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # func.min() bypasses the column type: SQLite hands back a naive datetime (or text).
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,7 +628,7 @@ def certificate_status(session: Session, serial: str) -> CertificateStatusInfo |
 def next_crl_number(session: Session) -> int:
     """Allocate the next CRLNumber (monotonic across restarts and processes)."""
     begin_write(session)
-    number = _bump_counter(session, CRL_NUMBER)
+    number = bump_counter(session, CRL_NUMBER)
     session.commit()
     return number
 

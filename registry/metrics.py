@@ -103,6 +103,17 @@ class RegistryMetrics:
             ["task"],
             registry=self.registry,
         )
+        self.superseded = Counter(
+            "certfleet_registry_superseded_revocations",
+            "older certificates of renewed devices revoked with reason superseded",
+            registry=self.registry,
+        )
+        self.confirms = Counter(
+            "certfleet_registry_renewal_confirms",
+            "renewal confirms over MQTT, by outcome (confirmed, or the refusal code)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.telemetry = TelemetryCollector()
         self.registry.register(self.telemetry)
 

@@ -106,6 +106,12 @@ class Certificate(SQLModel, table=True):
     #: RFC 5280 reason name (:mod:`fleetcore.reasons`) once revoked: the CRL entry and OCSP.
     revocation_reason: str | None = Field(default=None, max_length=32)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
+    #: when the device confirmed over MQTT that it connected with this certificate.
+    confirmed_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: when this (older) certificate is to be revoked as superseded (after the grace).
+    supersede_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
+    #: the confirmed certificate that supersedes this one.
+    superseded_by: str | None = Field(default=None, max_length=48)
 
 
 class Revocation(SQLModel, table=True):
@@ -123,6 +129,11 @@ class Revocation(SQLModel, table=True):
     )
     revoked_at: dt.datetime = Field(sa_type=UTCDateTime)
     operator: str = Field(max_length=256)
+    #: ``decommission`` or ``superseded`` (:mod:`fleetcore.revocation_feed`).
+    kind: str = Field(
+        default="decommission",
+        sa_column=Column(String(16), nullable=False, server_default="decommission"),
+    )
 
 
 class Counter(SQLModel, table=True):

@@ -17,7 +17,7 @@ from registry import crud
 from registry.models import DecommissionRequest, DecommissionResult
 from registry.state import RegistryState
 
-__all__ = ["decommission_device"]
+__all__ = ["decommission_device", "revocations_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ def decommission_device(
         result = crud.decommission_device(
             session, device_id, request.reason, actor, reason_code=request.reason_code
         )
-    if state.mark is not None:
-        state.mark.advance(result.revocation_seq)
-    state.feed.published()
+    revocations_committed(state, result.revocation_seq, resign=False)
     state.metrics.decommissions.inc()
     log.info(
         "device decommissioned device_id=%s seq=%d reason_code=%s serials=%s by=%s",
@@ -50,3 +48,13 @@ def decommission_device(
     )
     state.crl.request_resign()
     return result
+
+
+def revocations_committed(state: RegistryState, last_seq: int, *, resign: bool = True) -> None:
+    """After-commit effects of any feed event up to ``last_seq`` (a decommission, superseded
+    certificates): the feed mark, the long-poll wake-up and (``resign``) a CRL re-sign."""
+    if state.mark is not None:
+        state.mark.advance(last_seq)
+    state.feed.published()
+    if resign:
+        state.crl.request_resign()

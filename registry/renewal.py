@@ -29,7 +29,9 @@ ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retain
 The new certificate gets the device profile and the validity length of the device's newest
 certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
 device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
-previous certificate stays live until it expires: the device may still be using it.
+previous certificate stays live until the device confirms the new one (a JSON payload
+``{"confirm": "<serial>"}`` on the same topic, :mod:`registry.supersede`) and the grace has
+passed: the device may still be using it.
 
 Signing and the database writes run on the worker thread (supervised: a crash is logged,
 counted and the worker restarted), never on paho's network thread.
@@ -368,9 +370,15 @@ class RenewalService:
         per_device_pending: int = PER_DEVICE_PENDING,
         on_outcome: Callable[[str], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
+        confirm: Callable[[str, bytes], bytes] | None = None,
+        on_confirm_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.renewer = renewer
         self.counters: Counter[str] = Counter()
+        #: outcomes of confirms (``confirmed`` or the refusal code)
+        self.confirm_counters: Counter[str] = Counter()
+        self._confirm = confirm
+        self._on_confirm_outcome = on_confirm_outcome
         self._publish = publish
         self._on_outcome = on_outcome
         self._max_pending = max_pending
@@ -438,6 +446,9 @@ class RenewalService:
             stopping.wait()
 
     def _handle(self, device_id: str, payload: bytes) -> None:
+        if self._confirm is not None and payload.lstrip()[:1] == b"{":
+            self._handle_confirm(self._confirm, device_id, payload)
+            return
         try:
             renewed = self.renewer.renew(device_id, payload)
         except RenewalRefused as exc:
@@ -471,6 +482,35 @@ class RenewalService:
                 renewed.not_after.isoformat(),
             )
         self._publish(issued_topic(device_id), renewed.certificate_pem.encode())
+
+    def _handle_confirm(
+        self, confirm: Callable[[str, bytes], bytes], device_id: str, payload: bytes
+    ) -> None:
+        """A JSON payload on cert/renew: the device confirms its new certificate."""
+        try:
+            answer = confirm(device_id, payload)
+            outcome = "confirmed"
+        except RenewalRefused as exc:
+            outcome, answer = exc.error, exc.payload()
+            log.warning(
+                "confirm refused device_id=%s error=%s message=%s", device_id, exc.error, exc
+            )
+        except SQLAlchemyError as exc:
+            log.error("confirm failed device_id=%s error=%s", device_id, type(exc).__name__)
+            outcome = "registry_unavailable"
+            answer = RenewalRefused(outcome, "the registry could not record it; retry").payload()
+        except Exception:  # a bug must not kill the worker silently; the device is told
+            log.exception("confirm crashed device_id=%s", device_id)
+            outcome = "internal_error"
+            answer = RenewalRefused(outcome, "the registry failed; retry later").payload()
+        finally:
+            with self._lock:
+                self._pending = max(0, self._pending - 1)
+        with self._lock:
+            self.confirm_counters[outcome] += 1
+        if self._on_confirm_outcome is not None:
+            self._on_confirm_outcome(outcome)
+        self._publish(issued_topic(device_id), answer)
 
     def _refuse(self, device_id: str, refusal: RenewalRefused) -> None:
         self._count(refusal.error)

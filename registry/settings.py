@@ -71,6 +71,14 @@ class RegistrySettings(BaseSettings):
     registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
+    #: grace between a renewed device's confirm and the revocation (reason superseded) of
+    #: its older certificates: in-flight sessions with the old certificate end cleanly.
+    registry_supersede_grace_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
+    #: how often the supersede worker looks for due revocations recorded by another
+    #: registry process (its own confirms wake it at once).
+    registry_supersede_check_s: float = Field(default=30.0, gt=0, le=3600)
+    #: how long the expiry gauges of /metrics are reused before the database is asked again.
+    registry_expiry_metrics_cache_s: float = Field(default=15.0, ge=0, le=3600)
     #: how long a web console sign-in lasts (the cookie's and the stored session's expiry).
     console_session_hours: float = Field(default=8.0, gt=0, le=24 * 7)
     #: failed console sign-ins allowed per client address within the window, then 429.

@@ -136,6 +136,8 @@ class TelemetryIngest:
         ca: CertificateAuthority | None = None,
         on_renewal_outcome: Callable[[str], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
+        confirm: Callable[[str, bytes], bytes] | None = None,
+        on_confirm_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if not settings.telemetry_broker_addr:
             raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
@@ -171,7 +173,12 @@ class TelemetryIngest:
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
             )
             self.renewal = RenewalService(
-                renewer, self._publish_qos1, on_outcome=on_renewal_outcome, on_crash=on_crash
+                renewer,
+                self._publish_qos1,
+                on_outcome=on_renewal_outcome,
+                on_crash=on_crash,
+                confirm=confirm,
+                on_confirm_outcome=on_confirm_outcome,
             )
         self._flusher = SupervisedThread("telemetry-flush", self._flush_loop, on_crash=on_crash)
         self._watchdog = SupervisedThread("mqtt-watchdog", self._watch, on_crash=on_crash)
@@ -440,9 +447,17 @@ def start_ingest(
     ca: CertificateAuthority | None = None,
     on_renewal_outcome: Callable[[str], None] | None = None,
     on_crash: Callable[[str], None] | None = None,
+    confirm: Callable[[str, bytes], bytes] | None = None,
+    on_confirm_outcome: Callable[[str], None] | None = None,
 ) -> TelemetryIngest:
     """Start ingesting telemetry from ``settings.telemetry_broker_addr`` (and answering
-    renewals when ``ca`` is given); ``await .stop()``."""
+    renewals, and confirms through ``confirm``, when ``ca`` is given); ``await .stop()``."""
     return TelemetryIngest(
-        settings, engine, ca=ca, on_renewal_outcome=on_renewal_outcome, on_crash=on_crash
+        settings,
+        engine,
+        ca=ca,
+        on_renewal_outcome=on_renewal_outcome,
+        on_crash=on_crash,
+        confirm=confirm,
+        on_confirm_outcome=on_confirm_outcome,
     ).start()
