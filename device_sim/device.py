@@ -30,11 +30,12 @@ from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from device_sim.backoff import Backoff
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
+from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
@@ -92,44 +93,6 @@ class DeviceEvent:
 EventSink = Callable[[DeviceEvent], None]
 
 
-class _PahoClient(mqtt.Client):
-    """A paho client that is handed an already handshaken TLS socket and remembers why the
-    socket failed (a TLS alert arriving after the handshake, as TLS 1.3 delivers client
-    certificate refusals, is otherwise only logged by paho)."""
-
-    def __init__(self, device_id: str, tls_socket: ssl.SSLSocket) -> None:
-        super().__init__(
-            CallbackAPIVersion.VERSION2,
-            client_id=device_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
-        self._prepared_socket: ssl.SSLSocket | None = tls_socket
-        self.socket_error: OSError | None = None
-
-    def _create_socket(self) -> Any:
-        tls_socket, self._prepared_socket = self._prepared_socket, None
-        if tls_socket is None:
-            raise ConnectionError("no prepared socket: SimDevice opens a new one per connection")
-        return tls_socket
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            return super()._sock_recv(bufsize)
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
-            raise
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-
 @dataclass(slots=True)
 class _Pending:
     payload: bytes
@@ -166,7 +129,8 @@ class SimDevice:
         self._seq = 0
         self._pending: OrderedDict[int, _Pending] = OrderedDict()  # seq -> unacked reading
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent monotonic)
-        self._client: _PahoClient | None = None
+        self._client: PreparedSocketClient | None = None
+        self._socket: DeviceSocket | None = None
         self._fd = -1
         self._connack: asyncio.Future[Failure | None] | None = None
         self._session_end: asyncio.Future[Failure] | None = None
@@ -313,7 +277,8 @@ class SimDevice:
         return None
 
     def _start_client(self, tls_socket: ssl.SSLSocket) -> None:
-        client = _PahoClient(self.device_id, tls_socket)
+        sock = DeviceSocket(tls_socket)
+        client = PreparedSocketClient(self.device_id, sock)
         client.max_inflight_messages_set(0)  # the device's own window bounds what is unacked
         client.max_queued_messages_set(0)
         client.on_socket_open = self._on_socket_open
@@ -324,6 +289,7 @@ class SimDevice:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         self._client = client
+        self._socket = sock
         self._closing = False
         self._session_end = None
         client.connect_async(self.config.host, self.config.port, self.config.keepalive)
@@ -450,7 +416,7 @@ class SimDevice:
     ) -> None:
         if client is not self._client:
             return
-        socket_error = self._client.socket_error if self._client is not None else None
+        socket_error = self._socket.error if self._socket is not None else None
         if socket_error is not None:
             failure = classify_os_error(socket_error)
         elif self._closing:
@@ -486,32 +452,27 @@ class SimDevice:
         self._loop.add_reader(self._fd, self._on_readable)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-        self._fd = -1
+        if client is self._client:  # not a dropped client being garbage-collected
+            self._unregister_fd()
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
+        client, sock = self._client, self._socket
+        if client is None or sock is None:
             return
         # TLS may hold decrypted bytes the kernel no longer reports as readable: keep reading
         # while the TLS layer has some (bounded).
         for _ in range(64):
             if client.loop_read(max_packets=64) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
-            tls_socket = client.socket()
-            if tls_socket is None or not isinstance(tls_socket, ssl.SSLSocket):
-                return
-            if tls_socket.pending() == 0:
+            if self._client is not client or sock.pending() == 0:
                 return
 
     def _on_writable(self) -> None:
@@ -521,18 +482,24 @@ class SimDevice:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _unregister_fd(self) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+
     def _close_client(self) -> None:
+        """Drop the connection at once (no DISCONNECT): the socket is ours, we close it."""
         client, self._client = self._client, None
+        sock, self._socket = self._socket, None
         self._inflight.clear()
         if client is None:
             return
         self._closing = True
-        # paho's _sock_close runs our socket-close callback (remove the fd from the loop)
-        # before closing the socket.
-        sock = client.socket()
+        self._unregister_fd()
         if sock is not None:
             try:
-                client._sock_close()
+                sock.close()
             except OSError:
                 log.debug("socket close failed device_id=%s", self.device_id)
 
