@@ -4,10 +4,10 @@ real TLS connections so that a paho upgrade that changes it fails here, loudly."
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -92,8 +92,9 @@ def test_reconnect_speaks_mqtt_over_the_given_socket_and_opens_none_itself(
     tls.close()
 
 
-class _ResettingServer:
-    """A TLS server that completes one handshake, then resets the TCP connection."""
+class _CorruptingServer:
+    """A TLS server that completes one handshake, then writes bytes that are no TLS record
+    straight onto the TCP connection: the client's next read fails in TLS."""
 
     def __init__(self, pki: TestPKI) -> None:
         cert, key = pki.server("paho-pin")
@@ -104,7 +105,8 @@ class _ResettingServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.handshaken = threading.Event()
-        self.reset = threading.Event()
+        self.corrupt = threading.Event()
+        self.closed = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -113,42 +115,45 @@ class _ResettingServer:
         raw, _ = self.listener.accept()
         conn = self.context.wrap_socket(raw, server_side=True)
         self.handshaken.set()
-        self.reset.wait(10)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()  # SO_LINGER 0: an RST, which the client's next read raises
+        self.corrupt.wait(10)
+        os.write(conn.fileno(), b"\x00" * 64)
+        self.closed.wait(10)
+        conn.close()
 
     def close(self) -> None:
-        self.reset.set()
+        self.corrupt.set()
+        self.closed.set()
         self.thread.join(10)
         self.listener.close()
 
 
 @pytest.fixture
-def resetting_server(pki: TestPKI) -> Iterator[_ResettingServer]:
-    server = _ResettingServer(pki)
+def corrupting_server(pki: TestPKI) -> Iterator[_CorruptingServer]:
+    server = _CorruptingServer(pki)
     yield server
     server.close()
 
 
 def test_a_failed_read_closes_through_the_callback_and_the_socket_keeps_the_error(
-    fleet: Fleet, resetting_server: _ResettingServer
+    fleet: Fleet, corrupting_server: _CorruptingServer
 ) -> None:
     bundle = DeviceBundle.load(fleet.data_dir / "devices" / "dev-0041")
-    tls = _handshaken(bundle, resetting_server.port)
+    tls = _handshaken(bundle, corrupting_server.port)
     sock = DeviceSocket(tls)
     client = PreparedSocketClient(bundle.device_id, sock)
     recorder = Recorder()
     recorder.attach(client)
-    client.connect_async("127.0.0.1", resetting_server.port, keepalive=30)
+    client.connect_async("127.0.0.1", corrupting_server.port, keepalive=30)
     client.reconnect()
-    assert resetting_server.handshaken.wait(10)
-    resetting_server.reset.set()
+    assert corrupting_server.handshaken.wait(10)
+    corrupting_server.corrupt.set()
     _pump(client, sock, lambda: "disconnect" in recorder.calls)
     # paho closes the socket through on_socket_close, then reports the drop...
     assert recorder.calls[0] == "socket_open"
     assert recorder.calls[-2:] == ["socket_close", "disconnect"]
     # ...and keeps the reason to itself: our socket object holds it.
-    assert isinstance(sock.error, ssl.SSLEOFError | ConnectionResetError)
+    assert isinstance(sock.error, ssl.SSLError)
+    assert not isinstance(sock.error, ssl.SSLWantReadError | ssl.SSLWantWriteError)
     assert tls.fileno() == -1  # paho closed it
     sock.close()  # closing twice is harmless
 
