@@ -36,9 +36,11 @@ from device_sim.backoff import Backoff
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
 from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
+from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
+from fleetcore.address import Address
 from fleetcore.topics import telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
@@ -70,6 +72,14 @@ class DeviceConfig:
     window: int = 1000  # unacked readings kept for resend; the oldest are dropped beyond it
     drain_timeout: float = 5.0  # at the end, how long to wait for outstanding PUBACKs
     server_hostname: str | None = None
+    #: Brokers to fail over to after ``host:port``: a device moves to the next one of
+    #: (host:port, *failover) after every drop or failed attempt, starting at its own index.
+    failover: tuple[Address, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[Address, ...]:
+        """Every broker a device may use, in failover order."""
+        return (Address(self.host, self.port), *self.failover)
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
@@ -110,6 +120,8 @@ class SimDevice:
         *,
         connect_slots: asyncio.Semaphore,
         events: EventSink | None = None,
+        renewals: Callable[[RenewalEvent], None] | None = None,
+        broker_index: int = 0,
         rng: random.Random | None = None,
         context: ssl.SSLContext | None = None,
     ) -> None:
@@ -122,6 +134,10 @@ class SimDevice:
         self.topic = telemetry_topic(self.device_id)
         self._slots = connect_slots
         self._events = events
+        self._renewals = renewals
+        self._brokers = config.brokers
+        self._broker_index = broker_index % len(self._brokers)
+        self._last_broker: Address | None = None  # of the last successful connect
         self._rng = rng or random.Random()
         self._context = context
         self._backoff = Backoff(config.backoff_base, config.backoff_cap, self._rng)
@@ -148,6 +164,11 @@ class SimDevice:
     @property
     def connected(self) -> bool:
         return self.state is DeviceState.CONNECTED
+
+    @property
+    def broker(self) -> Address:
+        """The broker this device is connected to, or will try next."""
+        return self._brokers[self._broker_index]
 
     @property
     def unacked(self) -> int:
@@ -224,6 +245,7 @@ class SimDevice:
                     self._give_up(failure)
                     return
             self.state = DeviceState.BACKOFF
+            self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = min(self._backoff.next_delay(), max(self._time_left(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopper), timeout=delay)
@@ -254,8 +276,8 @@ class SimDevice:
                     context = self._context or tls_context(self.bundle)
                     self._context = context
                     tls_socket = await open_tls(
-                        self.config.host,
-                        self.config.port,
+                        self.broker.host,
+                        self.broker.port,
                         context,
                         server_hostname=self.config.server_hostname,
                     )
@@ -292,7 +314,7 @@ class SimDevice:
         self._socket = sock
         self._closing = False
         self._session_end = None
-        client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        client.connect_async(self.broker.host, self.broker.port, self.config.keepalive)
         rc = client.reconnect()  # sends CONNECT on the prepared socket; does not block
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"sending CONNECT failed: {mqtt.error_string(rc)}")
@@ -307,6 +329,11 @@ class SimDevice:
         if not self._ever_connected:
             self._ever_connected = True
             self.stats.ever_connected += 1
+        else:
+            self.stats.reconnects += 1
+            if self._last_broker != self.broker:
+                self.stats.failovers += 1
+        self._last_broker = self.broker
         self._emit("connected")
         session_end = self._session_end
         assert session_end is not None
