@@ -18,7 +18,7 @@ from device_sim.errors import SimError
 from device_sim.progress import watch
 from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
-from device_sim.settings import build_settings, parse_addr
+from device_sim.settings import broker_list, build_settings, parse_addr
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
 
@@ -29,12 +29,20 @@ BrokerOption = Annotated[
         "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
     ),
 ]
+BrokersOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        help="broker host:port, or host:port,host:port,... to fail over between "
+        "(default: CERTFLEET_SIM_BROKERS, CERTFLEET_BROKER_ADDR or device.json)",
+    ),
+]
 
 
 @app.command("run")
 def run(
     data_dir: DataDirOption = None,
-    broker: BrokerOption = None,
+    broker: BrokersOption = None,
     devices: Annotated[
         int | None, typer.Option("--devices", min=1, help="run the first N bundles")
     ] = None,
@@ -71,7 +79,7 @@ def run(
         raise SimError("pass either --devices N or --all, not both")
     settings = build_settings(
         data_dir=data_dir,
-        broker_addr=broker,
+        sim_brokers=broker,
         sim_devices=devices,
         sim_rate=rate,
         sim_duration=duration,
@@ -82,13 +90,14 @@ def run(
     )
     limit = None if all_devices else settings.sim_devices
     bundles = discover_bundles(settings.data_dir, limit)
-    address = settings.broker_addr or bundles[0].broker
+    address = settings.sim_brokers or settings.broker_addr or bundles[0].broker
     if address is None:
         raise SimError("no broker address: pass --broker host:port")
-    host, port = parse_addr(address)
+    first, *failover = broker_list(address)
     config = DeviceConfig(
-        host,
-        port,
+        first.host,
+        first.port,
+        failover=tuple(failover),
         rate=settings.sim_rate,
         qos=settings.sim_qos,
         keepalive=settings.sim_keepalive,

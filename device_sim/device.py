@@ -30,14 +30,17 @@ from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from device_sim.backoff import Backoff
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
+from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
+from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
+from fleetcore.address import Address
 from fleetcore.topics import telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
@@ -69,6 +72,14 @@ class DeviceConfig:
     window: int = 1000  # unacked readings kept for resend; the oldest are dropped beyond it
     drain_timeout: float = 5.0  # at the end, how long to wait for outstanding PUBACKs
     server_hostname: str | None = None
+    #: Brokers to fail over to after ``host:port``: a device moves to the next one of
+    #: (host:port, *failover) after every drop or failed attempt, starting at its own index.
+    failover: tuple[Address, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[Address, ...]:
+        """Every broker a device may use, in failover order."""
+        return (Address(self.host, self.port), *self.failover)
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
@@ -92,44 +103,6 @@ class DeviceEvent:
 EventSink = Callable[[DeviceEvent], None]
 
 
-class _PahoClient(mqtt.Client):
-    """A paho client that is handed an already handshaken TLS socket and remembers why the
-    socket failed (a TLS alert arriving after the handshake, as TLS 1.3 delivers client
-    certificate refusals, is otherwise only logged by paho)."""
-
-    def __init__(self, device_id: str, tls_socket: ssl.SSLSocket) -> None:
-        super().__init__(
-            CallbackAPIVersion.VERSION2,
-            client_id=device_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
-        self._prepared_socket: ssl.SSLSocket | None = tls_socket
-        self.socket_error: OSError | None = None
-
-    def _create_socket(self) -> Any:
-        tls_socket, self._prepared_socket = self._prepared_socket, None
-        if tls_socket is None:
-            raise ConnectionError("no prepared socket: SimDevice opens a new one per connection")
-        return tls_socket
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            return super()._sock_recv(bufsize)
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
-            raise
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-
 @dataclass(slots=True)
 class _Pending:
     payload: bytes
@@ -147,6 +120,8 @@ class SimDevice:
         *,
         connect_slots: asyncio.Semaphore,
         events: EventSink | None = None,
+        renewals: Callable[[RenewalEvent], None] | None = None,
+        broker_index: int = 0,
         rng: random.Random | None = None,
         context: ssl.SSLContext | None = None,
     ) -> None:
@@ -159,6 +134,10 @@ class SimDevice:
         self.topic = telemetry_topic(self.device_id)
         self._slots = connect_slots
         self._events = events
+        self._renewals = renewals
+        self._brokers = config.brokers
+        self._broker_index = broker_index % len(self._brokers)
+        self._last_broker: Address | None = None  # of the last successful connect
         self._rng = rng or random.Random()
         self._context = context
         self._backoff = Backoff(config.backoff_base, config.backoff_cap, self._rng)
@@ -166,7 +145,8 @@ class SimDevice:
         self._seq = 0
         self._pending: OrderedDict[int, _Pending] = OrderedDict()  # seq -> unacked reading
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent monotonic)
-        self._client: _PahoClient | None = None
+        self._client: PreparedSocketClient | None = None
+        self._socket: DeviceSocket | None = None
         self._fd = -1
         self._connack: asyncio.Future[Failure | None] | None = None
         self._session_end: asyncio.Future[Failure] | None = None
@@ -184,6 +164,11 @@ class SimDevice:
     @property
     def connected(self) -> bool:
         return self.state is DeviceState.CONNECTED
+
+    @property
+    def broker(self) -> Address:
+        """The broker this device is connected to, or will try next."""
+        return self._brokers[self._broker_index]
 
     @property
     def unacked(self) -> int:
@@ -260,6 +245,7 @@ class SimDevice:
                     self._give_up(failure)
                     return
             self.state = DeviceState.BACKOFF
+            self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = min(self._backoff.next_delay(), max(self._time_left(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopper), timeout=delay)
@@ -290,8 +276,8 @@ class SimDevice:
                     context = self._context or tls_context(self.bundle)
                     self._context = context
                     tls_socket = await open_tls(
-                        self.config.host,
-                        self.config.port,
+                        self.broker.host,
+                        self.broker.port,
                         context,
                         server_hostname=self.config.server_hostname,
                     )
@@ -313,7 +299,8 @@ class SimDevice:
         return None
 
     def _start_client(self, tls_socket: ssl.SSLSocket) -> None:
-        client = _PahoClient(self.device_id, tls_socket)
+        sock = DeviceSocket(tls_socket)
+        client = PreparedSocketClient(self.device_id, sock)
         client.max_inflight_messages_set(0)  # the device's own window bounds what is unacked
         client.max_queued_messages_set(0)
         client.on_socket_open = self._on_socket_open
@@ -324,9 +311,10 @@ class SimDevice:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         self._client = client
+        self._socket = sock
         self._closing = False
         self._session_end = None
-        client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        client.connect_async(self.broker.host, self.broker.port, self.config.keepalive)
         rc = client.reconnect()  # sends CONNECT on the prepared socket; does not block
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"sending CONNECT failed: {mqtt.error_string(rc)}")
@@ -341,6 +329,11 @@ class SimDevice:
         if not self._ever_connected:
             self._ever_connected = True
             self.stats.ever_connected += 1
+        else:
+            self.stats.reconnects += 1
+            if self._last_broker != self.broker:
+                self.stats.failovers += 1
+        self._last_broker = self.broker
         self._emit("connected")
         session_end = self._session_end
         assert session_end is not None
@@ -450,7 +443,7 @@ class SimDevice:
     ) -> None:
         if client is not self._client:
             return
-        socket_error = self._client.socket_error if self._client is not None else None
+        socket_error = self._socket.error if self._socket is not None else None
         if socket_error is not None:
             failure = classify_os_error(socket_error)
         elif self._closing:
@@ -486,32 +479,27 @@ class SimDevice:
         self._loop.add_reader(self._fd, self._on_readable)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-        self._fd = -1
+        if client is self._client:  # not a dropped client being garbage-collected
+            self._unregister_fd()
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
+        client, sock = self._client, self._socket
+        if client is None or sock is None:
             return
         # TLS may hold decrypted bytes the kernel no longer reports as readable: keep reading
         # while the TLS layer has some (bounded).
         for _ in range(64):
             if client.loop_read(max_packets=64) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
-            tls_socket = client.socket()
-            if tls_socket is None or not isinstance(tls_socket, ssl.SSLSocket):
-                return
-            if tls_socket.pending() == 0:
+            if self._client is not client or sock.pending() == 0:
                 return
 
     def _on_writable(self) -> None:
@@ -521,18 +509,24 @@ class SimDevice:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _unregister_fd(self) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+
     def _close_client(self) -> None:
+        """Drop the connection at once (no DISCONNECT): the socket is ours, we close it."""
         client, self._client = self._client, None
+        sock, self._socket = self._socket, None
         self._inflight.clear()
         if client is None:
             return
         self._closing = True
-        # paho's _sock_close runs our socket-close callback (remove the fd from the loop)
-        # before closing the socket.
-        sock = client.socket()
+        self._unregister_fd()
         if sock is not None:
             try:
-                client._sock_close()
+                sock.close()
             except OSError:
                 log.debug("socket close failed device_id=%s", self.device_id)
 
