@@ -44,7 +44,8 @@ from certfleet.procs import (
     provision_fleet,
 )
 from device_sim.bundle import discover_bundles
-from device_sim.device import DeviceConfig, DeviceEvent
+from device_sim.device import DeviceConfig
+from device_sim.renewal_events import RenewalEvent, RenewalOutcome
 from device_sim.runner import SimRun
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
@@ -139,7 +140,7 @@ def registry_env(plan: LifecyclePlan, stagger_s: int) -> dict[str, str]:
 
 
 class _RenewalLog:
-    """Renewal events from the simulator's workers (its collector thread), as Renewals."""
+    """The simulator's renewal events (from its collector thread), as Renewals."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -147,27 +148,25 @@ class _RenewalLog:
         self.renewals: list[Renewal] = []
         self.expired: set[str] = set()
 
-    def record(self, event: DeviceEvent) -> None:
-        renewal = getattr(event, "renewal", None)
+    def record(self, event: RenewalEvent) -> None:
+        renewed = event.outcome is RenewalOutcome.RENEWED
+        milliseconds = event.total_ms if event.total_ms is not None else event.latency_ms
+        renewal = Renewal(
+            device_id=event.device_id,
+            completed_s=event.wall_time - self.started_wall,
+            latency_s=(milliseconds or 0.0) / 1000.0 if renewed else None,
+            refused=len(event.refused),
+            retried=event.retried,
+        )
         with self._lock:
-            if event.kind == "certificate_expired":
+            self.renewals.append(renewal)
+            if event.outcome is RenewalOutcome.EXPIRED_BEFORE_RENEWAL:
                 self.expired.add(event.device_id)
-            if event.kind != "renewed" or renewal is None:
-                return
-            self.renewals.append(
-                Renewal(
-                    device_id=event.device_id,
-                    completed_s=event.wall_time - self.started_wall,
-                    latency_s=float(renewal.latency_s),
-                    refused=int(renewal.refused),
-                    retried=int(renewal.retried),
-                )
-            )
 
     @property
     def count(self) -> int:
         with self._lock:
-            return len(self.renewals)
+            return sum(1 for renewal in self.renewals if renewal.succeeded)
 
 
 def _registry_certificates(
@@ -247,7 +246,7 @@ class _Run:
             figures=figures(renewals.renewals, plan.duration_s),
             expired_before_renewal=len(expired),
             superseded_revoked=superseded,
-            renewal_times_s=sorted(renewal.completed_s for renewal in renewals.renewals),
+            renewal_times_s=sorted(r.completed_s for r in renewals.renewals if r.succeeded),
             certificates_issued=len(certificates),
             facts={"data_dir": str(folder), "registry_url": url, "simulator": simulator},
         )
@@ -263,7 +262,8 @@ class _Run:
             config,
             duration=plan.duration_s,
             workers=plan.workers,
-            on_event=renewals.record,
+            on_renewal=renewals.record,
+            renewal_log=layout.root / "renewals.jsonl",  # kept with --keep, for a second look
         )
         renewals.started_wall = time.time()
         with run:

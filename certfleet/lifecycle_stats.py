@@ -30,19 +30,23 @@ BUCKET_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Renewal:
-    """One completed renewal as the device saw it.
+    """How one renewal of one device ended, as the device saw it.
 
-    ``completed_s`` is seconds since the fleet started; ``latency_s`` runs from the first
-    request of this renewal to the new certificate in hand (retries included); ``refused`` and
-    ``retried`` count the requests of this renewal that were refused, and the requests sent
-    again after a refusal or no answer.
+    ``completed_s`` is seconds since the fleet started; ``latency_s``, for a renewal that
+    succeeded, runs from the first request to the device connected with its new certificate
+    (refusals, backoff and retries included; None for one that did not). ``refused`` counts the
+    refusals received on the way, ``retried`` the requests sent again.
     """
 
     device_id: str
     completed_s: float
-    latency_s: float
+    latency_s: float | None
     refused: int = 0
     retried: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.latency_s is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +112,19 @@ def bucket_rates(
 
 
 def figures(renewals: Sequence[Renewal], duration_s: float) -> RunFigures:
-    """Count, peak and p99 rate (10 s buckets), latency p50/p99, refusals and retries."""
-    rates = bucket_rates((renewal.completed_s for renewal in renewals), duration_s)
-    latencies_ms = [renewal.latency_s * 1000.0 for renewal in renewals]
+    """Count, peak and p99 rate (10 s buckets) and latency p50/p99 of the renewals that
+    succeeded; refusals and retries of every renewal, successful or not."""
+    succeeded = [renewal for renewal in renewals if renewal.latency_s is not None]
+    rates = bucket_rates((renewal.completed_s for renewal in succeeded), duration_s)
+    latencies_ms = [
+        renewal.latency_s * 1000.0 for renewal in succeeded if renewal.latency_s is not None
+    ]
 
     def rounded(value: float | None, digits: int) -> float | None:
         return None if value is None else round(value, digits)
 
     return RunFigures(
-        renewals=len(renewals),
+        renewals=len(succeeded),
         peak_renewals_per_s=round(max(rates, default=0.0), 3),
         p99_renewals_per_s=round(percentile(rates, 99) or 0.0, 3),
         renewal_latency_p50_ms=rounded(percentile(latencies_ms, 50), 1),

@@ -57,6 +57,7 @@ def test_figures_of_a_run() -> None:
         Renewal("dev-2", 2.0, 0.020, refused=1, retried=1),
         Renewal("dev-3", 3.0, 0.030),
         Renewal("dev-4", 15.0, 0.040, refused=2, retried=3),
+        Renewal("dev-5", 16.0, None, refused=1, retried=4),  # refused for good: no rate
     ]
     result = figures(renewals, 30.0)
     assert result.renewals == 4
@@ -66,7 +67,7 @@ def test_figures_of_a_run() -> None:
     assert result.p99_renewals_per_s == pytest.approx(0.296)
     assert result.renewal_latency_p50_ms == 25.0
     assert result.renewal_latency_p99_ms == pytest.approx(39.7)
-    assert (result.refused, result.retried) == (3, 4)
+    assert (result.refused, result.retried) == (4, 8)
 
 
 def test_figures_of_a_run_without_renewals() -> None:
