@@ -27,11 +27,13 @@ Requests wait in one queue per device, served round-robin by one worker thread, 
 ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
-certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
-device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
-previous certificate stays live until the device confirms the new one (a JSON payload
-``{"confirm": "<serial>"}`` on the same topic, :mod:`registry.supersede`) and the grace has
-passed: the device may still be using it.
+certificate, which carries the device's stagger offset from minting into every generation (or
+``registry_renewal_lifetime_days`` plus the device's offset into
+``registry_renewal_stagger_s``, docs/lifecycle.md "Renewals keep the stagger"). It is stored
+as a live certificate of the device with an audit entry (actor
+``spiffe://<td>/service/registry``, action ``renew``). The previous certificate stays live
+until the device confirms the new one (a JSON payload ``{"confirm": "<serial>"}`` on the same
+topic, :mod:`registry.supersede`) and the grace has passed: the device may still use it.
 
 Signing and the database writes run on the worker thread (supervised: a crash is logged,
 counted and the worker restarted), never on paho's network thread.
@@ -58,6 +60,7 @@ from sqlmodel import Session, col, select
 from factory.ca import CertificateAuthority
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
+from factory.stagger import stagger_fraction_for_id
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
 from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
@@ -131,6 +134,7 @@ class CertificateRenewer:
         min_interval_s: float = 300.0,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         lifetime: dt.timedelta | None = None,
+        stagger: dt.timedelta = dt.timedelta(0),
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.ca = ca
@@ -138,8 +142,14 @@ class CertificateRenewer:
         self.min_interval_s = min_interval_s
         self.max_attempts = max_attempts
         self.lifetime = lifetime
+        self.stagger = stagger
         self.actor = Actor(ca.identity(IdentityKind.SERVICE, "registry").uri)
         self._clock = clock
+
+    def _offset(self, device_id: str) -> dt.timedelta:
+        """The device's place in the renewal stagger window (stable per device)."""
+        seconds = int(self.stagger.total_seconds() * stagger_fraction_for_id(device_id))
+        return dt.timedelta(seconds=seconds)
 
     @property
     def _interval(self) -> dt.timedelta:
@@ -171,7 +181,7 @@ class CertificateRenewer:
             validated.identity,
             public_key=validated.public_key,
             not_before=not_before,
-            not_after=not_before + lifetime,
+            not_after=not_before + lifetime + self._offset(device_id),
         )
         certificate = issued.certificate
         renewed = RenewedCertificate(

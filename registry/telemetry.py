@@ -171,6 +171,7 @@ class TelemetryIngest:
                 min_interval_s=settings.registry_renewal_min_interval_s,
                 max_attempts=settings.registry_renewal_max_attempts,
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
+                stagger=dt.timedelta(seconds=settings.registry_renewal_stagger_s),
             )
             self.renewal = RenewalService(
                 renewer,
