@@ -3,7 +3,8 @@
 A device publishes a PEM CSR to ``devices/<id>/cert/renew``; the registry's MQTT client
 (:mod:`registry.telemetry`, connected as ``spiffe://<td>/service/registry``) hands it to
 :class:`RenewalService`, which answers on ``devices/<id>/cert/issued`` (QoS 1) with either the
-new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``.
+new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``
+(:mod:`fleetcore.renewal_wire`, codes :class:`~fleetcore.renewal_wire.RefusalCode`).
 
 The checks, in order (each refusal is logged, counted and answered):
 
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -59,6 +59,7 @@ from factory.errors import CSRError
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
 from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.renewal_wire import RefusalCode, refusal_payload
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
 from registry.crud import Actor, audit
 from registry.db import begin_write
@@ -91,12 +92,12 @@ DEFAULT_MAX_ATTEMPTS = 5
 class RenewalRefused(CertfleetError):
     """A renewal request the registry refuses; ``error`` is the code sent to the device."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: RefusalCode, message: str) -> None:
         super().__init__(message)
         self.error = error
 
     def payload(self) -> bytes:
-        return json.dumps({"error": self.error, "message": str(self)}).encode()
+        return refusal_payload(self.error, str(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,9 @@ def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
     device_id = device_of(topic, RENEW)
     if device_id is None or not NAME_PATTERN.fullmatch(device_id):
-        raise RenewalRefused("bad_topic", f"topic {topic[:200]!r} is not devices/<id>/cert/renew")
+        raise RenewalRefused(
+            RefusalCode.BAD_TOPIC, f"topic {topic[:200]!r} is not devices/<id>/cert/renew"
+        )
     return device_id
 
 
@@ -148,7 +151,7 @@ class CertificateRenewer:
         self._count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
-                "too_large", f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
+                RefusalCode.TOO_LARGE, f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
         validated = self._validate(device_id, payload)
         key_sha256 = hashlib.sha256(
@@ -209,7 +212,7 @@ class CertificateRenewer:
         if attempts > self.max_attempts:
             wait = math.ceil((window_start + self._interval - now).total_seconds())
             raise RenewalRefused(
-                "rate_limited",
+                RefusalCode.RATE_LIMITED,
                 f"device {device_id} sent {attempts} renewal requests within "
                 f"{self.min_interval_s:g} s; at most {self.max_attempts} "
                 f"(CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS): retry in {wait} s",
@@ -225,10 +228,10 @@ class CertificateRenewer:
         try:
             validated = validate_device_csr(load_csr(bytes(payload)), self.ca.trust_domain)
         except CSRError as exc:
-            raise RenewalRefused("invalid_csr", str(exc)) from None
+            raise RenewalRefused(RefusalCode.INVALID_CSR, str(exc)) from None
         if validated.identity.name != device_id:
             raise RenewalRefused(
-                "identity_mismatch",
+                RefusalCode.IDENTITY_MISMATCH,
                 f"CSR names device {validated.identity.name!r} but was sent on "
                 f"{renew_topic(device_id)}; a device renews only itself",
             )
@@ -238,12 +241,12 @@ class CertificateRenewer:
     def _check_active(device: Device | None, device_id: str) -> None:
         if device is None:
             raise RenewalRefused(
-                "unknown_device",
+                RefusalCode.UNKNOWN_DEVICE,
                 f"device {device_id} is not registered; register it before renewing",
             )
         if device.status != "active":
             raise RenewalRefused(
-                "device_decommissioned",
+                RefusalCode.DEVICE_DECOMMISSIONED,
                 f"device {device_id} is decommissioned; it cannot be given new certificates",
             )
 
@@ -288,7 +291,7 @@ class CertificateRenewer:
                 )
         wait = math.ceil(self.min_interval_s - since)
         raise RenewalRefused(
-            "rate_limited",
+            RefusalCode.RATE_LIMITED,
             f"device {device_id} was renewed {since:.0f} s ago; at most one renewal "
             f"per {self.min_interval_s:g} s (CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): "
             f"retry in {wait} s",
@@ -413,7 +416,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "busy", f"{self._max_pending} renewals are waiting; retry in a minute"
+                    RefusalCode.BUSY, f"{self._max_pending} renewals are waiting; retry in a minute"
                 ),
             )
 
@@ -448,7 +451,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "registry_unavailable",
+                    RefusalCode.REGISTRY_UNAVAILABLE,
                     "the registry could not record the certificate; retry later",
                 ),
             )
@@ -456,7 +459,8 @@ class RenewalService:
         except Exception:  # a bug must not kill the worker silently; the device is told
             log.exception("renewal crashed device_id=%s", device_id)
             self._refuse(
-                device_id, RenewalRefused("internal_error", "the registry failed; retry later")
+                device_id,
+                RenewalRefused(RefusalCode.INTERNAL_ERROR, "the registry failed; retry later"),
             )
             return
         finally:
