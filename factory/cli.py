@@ -415,12 +415,11 @@ def factory_sign_csr(
     Refuses a bad signature, a weak or unsupported key, a CA request and a foreign identity,
     and a device that already has a certificate in the manifest.
     """
-    import datetime as dt
-
     from factory.csr import load_csr, validate_device_csr
     from factory.manifest import Manifest, ManifestRecord
     from factory.provision import ProvisionLock, new_batch_id
-    from factory.stagger import stagger_fraction_for_id
+    from fleetcore.stagger import stagger_fraction_for_id
+    from fleetcore.validity import new_validity
 
     settings = load_settings(data_dir=data_dir, device_lifetime=lifetime, device_stagger=stagger)
     lifetime_td = parse_duration(settings.device_lifetime, what="--lifetime")
@@ -444,13 +443,14 @@ def factory_sign_csr(
                 "manifest; renew it through the registry (or decommission it first)"
             )
         now = _now()
-        offset = dt.timedelta(
-            seconds=int(stagger_fraction_for_id(device_id) * stagger_td.total_seconds())
+        validity = new_validity(
+            now, lifetime_td, stagger=stagger_td, fraction=stagger_fraction_for_id(device_id)
         )
         issued = ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
-            not_after=now + lifetime_td + offset,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
         )
         record = ManifestRecord.from_certificate(
             issued.certificate,

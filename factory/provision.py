@@ -51,7 +51,6 @@ from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
 from factory.keys import load_private_key_pem
 from factory.manifest import Manifest, ManifestRecord
-from factory.stagger import stagger_offset
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import KEY_ALGORITHMS, private_key_pem
@@ -64,6 +63,8 @@ from fleetcore.profile import (
     read_identity,
     serial_hex,
 )
+from fleetcore.stagger import stagger_fraction
+from fleetcore.validity import new_validity
 
 __all__ = [
     "DEFAULT_LIFETIME",
@@ -165,11 +166,10 @@ _ChunkItem = tuple[int, str, str | None, bool]
 
 @dataclass(frozen=True, slots=True)
 class _ChunkTimes:
-    """The times every device of one chunk shares."""
+    """The issue time every device of one chunk shares."""
 
+    issued_at: dt.datetime
     issued_at_iso: str
-    not_before: dt.datetime
-    not_before_iso: str
 
 
 @dataclass
@@ -199,14 +199,10 @@ class _Minter:
         self.ca_files = SharedCAFiles(
             self.temp_dir, chain_pem=self.ca.chain_pem, root_pem=config.root_pem
         )
-        # Whole seconds, as the certificate holds them (stagger offsets are whole seconds).
-        self.not_after_base = (config.batch_start + config.lifetime).replace(microsecond=0)
 
     def mint_chunk(self, chunk: list[_ChunkItem], want_records: bool) -> _ChunkResult:
         now = utcnow()
-        # Certificates hold whole seconds; the manifest and device.json say what they hold.
-        not_before = (now - CLOCK_SKEW).replace(microsecond=0)
-        times = _ChunkTimes(now.isoformat(), not_before, not_before.isoformat())
+        times = _ChunkTimes(now, now.isoformat())
         lines: list[bytes] = []
         records: list[ManifestRecord] = []
         issued = recovered = 0
@@ -230,18 +226,26 @@ class _Minter:
         config = self.config
         identity = Identity(config.trust_domain, IdentityKind.DEVICE, device_id)
         serial = new_serial()
-        not_after = self.not_after_base + stagger_offset(rank, config.stagger)
+        validity = new_validity(
+            times.issued_at,
+            config.lifetime,
+            stagger=config.stagger,
+            fraction=stagger_fraction(rank),
+            expiry_base=config.batch_start,
+        )
         issued = self.ca.issue_client(
             identity,
-            not_before=times.not_before,
-            not_after=not_after,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
             serial=serial,
             key_algorithm=config.key_algorithm,
         )
         assert issued.private_key is not None
         certificate_pem = issued.certificate_pem
         serial_text = serial_hex(serial)
-        not_after_iso = not_after.isoformat()
+        # The manifest and device.json say what the certificate holds (whole seconds).
+        not_before_iso = validity.not_before.isoformat()
+        not_after_iso = validity.not_after.isoformat()
         try:
             write_bundle(
                 f"{self.temp_dir}/{device_id}",
@@ -255,7 +259,7 @@ class _Minter:
                     serial=serial_text,
                     identity=identity.uri,
                     trust_domain=config.trust_domain,
-                    not_before=times.not_before_iso,
+                    not_before=not_before_iso,
                     not_after=not_after_iso,
                     broker=config.broker,
                 ),
@@ -270,7 +274,7 @@ class _Minter:
             device_id=device_id,
             hardware_serial=hardware_serial,
             serial=serial_text,
-            not_before=times.not_before_iso,
+            not_before=not_before_iso,
             not_after=not_after_iso,
             issued_at=times.issued_at_iso,
             certificate_pem=certificate_pem.decode(),

@@ -28,7 +28,8 @@ Requests wait in one queue per device, served round-robin by one worker thread, 
 ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
-certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
+certificate (or ``registry_renewal_lifetime_days``), through the one validity policy
+(:func:`fleetcore.validity.renewal_validity`). It is stored as a live certificate of the
 device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
 previous certificate stays live until it expires: the device may still be using it.
 
@@ -58,9 +59,10 @@ from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
-from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
 from fleetcore.renewal_wire import RefusalCode, refusal_payload
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
+from fleetcore.validity import renewal_validity
 from registry.crud import Actor, audit
 from registry.db import begin_write
 from registry.models import Certificate, Device, RenewalLimit
@@ -167,12 +169,12 @@ class CertificateRenewer:
         lifetime = self.lifetime or (
             previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
         )
-        not_before = utcnow() - CLOCK_SKEW
+        validity = renewal_validity(utcnow(), lifetime)
         issued = self.ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
-            not_before=not_before,
-            not_after=not_before + lifetime,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
         )
         certificate = issued.certificate
         renewed = RenewedCertificate(
