@@ -29,8 +29,8 @@ from collections.abc import Callable
 from amqtt.contexts import Action
 
 from broker.sessions import identity_of_key
-from factory.profile import NAME_PATTERN, Identity, IdentityKind
-from factory.topics import (
+from fleetcore.profile import NAME_PATTERN, Identity, IdentityKind
+from fleetcore.topics import (
     ISSUED,
     RENEW,
     TELEMETRY,

@@ -67,7 +67,7 @@ from amqtt.session import Session
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
 from broker.gate import ConnectGate
-from factory.topics import is_renewal_topic, topic_matches
+from fleetcore.topics import is_renewal_topic, topic_matches
 
 __all__ = [
     "LISTENER_NAME",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from broker.auth import Admission
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 
 __all__ = ["LiveConnection", "LiveSession", "SessionIndex"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from broker.acl import TopicAcl
 from broker.server import BrokerServer
-from factory.profile import Identity, IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.conftest import TestPKI
 
