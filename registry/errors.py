@@ -8,11 +8,13 @@ CertfleetError
       ├── InvalidCertificateError   422  not PEM, not a device certificate, not ours
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
       └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
+ConfigError
+ └── RegistryTlsError               a TLS certificate, key or CA file of the registry is unusable
 """
 
 from __future__ import annotations
 
-from fleetcore.errors import CertfleetError
+from fleetcore.errors import CertfleetError, ConfigError
 
 __all__ = [
     "AlreadyDecommissionedError",
@@ -21,6 +23,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "RegistryError",
+    "RegistryTlsError",
     "UnavailableError",
 ]
 
@@ -59,3 +62,7 @@ class InvalidRequestError(RegistryError):
 class UnavailableError(RegistryError):
     status = 503
     code = "unavailable"
+
+
+class RegistryTlsError(ConfigError):
+    """A TLS certificate, key or CA file of the registry is missing or unusable (at start)."""

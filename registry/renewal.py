@@ -3,7 +3,8 @@
 A device publishes a PEM CSR to ``devices/<id>/cert/renew``; the registry's MQTT client
 (:mod:`registry.telemetry`, connected as ``spiffe://<td>/service/registry``) hands it to
 :class:`RenewalService`, which answers on ``devices/<id>/cert/issued`` (QoS 1) with either the
-new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``.
+new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``
+(:mod:`fleetcore.renewal_wire`, codes :class:`~fleetcore.renewal_wire.RefusalCode`).
 
 The checks, in order (each refusal is logged, counted and answered):
 
@@ -29,11 +30,12 @@ ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retain
 The new certificate gets the device profile and the validity length of the device's newest
 certificate, which carries the device's stagger offset from minting into every generation (or
 ``registry_renewal_lifetime_days`` plus the device's offset into
-``registry_renewal_stagger_s``, docs/lifecycle.md "Renewals keep the stagger"). It is stored
-as a live certificate of the device with an audit entry (actor
-``spiffe://<td>/service/registry``, action ``renew``). The previous certificate stays live
-until the device confirms the new one (a JSON payload ``{"confirm": "<serial>"}`` on the same
-topic, :mod:`registry.supersede`) and the grace has passed: the device may still use it.
+``registry_renewal_stagger_s``, docs/lifecycle.md "Renewals keep the stagger"), through the
+one validity policy (:func:`fleetcore.validity.renewal_validity`). It is stored as a live
+certificate of the device with an audit entry (actor ``spiffe://<td>/service/registry``,
+action ``renew``). The previous certificate stays live until the device confirms the new one
+(a JSON payload ``{"confirm": "<serial>"}`` on the same topic, :mod:`registry.supersede`) and
+the grace has passed: the device may still use it.
 
 Signing and the database writes run on the worker thread (supervised: a crash is logged,
 counted and the worker restarted), never on paho's network thread.
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -60,11 +61,13 @@ from sqlmodel import Session, col, select
 from factory.ca import CertificateAuthority
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
-from factory.stagger import stagger_fraction_for_id
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
-from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.renewal_wire import RefusalCode, is_confirm, refusal_payload
+from fleetcore.stagger import stagger_fraction_for_id
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
+from fleetcore.validity import renewal_validity
 from registry.crud import Actor, audit
 from registry.db import begin_write
 from registry.models import Certificate, Device, RenewalLimit
@@ -96,12 +99,12 @@ DEFAULT_MAX_ATTEMPTS = 5
 class RenewalRefused(CertfleetError):
     """A renewal request the registry refuses; ``error`` is the code sent to the device."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: RefusalCode, message: str) -> None:
         super().__init__(message)
         self.error = error
 
     def payload(self) -> bytes:
-        return json.dumps({"error": self.error, "message": str(self)}).encode()
+        return refusal_payload(self.error, str(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,9 @@ def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
     device_id = device_of(topic, RENEW)
     if device_id is None or not NAME_PATTERN.fullmatch(device_id):
-        raise RenewalRefused("bad_topic", f"topic {topic[:200]!r} is not devices/<id>/cert/renew")
+        raise RenewalRefused(
+            RefusalCode.BAD_TOPIC, f"topic {topic[:200]!r} is not devices/<id>/cert/renew"
+        )
     return device_id
 
 
@@ -146,11 +151,6 @@ class CertificateRenewer:
         self.actor = Actor(ca.identity(IdentityKind.SERVICE, "registry").uri)
         self._clock = clock
 
-    def _offset(self, device_id: str) -> dt.timedelta:
-        """The device's place in the renewal stagger window (stable per device)."""
-        seconds = int(self.stagger.total_seconds() * stagger_fraction_for_id(device_id))
-        return dt.timedelta(seconds=seconds)
-
     @property
     def _interval(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.min_interval_s)
@@ -160,7 +160,7 @@ class CertificateRenewer:
         self._count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
-                "too_large", f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
+                RefusalCode.TOO_LARGE, f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
         validated = self._validate(device_id, payload)
         key_sha256 = hashlib.sha256(
@@ -176,12 +176,17 @@ class CertificateRenewer:
         lifetime = self.lifetime or (
             previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
         )
-        not_before = utcnow() - CLOCK_SKEW
+        validity = renewal_validity(
+            utcnow(),
+            lifetime,
+            stagger=self.stagger,
+            fraction=stagger_fraction_for_id(device_id),
+        )
         issued = self.ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
-            not_before=not_before,
-            not_after=not_before + lifetime + self._offset(device_id),
+            not_before=validity.not_before,
+            not_after=validity.not_after,
         )
         certificate = issued.certificate
         renewed = RenewedCertificate(
@@ -221,7 +226,7 @@ class CertificateRenewer:
         if attempts > self.max_attempts:
             wait = math.ceil((window_start + self._interval - now).total_seconds())
             raise RenewalRefused(
-                "rate_limited",
+                RefusalCode.RATE_LIMITED,
                 f"device {device_id} sent {attempts} renewal requests within "
                 f"{self.min_interval_s:g} s; at most {self.max_attempts} "
                 f"(CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS): retry in {wait} s",
@@ -237,10 +242,10 @@ class CertificateRenewer:
         try:
             validated = validate_device_csr(load_csr(bytes(payload)), self.ca.trust_domain)
         except CSRError as exc:
-            raise RenewalRefused("invalid_csr", str(exc)) from None
+            raise RenewalRefused(RefusalCode.INVALID_CSR, str(exc)) from None
         if validated.identity.name != device_id:
             raise RenewalRefused(
-                "identity_mismatch",
+                RefusalCode.IDENTITY_MISMATCH,
                 f"CSR names device {validated.identity.name!r} but was sent on "
                 f"{renew_topic(device_id)}; a device renews only itself",
             )
@@ -250,12 +255,12 @@ class CertificateRenewer:
     def _check_active(device: Device | None, device_id: str) -> None:
         if device is None:
             raise RenewalRefused(
-                "unknown_device",
+                RefusalCode.UNKNOWN_DEVICE,
                 f"device {device_id} is not registered; register it before renewing",
             )
         if device.status != "active":
             raise RenewalRefused(
-                "device_decommissioned",
+                RefusalCode.DEVICE_DECOMMISSIONED,
                 f"device {device_id} is decommissioned; it cannot be given new certificates",
             )
 
@@ -300,7 +305,7 @@ class CertificateRenewer:
                 )
         wait = math.ceil(self.min_interval_s - since)
         raise RenewalRefused(
-            "rate_limited",
+            RefusalCode.RATE_LIMITED,
             f"device {device_id} was renewed {since:.0f} s ago; at most one renewal "
             f"per {self.min_interval_s:g} s (CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): "
             f"retry in {wait} s",
@@ -431,7 +436,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "busy", f"{self._max_pending} renewals are waiting; retry in a minute"
+                    RefusalCode.BUSY, f"{self._max_pending} renewals are waiting; retry in a minute"
                 ),
             )
 
@@ -456,7 +461,7 @@ class RenewalService:
             stopping.wait()
 
     def _handle(self, device_id: str, payload: bytes) -> None:
-        if self._confirm is not None and payload.lstrip()[:1] == b"{":
+        if self._confirm is not None and is_confirm(payload):
             self._handle_confirm(self._confirm, device_id, payload)
             return
         try:
@@ -469,7 +474,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "registry_unavailable",
+                    RefusalCode.REGISTRY_UNAVAILABLE,
                     "the registry could not record the certificate; retry later",
                 ),
             )
@@ -477,7 +482,8 @@ class RenewalService:
         except Exception:  # a bug must not kill the worker silently; the device is told
             log.exception("renewal crashed device_id=%s", device_id)
             self._refuse(
-                device_id, RenewalRefused("internal_error", "the registry failed; retry later")
+                device_id,
+                RenewalRefused(RefusalCode.INTERNAL_ERROR, "the registry failed; retry later"),
             )
             return
         finally:
@@ -507,12 +513,12 @@ class RenewalService:
             )
         except SQLAlchemyError as exc:
             log.error("confirm failed device_id=%s error=%s", device_id, type(exc).__name__)
-            outcome = "registry_unavailable"
-            answer = RenewalRefused(outcome, "the registry could not record it; retry").payload()
+            outcome = RefusalCode.REGISTRY_UNAVAILABLE
+            answer = refusal_payload(outcome, "the registry could not record it; retry")
         except Exception:  # a bug must not kill the worker silently; the device is told
             log.exception("confirm crashed device_id=%s", device_id)
-            outcome = "internal_error"
-            answer = RenewalRefused(outcome, "the registry failed; retry later").payload()
+            outcome = RefusalCode.INTERNAL_ERROR
+            answer = refusal_payload(outcome, "the registry failed; retry later")
         finally:
             with self._lock:
                 self._pending = max(0, self._pending - 1)

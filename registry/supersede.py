@@ -25,9 +25,7 @@ database (migration 0006), so a restart neither loses nor repeats a revocation.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from fleetcore import renewal_wire as wire
 from fleetcore.clock import utcnow
+from fleetcore.renewal_wire import RefusalCode
 from registry.crud import REVOCATION_SEQ, Actor, audit, bump_counter
 from registry.db import begin_write
 from registry.models import Certificate, Device, Revocation
@@ -49,7 +49,6 @@ __all__ = [
     "SupersededRevocation",
     "SupersedeWorker",
     "confirm_certificate",
-    "confirmed_payload",
     "next_supersede_due",
     "parse_confirm",
     "revoke_due_superseded",
@@ -57,8 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_CONFIRM_BYTES: Final = 256
-_SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
 #: Certificates revoked per transaction by the worker.
 BATCH: Final = 500
 SUPERSEDED: Final = "superseded"
@@ -67,27 +64,11 @@ RETRY_AFTER_FAILURE_S: Final = 1.0
 
 
 def parse_confirm(payload: bytes) -> str:
-    """``{"confirm": "<hex serial>"}`` -> the serial (lower-case); refuses anything else."""
-    if len(payload) > MAX_CONFIRM_BYTES:
-        raise RenewalRefused(
-            "invalid_confirm", f"confirm of {len(payload)} bytes exceeds {MAX_CONFIRM_BYTES}"
-        )
+    """The serial of a confirm payload; RenewalRefused(``invalid_confirm``) otherwise."""
     try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise RenewalRefused("invalid_confirm", "confirm is not JSON") from None
-    serial = body.get("confirm") if isinstance(body, dict) else None
-    if not isinstance(serial, str) or not _SERIAL.fullmatch(serial.lower()):
-        raise RenewalRefused(
-            "invalid_confirm",
-            'confirm must be {"confirm": "<serial of the new certificate, lower-case hex>"}',
-        )
-    return serial.lower()
-
-
-def confirmed_payload(serial: str) -> bytes:
-    """The answer to a valid confirm."""
-    return json.dumps({"confirmed": serial}).encode()
+        return wire.parse_confirm(payload)
+    except wire.ConfirmError as exc:
+        raise RenewalRefused(RefusalCode.INVALID_CONFIRM, str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +114,11 @@ def _confirm(
         select(Device).where(Device.device_id == device_id).with_for_update()
     ).one_or_none()
     if device is None:
-        raise RenewalRefused("unknown_device", f"device {device_id} is not registered")
+        raise RenewalRefused(RefusalCode.UNKNOWN_DEVICE, f"device {device_id} is not registered")
     if device.status != "active":
         raise RenewalRefused(
-            "device_decommissioned", f"device {device_id} is decommissioned; nothing to confirm"
+            RefusalCode.DEVICE_DECOMMISSIONED,
+            f"device {device_id} is decommissioned; nothing to confirm",
         )
     certificates = list(
         session.exec(select(Certificate).where(Certificate.device_id == device_id)).all()
@@ -144,14 +126,15 @@ def _confirm(
     confirmed = next((c for c in certificates if c.serial == serial), None)
     if confirmed is None:
         raise RenewalRefused(
-            "unknown_serial", f"device {device_id} has no certificate with serial {serial}"
+            RefusalCode.UNKNOWN_SERIAL,
+            f"device {device_id} has no certificate with serial {serial}",
         )
     if confirmed.status != "live":
-        raise RenewalRefused("certificate_revoked", f"certificate {serial} is revoked")
+        raise RenewalRefused(RefusalCode.CERTIFICATE_REVOKED, f"certificate {serial} is revoked")
     newest = max(certificates, key=lambda c: (c.not_before, c.not_after, c.serial))
     if newest.serial != serial:
         raise RenewalRefused(
-            "not_newest",
+            RefusalCode.NOT_NEWEST,
             f"certificate {serial} is not device {device_id}'s newest ({newest.serial}); "
             "confirm the newest certificate",
         )
@@ -300,7 +283,7 @@ class Confirmer:
             )
             if self._on_scheduled is not None:
                 self._on_scheduled()
-        return confirmed_payload(serial)
+        return wire.confirmed_payload(serial)
 
 
 class SupersedeWorker:
