@@ -47,7 +47,7 @@ from amqtt.contexts import Action
 from amqtt.session import Session
 
 from broker.acl import DeviceTopicPlugin
-from factory.topics import is_renewal_topic
+from fleetcore.topics import is_renewal_topic
 
 __all__ = ["CertfleetBroker"]
 

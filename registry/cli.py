@@ -127,7 +127,7 @@ def token_create(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a bearer token for OPERATOR and print it once (only its hash is stored)."""
-    from factory.profile import check_name
+    from fleetcore.profile import check_name
     from registry import operations
 
     check_name(operator, "operator name")

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry.errors import UnavailableError
 from registry.store import certificates, revocations
 from registry.supervise import SupervisedThread

@@ -55,11 +55,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
-from factory.errors import CertfleetError, CSRError
-from factory.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
-from factory.topics import RENEW, device_of, issued_topic, renew_topic
+from factory.errors import CSRError
+from fleetcore.clock import utcnow
+from fleetcore.errors import CertfleetError
+from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
 from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
 from registry.store import renewals
 from registry.store.audit import Actor

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry.errors import InvalidRequestError, NotFoundError
 from registry.models import AuditLog, Device
 

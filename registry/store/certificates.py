@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
-from factory.reasons import DEFAULT_REASON_CODE, reason_flag
+from fleetcore.reasons import DEFAULT_REASON_CODE, reason_flag
 from registry.db import write_transaction
 from registry.models import Certificate
 from registry.store import counters

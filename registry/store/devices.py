@@ -14,8 +14,8 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from factory.clock import utcnow
-from factory.profile import NAME_PATTERN
+from fleetcore.clock import utcnow
+from fleetcore.profile import NAME_PATTERN
 from registry.certs import ParsedCertificate
 from registry.db import write_transaction
 from registry.errors import ConflictError, InvalidRequestError, NotFoundError

@@ -12,9 +12,9 @@ import secrets
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from factory.clock import utcnow
-from factory.reasons import DEFAULT_REASON_CODE
-from factory.revocation_feed import RevocationEvent, RevocationFeed
+from fleetcore.clock import utcnow
+from fleetcore.reasons import DEFAULT_REASON_CODE
+from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
 from registry.db import write_transaction
 from registry.errors import AlreadyDecommissionedError, NotFoundError
 from registry.models import Certificate, Counter, DecommissionResult, Device, Revocation

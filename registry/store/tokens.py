@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry.db import write_transaction
 from registry.errors import InvalidRequestError, NotFoundError
 from registry.models import ApiToken, TokenInfo

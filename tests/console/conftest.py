@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlmodel import Session
 
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.store import audit, tokens
 from tests.conftest import ClientFiles, TestPKI
