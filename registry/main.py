@@ -31,17 +31,17 @@ from registry.api.routes import (
 )
 from registry.console import install_console
 from registry.crl import CrlCache
-from registry.crud import Actor
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
-from registry.expiry import ExpiryCollector
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
-from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
+from registry.metrics import ExpiryCollector, RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
-from registry.supersede import Confirmer, SupersededRevocation, SupersedeWorker
+from registry.store.audit import Actor
+from registry.store.supersede import SupersededRevocation
+from registry.supersede import Confirmer, SupersedeWorker
 from registry.verify import BatchVerifier
 
 __all__ = ["API_PREFIX", "create_app"]
