@@ -107,8 +107,7 @@ def _supersede_worker(state: RegistryState, crashed: Callable[[str], None]) -> S
     """The worker revoking superseded certificates, with a revocation's after-commit effects."""
 
     def revoked(events: Sequence[SupersededRevocation]) -> None:
-        operations.revocations_committed(state, max(e.seq for e in events))
-        state.metrics.superseded.inc(sum(len(e.serials) for e in events))
+        operations.superseded_revoked(state, events)
 
     return SupersedeWorker(
         state.engine,

@@ -25,6 +25,7 @@ from registry.models import BatchResult, DecommissionRequest, DecommissionResult
 from registry.state import RegistryState
 from registry.store import devices, revocations, tokens
 from registry.store.audit import Actor
+from registry.store.supersede import SupersededRevocation
 
 __all__ = [
     "create_token",
@@ -32,6 +33,7 @@ __all__ = [
     "register_devices",
     "revocations_committed",
     "revoke_tokens",
+    "superseded_revoked",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,22 @@ def revocations_committed(state: RegistryState, last_seq: int, *, resign: bool =
     state.feed.published()
     if resign:
         state.crl.request_resign()
+
+
+def superseded_revoked(state: RegistryState, events: Sequence[SupersededRevocation]) -> None:
+    """After the supersede worker committed ``events`` (registry/supersede.py): the feed
+    mark, the long-poll wake-up, a CRL re-sign request, the metric and one log line each."""
+    if not events:
+        return
+    revocations_committed(state, max(e.seq for e in events))
+    state.metrics.superseded.inc(sum(len(e.serials) for e in events))
+    for event in events:
+        log.info(
+            "superseded certificates revoked device_id=%s serials=%s seq=%d",
+            event.device_id,
+            ",".join(event.serials),
+            event.seq,
+        )
 
 
 def create_token(engine: Engine, operator: str, actor: Actor) -> str:

@@ -151,13 +151,6 @@ class SupersedeWorker:
             with Session(self.engine) as session:
                 done = revoke_due_superseded(session, self.actor)
             if done:
-                for event in done:
-                    log.info(
-                        "superseded certificates revoked device_id=%s serials=%s seq=%d",
-                        event.device_id,
-                        ",".join(event.serials),
-                        event.seq,
-                    )
                 self._on_revoked(done)
                 appended += done
             else:
