@@ -1,5 +1,5 @@
 """Expiry gauges and report at fleet scale: the cost of one /metrics scrape's expiry query
-(``registry.expiry.expiry_counts``), of ``GET /api/v1/expiry`` (``expiry_report``) and of the
+(``registry.store.expiry.expiry_counts``), of ``GET /api/v1/expiry`` (``expiry_report``) and of the
 supersede worker's due-query, on SQLite and (when reachable) PostgreSQL.
 
     flock /tmp/certfleet-bench.lock .venv/bin/python bench/bench_expiry.py [--devices 100000]
@@ -33,10 +33,10 @@ from bench_registry import percentile, scratch_postgres  # noqa: E402
 
 from fleetcore.clock import utcnow  # noqa: E402
 from registry.db import make_engine, migrate  # noqa: E402
-from registry.expiry import expiry_counts, expiry_report  # noqa: E402
 from registry.models import Certificate, Device  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402
-from registry.supersede import next_supersede_due  # noqa: E402
+from registry.store.expiry import expiry_counts, expiry_report  # noqa: E402
+from registry.store.supersede import next_supersede_due  # noqa: E402
 
 CHUNK = 10_000
 

@@ -37,11 +37,11 @@ from factory.ca import CertificateAuthority, write_issued
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.certs import parse_device_certificate
 from registry.renewal import CertificateRenewer
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.store import audit, devices
 
 DEVICE = "dev-bench"
 
@@ -122,14 +122,14 @@ def _burst(
     """``count`` CSRs published at once, round robin over ``device_ids`` (each connected and
     subscribed first), until every answer is back."""
     got = threading.Condition()
-    devices = [Device(layout, port, device_id, got) for device_id in device_ids]
+    clients = [Device(layout, port, device_id, got) for device_id in device_ids]
     try:
-        per_device = -(-count // len(devices))
-        csrs = {device.device_id: _csrs(ca, per_device, device.device_id) for device in devices}
+        per_device = -(-count // len(clients))
+        csrs = {device.device_id: _csrs(ca, per_device, device.device_id) for device in clients}
         plan = [
             (
-                devices[index % len(devices)],
-                csrs[devices[index % len(devices)].device_id][index // len(devices)],
+                clients[index % len(clients)],
+                csrs[clients[index % len(clients)].device_id][index // len(clients)],
             )
             for index in range(count)
         ]
@@ -138,14 +138,14 @@ def _burst(
             device.send(csr)
         deadline = time.monotonic() + 120
         with got:
-            while sum(len(device.answers) for device in devices) < count:
+            while sum(len(device.answers) for device in clients) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 got.wait(left)
-        answers = [answer for device in devices for answer in device.answers]
+        answers = [answer for device in clients for answer in device.answers]
     finally:
-        for device in devices:
+        for device in clients:
             device.close()
     if len(answers) < count:
         raise SystemExit(f"burst: only {len(answers)} of {count} answers within 120 s")
@@ -153,7 +153,7 @@ def _burst(
     certificates = sum(1 for _, payload in answers if payload.startswith(b"-----BEGIN CERTIFICATE"))
     return {
         "csrs": count,
-        "devices": len(devices),
+        "devices": len(clients),
         "certificates": certificates,
         "seconds": round(elapsed, 2),
         "renewals_per_s": round(certificates / elapsed, 1),
@@ -199,7 +199,7 @@ def main() -> None:
             with RegistryServer(settings) as registry:
                 engine = registry.state.engine
                 registrations = [
-                    crud.Registration(
+                    devices.Registration(
                         parse_device_certificate(
                             layout.client_cert(device_id).read_text(),
                             issuing_cert=ca.issuing_cert,
@@ -209,7 +209,7 @@ def main() -> None:
                     for device_id in [DEVICE, *burst_ids]
                 ]
                 with Session(engine) as session:
-                    crud.register_devices(session, registrations, crud.Actor("b"))
+                    devices.register_devices(session, registrations, audit.Actor("b"))
                 ingest = registry.app.state.telemetry_ingest
                 if not ingest.subscribed.wait(15):
                     raise SystemExit("registry did not subscribe")

@@ -128,14 +128,17 @@ class StaggerRun:
 Progress = Callable[[int, str, float, int, int], None]
 
 
-def registry_env(plan: LifecyclePlan, stagger_s: int) -> dict[str, str]:
-    """The registry settings a compressed life needs, as CERTFLEET_* variables."""
+def registry_env(plan: LifecyclePlan) -> dict[str, str]:
+    """The registry settings a compressed life needs, as CERTFLEET_* variables.
+
+    No renewal stagger window: a renewed certificate copies the length of the current one,
+    which holds the device's offset from minting, so each run's stagger carries into every
+    generation (docs/lifecycle.md, "Renewals keep the stagger")."""
     return {
         # A device renews about once per 2/3 of a lifetime: the per-device limit must
         # allow that, and still stop a device that loops.
         "CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S": str(max(1, plan.lifetime_s // 4)),
         "CERTFLEET_REGISTRY_SUPERSEDE_GRACE_S": f"{plan.grace:g}",
-        "CERTFLEET_REGISTRY_RENEWAL_STAGGER": f"{stagger_s}s",
     }
 
 
@@ -213,7 +216,7 @@ class _Run:
         ca = CertificateAuthority.init(layout, TRUST_DOMAIN)
         ensure_service_certs(ca, layout)
         broker_addr = f"127.0.0.1:{free_port()}"
-        env = {**ISOLATED_ENV, **registry_env(plan, self.stagger_s)}
+        env = {**ISOLATED_ENV, **registry_env(plan)}
         self.progress(self.stagger_s, "starting registry and broker", 0.0, 0, 0)
         with ProcessGroup(folder / "logs") as group:
             registry = group.start_registry(

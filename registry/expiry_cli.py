@@ -44,6 +44,7 @@ def render_histogram(report: dict[str, Any], path: Path) -> Path:
     bins = report["histogram"]
     starts = [dt.datetime.fromisoformat(b["start"]) for b in bins]
     widths = [dt.datetime.fromisoformat(b["end"]) - s for b, s in zip(bins, starts, strict=True)]
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(9, 4), dpi=100)
     try:
         axes.bar(
@@ -62,9 +63,7 @@ def render_histogram(report: dict[str, Any], path: Path) -> Path:
         axes.set_xlabel("not_after (UTC)")
         axes.set_ylabel("devices")
         axes.legend()
-        figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        figure.savefig(path, bbox_inches="tight")
     finally:
         plt.close(figure)
     return path

@@ -31,17 +31,17 @@ from registry.api.routes import (
 )
 from registry.console import install_console
 from registry.crl import CrlCache
-from registry.crud import Actor
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
-from registry.expiry import ExpiryCollector
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
-from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
+from registry.metrics import ExpiryCollector, RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
-from registry.supersede import Confirmer, SupersededRevocation, SupersedeWorker
+from registry.store.audit import Actor
+from registry.store.supersede import SupersededRevocation
+from registry.supersede import Confirmer, SupersedeWorker
 from registry.verify import BatchVerifier
 
 __all__ = ["API_PREFIX", "create_app"]
@@ -107,8 +107,7 @@ def _supersede_worker(state: RegistryState, crashed: Callable[[str], None]) -> S
     """The worker revoking superseded certificates, with a revocation's after-commit effects."""
 
     def revoked(events: Sequence[SupersededRevocation]) -> None:
-        operations.revocations_committed(state, max(e.seq for e in events))
-        state.metrics.superseded.inc(sum(len(e.serials) for e in events))
+        operations.superseded_revoked(state, events)
 
     return SupersedeWorker(
         state.engine,

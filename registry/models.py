@@ -38,6 +38,9 @@ __all__ = [
     "DeviceRegistration",
     "DeviceStatus",
     "DeviceSummary",
+    "ExpiringDevice",
+    "ExpiryReport",
+    "HistogramBin",
     "Revocation",
     "RenewalLimit",
     "Stats",
@@ -297,6 +300,33 @@ class TokenInfo(BaseModel):
 class WeekCount(BaseModel):
     week_start: dt.date
     count: int
+
+
+class HistogramBin(BaseModel):
+    start: dt.datetime
+    end: dt.datetime
+    count: int
+
+
+class ExpiringDevice(BaseModel):
+    device_id: str
+    #: the latest not_after of its live certificates (None: it has no live certificate)
+    not_after: dt.datetime | None
+
+
+class ExpiryReport(BaseModel):
+    """``GET /api/v1/expiry``: the fleet's expiry over the current certificates of active
+    devices. ``buckets`` are disjoint: expired (or no live certificate), <7d, <30d, <90d,
+    later."""
+
+    generated_at: dt.datetime
+    active_devices: int
+    buckets: dict[str, int]
+    next_expiry: dt.datetime | None
+    histogram: list[HistogramBin]
+    expired: list[ExpiringDevice]
+    soonest: list[ExpiringDevice]
+
 
 
 class Stats(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetcore.address import AddressStr, parse_address
@@ -71,6 +71,9 @@ class RegistrySettings(BaseSettings):
     registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
+    #: stagger window of renewed certificates' expiry (each device's offset into it is
+    #: stable); needs ``registry_renewal_lifetime_days`` (docs/lifecycle.md).
+    registry_renewal_stagger_s: float = Field(default=0.0, ge=0, le=3650 * 86400)
     #: grace between a renewed device's confirm and the revocation (reason superseded) of
     #: its older certificates: in-flight sessions with the old certificate end cleanly.
     registry_supersede_grace_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
@@ -85,6 +88,16 @@ class RegistrySettings(BaseSettings):
     console_signin_max_failures: int = Field(default=5, ge=1, le=1000)
     #: the window over which failed console sign-ins are counted, in seconds.
     console_signin_window_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _stagger_needs_a_fixed_lifetime(self) -> RegistrySettings:
+        if self.registry_renewal_stagger_s and self.registry_renewal_lifetime_days is None:
+            raise ValueError(
+                "CERTFLEET_REGISTRY_RENEWAL_STAGGER_S needs CERTFLEET_REGISTRY_RENEWAL_"
+                "LIFETIME_DAYS: on top of a copied validity length the offset would lengthen "
+                "every renewal"
+            )
+        return self
 
     @property
     def layout(self) -> DataLayout:

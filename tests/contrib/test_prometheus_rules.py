@@ -18,8 +18,7 @@ from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from registry.db import make_engine, migrate
-from registry.expiry import ExpiryCollector
-from registry.metrics import RegistryMetrics
+from registry.metrics import ExpiryCollector, RegistryMetrics
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
 from tests.conftest import TestPKI

@@ -253,6 +253,33 @@ def test_confirmed_renewal_revokes_the_superseded_certificate_after_the_grace(
     assert stack.metric("certfleet_registry_renewal_confirms_total", {"outcome": "confirmed"}) >= 2
 
 
+def test_a_session_still_presenting_the_superseded_certificate_is_dropped_after_the_grace(
+    stack: Lifecycle,
+) -> None:
+    device_id = "dev-life-2"
+    old = stack.provision(device_id)
+    time.sleep(1.1)  # "newest" is the latest not_before, which X.509 keeps to the second
+    new = stack.renew(device_id)
+    # The device is still connected with its old certificate (its swap is not done) when a
+    # confirm of the new one arrives: the registry cannot tell, and the grace protects it.
+    device = connect(stack.broker.port, old, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        _listens(device, device_id)
+        serial = serial_hex(new.serial)
+        assert _confirm(device, device_id, serial, 0) == {"confirmed": serial}
+        confirmed_at = time.monotonic()
+        assert device.disconnected.wait(GRACE_S + 15), "old-certificate session not dropped"
+        assert time.monotonic() - confirmed_at >= GRACE_S - 0.5
+    finally:
+        device.close()
+    again = connect(stack.broker.port, new, device_id)
+    try:
+        assert again.connected.is_set(), again.reason
+    finally:
+        again.close()
+
+
 def _expired_serial_in_file(stack: Lifecycle, serial: str) -> bool:
     assert stack.broker.app is not None
     path = stack.broker.app.revoked.path

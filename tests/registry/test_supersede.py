@@ -15,11 +15,12 @@ from sqlmodel import Session
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
 from fleetcore.profile import IdentityKind, serial_hex
-from registry.crud import Actor
 from registry.renewal import RenewalRefused
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from registry.supersede import Confirmer, confirm_certificate, parse_confirm
+from registry.store.audit import Actor
+from registry.store.supersede import confirm_certificate
+from registry.supersede import Confirmer, parse_confirm
 from tests.conftest import TestPKI
 from tests.registry.conftest import Clients, pem, unique_id
 

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query
 from fleetcore.clock import utcnow
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX
-from registry.expiry import LIST_LIMIT, ExpiryReport, expiry_report
+from registry.models import ExpiryReport
+from registry.store.expiry import LIST_LIMIT, expiry_report
 
 __all__ = ["router"]
 

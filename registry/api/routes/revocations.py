@@ -15,11 +15,11 @@ from fleetcore.revocation_feed import (
     RevocationFeed,
     parse_kinds,
 )
-from registry import crud
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
 from registry.errors import InvalidRequestError
 from registry.state import RegistryState
+from registry.store.revocations import revocations_after
 
 __all__ = ["router"]
 
@@ -31,7 +31,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["revocations"])
 
 def _read(state: RegistryState, after: int, limit: int, kinds: tuple[str, ...]) -> RevocationFeed:
     with Session(state.engine) as session:
-        return crud.revocations_after(session, after, limit, kinds)
+        return revocations_after(session, after, limit, kinds)
 
 
 @router.get("/revocations", response_model=RevocationFeed)

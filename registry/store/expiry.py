@@ -1,4 +1,6 @@
 """The fleet's expiry, read live from the registry's database (not the factory's manifest).
+The data layer of ``GET /api/v1/expiry`` and of the expiry gauges
+(:class:`registry.metrics.ExpiryCollector`).
 
 A device's *current* certificate is its live certificate that expires last (a renewed
 device's new one). Over the current certificates of active devices, with aggregate SQL
@@ -16,30 +18,22 @@ device's new one). Over the current certificates of active devices, with aggrega
 from __future__ import annotations
 
 import datetime as dt
-import threading
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from pydantic import BaseModel
-from sqlalchemy import Engine, Integer, and_, case, cast, func, or_, select
+from sqlalchemy import Integer, and_, case, cast, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
-from registry.models import Certificate, Device
+from registry.models import (
+    Certificate,
+    Device,
+    ExpiringDevice,
+    ExpiryReport,
+    HistogramBin,
+)
 
-__all__ = [
-    "LIST_LIMIT",
-    "WINDOWS",
-    "ExpiryCollector",
-    "ExpiryCounts",
-    "ExpiryReport",
-    "expiry_counts",
-    "expiry_report",
-]
+__all__ = ["LIST_LIMIT", "WINDOWS", "ExpiryCounts", "expiry_counts", "expiry_report"]
 
 #: The "expiring within" windows of the gauges and the report's buckets, shortest first.
 WINDOWS: Final[tuple[tuple[str, dt.timedelta], ...]] = (
@@ -116,32 +110,6 @@ def expiry_counts(session: Session, now: dt.datetime) -> ExpiryCounts:
     )
 
 
-class HistogramBin(BaseModel):
-    start: dt.datetime
-    end: dt.datetime
-    count: int
-
-
-class ExpiringDevice(BaseModel):
-    device_id: str
-    #: the latest not_after of its live certificates (None: it has no live certificate)
-    not_after: dt.datetime | None
-
-
-class ExpiryReport(BaseModel):
-    """``GET /api/v1/expiry``: the fleet's expiry over the current certificates of active
-    devices. ``buckets`` are disjoint: expired (or no live certificate), <7d, <30d, <90d,
-    later."""
-
-    generated_at: dt.datetime
-    active_devices: int
-    buckets: dict[str, int]
-    next_expiry: dt.datetime | None
-    histogram: list[HistogramBin]
-    expired: list[ExpiringDevice]
-    soonest: list[ExpiringDevice]
-
-
 def _epoch_seconds(session: Session, value: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return func.extract("epoch", value)
@@ -212,56 +180,3 @@ def expiry_report(session: Session, now: dt.datetime, limit: int = LIST_LIMIT) -
     )
 
 
-class ExpiryCollector(Collector):
-    """The expiry gauges of ``/metrics``, from :func:`expiry_counts` at scrape time, reused
-    for ``cache_s`` seconds (several scrapers, one query)."""
-
-    def __init__(
-        self, engine: Engine, clock: Callable[[], dt.datetime], cache_s: float = 15.0
-    ) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._cache_s = cache_s
-        self._lock = threading.Lock()
-        self._cached: tuple[float, ExpiryCounts] | None = None
-
-    def counts(self) -> ExpiryCounts:
-        with self._lock:
-            cached = self._cached
-            if cached is not None and time.monotonic() - cached[0] < self._cache_s:
-                return cached[1]
-            with Session(self._engine) as session:
-                counts = expiry_counts(session, self._clock())
-            self._cached = (time.monotonic(), counts)
-            return counts
-
-    def invalidate(self) -> None:
-        """Forget the cached numbers (a renewal or decommission just changed them)."""
-        with self._lock:
-            self._cached = None
-
-    def collect(self) -> Iterator[Metric]:
-        counts = self.counts()
-        within = GaugeMetricFamily(
-            "certfleet_certificates_expiring",
-            "active devices whose current certificate expires within the window (not yet "
-            "expired)",
-            labels=["within"],
-        )
-        for label, _ in WINDOWS:
-            within.add_metric([label], counts.within[label])
-        yield within
-        yield GaugeMetricFamily(
-            "certfleet_devices_without_valid_certificate",
-            "active devices with no live certificate that has not expired",
-            value=counts.without_valid_certificate,
-        )
-        yield GaugeMetricFamily(
-            "certfleet_devices_active", "devices registered and active", value=counts.active_devices
-        )
-        yield GaugeMetricFamily(
-            "certfleet_certificate_next_expiration_timestamp_seconds",
-            "earliest not_after among the current certificates of active devices not yet "
-            "expired (0: none)",
-            value=counts.next_expiry.timestamp() if counts.next_expiry else 0.0,
-        )
