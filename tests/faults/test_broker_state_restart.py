@@ -122,19 +122,21 @@ def _persistent(pki: TestPKI, port: int, name: str = "registry") -> MqttProbe:
     return probe
 
 
-def _subscribe_then_leave(pki: TestPKI, port: int) -> None:
+def _subscribe_then_leave(pki: TestPKI, port: int, qos: int = 1) -> None:
     service = _persistent(pki, port)
-    service.client.subscribe("devices/+/telemetry", qos=1)
+    service.client.subscribe("devices/+/telemetry", qos=qos)
     assert service.subscribed.wait(5)
     service.close()
 
 
-def _publish_acknowledged(port: int, device: ClientFiles, device_id: str, count: int) -> None:
+def _publish_acknowledged(
+    port: int, device: ClientFiles, device_id: str, count: int, qos: int = 1
+) -> None:
     probe = connect(port, device, device_id)
     try:
         assert probe.connected.is_set(), probe.reason
         for n in range(count):
-            info = probe.client.publish(f"devices/{device_id}/telemetry", str(n).encode(), qos=1)
+            info = probe.client.publish(f"devices/{device_id}/telemetry", str(n).encode(), qos=qos)
             info.wait_for_publish(5)
             assert info.is_published(), f"message {n} not acknowledged"
     finally:
@@ -151,14 +153,16 @@ def _receive_all(pki: TestPKI, port: int, count: int) -> list[int]:
         back.close()
 
 
-def test_queued_qos1_messages_of_an_offline_persistent_session_survive_a_sigterm_restart(
-    pki: TestPKI, broker_process: BrokerProcess, tmp_path: Path
+@pytest.mark.parametrize("qos", [1, 2])
+def test_queued_messages_of_an_offline_persistent_session_survive_a_sigterm_restart(
+    pki: TestPKI, broker_process: BrokerProcess, tmp_path: Path, qos: int
 ) -> None:
-    """The measured bug of issue 13: 0 of 100 acknowledged messages arrived after a restart."""
+    """The measured bug of issue 13: 0 of 100 acknowledged QoS 1 messages arrived after a
+    restart."""
     broker_process.start()
-    _subscribe_then_leave(pki, broker_process.port)
+    _subscribe_then_leave(pki, broker_process.port, qos)
     device = issue_device(pki, tmp_path, "dev-q")
-    _publish_acknowledged(broker_process.port, device, "dev-q", MESSAGES)
+    _publish_acknowledged(broker_process.port, device, "dev-q", MESSAGES, qos)
     assert broker_process.stop(signal.SIGTERM) == 0
     mode = stat.S_IMODE(broker_process.state_file.stat().st_mode)
     assert mode == 0o600, oct(mode)
