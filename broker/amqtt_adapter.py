@@ -262,8 +262,12 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
     def persistent_state(
         self, inflight: Mapping[str, Sequence[StoredMessage]] | None = None
     ) -> BrokerState:
-        """Every persistent session (subscriptions, queued messages, ``inflight`` first)
-        and every retained message, as plain values. Loop thread only; does not yield."""
+        """Every persistent session (subscriptions; messages in flight to its client, then
+        those queued while it is away) and every retained message, as plain values.
+        ``inflight`` replaces what is in flight now (:meth:`capture_inflight`, taken before
+        the connections were closed). Loop thread only; does not yield."""
+        if inflight is None:
+            inflight = self.capture_inflight()
         filters: dict[str, list[tuple[str, int]]] = {}
         for topic_filter, subscribers in self.subscriptions.items():
             for subscriber, qos in subscribers:
@@ -272,7 +276,7 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         sessions = []
         for session in self._persistent_sessions():
             key = session.client_id
-            queued = list((inflight or {}).get(key, ()))
+            queued = list(inflight.get(key, ()))
             queue = session.retained_messages
             waiting = [queue.get_nowait() for _ in range(queue.qsize())]
             for message in waiting:  # put back, same order, before anything can run
