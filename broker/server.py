@@ -35,13 +35,13 @@ from broker.gate import ConnectGate
 from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
 from broker.persistence import StateFile, state_path
-from broker.revocation import RevocationFollower, RevokedSet, feed_client_context
+from broker.revocation import RevocationFollower, RevokedSet
 from broker.session_index import SessionIndex
 from broker.sessions import session_key
 from broker.settings import BrokerSettings
 from broker.state import BrokerState, StateStore, StoredMessage
 from broker.supervisor import Supervisor
-from broker.tls import server_context
+from broker.tls import broker_server_context, feed_client_context
 from fleetcore.address import Address, parse_address
 from fleetcore.layout import write_public
 from fleetcore.profile import Identity, IdentityKind
@@ -77,11 +77,7 @@ class BrokerApp:
         self.settings = settings
         layout = settings.layout
         self.trust_domain = _trust_domain(settings)
-        self.ssl_context = server_context(
-            cert_file=layout.server_cert(settings.broker_name),
-            key_file=layout.server_key(settings.broker_name),
-            ca_file=layout.chain,
-        )
+        self.ssl_context = broker_server_context(layout, settings.broker_name)
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(
             layout.broker_dir / f"revoked-{settings.broker_node}.json",
@@ -111,11 +107,7 @@ class BrokerApp:
                 registry_url=settings.registry_url,
                 revoked=self.revoked,
                 on_revoked=self._on_revoked,
-                tls_context=feed_client_context(
-                    cert_file=layout.client_cert(settings.broker_name),
-                    key_file=layout.client_key(settings.broker_name),
-                    root_file=layout.root_cert,
-                ),
+                tls_context=feed_client_context(layout, settings.broker_name),
                 wait_s=settings.broker_feed_wait_s,
                 max_backoff_s=settings.broker_feed_max_backoff_s,
                 resync_s=settings.broker_feed_resync_s,
