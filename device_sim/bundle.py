@@ -71,13 +71,16 @@ def discover_bundles(data_dir: Path, limit: int | None = None) -> list[DeviceBun
     return [DeviceBundle.load(d) for d in directories]
 
 
-def tls_context(bundle: DeviceBundle) -> ssl.SSLContext:
-    """Client TLS 1.2+ context: trust the root, present the device certificate."""
+def tls_context(
+    bundle: DeviceBundle, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """Client TLS 1.2+ context: trust the root, present the device certificate (or the
+    given pair, e.g. a staged renewal)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_verify_locations(cafile=str(bundle.root))
-        context.load_cert_chain(certfile=str(bundle.cert), keyfile=str(bundle.key))
+        context.load_cert_chain(certfile=str(cert or bundle.cert), keyfile=str(key or bundle.key))
     except (OSError, ssl.SSLError) as exc:
         raise BundleError(
             f"device {bundle.device_id}: cannot load its certificate, key or root: {exc}"

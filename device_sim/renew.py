@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import SimError
+from device_sim.renewal_wire import AnswerError, Confirmed, Refusal, parse_answer
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
 from fleetcore.layout import write_private, write_public
@@ -42,6 +43,7 @@ __all__ = [
     "RenewalRefusedError",
     "RenewalResult",
     "RenewalFailedError",
+    "check_certificate",
     "renew_bundle",
     "request_certificate",
 ]
@@ -168,21 +170,19 @@ class _Exchange:
 
 
 def _interpret(device_id: str, answer: bytes) -> x509.Certificate:
-    if answer.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
-        try:
-            return x509.load_pem_x509_certificate(answer)
-        except ValueError:
-            raise RenewalRefusedError(
-                "bad_answer", f"device {device_id}: the answer is not a readable certificate"
-            ) from None
     try:
-        refusal = json.loads(answer)
-        error, message = str(refusal["error"]), str(refusal["message"])
-    except (ValueError, KeyError, TypeError):
+        parsed = parse_answer(answer)
+    except AnswerError as exc:
+        raise RenewalRefusedError("bad_answer", f"device {device_id}: {exc}") from None
+    if isinstance(parsed, Refusal):
         raise RenewalRefusedError(
-            "bad_answer", f"device {device_id}: unreadable answer on cert/issued"
-        ) from None
-    raise RenewalRefusedError(error, f"registry refused the renewal of {device_id}: {message}")
+            parsed.error, f"registry refused the renewal of {device_id}: {parsed.message}"
+        )
+    if isinstance(parsed, Confirmed):
+        raise RenewalRefusedError(
+            "bad_answer", f"device {device_id}: a confirmation came instead of a certificate"
+        )
+    return parsed
 
 
 def request_certificate(
@@ -194,12 +194,14 @@ def request_certificate(
     return _interpret(bundle.device_id, answer)
 
 
-def _check_certificate(
+def check_certificate(
     certificate: x509.Certificate,
     identity: Identity,
     public_key: PublicKey,
     issuing: x509.Certificate,
 ) -> None:
+    """Refuse (RenewalRefusedError ``bad_answer``) a certificate that is not for
+    ``identity`` and ``public_key`` or not signed by ``issuing``."""
     try:
         certificate.verify_directly_issued_by(issuing)
         found = read_identity(certificate)
@@ -241,7 +243,7 @@ def renew_bundle(
         raise SimError(str(exc)) from None
     csr_pem = build_csr(key, identity).public_bytes(PEM)
     certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
-    _check_certificate(certificate, identity, key.public_key(), issuing)
+    check_certificate(certificate, identity, key.public_key(), issuing)
 
     write_private(directory / "device.key.prev", bundle.key.read_bytes())
     write_public(directory / "device.crt.prev", bundle.cert.read_bytes())
