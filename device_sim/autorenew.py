@@ -54,7 +54,7 @@ from device_sim.renewal_wire import (
 )
 from device_sim.stats import WorkerStats
 from fleetcore.errors import IdentityError
-from fleetcore.keys import build_csr, generate_key, private_key_pem
+from fleetcore.keys import KEY_ALGORITHMS, build_csr, generate_key, private_key_pem
 from fleetcore.profile import CLOCK_SKEW, read_identity, serial_hex
 
 __all__ = ["RenewalLink", "RenewalPolicy", "Renewer", "renewal_due"]
@@ -81,6 +81,11 @@ class RenewalPolicy:
             raise ValueError(f"renew-at must be between 0 and 1 (a fraction), got {self.at}")
         if not 0 <= self.jitter < 0.5:
             raise ValueError(f"renewal jitter must be in [0, 0.5), got {self.jitter}")
+        if self.key_algorithm not in KEY_ALGORITHMS:
+            raise ValueError(
+                f"renewal key algorithm {self.key_algorithm!r} is not one of "
+                f"{', '.join(sorted(KEY_ALGORITHMS))}"
+            )
 
 
 def renewal_due(certificate: x509.Certificate, policy: RenewalPolicy, rng: random.Random) -> float:
@@ -132,6 +137,14 @@ class Renewer:
 
     async def run(self) -> None:
         """Renew whenever due, until the run ends (cancelled) or renewing cannot go on."""
+        try:
+            await self._loop()
+        except (OSError, ValueError, SimError, IdentityError) as exc:
+            # The bundle cannot be renewed (unreadable chain, disk full...): the device goes
+            # on publishing with the certificate it has.
+            log.error("renewal stopped device_id=%s reason=%s", self.device_id, exc)
+
+    async def _loop(self) -> None:
         while True:
             try:
                 certificate = self.store.current().certificate()

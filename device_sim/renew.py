@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import SimError
 from device_sim.renewal_wire import AnswerError, Confirmed, Refusal, parse_answer
+from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
 from fleetcore.layout import write_private, write_public
@@ -40,6 +41,7 @@ from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, 
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
+    "CertificateExpiredError",
     "RenewalRefusedError",
     "RenewalResult",
     "RenewalFailedError",
@@ -59,6 +61,10 @@ class RenewalRefusedError(SimError):
     def __init__(self, error: str, message: str) -> None:
         super().__init__(message)
         self.error = error
+
+
+class CertificateExpiredError(SimError):
+    """The device's certificate has expired: it cannot renew over MQTT any more."""
 
 
 class RenewalFailedError(SimError):
@@ -236,6 +242,13 @@ def renew_bundle(
         raise SimError(f"device bundle {directory} cannot be renewed: {exc}") from None
     if identity.kind is not IdentityKind.DEVICE or identity.name != bundle.device_id:
         raise SimError(f"{bundle.cert} is not the certificate of device {bundle.device_id}")
+    if current.not_valid_after_utc <= utcnow():
+        raise CertificateExpiredError(
+            f"the certificate of device {bundle.device_id} expired at "
+            f"{current.not_valid_after_utc.isoformat()}: it cannot renew over MQTT (the broker "
+            "refuses the TLS handshake). Re-provision it at the line: a new CSR signed by "
+            "'certfleet factory sign-csr' (docs/lifecycle.md)"
+        )
 
     try:
         key = generate_key(key_algorithm)

@@ -23,8 +23,9 @@ from broker.server import BrokerServer
 from device_sim.autorenew import RenewalPolicy
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceState, SimDevice
-from device_sim.renew import renew_bundle
-from device_sim.renewal_events import RenewalEvent, RenewalOutcome
+from device_sim.renew import CertificateExpiredError, renew_bundle
+from device_sim.renewal_events import RenewalEvent, RenewalOutcome, read_renewal_events
+from device_sim.runner import SimRun
 from device_sim.stats import WorkerStats
 from factory.ca import write_issued
 from fleetcore.clock import utcnow
@@ -172,3 +173,31 @@ def test_an_expired_device_is_reported_and_cannot_renew(stack: Stack) -> None:
     assert stats.expired_before_renewal == 1
     assert device.state is DeviceState.STOPPED
     assert device.stop_reason in {"certificate_expired", "certificate_rejected"}
+
+
+def test_sim_renew_says_an_expired_device_needs_re_provisioning(stack: Stack) -> None:
+    directory = stack.provision("dev-auto-4", lifetime_s=-1)
+    before = (directory / "device.crt").read_bytes()
+    with pytest.raises(CertificateExpiredError, match="Re-provision it at the line"):
+        renew_bundle(directory, "127.0.0.1", stack.broker.port, timeout=5)
+    assert (directory / "device.crt").read_bytes() == before
+
+
+def test_a_run_writes_its_renewal_events_as_json_lines(stack: Stack, tmp_path: Path) -> None:
+    directories = [stack.provision(f"dev-auto-5{i}", lifetime_s=12) for i in range(2)]
+    log = tmp_path / "renewals.jsonl"
+    config = DeviceConfig("127.0.0.1", stack.broker.port, rate=5.0, renewal=POLICY)
+    bundles = [DeviceBundle.load(directory) for directory in directories]
+    seen: list[RenewalEvent] = []
+    with SimRun(
+        bundles, config, duration=6.0, workers=0, seed=2, on_renewal=seen.append, renewal_log=log
+    ) as run:
+        assert run.wait(40)
+    events = read_renewal_events(log)
+    assert sorted(event.device_id for event in events) == ["dev-auto-50", "dev-auto-51"]
+    assert events == run.renewal_events() == seen
+    assert {event.outcome for event in events} == {RenewalOutcome.RENEWED}
+    summary = run.summary()
+    assert summary["renewals"]["renewed"] == 2
+    assert summary["renewals"]["latency"]["count"] == 2
+    assert summary["messages_acknowledged"] == summary["messages_produced"]
