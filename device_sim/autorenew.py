@@ -3,7 +3,7 @@
 When the certificate reaches ``at`` of its lifetime (default 2/3, jittered by +-``jitter`` of
 the lifetime so a fleet minted together does not ask together), the device generates a new
 key, publishes a CSR on ``devices/<id>/cert/renew`` over its live connection and waits for the
-answer on ``devices/<id>/cert/issued`` (:mod:`device_sim.renewal_wire`). ``rate_limited``,
+answer on ``devices/<id>/cert/issued`` (:mod:`fleetcore.renewal_wire`). ``rate_limited``,
 ``busy``, ``registry_unavailable``, ``internal_error`` or no answer in ``timeout``: it backs off
 with full jitter and asks again with the same key (a re-delivered CSR gets the same
 certificate). Another refusal (``device_decommissioned``, ``invalid_csr``, ...) ends its
@@ -42,9 +42,13 @@ from cryptography.hazmat.primitives import serialization
 from device_sim.backoff import Backoff
 from device_sim.credentials import Credentials, CredentialStore
 from device_sim.errors import SimError
-from device_sim.renew import RenewalRefusedError, check_certificate
+from device_sim.renew import BAD_ANSWER, RenewalRefusedError, check_certificate
 from device_sim.renewal_events import RenewalEvent, RenewalOutcome
-from device_sim.renewal_wire import (
+from device_sim.stats import WorkerStats
+from fleetcore.errors import IdentityError
+from fleetcore.keys import KEY_ALGORITHMS, build_csr, generate_key, private_key_pem
+from fleetcore.profile import CLOCK_SKEW, read_identity, serial_hex
+from fleetcore.renewal_wire import (
     RETRYABLE_REFUSALS,
     AnswerError,
     Confirmed,
@@ -52,10 +56,6 @@ from device_sim.renewal_wire import (
     confirm_payload,
     parse_answer,
 )
-from device_sim.stats import WorkerStats
-from fleetcore.errors import IdentityError
-from fleetcore.keys import KEY_ALGORITHMS, build_csr, generate_key, private_key_pem
-from fleetcore.profile import CLOCK_SKEW, read_identity, serial_hex
 
 __all__ = ["RenewalLink", "RenewalPolicy", "Renewer", "renewal_due"]
 
@@ -219,7 +219,7 @@ class Renewer:
                 else:
                     refused.append(code)
                     self.stats.renewal_refused[code] += 1
-                    if code not in RETRYABLE_REFUSALS and code != "bad_answer":
+                    if code not in RETRYABLE_REFUSALS and code != BAD_ANSWER:
                         log.warning(
                             "renewal refused device_id=%s error=%s: renewing stops",
                             self.device_id,
@@ -293,7 +293,7 @@ class Renewer:
         try:
             parsed = parse_answer(answer)
         except AnswerError:
-            return None, "bad_answer"
+            return None, BAD_ANSWER
         if isinstance(parsed, Refusal):
             return None, parsed.error
         if isinstance(parsed, Confirmed):
@@ -301,7 +301,7 @@ class Renewer:
         try:
             check_certificate(parsed, identity, public_key, issuing)  # type: ignore[arg-type]
         except (RenewalRefusedError, IdentityError):
-            return None, "bad_answer"
+            return None, BAD_ANSWER
         return parsed, None
 
     async def _confirm(self, serial: str) -> bool:
