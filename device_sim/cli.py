@@ -18,7 +18,7 @@ from device_sim.errors import SimError
 from device_sim.progress import watch
 from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
-from device_sim.settings import broker_list, build_settings, parse_addr
+from device_sim.settings import broker_list, build_settings, parse_addr, renewal_policy
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
 
@@ -70,6 +70,18 @@ def run(
     seed: Annotated[
         int | None, typer.Option("--seed", help="seed for jitter and sensor values")
     ] = None,
+    renew: Annotated[
+        bool | None,
+        typer.Option("--renew/--no-renew", help="renew certificates automatically (default on)"),
+    ] = None,
+    renew_at: Annotated[
+        float | None,
+        typer.Option("--renew-at", help="renew at this fraction of the lifetime (default 2/3)"),
+    ] = None,
+    renewal_log: Annotated[
+        Path | None,
+        typer.Option("--renewal-log", help="append one JSON line per renewal event to this file"),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print only the JSON summary on stdout")
     ] = False,
@@ -87,6 +99,9 @@ def run(
         sim_qos=qos,
         sim_connect_concurrency=connect_concurrency,
         sim_window=window,
+        sim_renew=renew,
+        sim_renew_at=renew_at,
+        sim_renewal_log=renewal_log,
     )
     limit = None if all_devices else settings.sim_devices
     bundles = discover_bundles(settings.data_dir, limit)
@@ -105,6 +120,7 @@ def run(
         backoff_base=settings.sim_backoff_base,
         backoff_cap=settings.sim_backoff_cap,
         window=settings.sim_window,
+        renewal=renewal_policy(settings),
     )
     console = Console(stderr=True)
     sim = SimRun(
@@ -115,6 +131,7 @@ def run(
         connect_concurrency=settings.sim_connect_concurrency,
         seed=seed,
         uvloop=settings.sim_uvloop,
+        renewal_log=settings.sim_renewal_log,
     )
 
     def interrupted(signum: int, frame: FrameType | None) -> None:

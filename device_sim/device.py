@@ -32,8 +32,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
+from device_sim.autorenew import RenewalPolicy, Renewer
 from device_sim.backoff import Backoff
 from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.credentials import Credentials
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
 from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
 from device_sim.renewal_events import RenewalEvent
@@ -41,7 +43,7 @@ from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
 from fleetcore.address import Address
-from fleetcore.topics import telemetry_topic
+from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
 
@@ -75,6 +77,8 @@ class DeviceConfig:
     #: Brokers to fail over to after ``host:port``: a device moves to the next one of
     #: (host:port, *failover) after every drop or failed attempt, starting at its own index.
     failover: tuple[Address, ...] = ()
+    #: Automatic renewal (device_sim.autorenew); None: the device never renews.
+    renewal: RenewalPolicy | None = RenewalPolicy()
 
     @property
     def brokers(self) -> tuple[Address, ...]:
@@ -158,6 +162,14 @@ class SimDevice:
         self._stop_at = 0.0
         self._window_empty: asyncio.Event | None = None
         self._next_due = 0.0
+        # Renewal over the live connection (device_sim.autorenew.RenewalLink).
+        self._up = asyncio.Event()
+        self._answer: asyncio.Future[bytes] | None = None
+        self._suback: dict[int, asyncio.Future[bool]] = {}
+        self._issued_subscribed: PreparedSocketClient | None = None
+        self._switch_to: Credentials | None = None
+        self._switch_requested = asyncio.Event()
+        self._switched: asyncio.Future[bool] | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -185,10 +197,15 @@ class SimDevice:
         self._stop_at = stop_at
         stop = stop or asyncio.Event()
         stopper = asyncio.ensure_future(stop.wait())
+        renewing = self._start_renewer()
         try:
             await self._lifecycle(stopper)
         finally:
             stopper.cancel()
+            if renewing is not None:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
             self._producing = False
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
@@ -202,6 +219,70 @@ class SimDevice:
         if client is not None and self.state is DeviceState.CONNECTED:
             client.loop_misc()
 
+    # -- renewal link (device_sim.autorenew.RenewalLink) ----------------------------------
+
+    def _start_renewer(self) -> asyncio.Task[None] | None:
+        policy = self.config.renewal
+        directory = self.bundle.cert.parent
+        if policy is None or not (directory / "chain.pem").is_file():
+            return None
+        renewer = Renewer(
+            directory, self.device_id, policy, self, self.stats, self._rng, self._renewals
+        )
+        return asyncio.ensure_future(renewer.run())
+
+    async def wait_connected(self, within: float) -> bool:
+        """True once connected (at once when connected), False after ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), within)
+        return self._up.is_set()
+
+    async def exchange(self, payload: bytes, within: float) -> bytes | None:
+        """Publish on our renew topic; the next message on our issued topic, or None."""
+        assert self._loop is not None
+        client = self._client
+        if client is None or not self._up.is_set():
+            return None
+        try:
+            async with asyncio.timeout(within):
+                if self._issued_subscribed is not client:
+                    result, mid = client.subscribe(issued_topic(self.device_id), qos=1)
+                    if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                        return None
+                    suback = self._suback[mid] = self._loop.create_future()
+                    if not await suback:
+                        return None
+                    self._issued_subscribed = client
+                self._answer = self._loop.create_future()
+                info = client.publish(renew_topic(self.device_id), payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return None
+                return await self._answer
+        except TimeoutError:
+            return None
+        finally:
+            self._answer = None
+
+    async def switch(self, credentials: Credentials) -> bool:
+        """End the session and reconnect with ``credentials``; True once connected."""
+        assert self._loop is not None
+        self._switch_to = credentials
+        switched: asyncio.Future[bool] = self._loop.create_future()
+        self._switched = switched
+        self._switch_requested.set()
+        return await switched
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any
+    ) -> None:
+        suback = self._suback.pop(mid, None)
+        if suback is not None and not suback.done():
+            suback.set_result(not any(getattr(code, "is_failure", False) for code in codes))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(bytes(message.payload))
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def _time_left(self) -> float:
@@ -212,7 +293,8 @@ class SimDevice:
         assert self._loop is not None
         while self._time_left() > 0 and not stopper.done():
             self.state = DeviceState.CONNECTING
-            connect = asyncio.ensure_future(self._connect())
+            candidate, self._switch_to = self._switch_to, None
+            connect = asyncio.ensure_future(self._connect(candidate))
             await asyncio.wait(
                 [connect, stopper],
                 timeout=max(self._time_left(), 0.0),
@@ -224,11 +306,23 @@ class SimDevice:
                     await connect
                 return
             failure = connect.result()
+            if candidate is not None:
+                self._resolve_switch(failure is None)
+                if failure is not None:
+                    # The renewed certificate did not connect: at once back to the old one.
+                    log.warning(
+                        "renewed certificate refused device_id=%s reason=%s",
+                        self.device_id,
+                        failure.reason,
+                    )
+                    continue
             if failure is None:
                 failure = await self._session(stopper)
                 if failure is None:  # the run ended while connected
                     return
                 self._close_client()
+                if failure.reason == "renewal_switch":
+                    continue  # reconnect now, with the renewed certificate
                 self.stats.disconnects[failure.reason] += 1
                 self._emit("disconnected", failure.reason)
                 log.info(
@@ -264,16 +358,25 @@ class SimDevice:
             failure.detail or "-",
         )
 
-    async def _connect(self) -> Failure | None:
+    def _resolve_switch(self, connected: bool) -> None:
+        switched, self._switched = self._switched, None
+        if switched is not None and not switched.done():
+            switched.set_result(connected)
+
+    async def _connect(self, candidate: Credentials | None = None) -> Failure | None:
         """One connection attempt: TCP + TLS + CONNECT/CONNACK, bounded by connect_timeout and
-        by the worker's concurrent-connect slots. None on success."""
+        by the worker's concurrent-connect slots; with ``candidate``, with those credentials
+        (a renewal being proven), which become the device's on success. None on success."""
         assert self._loop is not None
         loop = self._loop
         async with self._slots:
             started = loop.time()
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    context = self._context or tls_context(self.bundle)
+                    if candidate is not None:
+                        context = tls_context(self.bundle, candidate.cert, candidate.key)
+                    else:
+                        context = self._context or tls_context(self.bundle)
                     self._context = context
                     tls_socket = await open_tls(
                         self.broker.host,
@@ -286,14 +389,18 @@ class SimDevice:
                     failure = await self._connack
             except TimeoutError:
                 self._close_client()
+                self._context = None if candidate is not None else self._context
                 return Failure("connect_timeout", permanent=False)
             except OSError as exc:
                 self._close_client()
+                self._context = None if candidate is not None else self._context
                 return classify_os_error(exc)
             except BundleError as exc:
                 return Failure("bundle_unreadable", permanent=True, detail=str(exc))
         if failure is not None:
             self._close_client()
+            if candidate is not None:
+                self._context = None  # back to the bundle's current pair
             return failure
         self.stats.connect_latency.record(loop.time() - started)
         return None
@@ -310,6 +417,8 @@ class SimDevice:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
         self._client = client
         self._socket = sock
         self._closing = False
@@ -337,6 +446,9 @@ class SimDevice:
         self._emit("connected")
         session_end = self._session_end
         assert session_end is not None
+        self._up.set()
+        self._switch_requested.clear()
+        switch = asyncio.ensure_future(self._switch_requested.wait())
         try:
             self._resend_window()
             if not self._producing:
@@ -346,16 +458,21 @@ class SimDevice:
                 self._next_due = self._loop.time() + first
                 self._tick_handle = self._loop.call_at(self._next_due, self._tick)
             await asyncio.wait(
-                [session_end, stopper],
+                [session_end, stopper, switch],
                 timeout=max(self._time_left(), 0.0),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if session_end.done():
                 return session_end.result()
+            if switch.done() and not stopper.done() and self._time_left() > 0:
+                await self._disconnect(session_end)
+                return Failure("renewal_switch", permanent=False)
             self._producing = False
             await self._drain(session_end)
             return None
         finally:
+            switch.cancel()
+            self._up.clear()
             self.stats.connected -= 1
 
     async def _drain(self, session_end: asyncio.Future[Failure]) -> None:
@@ -371,6 +488,10 @@ class SimDevice:
             )
             emptied.cancel()
             self._window_empty = None
+        await self._disconnect(session_end)
+
+    async def _disconnect(self, session_end: asyncio.Future[Failure]) -> None:
+        """A clean DISCONNECT, waiting (bounded) for the broker to close."""
         client = self._client
         if client is not None and not session_end.done():
             self._closing = True

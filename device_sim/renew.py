@@ -33,17 +33,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import SimError
+from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
 from fleetcore.layout import write_private, write_public
 from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
-from fleetcore.renewal_wire import AnswerError, Refusal, parse_answer
+from fleetcore.renewal_wire import AnswerError, Confirmed, Refusal, parse_answer
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
+    "BAD_ANSWER",
+    "CertificateExpiredError",
     "RenewalRefusedError",
     "RenewalResult",
     "RenewalFailedError",
+    "check_certificate",
     "renew_bundle",
     "request_certificate",
 ]
@@ -61,6 +65,10 @@ class RenewalRefusedError(SimError):
     def __init__(self, error: str, message: str) -> None:
         super().__init__(message)
         self.error = error
+
+
+class CertificateExpiredError(SimError):
+    """The device's certificate has expired: it cannot renew over MQTT any more."""
 
 
 class RenewalFailedError(SimError):
@@ -180,6 +188,10 @@ def _interpret(device_id: str, answer: bytes) -> x509.Certificate:
         raise RenewalRefusedError(
             parsed.error, f"registry refused the renewal of {device_id}: {parsed.message}"
         )
+    if isinstance(parsed, Confirmed):
+        raise RenewalRefusedError(
+            BAD_ANSWER, f"device {device_id}: a confirmation came instead of a certificate"
+        )
     return parsed
 
 
@@ -192,12 +204,14 @@ def request_certificate(
     return _interpret(bundle.device_id, answer)
 
 
-def _check_certificate(
+def check_certificate(
     certificate: x509.Certificate,
     identity: Identity,
     public_key: PublicKey,
     issuing: x509.Certificate,
 ) -> None:
+    """Refuse (RenewalRefusedError ``bad_answer``) a certificate that is not for
+    ``identity`` and ``public_key`` or not signed by ``issuing``."""
     try:
         certificate.verify_directly_issued_by(issuing)
         found = read_identity(certificate)
@@ -232,6 +246,13 @@ def renew_bundle(
         raise SimError(f"device bundle {directory} cannot be renewed: {exc}") from None
     if identity.kind is not IdentityKind.DEVICE or identity.name != bundle.device_id:
         raise SimError(f"{bundle.cert} is not the certificate of device {bundle.device_id}")
+    if current.not_valid_after_utc <= utcnow():
+        raise CertificateExpiredError(
+            f"the certificate of device {bundle.device_id} expired at "
+            f"{current.not_valid_after_utc.isoformat()}: it cannot renew over MQTT (the broker "
+            "refuses the TLS handshake). Re-provision it at the line: a new CSR signed by "
+            "'certfleet factory sign-csr' (docs/lifecycle.md)"
+        )
 
     try:
         key = generate_key(key_algorithm)
@@ -239,7 +260,7 @@ def renew_bundle(
         raise SimError(str(exc)) from None
     csr_pem = build_csr(key, identity).public_bytes(PEM)
     certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
-    _check_certificate(certificate, identity, key.public_key(), issuing)
+    check_certificate(certificate, identity, key.public_key(), issuing)
 
     write_private(directory / "device.key.prev", bundle.key.read_bytes())
     write_public(directory / "device.crt.prev", bundle.cert.read_bytes())

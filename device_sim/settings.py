@@ -8,12 +8,20 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from device_sim.autorenew import RenewalPolicy
 from fleetcore.address import Address, AddressStr, parse_address
 from fleetcore.config import settings_from_env
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DEFAULT_DATA_DIR
 
-__all__ = ["BrokerListStr", "SimSettings", "broker_list", "build_settings", "parse_addr"]
+__all__ = [
+    "BrokerListStr",
+    "SimSettings",
+    "broker_list",
+    "build_settings",
+    "parse_addr",
+    "renewal_policy",
+]
 
 
 def broker_list(text: str) -> list[Address]:
@@ -100,3 +108,27 @@ def parse_addr(addr: str) -> tuple[str, int]:
     if address.port == 0:
         raise ConfigError(f"broker address {addr!r} needs a real port, not 0")
     return address.host, address.port
+
+
+def renewal_policy(settings: SimSettings) -> RenewalPolicy | None:
+    """The devices' renewal policy from settings; None when renewal is off."""
+    if not settings.sim_renew:
+        return None
+    if settings.sim_renew_backoff_cap < settings.sim_renew_backoff_base:
+        raise ConfigError("CERTFLEET_SIM_RENEW_BACKOFF_CAP must not be below _BASE")
+    try:
+        return _policy(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _policy(settings: SimSettings) -> RenewalPolicy:
+    return RenewalPolicy(
+        at=settings.sim_renew_at,
+        jitter=settings.sim_renew_jitter,
+        timeout=settings.sim_renew_timeout,
+        backoff_base=settings.sim_renew_backoff_base,
+        backoff_cap=settings.sim_renew_backoff_cap,
+        confirm_attempts=settings.sim_confirm_attempts,
+        key_algorithm=settings.sim_renew_key_algorithm,
+    )

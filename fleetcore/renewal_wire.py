@@ -25,6 +25,7 @@ from fleetcore.errors import CertfleetError
 
 __all__ = [
     "MAX_CONFIRM_BYTES",
+    "RETRYABLE_REFUSALS",
     "AnswerError",
     "ConfirmError",
     "Confirmed",
@@ -63,6 +64,17 @@ class RefusalCode(enum.StrEnum):
     NOT_NEWEST = "not_newest"
 
 
+#: Refusals that say "later": a device backs off (with jitter) and asks again.
+RETRYABLE_REFUSALS = frozenset(
+    {
+        RefusalCode.RATE_LIMITED,
+        RefusalCode.BUSY,
+        RefusalCode.REGISTRY_UNAVAILABLE,
+        RefusalCode.INTERNAL_ERROR,
+    }
+)
+
+
 class AnswerError(CertfleetError):
     """An answer on ``cert/issued`` is neither a readable certificate nor a refusal."""
 
@@ -80,16 +92,18 @@ def refusal_payload(error: RefusalCode, message: str) -> bytes:
     return json.dumps({"error": str(error), "message": message}).encode()
 
 
-def parse_answer(payload: bytes) -> x509.Certificate | Refusal:
-    """The certificate or the refusal in ``payload``; AnswerError if it is neither."""
+def parse_answer(payload: bytes) -> x509.Certificate | Confirmed | Refusal:
+    """The certificate, confirmation or refusal in ``payload``; AnswerError otherwise."""
     if payload.lstrip().startswith(_PEM_CERTIFICATE):
         try:
             return x509.load_pem_x509_certificate(payload)
         except ValueError:
             raise AnswerError("the answer is not a readable certificate") from None
     try:
-        refusal = json.loads(payload)
-        return Refusal(str(refusal["error"]), str(refusal["message"]))
+        body = json.loads(payload)
+        if isinstance(body, dict) and "confirmed" in body:
+            return Confirmed(str(body["confirmed"]).lower())
+        return Refusal(str(body["error"]), str(body["message"]))
     except (ValueError, KeyError, TypeError):
         raise AnswerError("unreadable answer on cert/issued") from None
 

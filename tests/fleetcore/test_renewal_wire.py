@@ -8,9 +8,13 @@ import pytest
 
 from fleetcore.profile import IdentityKind
 from fleetcore.renewal_wire import (
+    RETRYABLE_REFUSALS,
     AnswerError,
+    Confirmed,
     Refusal,
     RefusalCode,
+    confirm_payload,
+    confirmed_payload,
     parse_answer,
     refusal_payload,
 )
@@ -89,3 +93,10 @@ def test_a_malformed_confirm_is_a_confirm_error(payload: bytes) -> None:
 
     with pytest.raises(ConfirmError, match="confirm"):
         parse_confirm(payload)
+
+
+def test_a_confirm_and_its_answer_round_trip() -> None:
+    assert json.loads(confirm_payload("0A1B")) == {"confirm": "0a1b"}
+    assert parse_answer(confirmed_payload("0a1b")) == Confirmed("0a1b")
+    assert RefusalCode.RATE_LIMITED in RETRYABLE_REFUSALS
+    assert RefusalCode.DEVICE_DECOMMISSIONED not in RETRYABLE_REFUSALS
