@@ -43,6 +43,7 @@ from certfleet.procs import (
     free_port,
     provision_fleet,
 )
+from device_sim.autorenew import RenewalPolicy
 from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig
 from device_sim.renewal_events import RenewalEvent, RenewalOutcome
@@ -59,6 +60,7 @@ __all__ = [
     "Progress",
     "StaggerRun",
     "registry_env",
+    "renewal_policy",
     "run_lifecycle",
 ]
 
@@ -140,6 +142,13 @@ def registry_env(plan: LifecyclePlan) -> dict[str, str]:
         "CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S": str(max(1, plan.lifetime_s // 4)),
         "CERTFLEET_REGISTRY_SUPERSEDE_GRACE_S": f"{plan.grace:g}",
     }
+
+
+def renewal_policy(lifetime_s: int) -> RenewalPolicy:
+    """The devices' renewal policy scaled to a compressed lifetime: answers awaited and
+    backoff capped at a tenth of it (the defaults, 30 s and 60 s, suit lifetimes of days)."""
+    tenth = max(2.0, min(30.0, lifetime_s / 10))
+    return RenewalPolicy(timeout=tenth, backoff_base=min(1.0, tenth / 4), backoff_cap=tenth)
 
 
 class _RenewalLog:
@@ -259,7 +268,9 @@ class _Run:
     ) -> dict[str, Any]:
         plan = self.plan
         host, _, port = broker_addr.rpartition(":")
-        config = DeviceConfig(host, int(port), rate=plan.rate, qos=1)
+        config = DeviceConfig(
+            host, int(port), rate=plan.rate, qos=1, renewal=renewal_policy(plan.lifetime_s)
+        )
         run = SimRun(
             discover_bundles(layout.root),
             config,
