@@ -110,6 +110,19 @@ class RenewedCertificate:
     #: True when this is the certificate already sent for the same key (a re-delivered CSR).
     repeated: bool = False
 
+    @classmethod
+    def of(
+        cls, stored: renewals.StoredCertificate, *, repeated: bool = False
+    ) -> RenewedCertificate:
+        return cls(
+            stored.device_id,
+            stored.serial,
+            stored.not_before,
+            stored.not_after,
+            stored.certificate_pem,
+            repeated,
+        )
+
 
 def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
@@ -194,13 +207,7 @@ class CertificateRenewer:
             )
         if stored is not signed:
             return self._repeated(stored)
-        return RenewedCertificate(
-            device_id=stored.device_id,
-            serial=stored.serial,
-            not_before=stored.not_before,
-            not_after=stored.not_after,
-            certificate_pem=stored.certificate_pem,
-        )
+        return RenewedCertificate.of(stored)
 
     @staticmethod
     def _repeated(certificate: renewals.StoredCertificate) -> RenewedCertificate:
@@ -209,14 +216,7 @@ class CertificateRenewer:
             certificate.device_id,
             certificate.serial,
         )
-        return RenewedCertificate(
-            device_id=certificate.device_id,
-            serial=certificate.serial,
-            not_before=certificate.not_before,
-            not_after=certificate.not_after,
-            certificate_pem=certificate.certificate_pem,
-            repeated=True,
-        )
+        return RenewedCertificate.of(certificate, repeated=True)
 
     @contextmanager
     def _refusals(self, device_id: str) -> Iterator[None]:
