@@ -18,6 +18,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -31,6 +32,7 @@ __all__ = [
     "begin_write",
     "make_engine",
     "migrate",
+    "insert_ignore",
     "unreachable",
     "write_transaction",
 ]
@@ -129,6 +131,19 @@ def write_transaction(session: Session) -> Iterator[Session]:
     except BaseException:
         session.rollback()
         raise
+
+
+def insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> bool:
+    """INSERT one row unless its key exists (ON CONFLICT DO NOTHING); True when inserted.
+
+    On PostgreSQL a concurrent insert of the same key waits for the other transaction and
+    then does nothing: exactly one of two racing writers gets True.
+    """
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(table).values(**values).on_conflict_do_nothing()
+    result = session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def alembic_config() -> AlembicConfig:

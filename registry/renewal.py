@@ -144,8 +144,10 @@ class CertificateRenewer:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         lifetime: dt.timedelta | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        instance: str = "local",
     ) -> None:
         self.ca = ca
+        self.instance = instance
         self.engine = engine
         self.min_interval_s = min_interval_s
         self.max_attempts = max_attempts
@@ -156,6 +158,12 @@ class CertificateRenewer:
     @property
     def _interval(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.min_interval_s)
+
+    def claim(self, device_id: str, payload: bytes) -> bool:
+        """Whether this replica answers this request (:func:`registry.store.renewals.
+        claim_request`); False: another replica sharing the database claimed it first."""
+        with Session(self.engine) as session:
+            return renewals.claim_request(session, device_id, payload, self.instance, utcnow())
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
@@ -354,6 +362,11 @@ class RenewalService:
 
     def _handle(self, device_id: str, payload: bytes) -> None:
         try:
+            if not self.renewer.claim(device_id, payload):
+                # Every replica receives the request; the one that claimed it answers.
+                self._count("claimed_elsewhere")
+                log.debug("renewal left to another replica device_id=%s", device_id)
+                return
             renewed = self.renewer.renew(device_id, payload)
         except RenewalRefused as exc:
             self._refuse(device_id, exc)
