@@ -200,6 +200,11 @@ class TelemetryCollector(Collector):
             "1 while the ingest is connected to the broker",
             value=1.0 if ingest.connected.is_set() else 0.0,
         )
+        yield GaugeMetricFamily(
+            f"{prefix}_subscribed",
+            "1 while the broker has acknowledged every subscription of the ingest",
+            value=1.0 if ingest.subscribed.is_set() else 0.0,
+        )
 
 
 class RequestMetricsMiddleware:
