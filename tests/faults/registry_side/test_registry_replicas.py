@@ -347,6 +347,9 @@ def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pa
         time.sleep(1.0)  # room for a second answer, were one coming
         [answer] = _answers(probe, issued)
         assert answer.startswith(b"-----BEGIN CERTIFICATE-----"), answer[:200]
+        # Client ids registry/a and registry/b: neither took the other's broker session over.
+        for replica in (pair.a, pair.b):
+            assert replica.metric("certfleet_registry_telemetry_connects_total") == 1
     finally:
         probe.close()
 
