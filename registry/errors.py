@@ -10,11 +10,13 @@ CertfleetError
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
       ├── RenewedTooSoonError       429  a device renewed again within the renewal interval
       └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
+ConfigError
+ └── RegistryTlsError               a TLS certificate, key or CA file of the registry is unusable
 """
 
 from __future__ import annotations
 
-from fleetcore.errors import CertfleetError
+from fleetcore.errors import CertfleetError, ConfigError
 
 __all__ = [
     "AlreadyDecommissionedError",
@@ -24,6 +26,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "RegistryError",
+    "RegistryTlsError",
     "RenewedTooSoonError",
     "UnavailableError",
 ]
@@ -78,3 +81,7 @@ class RenewedTooSoonError(RegistryError):
 class UnavailableError(RegistryError):
     status = 503
     code = "unavailable"
+
+
+class RegistryTlsError(ConfigError):
+    """A TLS certificate, key or CA file of the registry is missing or unusable (at start)."""

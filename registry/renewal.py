@@ -3,7 +3,8 @@
 A device publishes a PEM CSR to ``devices/<id>/cert/renew``; the registry's MQTT client
 (:mod:`registry.telemetry`, connected as ``spiffe://<td>/service/registry``) hands it to
 :class:`RenewalService`, which answers on ``devices/<id>/cert/issued`` (QoS 1) with either the
-new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``.
+new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``
+(:mod:`fleetcore.renewal_wire`, codes :class:`~fleetcore.renewal_wire.RefusalCode`).
 
 The checks, in order (each refusal is logged, counted and answered):
 
@@ -27,7 +28,8 @@ Requests wait in one queue per device, served round-robin by one worker thread, 
 ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
-certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
+certificate (or ``registry_renewal_lifetime_days``), through the one validity policy
+(:func:`fleetcore.validity.renewal_validity`). It is stored as a live certificate of the
 device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
 previous certificate stays live until it expires: the device may still be using it.
 
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -59,8 +60,10 @@ from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
-from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.renewal_wire import RefusalCode, refusal_payload
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
+from fleetcore.validity import renewal_validity
 from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
 from registry.store import renewals
 from registry.store.audit import Actor
@@ -92,12 +95,12 @@ DEFAULT_MAX_ATTEMPTS = 5
 class RenewalRefused(CertfleetError):
     """A renewal request the registry refuses; ``error`` is the code sent to the device."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: RefusalCode, message: str) -> None:
         super().__init__(message)
         self.error = error
 
     def payload(self) -> bytes:
-        return json.dumps({"error": self.error, "message": str(self)}).encode()
+        return refusal_payload(self.error, str(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +131,9 @@ def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
     device_id = device_of(topic, RENEW)
     if device_id is None or not NAME_PATTERN.fullmatch(device_id):
-        raise RenewalRefused("bad_topic", f"topic {topic[:200]!r} is not devices/<id>/cert/renew")
+        raise RenewalRefused(
+            RefusalCode.BAD_TOPIC, f"topic {topic[:200]!r} is not devices/<id>/cert/renew"
+        )
     return device_id
 
 
@@ -170,7 +175,7 @@ class CertificateRenewer:
         self._count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
-                "too_large", f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
+                RefusalCode.TOO_LARGE, f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
         validated = self._validate(device_id, payload)
         key_sha256 = hashlib.sha256(
@@ -188,12 +193,12 @@ class CertificateRenewer:
         lifetime = self.lifetime or (
             previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
         )
-        not_before = utcnow() - CLOCK_SKEW
+        validity = renewal_validity(utcnow(), lifetime)
         issued = self.ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
-            not_before=not_before,
-            not_after=not_before + lifetime,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
         )
         certificate = issued.certificate
         signed = renewals.StoredCertificate(
@@ -232,13 +237,13 @@ class CertificateRenewer:
         try:
             yield
         except NotFoundError as exc:
-            raise RenewalRefused("unknown_device", str(exc)) from None
+            raise RenewalRefused(RefusalCode.UNKNOWN_DEVICE, str(exc)) from None
         except DecommissionedDeviceError as exc:
-            raise RenewalRefused("device_decommissioned", str(exc)) from None
+            raise RenewalRefused(RefusalCode.DEVICE_DECOMMISSIONED, str(exc)) from None
         except RenewedTooSoonError as exc:
             wait = math.ceil(self.min_interval_s - exc.since_s)
             raise RenewalRefused(
-                "rate_limited",
+                RefusalCode.RATE_LIMITED,
                 f"{exc}; at most one renewal per {self.min_interval_s:g} s "
                 f"(CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): retry in {wait} s",
             ) from None
@@ -253,7 +258,7 @@ class CertificateRenewer:
         if window.attempts > self.max_attempts:
             wait = math.ceil((window.window_start + self._interval - now).total_seconds())
             raise RenewalRefused(
-                "rate_limited",
+                RefusalCode.RATE_LIMITED,
                 f"device {device_id} sent {window.attempts} renewal requests within "
                 f"{self.min_interval_s:g} s; at most {self.max_attempts} "
                 f"(CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS): retry in {wait} s",
@@ -263,10 +268,10 @@ class CertificateRenewer:
         try:
             validated = validate_device_csr(load_csr(bytes(payload)), self.ca.trust_domain)
         except CSRError as exc:
-            raise RenewalRefused("invalid_csr", str(exc)) from None
+            raise RenewalRefused(RefusalCode.INVALID_CSR, str(exc)) from None
         if validated.identity.name != device_id:
             raise RenewalRefused(
-                "identity_mismatch",
+                RefusalCode.IDENTITY_MISMATCH,
                 f"CSR names device {validated.identity.name!r} but was sent on "
                 f"{renew_topic(device_id)}; a device renews only itself",
             )
@@ -336,7 +341,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "busy", f"{self._max_pending} renewals are waiting; retry in a minute"
+                    RefusalCode.BUSY, f"{self._max_pending} renewals are waiting; retry in a minute"
                 ),
             )
 
@@ -376,7 +381,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "registry_unavailable",
+                    RefusalCode.REGISTRY_UNAVAILABLE,
                     "the registry could not record the certificate; retry later",
                 ),
             )
@@ -384,7 +389,8 @@ class RenewalService:
         except Exception:  # a bug must not kill the worker silently; the device is told
             log.exception("renewal crashed device_id=%s", device_id)
             self._refuse(
-                device_id, RenewalRefused("internal_error", "the registry failed; retry later")
+                device_id,
+                RenewalRefused(RefusalCode.INTERNAL_ERROR, "the registry failed; retry later"),
             )
             return
         finally:

@@ -37,7 +37,6 @@ import datetime as dt
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -61,6 +60,7 @@ from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
 from registry.store.telemetry import TelemetryUpdate, record_telemetry
 from registry.supervise import SupervisedThread
+from registry.tls import service_client_context_of
 
 __all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ingest"]
 
@@ -176,21 +176,8 @@ class TelemetryIngest:
         self._watchdog = SupervisedThread("mqtt-watchdog", self._watch, on_crash=on_crash)
 
     def _build_client(self) -> mqtt.Client:
+        context = service_client_context_of(self._layout, CLIENT_NAME, "telemetry ingest")
         cert = self._layout.client_cert(CLIENT_NAME)
-        key = self._layout.client_key(CLIENT_NAME)
-        if not cert.is_file() or not key.is_file():
-            raise ConfigError(
-                f"telemetry ingest needs the registry's service certificate {cert} and key: "
-                "create it with 'certfleet ca issue-client --service registry' "
-                "(or run 'certfleet up')"
-            )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_verify_locations(cafile=str(self._layout.root_cert))
-            context.load_cert_chain(certfile=str(cert), keyfile=str(key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"telemetry ingest cannot load its TLS credentials: {exc}") from None
         client_id = self._client_id or f"{_service_name(cert)}/{self._instance}"
         self.client_id = client_id
         client = mqtt.Client(
