@@ -14,11 +14,11 @@ PostgreSQL database, our broker in this process, real paho clients:
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +28,11 @@ import pytest
 from cryptography import x509
 
 from broker.server import BrokerServer
-from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from tests.broker.conftest import MqttProbe, connect
 from tests.conftest import ClientFiles, TestPKI
 from tests.device_sim.conftest import certfleet_broker_settings, write_device_bundle
+from tests.e2e.test_renewal import _registry_data_dir
 from tests.faults.registry_side.registry_process import RegistryProcess, registry_process
 from tests.registry.conftest import _reset_postgres
 
@@ -77,17 +77,6 @@ class Pair:
         return directory
 
 
-def _replica_data_dir(pki: TestPKI, root: Path) -> Path:
-    """Each replica's own data folder: the CA (the registry signs) and its MQTT identity."""
-    layout = DataLayout(root)
-    shutil.copytree(pki.layout.ca_dir, layout.ca_dir)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
-    return root
-
-
 def _operator_client(pki: TestPKI, url: str) -> httpx.Client:
     operator = pki.client(IdentityKind.OPERATOR, "alice")
     context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
@@ -122,34 +111,25 @@ def _pair(
     }
     if broker is not None:
         env["CERTFLEET_TELEMETRY_BROKER_ADDR"] = f"127.0.0.1:{broker.port}"
-    replicas: list[Replica] = []
-    with (
-        registry_process(
-            pki,
-            database_url,
-            root / "a.ready.json",
-            data_dir=_replica_data_dir(pki, root / "a"),
-            env={**env, "CERTFLEET_REGISTRY_INSTANCE": "a"},
-            log_file=root / "a.log",
-        ) as process_a,
-        _operator_client(pki, process_a.url) as client_a,
-    ):
-        replicas.append(Replica("a", process_a, client_a))
-        with (
-            registry_process(
-                pki,
-                database_url,
-                root / "b.ready.json",
-                data_dir=_replica_data_dir(pki, root / "b"),
-                env={**env, "CERTFLEET_REGISTRY_INSTANCE": "b"},
-                log_file=root / "b.log",
-            ) as process_b,
-            _operator_client(pki, process_b.url) as client_b,
-        ):
-            replicas.append(Replica("b", process_b, client_b))
-            for replica in replicas:
-                _wait_for_metric(replica, "certfleet_registry_feed_listener_connected", 1)
-            yield Pair(pki, database_url, replicas[0], replicas[1], root / "fleet", broker)
+    with ExitStack() as stack:
+        replicas = []
+        for name in ("a", "b"):  # one after the other: a is up (and migrated) before b starts
+            process = stack.enter_context(
+                registry_process(
+                    pki,
+                    database_url,
+                    root / f"{name}.ready.json",
+                    # Each replica's own data folder: the CA (it signs) and its MQTT identity.
+                    data_dir=_registry_data_dir(pki, root / name),
+                    env={**env, "CERTFLEET_REGISTRY_INSTANCE": name},
+                    log_file=root / f"{name}.log",
+                )
+            )
+            client = stack.enter_context(_operator_client(pki, process.url))
+            replicas.append(Replica(name, process, client))
+        for replica in replicas:
+            _wait_for_metric(replica, "certfleet_registry_feed_listener_connected", 1)
+        yield Pair(pki, database_url, replicas[0], replicas[1], root / "fleet", broker)
 
 
 @pytest.fixture
