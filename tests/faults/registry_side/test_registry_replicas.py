@@ -316,8 +316,9 @@ def _claimed_elsewhere(pair: Pair) -> float:
 def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pair) -> None:
     pair = pair_with_broker
     probe, issued = _device(pair, "dev-renew-rep")
+    csr = _csr(pair, "dev-renew-rep")
     try:
-        probe.client.publish("devices/dev-renew-rep/cert/renew", _csr(pair, "dev-renew-rep"), 1)
+        probe.client.publish("devices/dev-renew-rep/cert/renew", csr, 1)
         _wait_for(lambda: len(_answers(probe, issued)) >= 1, "the renewal answer")
         # Both replicas received it: the one that lost the claim counted it, and stayed silent.
         _wait_for(
@@ -327,6 +328,13 @@ def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pa
         time.sleep(1.0)  # room for a second answer, were one coming
         [answer] = _answers(probe, issued)
         assert answer.startswith(b"-----BEGIN CERTIFICATE-----"), answer[:200]
+        # The same request again (its answer was lost, say): answered once more, by the
+        # replica holding the claim, with the same certificate.
+        probe.client.publish("devices/dev-renew-rep/cert/renew", csr, 1)
+        _wait_for(lambda: _claimed_elsewhere(pair) == 2, "the other replica to stand aside again")
+        _wait_for(lambda: len(_answers(probe, issued)) >= 2, "the second answer")
+        time.sleep(1.0)
+        assert _answers(probe, issued) == [answer, answer]
         # Client ids registry/a and registry/b: neither took the other's broker session over.
         for replica in (pair.a, pair.b):
             assert replica.metric("certfleet_registry_telemetry_connects_total") == 1
