@@ -32,17 +32,10 @@ __all__ = ["RECONNECT_BACKOFF_S", "FeedListener"]
 
 log = logging.getLogger(__name__)
 
-#: Waits before reconnecting, doubled after each failure up to the last value.
+#: Waits before reconnecting: the next value after each failure, up to the last.
 RECONNECT_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: How often the listening loop looks up from the socket to check for shutdown.
 POLL_S = 0.5
-#: libpq TCP keepalives: a peer that vanished without closing is noticed within ~20 s.
-KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 2,
-}
 
 
 class FeedListener:
