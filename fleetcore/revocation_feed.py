@@ -34,6 +34,7 @@ __all__ = [
     "FEED_BATCH_MAX",
     "FEED_KINDS",
     "FOLLOWER_KINDS",
+    "KINDS_PATTERN",
     "EventKind",
     "RevocationEvent",
     "RevocationFeed",
@@ -50,6 +51,8 @@ FEED_KINDS: Final[tuple[str, ...]] = get_args(EventKind)
 DEFAULT_KINDS: Final[tuple[str, ...]] = ("decommission",)
 #: The ``kinds`` query value of a follower that understands every kind.
 FOLLOWER_KINDS: Final = ",".join(FEED_KINDS)
+#: What a ``kinds`` query value may be: known kinds, comma-separated.
+KINDS_PATTERN: Final = "^({0})(,({0}))*$".format("|".join(FEED_KINDS))
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

@@ -8,7 +8,8 @@ costs a handful of signatures, not 200 and no queue of waiting threads. A reader
 waits, bounded, for the signer. The CRL is also re-signed when half of its validity has
 passed, and when its first entry expires (``not_after`` + ``CLOCK_SKEW``): an expired
 certificate cannot be presented, so its entry leaves the CRL. CRLNumber comes from a
-database counter, so it only ever grows.
+database counter, allocated in the transaction that reads the CRL's entries, so it only ever
+grows, also across registry replicas sharing the database.
 """
 
 from __future__ import annotations
@@ -165,11 +166,9 @@ class CrlCache:
     def _build(self) -> SignedCrl:
         now = utcnow()
         with Session(self._engine) as session:
-            # Head first: the entries read after it include at least every revocation up to it.
-            head = revocations.head_seq(session)
-            entries = certificates.revoked_entries(session, now)
-            next_expiry = certificates.next_crl_expiry(session, now)
-            number = certificates.next_crl_number(session)
+            contents = certificates.crl_contents(session, now)
+        number, head, entries = contents.crl_number, contents.head_seq, contents.entries
+        next_expiry = contents.next_expiry
         crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
         if self._on_resign is not None:
             self._on_resign()

@@ -41,6 +41,7 @@ from registry.settings import RegistrySettings
 from tests.broker.conftest import MqttProbe, broker_settings, connect, feed_broker_layout, wait_for
 from tests.conftest import ClientFiles, TestPKI
 from tests.device_sim.conftest import free_port, write_device_bundle
+from tests.e2e.test_renewal import _registry_data_dir as renewal_data_dir
 
 GRACE_S = 3.0
 
@@ -98,16 +99,12 @@ class Lifecycle:
 
 
 def _registry_data_dir(pki: TestPKI, root: Path) -> Path:
-    """The CA (with its issuing key: the registry signs) and the registry's service cert."""
-    layout = DataLayout(root)
-    shutil.copytree(pki.layout.ca_dir, layout.ca_dir)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
+    """The renewal tests' registry data folder, plus operator alice's client certificate."""
+    data_dir = renewal_data_dir(pki, root)
+    layout = DataLayout(data_dir)
     operator = pki.ca.issue_client(pki.ca.identity(IdentityKind.OPERATOR, "alice"))
     write_issued(operator, layout.client_cert("alice"), layout.client_key("alice"))
-    return root
+    return data_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FEED_BATCH_MAX,
+    KINDS_PATTERN,
     RevocationFeed,
     parse_kinds,
 )
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
-from registry.errors import InvalidRequestError
 from registry.state import RegistryState
 from registry.store.revocations import revocations_after
 
@@ -45,16 +45,14 @@ async def revocations(
         str | None,
         Query(
             max_length=100,
+            pattern=KINDS_PATTERN,
             description="comma-separated event kinds (decommission, superseded); "
             "absent: decommission only, for followers older than event kinds",
         ),
     ] = None,
 ) -> RevocationFeed:
     """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds."""
-    try:
-        wanted = parse_kinds(kinds)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
+    wanted = parse_kinds(kinds)  # the pattern admitted only known kinds
     deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)
     poll = state.settings.registry_feed_poll_seconds
     while True:

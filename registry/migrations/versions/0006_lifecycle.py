@@ -6,7 +6,7 @@ after the grace) and ``certificate.superseded_by``; ``revocation.kind`` (``decom
 the only kind before, or ``superseded``). Every existing row keeps its meaning.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-01
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
