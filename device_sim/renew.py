@@ -8,19 +8,21 @@ waits for the answer: the new leaf certificate (PEM), or a JSON refusal
 :func:`fleetcore.renewal_wire.parse_answer`).
 
 A certificate is accepted only if it is for this device's identity, certifies the new key,
-and is signed by the issuing CA in the bundle's ``chain.pem``. Then the bundle is updated:
-the previous pair is kept as ``device.crt.prev`` / ``device.key.prev``, the new key (0600) and
-certificate replace ``device.key`` / ``device.crt`` (each atomically), and ``device.json``
-gets the new serial and validity.
+and is signed by the issuing CA in the bundle's ``chain.pem``. Then the two-phase swap
+(:mod:`device_sim.credentials`): the new pair is staged, the device connects with it, and only
+once that connection is up is it promoted (the old pair kept as ``previous/``); over that
+connection the device publishes the confirm ``{"confirm": "<serial>"}`` and waits for
+``{"confirmed": "<serial>"}``. If the new pair cannot connect, it is discarded and the bundle
+is as it was.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,13 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.credentials import Credentials, CredentialStore
 from device_sim.errors import SimError
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
-from fleetcore.layout import write_private, write_public
 from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
-from fleetcore.renewal_wire import AnswerError, Confirmed, Refusal, parse_answer
+from fleetcore.renewal_wire import AnswerError, Confirmed, Refusal, confirm_payload, parse_answer
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
@@ -83,9 +85,12 @@ class RenewalResult:
     serial: str
     not_before: str
     not_after: str
+    #: the registry acknowledged the confirm sent over the new certificate's connection
+    confirmed: bool = False
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, str | bool]:
         return {
+            "confirmed": self.confirmed,
             "device_id": self.device_id,
             "previous_serial": self.previous_serial,
             "serial": self.serial,
@@ -97,7 +102,14 @@ class RenewalResult:
 class _Exchange:
     """One paho client on its own network thread: connect, subscribe, publish, one answer."""
 
-    def __init__(self, bundle: DeviceBundle, host: str, port: int) -> None:
+    def __init__(
+        self,
+        bundle: DeviceBundle,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None = None,
+        on_subscribed: Callable[[], None] | None = None,
+    ) -> None:
         self.device_id = bundle.device_id
         self.answer: bytes | None = None
         self.failure: str | None = None
@@ -109,7 +121,8 @@ class _Exchange:
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
-        self._client.tls_set_context(tls_context(bundle))
+        self._client.tls_set_context(context or tls_context(bundle))
+        self._on_subscribed = on_subscribed
         self._client.reconnect_delay_set(60, 120)  # one attempt: the caller reports failures
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -132,6 +145,8 @@ class _Exchange:
                     f"device {self.device_id}: could not subscribe to "
                     f"{issued_topic(self.device_id)}: {self.failure or 'no answer'}"
                 )
+            if self._on_subscribed is not None:
+                self._on_subscribed()  # connected and subscribed: e.g. promote the new pair
             self._client.publish(renew_topic(self.device_id), csr_pem, qos=1)
             if not self._done.wait(timeout) or self.answer is None:
                 raise RenewalFailedError(
@@ -226,6 +241,45 @@ def check_certificate(
         )
 
 
+def _prove_and_confirm(
+    bundle: DeviceBundle,
+    host: str,
+    port: int,
+    store: CredentialStore,
+    staged: Credentials,
+    serial: str,
+    timeout: float,
+) -> bool:
+    """Connect with the staged pair; once connected, promote it and confirm it over that
+    connection. False when the confirm went unanswered or was refused (the renewal stands)."""
+    promoted = threading.Event()
+
+    def promote() -> None:
+        store.promote()
+        promoted.set()
+
+    context = tls_context(bundle, staged.cert, staged.key)
+    exchange = _Exchange(bundle, host, port, context=context, on_subscribed=promote)
+    try:
+        answer = exchange.run(confirm_payload(serial), timeout)
+    except RenewalFailedError as exc:
+        if not promoted.is_set():
+            store.discard()
+            raise RenewalFailedError(
+                f"{exc}; the renewed certificate could not be used, the old one is kept"
+            ) from None
+        log.warning("confirm unanswered device_id=%s serial=%s", bundle.device_id, serial)
+        return False
+    try:
+        parsed = parse_answer(answer)
+    except AnswerError:
+        return False
+    if isinstance(parsed, Confirmed) and parsed.serial == serial:
+        return True
+    log.warning("confirm not acknowledged device_id=%s serial=%s", bundle.device_id, serial)
+    return False
+
+
 def renew_bundle(
     directory: Path,
     host: str,
@@ -236,8 +290,6 @@ def renew_bundle(
 ) -> RenewalResult:
     """Renew the certificate of the bundle in ``directory`` and write the new pair into it."""
     bundle = DeviceBundle.load(directory)
-    meta_path = directory / "device.json"
-    meta: dict[str, Any] = json.loads(meta_path.read_text())
     try:
         current = x509.load_pem_x509_certificate(bundle.cert.read_bytes())
         identity = read_identity(current)
@@ -262,19 +314,18 @@ def renew_bundle(
     certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
     check_certificate(certificate, identity, key.public_key(), issuing)
 
-    write_private(directory / "device.key.prev", bundle.key.read_bytes())
-    write_public(directory / "device.crt.prev", bundle.cert.read_bytes())
-    write_private(bundle.key, private_key_pem(key))
-    write_public(bundle.cert, certificate.public_bytes(PEM))
+    serial = serial_hex(certificate.serial_number)
+    store = CredentialStore(directory)
+    staged = store.stage(private_key_pem(key), certificate.public_bytes(PEM))
+    confirmed = _prove_and_confirm(bundle, host, port, store, staged, serial, timeout)
     result = RenewalResult(
         device_id=bundle.device_id,
         previous_serial=serial_hex(current.serial_number),
-        serial=serial_hex(certificate.serial_number),
+        serial=serial,
         not_before=certificate.not_valid_before_utc.isoformat(),
         not_after=certificate.not_valid_after_utc.isoformat(),
+        confirmed=confirmed,
     )
-    meta.update(serial=result.serial, not_before=result.not_before, not_after=result.not_after)
-    write_public(meta_path, json.dumps(meta, indent=2).encode())
     log.info(
         "certificate renewed device_id=%s serial=%s previous_serial=%s not_after=%s",
         result.device_id,
