@@ -12,7 +12,7 @@ idempotent, and a broker that silently dropped the session's subscriptions gives
 sign). A refused or missing SUBACK is logged, counted (``subscribe_failures``) and retried;
 three in a row force a reconnect. Retained messages (replayed at every subscription) are
 never acted on: a retained CSR is not a request, a retained reading is not "seen now".
-A separate flusher thread writes the buffer through :func:`registry.crud.record_telemetry` in
+A separate flusher thread writes the buffer through :func:`registry.telemetry.record_telemetry` in
 one batched UPDATE every ``flush_interval`` seconds (sooner when ``flush_batch`` devices are
 waiting), so the broker's message rate is never bounded by the database: receiving a message
 costs a JSON parse and a dict store, nothing more.
@@ -59,9 +59,9 @@ from fleetcore.clock import utcnow
 from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
-from registry.crud import TelemetryUpdate, record_telemetry
 from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
+from registry.store.telemetry import TelemetryUpdate, record_telemetry
 from registry.supervise import SupervisedThread
 from registry.tls import service_client_context_of
 

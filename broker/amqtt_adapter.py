@@ -1,0 +1,314 @@
+"""amqtt, adapted: the one module that knows amqtt 0.12's insides (pinned ``amqtt<0.13``).
+
+Everything else in :mod:`broker` uses amqtt's public surface only (``Broker.start``,
+``shutdown``, ``external_connected``, ``retain_message``, the ``sessions``/``subscriptions``
+/``retained_messages`` properties, plugins with a ``Config`` dataclass, the reader/writer
+adapters, ``ConnectPacket``, ``Action``). What this module relies on beyond that is listed
+here, and each item is pinned by ``tests/broker/test_amqtt_adapter_pins.py``, so that an
+amqtt upgrade that moves it fails those tests loudly rather than the broker quietly:
+
+1. ``Broker._topic_filtering(session, topic, action)`` — amqtt asks it for every PUBLISH,
+   every SUBSCRIBE filter and every RECEIVE (each routed copy). Its own body asks topic
+   plugins through ``PluginManager.map_plugin_topic``: a task per plugin and a gather,
+   twice per routed message. Overridden to call :class:`~broker.acl.TopicAcl` directly.
+   The ACL is *also* registered as an ordinary topic plugin (:class:`AclTopicPlugin`), so
+   if the override stopped being called the ACL would still hold, only slower.
+2. ``Broker._broadcast_loop()`` — amqtt's routing loop. It wraps *every* message in a new
+   task and an ``asyncio.wait`` (to notice shutdown while blocked on the queue). Ours
+   routes queued messages back to back while there is a backlog and takes amqtt's waiting
+   path only when the queue is empty; a message whose routing raises is logged and counted
+   and routing goes on (a dead loop would stop all routing, silently). It relies on
+   ``_broadcast_queue`` (an ``asyncio.Queue`` of ``{"session", "topic", "data"[, "qos"]}``),
+   ``_broadcast_shutdown_waiter`` (a future done at shutdown), ``_tasks_queue`` (a deque
+   of delivery tasks) and ``_run_broadcast(running)`` (takes one item off the queue, routes
+   it and appends its delivery tasks to ``running``).
+3. ``Broker._publish_session_retained_messages(session)`` — called at CONNECT to forward
+   what was queued for a persistent session while it was away (``Session.retained_messages``,
+   an ``asyncio.Queue`` of ``ApplicationMessage``). amqtt forwards them with the retain flag
+   set; they are ordinary forwarded messages, so ours clears it (a subscriber that ignores
+   retained messages, like the renewal service, must not ignore them).
+4. ``Broker._publish_retained_messages_for_subscription((filter, qos), session)`` — called
+   for each new subscription and, at CONNECT, for *every* filter in the broker. amqtt then
+   replays retained messages matching any filter, with no receive check: a device would get
+   other devices' retained telemetry. Ours sends only for a filter the session holds, and
+   only what the ACL lets it receive.
+5. ``Session.keep_alive`` — when > 0, amqtt's handler wraps every packet read in
+   ``asyncio.wait_for`` (a task each) and re-arms a timer per packet sent, yet ignores the
+   expiry. :func:`tune_session` hands the keep-alive to our connection and sets it to 0;
+   amqtt reads it when the handler starts, after authentication.
+6. ``Session.delivered_message_queue`` — a client's PUBLISHes amqtt has acknowledged but not
+   yet routed (amqtt PUBACKs a QoS 1 message when it queues it, and drops what is still
+   unrouted at disconnect). Its ``qsize`` is our reader's backpressure signal.
+
+Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
+the subscribers they have now but never stored (``retain_message`` is public): a stored CSR
+would be replayed to the registry at every resubscribe.
+
+Plugins are wired when amqtt builds them: the objects they need (:class:`ConnectGate`,
+:class:`TopicAcl`) travel in their ``Config`` dataclass, amqtt's documented plugin
+configuration, so no plugin exists unbound and nobody scans amqtt's plugin list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from broker.acl import TopicAcl
+from broker.connection import TlsConnection
+from broker.gate import ConnectGate
+from fleetcore.topics import is_renewal_topic, topic_matches
+
+__all__ = [
+    "LISTENER_NAME",
+    "SESSION_EXPIRY_S",
+    "AclTopicPlugin",
+    "CertfleetBroker",
+    "GateAuthPlugin",
+    "tune_session",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name of the amqtt listener (type ``external``) our connections are handed to.
+LISTENER_NAME = "default"
+#: Persistent (clean_session=0) sessions whose client went away are dropped after an hour,
+#: so their queued QoS 1 messages cannot grow without bound.
+SESSION_EXPIRY_S = 3600
+#: How long shutdown waits for deliveries still running (amqtt's own figure).
+_SHUTDOWN_WAIT_S = 5.0
+
+
+def tune_session(session: Session, connection: TlsConnection) -> None:
+    """Attach an amqtt session to the connection that carries it: the reader gets the
+    session's routing backlog (backpressure), the connection takes the keep-alive over."""
+    reader = connection.reader
+    if reader is None:
+        return
+    reader.backlog = session.delivered_message_queue.qsize
+    connection.enforce_keepalive(session.keep_alive)
+    session.keep_alive = 0
+
+
+class GateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
+    """amqtt's authentication step: the session must belong to a connection the
+    :class:`ConnectGate` admitted, and that connection's certificate must pass the policy
+    again (defence in depth).
+
+    The certificate checked is the claimed connection's: amqtt keeps the *first*
+    connection's ``ssl_object`` on a persistent session that reconnects, which may be an
+    older certificate than the one presented now.
+    """
+
+    @dataclass
+    class Config:
+        """Wired by :class:`CertfleetBroker`; amqtt refuses to build the plugin without."""
+
+        gate: ConnectGate
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._gate: ConnectGate = self.config.gate
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        connection = self._gate.claim(session.client_id)
+        if connection is None or connection.peer_certificate_der is None:
+            log.warning("client refused by auth plugin reason=not_admitted_by_gate")
+            return False
+        tune_session(session, connection)
+        return self._gate.recheck(connection.peer_certificate_der, session.client_id)
+
+
+class AclTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints
+    """The topic ACL through amqtt's ordinary plugin path; the fallback behind
+    :meth:`CertfleetBroker._topic_filtering`, which asks the same ACL directly."""
+
+    @dataclass
+    class Config:
+        """Wired by :class:`CertfleetBroker`."""
+
+        acl: TopicAcl
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._acl: TopicAcl = self.config.acl
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool | None:
+        return self._acl.check(session.client_id if session else None, topic, action)
+
+
+def amqtt_config(
+    gate: ConnectGate, acl: TopicAcl, session_expiry_s: int = SESSION_EXPIRY_S
+) -> dict[str, Any]:
+    """amqtt configuration: one external listener (ours), our two plugins, wired."""
+    return {
+        "listeners": {LISTENER_NAME: {"type": "external"}},
+        "session_expiry_interval": session_expiry_s,
+        "plugins": {
+            f"{__name__}.GateAuthPlugin": {"gate": gate},
+            f"{__name__}.AclTopicPlugin": {"acl": acl},
+        },
+    }
+
+
+def _ignore_error(_exc: BaseException) -> None:
+    """Default route-error hook."""
+
+
+def _ignore() -> None:
+    """Default retain-refused hook."""
+
+
+class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
+    """The amqtt broker certfleet runs (build it on the running loop).
+
+    ``on_route_error`` is told about every message whose routing raised, and
+    ``on_retain_refused`` about every retained renewal message that was not stored (the
+    metrics count both).
+    """
+
+    def __init__(
+        self,
+        *,
+        gate: ConnectGate,
+        acl: TopicAcl,
+        session_expiry_s: int = SESSION_EXPIRY_S,
+        on_route_error: Callable[[BaseException], None] = _ignore_error,
+        on_retain_refused: Callable[[], None] = _ignore,
+    ) -> None:
+        super().__init__(amqtt_config(gate, acl, session_expiry_s))
+        self.acl = acl
+        self._on_route_error = on_route_error
+        self._on_retain_refused = on_retain_refused
+
+    async def serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """Run one admitted client's MQTT session until it ends (public amqtt hook)."""
+        await self.external_connected(reader, writer, LISTENER_NAME)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if data and topic_name is not None and is_renewal_topic(topic_name):
+            client_id = source_session.client_id if source_session is not None else None
+            log.warning(
+                "retain refused client_id=%s topic=%r (renewal messages are never retained)",
+                client_id,
+                topic_name[:200],
+            )
+            self._on_retain_refused()
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    def _handler_of(self, session: Session) -> Any:
+        """The protocol handler of a session (public ``sessions`` property)."""
+        if not session.client_id:
+            return None
+        return self.sessions.get(session.client_id, (None, None))[1]
+
+    # -- private amqtt methods overridden (items 1-4 of the module docstring) --------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        return self.acl.check(session.client_id, topic, action)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        handler = self._handler_of(session)
+        if handler is None:
+            return
+        queued = []
+        while not session.retained_messages.empty():
+            message = session.retained_messages.get_nowait()
+            queued.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(message.topic, message.data, message.qos, retain=False)
+                )
+            )
+        if queued:
+            await asyncio.wait(queued)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        if not any(s is session for s, _ in self.subscriptions.get(topic_filter, ())):
+            return  # amqtt asks for every filter in the broker at CONNECT
+        handler = self._handler_of(session)
+        if handler is None:
+            return
+        sends = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(
+                    retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                )
+            )
+            for topic, retained in list(self.retained_messages.items())
+            if topic_matches(topic, topic_filter)
+            and self.acl.check(session.client_id, topic, Action.RECEIVE)
+        ]
+        if sends:
+            await asyncio.wait(sends)
+
+    async def _broadcast_loop(self) -> None:
+        running: deque[asyncio.Task[object]] = self._tasks_queue
+        queue: asyncio.Queue[dict[str, object]] = self._broadcast_queue
+        try:
+            while not self._broadcast_shutdown_waiter.done():
+                while running and running[0].done():
+                    _log_failed(running.popleft())
+                if not queue.empty():
+                    try:
+                        await self._run_broadcast(running)  # takes the next item at once
+                    except Exception as exc:  # noqa: BLE001 - one bad message must not stop routing
+                        log.warning("message routing failed error=%s", f"{exc!r}"[:200])
+                        self._on_route_error(exc)
+                    continue
+                shutdown = self._broadcast_shutdown_waiter
+                route_next = asyncio.ensure_future(self._run_broadcast(running))
+                done, _ = await asyncio.wait(
+                    [route_next, shutdown], return_when=asyncio.FIRST_COMPLETED
+                )
+                if shutdown in done:
+                    route_next.cancel()
+                    await asyncio.gather(route_next, return_exceptions=True)
+                    break
+                failure = route_next.exception()
+                if failure is not None:
+                    log.warning("message routing failed error=%s", f"{failure!r}"[:200])
+                    self._on_route_error(failure)
+        finally:
+            for task in running:
+                if not task.done():
+                    task.cancel()
+            if running:
+                done, pending = await asyncio.wait(running, timeout=_SHUTDOWN_WAIT_S)
+                for task in done:
+                    _log_failed(task)
+                if pending:
+                    log.warning("broadcast tasks still pending at shutdown count=%d", len(pending))
+
+
+def _log_failed(task: asyncio.Task[object]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("message delivery failed error=%s", f"{type(exc).__name__}: {exc}"[:200])
