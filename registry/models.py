@@ -40,6 +40,7 @@ __all__ = [
     "DeviceStatus",
     "DeviceSummary",
     "Revocation",
+    "RenewalClaim",
     "RenewalLimit",
     "Stats",
     "TokenInfo",
@@ -147,6 +148,20 @@ class RenewalLimit(SQLModel, table=True):
     issued_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
     issued_serial: str | None = Field(default=None, max_length=48)
     issued_key_sha256: str | None = Field(default=None, max_length=64)
+
+
+class RenewalClaim(SQLModel, table=True):
+    """Which registry replica answers one renewal request: every replica's MQTT client
+    receives it, the first to insert its fingerprint (device id + SHA-256 of the CSR) answers,
+    the others stay silent (shared consumption). The claimant answers a re-delivery of the
+    same request again; another replica takes a claim over once it is ``CLAIM_TTL`` old."""
+
+    __tablename__ = "renewal_claim"
+
+    fingerprint: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(max_length=64, index=True)
+    instance: str = Field(max_length=64)
+    claimed_at: dt.datetime = Field(sa_type=UTCDateTime)
 
 
 class AuditLog(SQLModel, table=True):
