@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 
 from fleetcore.profile import NAME_PATTERN
 from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.registration_wire import MAX_BATCH
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -49,7 +50,6 @@ __all__ = [
     "WeekCount",
 ]
 
-MAX_BATCH = 1000
 DEVICE_ID_PATTERN = NAME_PATTERN.pattern
 #: Printable ASCII without spaces: what manufacturers print on a label.
 HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"

@@ -53,6 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
+from fleetcore.clock import utcnow
 from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
@@ -364,7 +365,7 @@ class TelemetryIngest:
             log.debug("telemetry dropped topic=%s reason=%s", message.topic, exc.reason)
             return
         self.counters.accepted += 1
-        update = TelemetryUpdate(device_id, dt.datetime.now(dt.UTC), telemetry)
+        update = TelemetryUpdate(device_id, utcnow(), telemetry)
         with self._lock:
             self._buffer[device_id] = update
             full = len(self._buffer) >= self.flush_batch
