@@ -6,7 +6,8 @@ arrive while the signer works are merged into its next run, so a burst of 200 de
 costs a handful of signatures, not 200 and no queue of waiting threads. A reader of the CRL
 (:meth:`CrlCache.current`) that finds it older than the feed's head asks for a re-sign and
 waits, bounded, for the signer. The CRL is also re-signed when half of its validity has
-passed. CRLNumber comes from a database counter, so it only ever grows.
+passed. CRLNumber comes from a database counter, allocated in the transaction that reads the CRL's
+entries, so it only ever grows, also across registry replicas sharing the database.
 """
 
 from __future__ import annotations
@@ -160,10 +161,8 @@ class CrlCache:
     def _build(self) -> SignedCrl:
         now = utcnow()
         with Session(self._engine) as session:
-            # Head first: the entries read after it include at least every revocation up to it.
-            head = revocations.head_seq(session)
-            entries = certificates.revoked_entries(session, now)
-            number = certificates.next_crl_number(session)
+            contents = certificates.crl_contents(session, now)
+        number, head, entries = contents.crl_number, contents.head_seq, contents.entries
         crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
         if self._on_resign is not None:
             self._on_resign()

@@ -134,6 +134,18 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         anyio.to_thread.current_default_thread_limiter().total_tokens = (
             settings.registry_worker_threads
         )
+        listener = None
+        if engine.dialect.name == "postgresql":  # replicas may share it: hear their commits
+            from registry.feed_listener import FeedListener
+
+            listener = FeedListener(
+                engine,
+                state.feed,
+                registry_metrics,
+                instance=settings.instance_name,
+                on_crash=crashed,
+            )
+            listener.start()
         ingest = None
         if settings.telemetry_broker_addr:
             from registry.telemetry import start_ingest
@@ -153,6 +165,8 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             yield
         finally:
             state.feed.close()
+            if listener is not None:
+                listener.stop()
             if ingest is not None:
                 await ingest.stop()
             state.close()

@@ -73,7 +73,8 @@ class RegistryMetrics:
         )
         self.renewals = Counter(
             "certfleet_registry_renewals",
-            "certificate renewals over MQTT, by outcome (issued, repeated, or the refusal code)",
+            "certificate renewals over MQTT, by outcome (issued, repeated, claimed_elsewhere, "
+            "or the refusal code)",
             ["outcome"],
             registry=self.registry,
         )
@@ -95,6 +96,21 @@ class RegistryMetrics:
         self.pool_exhausted = Counter(
             "certfleet_registry_db_pool_exhausted",
             "requests answered 503 because no pooled database connection was free in time",
+            registry=self.registry,
+        )
+        self.feed_notifications = Counter(
+            "certfleet_registry_feed_notifications",
+            "PostgreSQL feed notifications received (a revocation committed by any replica)",
+            registry=self.registry,
+        )
+        self.feed_listener_reconnects = Counter(
+            "certfleet_registry_feed_listener_reconnects",
+            "times the feed's PostgreSQL LISTEN connection was lost and opened again",
+            registry=self.registry,
+        )
+        self.feed_listener_connected = Gauge(
+            "certfleet_registry_feed_listener_connected",
+            "1 while the feed's PostgreSQL LISTEN connection is open (0 on SQLite or while lost)",
             registry=self.registry,
         )
         self.task_crashes = Counter(
@@ -183,6 +199,11 @@ class TelemetryCollector(Collector):
             f"{prefix}_connected",
             "1 while the ingest is connected to the broker",
             value=1.0 if ingest.connected.is_set() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_subscribed",
+            "1 while the broker has acknowledged every subscription of the ingest",
+            value=1.0 if ingest.subscribed.is_set() else 0.0,
         )
 
 

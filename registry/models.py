@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 
 from fleetcore.profile import NAME_PATTERN
 from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.registration_wire import MAX_BATCH
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -39,13 +40,13 @@ __all__ = [
     "DeviceStatus",
     "DeviceSummary",
     "Revocation",
+    "RenewalClaim",
     "RenewalLimit",
     "Stats",
     "TokenInfo",
     "WeekCount",
 ]
 
-MAX_BATCH = 1000
 DEVICE_ID_PATTERN = NAME_PATTERN.pattern
 #: Printable ASCII without spaces: what manufacturers print on a label.
 HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
@@ -147,6 +148,20 @@ class RenewalLimit(SQLModel, table=True):
     issued_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
     issued_serial: str | None = Field(default=None, max_length=48)
     issued_key_sha256: str | None = Field(default=None, max_length=64)
+
+
+class RenewalClaim(SQLModel, table=True):
+    """Which registry replica answers one renewal request: every replica's MQTT client
+    receives it, the first to insert its fingerprint (device id + SHA-256 of the CSR) answers,
+    the others stay silent (shared consumption). The claimant answers a re-delivery of the
+    same request again; another replica takes a claim over once it is ``CLAIM_TTL`` old."""
+
+    __tablename__ = "renewal_claim"
+
+    fingerprint: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(max_length=64, index=True)
+    instance: str = Field(max_length=64)
+    claimed_at: dt.datetime = Field(sa_type=UTCDateTime)
 
 
 class AuditLog(SQLModel, table=True):

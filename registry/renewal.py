@@ -113,6 +113,19 @@ class RenewedCertificate:
     #: True when this is the certificate already sent for the same key (a re-delivered CSR).
     repeated: bool = False
 
+    @classmethod
+    def of(
+        cls, stored: renewals.StoredCertificate, *, repeated: bool = False
+    ) -> RenewedCertificate:
+        return cls(
+            stored.device_id,
+            stored.serial,
+            stored.not_before,
+            stored.not_after,
+            stored.certificate_pem,
+            repeated,
+        )
+
 
 def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
@@ -136,8 +149,10 @@ class CertificateRenewer:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         lifetime: dt.timedelta | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        instance: str = "local",
     ) -> None:
         self.ca = ca
+        self.instance = instance
         self.engine = engine
         self.min_interval_s = min_interval_s
         self.max_attempts = max_attempts
@@ -148,6 +163,12 @@ class CertificateRenewer:
     @property
     def _interval(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.min_interval_s)
+
+    def claim(self, device_id: str, payload: bytes) -> bool:
+        """Whether this replica answers this request (:func:`registry.store.renewals.
+        claim_request`); False: another replica sharing the database claimed it first."""
+        with Session(self.engine) as session:
+            return renewals.claim_request(session, device_id, payload, self.instance, utcnow())
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
@@ -199,13 +220,7 @@ class CertificateRenewer:
             )
         if stored is not signed:
             return self._repeated(stored)
-        return RenewedCertificate(
-            device_id=stored.device_id,
-            serial=stored.serial,
-            not_before=stored.not_before,
-            not_after=stored.not_after,
-            certificate_pem=stored.certificate_pem,
-        )
+        return RenewedCertificate.of(stored)
 
     @staticmethod
     def _repeated(certificate: renewals.StoredCertificate) -> RenewedCertificate:
@@ -214,14 +229,7 @@ class CertificateRenewer:
             certificate.device_id,
             certificate.serial,
         )
-        return RenewedCertificate(
-            device_id=certificate.device_id,
-            serial=certificate.serial,
-            not_before=certificate.not_before,
-            not_after=certificate.not_after,
-            certificate_pem=certificate.certificate_pem,
-            repeated=True,
-        )
+        return RenewedCertificate.of(certificate, repeated=True)
 
     @contextmanager
     def _refusals(self, device_id: str) -> Iterator[None]:
@@ -359,6 +367,11 @@ class RenewalService:
 
     def _handle(self, device_id: str, payload: bytes) -> None:
         try:
+            if not self.renewer.claim(device_id, payload):
+                # Every replica receives the request; the one that claimed it answers.
+                self._count("claimed_elsewhere")
+                log.debug("renewal left to another replica device_id=%s", device_id)
+                return
             renewed = self.renewer.renew(device_id, payload)
         except RenewalRefused as exc:
             self._refuse(device_id, exc)

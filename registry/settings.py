@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -54,9 +57,7 @@ class RegistrySettings(BaseSettings):
     #: MQTT client id of the registry's broker connection; empty: ``<service>/<instance>``,
     #: the service name of its certificate (``registry``) and this process's instance name,
     #: so that two registry processes never take each other's broker session over.
-    registry_mqtt_client_id: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9:._/-]{1,128}$"
-    )
+    registry_mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9:._/-]{1,128}$")
     #: this registry process's name among replicas (empty: ``<hostname>-<pid>``).
     registry_instance: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -87,6 +88,15 @@ class RegistrySettings(BaseSettings):
         if self.registry_database_url:
             return self.registry_database_url
         return f"sqlite:///{self.layout.registry_db.resolve()}"
+
+    @property
+    def instance_name(self) -> str:
+        """This process's name among replicas: ``registry_instance``, or ``<hostname>-<pid>``
+        (cut to a valid instance name; unique per process on a machine)."""
+        if self.registry_instance:
+            return self.registry_instance
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "host"
+        return f"{host[:50]}-{os.getpid()}"
 
     @property
     def ca_passphrase_bytes(self) -> bytes | None:

@@ -16,8 +16,9 @@ from registry.store import counters
 
 __all__ = [
     "CertificateStatusInfo",
+    "CrlContents",
     "certificate_status",
-    "next_crl_number",
+    "crl_contents",
     "revoked_entries",
 ]
 
@@ -62,7 +63,25 @@ def certificate_status(session: Session, serial: str) -> CertificateStatusInfo |
     )
 
 
-def next_crl_number(session: Session) -> int:
-    """Allocate the next CRLNumber (monotonic across restarts and processes)."""
+@dataclass(frozen=True, slots=True)
+class CrlContents:
+    """What one CRL is signed from: its number, the feed head it covers, its entries."""
+
+    crl_number: int
+    head_seq: int
+    entries: list[RevokedEntry]
+
+
+def crl_contents(session: Session, now: dt.datetime) -> CrlContents:
+    """Allocate the next CRLNumber and read what that CRL lists, in one write transaction.
+
+    The number is taken first, under the counter's row lock held to the commit: a replica
+    allocating the next number waits, then reads at least what this one read, so a higher
+    number never lists less (monotonic across restarts and registry processes). The head
+    is read before the entries: the entries include every revocation up to it.
+    """
     with write_transaction(session):
-        return counters.bump(session, counters.CRL_NUMBER)
+        number = counters.bump(session, counters.CRL_NUMBER)
+        head = counters.read(session, counters.REVOCATION_SEQ) or 0
+        entries = revoked_entries(session, now)
+    return CrlContents(number, head, entries)

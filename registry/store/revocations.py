@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -23,12 +24,17 @@ from registry.store.audit import Actor, add_entry
 from registry.store.devices import device_public
 
 __all__ = [
+    "FEED_CHANNEL",
     "decommission_device",
     "feed_epoch",
     "head_seq",
     "redraw_feed_epoch",
     "revocations_after",
 ]
+
+#: The PostgreSQL NOTIFY channel a committed revocation is announced on, to every replica's
+#: listener (:mod:`registry.feed_listener`).
+FEED_CHANNEL = "certfleet_feed"
 
 
 def decommission_device(
@@ -92,6 +98,12 @@ def decommission_device(
             device_id,
             {"reason": reason, "reason_code": reason_code, "serials": serials, "seq": seq},
         )
+        if session.get_bind().dialect.name == "postgresql":
+            # Sent when (and only if) this transaction commits.
+            session.execute(
+                text("SELECT pg_notify(:channel, :seq)"),
+                {"channel": FEED_CHANNEL, "seq": str(seq)},
+            )
     public = device_public(session, device)
     return DecommissionResult(**public.model_dump(), revocation_seq=seq)
 
