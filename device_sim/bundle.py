@@ -72,11 +72,13 @@ def discover_bundles(data_dir: Path, limit: int | None = None) -> list[DeviceBun
     return [DeviceBundle.load(d) for d in directories]
 
 
-def tls_context(bundle: DeviceBundle) -> ssl.SSLContext:
+def tls_context(
+    bundle: DeviceBundle, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """The device's client context (:func:`fleetcore.tls.client_context`): trust the root,
-    present the device certificate."""
+    present the device certificate (or the given pair, e.g. a staged renewal)."""
     try:
-        return client_context(bundle.root, bundle.cert, bundle.key)
+        return client_context(bundle.root, cert or bundle.cert, key or bundle.key)
     except TlsSetupError as exc:
         raise BundleError(
             f"device {bundle.device_id}: {exc}: re-provision it ('certfleet factory provision') "

@@ -18,7 +18,7 @@ from device_sim.errors import SimError
 from device_sim.progress import watch
 from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
-from device_sim.settings import build_settings, parse_addr
+from device_sim.settings import broker_list, build_settings, parse_addr, renewal_policy
 from fleetcore.keys import KEY_ALGORITHMS
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
@@ -30,12 +30,20 @@ BrokerOption = Annotated[
         "--broker", help="broker host:port (default: CERTFLEET_BROKER_ADDR or device.json)"
     ),
 ]
+BrokersOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        help="broker host:port, or host:port,host:port,... to fail over between "
+        "(default: CERTFLEET_SIM_BROKERS, CERTFLEET_BROKER_ADDR or device.json)",
+    ),
+]
 
 
 @app.command("run")
 def run(
     data_dir: DataDirOption = None,
-    broker: BrokerOption = None,
+    broker: BrokersOption = None,
     devices: Annotated[
         int | None, typer.Option("--devices", min=1, help="run the first N bundles")
     ] = None,
@@ -63,6 +71,18 @@ def run(
     seed: Annotated[
         int | None, typer.Option("--seed", help="seed for jitter and sensor values")
     ] = None,
+    renew: Annotated[
+        bool | None,
+        typer.Option("--renew/--no-renew", help="renew certificates automatically (default on)"),
+    ] = None,
+    renew_at: Annotated[
+        float | None,
+        typer.Option("--renew-at", help="renew at this fraction of the lifetime (default 2/3)"),
+    ] = None,
+    renewal_log: Annotated[
+        Path | None,
+        typer.Option("--renewal-log", help="append one JSON line per renewal event to this file"),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print only the JSON summary on stdout")
     ] = False,
@@ -72,7 +92,7 @@ def run(
         raise SimError("pass either --devices N or --all, not both")
     settings = build_settings(
         data_dir=data_dir,
-        broker_addr=broker,
+        sim_brokers=broker,
         sim_devices=devices,
         sim_rate=rate,
         sim_duration=duration,
@@ -80,16 +100,20 @@ def run(
         sim_qos=qos,
         sim_connect_concurrency=connect_concurrency,
         sim_window=window,
+        sim_renew=renew,
+        sim_renew_at=renew_at,
+        sim_renewal_log=renewal_log,
     )
     limit = None if all_devices else settings.sim_devices
     bundles = discover_bundles(settings.data_dir, limit)
-    address = settings.broker_addr or bundles[0].broker
+    address = settings.sim_brokers or settings.broker_addr or bundles[0].broker
     if address is None:
         raise SimError("no broker address: pass --broker host:port")
-    host, port = parse_addr(address)
+    first, *failover = broker_list(address)
     config = DeviceConfig(
-        host,
-        port,
+        first.host,
+        first.port,
+        failover=tuple(failover),
         rate=settings.sim_rate,
         qos=settings.sim_qos,
         keepalive=settings.sim_keepalive,
@@ -97,6 +121,7 @@ def run(
         backoff_base=settings.sim_backoff_base,
         backoff_cap=settings.sim_backoff_cap,
         window=settings.sim_window,
+        renewal=renewal_policy(settings),
     )
     console = Console(stderr=True)
     sim = SimRun(
@@ -107,6 +132,7 @@ def run(
         connect_concurrency=settings.sim_connect_concurrency,
         seed=seed,
         uvloop=settings.sim_uvloop,
+        renewal_log=settings.sim_renewal_log,
     )
 
     def interrupted(signum: int, frame: FrameType | None) -> None:

@@ -30,15 +30,20 @@ from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
+from device_sim.autorenew import RenewalPolicy, Renewer
 from device_sim.backoff import Backoff
 from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.credentials import Credentials
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
+from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
+from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
-from fleetcore.topics import telemetry_topic
+from fleetcore.address import Address
+from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
 
@@ -69,6 +74,16 @@ class DeviceConfig:
     window: int = 1000  # unacked readings kept for resend; the oldest are dropped beyond it
     drain_timeout: float = 5.0  # at the end, how long to wait for outstanding PUBACKs
     server_hostname: str | None = None
+    #: Brokers to fail over to after ``host:port``: a device moves to the next one of
+    #: (host:port, *failover) after every drop or failed attempt, starting at its own index.
+    failover: tuple[Address, ...] = ()
+    #: Automatic renewal (device_sim.autorenew); None: the device never renews.
+    renewal: RenewalPolicy | None = RenewalPolicy()
+
+    @property
+    def brokers(self) -> tuple[Address, ...]:
+        """Every broker a device may use, in failover order."""
+        return (Address(self.host, self.port), *self.failover)
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
@@ -92,44 +107,6 @@ class DeviceEvent:
 EventSink = Callable[[DeviceEvent], None]
 
 
-class _PahoClient(mqtt.Client):
-    """A paho client that is handed an already handshaken TLS socket and remembers why the
-    socket failed (a TLS alert arriving after the handshake, as TLS 1.3 delivers client
-    certificate refusals, is otherwise only logged by paho)."""
-
-    def __init__(self, device_id: str, tls_socket: ssl.SSLSocket) -> None:
-        super().__init__(
-            CallbackAPIVersion.VERSION2,
-            client_id=device_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
-        self._prepared_socket: ssl.SSLSocket | None = tls_socket
-        self.socket_error: OSError | None = None
-
-    def _create_socket(self) -> Any:
-        tls_socket, self._prepared_socket = self._prepared_socket, None
-        if tls_socket is None:
-            raise ConnectionError("no prepared socket: SimDevice opens a new one per connection")
-        return tls_socket
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            return super()._sock_recv(bufsize)
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
-            raise
-        except (ssl.SSLError, ConnectionError) as exc:
-            self.socket_error = exc
-            raise
-
-
 @dataclass(slots=True)
 class _Pending:
     payload: bytes
@@ -147,6 +124,8 @@ class SimDevice:
         *,
         connect_slots: asyncio.Semaphore,
         events: EventSink | None = None,
+        renewals: Callable[[RenewalEvent], None] | None = None,
+        broker_index: int = 0,
         rng: random.Random | None = None,
         context: ssl.SSLContext | None = None,
     ) -> None:
@@ -159,6 +138,10 @@ class SimDevice:
         self.topic = telemetry_topic(self.device_id)
         self._slots = connect_slots
         self._events = events
+        self._renewals = renewals
+        self._brokers = config.brokers
+        self._broker_index = broker_index % len(self._brokers)
+        self._last_broker: Address | None = None  # of the last successful connect
         self._rng = rng or random.Random()
         self._context = context
         self._backoff = Backoff(config.backoff_base, config.backoff_cap, self._rng)
@@ -166,7 +149,8 @@ class SimDevice:
         self._seq = 0
         self._pending: OrderedDict[int, _Pending] = OrderedDict()  # seq -> unacked reading
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent monotonic)
-        self._client: _PahoClient | None = None
+        self._client: PreparedSocketClient | None = None
+        self._socket: DeviceSocket | None = None
         self._fd = -1
         self._connack: asyncio.Future[Failure | None] | None = None
         self._session_end: asyncio.Future[Failure] | None = None
@@ -178,12 +162,25 @@ class SimDevice:
         self._stop_at = 0.0
         self._window_empty: asyncio.Event | None = None
         self._next_due = 0.0
+        # Renewal over the live connection (device_sim.autorenew.RenewalLink).
+        self._up = asyncio.Event()
+        self._answer: asyncio.Future[bytes] | None = None
+        self._suback: dict[int, asyncio.Future[bool]] = {}
+        self._issued_subscribed: PreparedSocketClient | None = None
+        self._switch_to: Credentials | None = None
+        self._switch_requested = asyncio.Event()
+        self._switched: asyncio.Future[bool] | None = None
 
     # -- public ---------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self.state is DeviceState.CONNECTED
+
+    @property
+    def broker(self) -> Address:
+        """The broker this device is connected to, or will try next."""
+        return self._brokers[self._broker_index]
 
     @property
     def unacked(self) -> int:
@@ -200,10 +197,15 @@ class SimDevice:
         self._stop_at = stop_at
         stop = stop or asyncio.Event()
         stopper = asyncio.ensure_future(stop.wait())
+        renewing = self._start_renewer()
         try:
             await self._lifecycle(stopper)
         finally:
             stopper.cancel()
+            if renewing is not None:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
             self._producing = False
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
@@ -217,6 +219,70 @@ class SimDevice:
         if client is not None and self.state is DeviceState.CONNECTED:
             client.loop_misc()
 
+    # -- renewal link (device_sim.autorenew.RenewalLink) ----------------------------------
+
+    def _start_renewer(self) -> asyncio.Task[None] | None:
+        policy = self.config.renewal
+        directory = self.bundle.cert.parent
+        if policy is None or not (directory / "chain.pem").is_file():
+            return None
+        renewer = Renewer(
+            directory, self.device_id, policy, self, self.stats, self._rng, self._renewals
+        )
+        return asyncio.ensure_future(renewer.run())
+
+    async def wait_connected(self, within: float) -> bool:
+        """True once connected (at once when connected), False after ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), within)
+        return self._up.is_set()
+
+    async def exchange(self, payload: bytes, within: float) -> bytes | None:
+        """Publish on our renew topic; the next message on our issued topic, or None."""
+        assert self._loop is not None
+        client = self._client
+        if client is None or not self._up.is_set():
+            return None
+        try:
+            async with asyncio.timeout(within):
+                if self._issued_subscribed is not client:
+                    result, mid = client.subscribe(issued_topic(self.device_id), qos=1)
+                    if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                        return None
+                    suback = self._suback[mid] = self._loop.create_future()
+                    if not await suback:
+                        return None
+                    self._issued_subscribed = client
+                self._answer = self._loop.create_future()
+                info = client.publish(renew_topic(self.device_id), payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return None
+                return await self._answer
+        except TimeoutError:
+            return None
+        finally:
+            self._answer = None
+
+    async def switch(self, credentials: Credentials) -> bool:
+        """End the session and reconnect with ``credentials``; True once connected."""
+        assert self._loop is not None
+        self._switch_to = credentials
+        switched: asyncio.Future[bool] = self._loop.create_future()
+        self._switched = switched
+        self._switch_requested.set()
+        return await switched
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any
+    ) -> None:
+        suback = self._suback.pop(mid, None)
+        if suback is not None and not suback.done():
+            suback.set_result(not any(getattr(code, "is_failure", False) for code in codes))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(bytes(message.payload))
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def _time_left(self) -> float:
@@ -227,7 +293,8 @@ class SimDevice:
         assert self._loop is not None
         while self._time_left() > 0 and not stopper.done():
             self.state = DeviceState.CONNECTING
-            connect = asyncio.ensure_future(self._connect())
+            candidate, self._switch_to = self._switch_to, None
+            connect = asyncio.ensure_future(self._connect(candidate))
             await asyncio.wait(
                 [connect, stopper],
                 timeout=max(self._time_left(), 0.0),
@@ -239,11 +306,23 @@ class SimDevice:
                     await connect
                 return
             failure = connect.result()
+            if candidate is not None:
+                self._resolve_switch(failure is None)
+                if failure is not None:
+                    # The renewed certificate did not connect: at once back to the old one.
+                    log.warning(
+                        "renewed certificate refused device_id=%s reason=%s",
+                        self.device_id,
+                        failure.reason,
+                    )
+                    continue
             if failure is None:
                 failure = await self._session(stopper)
                 if failure is None:  # the run ended while connected
                     return
                 self._close_client()
+                if failure.reason == "renewal_switch":
+                    continue  # reconnect now, with the renewed certificate
                 self.stats.disconnects[failure.reason] += 1
                 self._emit("disconnected", failure.reason)
                 log.info(
@@ -260,6 +339,7 @@ class SimDevice:
                     self._give_up(failure)
                     return
             self.state = DeviceState.BACKOFF
+            self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = min(self._backoff.next_delay(), max(self._time_left(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopper), timeout=delay)
@@ -278,20 +358,29 @@ class SimDevice:
             failure.detail or "-",
         )
 
-    async def _connect(self) -> Failure | None:
+    def _resolve_switch(self, connected: bool) -> None:
+        switched, self._switched = self._switched, None
+        if switched is not None and not switched.done():
+            switched.set_result(connected)
+
+    async def _connect(self, candidate: Credentials | None = None) -> Failure | None:
         """One connection attempt: TCP + TLS + CONNECT/CONNACK, bounded by connect_timeout and
-        by the worker's concurrent-connect slots. None on success."""
+        by the worker's concurrent-connect slots; with ``candidate``, with those credentials
+        (a renewal being proven), which become the device's on success. None on success."""
         assert self._loop is not None
         loop = self._loop
         async with self._slots:
             started = loop.time()
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    context = self._context or tls_context(self.bundle)
+                    if candidate is not None:
+                        context = tls_context(self.bundle, candidate.cert, candidate.key)
+                    else:
+                        context = self._context or tls_context(self.bundle)
                     self._context = context
                     tls_socket = await open_tls(
-                        self.config.host,
-                        self.config.port,
+                        self.broker.host,
+                        self.broker.port,
                         context,
                         server_hostname=self.config.server_hostname,
                     )
@@ -300,20 +389,25 @@ class SimDevice:
                     failure = await self._connack
             except TimeoutError:
                 self._close_client()
+                self._context = None if candidate is not None else self._context
                 return Failure("connect_timeout", permanent=False)
             except OSError as exc:
                 self._close_client()
+                self._context = None if candidate is not None else self._context
                 return classify_os_error(exc)
             except BundleError as exc:
                 return Failure("bundle_unreadable", permanent=True, detail=str(exc))
         if failure is not None:
             self._close_client()
+            if candidate is not None:
+                self._context = None  # back to the bundle's current pair
             return failure
         self.stats.connect_latency.record(loop.time() - started)
         return None
 
     def _start_client(self, tls_socket: ssl.SSLSocket) -> None:
-        client = _PahoClient(self.device_id, tls_socket)
+        sock = DeviceSocket(tls_socket)
+        client = PreparedSocketClient(self.device_id, sock)
         client.max_inflight_messages_set(0)  # the device's own window bounds what is unacked
         client.max_queued_messages_set(0)
         client.on_socket_open = self._on_socket_open
@@ -323,10 +417,13 @@ class SimDevice:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
         self._client = client
+        self._socket = sock
         self._closing = False
         self._session_end = None
-        client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        client.connect_async(self.broker.host, self.broker.port, self.config.keepalive)
         rc = client.reconnect()  # sends CONNECT on the prepared socket; does not block
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"sending CONNECT failed: {mqtt.error_string(rc)}")
@@ -341,9 +438,17 @@ class SimDevice:
         if not self._ever_connected:
             self._ever_connected = True
             self.stats.ever_connected += 1
+        else:
+            self.stats.reconnects += 1
+            if self._last_broker != self.broker:
+                self.stats.failovers += 1
+        self._last_broker = self.broker
         self._emit("connected")
         session_end = self._session_end
         assert session_end is not None
+        self._up.set()
+        self._switch_requested.clear()
+        switch = asyncio.ensure_future(self._switch_requested.wait())
         try:
             self._resend_window()
             if not self._producing:
@@ -353,16 +458,21 @@ class SimDevice:
                 self._next_due = self._loop.time() + first
                 self._tick_handle = self._loop.call_at(self._next_due, self._tick)
             await asyncio.wait(
-                [session_end, stopper],
+                [session_end, stopper, switch],
                 timeout=max(self._time_left(), 0.0),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if session_end.done():
                 return session_end.result()
+            if switch.done() and not stopper.done() and self._time_left() > 0:
+                await self._disconnect(session_end)
+                return Failure("renewal_switch", permanent=False)
             self._producing = False
             await self._drain(session_end)
             return None
         finally:
+            switch.cancel()
+            self._up.clear()
             self.stats.connected -= 1
 
     async def _drain(self, session_end: asyncio.Future[Failure]) -> None:
@@ -378,6 +488,10 @@ class SimDevice:
             )
             emptied.cancel()
             self._window_empty = None
+        await self._disconnect(session_end)
+
+    async def _disconnect(self, session_end: asyncio.Future[Failure]) -> None:
+        """A clean DISCONNECT, waiting (bounded) for the broker to close."""
         client = self._client
         if client is not None and not session_end.done():
             self._closing = True
@@ -450,7 +564,7 @@ class SimDevice:
     ) -> None:
         if client is not self._client:
             return
-        socket_error = self._client.socket_error if self._client is not None else None
+        socket_error = self._socket.error if self._socket is not None else None
         if socket_error is not None:
             failure = classify_os_error(socket_error)
         elif self._closing:
@@ -486,32 +600,27 @@ class SimDevice:
         self._loop.add_reader(self._fd, self._on_readable)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-        self._fd = -1
+        if client is self._client:  # not a dropped client being garbage-collected
+            self._unregister_fd()
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0 and self._loop is not None:
+        if client is self._client and self._fd >= 0 and self._loop is not None:
             self._loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
+        client, sock = self._client, self._socket
+        if client is None or sock is None:
             return
         # TLS may hold decrypted bytes the kernel no longer reports as readable: keep reading
         # while the TLS layer has some (bounded).
         for _ in range(64):
             if client.loop_read(max_packets=64) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
-            tls_socket = client.socket()
-            if tls_socket is None or not isinstance(tls_socket, ssl.SSLSocket):
-                return
-            if tls_socket.pending() == 0:
+            if self._client is not client or sock.pending() == 0:
                 return
 
     def _on_writable(self) -> None:
@@ -521,18 +630,24 @@ class SimDevice:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _unregister_fd(self) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+
     def _close_client(self) -> None:
+        """Drop the connection at once (no DISCONNECT): the socket is ours, we close it."""
         client, self._client = self._client, None
+        sock, self._socket = self._socket, None
         self._inflight.clear()
         if client is None:
             return
         self._closing = True
-        # paho's _sock_close runs our socket-close callback (remove the fd from the loop)
-        # before closing the socket.
-        sock = client.socket()
+        self._unregister_fd()
         if sock is not None:
             try:
-                client._sock_close()
+                sock.close()
             except OSError:
                 log.debug("socket close failed device_id=%s", self.device_id)
 

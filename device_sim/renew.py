@@ -8,19 +8,21 @@ waits for the answer: the new leaf certificate (PEM), or a JSON refusal
 :func:`fleetcore.renewal_wire.parse_answer`).
 
 A certificate is accepted only if it is for this device's identity, certifies the new key,
-and is signed by the issuing CA in the bundle's ``chain.pem``. Then the bundle is updated:
-the previous pair is kept as ``device.crt.prev`` / ``device.key.prev``, the new key (0600) and
-certificate replace ``device.key`` / ``device.crt`` (each atomically), and ``device.json``
-gets the new serial and validity.
+and is signed by the issuing CA in the bundle's ``chain.pem``. Then the two-phase swap
+(:mod:`device_sim.credentials`): the new pair is staged, the device connects with it, and only
+once that connection is up is it promoted (the old pair kept as ``previous/``); over that
+connection the device publishes the confirm ``{"confirm": "<serial>"}`` and waits for
+``{"confirmed": "<serial>"}``. If the new pair cannot connect, it is discarded and the bundle
+is as it was.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +34,22 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
+from device_sim.credentials import Credentials, CredentialStore
 from device_sim.errors import SimError
+from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
-from fleetcore.layout import write_private, write_public
 from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
-from fleetcore.renewal_wire import AnswerError, Refusal, parse_answer
+from fleetcore.renewal_wire import AnswerError, Confirmed, Refusal, confirm_payload, parse_answer
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
+    "BAD_ANSWER",
+    "CertificateExpiredError",
     "RenewalRefusedError",
     "RenewalResult",
     "RenewalFailedError",
+    "check_certificate",
     "renew_bundle",
     "request_certificate",
 ]
@@ -63,6 +69,10 @@ class RenewalRefusedError(SimError):
         self.error = error
 
 
+class CertificateExpiredError(SimError):
+    """The device's certificate has expired: it cannot renew over MQTT any more."""
+
+
 class RenewalFailedError(SimError):
     """No answer: the broker could not be reached or used, or the registry did not answer
     in time (the bundle is left as it was)."""
@@ -75,9 +85,12 @@ class RenewalResult:
     serial: str
     not_before: str
     not_after: str
+    #: the registry acknowledged the confirm sent over the new certificate's connection
+    confirmed: bool = False
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, str | bool]:
         return {
+            "confirmed": self.confirmed,
             "device_id": self.device_id,
             "previous_serial": self.previous_serial,
             "serial": self.serial,
@@ -89,7 +102,14 @@ class RenewalResult:
 class _Exchange:
     """One paho client on its own network thread: connect, subscribe, publish, one answer."""
 
-    def __init__(self, bundle: DeviceBundle, host: str, port: int) -> None:
+    def __init__(
+        self,
+        bundle: DeviceBundle,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None = None,
+        on_subscribed: Callable[[], None] | None = None,
+    ) -> None:
         self.device_id = bundle.device_id
         self.answer: bytes | None = None
         self.failure: str | None = None
@@ -101,7 +121,8 @@ class _Exchange:
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
-        self._client.tls_set_context(tls_context(bundle))
+        self._client.tls_set_context(context or tls_context(bundle))
+        self._on_subscribed = on_subscribed
         self._client.reconnect_delay_set(60, 120)  # one attempt: the caller reports failures
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -124,6 +145,8 @@ class _Exchange:
                     f"device {self.device_id}: could not subscribe to "
                     f"{issued_topic(self.device_id)}: {self.failure or 'no answer'}"
                 )
+            if self._on_subscribed is not None:
+                self._on_subscribed()  # connected and subscribed: e.g. promote the new pair
             self._client.publish(renew_topic(self.device_id), csr_pem, qos=1)
             if not self._done.wait(timeout) or self.answer is None:
                 raise RenewalFailedError(
@@ -180,6 +203,10 @@ def _interpret(device_id: str, answer: bytes) -> x509.Certificate:
         raise RenewalRefusedError(
             parsed.error, f"registry refused the renewal of {device_id}: {parsed.message}"
         )
+    if isinstance(parsed, Confirmed):
+        raise RenewalRefusedError(
+            BAD_ANSWER, f"device {device_id}: a confirmation came instead of a certificate"
+        )
     return parsed
 
 
@@ -192,12 +219,14 @@ def request_certificate(
     return _interpret(bundle.device_id, answer)
 
 
-def _check_certificate(
+def check_certificate(
     certificate: x509.Certificate,
     identity: Identity,
     public_key: PublicKey,
     issuing: x509.Certificate,
 ) -> None:
+    """Refuse (RenewalRefusedError ``bad_answer``) a certificate that is not for
+    ``identity`` and ``public_key`` or not signed by ``issuing``."""
     try:
         certificate.verify_directly_issued_by(issuing)
         found = read_identity(certificate)
@@ -212,6 +241,45 @@ def _check_certificate(
         )
 
 
+def _prove_and_confirm(
+    bundle: DeviceBundle,
+    host: str,
+    port: int,
+    store: CredentialStore,
+    staged: Credentials,
+    serial: str,
+    timeout: float,
+) -> bool:
+    """Connect with the staged pair; once connected, promote it and confirm it over that
+    connection. False when the confirm went unanswered or was refused (the renewal stands)."""
+    promoted = threading.Event()
+
+    def promote() -> None:
+        store.promote()
+        promoted.set()
+
+    context = tls_context(bundle, staged.cert, staged.key)
+    exchange = _Exchange(bundle, host, port, context=context, on_subscribed=promote)
+    try:
+        answer = exchange.run(confirm_payload(serial), timeout)
+    except RenewalFailedError as exc:
+        if not promoted.is_set():
+            store.discard()
+            raise RenewalFailedError(
+                f"{exc}; the renewed certificate could not be used, the old one is kept"
+            ) from None
+        log.warning("confirm unanswered device_id=%s serial=%s", bundle.device_id, serial)
+        return False
+    try:
+        parsed = parse_answer(answer)
+    except AnswerError:
+        return False
+    if isinstance(parsed, Confirmed) and parsed.serial == serial:
+        return True
+    log.warning("confirm not acknowledged device_id=%s serial=%s", bundle.device_id, serial)
+    return False
+
+
 def renew_bundle(
     directory: Path,
     host: str,
@@ -222,8 +290,6 @@ def renew_bundle(
 ) -> RenewalResult:
     """Renew the certificate of the bundle in ``directory`` and write the new pair into it."""
     bundle = DeviceBundle.load(directory)
-    meta_path = directory / "device.json"
-    meta: dict[str, Any] = json.loads(meta_path.read_text())
     try:
         current = x509.load_pem_x509_certificate(bundle.cert.read_bytes())
         identity = read_identity(current)
@@ -232,6 +298,13 @@ def renew_bundle(
         raise SimError(f"device bundle {directory} cannot be renewed: {exc}") from None
     if identity.kind is not IdentityKind.DEVICE or identity.name != bundle.device_id:
         raise SimError(f"{bundle.cert} is not the certificate of device {bundle.device_id}")
+    if current.not_valid_after_utc <= utcnow():
+        raise CertificateExpiredError(
+            f"the certificate of device {bundle.device_id} expired at "
+            f"{current.not_valid_after_utc.isoformat()}: it cannot renew over MQTT (the broker "
+            "refuses the TLS handshake). Re-provision it at the line: a new CSR signed by "
+            "'certfleet factory sign-csr' (docs/lifecycle.md)"
+        )
 
     try:
         key = generate_key(key_algorithm)
@@ -239,21 +312,20 @@ def renew_bundle(
         raise SimError(str(exc)) from None
     csr_pem = build_csr(key, identity).public_bytes(PEM)
     certificate = request_certificate(bundle, host, port, csr_pem, timeout=timeout)
-    _check_certificate(certificate, identity, key.public_key(), issuing)
+    check_certificate(certificate, identity, key.public_key(), issuing)
 
-    write_private(directory / "device.key.prev", bundle.key.read_bytes())
-    write_public(directory / "device.crt.prev", bundle.cert.read_bytes())
-    write_private(bundle.key, private_key_pem(key))
-    write_public(bundle.cert, certificate.public_bytes(PEM))
+    serial = serial_hex(certificate.serial_number)
+    store = CredentialStore(directory)
+    staged = store.stage(private_key_pem(key), certificate.public_bytes(PEM))
+    confirmed = _prove_and_confirm(bundle, host, port, store, staged, serial, timeout)
     result = RenewalResult(
         device_id=bundle.device_id,
         previous_serial=serial_hex(current.serial_number),
-        serial=serial_hex(certificate.serial_number),
+        serial=serial,
         not_before=certificate.not_valid_before_utc.isoformat(),
         not_after=certificate.not_valid_after_utc.isoformat(),
+        confirmed=confirmed,
     )
-    meta.update(serial=result.serial, not_before=result.not_before, not_after=result.not_after)
-    write_public(meta_path, json.dumps(meta, indent=2).encode())
     log.info(
         "certificate renewed device_id=%s serial=%s previous_serial=%s not_after=%s",
         result.device_id,

@@ -1,6 +1,6 @@
 """A simulation run: devices spread over worker processes, their reports merged here.
 
-    with SimRun(bundles, config, duration=30, workers=4) as run:
+    with SimRun(bundles, config, duration=30, workers=4, renewal_log=Path("r.jsonl")) as run:
         while not run.finished:
             print(run.snapshot().acked)
             run.wait(0.5)
@@ -8,7 +8,9 @@
 
 Workers are spawned processes (``workers >= 1``) or one thread of this process
 (``workers = 0``, used by tests and small runs). Each reports cumulative counters; the run
-keeps the latest report of each and merges them on demand.
+keeps the latest report of each and merges them on demand. Renewal events
+(:mod:`device_sim.renewal_events`) arrive with the reports: ``on_renewal`` is called for each,
+``renewal_events()`` returns them all, and ``renewal_log`` appends them as JSON lines.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.errors import SimError
+from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.worker import WorkerPlan, WorkerReport, run_worker, worker_main
 
@@ -55,6 +59,8 @@ class SimRun:
         seed: int | None = None,
         uvloop: bool = True,
         log_level: str = "warning",
+        on_renewal: Callable[[RenewalEvent], None] | None = None,
+        renewal_log: Path | None = None,
     ) -> None:
         if not bundles:
             raise SimError("a simulation needs at least one device bundle")
@@ -62,6 +68,10 @@ class SimRun:
         self.duration = duration
         self.worker_count = default_workers(len(bundles)) if workers is None else workers
         self._on_event = on_event
+        self._on_renewal = on_renewal
+        self._renewal_log_path = renewal_log
+        self._renewal_log: IO[str] | None = None
+        self._renewal_events: list[RenewalEvent] = []
         self._reports: dict[int, WorkerReport] = {}
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -82,6 +92,8 @@ class SimRun:
                 seed=None if seed is None else seed + index,
                 uvloop=uvloop,
                 log_level=log_level,
+                first_index=index,
+                index_stride=slices,
             )
             for index in range(slices)
             if bundles[index::slices]
@@ -93,6 +105,13 @@ class SimRun:
 
     def start(self) -> SimRun:
         self._started_at = time.monotonic()
+        if self._renewal_log_path is not None:
+            try:
+                self._renewal_log = self._renewal_log_path.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise SimError(
+                    f"cannot write renewal events to {self._renewal_log_path}: {exc}"
+                ) from None
         if self.worker_count == 0:
             self._queue = queue.Queue()
             self._stop = threading.Event()
@@ -147,12 +166,26 @@ class SimRun:
             if self._on_event is not None:
                 for event in report.events:
                     self._on_event(event)
+            if report.renewals:
+                self._record_renewals(report.renewals)
             if report.error:
                 self._errors.append(f"worker {report.worker_id}: {report.error}")
             if report.done:
                 finished.add(report.worker_id)
         self._ended_at = time.monotonic()
+        if self._renewal_log is not None:
+            self._renewal_log.close()
         self._done.set()
+
+    def _record_renewals(self, events: list[RenewalEvent]) -> None:
+        with self._lock:
+            self._renewal_events.extend(events)
+        if self._renewal_log is not None:
+            self._renewal_log.writelines(event.json_line() for event in events)
+            self._renewal_log.flush()
+        if self._on_renewal is not None:
+            for event in events:
+                self._on_renewal(event)
 
     def _dead_without_report(self, finished: set[int]) -> set[int]:
         dead: set[int] = set()
@@ -221,6 +254,11 @@ class SimRun:
         end = self._ended_at if self._ended_at is not None else time.monotonic()
         return max(0.0, end - self._started_at)
 
+    def renewal_events(self) -> list[RenewalEvent]:
+        """Every renewal event received so far, in arrival order."""
+        with self._lock:
+            return list(self._renewal_events)
+
     def snapshot(self) -> WorkerStats:
         """The merged latest counters of every worker."""
         merged = WorkerStats()
@@ -240,7 +278,7 @@ class SimRun:
             "elapsed_s": round(elapsed, 2),
             "rate_per_device": self.config.rate,
             "qos": self.config.qos,
-            "broker": f"{self.config.host}:{self.config.port}",
+            "broker": ",".join(str(address) for address in self.config.brokers),
             **stats.as_dict(),
             "messages_acknowledged_per_s": round(stats.acked / elapsed, 1) if elapsed else 0.0,
             "cpu_cores_used": round(stats.cpu_seconds / elapsed, 3) if elapsed else 0.0,

@@ -3,17 +3,51 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fleetcore.address import AddressStr, parse_address
+from device_sim.autorenew import RenewalPolicy
+from fleetcore.address import Address, AddressStr, parse_address
 from fleetcore.config import settings_from_env
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DEFAULT_DATA_DIR
 
-__all__ = ["SimSettings", "build_settings", "parse_addr"]
+__all__ = [
+    "BrokerListStr",
+    "SimSettings",
+    "broker_list",
+    "build_settings",
+    "parse_addr",
+    "renewal_policy",
+]
+
+
+def broker_list(text: str) -> list[Address]:
+    """``host:port[,host:port...]`` -> the brokers a device fails over between, each checked
+    like every address (:func:`fleetcore.address.parse_address`), with a real port."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ConfigError(
+            f"broker list {text!r} needs host:port entries separated by commas "
+            "(e.g. 127.0.0.1:8883,127.0.0.1:8884)"
+        )
+    brokers = [Address(*parse_addr(item)) for item in items]
+    if len(set(brokers)) != len(brokers):
+        raise ConfigError(f"broker list {text!r} names a broker twice")
+    return brokers
+
+
+def _validated_list(text: str) -> str:
+    try:
+        return ",".join(str(address) for address in broker_list(text))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: A settings field holding a comma-separated broker list, validated when settings load.
+BrokerListStr = Annotated[str, AfterValidator(_validated_list)]
 
 
 class SimSettings(BaseSettings):
@@ -24,6 +58,9 @@ class SimSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     #: Where devices connect (CERTFLEET_BROKER_ADDR); else each bundle's device.json.
     broker_addr: AddressStr | None = None
+    #: Brokers a device fails over between (CERTFLEET_SIM_BROKERS, ``--broker A,B``); wins
+    #: over broker_addr.
+    sim_brokers: BrokerListStr | None = None
     #: How many bundles to run (the first N by name); None = every bundle.
     sim_devices: int | None = Field(default=None, ge=1)
     sim_rate: float = Field(default=1.0, gt=0, le=1000)  # readings per second per device
@@ -42,6 +79,21 @@ class SimSettings(BaseSettings):
     sim_window: int = Field(default=1000, ge=1)
     #: Use uvloop for the workers' event loops when it is installed.
     sim_uvloop: bool = True
+    #: Renew automatically at this fraction of the certificate's lifetime (0 < f < 1).
+    sim_renew: bool = True
+    sim_renew_at: float = Field(default=2 / 3, gt=0, lt=1)
+    #: Jitter around that point, as a fraction of the lifetime (uniform in +-jitter).
+    sim_renew_jitter: float = Field(default=0.05, ge=0, lt=0.5)
+    #: Seconds to wait for the registry's answer to a CSR or a confirm.
+    sim_renew_timeout: float = Field(default=30.0, gt=0)
+    sim_renew_backoff_base: float = Field(default=1.0, gt=0)
+    sim_renew_backoff_cap: float = Field(default=60.0, gt=0)
+    #: Confirms sent (with backoff) before the device stops asking for an acknowledgement.
+    sim_confirm_attempts: int = Field(default=5, ge=1, le=100)
+    #: Key algorithm of renewed keys (p256, p384, ed25519, rsa2048).
+    sim_renew_key_algorithm: str = "p256"
+    #: Append one JSON line per renewal event to this file.
+    sim_renewal_log: Path | None = None
 
 
 def build_settings(**overrides: Any) -> SimSettings:
@@ -56,3 +108,27 @@ def parse_addr(addr: str) -> tuple[str, int]:
     if address.port == 0:
         raise ConfigError(f"broker address {addr!r} needs a real port, not 0")
     return address.host, address.port
+
+
+def renewal_policy(settings: SimSettings) -> RenewalPolicy | None:
+    """The devices' renewal policy from settings; None when renewal is off."""
+    if not settings.sim_renew:
+        return None
+    if settings.sim_renew_backoff_cap < settings.sim_renew_backoff_base:
+        raise ConfigError("CERTFLEET_SIM_RENEW_BACKOFF_CAP must not be below _BASE")
+    try:
+        return _policy(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _policy(settings: SimSettings) -> RenewalPolicy:
+    return RenewalPolicy(
+        at=settings.sim_renew_at,
+        jitter=settings.sim_renew_jitter,
+        timeout=settings.sim_renew_timeout,
+        backoff_base=settings.sim_renew_backoff_base,
+        backoff_cap=settings.sim_renew_backoff_cap,
+        confirm_attempts=settings.sim_confirm_attempts,
+        key_algorithm=settings.sim_renew_key_algorithm,
+    )

@@ -79,11 +79,23 @@ class WorkerStats:
     produced: int = 0  # telemetry readings taken (sequence numbers issued)
     dropped_overflow: int = 0  # readings dropped because the unacked window was full
     stopped: int = 0  # devices that gave up for good
+    reconnects: int = 0  # successful connects after a device's first
+    failovers: int = 0  # successful connects to another broker than the device's last one
+    renewals: int = 0  # renewals completed (connected with the new certificate)
+    renewal_attempts: int = 0  # CSRs published
+    renewal_retried: int = 0  # CSRs published after the first of a renewal
+    renewal_timeouts: int = 0  # CSRs without an answer in time
+    renewal_switch_failed: int = 0  # new certificates that could not connect (discarded)
+    expired_before_renewal: int = 0  # devices whose certificate expired before renewing
+    confirms: Counter[str] = field(default_factory=Counter)  # confirmed / refusal / unanswered
+    renewal_refused: Counter[str] = field(default_factory=Counter)  # refusals by code
     failures: Counter[str] = field(default_factory=Counter)  # connect failures by reason
     disconnects: Counter[str] = field(default_factory=Counter)  # drops of live sessions
     permanent: Counter[str] = field(default_factory=Counter)  # why devices stopped
     connect_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: CSR published -> certificate received, for successful renewal requests.
+    renewal_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     #: How late the worker's housekeeping timer fires: a stalled loop shows up here.
     loop_lag: LatencyHistogram = field(default_factory=LatencyHistogram)
     cpu_seconds: float = 0.0
@@ -100,11 +112,22 @@ class WorkerStats:
             "produced",
             "dropped_overflow",
             "stopped",
+            "reconnects",
+            "failovers",
+            "renewals",
+            "renewal_attempts",
+            "renewal_retried",
+            "renewal_timeouts",
+            "renewal_switch_failed",
+            "expired_before_renewal",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
         self.disconnects.update(other.disconnects)
         self.permanent.update(other.permanent)
+        self.confirms.update(other.confirms)
+        self.renewal_refused.update(other.renewal_refused)
+        self.renewal_latency.merge(other.renewal_latency)
         self.connect_latency.merge(other.connect_latency)
         self.publish_latency.merge(other.publish_latency)
         self.loop_lag.merge(other.loop_lag)
@@ -116,6 +139,8 @@ class WorkerStats:
             "devices_connected_now": self.connected,
             "devices_connected_ever": self.ever_connected,
             "connects": self.connects,
+            "reconnects": self.reconnects,
+            "failovers": self.failovers,
             "messages_produced": self.produced,
             "messages_sent": self.sent,
             "messages_acknowledged": self.acked,
@@ -128,5 +153,16 @@ class WorkerStats:
             "connect_latency": self.connect_latency.summary(),
             "publish_latency": self.publish_latency.summary(),
             "event_loop_lag": self.loop_lag.summary(),
+            "renewals": {
+                "renewed": self.renewals,
+                "attempts": self.renewal_attempts,
+                "retried": self.renewal_retried,
+                "timeouts": self.renewal_timeouts,
+                "refused_by_code": dict(sorted(self.renewal_refused.items())),
+                "switch_failed": self.renewal_switch_failed,
+                "expired_before_renewal": self.expired_before_renewal,
+                "confirms": dict(sorted(self.confirms.items())),
+                "latency": self.renewal_latency.summary(),
+            },
             "cpu_seconds": round(self.cpu_seconds, 2),
         }

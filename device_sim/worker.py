@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent, SimDevice
+from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from fleetcore.config import log_level
 
@@ -46,6 +47,10 @@ class WorkerPlan:
     seed: int | None = None
     uvloop: bool = True
     log_level: str = "warning"
+    #: The fleet-wide position of the first bundle and the step between this worker's
+    #: bundles: a device starts at broker (position mod brokers), spreading the fleet.
+    first_index: int = 0
+    index_stride: int = 1
 
 
 @dataclass
@@ -53,6 +58,7 @@ class WorkerReport:
     worker_id: int
     stats: WorkerStats
     events: list[DeviceEvent] = field(default_factory=list)
+    renewals: list[RenewalEvent] = field(default_factory=list)
     done: bool = False
     error: str | None = None
 
@@ -78,6 +84,7 @@ async def run_worker(
     cpu_started = time.process_time()
     stats = WorkerStats(devices=len(plan.bundles))
     pending_events: list[DeviceEvent] = []
+    pending_renewals: list[RenewalEvent] = []
     stop = asyncio.Event()
     rng = random.Random(plan.seed)
     slots = asyncio.Semaphore(plan.connect_concurrency)
@@ -88,9 +95,11 @@ async def run_worker(
             stats,
             connect_slots=slots,
             events=pending_events.append if plan.events else None,
+            renewals=pending_renewals.append,
             rng=random.Random(rng.random()),
+            broker_index=plan.first_index + position * plan.index_stride,
         )
-        for bundle in plan.bundles
+        for position, bundle in enumerate(plan.bundles)
     ]
     stop_at = loop.time() + plan.duration
 
@@ -98,7 +107,9 @@ async def run_worker(
         stats.cpu_seconds = time.process_time() - cpu_started
         events = pending_events[:]
         pending_events.clear()
-        report(WorkerReport(plan.worker_id, copy.deepcopy(stats), events, done=done))
+        renewals = pending_renewals[:]
+        pending_renewals.clear()
+        report(WorkerReport(plan.worker_id, copy.deepcopy(stats), events, renewals, done=done))
 
     async def housekeeping() -> None:
         next_misc = loop.time()

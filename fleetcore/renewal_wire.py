@@ -3,13 +3,13 @@
 The registry answers a device's CSR with either the new leaf certificate (PEM) or a JSON
 refusal ``{"error": "<code>", "message": "<why>"}`` whose code is one of
 :class:`RefusalCode`. The registry builds answers with :func:`refusal_payload`; a device reads
-them with :func:`parse_answer`.
+every answer (certificate, confirmation, refusal) with :func:`parse_answer`; the codes in
+:data:`RETRYABLE_REFUSALS` mean "ask again later".
 
 The confirm (issue 14, docs/lifecycle.md): once connected with its renewed certificate, a
 device publishes ``{"confirm": "<serial, lower-case hex>"}`` (:func:`confirm_payload`) on the
 same ``cert/renew`` topic as its CSRs (:func:`is_confirm` tells them apart); the registry
-answers ``{"confirmed": "<serial>"}`` (:func:`confirmed_payload`) or a refusal, which the
-device reads with :func:`parse_confirm_answer`.
+answers ``{"confirmed": "<serial>"}`` (:func:`confirmed_payload`) or a refusal.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fleetcore.errors import CertfleetError
 
 __all__ = [
     "MAX_CONFIRM_BYTES",
+    "RETRYABLE_REFUSALS",
     "AnswerError",
     "ConfirmError",
     "Confirmed",
@@ -35,7 +36,6 @@ __all__ = [
     "is_confirm",
     "parse_answer",
     "parse_confirm",
-    "parse_confirm_answer",
     "refusal_payload",
 ]
 
@@ -63,6 +63,17 @@ class RefusalCode(enum.StrEnum):
     NOT_NEWEST = "not_newest"
 
 
+#: Refusals that say "later": a device backs off (with jitter) and asks again.
+RETRYABLE_REFUSALS = frozenset(
+    {
+        RefusalCode.RATE_LIMITED,
+        RefusalCode.BUSY,
+        RefusalCode.REGISTRY_UNAVAILABLE,
+        RefusalCode.INTERNAL_ERROR,
+    }
+)
+
+
 class AnswerError(CertfleetError):
     """An answer on ``cert/issued`` is neither a readable certificate nor a refusal."""
 
@@ -80,16 +91,18 @@ def refusal_payload(error: RefusalCode, message: str) -> bytes:
     return json.dumps({"error": str(error), "message": message}).encode()
 
 
-def parse_answer(payload: bytes) -> x509.Certificate | Refusal:
-    """The certificate or the refusal in ``payload``; AnswerError if it is neither."""
+def parse_answer(payload: bytes) -> x509.Certificate | Confirmed | Refusal:
+    """The certificate, confirmation or refusal in ``payload``; AnswerError otherwise."""
     if payload.lstrip().startswith(_PEM_CERTIFICATE):
         try:
             return x509.load_pem_x509_certificate(payload)
         except ValueError:
             raise AnswerError("the answer is not a readable certificate") from None
     try:
-        refusal = json.loads(payload)
-        return Refusal(str(refusal["error"]), str(refusal["message"]))
+        body = json.loads(payload)
+        if isinstance(body, dict) and "confirmed" in body:
+            return Confirmed(str(body["confirmed"]).lower())
+        return Refusal(str(body["error"]), str(body["message"]))
     except (ValueError, KeyError, TypeError):
         raise AnswerError("unreadable answer on cert/issued") from None
 
@@ -142,14 +155,3 @@ def parse_confirm(payload: bytes) -> str:
 def confirmed_payload(serial: str) -> bytes:
     """The registry's answer on ``cert/issued`` to a valid confirm."""
     return json.dumps({"confirmed": serial}).encode()
-
-
-def parse_confirm_answer(payload: bytes) -> Confirmed | Refusal:
-    """A device reads the answer to its confirm; AnswerError when it is neither."""
-    try:
-        body = json.loads(payload)
-        if "confirmed" in body:
-            return Confirmed(str(body["confirmed"]))
-        return Refusal(str(body["error"]), str(body["message"]))
-    except (ValueError, KeyError, TypeError):
-        raise AnswerError("unreadable answer to a confirm on cert/issued") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_sim.bundle import DeviceBundle
+from device_sim.credentials import Credentials
 from device_sim.device import DeviceConfig, DeviceEvent, DeviceState, SimDevice
 from device_sim.stats import WorkerStats
 from tests.device_sim.conftest import Fleet, MosquittoFactory, free_port
@@ -153,3 +154,30 @@ def test_unacked_window_is_bounded_while_the_broker_is_gone(
     assert stats.failures["connection_refused"] >= 2
     assert device.unacked == 5
     assert stats.dropped_overflow == stats.produced - stats.acked - 5 > 0
+
+
+def test_a_renewed_pair_that_cannot_connect_is_dropped_for_the_old_one(
+    fleet: Fleet, foreign_fleet: Fleet, mosquitto: MosquittoFactory
+) -> None:
+    broker = mosquitto()
+    config = DeviceConfig("127.0.0.1", broker.port, rate=20.0, renewal=None)
+    foreign = _bundle(foreign_fleet, "dev-foreign")
+    stats = WorkerStats(devices=1)
+
+    async def scenario() -> tuple[SimDevice, bool]:
+        device = SimDevice(
+            _bundle(fleet, "dev-0007"), config, stats, connect_slots=asyncio.Semaphore(2)
+        )
+        loop = asyncio.get_running_loop()
+        run = asyncio.ensure_future(device.run(stop_at=loop.time() + 3.0))
+        assert await device.wait_connected(10)
+        # A pair the broker refuses (another CA): the device must come back on its own pair.
+        switched = await device.switch(Credentials(foreign.cert, foreign.key))
+        await asyncio.wait_for(run, 20)
+        return device, switched
+
+    device, switched = asyncio.run(scenario())
+    assert switched is False
+    assert device.state is DeviceState.FINISHED
+    assert stats.reconnects == 1 and stats.permanent == {}
+    assert stats.acked == stats.produced > 40

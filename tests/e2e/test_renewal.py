@@ -137,7 +137,7 @@ def test_device_renews_and_reconnects_with_the_new_certificate(stack: Stack) -> 
     assert new.public_key() != old.public_key()
     assert (directory / "device.key").read_bytes() != old_key
     assert (directory / "device.key").stat().st_mode & 0o777 == 0o600
-    assert (directory / "device.key.prev").read_bytes() == old_key
+    assert (directory / "previous" / "device.key").read_bytes() == old_key
     meta = json.loads((directory / "device.json").read_text())
     assert meta["serial"] == _serial(new)
     assert meta["not_after"] == new.not_valid_after_utc.isoformat()

@@ -8,9 +8,13 @@ import pytest
 
 from fleetcore.profile import IdentityKind
 from fleetcore.renewal_wire import (
+    RETRYABLE_REFUSALS,
     AnswerError,
+    Confirmed,
     Refusal,
     RefusalCode,
+    confirm_payload,
+    confirmed_payload,
     parse_answer,
     refusal_payload,
 )
@@ -70,15 +74,14 @@ def test_a_confirm_round_trips_and_is_told_apart_from_a_csr() -> None:
         confirmed_payload,
         is_confirm,
         parse_confirm,
-        parse_confirm_answer,
     )
 
     payload = confirm_payload("ABCDEF01")
     assert is_confirm(payload) and not is_confirm(b"-----BEGIN CERTIFICATE REQUEST-----")
     assert parse_confirm(payload) == "abcdef01"
-    assert parse_confirm_answer(confirmed_payload("abcdef01")) == Confirmed("abcdef01")
+    assert parse_answer(confirmed_payload("abcdef01")) == Confirmed("abcdef01")
     refusal = refusal_payload(RefusalCode.NOT_NEWEST, "confirm the newest")
-    assert parse_confirm_answer(refusal) == Refusal("not_newest", "confirm the newest")
+    assert parse_answer(refusal) == Refusal("not_newest", "confirm the newest")
 
 
 @pytest.mark.parametrize(
@@ -89,3 +92,10 @@ def test_a_malformed_confirm_is_a_confirm_error(payload: bytes) -> None:
 
     with pytest.raises(ConfirmError, match="confirm"):
         parse_confirm(payload)
+
+
+def test_a_confirm_and_its_answer_round_trip() -> None:
+    assert json.loads(confirm_payload("0A1B")) == {"confirm": "0a1b"}
+    assert parse_answer(confirmed_payload("0a1b")) == Confirmed("0a1b")
+    assert RefusalCode.RATE_LIMITED in RETRYABLE_REFUSALS
+    assert RefusalCode.DEVICE_DECOMMISSIONED not in RETRYABLE_REFUSALS
