@@ -3,13 +3,13 @@
 The registry answers a device's CSR with either the new leaf certificate (PEM) or a JSON
 refusal ``{"error": "<code>", "message": "<why>"}`` whose code is one of
 :class:`RefusalCode`. The registry builds answers with :func:`refusal_payload`; a device reads
-them with :func:`parse_answer`.
+every answer (certificate, confirmation, refusal) with :func:`parse_answer`; the codes in
+:data:`RETRYABLE_REFUSALS` mean "ask again later".
 
 The confirm (issue 14, docs/lifecycle.md): once connected with its renewed certificate, a
 device publishes ``{"confirm": "<serial, lower-case hex>"}`` (:func:`confirm_payload`) on the
 same ``cert/renew`` topic as its CSRs (:func:`is_confirm` tells them apart); the registry
-answers ``{"confirmed": "<serial>"}`` (:func:`confirmed_payload`) or a refusal, which the
-device reads with :func:`parse_confirm_answer`.
+answers ``{"confirmed": "<serial>"}`` (:func:`confirmed_payload`) or a refusal.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ __all__ = [
     "is_confirm",
     "parse_answer",
     "parse_confirm",
-    "parse_confirm_answer",
     "refusal_payload",
 ]
 
@@ -156,14 +155,3 @@ def parse_confirm(payload: bytes) -> str:
 def confirmed_payload(serial: str) -> bytes:
     """The registry's answer on ``cert/issued`` to a valid confirm."""
     return json.dumps({"confirmed": serial}).encode()
-
-
-def parse_confirm_answer(payload: bytes) -> Confirmed | Refusal:
-    """A device reads the answer to its confirm; AnswerError when it is neither."""
-    try:
-        body = json.loads(payload)
-        if "confirmed" in body:
-            return Confirmed(str(body["confirmed"]))
-        return Refusal(str(body["error"]), str(body["message"]))
-    except (ValueError, KeyError, TypeError):
-        raise AnswerError("unreadable answer to a confirm on cert/issued") from None

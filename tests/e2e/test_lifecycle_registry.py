@@ -303,6 +303,8 @@ def test_expired_certificate_leaves_the_crl_and_the_revoked_set_not_before_skew(
     assert stack.broker.app is not None
     revoked = stack.broker.app.revoked
     assert wait_for(lambda: revoked.is_serial_revoked(serial), 10)
+    # The set is written to disk right after the batch is applied in memory.
+    assert wait_for(lambda: _expired_serial_in_file(stack, serial), 10)
     expired_before = stack.broker.metrics.registry.get_sample_value(
         "certfleet_broker_revoked_serials_expired_total"
     )

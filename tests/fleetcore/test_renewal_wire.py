@@ -74,15 +74,14 @@ def test_a_confirm_round_trips_and_is_told_apart_from_a_csr() -> None:
         confirmed_payload,
         is_confirm,
         parse_confirm,
-        parse_confirm_answer,
     )
 
     payload = confirm_payload("ABCDEF01")
     assert is_confirm(payload) and not is_confirm(b"-----BEGIN CERTIFICATE REQUEST-----")
     assert parse_confirm(payload) == "abcdef01"
-    assert parse_confirm_answer(confirmed_payload("abcdef01")) == Confirmed("abcdef01")
+    assert parse_answer(confirmed_payload("abcdef01")) == Confirmed("abcdef01")
     refusal = refusal_payload(RefusalCode.NOT_NEWEST, "confirm the newest")
-    assert parse_confirm_answer(refusal) == Refusal("not_newest", "confirm the newest")
+    assert parse_answer(refusal) == Refusal("not_newest", "confirm the newest")
 
 
 @pytest.mark.parametrize(
