@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
 from amqtt.contexts import Action
@@ -86,6 +86,32 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             self._on_retain_refused()
             return
         await super().retain_message(source_session, topic_name, data, qos)
+
+    _forward: Callable[[str, bytes, int | None], Awaitable[object]] | None = None
+
+    def forward_with(self, forward: Callable[[str, bytes, int | None], Awaitable[object]]) -> None:
+        """Hand every message a local client published (after its ACL) to ``forward`` too:
+        the cluster router's way to the other nodes (:mod:`broker.cluster.router`)."""
+        self._forward = forward
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        await super()._broadcast_message(session, topic, data, force_qos)
+        if self._forward is not None and session is not None and topic and data is not None:
+            await self._forward(topic, bytes(data), force_qos)
+
+    def deliver_remote(self, topic: str, data: bytes, force_qos: int | None) -> None:
+        """Route a message another node admitted to this node's subscribers (each one's
+        RECEIVE check applies); it is not forwarded again."""
+        broadcast: dict[str, object] = {"session": None, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        self._broadcast_queue.put_nowait(broadcast)
 
     def on_route_error(self, hook: Callable[[BaseException], None]) -> None:
         """Told about every message whose routing raised (the metrics count them)."""

@@ -111,6 +111,26 @@ class BrokerMetrics:
             "Messages whose routing raised (logged; routing goes on)",
             registry=r,
         )
+        self.cluster_connected = Gauge(
+            "certfleet_broker_cluster_connected",
+            "1 while this node's NATS link is up (cluster mode), else 0",
+            registry=r,
+        )
+        self.cluster_connects = Counter(
+            "certfleet_broker_cluster_connects",
+            "NATS connections made (the first one and every reconnect)",
+            registry=r,
+        )
+        self.cluster_forwarded = Counter(
+            "certfleet_broker_cluster_forwarded",
+            "Messages published to NATS for the other nodes",
+            registry=r,
+        )
+        self.cluster_not_forwarded = Counter(
+            "certfleet_broker_cluster_not_forwarded",
+            "Messages delivered on this node only, because NATS was unreachable",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from broker.acl import DeviceTopicPlugin
 from broker.auth import AdmissionPolicy, CertAuthPlugin
+from broker.cluster.node import ClusterNode, cluster_options
 from broker.core import CertfleetBroker
 from broker.errors import BrokerError
 from broker.listener import LISTENER_NAME, MqttTlsListener
@@ -104,6 +105,8 @@ class BrokerApp:
                 max_backoff_s=settings.broker_feed_max_backoff_s,
                 resync_s=settings.broker_feed_resync_s,
             )
+        options = cluster_options(settings)
+        self.cluster = ClusterNode(options, self.metrics) if options is not None else None
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
@@ -135,11 +138,18 @@ class BrokerApp:
         self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
         self.broker.on_retain_refused(self.metrics.acl_refusals.labels("retain").inc)
         await self.broker.start()
+        if self.cluster is not None:
+            self.cluster.attach(self.broker)
+            self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
         try:
-            self.port = await self.listener.start(host, port)
+            self.port = await self.listener.start(
+                host, port, reuse_port=self.settings.broker_reuse_port
+            )
         except OSError as exc:
+            if self.cluster is not None:
+                await self.cluster.stop()
             await self.broker.shutdown()
             raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
         if self.settings.broker_metrics_addr:
@@ -154,12 +164,15 @@ class BrokerApp:
         if self.follower is not None:
             self.supervisor.start("revocation-feed", self.follower.run)
         log.info(
-            "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s",
+            "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s "
+            "node=%s cluster=%s",
             host,
             self.port,
             self.trust_domain,
             len(self.revoked.serials),
             self.settings.registry_url or "none",
+            self.settings.broker_node,
+            self.settings.broker_cluster_url or "none",
         )
 
     def _revoked_written(self, ok: bool) -> None:
@@ -173,6 +186,8 @@ class BrokerApp:
         waiting = [] if self.port else ["the MQTT listener"]
         if self.follower is not None:
             waiting += self.follower.not_following()
+        if self.cluster is not None:
+            waiting += self.cluster.problems()
         return waiting
 
     def problems(self) -> list[str]:
@@ -187,12 +202,16 @@ class BrokerApp:
             f"task {name} failed: {error} (restarting)"
             for name, error in dict(self.supervisor.failing).items()
         ]
+        if self.cluster is not None:
+            found += self.cluster.problems()
         return found
 
     async def stop(self) -> None:
         await self.supervisor.stop()
         if self.listener is not None:
             await self.listener.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.broker is not None:
             await self.broker.shutdown()
         self.metrics.close()

@@ -1,0 +1,73 @@
+"""One broker node's cluster side, built from the broker's settings.
+
+:func:`cluster_options` turns ``CERTFLEET_BROKER_CLUSTER_*`` settings into
+:class:`~broker.cluster.link.ClusterOptions` (None without ``--cluster``: a single node);
+:class:`ClusterNode` wires the link and the router into one :class:`CertfleetBroker` and
+reports the link's state to the metrics, ``/healthz`` and ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker.cluster.link import ClusterLink, ClusterOptions
+from broker.cluster.router import ClusterRouter
+from broker.core import CertfleetBroker
+from broker.metrics import BrokerMetrics
+from broker.settings import BrokerSettings
+
+__all__ = ["ClusterNode", "cluster_options"]
+
+log = logging.getLogger(__name__)
+
+
+def cluster_options(settings: BrokerSettings) -> ClusterOptions | None:
+    """The NATS connection this node uses; None when it runs alone."""
+    if not settings.broker_cluster_url:
+        return None
+    password = settings.broker_cluster_password
+    return ClusterOptions(
+        url=settings.broker_cluster_url,
+        node=settings.broker_node,
+        user=settings.broker_cluster_user,
+        password=password.get_secret_value() if password is not None else None,
+        nkey_seed_file=settings.broker_cluster_nkey_seed_file,
+        ca_file=settings.broker_cluster_ca_file,
+        max_backoff_s=settings.broker_cluster_max_backoff_s,
+    )
+
+
+class ClusterNode:
+    """The link to NATS and the router of one node."""
+
+    def __init__(self, options: ClusterOptions, metrics: BrokerMetrics) -> None:
+        self.metrics = metrics
+        self.link = ClusterLink(options, on_state=self._link_state)
+        self.router: ClusterRouter | None = None
+
+    def _link_state(self, connected: bool) -> None:
+        self.metrics.cluster_connected.set(1 if connected else 0)
+        if connected:
+            self.metrics.cluster_connects.inc()
+
+    def attach(self, broker: CertfleetBroker) -> None:
+        """Route through NATS for ``broker`` (before its listener takes clients)."""
+        self.router = ClusterRouter(self.link, broker.deliver_remote)
+        router, metrics = self.router, self.metrics
+
+        async def forward(topic: str, data: bytes, force_qos: int | None) -> None:
+            if await router.forward(topic, data, force_qos):
+                metrics.cluster_forwarded.inc()
+            else:
+                metrics.cluster_not_forwarded.inc()
+
+        broker.forward_with(forward)
+
+    def start(self) -> None:
+        self.link.start()
+
+    async def stop(self) -> None:
+        await self.link.close()
+
+    def problems(self) -> list[str]:
+        return self.link.problems()
