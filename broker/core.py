@@ -40,18 +40,76 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Protocol
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
 from amqtt.contexts import Action
-from amqtt.session import Session
+from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker.acl import DeviceTopicPlugin
 from factory.topics import is_renewal_topic
 
-__all__ = ["CertfleetBroker"]
+__all__ = ["CertfleetBroker", "ClusterHooks", "StoreAckHandler"]
 
 log = logging.getLogger(__name__)
+
+#: The store future of the QoS 1 message being routed (set per client task).
+_STORED: ContextVar[asyncio.Future[bool] | None] = ContextVar("certfleet_stored", default=None)
+
+
+class ClusterHooks(Protocol):
+    """What a cluster node (:mod:`broker.cluster`) adds to the broker's message paths."""
+
+    async def forward(
+        self, topic: str, data: bytes, force_qos: int | None, stored: asyncio.Future[bool] | None
+    ) -> None:
+        """A local client's admitted message; a QoS 1 one resolves ``stored`` once it is
+        stored durably (its PUBACK waits for that)."""
+
+    def served_from_store(self, session: Session, sub_qos: int) -> bool:
+        """Whether this subscription gets its messages from the cluster's store only."""
+
+    async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
+        """A subscription was granted; False refuses it (SUBACK 0x80)."""
+
+    def unsubscribed(self, session: Session, topic_filter: str) -> None:
+        """A subscription was removed."""
+
+    def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        """A client's session is connected on this node and its handler runs."""
+
+
+class StoreAckHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no hints
+    """amqtt's handler, with the PUBACK of an incoming QoS 1 message sent only once the
+    cluster stored it (amqtt sends it when the message is queued). No state of its own:
+    the broker swaps an amqtt handler's class to this one."""
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction != INCOMING or app_message.qos != QOS_1 or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        if app_message.packet_id is None or app_message.puback_packet:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        waiters: dict[int, asyncio.Future[bool]] = self.__dict__.setdefault("store_waiters", {})
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters[id(app_message)] = stored
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            await stored
+        finally:
+            waiters.pop(id(app_message), None)
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
 
 
 class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
@@ -62,6 +120,10 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
 
     def use_topic_plugin(self, plugin: DeviceTopicPlugin) -> None:
         self._acl = plugin
+
+    @property
+    def topic_plugin(self) -> DeviceTopicPlugin | None:
+        return self._acl
 
     _on_retain_refused: Callable[[], None] = staticmethod(lambda: None)
 
@@ -87,12 +149,45 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             return
         await super().retain_message(source_session, topic_name, data, qos)
 
-    _forward: Callable[[str, bytes, int | None], Awaitable[object]] | None = None
+    _cluster: ClusterHooks | None = None
 
-    def forward_with(self, forward: Callable[[str, bytes, int | None], Awaitable[object]]) -> None:
-        """Hand every message a local client published (after its ACL) to ``forward`` too:
-        the cluster router's way to the other nodes (:mod:`broker.cluster.router`)."""
-        self._forward = forward
+    def use_cluster(self, hooks: ClusterHooks) -> None:
+        """Run as a cluster node (:mod:`broker.cluster`): every locally admitted message is
+        handed to ``hooks.forward`` too, a QoS 1 PUBACK waits for ``hooks`` to store it,
+        and persistent sessions' QoS 1 subscriptions are served from the cluster's store."""
+        self._cluster = hooks
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        if self._cluster is not None:
+            # amqtt builds its handler by class name; ours only changes when PUBACK is sent.
+            handler.__class__ = StoreAckHandler
+        return handler, session
+
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        waiters: dict[int, asyncio.Future[bool]] = getattr(handler, "store_waiters", {})
+        message = wait_deliver.result()
+        stored = waiters.get(id(message)) if message is not None else None
+        token = _STORED.set(stored)
+        try:
+            delivered = await super()._handle_message_delivery(
+                client_session, handler, wait_deliver
+            )
+            return bool(delivered)
+        finally:
+            taken = _STORED.get() is None
+            _STORED.reset(token)
+            if stored is not None and not taken and not stored.done():
+                stored.set_result(True)  # refused by the ACL (acknowledged, never routed)
 
     async def _broadcast_message(
         self,
@@ -102,8 +197,56 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         force_qos: int | None = None,
     ) -> None:
         await super()._broadcast_message(session, topic, data, force_qos)
-        if self._forward is not None and session is not None and topic and data is not None:
-            await self._forward(topic, bytes(data), force_qos)
+        if self._cluster is not None and session is not None and topic and data is not None:
+            stored = _STORED.get()
+            _STORED.set(None)  # taken: the cluster resolves it once the message is stored
+            await self._cluster.forward(topic, bytes(data), force_qos, stored)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted = int(await super().add_subscription(subscription, session))
+        if (
+            self._cluster is not None
+            and granted != 0x80
+            and not await self._cluster.subscribed(session, subscription[0], granted)
+        ):
+            super()._del_subscription(subscription[0], session)
+            return 0x80
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = int(super()._del_subscription(a_filter, session))
+        if deleted and self._cluster is not None:
+            self._cluster.unsubscribed(session, a_filter)
+        return deleted
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[object]]) -> None:
+        cluster = self._cluster
+        if cluster is None:
+            await super()._run_broadcast(running_tasks)
+            return
+        # amqtt's own loop body, plus one rule: a persistent session's QoS 1 subscription is
+        # served from the cluster's store (JetStream) only, connected or not, so it never
+        # gets a message twice and nothing waits in this process's memory for it.
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            for target, sub_qos in list(subscriptions):
+                if cluster.served_from_store(target, sub_qos):
+                    continue
+                if not await self._topic_filtering(target, topic, Action.RECEIVE):
+                    continue
+                if target.transitions.state != "connected":
+                    continue
+                handler = self._get_handler(target)
+                if handler is not None:
+                    qos = broadcast.get("qos", sub_qos)
+                    running_tasks.append(
+                        asyncio.ensure_future(
+                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                        )
+                    )
 
     def deliver_remote(self, topic: str, data: bytes, force_qos: int | None) -> None:
         """Route a message another node admitted to this node's subscribers (each one's
@@ -121,6 +264,8 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         handler = self._get_handler(session)
         if handler is None:
             return
+        if self._cluster is not None:
+            self._cluster.session_started(session, handler)
         queued = []
         while not session.retained_messages.empty():
             message = session.retained_messages.get_nowait()

@@ -292,6 +292,14 @@ class MqttTlsListener:
                 )
         return len(victims)
 
+    def close_session(self, key: str) -> bool:
+        """Close the live connection of a session key (taken over on another node)."""
+        connection = self._by_key.get(key)
+        if connection is None or connection.is_closed:
+            return False
+        connection.abort()
+        return True
+
     @property
     def admitted_count(self) -> int:
         return len(self._admitted)

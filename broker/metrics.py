@@ -131,6 +131,16 @@ class BrokerMetrics:
             "Messages delivered on this node only, because NATS was unreachable",
             registry=r,
         )
+        self.cluster_stored = Counter(
+            "certfleet_broker_cluster_stored",
+            "QoS 1 messages stored in JetStream (each one's PUBACK waited for it)",
+            registry=r,
+        )
+        self.cluster_store_retries = Counter(
+            "certfleet_broker_cluster_store_retries",
+            "Failed JetStream stores retried (their PUBACK withheld meanwhile)",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -139,7 +139,7 @@ class BrokerApp:
         self.broker.on_retain_refused(self.metrics.acl_refusals.labels("retain").inc)
         await self.broker.start()
         if self.cluster is not None:
-            self.cluster.attach(self.broker)
+            self.cluster.attach(self.broker, self.listener)
             self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import logging
 
+from amqtt.contexts import Action
+from amqtt.session import Session
+
+from broker.cluster.durable import DurableSessions
 from broker.cluster.link import ClusterLink, ClusterOptions
 from broker.cluster.router import ClusterRouter
 from broker.core import CertfleetBroker
+from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 
@@ -44,29 +49,44 @@ class ClusterNode:
         self.metrics = metrics
         self.link = ClusterLink(options, on_state=self._link_state)
         self.router: ClusterRouter | None = None
+        self.durable: DurableSessions | None = None
 
     def _link_state(self, connected: bool) -> None:
         self.metrics.cluster_connected.set(1 if connected else 0)
         if connected:
             self.metrics.cluster_connects.inc()
 
-    def attach(self, broker: CertfleetBroker) -> None:
-        """Route through NATS for ``broker`` (before its listener takes clients)."""
-        self.router = ClusterRouter(self.link, broker.deliver_remote)
-        router, metrics = self.router, self.metrics
+    def attach(self, broker: CertfleetBroker, listener: MqttTlsListener) -> None:
+        """Run ``broker`` as a node of the cluster (before its listener takes clients)."""
+        metrics = self.metrics
+        self.router = ClusterRouter(
+            self.link,
+            broker.deliver_remote,
+            on_forwarded=metrics.cluster_forwarded.inc,
+            on_not_forwarded=metrics.cluster_not_forwarded.inc,
+        )
 
-        async def forward(topic: str, data: bytes, force_qos: int | None) -> None:
-            if await router.forward(topic, data, force_qos):
-                metrics.cluster_forwarded.inc()
-            else:
-                metrics.cluster_not_forwarded.inc()
+        def may_receive(session: Session, topic: str) -> bool:
+            acl = broker.topic_plugin
+            return acl is not None and acl.check(session, topic, Action.RECEIVE)
 
-        broker.forward_with(forward)
+        self.durable = DurableSessions(
+            self.link,
+            self.router,
+            broker,
+            may_receive=may_receive,
+            close_connection=listener.close_session,
+            on_stored=metrics.cluster_stored.inc,
+            on_store_retry=metrics.cluster_store_retries.inc,
+        )
+        broker.use_cluster(self.durable)
 
     def start(self) -> None:
         self.link.start()
 
     async def stop(self) -> None:
+        if self.durable is not None:
+            await self.durable.close()
         await self.link.close()
 
     def problems(self) -> list[str]:

@@ -40,13 +40,19 @@ Deliver = Callable[[str, bytes, int | None], None]
 class ClusterRouter:
     """Forwards local publishes to NATS and delivers the other nodes' ones locally."""
 
-    def __init__(self, link: ClusterLink, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        link: ClusterLink,
+        deliver: Deliver,
+        *,
+        on_forwarded: Callable[[], None] = lambda: None,
+        on_not_forwarded: Callable[[], None] = lambda: None,
+    ) -> None:
         self.link = link
         self.node = link.options.node
         self._deliver = deliver
-        self.forwarded = 0
-        self.received = 0
-        self.dropped = 0
+        self._on_forwarded = on_forwarded
+        self._on_not_forwarded = on_not_forwarded
         link.add_setup(self._subscribe)
 
     async def _subscribe(self, client: NatsClient, _js: JetStreamContext) -> None:
@@ -62,18 +68,17 @@ class ClusterRouter:
         if headers.get(NODE_HEADER) == self.node:
             return  # belt and braces: no_echo already keeps our own publishes away
         forced = headers.get(QOS_HEADER)
-        self.received += 1
         self._deliver(topic, msg.data, int(forced) if forced is not None else None)
 
     async def forward(self, topic: str, data: bytes, force_qos: int | None) -> bool:
         """Publish a locally admitted message for the other nodes; False when NATS is down
         (the local subscribers have it anyway)."""
         if not self.link.connected:
-            self.dropped += 1
+            self._on_not_forwarded()
             return False
         headers = {NODE_HEADER: self.node}
         if force_qos is not None:
             headers[QOS_HEADER] = str(force_qos)
         await self.link.client.publish(subject_of_topic(topic), data, headers=headers)
-        self.forwarded += 1
+        self._on_forwarded()
         return True
