@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/certfleet demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check factory broker registry device_sim certfleet tests bench
+	$(BIN)/ruff check fleetcore factory broker registry device_sim certfleet tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_registry import percentile, registry_process, scratch_postgres  # noqa: E402
 
 from factory.ca import CertificateAuthority  # noqa: E402
-from factory.layout import DataLayout  # noqa: E402
+from fleetcore.layout import DataLayout  # noqa: E402
 from registry import crud  # noqa: E402
 from registry.db import make_engine, migrate  # noqa: E402
 from registry.models import AuditLog, Certificate, Device  # noqa: E402

@@ -38,8 +38,8 @@ from bench_registry import (  # noqa: E402
 )
 
 from factory.ca import CertificateAuthority, write_issued  # noqa: E402
-from factory.layout import DataLayout  # noqa: E402
-from factory.profile import IdentityKind  # noqa: E402
+from fleetcore.layout import DataLayout  # noqa: E402
+from fleetcore.profile import IdentityKind  # noqa: E402
 
 
 def _probe(url: str, layout: DataLayout, stop: threading.Event, out: list[float]) -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
-from factory.keys import private_key_pem
-from factory.layout import DataLayout
 from factory.provision import _Minter, _WorkerConfig
+from fleetcore.clock import utcnow
+from fleetcore.keys import private_key_pem
+from fleetcore.layout import DataLayout
 
 
 def main() -> None:

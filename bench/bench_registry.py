@@ -36,9 +36,10 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.keys import generate_key, load_private_key, private_key_pem
-from factory.layout import DataLayout
-from factory.profile import IdentityKind, build_leaf_certificate
+from factory.keys import load_private_key
+from fleetcore.keys import generate_key, private_key_pem
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind, build_leaf_certificate
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "CERTFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

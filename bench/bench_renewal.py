@@ -32,9 +32,9 @@ from sqlmodel import Session
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from factory.ca import CertificateAuthority, write_issued
-from factory.keys import build_csr, generate_key
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.certs import parse_device_certificate
 from registry.renewal import CertificateRenewer

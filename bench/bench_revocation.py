@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker_bench_lib as lib  # noqa: E402
 
 from factory.ca import CertificateAuthority, write_issued  # noqa: E402
-from factory.profile import IdentityKind  # noqa: E402
+from fleetcore.profile import IdentityKind  # noqa: E402
 
 
 async def _hold(data_dir: Path, port: int, start: int, end: int, concurrency: int) -> None:

@@ -51,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from device_sim.bundle import discover_bundles  # noqa: E402
 from device_sim.device import DeviceConfig  # noqa: E402
 from device_sim.runner import SimRun  # noqa: E402
-from factory.layout import DataLayout  # noqa: E402
+from fleetcore.layout import DataLayout  # noqa: E402
 
 FLEET_DIR = Path(os.environ.get("CERTFLEET_BENCH_SIM_FLEET", "/tmp/certfleet-bench-sim-fleet"))
 

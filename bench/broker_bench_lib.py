@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from factory.ca import CertificateAuthority, write_issued  # noqa: E402
-from factory.layout import DataLayout  # noqa: E402
-from factory.profile import IdentityKind  # noqa: E402
+from fleetcore.layout import DataLayout  # noqa: E402
+from fleetcore.profile import IdentityKind  # noqa: E402
 
 PYTHON = sys.executable
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -30,8 +30,8 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from factory.profile import NAME_PATTERN, Identity, IdentityKind
-from factory.topics import (
+from fleetcore.profile import NAME_PATTERN, Identity, IdentityKind
+from fleetcore.topics import (
     ISSUED,
     RENEW,
     TELEMETRY,

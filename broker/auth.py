@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.sessions import service_instance, session_key
-from factory.errors import IdentityError
-from factory.profile import Identity, IdentityKind, read_identity, serial_hex
+from fleetcore.errors import IdentityError
+from fleetcore.profile import Identity, IdentityKind, read_identity, serial_hex
 
 __all__ = [
     "CONNACK_IDENTIFIER_REJECTED",

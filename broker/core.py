@@ -53,7 +53,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker.acl import DeviceTopicPlugin
-from factory.topics import is_renewal_topic
+from fleetcore.topics import is_renewal_topic
 
 __all__ = ["CertfleetBroker", "ClusterHooks", "StoreAckHandler"]
 

@@ -45,7 +45,7 @@ from broker.auth import (
 from broker.connection import PacketTooLargeError, StreamReader, StreamWriter, TlsConnection
 from broker.metrics import BrokerMetrics
 from broker.sessions import identity_of_key
-from factory.profile import Identity, IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 
 __all__ = ["LISTENER_NAME", "MqttTlsListener", "classify_handshake_error"]
 

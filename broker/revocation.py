@@ -1,6 +1,6 @@
 """Revoked serials: the in-memory set, its copy on disk, and the registry feed follower.
 
-- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`factory.profile.serial_hex`)
+- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`fleetcore.profile.serial_hex`)
   and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
   from ``<data>/broker/revoked-<node>.json`` at start (or, once, from the single-broker
   ``broker/revoked.json`` of earlier versions), so a restart while the registry is down is no
@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 
 from broker.errors import BrokerError, RevocationStateError
-from factory.layout import write_public
-from factory.revocation_feed import FEED_BATCH_DEFAULT, RevocationEvent, RevocationFeed
+from fleetcore.layout import write_public
+from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, RevocationEvent, RevocationFeed
 
 __all__ = ["RevocationFollower", "RevokedSet", "feed_client_context"]
 

@@ -33,9 +33,9 @@ from broker.revocation import RevocationFollower, RevokedSet, feed_client_contex
 from broker.settings import BrokerSettings
 from broker.supervisor import Supervisor
 from broker.tls import server_context
-from factory.address import Address, parse_address
-from factory.layout import write_public
-from factory.revocation_feed import RevocationEvent
+from fleetcore.address import Address, parse_address
+from fleetcore.layout import write_public
+from fleetcore.revocation_feed import RevocationEvent
 
 __all__ = ["BrokerApp", "BrokerServer", "serve"]
 

@@ -11,7 +11,7 @@ never the client's own string:
   replicas) -> ``service:s/<instance>``, when it sends ``s/<instance>`` as its client id, so
   that the processes do not take each other's session over.
 
-Neither ``:`` nor ``/`` can occur in a name (:data:`factory.profile.NAME_PATTERN`), so no
+Neither ``:`` nor ``/`` can occur in a name (:data:`fleetcore.profile.NAME_PATTERN`), so no
 device key can ever equal a service key. The key also *is* the identity for the topic ACL,
 for as long as amqtt keeps the session: a persistent session that is offline still has one,
 so the QoS 1 messages queued for it pass the ACL's receive check.
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from factory.errors import IdentityError
-from factory.profile import NAME_PATTERN, Identity, IdentityKind
+from fleetcore.errors import IdentityError
+from fleetcore.profile import NAME_PATTERN, Identity, IdentityKind
 
 __all__ = ["SERVICE_PREFIX", "identity_of_key", "service_instance", "session_key"]
 

@@ -9,10 +9,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.auth import ClientIdMode
-from factory.address import AddressStr
-from factory.config import settings_from_env
-from factory.layout import DEFAULT_DATA_DIR, DataLayout
-from factory.profile import NAME_PATTERN
+from fleetcore.address import AddressStr
+from fleetcore.config import settings_from_env
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.profile import NAME_PATTERN
 
 __all__ = ["BrokerSettings", "build_settings"]
 

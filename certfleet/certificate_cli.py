@@ -18,11 +18,11 @@ from cryptography import x509
 from rich.console import Console
 from rich.table import Table
 
-from factory.errors import CertfleetError
 from factory.inspect import describe, load_certificate_file, ocsp_urls
-from factory.layout import DEFAULT_DATA_DIR, DataLayout
 from factory.ocsp_client import ask_ocsp
-from factory.profile import serial_hex
+from fleetcore.errors import CertfleetError
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.profile import serial_hex
 
 __all__ = ["certificate_app"]
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from factory.config import LOG_LEVELS
-from factory.errors import CertfleetError
+from fleetcore.config import LOG_LEVELS
+from fleetcore.errors import CertfleetError
 
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings
@@ -20,7 +20,7 @@ __all__ = ["app", "main"]
 
 log = logging.getLogger("certfleet")
 
-_OUR_PACKAGES = frozenset({"factory", "registry", "broker", "device_sim", "certfleet"})
+_OUR_PACKAGES = frozenset({"fleetcore", "factory", "registry", "broker", "device_sim", "certfleet"})
 
 app = typer.Typer(
     name="certfleet",
@@ -117,7 +117,7 @@ def _root(
     ] = False,
 ) -> None:
     from certfleet.logs import configure_logging
-    from factory.config import CONFIG_ENV, config_file_values, unknown_settings
+    from fleetcore.config import CONFIG_ENV, config_file_values, unknown_settings
 
     configure_logging(log_level, log_format)
     # Flags become the variables every settings object (and every child process) reads.

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind, serial_hex
 
 __all__ = ["SERVICES", "ensure_client_cert", "ensure_server_cert", "ensure_service_certs"]
 

@@ -43,8 +43,8 @@ from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.runner import SimRun
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 
 __all__ = ["DEMO_MARKER", "Check", "DemoResult", "prepare_demo_folder", "run_demo"]
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import structlog
 
-from factory.config import log_level
-from factory.errors import ConfigError
+from fleetcore.config import log_level
+from fleetcore.errors import ConfigError
 
 __all__ = ["LOG_FORMATS", "LogFormat", "configure_logging", "split_event"]
 
@@ -96,7 +96,7 @@ def _json_formatter() -> logging.Formatter:
 def configure_logging(level: str = "info", log_format: str = "logfmt") -> None:
     """Send certfleet's logs to stderr as one structured line per event.
 
-    A level not one of :data:`factory.config.LOG_LEVELS`, or a format not one of
+    A level not one of :data:`fleetcore.config.LOG_LEVELS`, or a format not one of
     LOG_FORMATS, is a ConfigError."""
     numeric = log_level(level)
     if log_format not in LOG_FORMATS:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.errors import CertfleetError
+from fleetcore.errors import CertfleetError
 
 __all__ = [
     "ManagedProcess",

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.address import AddressStr
-from factory.config import passphrase_bytes, settings_from_env
-from factory.layout import DEFAULT_DATA_DIR
-from factory.profile import NAME_PATTERN
+from fleetcore.address import AddressStr
+from fleetcore.config import passphrase_bytes, settings_from_env
+from fleetcore.layout import DEFAULT_DATA_DIR
+from fleetcore.profile import NAME_PATTERN
 
 __all__ = ["OrchestrateSettings", "build_settings"]
 

@@ -17,9 +17,9 @@ from rich.console import Console
 from certfleet.credentials import ensure_service_certs
 from certfleet.procs import OrchestrationError, ProcessGroup
 from certfleet.settings import OrchestrateSettings
-from factory.address import parse_address
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
+from fleetcore.address import parse_address
+from fleetcore.layout import DataLayout
 
 __all__ = ["UpResult", "run_up"]
 

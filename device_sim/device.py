@@ -38,7 +38,7 @@ from device_sim.errors import BundleError, Failure, classify_connack, classify_o
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
-from factory.topics import telemetry_topic
+from fleetcore.topics import telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
 

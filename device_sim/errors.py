@@ -15,7 +15,7 @@ import errno
 import ssl
 from dataclasses import dataclass
 
-from factory.errors import CertfleetError
+from fleetcore.errors import CertfleetError
 
 __all__ = [
     "BundleError",

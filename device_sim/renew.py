@@ -32,11 +32,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.errors import SimError
-from factory.errors import IdentityError
-from factory.keys import build_csr, generate_key, private_key_pem
-from factory.layout import write_private, write_public
-from factory.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
-from factory.topics import issued_topic, renew_topic
+from fleetcore.errors import IdentityError
+from fleetcore.keys import build_csr, generate_key, private_key_pem
+from fleetcore.layout import write_private, write_public
+from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
+from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
     "RenewalRefusedError",

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.address import AddressStr, parse_address
-from factory.config import settings_from_env
-from factory.errors import ConfigError
-from factory.layout import DEFAULT_DATA_DIR
+from fleetcore.address import AddressStr, parse_address
+from fleetcore.config import settings_from_env
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DEFAULT_DATA_DIR
 
 __all__ = ["SimSettings", "build_settings", "parse_addr"]
 
@@ -50,7 +50,7 @@ def build_settings(**overrides: Any) -> SimSettings:
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port) (:func:`factory.address.parse_address`); a device
+    """``host:port`` -> (host, port) (:func:`fleetcore.address.parse_address`); a device
     connects, so port 0 (ephemeral, for listeners) is refused too."""
     address = parse_address(addr)
     if address.port == 0:

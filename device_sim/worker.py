@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent, SimDevice
 from device_sim.stats import WorkerStats
-from factory.config import log_level
+from fleetcore.config import log_level
 
 __all__ = ["WorkerPlan", "WorkerReport", "raise_open_file_limit", "run_worker", "worker_main"]
 

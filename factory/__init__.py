@@ -1,38 +1,20 @@
-"""certfleet factory: the private CA, device certificates, provisioning bundles.
+"""certfleet factory: the manufacturing line. The private CA, minting, provisioning bundles.
 
-Pure PKI: imports nothing else of certfleet's. Provisioning lives in ``factory.provision``
-(``provision_batch``), CSR signing in ``factory.csr``, registration in ``factory.registration``.
+Builds on ``fleetcore`` (identity, errors, data layout, settings loader) and imports no other
+part. Provisioning lives in ``factory.provision`` (``provision_batch``), CSR signing in
+``factory.csr``, registration in ``factory.registration``.
 """
 
 from factory.ca import CertificateAuthority, IssuedCertificate, RevokedEntry
-from factory.errors import (
-    CAError,
-    CertfleetError,
-    ConfigError,
-    CSRError,
-    FactoryError,
-    IdentityError,
-    ProvisionError,
-    RegistrationError,
-)
-from factory.layout import DataLayout
-from factory.profile import Identity, IdentityKind, read_identity, serial_hex
+from factory.errors import CAError, CSRError, FactoryError, ProvisionError, RegistrationError
 
 __all__ = [
     "CAError",
     "CSRError",
-    "CertfleetError",
     "CertificateAuthority",
-    "ConfigError",
-    "DataLayout",
     "FactoryError",
-    "Identity",
-    "IdentityError",
-    "IdentityKind",
     "IssuedCertificate",
     "ProvisionError",
     "RegistrationError",
     "RevokedEntry",
-    "read_identity",
-    "serial_hex",
 ]

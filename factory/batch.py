@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory.errors import IdentityError, ProvisionError
-from factory.profile import check_device_id, check_name
+from factory.errors import ProvisionError
+from fleetcore.errors import IdentityError
+from fleetcore.profile import check_device_id, check_name
 
 __all__ = ["DeviceSpec", "counted_devices", "read_serials_csv"]
 

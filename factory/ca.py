@@ -11,11 +11,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from factory.clock import utcnow
 from factory.errors import CAError
-from factory.keys import generate_key, load_private_key, private_key_pem
-from factory.layout import DataLayout, write_private, write_public
-from factory.profile import (
+from factory.keys import load_private_key
+from fleetcore.clock import utcnow
+from fleetcore.keys import generate_key, private_key_pem
+from fleetcore.layout import DataLayout, write_private, write_public
+from fleetcore.profile import (
     CLOCK_SKEW,
     ClientCertificateTemplate,
     Identity,
@@ -27,7 +28,7 @@ from factory.profile import (
     build_server_certificate,
     certificate_pem,
 )
-from factory.publication import check_publish_url, issuing_distribution_point
+from fleetcore.publication import check_publish_url, issuing_distribution_point
 
 __all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "write_issued"]
 

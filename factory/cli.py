@@ -15,12 +15,13 @@ from typing import Annotated, Any
 import typer
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.duration import parse_duration
-from factory.errors import CAError, ConfigError, CSRError, ProvisionError
-from factory.keys import KEY_ALGORITHMS
-from factory.layout import DataLayout, write_public
-from factory.profile import IdentityKind, check_name, serial_hex
+from factory.errors import CAError, CSRError, ProvisionError
 from factory.settings import FactorySettings, load_settings
+from fleetcore.duration import parse_duration
+from fleetcore.errors import ConfigError
+from fleetcore.keys import KEY_ALGORITHMS
+from fleetcore.layout import DataLayout, write_public
+from fleetcore.profile import IdentityKind, check_name, serial_hex
 
 __all__ = ["ca_app", "factory_app"]
 
@@ -209,7 +210,7 @@ def ca_issue_client(
 
 
 def _now() -> Any:
-    from factory.clock import utcnow
+    from fleetcore.clock import utcnow
 
     return utcnow()
 

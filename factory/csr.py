@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa
 from cryptography.x509.oid import NameOID
 
 from factory.ca import CertificateAuthority, IssuedCertificate
-from factory.clock import utcnow
-from factory.errors import CSRError, IdentityError
-from factory.profile import Identity, IdentityKind, PublicKey, check_public_key
+from factory.errors import CSRError
+from fleetcore.clock import utcnow
+from fleetcore.errors import IdentityError
+from fleetcore.profile import Identity, IdentityKind, PublicKey, check_public_key
 
 __all__ = ["ValidatedCSR", "load_csr", "sign_device_csr", "validate_device_csr"]
 

@@ -13,11 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from factory.config import read_secret_file
 from factory.errors import CAError, ExportError
 from factory.keys import load_private_key
-from factory.layout import DataLayout, write_private, write_public
-from factory.profile import check_name
+from fleetcore.config import read_secret_file
+from fleetcore.layout import DataLayout, write_private, write_public
+from fleetcore.profile import check_name
 
 __all__ = [
     "MIN_PASSWORD_LENGTH",
@@ -31,7 +31,7 @@ MIN_PASSWORD_LENGTH = 8
 
 
 def read_password_file(path: Path, what: str = "--password-file") -> bytes:
-    """A password from the first line of ``path`` (:func:`factory.config.read_secret_file`:
+    """A password from the first line of ``path`` (:func:`fleetcore.config.read_secret_file`:
     missing, empty or other-readable files are refused), at least MIN_PASSWORD_LENGTH long."""
     password = read_secret_file(path, what)
     if len(password) < MIN_PASSWORD_LENGTH:

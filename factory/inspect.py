@@ -2,7 +2,7 @@
 
 PEM or DER; a PEM file with several certificates (leaf + chain) is read for its first one.
 The kind comes from the profile: ``device``/``service``/``operator`` when
-:func:`factory.profile.read_identity` accepts it, else ``server``, ``ocsp-responder``,
+:func:`fleetcore.profile.read_identity` accepts it, else ``server``, ``ocsp-responder``,
 ``ca`` or ``other`` from its extensions, with the reason it is not a client identity.
 """
 
@@ -16,8 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from factory.errors import IdentityError
-from factory.profile import read_identity, serial_hex
+from fleetcore.errors import IdentityError
+from fleetcore.profile import read_identity, serial_hex
 
 __all__ = ["describe", "load_certificate_file", "ocsp_urls"]
 

@@ -25,7 +25,7 @@ from types import TracebackType
 from cryptography import x509
 
 from factory.errors import ProvisionError
-from factory.profile import certificate_pem, serial_hex
+from fleetcore.profile import certificate_pem, serial_hex
 
 __all__ = ["MANIFEST_FIELDS", "Manifest", "ManifestRecord", "ManifestWriter"]
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from factory.errors import CertfleetError
+from fleetcore.errors import CertfleetError
 
 __all__ = ["OcspAnswer", "OcspCheckError", "ask_ocsp"]
 

@@ -48,12 +48,15 @@ from factory.bundle import (
     write_bundle,
 )
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
-from factory.errors import IdentityError, ProvisionError
-from factory.keys import KEY_ALGORITHMS, load_private_key_pem, private_key_pem
-from factory.layout import DataLayout
+from factory.errors import ProvisionError
+from factory.keys import load_private_key_pem
 from factory.manifest import Manifest, ManifestRecord
-from factory.profile import (
+from factory.stagger import stagger_offset
+from fleetcore.clock import utcnow
+from fleetcore.errors import IdentityError
+from fleetcore.keys import KEY_ALGORITHMS, private_key_pem
+from fleetcore.layout import DataLayout
+from fleetcore.profile import (
     CLOCK_SKEW,
     Identity,
     IdentityKind,
@@ -61,7 +64,6 @@ from factory.profile import (
     read_identity,
     serial_hex,
 )
-from factory.stagger import stagger_offset
 
 __all__ = [
     "DEFAULT_LIFETIME",

@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 
-from factory.errors import RegistrationError, RegistryCallError
-from factory.layout import DataLayout
+from factory.errors import RegistrationError
 from factory.manifest import ManifestRecord
+from fleetcore.errors import RegistryCallError
+from fleetcore.layout import DataLayout
 
 __all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "tls_context"]
 

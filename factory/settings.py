@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.config import passphrase_bytes, settings_from_env
-from factory.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.config import passphrase_bytes, settings_from_env
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["FactorySettings", "load_settings"]
 

@@ -16,8 +16,8 @@ from cryptography import x509
 from fastapi import HTTPException, Request, status
 from sqlmodel import Session
 
-from factory.errors import IdentityError
-from factory.profile import Identity, IdentityKind, read_identity
+from fleetcore.errors import IdentityError
+from fleetcore.profile import Identity, IdentityKind, read_identity
 from registry import crud
 from registry.metrics import RegistryMetrics
 from registry.tls import peer_certificate_der

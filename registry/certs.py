@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from factory.errors import IdentityError
-from factory.profile import IdentityKind, read_identity, serial_hex
+from fleetcore.errors import IdentityError
+from fleetcore.profile import IdentityKind, read_identity, serial_hex
 from registry.errors import InvalidCertificateError
 
 __all__ = ["ParsedCertificate", "parse_device_certificate"]

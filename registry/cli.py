@@ -130,7 +130,7 @@ def token_create(
     """Create a bearer token for OPERATOR and print it once (only its hash is stored)."""
     from sqlmodel import Session
 
-    from factory.profile import check_name
+    from fleetcore.profile import check_name
     from registry import crud
     from registry.db import make_engine
     from registry.db import migrate as run_migrations

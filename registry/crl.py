@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry import crud
 from registry.errors import UnavailableError
 from registry.supervise import SupervisedThread

@@ -21,10 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
-from factory.clock import utcnow
-from factory.profile import NAME_PATTERN
-from factory.reasons import DEFAULT_REASON_CODE, reason_flag
-from factory.revocation_feed import RevocationEvent, RevocationFeed
+from fleetcore.clock import utcnow
+from fleetcore.profile import NAME_PATTERN
+from fleetcore.reasons import DEFAULT_REASON_CODE, reason_flag
+from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
 from registry.certs import ParsedCertificate
 from registry.db import begin_write
 from registry.errors import (

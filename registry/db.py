@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from factory.errors import CertfleetError, ConfigError
+from fleetcore.errors import CertfleetError, ConfigError
 from registry.settings import RegistrySettings
 
 __all__ = [

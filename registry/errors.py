@@ -12,7 +12,7 @@ CertfleetError
 
 from __future__ import annotations
 
-from factory.errors import CertfleetError
+from fleetcore.errors import CertfleetError
 
 __all__ = [
     "AlreadyDecommissionedError",

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate

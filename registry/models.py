@@ -1,6 +1,6 @@
 """Registry tables (SQLModel) and the API's request/response shapes, side by side.
 
-Serials are stored as :func:`factory.profile.serial_hex` strings: the one serial format used
+Serials are stored as :func:`fleetcore.profile.serial_hex` strings: the one serial format used
 by the registry, the feed, the broker and the manifest. Times are timezone-aware UTC.
 """
 
@@ -15,8 +15,8 @@ from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorato
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-from factory.profile import NAME_PATTERN
-from factory.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.profile import NAME_PATTERN
+from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -103,7 +103,7 @@ class Certificate(SQLModel, table=True):
     not_after: dt.datetime = Field(sa_type=UTCDateTime, index=True)
     status: str = Field(default="live", max_length=16)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
-    #: RFC 5280 reason name (:mod:`factory.reasons`) once revoked: the CRL entry and OCSP.
+    #: RFC 5280 reason name (:mod:`fleetcore.reasons`) once revoked: the CRL entry and OCSP.
     revocation_reason: str | None = Field(default=None, max_length=32)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
 

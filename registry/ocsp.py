@@ -25,11 +25,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.clock import utcnow
 from factory.errors import CAError
 from factory.keys import load_private_key
-from factory.profile import PrivateKey, PublicKey, serial_hex
-from factory.reasons import reason_flag
+from fleetcore.clock import utcnow
+from fleetcore.profile import PrivateKey, PublicKey, serial_hex
+from fleetcore.reasons import reason_flag
 from registry import crud
 
 __all__ = [

@@ -21,12 +21,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
 
-from factory.config import settings_from_env
-from factory.errors import ConfigError, RegistryCallError
-from factory.layout import DEFAULT_DATA_DIR, DataLayout
-from factory.profile import check_name
-from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from factory.registration import RegistryClient
+from fleetcore.config import settings_from_env
+from fleetcore.errors import ConfigError, RegistryCallError
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.profile import check_name
+from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry.cli_options import DataDir
 
 __all__ = ["OperatorSettings", "devices_app", "operator_client"]

@@ -23,8 +23,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from factory.errors import ConfigError
-from factory.publication import CRL_PATH, CRL_PEM_PATH, OCSP_PATH
+from fleetcore.errors import ConfigError
+from fleetcore.publication import CRL_PATH, CRL_PEM_PATH, OCSP_PATH
 from registry.main import _install_error_handlers
 from registry.ocsp import OcspResponder
 from registry.settings import split_addr

@@ -54,11 +54,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from factory.ca import CertificateAuthority
-from factory.clock import utcnow
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
-from factory.errors import CertfleetError, CSRError
-from factory.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
-from factory.topics import RENEW, device_of, issued_topic, renew_topic
+from factory.errors import CSRError
+from fleetcore.clock import utcnow
+from fleetcore.errors import CertfleetError
+from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
 from registry.crud import Actor, audit
 from registry.db import begin_write
 from registry.models import Certificate, Device, RenewalLimit

@@ -24,8 +24,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.errors import ConfigError
-from factory.layout import write_public
+from fleetcore.errors import ConfigError
+from fleetcore.layout import write_public
 from registry.main import create_app
 from registry.publication import PublicationServer
 from registry.settings import RegistrySettings, split_addr

@@ -7,9 +7,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from factory.address import AddressStr, parse_address
-from factory.config import passphrase_bytes, settings_from_env
-from factory.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.address import AddressStr, parse_address
+from fleetcore.config import passphrase_bytes, settings_from_env
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["RegistrySettings", "load_settings", "split_addr"]
 
@@ -94,7 +94,7 @@ class RegistrySettings(BaseSettings):
 
 
 def split_addr(addr: str) -> tuple[str, int]:
-    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)`` (:func:`factory.address.parse_address`)."""
+    """``"127.0.0.1:8443"`` -> ``("127.0.0.1", 8443)`` (:func:`fleetcore.address.parse_address`)."""
     address = parse_address(addr)
     return address.host, address.port
 

@@ -56,9 +56,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.errors import ConfigError, IdentityError
-from factory.profile import NAME_PATTERN, read_identity
-from factory.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
+from fleetcore.errors import ConfigError, IdentityError
+from fleetcore.profile import NAME_PATTERN, read_identity
+from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
 from registry.crud import TelemetryUpdate, record_telemetry
 from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 
 TRUST_DOMAIN = "fleet.test"
 

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.auth import Caller, authenticate, refuse
 from registry.state import RegistryState
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 from registry.console.render import CONSOLE_PREFIX, render
 
 __all__ = ["DOCS_ASSETS", "install_docs", "swagger_ui_dir"]

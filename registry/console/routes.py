@@ -20,9 +20,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from factory.clock import utcnow
-from factory.profile import IdentityKind
-from factory.reasons import DEFAULT_REASON_CODE, REASON_CODES
+from fleetcore.clock import utcnow
+from fleetcore.profile import IdentityKind
+from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry import crud, operations
 from registry.api.deps import StateDep
 from registry.auth import Caller, Refused, caller_from_certificate, caller_from_token, client_addr

@@ -1,11 +1,13 @@
 """The architecture in one rule (STYLE.md): who may import whom.
 
-- factory imports nothing of ours (pure PKI);
-- registry may import factory;
-- broker imports factory and talks to the registry over HTTP only;
-- every part may import factory.topics (the MQTT topic names);
-- device_sim imports only key/CSR/profile helpers and the settings loader from factory and
-  reaches everything else over MQTT or HTTP, as a real device would.
+- fleetcore imports nothing of ours (the shared core: identity, errors, settings loading,
+  data layout, topics, addresses, clock, reasons, feed format);
+- factory imports fleetcore (minting and provisioning);
+- registry imports fleetcore and factory (it signs renewals);
+- broker imports fleetcore only and talks to the registry over HTTP;
+- device_sim imports fleetcore only and reaches everything else over MQTT or HTTP, as a real
+  device would;
+- certfleet (the operator CLI and the orchestration) may import every part.
 """
 
 from __future__ import annotations
@@ -16,23 +18,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = {"factory", "registry", "broker", "device_sim", "certfleet"}
+OURS = {"fleetcore", "factory", "registry", "broker", "device_sim", "certfleet"}
 
 ALLOWED: dict[str, set[str]] = {
-    "factory": {"factory"},
-    "registry": {"registry", "factory"},
-    "broker": {"broker", "factory"},
-    "device_sim": {"device_sim", "factory"},
-}
-#: device_sim may take only these factory modules (what firmware would link in).
-DEVICE_SIM_FACTORY_MODULES = {
-    "factory.keys",
-    "factory.profile",
-    "factory.errors",
-    "factory.layout",
-    "factory.config",  # the settings loader every part shares
-    "factory.address",  # the host:port type every settings object uses
-    "factory.topics",  # the MQTT topic names every part shares
+    "fleetcore": {"fleetcore"},
+    "factory": {"factory", "fleetcore"},
+    "registry": {"registry", "fleetcore", "factory"},
+    "broker": {"broker", "fleetcore"},
+    "device_sim": {"device_sim", "fleetcore"},
+    "certfleet": OURS,
 }
 
 
@@ -51,26 +45,39 @@ def _package_files(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_package_imports_only_what_the_architecture_allows(package: str) -> None:
-    files = _package_files(package)
-    assert files, f"package {package} has no modules"
-    violations = []
+def _violations(package: str, files: list[Path]) -> list[str]:
+    """Every import in ``files`` of one of our packages that ``package`` may not import."""
+    found = []
     for path in files:
         for name in _imports(path):
             top = name.split(".")[0]
             if top in OURS and top not in ALLOWED[package]:
-                violations.append(f"{path.relative_to(ROOT)} imports {name}")
-            if (
-                package == "device_sim"
-                and top == "factory"
-                and name not in DEVICE_SIM_FACTORY_MODULES | {"factory"}
-            ):
-                violations.append(f"{path.relative_to(ROOT)} imports {name}")
-    assert violations == []
+                found.append(f"{path.name} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_only_what_the_architecture_allows(package: str) -> None:
+    files = _package_files(package)
+    assert files, f"package {package} has no modules"
+    assert _violations(package, files) == []
 
 
 def test_the_rule_catches_a_forbidden_import(tmp_path: Path) -> None:
     offending = tmp_path / "bad.py"
-    offending.write_text("from registry.models import Device\nimport broker.server\n")
-    assert _imports(offending) == ["registry.models", "broker.server"]
+    offending.write_text(
+        "from registry.models import Device\nimport broker.server\nfrom factory.ca import X\n"
+        "from fleetcore.topics import RENEW\n"
+    )
+    assert _imports(offending) == [
+        "registry.models", "broker.server", "factory.ca", "fleetcore.topics"
+    ]
+    assert _violations("broker", [offending]) == [
+        "bad.py imports registry.models", "bad.py imports factory.ca"
+    ]
+    assert _violations("fleetcore", [offending]) == [
+        "bad.py imports registry.models",
+        "bad.py imports broker.server",
+        "bad.py imports factory.ca",
+    ]
+    assert _violations("certfleet", [offending]) == []

@@ -21,8 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from factory.ca import CertificateAuthority, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.conftest import ClientFiles, TestPKI

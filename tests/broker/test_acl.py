@@ -10,7 +10,7 @@ from amqtt.contexts import Action
 
 from broker.acl import RefusalLog, is_allowed
 from broker.server import BrokerServer
-from factory.profile import Identity, IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.conftest import TRUST_DOMAIN, TestPKI
 

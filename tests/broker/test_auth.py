@@ -17,10 +17,10 @@ from broker.auth import AdmissionPolicy, Refusal, RefusedError
 from broker.revocation import RevokedSet
 from broker.server import BrokerServer
 from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
-from factory.clock import utcnow
-from factory.keys import generate_key
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.clock import utcnow
+from fleetcore.keys import generate_key
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import (
     MqttProbe,
     broker_data_dir,

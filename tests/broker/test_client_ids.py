@@ -16,7 +16,7 @@ import pytest
 
 from broker.auth import ClientIdMode, Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import (
     MqttProbe,
     broker_data_dir,

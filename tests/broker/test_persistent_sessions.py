@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.conftest import TestPKI
 

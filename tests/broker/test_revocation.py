@@ -10,7 +10,7 @@ import httpx
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.profile import IdentityKind, serial_hex
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import (

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
 from tests.conftest import ClientFiles, TestPKI
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.conftest import TestPKI
 

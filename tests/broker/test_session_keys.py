@@ -6,7 +6,7 @@ from pathlib import Path
 
 from broker.server import BrokerServer
 from broker.sessions import identity_of_key, session_key
-from factory.profile import Identity, IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.conftest import TRUST_DOMAIN, TestPKI
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.conftest import TestPKI
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from factory.config import unknown_settings
-from factory.errors import ConfigError
-from factory.layout import DataLayout
+from fleetcore.config import unknown_settings
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DataLayout
 from registry.settings import RegistrySettings, load_settings
 
 PASSPHRASE = "a long CA passphrase"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from certfleet.cli import _settings_classes
-from factory.config import config_file_values, unknown_settings
+from fleetcore.config import config_file_values, unknown_settings
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 UNITS = ["certfleet-registry.service", "certfleet-broker.service"]

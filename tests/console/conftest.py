@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlmodel import Session
 
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.server import RegistryServer
 from tests.conftest import ClientFiles, TestPKI

@@ -18,8 +18,8 @@ import httpx
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import broker_settings, connect, issue_device

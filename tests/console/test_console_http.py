@@ -16,7 +16,7 @@ from sqlalchemy import update
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.models import ConsoleSession
 from registry.server import RegistryServer

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from factory.ca import CertificateAuthority, RevokedEntry, write_issued
-from factory.clock import utcnow
-from factory.layout import DataLayout, write_public
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.clock import utcnow
+from fleetcore.layout import DataLayout, write_public
+from fleetcore.profile import IdentityKind, serial_hex
 from tests.conftest import TestPKI
 
 

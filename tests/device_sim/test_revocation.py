@@ -10,7 +10,7 @@ from broker.server import BrokerServer
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent, DeviceState, SimDevice
 from device_sim.stats import WorkerStats
-from factory.profile import serial_hex
+from fleetcore.profile import serial_hex
 from tests.device_sim.conftest import Fleet
 
 

@@ -17,7 +17,7 @@ from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.errors import BundleError, SimError
 from device_sim.runner import SimRun, default_workers
-from factory.profile import serial_hex
+from fleetcore.profile import serial_hex
 from tests.device_sim.conftest import Fleet
 
 SUMMARY_FIELDS = {

@@ -20,7 +20,7 @@ from broker.server import BrokerServer
 from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig
 from device_sim.runner import SimRun
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.conftest import TestPKI
 from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
 from tests.e2e.tcp_gate import TcpGate

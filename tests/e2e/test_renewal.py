@@ -29,9 +29,9 @@ from device_sim.renew import (
     renew_bundle,
     request_certificate,
 )
-from factory.keys import build_csr, generate_key
-from factory.layout import DataLayout
-from factory.profile import Identity, IdentityKind, serial_hex
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.layout import DataLayout
+from fleetcore.profile import Identity, IdentityKind, serial_hex
 from registry.models import AuditLog
 from registry.renewal import RenewalRefused, RenewalService, device_of_renew_topic
 from registry.server import RegistryServer

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 
 
 def _free_port() -> int:

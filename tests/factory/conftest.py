@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from factory.ca import CertificateAuthority
 from factory.cli import ca_app, factory_app
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 
 TRUST_DOMAIN = "fleet.test"
 CERTFLEET = [sys.executable, "-m", "certfleet.cli"]

@@ -17,16 +17,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from factory import bundle
 from factory.ca import CertificateAuthority
-from factory.errors import IdentityError, ProvisionError
-from factory.layout import DataLayout
-from factory.profile import (
+from factory.errors import ProvisionError
+from factory.provision import provision_batch
+from fleetcore.errors import IdentityError
+from fleetcore.layout import DataLayout
+from fleetcore.profile import (
     ClientCertificateTemplate,
     Identity,
     IdentityKind,
     _leaf_builder,
     certificate_pem,
 )
-from factory.provision import provision_batch
 
 
 def _ca_file_inodes(layout: DataLayout) -> tuple[set[int], int]:

@@ -15,11 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory.ca import CertificateAuthority
-from factory.errors import CertfleetError, CSRError
-from factory.keys import build_csr, generate_key
-from factory.layout import DataLayout
+from factory.errors import CSRError
 from factory.manifest import Manifest
-from factory.profile import Identity, read_identity, serial_hex
+from fleetcore.errors import CertfleetError
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.layout import DataLayout
+from fleetcore.profile import Identity, read_identity, serial_hex
 from tests.factory.conftest import TRUST_DOMAIN, run_factory
 
 CsrKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | dsa.DSAPrivateKey

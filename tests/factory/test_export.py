@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from factory.ca import CertificateAuthority
-from factory.errors import ConfigError, ExportError
-from factory.layout import DataLayout
+from factory.errors import ExportError
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DataLayout
 from tests.factory.conftest import run_factory
 
 OPENSSL = shutil.which("openssl")

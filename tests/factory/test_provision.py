@@ -20,10 +20,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.errors import ProvisionError
-from factory.layout import DataLayout
 from factory.manifest import MANIFEST_FIELDS, Manifest
-from factory.profile import CLOCK_SKEW, serial_hex
 from factory.provision import provision_batch
+from fleetcore.layout import DataLayout
+from fleetcore.profile import CLOCK_SKEW, serial_hex
 from tests.factory.conftest import TRUST_DOMAIN, run_certfleet, run_factory
 
 

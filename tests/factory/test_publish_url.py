@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 from tests.factory.conftest import run_ca, run_factory
 
 URL = "http://127.0.0.1:8080/pki"

@@ -10,8 +10,9 @@ from click.testing import Result
 from cryptography import x509
 
 from factory.ca import CertificateAuthority
-from factory.errors import CAError, CertfleetError, ConfigError, ProvisionError
-from factory.layout import DataLayout
+from factory.errors import CAError, ProvisionError
+from fleetcore.errors import CertfleetError, ConfigError
+from fleetcore.layout import DataLayout
 from tests.factory.conftest import TRUST_DOMAIN, run_ca, run_factory
 
 

@@ -19,11 +19,11 @@ import pytest
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.errors import RegistrationError
-from factory.layout import DataLayout
 from factory.manifest import Manifest
-from factory.profile import IdentityKind, read_identity
 from factory.provision import provision_batch
 from factory.registration import BatchRegistrar, RegistryClient
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind, read_identity
 from tests.factory.conftest import run_factory
 
 

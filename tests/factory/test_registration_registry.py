@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
 from factory.registration import tls_context
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from tests.factory.conftest import run_factory
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
-from factory.layout import DataLayout
 from factory.provision import provision_batch
+from fleetcore.layout import DataLayout
 from tests.factory.conftest import run_factory
 
 

@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from factory.ca import CertificateAuthority
-from factory.errors import IdentityError
-from factory.layout import DataLayout
 from factory.manifest import Manifest
-from factory.profile import RESERVED_DEVICE_IDS, Identity, IdentityKind
+from fleetcore.errors import IdentityError
+from fleetcore.layout import DataLayout
+from fleetcore.profile import RESERVED_DEVICE_IDS, Identity, IdentityKind
 from tests.factory.conftest import TRUST_DOMAIN, run_certfleet
 
 

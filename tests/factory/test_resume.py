@@ -13,10 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from factory.ca import CertificateAuthority
-from factory.layout import DataLayout
 from factory.manifest import Manifest
-from factory.profile import serial_hex
 from factory.provision import provision_batch
+from fleetcore.layout import DataLayout
+from fleetcore.profile import serial_hex
 from tests.factory.conftest import CERTFLEET, run_certfleet
 
 COUNT = 8000

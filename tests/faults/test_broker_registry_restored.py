@@ -15,7 +15,7 @@ import httpx
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import (

@@ -20,7 +20,7 @@ import pytest
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 from registry.server import RegistryServer
 from tests.broker.conftest import (
     broker_settings,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from broker.server import BrokerServer
-from factory.profile import Identity, IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.conftest import TestPKI
 

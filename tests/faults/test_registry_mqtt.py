@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine
 
 from broker.server import BrokerServer
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest

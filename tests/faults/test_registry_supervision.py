@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.supervise import SupervisedThread
 from registry.verify import PARALLEL_MIN, BatchVerifier
 from tests.conftest import TestPKI

@@ -10,8 +10,8 @@ import pytest
 from sqlmodel import Session, select
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.models import AuditLog
 from registry.server import RegistryServer

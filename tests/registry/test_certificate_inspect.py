@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from certfleet.certificate_cli import certificate_app
 from factory.ca import write_issued
-from factory.errors import IdentityError
 from factory.ocsp_client import OcspCheckError, ask_ocsp
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.errors import IdentityError
+from fleetcore.profile import IdentityKind, serial_hex
 from registry import crud
 from registry.server import RegistryServer
 from tests.conftest import TestPKI
@@ -202,7 +202,7 @@ def test_an_answer_not_signed_for_the_issuer_is_not_believed(
     from cryptography import x509
 
     from factory.ca import CertificateAuthority
-    from factory.layout import DataLayout
+    from fleetcore.layout import DataLayout
 
     cert_path, _ = published.device("dev-forged")
     certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())

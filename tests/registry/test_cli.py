@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
-from factory.layout import DataLayout
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind, serial_hex
 
 TRUST_DOMAIN = "cli.test"
 

@@ -20,7 +20,7 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    from factory.layout import DataLayout
+    from fleetcore.layout import DataLayout
 
     CertificateAuthority.init(DataLayout(tmp_path / "data"), TRUST_DOMAIN)
     return tmp_path / "data"

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import httpx
 
 from factory.ca import CertificateAuthority, IssuedCertificate
-from factory.layout import DataLayout
-from factory.profile import IdentityKind, serial_hex
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind, serial_hex
 from tests.conftest import TestPKI
 from tests.registry.conftest import pem
 

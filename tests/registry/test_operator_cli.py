@@ -17,8 +17,9 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from factory.ca import IssuedCertificate, write_issued
-from factory.errors import ConfigError, RegistrationError, RegistryCallError
-from factory.profile import IdentityKind
+from factory.errors import RegistrationError
+from fleetcore.errors import ConfigError, RegistryCallError
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.cli import app as registry_app
 from registry.server import RegistryServer

@@ -29,9 +29,9 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from sqlalchemy.pool import QueuePool
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.errors import ConfigError
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry.ocsp import RESPONDER_NAME, OcspResponder
 from registry.publication import MAX_OCSP_REQUEST
 from registry.server import RegistryServer

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from factory.profile import serial_hex
+from fleetcore.profile import serial_hex
 from registry import crud
 from registry.db import make_engine, migrate
 from registry.server import RegistryServer

@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from factory.keys import build_csr, generate_key
-from factory.profile import Identity, IdentityKind
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.profile import Identity, IdentityKind
 from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from tests.registry.conftest import Clients, pem
 

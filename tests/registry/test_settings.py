@@ -8,8 +8,9 @@ import pytest
 from cryptography import x509
 
 from factory.ca import CertificateAuthority
-from factory.errors import CAError, ConfigError
-from factory.layout import DataLayout
+from factory.errors import CAError
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DataLayout
 from registry.main import create_app
 from registry.settings import load_settings, split_addr
 

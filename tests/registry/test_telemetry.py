@@ -24,9 +24,9 @@ from broker.server import BrokerServer
 from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, SimDevice
 from device_sim.stats import WorkerStats
-from factory.errors import ConfigError
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.errors import ConfigError
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate

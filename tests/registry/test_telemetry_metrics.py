@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.server import BrokerServer
-from factory.layout import DataLayout
-from factory.profile import IdentityKind
+from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from registry.metrics import TELEMETRY_DROP_REASONS
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from factory.revocation_feed import FEED_BATCH_DEFAULT, FEED_BATCH_MAX, RevocationFeed
+from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, FEED_BATCH_MAX, RevocationFeed
 from registry import crud
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from factory.clock import utcnow
+from fleetcore.clock import utcnow
 from registry import crud
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX

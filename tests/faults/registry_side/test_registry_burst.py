@@ -17,7 +17,7 @@ from cryptography import x509
 from sqlalchemy.pool import QueuePool
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from tests.registry.conftest import Clients, pem, unique_id
 

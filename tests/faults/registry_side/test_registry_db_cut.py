@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.conftest import TestPKI

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from tests.conftest import ClientFiles, TestPKI
 from tests.faults.registry_side.registry_process import registry_process
 from tests.registry.conftest import pem, tls_context, unique_id

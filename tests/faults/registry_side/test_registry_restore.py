@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from factory.ca import IssuedCertificate
-from factory.profile import IdentityKind
+from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.conftest import TestPKI

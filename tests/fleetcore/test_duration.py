@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from factory.duration import format_duration, parse_duration
-from factory.errors import ConfigError
+from fleetcore.duration import format_duration, parse_duration
+from fleetcore.errors import ConfigError
 
 
 @pytest.mark.parametrize(

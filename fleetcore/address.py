@@ -2,7 +2,7 @@
 
 ``parse_address("127.0.0.1:8883")`` -> ``Address("127.0.0.1", 8883)``; IPv6 hosts go in
 brackets (``[::1]:8883``); the port is 0..65535 (0 = ephemeral, for listeners). A bad value
-is a :class:`~factory.errors.ConfigError` saying what is wrong, never an OverflowError from
+is a :class:`~fleetcore.errors.ConfigError` saying what is wrong, never an OverflowError from
 the socket layer. Settings fields use :data:`AddressStr` (a string validated on load, so a
 bad ``CERTFLEET_*_ADDR`` is one line naming the variable) and parse it where they bind or
 connect.
@@ -16,7 +16,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 __all__ = ["MAX_PORT", "Address", "AddressStr", "parse_address"]
 

@@ -11,7 +11,7 @@ from typing import Annotated, Final
 
 from pydantic import AfterValidator, BaseModel
 
-from factory.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
 
 __all__ = ["FEED_BATCH_DEFAULT", "FEED_BATCH_MAX", "RevocationEvent", "RevocationFeed"]
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 __all__ = [
     "CRL_PATH",

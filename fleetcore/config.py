@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV",

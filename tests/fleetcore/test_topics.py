@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from factory.topics import (
+from fleetcore.topics import (
     RENEW,
     RENEW_FILTER,
     TELEMETRY,

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory.errors import IdentityError
-from factory.publication import leaf_publication_extensions
+from fleetcore.errors import IdentityError
+from fleetcore.publication import leaf_publication_extensions
 
 __all__ = [
     "CLOCK_SKEW",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from factory.errors import ConfigError
+from fleetcore.errors import ConfigError
 
 __all__ = ["format_duration", "parse_duration"]
 

@@ -8,8 +8,8 @@ from broker.settings import build_settings as broker_settings
 from certfleet.settings import build_settings as orchestrate_settings
 from device_sim.settings import build_settings as sim_settings
 from device_sim.settings import parse_addr
-from factory.address import Address, parse_address
-from factory.errors import ConfigError
+from fleetcore.address import Address, parse_address
+from fleetcore.errors import ConfigError
 from registry.settings import load_settings as registry_settings
 
 

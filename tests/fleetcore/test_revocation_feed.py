@@ -11,7 +11,7 @@ from pydantic import ValidationError
 import broker.revocation
 import registry.api.routes.revocations
 import registry.crud
-from factory.revocation_feed import RevocationEvent, RevocationFeed
+from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
 
 EVENT = {
     "seq": 1,

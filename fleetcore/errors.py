@@ -1,0 +1,36 @@
+"""The root of every certfleet error, and the errors every part shares.
+
+    CertfleetError
+     ├── ConfigError            bad settings, flags or paths
+     ├── IdentityError          a certificate does not carry exactly one valid certfleet identity
+     └── RegistryCallError      an operator call to the registry failed or was refused
+
+Each part subclasses ``CertfleetError`` for what only it refuses (``factory.errors``,
+for instance). Messages say what is wrong and what to do about it; the CLI prints them as
+one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CertfleetError",
+    "ConfigError",
+    "IdentityError",
+    "RegistryCallError",
+]
+
+
+class CertfleetError(Exception):
+    """Base of every error certfleet raises on purpose."""
+
+
+class ConfigError(CertfleetError):
+    """A setting, flag or path is unusable."""
+
+
+class IdentityError(CertfleetError):
+    """A certificate carries no, several, or a malformed certfleet identity."""
+
+
+class RegistryCallError(CertfleetError):
+    """An operator command's call to the registry could not be made or was refused."""
