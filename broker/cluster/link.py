@@ -28,7 +28,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from broker.errors import BrokerError
-from factory.config import read_secret_file
+from fleetcore.config import read_secret_file
 
 __all__ = ["ClusterError", "ClusterLink", "ClusterOptions", "NotConnectedError"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from broker.errors import BrokerError
-from factory.layout import write_private
+from fleetcore.layout import write_private
 
 __all__ = ["INSTALL_HINT", "LocalNats", "NatsCredentials", "find_nats_server"]
 

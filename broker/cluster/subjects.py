@@ -13,7 +13,7 @@ hold for arbitrary topics.
 
 An MQTT filter ending in ``#`` also matches its parent (``devices/d/#`` matches
 ``devices/d``), a NATS ``>`` does not: :func:`filter_subjects` returns both subjects then.
-Topic *knowledge* (what a device topic is) stays in :mod:`factory.topics`; this module only
+Topic *knowledge* (what a device topic is) stays in :mod:`fleetcore.topics`; this module only
 translates spelling.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from factory.topics import has_wildcard
+from fleetcore.topics import has_wildcard
 
 __all__ = [
     "SUBJECT_PREFIX",

@@ -9,7 +9,7 @@ import pytest
 
 from broker.cluster.natsd import LocalNats
 from broker.server import BrokerServer
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 from tests.broker.conftest import broker_data_dir, broker_settings, wait_for
 from tests.conftest import TestPKI
 from tests.nats_fixtures import nats_server

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from factory.profile import IdentityKind
-from factory.topics import TELEMETRY_FILTER, issued_topic, telemetry_topic
+from fleetcore.profile import IdentityKind
+from fleetcore.topics import TELEMETRY_FILTER, issued_topic, telemetry_topic
 from tests.broker.conftest import connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
 from tests.conftest import TestPKI

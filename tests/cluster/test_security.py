@@ -14,7 +14,7 @@ import pytest
 from broker.cluster.link import ClusterError, ClusterOptions
 from broker.cluster.natsd import LocalNats
 from broker.server import BrokerServer
-from factory.layout import DataLayout
+from fleetcore.layout import DataLayout
 from tests.broker.conftest import wait_for
 from tests.cluster.conftest import node_settings
 

@@ -12,7 +12,7 @@ from broker.cluster.subjects import (
     subject_of_topic,
     topic_of_subject,
 )
-from factory.topics import TELEMETRY_FILTER, telemetry_topic
+from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
 
 P = SUBJECT_PREFIX
 
