@@ -10,11 +10,17 @@ import pytest
 from broker.cluster.natsd import LocalNats
 from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
-from tests.broker.conftest import broker_data_dir, broker_settings, wait_for
+from tests.broker.conftest import (
+    broker_settings,
+    feed_broker_layout,
+    operator,
+    registry,
+    wait_for,
+)
 from tests.conftest import TestPKI
 from tests.nats_fixtures import nats_server
 
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "operator", "registry"]
 
 StartNode = Callable[..., BrokerServer]
 
@@ -33,8 +39,9 @@ def node_settings(layout: DataLayout, nats: LocalNats, node: str, **overrides: o
 
 @pytest.fixture
 def cluster_layout(pki: TestPKI, tmp_path: Path) -> DataLayout:
-    """One data folder shared by every node (state files are named by node)."""
-    return broker_data_dir(pki, tmp_path / "broker-data")
+    """One data folder shared by every node (state files are named by node), with the
+    broker's service certificate for the revocation feed."""
+    return feed_broker_layout(pki, tmp_path / "broker-data")
 
 
 @pytest.fixture
