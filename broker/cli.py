@@ -76,8 +76,7 @@ def serve_command(
         bool | None,
         typer.Option(
             "--reuse-port/--no-reuse-port",
-            help="SO_REUSEPORT: nodes on one machine share one port "
-            "(CERTFLEET_BROKER_REUSE_PORT)",
+            help="SO_REUSEPORT: nodes on one machine share one port (CERTFLEET_BROKER_REUSE_PORT)",
         ),
     ] = None,
     ready_file: Annotated[

@@ -40,9 +40,7 @@ def test_decommission_drops_the_device_on_its_node_and_every_node_refuses_it(
     start_node: StartNode,
     tmp_path: Path,
 ) -> None:
-    nodes = [
-        start_node(name, registry_url=registry.url, broker_feed_wait_s=30) for name in "ab"
-    ]
+    nodes = [start_node(name, registry_url=registry.url, broker_feed_wait_s=30) for name in "ab"]
     for node in nodes:
         app = node.app
         assert app is not None and app.follower is not None
