@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -148,6 +148,17 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             self._on_retain_refused()
             return
         await super().retain_message(source_session, topic_name, data, qos)
+        if self._share_retained is not None and source_session is not None and topic_name:
+            await self._share_retained(topic_name, bytes(data or b""), qos)
+
+    _share_retained: Callable[[str, bytes, int | None], Awaitable[None]] | None = None
+
+    def share_retained_with(
+        self, share: Callable[[str, bytes, int | None], Awaitable[None]]
+    ) -> None:
+        """Hand every retained message a local client set (or cleared) to ``share``: the
+        cluster's retained store (:mod:`broker.cluster.retained`)."""
+        self._share_retained = share
 
     _cluster: ClusterHooks | None = None
 

@@ -45,7 +45,7 @@ from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, DeliverPolicy, RetentionPolicy, StorageType
 from nats.js.kv import KeyValue
 
-from broker.cluster.link import ClusterLink, NotConnectedError
+from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
 from broker.cluster.router import NODE_HEADER, ClusterRouter
 from broker.cluster.subjects import (
     SUBJECT_PREFIX,
@@ -119,18 +119,15 @@ class DurableSessions:
     # -- setup on every NATS connection ---------------------------------------------------
 
     async def _setup(self, _client: NatsClient, js: JetStreamContext) -> None:
-        config: dict[str, Any] = {
-            "name": STREAM,
-            "subjects": [SUBJECT_PREFIX + ".>"],
-            "retention": RetentionPolicy.INTEREST,
-            "storage": StorageType.FILE,
-            "max_age": SESSION_EXPIRY_S,
-            "duplicate_window": 120.0,
-        }
-        try:
-            await js.add_stream(**config)
-        except js_errors.BadRequestError:
-            await js.update_stream(**config)
+        await ensure_stream(
+            js,
+            name=STREAM,
+            subjects=[SUBJECT_PREFIX + ".>"],
+            retention=RetentionPolicy.INTEREST,
+            storage=StorageType.FILE,
+            max_age=SESSION_EXPIRY_S,
+            duplicate_window=120.0,
+        )
         buckets = []
         for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET):
             try:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -30,7 +31,13 @@ from nats.js import JetStreamContext
 from broker.errors import BrokerError
 from fleetcore.config import read_secret_file
 
-__all__ = ["ClusterError", "ClusterLink", "ClusterOptions", "NotConnectedError"]
+__all__ = [
+    "ClusterError",
+    "ClusterLink",
+    "ClusterOptions",
+    "NotConnectedError",
+    "ensure_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +250,14 @@ class ClusterLink:
         if client is not None and not client.is_closed:
             with contextlib.suppress(TimeoutError, nats.errors.Error, OSError):
                 await asyncio.wait_for(client.close(), 2)
+
+
+async def ensure_stream(js: JetStreamContext, **config: Any) -> None:
+    """Create a JetStream stream, or bring an existing one to ``config``."""
+    try:
+        await js.add_stream(**config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(**config)
 
 
 def _tls_context(ca_file: Path | None, url: str) -> ssl.SSLContext | None:

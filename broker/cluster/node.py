@@ -15,6 +15,7 @@ from amqtt.session import Session
 
 from broker.cluster.durable import DurableSessions
 from broker.cluster.link import ClusterLink, ClusterOptions
+from broker.cluster.retained import RetainedSync
 from broker.cluster.router import ClusterRouter
 from broker.core import CertfleetBroker
 from broker.listener import MqttTlsListener
@@ -80,6 +81,7 @@ class ClusterNode:
             on_store_retry=metrics.cluster_store_retries.inc,
         )
         broker.use_cluster(self.durable)
+        broker.share_retained_with(RetainedSync(self.link, broker).publish)
 
     def start(self) -> None:
         self.link.start()

@@ -24,6 +24,7 @@ from typing import Final
 from fleetcore.topics import has_wildcard
 
 __all__ = [
+    "RETAINED_PREFIX",
     "SUBJECT_PREFIX",
     "filter_subjects",
     "subject_of_topic",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Root of every subject carrying MQTT messages between the nodes.
 SUBJECT_PREFIX: Final = "certfleet.mqtt"
+#: Root of the subjects holding the last retained message of each topic.
+RETAINED_PREFIX: Final = "certfleet.retained"
 _ESCAPE: Final = "~"
 _EMPTY_LEVEL: Final = "~"
 _ILLEGAL: Final = frozenset(".*>~")
@@ -73,18 +76,18 @@ def _level_of_token(token: str) -> str:
     return "".join(level)
 
 
-def subject_of_topic(topic: str) -> str:
+def subject_of_topic(topic: str, prefix: str = SUBJECT_PREFIX) -> str:
     """The subject an MQTT topic name (no wildcards) is published on."""
     if has_wildcard(topic):
         raise ValueError(f"topic {topic[:200]!r} holds a wildcard: use filter_subjects")
-    return ".".join((SUBJECT_PREFIX, *(_token_of_level(level) for level in topic.split("/"))))
+    return ".".join((prefix, *(_token_of_level(level) for level in topic.split("/"))))
 
 
-def topic_of_subject(subject: str) -> str:
+def topic_of_subject(subject: str, prefix: str = SUBJECT_PREFIX) -> str:
     """The MQTT topic name a subject from :func:`subject_of_topic` stands for."""
-    head = SUBJECT_PREFIX + "."
+    head = prefix + "."
     if not subject.startswith(head):
-        raise ValueError(f"subject {subject[:200]!r} is not under {SUBJECT_PREFIX}")
+        raise ValueError(f"subject {subject[:200]!r} is not under {prefix}")
     return "/".join(_level_of_token(token) for token in subject[len(head) :].split("."))
 
 
