@@ -41,10 +41,10 @@ from bench_registry import percentile, registry_process, scratch_postgres  # noq
 
 from factory.ca import CertificateAuthority  # noqa: E402
 from fleetcore.layout import DataLayout  # noqa: E402
-from registry import crud  # noqa: E402
 from registry.db import make_engine, migrate  # noqa: E402
 from registry.models import AuditLog, Certificate, Device  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402
+from registry.store import audit, revocations, tokens
 
 CHUNK = 10_000
 TARGET_MS = 100.0
@@ -107,10 +107,10 @@ def seed(database_url: str, data_dir: Path, devices: int, decommissioned: int) -
     with Session(engine) as session:
         victims = random.Random(7).sample(range(devices), decommissioned)
         for number in victims:
-            crud.decommission_device(
-                session, f"bench-{number:07d}", "seeded <b>decommission</b>", crud.Actor("bench")
+            revocations.decommission_device(
+                session, f"bench-{number:07d}", "seeded <b>decommission</b>", audit.Actor("bench")
             )
-        token = crud.create_token(session, "bench", crud.Actor("bench"))
+        token = tokens.create_token(session, "bench", audit.Actor("bench"))
     with engine.begin() as connection:
         connection.execute(text("ANALYZE"))
     engine.dispose()

@@ -35,11 +35,11 @@ from factory.ca import CertificateAuthority, write_issued
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.certs import parse_device_certificate
 from registry.renewal import CertificateRenewer
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.store import audit, devices
 
 DEVICE = "dev-bench"
 
@@ -146,7 +146,9 @@ def main() -> None:
                     pem, issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain
                 )
                 with Session(engine) as session:
-                    crud.register_devices(session, [crud.Registration(parsed)], crud.Actor("b"))
+                    devices.register_devices(
+                        session, [devices.Registration(parsed)], audit.Actor("b")
+                    )
                 ingest = registry.app.state.telemetry_ingest
                 if not ingest.subscribed.wait(15):
                     raise SystemExit("registry did not subscribe")

@@ -204,10 +204,10 @@ def ingest(
 
     from sqlmodel import Session
 
-    from registry import crud
     from registry.certs import parse_device_certificate
     from registry.db import make_engine, migrate
     from registry.settings import RegistrySettings
+    from registry.store import audit, devices
     from registry.telemetry import TelemetryIngest
 
     if not layout.client_cert("registry").exists():
@@ -225,7 +225,7 @@ def ingest(
     migrate(engine)
     bundles = discover_bundles(layout.root, devices)
     registrations = [
-        crud.Registration(
+        devices.Registration(
             parse_device_certificate(
                 bundle.cert.read_text(), issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain
             )
@@ -233,7 +233,7 @@ def ingest(
         for bundle in bundles
     ]
     with Session(engine) as session:
-        crud.register_devices(session, registrations, crud.Actor("bench"))
+        devices.register_devices(session, registrations, audit.Actor("bench"))
     subscriber = TelemetryIngest(settings, engine).start()
     try:
         if not subscriber.connected.wait(30):

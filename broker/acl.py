@@ -26,10 +26,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from amqtt.contexts import Action, BaseContext
-from amqtt.plugins.base import BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.contexts import Action
 
+from broker.sessions import identity_of_key
 from fleetcore.profile import NAME_PATTERN, Identity, IdentityKind
 from fleetcore.topics import (
     ISSUED,
@@ -43,8 +42,8 @@ from fleetcore.topics import (
 __all__ = [
     "REFUSAL_LOG_INTERVAL_S",
     "RENEWAL_SERVICE",
-    "DeviceTopicPlugin",
     "RefusalLog",
+    "TopicAcl",
     "is_allowed",
     "will_refusal",
 ]
@@ -158,54 +157,43 @@ class RefusalLog:
                 del self._last[client]
 
 
-class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints
-    """amqtt topic plugin applying :func:`is_allowed` to the session's identity.
+class TopicAcl:
+    """The ACL of this broker: :func:`is_allowed` applied to a session key's identity.
 
-    A session's identity is read from its amqtt key (:mod:`broker.sessions`), so it is
-    known while a persistent session is offline; :meth:`bind` attaches that lookup, the
-    renewal service's name and the counters after the broker is built.
+    A session's identity is read from its amqtt key (:mod:`broker.sessions`), so it is known
+    while a persistent session is offline. Every decision is reported to ``count`` (the
+    metrics: messages in and out, refusals by action); refused publishes and subscribes are
+    logged through :class:`RefusalLog`. Synchronous and pure apart from that, so amqtt's
+    hot path calls it directly (:class:`broker.amqtt_adapter.CertfleetBroker`).
     """
 
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self._identity_of: Callable[[str], Identity | None] = lambda _client_id: None
-        self._renewal_service = RENEWAL_SERVICE
-        self._on_refused: Callable[[Action], None] = lambda _action: None
-        self._on_allowed: Callable[[Action], None] = lambda _action: None
+    def __init__(
+        self,
+        trust_domain: str,
+        *,
+        renewal_service: str = RENEWAL_SERVICE,
+        count: Callable[[Action, bool], None] = lambda _action, _allowed: None,
+    ) -> None:
+        self.trust_domain = trust_domain
+        self.renewal_service = renewal_service
+        self._count = count
         self.refusal_log = RefusalLog()
 
-    def bind(
-        self,
-        identity_of: Callable[[str], Identity | None],
-        on_refused: Callable[[Action], None],
-        on_allowed: Callable[[Action], None],
-        renewal_service: str = RENEWAL_SERVICE,
-    ) -> None:
-        self._identity_of = identity_of
-        self._renewal_service = renewal_service
-        self._on_refused = on_refused
-        self._on_allowed = on_allowed
+    def identity_of(self, session_key: str) -> Identity | None:
+        """The identity a session key stands for (None: not a key the gate hands out)."""
+        return identity_of_key(session_key, self.trust_domain)
 
-    async def topic_filtering(
-        self,
-        *,
-        session: Session | None = None,
-        topic: str | None = None,
-        action: Action | None = None,
-    ) -> bool | None:
-        return self.check(session, topic, action)
-
-    def check(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
-        """The ACL decision for a session (synchronous: see broker.core.CertfleetBroker)."""
-        if session is None or topic is None or action is None or session.client_id is None:
+    def check(self, session_key: str | None, topic: str | None, action: Action | None) -> bool:
+        """Whether the session ``session_key`` may ``action`` on ``topic``; counted."""
+        if session_key is None or topic is None or action is None:
             return False
-        identity = self._identity_of(session.client_id)
+        identity = self.identity_of(session_key)
         if identity is not None and is_allowed(
-            identity, topic, action, renewal_service=self._renewal_service
+            identity, topic, action, renewal_service=self.renewal_service
         ):
-            self._on_allowed(action)
+            self._count(action, True)
             return True
-        self._on_refused(action)
+        self._count(action, False)
         if action is not Action.RECEIVE:
-            self.refusal_log.refused(session.client_id, action, topic)
+            self.refusal_log.refused(session_key, action, topic)
         return False

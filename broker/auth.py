@@ -1,21 +1,18 @@
 """Who gets in: identity from the client certificate, client id, revocation.
 
-:class:`AdmissionPolicy` is the one place that decides; the listener asks it before amqtt
-sees the CONNECT (so a refused client never touches another client's session), and
-:class:`CertAuthPlugin` asks it again as amqtt's authentication plugin.
+:class:`AdmissionPolicy` is the one place that decides; the CONNECT gate
+(:mod:`broker.gate`) asks it before amqtt sees the CONNECT (so a refused client never
+touches another client's session), and amqtt's authentication plugin
+(:class:`broker.amqtt_adapter.GateAuthPlugin`) asks it again. Nothing here depends on amqtt.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from amqtt.contexts import BaseContext
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -29,7 +26,6 @@ __all__ = [
     "CONNACK_UNACCEPTABLE_PROTOCOL",
     "Admission",
     "AdmissionPolicy",
-    "CertAuthPlugin",
     "ClientIdMode",
     "Refusal",
     "RefusedError",
@@ -215,38 +211,3 @@ class AdmissionPolicy:
                 f"kind={identity.kind.value} (the client id must be the certificate's id)",
             )
         return instance
-
-
-class CertAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
-    """amqtt authentication plugin: the session's peer certificate must pass the policy.
-
-    The policy object is attached after the broker is built (:meth:`bind`); an unbound
-    plugin refuses everyone. The certificate checked is the one of the connection the
-    listener's gate handed over for this session (``claim``): amqtt keeps the *first*
-    connection's ``ssl_object`` on a persistent session that reconnects, which may be an
-    older certificate than the one presented now.
-    """
-
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self._policy: AdmissionPolicy | None = None
-        self._claim: Callable[[Session], bytes | None] = lambda _session: None
-
-    def bind(self, policy: AdmissionPolicy, claim: Callable[[Session], bytes | None]) -> None:
-        """Attach the policy, and the hook giving the certificate a session connects with."""
-        self._policy = policy
-        self._claim = claim
-
-    async def authenticate(self, *, session: Session) -> bool | None:
-        if self._policy is None:
-            return False
-        certificate_der = self._claim(session)
-        if certificate_der is None:
-            log.warning("client refused by auth plugin reason=not_admitted_by_gate")
-            return False
-        try:
-            self._policy.admit(certificate_der, session.client_id)
-        except RefusedError as exc:
-            log.warning("client refused by auth plugin reason=%s %s", exc.reason, exc.detail)
-            return False
-        return True

@@ -7,6 +7,11 @@ swallows handshake failures without telling anyone why. Driving ``ssl.SSLObject`
 bytes actually in flight, lets us count every handshake refusal by its reason, and puts a
 deadline on handshakes. The class is a plain :class:`asyncio.Protocol`, so it runs on the
 default loop and on uvloop alike.
+
+This module knows TLS and bytes only: what happens to a connection (counting a refused
+handshake, reading the CONNECT, handing the stream to amqtt) is the business of whoever
+passes the :class:`ConnectionEvents` (the listener, :mod:`broker.listener`). Nothing here
+imports the rest of the broker but the refusal reasons.
 """
 
 from __future__ import annotations
@@ -14,14 +19,20 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 
-if TYPE_CHECKING:
-    from broker.listener import MqttTlsListener
+from broker.auth import Refusal
 
-__all__ = ["PacketTooLargeError", "StreamReader", "StreamWriter", "TlsConnection"]
+__all__ = [
+    "ConnectionEvents",
+    "PacketTooLargeError",
+    "StreamReader",
+    "StreamWriter",
+    "TlsConnection",
+    "classify_handshake_error",
+]
 
 #: Plaintext read per SSLObject.read call: one TLS record at most.
 _TLS_READ_CHUNK = 16 * 1024
@@ -42,6 +53,51 @@ class PacketTooLargeError(ConnectionError):
     """A client announced a packet larger than the broker accepts."""
 
 
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) that map to a counted reason.
+_VERIFY_REASONS = {
+    2: Refusal.UNKNOWN_CA,  # unable to get issuer certificate
+    7: Refusal.UNKNOWN_CA,  # certificate signature failure
+    9: Refusal.NOT_YET_VALID,
+    10: Refusal.EXPIRED,
+    18: Refusal.SELF_SIGNED,  # depth zero self-signed
+    19: Refusal.UNKNOWN_CA,  # self-signed certificate in chain (someone else's root)
+    20: Refusal.UNKNOWN_CA,  # unable to get local issuer certificate
+    21: Refusal.UNKNOWN_CA,  # unable to verify the first certificate
+    26: Refusal.NOT_CLIENT_CERTIFICATE,  # unsupported certificate purpose (no clientAuth)
+}
+
+
+def classify_handshake_error(exc: ssl.SSLError) -> Refusal:
+    """Map a server-side handshake failure to its refusal reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, Refusal.TLS_ERROR)
+    if exc.reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+        return Refusal.NO_CERTIFICATE
+    return Refusal.TLS_ERROR
+
+
+class ConnectionEvents(Protocol):
+    """What a :class:`TlsConnection` tells its owner (called on the event loop)."""
+
+    def connection_opened(self, connection: TlsConnection) -> None:
+        """A TCP connection was accepted (handshake not started)."""
+
+    def connection_closed(self, connection: TlsConnection) -> None:
+        """The socket is gone, whatever the reason."""
+
+    def handshake_failed(self, connection: TlsConnection, exc: ssl.SSLError) -> None:
+        """The TLS handshake failed (the alert has been sent; the socket closes next)."""
+
+    def handshake_timed_out(self, connection: TlsConnection) -> None:
+        """No handshake within the deadline (the socket is aborted next)."""
+
+    def handshake_completed(self, connection: TlsConnection) -> None:
+        """TLS is up: ``peer_certificate_der`` and ``reader`` are set."""
+
+    def keepalive_expired(self, connection: TlsConnection) -> None:
+        """Nothing arrived for 1.5 x the keep-alive (the socket is aborted next)."""
+
+
 class TlsConnection(asyncio.Protocol):
     """Server side of one TLS connection; hands the plaintext to a :class:`StreamReader`."""
 
@@ -51,9 +107,11 @@ class TlsConnection(asyncio.Protocol):
         "_handshake_timer",
         "_idle_limit",
         "_idle_timer",
+        "_events",
+        "_handshake_timeout_s",
         "_incoming",
-        "_listener",
         "_loop",
+        "_max_packet_bytes",
         "_outgoing",
         "_plain_out",
         "_paused_writing",
@@ -67,15 +125,24 @@ class TlsConnection(asyncio.Protocol):
         "refused",
     )
 
-    def __init__(self, listener: MqttTlsListener) -> None:
-        self._listener = listener
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        events: ConnectionEvents,
+        *,
+        handshake_timeout_s: float,
+        max_packet_bytes: int,
+    ) -> None:
+        self._events = events
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_packet_bytes = max_packet_bytes
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Plaintext written by amqtt during this loop iteration, encrypted and sent in one go.
         self._plain_out: bytearray | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls: ssl.SSLObject = listener.ssl_context.wrap_bio(
+        self._tls: ssl.SSLObject = ssl_context.wrap_bio(
             self._incoming, self._outgoing, server_side=True
         )
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -100,9 +167,9 @@ class TlsConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peername = (str(peer[0]), int(peer[1])) if peer else None
         self._handshake_timer = self._loop.call_later(
-            self._listener.handshake_timeout_s, self._on_handshake_timeout
+            self._handshake_timeout_s, self._on_handshake_timeout
         )
-        self._listener.connection_opened(self)
+        self._events.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -133,7 +200,7 @@ class TlsConnection(asyncio.Protocol):
             self.reader.feed_eof()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
-        self._listener.connection_closed(self)
+        self._events.connection_closed(self)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -154,7 +221,7 @@ class TlsConnection(asyncio.Protocol):
         except ssl.SSLError as exc:
             self._flush()  # send the alert so the client learns why
             self.refused = True
-            self._listener.handshake_failed(self, exc)
+            self._events.handshake_failed(self, exc)
             self.close()
             return
         if self._handshake_timer is not None:
@@ -163,8 +230,8 @@ class TlsConnection(asyncio.Protocol):
         self._flush()
         self.peer_certificate_der = self._tls.getpeercert(binary_form=True)
         self.established = True
-        self.reader = StreamReader(self, self._listener.max_packet_bytes)
-        self._listener.handshake_completed(self)
+        self.reader = StreamReader(self, self._max_packet_bytes)
+        self._events.handshake_completed(self)
 
     def _read_plaintext(self) -> None:
         reader = self.reader
@@ -194,7 +261,7 @@ class TlsConnection(asyncio.Protocol):
         self._handshake_timer = None
         if not self.established and not self._closed:
             self.refused = True
-            self._listener.handshake_timed_out(self)
+            self._events.handshake_timed_out(self)
             self.abort()
 
     # -- MQTT keep-alive -------------------------------------------------------------------
@@ -203,8 +270,9 @@ class TlsConnection(asyncio.Protocol):
         """Abort when nothing arrives for 1.5 x the client's keep-alive (MQTT-3.1.2-24).
 
         One timer per connection, re-armed only when it fires: receiving data costs a
-        timestamp, not a timer. amqtt's own read timeout per packet is switched off by the
-        listener (it costs a task per packet, and amqtt's broker ignores its expiry).
+        timestamp, not a timer. amqtt's own read timeout per packet is switched off
+        (:func:`broker.amqtt_adapter.tune_session`: it costs a task per packet, and amqtt's
+        broker ignores its expiry).
         """
         if keepalive_s <= 0 or self._closed:
             return
@@ -217,12 +285,12 @@ class TlsConnection(asyncio.Protocol):
         idle = self._loop.time() - self.last_received
         if idle >= self._idle_limit:
             self._idle_timer = None
-            self._listener.keepalive_expired(self)
+            self._events.keepalive_expired(self)
             self.abort()
             return
         self._idle_timer = self._loop.call_later(self._idle_limit - idle, self._check_idle)
 
-    # -- used by the writer and the listener ------------------------------------------------
+    # -- used by the writer, the gate and the listener ------------------------------------
 
     def write(self, data: bytes) -> None:
         """Queue plaintext; everything written in one loop iteration becomes one TLS write

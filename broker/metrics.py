@@ -144,6 +144,16 @@ class BrokerMetrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
+    def count_acl(self, action: str, allowed: bool) -> None:
+        """One topic ACL decision: a refusal by action, or a message in (publish) or out
+        (receive)."""
+        if not allowed:
+            self.acl_refusals.labels(action).inc()
+        elif action == "publish":
+            self.messages_in.inc()
+        elif action == "receive":
+            self.messages_out.inc()
+
     def refusal_count(self, reason: str) -> float:
         """Current value of the refusal counter for ``reason`` (tests, CLI)."""
         value = self.registry.get_sample_value(

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import httpx
 
-from broker.errors import BrokerError, RevocationStateError
+from broker.errors import RevocationStateError
 from fleetcore.layout import write_public
 from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, RevocationEvent, RevocationFeed
 
-__all__ = ["RevocationFollower", "RevokedSet", "feed_client_context"]
+__all__ = ["RevocationFollower", "RevokedSet"]
 
 log = logging.getLogger(__name__)
 
@@ -167,24 +167,6 @@ class RevokedSet:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff_s)
                 self.save()
-
-
-def feed_client_context(*, cert_file: Path, key_file: Path, root_file: Path) -> ssl.SSLContext:
-    """Client TLS context for the feed: our service certificate, trusting our root."""
-    for what, path in (
-        ("broker service certificate", cert_file),
-        ("broker service key", key_file),
-        ("root certificate", root_file),
-    ):
-        if not path.is_file():
-            raise BrokerError(
-                f"{what} {path} is missing: run 'certfleet ca issue-client --service "
-                f"{cert_file.stem}' (or pass the right --data-dir), or run without --registry-url"
-            )
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert_file), str(key_file))
-    return context
 
 
 #: Called with each newly applied event and the serials in it that were not yet revoked.

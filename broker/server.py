@@ -1,5 +1,10 @@
 """Assemble and run the broker: amqtt + our listener + revocation follower + metrics.
 
+:class:`BrokerApp` builds every piece once, in dependency order, and passes each what it
+needs: revoked set -> admission policy -> CONNECT gate; topic ACL; session index; then, on
+the loop, the amqtt broker (wired with the gate and the ACL) and the listener (broker, gate,
+index). Revocations reach live sessions through :meth:`SessionIndex.drop`.
+
 - :class:`BrokerApp` is the async core (start/stop on a running loop).
 - :class:`BrokerServer` runs a BrokerApp in its own thread and event loop (tests, demo):
   ``with BrokerServer(settings) as broker: broker.port``.
@@ -22,17 +27,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from broker.acl import DeviceTopicPlugin
-from broker.auth import AdmissionPolicy, CertAuthPlugin
+from broker.acl import TopicAcl
+from broker.amqtt_adapter import CertfleetBroker
+from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
-from broker.core import CertfleetBroker
 from broker.errors import BrokerError
-from broker.listener import LISTENER_NAME, MqttTlsListener
+from broker.gate import ConnectGate
+from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
-from broker.revocation import RevocationFollower, RevokedSet, feed_client_context
+from broker.revocation import RevocationFollower, RevokedSet
+from broker.session_index import SessionIndex
 from broker.settings import BrokerSettings
 from broker.supervisor import Supervisor
-from broker.tls import server_context
+from broker.tls import broker_server_context, feed_client_context
 from fleetcore.address import Address, parse_address
 from fleetcore.layout import write_public
 from fleetcore.revocation_feed import RevocationEvent
@@ -55,20 +62,6 @@ def _trust_domain(settings: BrokerSettings) -> str:
         ) from None
 
 
-def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
-    """amqtt configuration: one external listener (ours), our auth and topic plugins."""
-    return {
-        "listeners": {LISTENER_NAME: {"type": "external"}},
-        # Persistent (clean_session=0) sessions of devices that went away are dropped after
-        # an hour so their queued QoS 1 messages cannot grow without bound.
-        "session_expiry_interval": 3600,
-        "plugins": {
-            "broker.auth.CertAuthPlugin": {},
-            "broker.acl.DeviceTopicPlugin": {},
-        },
-    }
-
-
 class BrokerApp:
     """One broker on the running event loop."""
 
@@ -76,11 +69,7 @@ class BrokerApp:
         self.settings = settings
         layout = settings.layout
         self.trust_domain = _trust_domain(settings)
-        self.ssl_context = server_context(
-            cert_file=layout.server_cert(settings.broker_name),
-            key_file=layout.server_key(settings.broker_name),
-            ca_file=layout.chain,
-        )
+        self.ssl_context = broker_server_context(layout, settings.broker_name)
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(
             layout.broker_dir / f"revoked-{settings.broker_node}.json",
@@ -90,17 +79,26 @@ class BrokerApp:
         self.revoked.load()
         self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
         self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
+        self.gate = ConnectGate(
+            self.policy,
+            self.metrics,
+            connect_timeout_s=settings.broker_connect_timeout_s,
+            max_packet_bytes=settings.broker_max_packet_bytes,
+            renewal_service=settings.broker_renewal_service,
+        )
+        self.acl = TopicAcl(
+            self.trust_domain,
+            renewal_service=settings.broker_renewal_service,
+            count=lambda action, allowed: self.metrics.count_acl(action.value, allowed),
+        )
+        self.sessions = SessionIndex()
         self.follower: RevocationFollower | None = None
         if settings.registry_url:
             self.follower = RevocationFollower(
                 registry_url=settings.registry_url,
                 revoked=self.revoked,
                 on_revoked=self._on_revoked,
-                tls_context=feed_client_context(
-                    cert_file=layout.client_cert(settings.broker_name),
-                    key_file=layout.client_key(settings.broker_name),
-                    root_file=layout.root_cert,
-                ),
+                tls_context=feed_client_context(layout, settings.broker_name),
                 wait_s=settings.broker_feed_wait_s,
                 max_backoff_s=settings.broker_feed_max_backoff_s,
                 resync_s=settings.broker_feed_resync_s,
@@ -113,33 +111,24 @@ class BrokerApp:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
-        self.broker = CertfleetBroker(amqtt_config(self.settings))
+        self.broker = CertfleetBroker(
+            gate=self.gate,
+            acl=self.acl,
+            on_route_error=lambda _exc: self.metrics.route_errors.inc(),
+            on_retain_refused=self.metrics.acl_refusals.labels("retain").inc,
+        )
         self.listener = MqttTlsListener(
             broker=self.broker,
             ssl_context=self.ssl_context,
-            policy=self.policy,
+            gate=self.gate,
+            sessions=self.sessions,
             metrics=self.metrics,
             handshake_timeout_s=self.settings.broker_handshake_timeout_s,
-            connect_timeout_s=self.settings.broker_connect_timeout_s,
             max_packet_bytes=self.settings.broker_max_packet_bytes,
-            renewal_service=self.settings.broker_renewal_service,
         )
-        for plugin in self.broker.plugins_manager.plugins:
-            if isinstance(plugin, CertAuthPlugin):
-                plugin.bind(self.policy, self.listener.claim_session)
-            elif isinstance(plugin, DeviceTopicPlugin):
-                plugin.bind(
-                    self.listener.identity_of,
-                    self.listener.count_acl_refusal,
-                    self.listener.count_acl_allowed,
-                    renewal_service=self.settings.broker_renewal_service,
-                )
-                self.broker.use_topic_plugin(plugin)
-        self.broker.on_route_error(lambda _exc: self.metrics.route_errors.inc())
-        self.broker.on_retain_refused(self.metrics.acl_refusals.labels("retain").inc)
         await self.broker.start()
         if self.cluster is not None:
-            self.cluster.attach(self.broker, self.listener)
+            self.cluster.attach(self.broker, self._close_session)
             self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
@@ -174,6 +163,14 @@ class BrokerApp:
             self.settings.broker_node,
             self.settings.broker_cluster_url or "none",
         )
+
+    def _close_session(self, session_key: str) -> bool:
+        """Close this node's live connection of a session key (taken over on another node)."""
+        live = self.sessions.session_of_key(session_key)
+        if live is None or live.connection.is_closed:
+            return False
+        live.connection.abort()
+        return True
 
     def _revoked_written(self, ok: bool) -> None:
         self.metrics.revoked_persisted.set(1 if ok else 0)
@@ -218,7 +215,7 @@ class BrokerApp:
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
-        dropped = self.listener.drop(new_serials, event.device_id) if self.listener else 0
+        dropped = self._drop(new_serials, event.device_id)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(event.seq)
         self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))
@@ -232,7 +229,13 @@ class BrokerApp:
         new = self.revoked.add(serials, device_id)
         self.revoked.save()
         self.metrics.revoked_serials.set(len(self.revoked.serials))
-        return self.listener.drop(new, device_id) if self.listener else 0
+        return self._drop(new, device_id)
+
+    def _drop(self, serials: list[str], device_id: str | None) -> int:
+        """Disconnect the live sessions of revoked serials / a decommissioned device."""
+        dropped = self.sessions.drop(serials, device_id)
+        self.metrics.sessions_dropped.inc(len(dropped))
+        return len(dropped)
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:

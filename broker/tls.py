@@ -1,4 +1,4 @@
-"""The broker's server-side TLS context.
+"""The broker's TLS contexts (built by :mod:`fleetcore.tls`), with the broker's own errors.
 
 How it is wired into amqtt: amqtt's own TCP listener builds its context in
 ``Broker._create_ssl_context`` with ``verify_mode = CERT_OPTIONAL`` (a client without a
@@ -12,38 +12,33 @@ then hands the decrypted byte stream to ``Broker.external_connected``.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
-from broker.errors import BrokerError
+from broker.errors import BrokerTlsError
+from fleetcore.layout import DataLayout
+from fleetcore.tls import TlsSetupError, server_context, service_client_context
 
-__all__ = ["server_context"]
+__all__ = ["broker_server_context", "feed_client_context"]
 
 
-def server_context(*, cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
-    """TLS 1.2+ server context that requires a client certificate chaining to ``ca_file``."""
-    issue = (
-        f"run 'certfleet ca issue-server --name {cert_file.stem} --dns localhost "
-        "--ip 127.0.0.1' (or pass the right --data-dir)"
-    )
-    for what, path, fix in (
-        ("server certificate", cert_file, issue),
-        ("server key", key_file, issue),
-        ("CA chain", ca_file, "run 'certfleet ca init' (or pass the right --data-dir)"),
-    ):
-        if not path.is_file():
-            raise BrokerError(f"{what} {path} is missing: {fix}")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    # The chain file holds the issuing CA and the root: a device leaf verifies against the
-    # issuing CA, whose own signature verifies against the root.
-    context.load_verify_locations(cafile=str(ca_file))
+def broker_server_context(layout: DataLayout, broker_name: str) -> ssl.SSLContext:
+    """The MQTT listener's context: mTLS, a client certificate chaining to our CA required."""
     try:
-        context.load_cert_chain(str(cert_file), str(key_file))
-    except (ssl.SSLError, OSError) as exc:
-        raise BrokerError(f"cannot load {cert_file} / {key_file}: {exc}") from None
-    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
-    # No TLS 1.3 session tickets: devices reconnect rarely, and tickets cost a write per
-    # connection plus resumption state that would skip the client-certificate check.
-    context.num_tickets = 0
-    return context
+        return server_context(
+            layout.server_cert(broker_name), layout.server_key(broker_name), layout.chain
+        )
+    except TlsSetupError as exc:
+        raise BrokerTlsError(
+            f"{exc}: run 'certfleet ca issue-server --name {broker_name} --dns localhost "
+            "--ip 127.0.0.1' (after 'certfleet ca init'), or pass the right --data-dir"
+        ) from None
+
+
+def feed_client_context(layout: DataLayout, service: str) -> ssl.SSLContext:
+    """The revocation feed's client context: the broker's service certificate, our root."""
+    try:
+        return service_client_context(layout, service)
+    except TlsSetupError as exc:
+        raise BrokerTlsError(
+            f"{exc}: run 'certfleet ca issue-client --service {service}' (or pass the right "
+            "--data-dir), or run without --registry-url"
+        ) from None

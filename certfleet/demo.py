@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -45,6 +44,7 @@ from device_sim.runner import SimRun
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
+from fleetcore.tls import service_client_context
 
 __all__ = ["DEMO_MARKER", "Check", "DemoResult", "prepare_demo_folder", "run_demo"]
 
@@ -140,9 +140,7 @@ def _free_port() -> int:
 
 def operator_client(layout: DataLayout, base_url: str, name: str = OPERATOR) -> httpx.Client:
     """An HTTPS client for the registry that authenticates with the operator's certificate."""
-    context = ssl.create_default_context(cafile=str(layout.root_cert))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(layout.client_cert(name)), str(layout.client_key(name)))
+    context = service_client_context(layout, name)
     return httpx.Client(base_url=base_url, verify=context, timeout=30.0)
 
 

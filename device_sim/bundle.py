@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_sim.errors import BundleError
+from fleetcore.tls import TlsSetupError, client_context
 
 __all__ = ["DeviceBundle", "discover_bundles", "tls_context"]
 
@@ -72,14 +73,12 @@ def discover_bundles(data_dir: Path, limit: int | None = None) -> list[DeviceBun
 
 
 def tls_context(bundle: DeviceBundle) -> ssl.SSLContext:
-    """Client TLS 1.2+ context: trust the root, present the device certificate."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    """The device's client context (:func:`fleetcore.tls.client_context`): trust the root,
+    present the device certificate."""
     try:
-        context.load_verify_locations(cafile=str(bundle.root))
-        context.load_cert_chain(certfile=str(bundle.cert), keyfile=str(bundle.key))
-    except (OSError, ssl.SSLError) as exc:
+        return client_context(bundle.root, bundle.cert, bundle.key)
+    except TlsSetupError as exc:
         raise BundleError(
-            f"device {bundle.device_id}: cannot load its certificate, key or root: {exc}"
+            f"device {bundle.device_id}: {exc}: re-provision it ('certfleet factory provision') "
+            "or pass the right --data-dir"
         ) from None
-    return context

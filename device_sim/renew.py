@@ -4,7 +4,8 @@ The device generates a new key (it never leaves the device), builds a CSR for it
 identity, connects to the broker with its *current* certificate, subscribes to
 ``devices/<id>/cert/issued``, publishes the CSR on ``devices/<id>/cert/renew`` (QoS 1) and
 waits for the answer: the new leaf certificate (PEM), or a JSON refusal
-``{"error": ..., "message": ...}`` from the registry.
+``{"error": ..., "message": ...}`` from the registry (both read by
+:func:`fleetcore.renewal_wire.parse_answer`).
 
 A certificate is accepted only if it is for this device's identity, certifies the new key,
 and is signed by the issuing CA in the bundle's ``chain.pem``. Then the bundle is updated:
@@ -36,6 +37,7 @@ from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
 from fleetcore.layout import write_private, write_public
 from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
+from fleetcore.renewal_wire import AnswerError, Refusal, parse_answer
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PEM = serialization.Encoding.PEM
+#: The device's own code for an answer it cannot use (never sent by the registry).
+BAD_ANSWER = "bad_answer"
 
 
 class RenewalRefusedError(SimError):
@@ -168,21 +172,15 @@ class _Exchange:
 
 
 def _interpret(device_id: str, answer: bytes) -> x509.Certificate:
-    if answer.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
-        try:
-            return x509.load_pem_x509_certificate(answer)
-        except ValueError:
-            raise RenewalRefusedError(
-                "bad_answer", f"device {device_id}: the answer is not a readable certificate"
-            ) from None
     try:
-        refusal = json.loads(answer)
-        error, message = str(refusal["error"]), str(refusal["message"])
-    except (ValueError, KeyError, TypeError):
+        parsed = parse_answer(answer)
+    except AnswerError as exc:
+        raise RenewalRefusedError(BAD_ANSWER, f"device {device_id}: {exc}") from None
+    if isinstance(parsed, Refusal):
         raise RenewalRefusedError(
-            "bad_answer", f"device {device_id}: unreadable answer on cert/issued"
-        ) from None
-    raise RenewalRefusedError(error, f"registry refused the renewal of {device_id}: {message}")
+            parsed.error, f"registry refused the renewal of {device_id}: {parsed.message}"
+        )
+    return parsed
 
 
 def request_certificate(
@@ -205,11 +203,11 @@ def _check_certificate(
         found = read_identity(certificate)
     except (ValueError, TypeError, InvalidSignature, IdentityError) as exc:
         raise RenewalRefusedError(
-            "bad_answer", f"device {identity.name}: the issued certificate is unusable: {exc}"
+            BAD_ANSWER, f"device {identity.name}: the issued certificate is unusable: {exc}"
         ) from None
     if found != identity or certificate.public_key() != public_key:
         raise RenewalRefusedError(
-            "bad_answer",
+            BAD_ANSWER,
             f"device {identity.name}: the issued certificate is for {found.uri} or another key",
         )
 

@@ -15,12 +15,12 @@ from typing import Annotated, Any
 import typer
 
 from factory.ca import CertificateAuthority, write_issued
-from factory.errors import CAError, CSRError, ProvisionError
+from factory.errors import CAError, ProvisionError
 from factory.settings import FactorySettings, load_settings
 from fleetcore.duration import parse_duration
 from fleetcore.errors import ConfigError
 from fleetcore.keys import KEY_ALGORITHMS
-from fleetcore.layout import DataLayout, write_public
+from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind, check_name, serial_hex
 
 __all__ = ["ca_app", "factory_app"]
@@ -415,61 +415,27 @@ def factory_sign_csr(
     Refuses a bad signature, a weak or unsupported key, a CA request and a foreign identity,
     and a device that already has a certificate in the manifest.
     """
-    import datetime as dt
-
-    from factory.csr import load_csr, validate_device_csr
-    from factory.manifest import Manifest, ManifestRecord
-    from factory.provision import ProvisionLock, new_batch_id
-    from factory.stagger import stagger_fraction_for_id
+    from factory.csr_signing import read_csr_file, sign_csr
 
     settings = load_settings(data_dir=data_dir, device_lifetime=lifetime, device_stagger=stagger)
     lifetime_td = parse_duration(settings.device_lifetime, what="--lifetime")
     stagger_td = parse_duration(settings.device_stagger, what="--stagger", allow_zero=True)
-    try:
-        csr_bytes = csr_path.read_bytes()
-    except OSError as exc:
-        raise CSRError(f"cannot read CSR {csr_path}: {exc.strerror}") from None
-    csr = load_csr(csr_bytes)
-    ca = _load_ca(settings)
-    validated = validate_device_csr(csr, ca.trust_domain)
-    device_id = validated.identity.name
-    layout = settings.layout
-    with ProvisionLock(layout.provision_lock):
-        manifest = Manifest(layout.manifest)
-        manifest.repair()
-        existing = manifest.serials_by_device().get(device_id)
-        if existing:
-            raise CSRError(
-                f"device {device_id} already has certificate serial {existing[-1]} in the "
-                "manifest; renew it through the registry (or decommission it first)"
-            )
-        now = _now()
-        offset = dt.timedelta(
-            seconds=int(stagger_fraction_for_id(device_id) * stagger_td.total_seconds())
-        )
-        issued = ca.issue_client(
-            validated.identity,
-            public_key=validated.public_key,
-            not_after=now + lifetime_td + offset,
-        )
-        record = ManifestRecord.from_certificate(
-            issued.certificate,
-            device_id=device_id,
-            hardware_serial=hardware_serial,
-            issued_at=now,
-            batch_id=f"csr-{new_batch_id()}",
-        )
-        if out is not None:
-            write_public(out, issued.certificate_pem)
-        with manifest.writer() as writer:
-            writer.append(record.to_line())
-    log.info("csr signed device_id=%s serial=%s", device_id, record.serial)
+    csr_bytes = read_csr_file(csr_path)
+    signed = sign_csr(
+        _load_ca(settings),
+        csr_bytes,
+        lifetime=lifetime_td,
+        stagger=stagger_td,
+        hardware_serial=hardware_serial,
+        out=out,
+    )
+    record = signed.record
     if as_json:
         typer.echo(
             json.dumps(
                 {
-                    "device_id": device_id,
-                    "identity": validated.identity.uri,
+                    "device_id": record.device_id,
+                    "identity": signed.identity.uri,
                     "serial": record.serial,
                     "not_after": record.not_after,
                     "out": str(out) if out is not None else None,
@@ -481,7 +447,7 @@ def factory_sign_csr(
     elif out is None:
         typer.echo(record.certificate_pem, nl=False)
     else:
-        typer.echo(f"{validated.identity.uri}: {out} serial {record.serial}")
+        typer.echo(f"{signed.identity.uri}: {out} serial {record.serial}")
 
 
 @factory_app.command("expiry-report")

@@ -1,4 +1,4 @@
-"""Sign device-generated CSRs with the device profile (the key never leaves the device).
+"""Check device-generated CSRs for the device profile (the key never leaves the device).
 
 A CSR is refused (CSRError) when: it is not a PEM/DER CSR, its signature does not verify,
 its key is weak or unsupported (RSA < 2048, curves other than P-256/P-384, DSA, ...), it asks
@@ -10,20 +10,17 @@ certificate comes from the profile.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa
 from cryptography.x509.oid import NameOID
 
-from factory.ca import CertificateAuthority, IssuedCertificate
 from factory.errors import CSRError
-from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.profile import Identity, IdentityKind, PublicKey, check_public_key
 
-__all__ = ["ValidatedCSR", "load_csr", "sign_device_csr", "validate_device_csr"]
+__all__ = ["ValidatedCSR", "load_csr", "validate_device_csr"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,22 +99,3 @@ def validate_device_csr(csr: x509.CertificateSigningRequest, trust_domain: str) 
         found = ", ".join(str(cn.value) for cn in cns) or "none"
         raise CSRError(f"CSR CN ({found}) does not match its device id {identity.name!r}")
     return ValidatedCSR(identity, checked_key)
-
-
-def sign_device_csr(
-    ca: CertificateAuthority,
-    csr: x509.CertificateSigningRequest,
-    *,
-    not_after: dt.datetime,
-    not_before: dt.datetime | None = None,
-) -> IssuedCertificate:
-    """Validate ``csr`` and issue a device certificate for its key (private_key is None)."""
-    validated = validate_device_csr(csr, ca.trust_domain)
-    if not_after <= utcnow():
-        raise CSRError("requested not_after is in the past")
-    return ca.issue_client(
-        validated.identity,
-        public_key=validated.public_key,
-        not_after=not_after,
-        not_before=not_before,
-    )

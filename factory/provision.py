@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
@@ -50,8 +51,7 @@ from factory.bundle import (
 from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
 from factory.keys import load_private_key_pem
-from factory.manifest import Manifest, ManifestRecord
-from factory.stagger import stagger_offset
+from factory.manifest import Manifest, ManifestRecord, ManifestWriter
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import KEY_ALGORITHMS, private_key_pem
@@ -64,6 +64,8 @@ from fleetcore.profile import (
     read_identity,
     serial_hex,
 )
+from fleetcore.stagger import stagger_fraction
+from fleetcore.validity import new_validity
 
 __all__ = [
     "DEFAULT_LIFETIME",
@@ -165,11 +167,10 @@ _ChunkItem = tuple[int, str, str | None, bool]
 
 @dataclass(frozen=True, slots=True)
 class _ChunkTimes:
-    """The times every device of one chunk shares."""
+    """The issue time every device of one chunk shares."""
 
+    issued_at: dt.datetime
     issued_at_iso: str
-    not_before: dt.datetime
-    not_before_iso: str
 
 
 @dataclass
@@ -199,14 +200,10 @@ class _Minter:
         self.ca_files = SharedCAFiles(
             self.temp_dir, chain_pem=self.ca.chain_pem, root_pem=config.root_pem
         )
-        # Whole seconds, as the certificate holds them (stagger offsets are whole seconds).
-        self.not_after_base = (config.batch_start + config.lifetime).replace(microsecond=0)
 
     def mint_chunk(self, chunk: list[_ChunkItem], want_records: bool) -> _ChunkResult:
         now = utcnow()
-        # Certificates hold whole seconds; the manifest and device.json say what they hold.
-        not_before = (now - CLOCK_SKEW).replace(microsecond=0)
-        times = _ChunkTimes(now.isoformat(), not_before, not_before.isoformat())
+        times = _ChunkTimes(now, now.isoformat())
         lines: list[bytes] = []
         records: list[ManifestRecord] = []
         issued = recovered = 0
@@ -230,18 +227,26 @@ class _Minter:
         config = self.config
         identity = Identity(config.trust_domain, IdentityKind.DEVICE, device_id)
         serial = new_serial()
-        not_after = self.not_after_base + stagger_offset(rank, config.stagger)
+        validity = new_validity(
+            times.issued_at,
+            config.lifetime,
+            stagger=config.stagger,
+            fraction=stagger_fraction(rank),
+            expiry_base=config.batch_start,
+        )
         issued = self.ca.issue_client(
             identity,
-            not_before=times.not_before,
-            not_after=not_after,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
             serial=serial,
             key_algorithm=config.key_algorithm,
         )
         assert issued.private_key is not None
         certificate_pem = issued.certificate_pem
         serial_text = serial_hex(serial)
-        not_after_iso = not_after.isoformat()
+        # The manifest and device.json say what the certificate holds (whole seconds).
+        not_before_iso = validity.not_before.isoformat()
+        not_after_iso = validity.not_after.isoformat()
         try:
             write_bundle(
                 f"{self.temp_dir}/{device_id}",
@@ -255,7 +260,7 @@ class _Minter:
                     serial=serial_text,
                     identity=identity.uri,
                     trust_domain=config.trust_domain,
-                    not_before=times.not_before_iso,
+                    not_before=not_before_iso,
                     not_after=not_after_iso,
                     broker=config.broker,
                 ),
@@ -270,7 +275,7 @@ class _Minter:
             device_id=device_id,
             hardware_serial=hardware_serial,
             serial=serial_text,
-            not_before=times.not_before_iso,
+            not_before=not_before_iso,
             not_after=not_after_iso,
             issued_at=times.issued_at_iso,
             certificate_pem=certificate_pem.decode(),
@@ -363,6 +368,184 @@ def _chunks(items: Iterator[_ChunkItem], size: int) -> Iterator[list[_ChunkItem]
         yield chunk
 
 
+@dataclass(frozen=True)
+class _Devices:
+    """The batch's devices, iterable more than once: a count (``<prefix>-000001`` ..) or the
+    DeviceSpecs read from a serials CSV."""
+
+    total: int
+    listed: list[DeviceSpec] | None
+    prefix: str
+
+    @classmethod
+    def of(cls, devices: Iterable[DeviceSpec] | int, prefix: str) -> _Devices:
+        if isinstance(devices, int):
+            counted_devices(devices, prefix)  # refuses a bad count or prefix now
+            return cls(devices, None, prefix)
+        listed = devices if isinstance(devices, list) else list(devices)
+        if not listed:
+            raise ProvisionError("the batch has no devices")
+        return cls(len(listed), listed, prefix)
+
+    def __iter__(self) -> Iterator[DeviceSpec]:
+        if self.listed is not None:
+            return iter(self.listed)
+        return counted_devices(self.total, self.prefix)
+
+
+def _check_options(
+    key_algorithm: str, lifetime: dt.timedelta, stagger: dt.timedelta, chunk_size: int
+) -> None:
+    if key_algorithm not in KEY_ALGORITHMS:
+        raise ProvisionError(
+            f"key algorithm {key_algorithm!r} is not one of {', '.join(KEY_ALGORITHMS)}"
+        )
+    if lifetime <= dt.timedelta(0):
+        raise ProvisionError("lifetime must be longer than zero")
+    if stagger < dt.timedelta(0):
+        raise ProvisionError("stagger window cannot be negative")
+    if chunk_size < 1:
+        raise ProvisionError(f"chunk size must be at least 1 (got {chunk_size})")
+
+
+class _BatchRun:
+    """One provisioning run, under the data folder's lock.
+
+    :meth:`prepare` repairs the manifest and reads what it already holds; :meth:`scan` counts
+    the devices this run skips (already issued) once, before minting; :meth:`pending` then
+    yields, lazily, the devices to mint or recover; :meth:`take` writes each finished chunk
+    and counts it; :meth:`finish` registers what was skipped and cleans up.
+    """
+
+    def __init__(
+        self,
+        layout: DataLayout,
+        devices: _Devices,
+        summary: ProvisionSummary,
+        *,
+        registrar: Registrar | None,
+        on_progress: ProgressCallback | None,
+        keep_ids: bool,
+    ) -> None:
+        self.layout = layout
+        self.devices = devices
+        self.summary = summary
+        self.registrar = registrar
+        self.on_progress = on_progress
+        self.keep_ids = keep_ids
+        self.manifest = Manifest(layout.manifest)
+        self.done = 0
+        self.issued_ids: set[str] = set()
+        self.existing_bundles: set[str] = set()
+        self.skipped_ids: set[str] = set()
+
+    def prepare(self) -> None:
+        layout, summary = self.layout, self.summary
+        summary.manifest_bytes_repaired = self.manifest.repair()
+        summary.temp_bundles_removed = clear_temp_bundles(layout.provision_tmp_dir)
+        layout.provision_tmp_dir.mkdir(parents=True, exist_ok=True)
+        layout.devices_dir.mkdir(parents=True, exist_ok=True)
+        self.issued_ids, device_by_hardware = _index_manifest(self.manifest)
+        # One listing instead of a lookup per device: only this run (it holds the lock) adds
+        # bundles, and renaming onto a finished bundle fails (ENOTEMPTY), never replaces it.
+        # Kept: bundles without a manifest line (a killed run's), the only ones asked about.
+        self.existing_bundles = {
+            name for name in os.listdir(layout.devices_dir) if name not in self.issued_ids
+        }
+        if self.devices.listed is not None:  # serials input: refuse before minting anything
+            _refuse_rebound_hardware(self.devices.listed, device_by_hardware)
+
+    def scan(self) -> None:
+        """Record the batch's ids and count the devices already issued (skipped)."""
+        summary = self.summary
+        for spec in self.devices:
+            if self.keep_ids:
+                summary.device_ids.append(spec.device_id)
+            if summary.first_device_id is None:
+                summary.first_device_id = spec.device_id
+            summary.last_device_id = spec.device_id
+            if spec.device_id in self.issued_ids:
+                self._skip(spec.device_id)
+        self._progress()
+
+    def _skip(self, device_id: str) -> None:
+        self.summary.skipped += 1
+        self.done += 1
+        if not self.layout.device_dir(device_id).exists():
+            self.summary.missing_bundles += 1
+            log.warning(
+                "bundle missing for an issued device, not re-issuing device_id=%s", device_id
+            )
+        if self.registrar is not None:
+            self.skipped_ids.add(device_id)
+
+    def pending(self) -> Iterator[_ChunkItem]:
+        """The devices to mint (or to recover from their bundle), in batch order."""
+        for spec in self.devices:
+            if spec.device_id not in self.issued_ids:
+                yield (
+                    spec.rank,
+                    spec.device_id,
+                    spec.hardware_serial,
+                    spec.device_id in self.existing_bundles,
+                )
+
+    def take(self, writer: ManifestWriter, result: _ChunkResult) -> None:
+        """Write one finished chunk's manifest lines (and register them), then count it."""
+        writer.append(result.lines)
+        self.summary.issued += result.issued
+        self.summary.recovered += result.recovered
+        self.done += result.issued + result.recovered
+        if self.registrar is not None and result.records is not None:
+            writer.sync()  # the registry never knows a certificate the manifest lacks
+            for record in result.records:
+                self.registrar.add(record)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.summary.requested)
+
+    def finish(self) -> None:
+        """Report the final progress, register the skipped devices' lines too, then remove
+        the temporary folder."""
+        self._progress()
+        if self.registrar is not None:
+            if self.skipped_ids:
+                for record in self.manifest.records():
+                    if record.device_id in self.skipped_ids:
+                        self.registrar.add(record)
+            self.registrar.flush()
+            self.summary.registered = True
+        clear_temp_bundles(self.layout.provision_tmp_dir)  # the workers' shared CA file pairs
+        self.layout.provision_tmp_dir.rmdir()
+
+
+def _worker_config(
+    ca: CertificateAuthority,
+    *,
+    broker: str,
+    key_algorithm: str,
+    lifetime: dt.timedelta,
+    stagger: dt.timedelta,
+    batch_id: str,
+) -> _WorkerConfig:
+    return _WorkerConfig(
+        data_dir=str(ca.layout.root),
+        trust_domain=ca.trust_domain,
+        root_pem=ca.root_pem,
+        issuing_pem=ca.issuing_cert.public_bytes(serialization.Encoding.PEM),
+        issuing_key_pem=private_key_pem(ca.issuing_key),
+        broker=broker,
+        key_algorithm=key_algorithm,
+        batch_start=utcnow(),
+        lifetime=lifetime,
+        stagger=stagger,
+        batch_id=batch_id,
+        publish_url=ca.publish_url,
+    )
+
+
 def provision_batch(
     ca: CertificateAuthority,
     devices: Iterable[DeviceSpec] | int,
@@ -387,134 +570,46 @@ def provision_batch(
     ``fsync_interval_s`` apart (0: after every chunk), and always before returning.
     Raises ProvisionError for refused input, CAError when the CA cannot sign.
     """
-    if key_algorithm not in KEY_ALGORITHMS:
-        raise ProvisionError(
-            f"key algorithm {key_algorithm!r} is not one of {', '.join(KEY_ALGORITHMS)}"
-        )
-    if lifetime <= dt.timedelta(0):
-        raise ProvisionError("lifetime must be longer than zero")
-    if stagger < dt.timedelta(0):
-        raise ProvisionError("stagger window cannot be negative")
-    if chunk_size < 1:
-        raise ProvisionError(f"chunk size must be at least 1 (got {chunk_size})")
-    if isinstance(devices, int):
-        total = devices
-        specs: Iterable[DeviceSpec] = counted_devices(devices, prefix)
-    else:
-        specs = devices if isinstance(devices, list) else list(devices)
-        total = len(specs)
-        if total == 0:
-            raise ProvisionError("the batch has no devices")
+    _check_options(key_algorithm, lifetime, stagger, chunk_size)
+    batch = _Devices.of(devices, prefix)
     worker_count = workers or os.cpu_count() or 1
     layout = ca.layout
     summary = ProvisionSummary(
-        batch_id=batch_id or new_batch_id(), data_dir=str(layout.root), requested=total
+        batch_id=batch_id or new_batch_id(), data_dir=str(layout.root), requested=batch.total
     )
     started = time.perf_counter()
     with ProvisionLock(layout.provision_lock):
-        manifest = Manifest(layout.manifest)
-        summary.manifest_bytes_repaired = manifest.repair()
-        summary.temp_bundles_removed = clear_temp_bundles(layout.provision_tmp_dir)
-        layout.provision_tmp_dir.mkdir(parents=True, exist_ok=True)
-        layout.devices_dir.mkdir(parents=True, exist_ok=True)
-        issued_ids, device_by_hardware = _index_manifest(manifest)
-        # One listing instead of a lookup per device: only this run (it holds the lock) adds
-        # bundles, and renaming onto a finished bundle fails (ENOTEMPTY), never replaces it.
-        # Kept: bundles without a manifest line (a killed run's), the only ones asked about.
-        existing_bundles = {
-            name for name in os.listdir(layout.devices_dir) if name not in issued_ids
-        }
-        if isinstance(specs, list):  # serials input: refuse before minting anything
-            _refuse_rebound_hardware(specs, device_by_hardware)
-
-        done = 0
-        skipped_ids: set[str] = set()
-        if on_progress is not None:
-            on_progress(0, total)
-
-        def pending() -> Iterator[_ChunkItem]:
-            nonlocal done
-            for spec in specs:
-                if keep_ids:
-                    summary.device_ids.append(spec.device_id)
-                if summary.first_device_id is None:
-                    summary.first_device_id = spec.device_id
-                summary.last_device_id = spec.device_id
-                if spec.device_id in issued_ids:
-                    summary.skipped += 1
-                    done += 1
-                    if not layout.device_dir(spec.device_id).exists():
-                        summary.missing_bundles += 1
-                        log.warning(
-                            "bundle missing for an issued device, not re-issuing device_id=%s",
-                            spec.device_id,
-                        )
-                    if registrar is not None:
-                        skipped_ids.add(spec.device_id)
-                    continue
-                yield (
-                    spec.rank,
-                    spec.device_id,
-                    spec.hardware_serial,
-                    spec.device_id in existing_bundles,
-                )
-
-        config = _WorkerConfig(
-            data_dir=str(layout.root),
-            trust_domain=ca.trust_domain,
-            root_pem=ca.root_pem,
-            issuing_pem=ca.issuing_cert.public_bytes(serialization.Encoding.PEM),
-            issuing_key_pem=private_key_pem(ca.issuing_key),
+        run = _BatchRun(
+            layout, batch, summary, registrar=registrar, on_progress=on_progress, keep_ids=keep_ids
+        )
+        run.prepare()
+        run.scan()
+        config = _worker_config(
+            ca,
             broker=broker,
             key_algorithm=key_algorithm,
-            batch_start=utcnow(),
             lifetime=lifetime,
             stagger=stagger,
             batch_id=summary.batch_id,
-            publish_url=ca.publish_url,
         )
         want_records = registrar is not None
         log.info(
             "provisioning started batch_id=%s devices=%d already_issued=%d workers=%d",
             summary.batch_id,
-            total,
-            len(issued_ids),
+            batch.total,
+            len(run.issued_ids),
             worker_count,
         )
-        with manifest.writer(fsync_interval_s=fsync_interval_s) as writer:
-
-            def handle(result: _ChunkResult) -> None:
-                nonlocal done
-                writer.append(result.lines)
-                summary.issued += result.issued
-                summary.recovered += result.recovered
-                done += result.issued + result.recovered
-                if registrar is not None and result.records is not None:
-                    writer.sync()  # the registry never knows a certificate the manifest lacks
-                    for record in result.records:
-                        registrar.add(record)
-                if on_progress is not None:
-                    on_progress(done, total)
-
-            chunks = _chunks(pending(), chunk_size)
-            to_mint = total - len(issued_ids)
+        with run.manifest.writer(fsync_interval_s=fsync_interval_s) as writer:
+            chunks = _chunks(run.pending(), chunk_size)
+            to_mint = batch.total - summary.skipped
             if worker_count <= 1 or to_mint <= _IN_PROCESS_LIMIT:
                 minter = _Minter(config)
                 for chunk in chunks:
-                    handle(minter.mint_chunk(chunk, want_records))
+                    run.take(writer, minter.mint_chunk(chunk, want_records))
             else:
-                _run_pool(config, chunks, worker_count, want_records, handle)
-        if on_progress is not None:
-            on_progress(done, total)
-        if registrar is not None:
-            if skipped_ids:
-                for record in manifest.records():
-                    if record.device_id in skipped_ids:
-                        registrar.add(record)
-            registrar.flush()
-            summary.registered = True
-        clear_temp_bundles(layout.provision_tmp_dir)  # the workers' shared CA file pairs
-        layout.provision_tmp_dir.rmdir()
+                _run_pool(config, chunks, worker_count, want_records, partial(run.take, writer))
+        run.finish()
     summary.elapsed_s = time.perf_counter() - started
     log.info(
         "provisioning finished batch_id=%s issued=%d recovered=%d skipped=%d elapsed_s=%.2f "

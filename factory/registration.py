@@ -23,6 +23,7 @@ from factory.errors import RegistrationError
 from factory.manifest import ManifestRecord
 from fleetcore.errors import RegistryCallError
 from fleetcore.layout import DataLayout
+from fleetcore.tls import TlsSetupError, client_context
 
 __all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "tls_context"]
 
@@ -34,15 +35,13 @@ _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 def tls_context(root_cert: Path, client_cert: tuple[Path, Path] | None) -> ssl.SSLContext:
-    """TLS 1.2+ context trusting only our root, optionally presenting a client certificate."""
+    """The registry client's context (:func:`fleetcore.tls.client_context`): trust only our
+    root, present a client certificate when given."""
+    cert, key = client_cert if client_cert is not None else (None, None)
     try:
-        context = ssl.create_default_context(cafile=str(root_cert))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if client_cert is not None:
-            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
-    except (OSError, ssl.SSLError) as exc:
+        return client_context(root_cert, cert, key)
+    except TlsSetupError as exc:
         raise RegistrationError(f"cannot set up TLS to the registry: {exc}") from None
-    return context
 
 
 class RegistryClient:

@@ -2,6 +2,7 @@
 
     CertfleetError
      ├── ConfigError            bad settings, flags or paths
+     │    └── TlsSetupError     a TLS certificate, key or CA file is missing or unusable
      ├── IdentityError          a certificate does not carry exactly one valid certfleet identity
      └── RegistryCallError      an operator call to the registry failed or was refused
 
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigError",
     "IdentityError",
     "RegistryCallError",
+    "TlsSetupError",
 ]
 
 
@@ -26,6 +28,10 @@ class CertfleetError(Exception):
 
 class ConfigError(CertfleetError):
     """A setting, flag or path is unusable."""
+
+
+class TlsSetupError(ConfigError):
+    """A TLS certificate, key or CA file is missing or unusable (the message says which)."""
 
 
 class IdentityError(CertfleetError):

@@ -27,6 +27,7 @@ __all__ = [
     "renew_topic",
     "split_device_topic",
     "telemetry_topic",
+    "topic_matches",
 ]
 
 DEVICES: Final = "devices"
@@ -83,3 +84,23 @@ def is_renewal_topic(topic: str) -> bool:
 def has_wildcard(topic: str) -> bool:
     """Whether ``topic`` holds an MQTT wildcard (``+`` or ``#``): a filter, not a name."""
     return "+" in topic or "#" in topic
+
+
+def topic_matches(topic: str, topic_filter: str) -> bool:
+    """Whether the topic name ``topic`` matches the MQTT filter ``topic_filter``
+    (``+`` one level, ``#`` the rest; a ``$`` topic never matches a filter that starts with
+    a wildcard [MQTT-4.7.2-1]; a malformed wildcard level matches nothing)."""
+    if topic.startswith("$") and topic_filter.startswith(("+", "#")):
+        return False
+    if not has_wildcard(topic_filter):
+        return topic == topic_filter
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return index == len(filter_levels) - 1
+        if has_wildcard(level) and level != "+":
+            return False
+        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)

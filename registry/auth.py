@@ -18,8 +18,8 @@ from sqlmodel import Session
 
 from fleetcore.errors import IdentityError
 from fleetcore.profile import Identity, IdentityKind, read_identity
-from registry import crud
 from registry.metrics import RegistryMetrics
+from registry.store import audit, tokens
 from registry.tls import peer_certificate_der
 
 __all__ = [
@@ -49,8 +49,8 @@ class Caller:
     def who(self) -> str:
         return self.uri if self.via == "mtls" else f"token:operator/{self.name}"
 
-    def actor(self, request: Request) -> crud.Actor:
-        return crud.Actor(who=self.who, from_addr=client_addr(request))
+    def actor(self, request: Request) -> audit.Actor:
+        return audit.Actor(who=self.who, from_addr=client_addr(request))
 
 
 def client_addr(request: Request) -> str | None:
@@ -94,7 +94,7 @@ class Refused(Exception):
 
 def caller_from_token(session: Session, token: str, trust_domain: str) -> Caller:
     """The operator a bearer token belongs to, or raise Refused (401)."""
-    match = crud.find_token(session, token)
+    match = tokens.find_token(session, token)
     if match is None:
         raise Refused(401, "bad_token", "bearer token is unknown or revoked")
     if match.revoked:

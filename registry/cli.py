@@ -16,10 +16,9 @@ from registry.operator_cli import devices_app
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-    from sqlmodel import Session
 
-    from registry import crud
     from registry.models import TokenInfo
+    from registry.store.audit import Actor
 
 __all__ = ["app"]
 
@@ -128,36 +127,27 @@ def token_create(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a bearer token for OPERATOR and print it once (only its hash is stored)."""
-    from sqlmodel import Session
-
     from fleetcore.profile import check_name
-    from registry import crud
-    from registry.db import make_engine
-    from registry.db import migrate as run_migrations
-    from registry.settings import load_settings
+    from registry import operations
 
     check_name(operator, "operator name")
-    settings = load_settings(data_dir=data_dir, registry_database_url=database_url)
-    engine = make_engine(settings)
+    engine = _open_engine(data_dir, database_url)
     try:
-        run_migrations(engine)
-        with Session(engine) as session:
-            token = crud.create_token(session, operator, _cli_actor())
+        token = operations.create_token(engine, operator, _cli_actor())
     finally:
         engine.dispose()
     typer.echo(token)
 
 
-def _cli_actor() -> crud.Actor:
+def _cli_actor() -> Actor:
     """Who CLI token commands act as in the audit log: the local administrator (unix user)."""
-    from registry import crud
+    from registry.store.audit import Actor
 
-    return crud.Actor(who=f"cli:{getpass.getuser()}", from_addr="local")
+    return Actor(who=f"cli:{getpass.getuser()}", from_addr="local")
 
 
-def _open_session(data_dir: Path | None, database_url: str | None) -> tuple[Engine, Session]:
-    from sqlmodel import Session
-
+def _open_engine(data_dir: Path | None, database_url: str | None) -> Engine:
+    """The registry database's engine, migrated (the caller disposes of it)."""
     from registry.db import make_engine
     from registry.db import migrate as run_migrations
     from registry.settings import load_settings
@@ -169,7 +159,7 @@ def _open_session(data_dir: Path | None, database_url: str | None) -> tuple[Engi
     except BaseException:
         engine.dispose()
         raise
-    return engine, Session(engine)
+    return engine
 
 
 def _token_line(token: TokenInfo) -> str:
@@ -190,12 +180,14 @@ def token_list(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON array")] = False,
 ) -> None:
     """List bearer tokens: id, operator, created_at, revoked (never the token or its hash)."""
-    from registry import crud
+    from sqlmodel import Session
 
-    engine, session = _open_session(data_dir, database_url)
+    from registry.store.tokens import list_tokens
+
+    engine = _open_engine(data_dir, database_url)
     try:
-        with session:
-            tokens = crud.list_tokens(session, operator)
+        with Session(engine) as session:
+            tokens = list_tokens(session, operator)
     finally:
         engine.dispose()
     if as_json:
@@ -220,16 +212,15 @@ def token_revoke(
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
     """Revoke TOKEN_ID, or all tokens of --operator; effective on the next request."""
-    from registry import crud
+    from registry import operations
     from registry.errors import InvalidRequestError
 
     if (token_id is None) == (operator is None):
         raise InvalidRequestError("give either TOKEN_ID or --operator NAME (exactly one)")
     actor = _cli_actor()
-    engine, session = _open_session(data_dir, database_url)
+    engine = _open_engine(data_dir, database_url)
     try:
-        with session:
-            outcome = crud.revoke_tokens(session, actor, token_id=token_id, operator=operator)
+        outcome = operations.revoke_tokens(engine, actor, token_id=token_id, operator=operator)
     finally:
         engine.dispose()
     if as_json:
@@ -243,7 +234,6 @@ def token_revoke(
         )
         return
     for token in outcome.revoked:
-        log.info("token revoked token_id=%d operator=%s by=%s", token.id, token.operator, actor.who)
         typer.echo(f"revoked token {token.id} of operator {token.operator}")
     for token in outcome.already_revoked:
         typer.echo(f"token {token.id} of operator {token.operator} was already revoked")

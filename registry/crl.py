@@ -23,8 +23,8 @@ from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
 from fleetcore.clock import utcnow
-from registry import crud
 from registry.errors import UnavailableError
+from registry.store import certificates, revocations
 from registry.supervise import SupervisedThread
 
 __all__ = ["CrlCache", "SignedCrl"]
@@ -90,7 +90,7 @@ class CrlCache:
         Raises UnavailableError (503) when the signer cannot produce it in time.
         """
         with Session(self._engine) as session:
-            head = crud.head_seq(session)
+            head = revocations.head_seq(session)
         with self._cond:
             if self._fresh(head):
                 assert self._crl is not None
@@ -161,9 +161,9 @@ class CrlCache:
         now = utcnow()
         with Session(self._engine) as session:
             # Head first: the entries read after it include at least every revocation up to it.
-            head = crud.head_seq(session)
-            entries = crud.revoked_entries(session, now)
-            number = crud.next_crl_number(session)
+            head = revocations.head_seq(session)
+            entries = certificates.revoked_entries(session, now)
+            number = certificates.next_crl_number(session)
         crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
         if self._on_resign is not None:
             self._on_resign()

@@ -1,14 +1,17 @@
 """Database engine and schema: SQLite (WAL, busy timeout) by default, PostgreSQL by URL.
 
-Write transactions call :func:`begin_write` first. On SQLite that makes the transaction
-``BEGIN IMMEDIATE``: writers are serialized up front instead of failing when a read
-transaction tries to upgrade. On PostgreSQL row locks (``SELECT ... FOR UPDATE`` on the
+Every write runs in :func:`write_transaction` (the one transaction helper: begin as a write
+transaction, commit on success, roll back on any exception). On SQLite that makes the
+transaction ``BEGIN IMMEDIATE``: writers are serialized up front instead of failing when a
+read transaction tries to upgrade. On PostgreSQL row locks (``SELECT ... FOR UPDATE`` on the
 counter row) do the same job where it matters.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ __all__ = [
     "make_engine",
     "migrate",
     "unreachable",
+    "write_transaction",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,19 @@ def begin_write(session: Session) -> None:
             raise RuntimeError("begin_write() called with unflushed changes in the session")
         session.commit()
     session.connection(execution_options={_WRITE_OPTION: True})
+
+
+@contextmanager
+def write_transaction(session: Session) -> Iterator[Session]:
+    """Run the block as one write transaction of ``session``: committed when the block ends,
+    rolled back (releasing the write lock at once) when it raises."""
+    begin_write(session)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def alembic_config() -> AlembicConfig:

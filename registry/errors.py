@@ -4,23 +4,30 @@ CertfleetError
  └── RegistryError                  anything the registry refuses
       ├── NotFoundError             404  no such device
       ├── ConflictError             409  a serial / hardware serial bound elsewhere
-      │    └── AlreadyDecommissionedError   409  decommission of a decommissioned device
+      │    ├── AlreadyDecommissionedError   409  decommission of a decommissioned device
+      │    └── DecommissionedDeviceError    409  a new certificate for a decommissioned device
       ├── InvalidCertificateError   422  not PEM, not a device certificate, not ours
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
+      ├── RenewedTooSoonError       429  a device renewed again within the renewal interval
       └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
+ConfigError
+ └── RegistryTlsError               a TLS certificate, key or CA file of the registry is unusable
 """
 
 from __future__ import annotations
 
-from fleetcore.errors import CertfleetError
+from fleetcore.errors import CertfleetError, ConfigError
 
 __all__ = [
     "AlreadyDecommissionedError",
     "ConflictError",
+    "DecommissionedDeviceError",
     "InvalidCertificateError",
     "InvalidRequestError",
     "NotFoundError",
     "RegistryError",
+    "RegistryTlsError",
+    "RenewedTooSoonError",
     "UnavailableError",
 ]
 
@@ -46,6 +53,10 @@ class AlreadyDecommissionedError(ConflictError):
     code = "already_decommissioned"
 
 
+class DecommissionedDeviceError(ConflictError):
+    code = "device_decommissioned"
+
+
 class InvalidCertificateError(RegistryError):
     status = 422
     code = "invalid_certificate"
@@ -56,6 +67,21 @@ class InvalidRequestError(RegistryError):
     code = "invalid_request"
 
 
+class RenewedTooSoonError(RegistryError):
+    """``since_s``: seconds since the device's last renewal."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, since_s: float) -> None:
+        super().__init__(message)
+        self.since_s = since_s
+
+
 class UnavailableError(RegistryError):
     status = 503
     code = "unavailable"
+
+
+class RegistryTlsError(ConfigError):
+    """A TLS certificate, key or CA file of the registry is missing or unusable (at start)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from registry import crud
+from registry.store import revocations
 
 __all__ = ["MARK_FILE", "FeedMark"]
 
@@ -43,14 +43,14 @@ class FeedMark:
     def check(self, engine: Engine) -> bool:
         """Compare the database with the mark; True (and a new epoch) when it went back."""
         with Session(engine) as session:
-            epoch = crud.feed_epoch(session)
-            head = crud.head_seq(session)
+            epoch = revocations.feed_epoch(session)
+            head = revocations.head_seq(session)
         mark = self._read()
         restored = mark is not None and mark[0] == epoch and head < mark[1]
         if restored:
             assert mark is not None
             with Session(engine) as session:
-                new_epoch = crud.redraw_feed_epoch(session)
+                new_epoch = revocations.redraw_feed_epoch(session)
             log.error(
                 "registry database restored from an older copy: feed head %d is below %d "
                 "handed out before; new feed epoch=%d (brokers re-read the feed from 0); "

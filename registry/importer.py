@@ -11,20 +11,20 @@ from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
 from fleetcore.errors import ConfigError
-from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.errors import InvalidCertificateError
 from registry.models import MAX_BATCH, BatchResult
 from registry.planner import analyze
 from registry.settings import RegistrySettings
+from registry.store import audit, devices
 
 __all__ = ["import_manifest", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
 
-def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[crud.Registration]:
+def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[devices.Registration]:
     """Parse each manifest line into a registration; raise ConfigError naming the bad line."""
     try:
         handle = path.open(encoding="utf-8")
@@ -48,18 +48,18 @@ def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[crud.Registr
                 )
             except InvalidCertificateError as exc:
                 raise ConfigError(f"{path}:{number}: {exc}") from None
-            yield crud.Registration(parsed, hardware_serial or None)
+            yield devices.Registration(parsed, hardware_serial or None)
 
 
 def import_manifest(settings: RegistrySettings, path: Path, *, who: str) -> BatchResult:
     """Register every certificate in ``path``, in batches of 1000; returns the totals."""
     ca = CertificateAuthority.load(settings.layout, passphrase=settings.ca_passphrase_bytes)
     engine = make_engine(settings)
-    actor = crud.Actor(who=who, from_addr="local")
+    actor = audit.Actor(who=who, from_addr="local")
     created = existing = 0
     try:
         migrate(engine)
-        batch: list[crud.Registration] = []
+        batch: list[devices.Registration] = []
         registrations = read_manifest(path, ca)
         while True:
             batch.clear()
@@ -70,7 +70,7 @@ def import_manifest(settings: RegistrySettings, path: Path, *, who: str) -> Batc
             if not batch:
                 break
             with Session(engine) as session:
-                result = crud.register_devices(session, batch, actor)
+                result = devices.register_devices(session, batch, actor)
             created += result.created
             existing += result.existing
         if created:

@@ -30,7 +30,7 @@ from factory.keys import load_private_key
 from fleetcore.clock import utcnow
 from fleetcore.profile import PrivateKey, PublicKey, serial_hex
 from fleetcore.reasons import reason_flag
-from registry import crud
+from registry.store import certificates
 
 __all__ = [
     "ANSWER_VALIDITY",
@@ -67,9 +67,9 @@ class CertificateStatus:
 
 
 def certificate_status(session: Session, serial: int) -> CertificateStatus:
-    """The status of ``serial`` (:func:`registry.crud.certificate_status`): unknown when the
+    """The status of ``serial`` (:func:`registry.certificates.certificate_status`): unknown when the
     registry never registered it; revoked with the decommission's time and reason code."""
-    info = crud.certificate_status(session, serial_hex(serial))
+    info = certificates.certificate_status(session, serial_hex(serial))
     if info is None:
         return CertificateStatus("unknown")
     if info.status != "revoked":

@@ -1,29 +1,67 @@
-"""Operator operations: one service function per operation, owning its transaction and
-its after-commit effects.
+"""Operator operations: one service function per write operation, owning its transaction
+and its after-commit effects.
 
-The REST route and every other entry point (the web console, the CLI) call these
-functions, so an operation's effects (feed wake-up, metrics, log line, CRL re-sign) happen
-the same way whoever asks. Each function opens and closes its own database session: no
-connection is held once it returns, and nothing after the commit waits on the database.
+The REST routes and every other entry point (the web console, the token CLI) call these
+functions, so an operation's effects (feed wake-up, metrics, planner, log line, CRL re-sign)
+happen the same way whoever asks. Each function opens and closes its own database session:
+no connection is held once it returns, and nothing after the commit waits on the database.
+Renewal over MQTT has its own service (:class:`registry.renewal.RenewalService`: answer,
+count, log), on the same data layer (:mod:`registry.store.renewals`).
+
+Operations that need the running app's parts (metrics, feed, CRL) take its
+:class:`~registry.state.RegistryState`; token operations need only the database, so the
+offline CLI can call them too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+from sqlalchemy import Engine
 from sqlmodel import Session
 
-from registry import crud
-from registry.models import DecommissionRequest, DecommissionResult
+from registry.models import BatchResult, DecommissionRequest, DecommissionResult
 from registry.state import RegistryState
+from registry.store import devices, revocations, tokens
+from registry.store.audit import Actor
 
-__all__ = ["decommission_device"]
+__all__ = ["create_token", "decommission_device", "register_devices", "revoke_tokens"]
 
 log = logging.getLogger(__name__)
 
 
+def register_devices(
+    state: RegistryState, registrations: Sequence[devices.Registration], actor: Actor
+) -> BatchResult:
+    """Register certificates (one transaction, all or nothing, idempotent), then count the
+    new ones, tell the query planner's statistics and log it."""
+    with Session(state.engine) as session:
+        result = devices.register_devices(session, registrations, actor)
+    state.metrics.registrations.inc(result.created)
+    state.planner.registered(result.created)
+    if len(registrations) == 1:
+        certificate = registrations[0].certificate
+        log.info(
+            "device registered device_id=%s serial=%s created=%d by=%s",
+            certificate.device_id,
+            certificate.serial,
+            result.created,
+            actor.who,
+        )
+    else:
+        log.info(
+            "devices registered count=%d created=%d existing=%d by=%s",
+            len(registrations),
+            result.created,
+            result.existing,
+            actor.who,
+        )
+    return result
+
+
 def decommission_device(
-    state: RegistryState, device_id: str, request: DecommissionRequest, actor: crud.Actor
+    state: RegistryState, device_id: str, request: DecommissionRequest, actor: Actor
 ) -> DecommissionResult:
     """Decommission ``device_id``: revoke its live certificates and append one feed event
     (one transaction), then wake feed readers, count it, log it and request a CRL re-sign
@@ -33,7 +71,7 @@ def decommission_device(
     reached or a pool that is exhausted surfaces as a 503 through the app's handlers.
     """
     with Session(state.engine) as session:
-        result = crud.decommission_device(
+        result = revocations.decommission_device(
             session, device_id, request.reason, actor, reason_code=request.reason_code
         )
     if state.mark is not None:
@@ -50,3 +88,28 @@ def decommission_device(
     )
     state.crl.request_resign()
     return result
+
+
+def create_token(engine: Engine, operator: str, actor: Actor) -> str:
+    """Create a bearer token for ``operator`` (with its audit entry) and log it (never the
+    token); returns the token, the only time it exists in clear."""
+    with Session(engine) as session:
+        token = tokens.create_token(session, operator, actor)
+    log.info("token created operator=%s by=%s", operator, actor.who)
+    return token
+
+
+def revoke_tokens(
+    engine: Engine,
+    actor: Actor,
+    *,
+    token_id: int | None = None,
+    operator: str | None = None,
+) -> tokens.TokenRevocation:
+    """Revoke one token or all of an operator's (one transaction, one audit entry per token
+    revoked), then log each; effective on the token's next request."""
+    with Session(engine) as session:
+        outcome = tokens.revoke_tokens(session, actor, token_id=token_id, operator=operator)
+    for token in outcome.revoked:
+        log.info("token revoked token_id=%d operator=%s by=%s", token.id, token.operator, actor.who)
+    return outcome

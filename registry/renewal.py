@@ -3,7 +3,8 @@
 A device publishes a PEM CSR to ``devices/<id>/cert/renew``; the registry's MQTT client
 (:mod:`registry.telemetry`, connected as ``spiffe://<td>/service/registry``) hands it to
 :class:`RenewalService`, which answers on ``devices/<id>/cert/issued`` (QoS 1) with either the
-new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``.
+new leaf certificate (PEM) or a JSON refusal ``{"error": "<code>", "message": "<why>"}``
+(:mod:`fleetcore.renewal_wire`, codes :class:`~fleetcore.renewal_wire.RefusalCode`).
 
 The checks, in order (each refusal is logged, counted and answered):
 
@@ -27,7 +28,8 @@ Requests wait in one queue per device, served round-robin by one worker thread, 
 ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
-certificate (or ``registry_renewal_lifetime_days``). It is stored as a live certificate of the
+certificate (or ``registry_renewal_lifetime_days``), through the one validity policy
+(:func:`fleetcore.validity.renewal_validity`). It is stored as a live certificate of the
 device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
 previous certificate stays live until it expires: the device may still be using it.
 
@@ -39,30 +41,32 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
-from fleetcore.profile import CLOCK_SKEW, NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
+from fleetcore.renewal_wire import RefusalCode, refusal_payload
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
-from registry.crud import Actor, audit
-from registry.db import begin_write
-from registry.models import Certificate, Device, RenewalLimit
+from fleetcore.validity import renewal_validity
+from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
+from registry.store import renewals
+from registry.store.audit import Actor
 from registry.supervise import SupervisedThread
 
 __all__ = [
@@ -91,12 +95,12 @@ DEFAULT_MAX_ATTEMPTS = 5
 class RenewalRefused(CertfleetError):
     """A renewal request the registry refuses; ``error`` is the code sent to the device."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: RefusalCode, message: str) -> None:
         super().__init__(message)
         self.error = error
 
     def payload(self) -> bytes:
-        return json.dumps({"error": self.error, "message": str(self)}).encode()
+        return refusal_payload(self.error, str(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,9 @@ def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
     device_id = device_of(topic, RENEW)
     if device_id is None or not NAME_PATTERN.fullmatch(device_id):
-        raise RenewalRefused("bad_topic", f"topic {topic[:200]!r} is not devices/<id>/cert/renew")
+        raise RenewalRefused(
+            RefusalCode.BAD_TOPIC, f"topic {topic[:200]!r} is not devices/<id>/cert/renew"
+        )
     return device_id
 
 
@@ -148,7 +154,7 @@ class CertificateRenewer:
         self._count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
-                "too_large", f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
+                RefusalCode.TOO_LARGE, f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
         validated = self._validate(device_id, payload)
         key_sha256 = hashlib.sha256(
@@ -156,198 +162,112 @@ class CertificateRenewer:
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         ).hexdigest()
-        with Session(self.engine) as session:
-            previous = self._current_certificate(session, device_id)
-            duplicate = self._check_rate(session, device_id, key_sha256)
-        if duplicate is not None:
-            return duplicate
+        with self._refusals(device_id), Session(self.engine) as session:
+            basis = renewals.renewal_basis(
+                session, device_id, key_sha256, self._clock(), self._interval
+            )
+        if basis.repeat is not None:
+            return self._repeated(basis.repeat)
+        previous = basis.previous
         lifetime = self.lifetime or (
             previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
         )
-        not_before = utcnow() - CLOCK_SKEW
+        validity = renewal_validity(utcnow(), lifetime)
         issued = self.ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
-            not_before=not_before,
-            not_after=not_before + lifetime,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
         )
         certificate = issued.certificate
-        renewed = RenewedCertificate(
+        signed = renewals.StoredCertificate(
             device_id=device_id,
             serial=serial_hex(certificate.serial_number),
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
             certificate_pem=issued.certificate_pem.decode(),
         )
-        return self._store(renewed, previous.serial if previous is not None else None, key_sha256)
+        with self._refusals(device_id), Session(self.engine) as session:
+            stored = renewals.record_renewal(
+                session,
+                signed,
+                previous_serial=previous.serial if previous is not None else None,
+                key_sha256=key_sha256,
+                actor=self.actor,
+                now=self._clock(),
+                interval=self._interval,
+            )
+        if stored is not signed:
+            return self._repeated(stored)
+        return RenewedCertificate(
+            device_id=stored.device_id,
+            serial=stored.serial,
+            not_before=stored.not_before,
+            not_after=stored.not_after,
+            certificate_pem=stored.certificate_pem,
+        )
+
+    @staticmethod
+    def _repeated(certificate: renewals.StoredCertificate) -> RenewedCertificate:
+        log.info(
+            "renewal repeated device_id=%s serial=%s (same key: same certificate sent again)",
+            certificate.device_id,
+            certificate.serial,
+        )
+        return RenewedCertificate(
+            device_id=certificate.device_id,
+            serial=certificate.serial,
+            not_before=certificate.not_before,
+            not_after=certificate.not_after,
+            certificate_pem=certificate.certificate_pem,
+            repeated=True,
+        )
+
+    @contextmanager
+    def _refusals(self, device_id: str) -> Iterator[None]:
+        """The data layer's refusals as the codes a device is answered with."""
+        try:
+            yield
+        except NotFoundError as exc:
+            raise RenewalRefused(RefusalCode.UNKNOWN_DEVICE, str(exc)) from None
+        except DecommissionedDeviceError as exc:
+            raise RenewalRefused(RefusalCode.DEVICE_DECOMMISSIONED, str(exc)) from None
+        except RenewedTooSoonError as exc:
+            wait = math.ceil(self.min_interval_s - exc.since_s)
+            raise RenewalRefused(
+                RefusalCode.RATE_LIMITED,
+                f"{exc}; at most one renewal per {self.min_interval_s:g} s "
+                f"(CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): retry in {wait} s",
+            ) from None
 
     def _count_attempt(self, device_id: str) -> None:
         """Count one request of ``device_id`` in its window; refuse beyond ``max_attempts``."""
         if self.min_interval_s <= 0:
             return
-        for attempt in range(2):
-            try:
-                self._count_attempt_once(device_id)
-                return
-            except IntegrityError:  # PostgreSQL: another process inserted the row first
-                if attempt:
-                    raise
-
-    def _count_attempt_once(self, device_id: str) -> None:
         now = self._clock()
         with Session(self.engine) as session:
-            begin_write(session)
-            row = self._limit_row(session, device_id)
-            if row is None:
-                row = RenewalLimit(device_id=device_id, window_start=now, attempts=0)
-            elif now - row.window_start >= self._interval:
-                row.window_start, row.attempts = now, 0
-            row.attempts += 1
-            attempts, window_start = row.attempts, row.window_start
-            session.add(row)
-            session.commit()
-        if attempts > self.max_attempts:
-            wait = math.ceil((window_start + self._interval - now).total_seconds())
+            window = renewals.count_attempt(session, device_id, now, self._interval)
+        if window.attempts > self.max_attempts:
+            wait = math.ceil((window.window_start + self._interval - now).total_seconds())
             raise RenewalRefused(
-                "rate_limited",
-                f"device {device_id} sent {attempts} renewal requests within "
+                RefusalCode.RATE_LIMITED,
+                f"device {device_id} sent {window.attempts} renewal requests within "
                 f"{self.min_interval_s:g} s; at most {self.max_attempts} "
                 f"(CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS): retry in {wait} s",
             )
-
-    @staticmethod
-    def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:
-        return session.exec(
-            select(RenewalLimit).where(RenewalLimit.device_id == device_id).with_for_update()
-        ).one_or_none()
 
     def _validate(self, device_id: str, payload: bytes) -> ValidatedCSR:
         try:
             validated = validate_device_csr(load_csr(bytes(payload)), self.ca.trust_domain)
         except CSRError as exc:
-            raise RenewalRefused("invalid_csr", str(exc)) from None
+            raise RenewalRefused(RefusalCode.INVALID_CSR, str(exc)) from None
         if validated.identity.name != device_id:
             raise RenewalRefused(
-                "identity_mismatch",
+                RefusalCode.IDENTITY_MISMATCH,
                 f"CSR names device {validated.identity.name!r} but was sent on "
                 f"{renew_topic(device_id)}; a device renews only itself",
             )
         return validated
-
-    @staticmethod
-    def _check_active(device: Device | None, device_id: str) -> None:
-        if device is None:
-            raise RenewalRefused(
-                "unknown_device",
-                f"device {device_id} is not registered; register it before renewing",
-            )
-        if device.status != "active":
-            raise RenewalRefused(
-                "device_decommissioned",
-                f"device {device_id} is decommissioned; it cannot be given new certificates",
-            )
-
-    def _current_certificate(self, session: Session, device_id: str) -> Certificate | None:
-        self._check_active(session.get(Device, device_id), device_id)
-        return session.exec(
-            select(Certificate)
-            .where(Certificate.device_id == device_id)
-            .order_by(col(Certificate.not_after).desc())
-            .limit(1)
-        ).first()
-
-    def _check_rate(
-        self, session: Session, device_id: str, key_sha256: str
-    ) -> RenewedCertificate | None:
-        """The certificate to send again for a re-delivered CSR, None to go ahead, or refuse."""
-        if self.min_interval_s <= 0:
-            return None
-        row = session.get(RenewalLimit, device_id)
-        if row is None or row.issued_at is None or row.issued_serial is None:
-            return None
-        now = self._clock()
-        since = (now - row.issued_at).total_seconds()
-        if since >= self.min_interval_s:
-            return None
-        if row.issued_key_sha256 == key_sha256:
-            certificate = session.get(Certificate, row.issued_serial)
-            if certificate is not None:
-                log.info(
-                    "renewal repeated device_id=%s serial=%s (same key: same certificate sent "
-                    "again)",
-                    device_id,
-                    certificate.serial,
-                )
-                return RenewedCertificate(
-                    device_id=device_id,
-                    serial=certificate.serial,
-                    not_before=certificate.not_before,
-                    not_after=certificate.not_after,
-                    certificate_pem=certificate.certificate_pem,
-                    repeated=True,
-                )
-        wait = math.ceil(self.min_interval_s - since)
-        raise RenewalRefused(
-            "rate_limited",
-            f"device {device_id} was renewed {since:.0f} s ago; at most one renewal "
-            f"per {self.min_interval_s:g} s (CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): "
-            f"retry in {wait} s",
-        )
-
-    def _store(
-        self, renewed: RenewedCertificate, previous_serial: str | None, key_sha256: str
-    ) -> RenewedCertificate:
-        """Add the certificate, its audit entry and the rate-limit record, re-checking the
-        device and the limit under the write lock: a decommission that committed since the
-        first check wins, and so does a renewal another registry process just made."""
-        with Session(self.engine) as session:
-            begin_write(session)
-            try:
-                device = session.exec(
-                    select(Device).where(Device.device_id == renewed.device_id).with_for_update()
-                ).one_or_none()
-                self._check_active(device, renewed.device_id)
-                row = self._limit_row(session, renewed.device_id)
-                if row is not None:
-                    duplicate = self._check_rate(session, renewed.device_id, key_sha256)
-                    if duplicate is not None:
-                        session.rollback()
-                        return duplicate
-                else:
-                    row = RenewalLimit(
-                        device_id=renewed.device_id, window_start=self._clock(), attempts=0
-                    )
-                row.issued_at = self._clock()
-                row.issued_serial = renewed.serial
-                row.issued_key_sha256 = key_sha256
-                session.add(row)
-                session.add(
-                    Certificate(
-                        serial=renewed.serial,
-                        device_id=renewed.device_id,
-                        not_before=renewed.not_before,
-                        not_after=renewed.not_after,
-                        status="live",
-                        revoked_at=None,
-                        certificate_pem=renewed.certificate_pem,
-                    )
-                )
-                audit(
-                    session,
-                    self.actor,
-                    "renew",
-                    renewed.device_id,
-                    {
-                        "serial": renewed.serial,
-                        "previous_serial": previous_serial,
-                        "not_after": renewed.not_after.isoformat(),
-                    },
-                )
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-        return renewed
 
 
 class RenewalService:
@@ -413,7 +333,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "busy", f"{self._max_pending} renewals are waiting; retry in a minute"
+                    RefusalCode.BUSY, f"{self._max_pending} renewals are waiting; retry in a minute"
                 ),
             )
 
@@ -448,7 +368,7 @@ class RenewalService:
             self._refuse(
                 device_id,
                 RenewalRefused(
-                    "registry_unavailable",
+                    RefusalCode.REGISTRY_UNAVAILABLE,
                     "the registry could not record the certificate; retry later",
                 ),
             )
@@ -456,7 +376,8 @@ class RenewalService:
         except Exception:  # a bug must not kill the worker silently; the device is told
             log.exception("renewal crashed device_id=%s", device_id)
             self._refuse(
-                device_id, RenewalRefused("internal_error", "the registry failed; retry later")
+                device_id,
+                RenewalRefused(RefusalCode.INTERNAL_ERROR, "the registry failed; retry later"),
             )
             return
         finally:

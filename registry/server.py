@@ -30,7 +30,7 @@ from registry.main import create_app
 from registry.publication import PublicationServer
 from registry.settings import RegistrySettings, split_addr
 from registry.state import RegistryState
-from registry.tls import PeerCertH11Protocol, server_ssl_context
+from registry.tls import PeerCertH11Protocol, registry_server_context
 
 __all__ = ["RegistryServer", "ensure_server_certificate", "serve", "uvicorn_config"]
 
@@ -78,13 +78,11 @@ def uvicorn_config(settings: RegistrySettings, app: FastAPI) -> uvicorn.Config:
     layout = settings.layout
     state: RegistryState = app.state.registry
     ensure_server_certificate(settings, state.ca)
-    cert = layout.server_cert(settings.registry_tls_name)
-    key = layout.server_key(settings.registry_tls_name)
 
     def ssl_context(
         _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
     ) -> ssl.SSLContext:
-        return server_ssl_context(cert_file=cert, key_file=key, ca_file=layout.chain)
+        return registry_server_context(layout, settings.registry_tls_name)
 
     return uvicorn.Config(
         app,

@@ -12,7 +12,7 @@ idempotent, and a broker that silently dropped the session's subscriptions gives
 sign). A refused or missing SUBACK is logged, counted (``subscribe_failures``) and retried;
 three in a row force a reconnect. Retained messages (replayed at every subscription) are
 never acted on: a retained CSR is not a request, a retained reading is not "seen now".
-A separate flusher thread writes the buffer through :func:`registry.crud.record_telemetry` in
+A separate flusher thread writes the buffer through :func:`registry.telemetry.record_telemetry` in
 one batched UPDATE every ``flush_interval`` seconds (sooner when ``flush_batch`` devices are
 waiting), so the broker's message rate is never bounded by the database: receiving a message
 costs a JSON parse and a dict store, nothing more.
@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -59,10 +58,11 @@ from factory.ca import CertificateAuthority
 from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
-from registry.crud import TelemetryUpdate, record_telemetry
 from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
+from registry.store.telemetry import TelemetryUpdate, record_telemetry
 from registry.supervise import SupervisedThread
+from registry.tls import service_client_context_of
 
 __all__ = ["MAX_PAYLOAD_BYTES", "TelemetryIngest", "parse_telemetry", "start_ingest"]
 
@@ -177,21 +177,8 @@ class TelemetryIngest:
         self._watchdog = SupervisedThread("mqtt-watchdog", self._watch, on_crash=on_crash)
 
     def _build_client(self) -> mqtt.Client:
+        context = service_client_context_of(self._layout, CLIENT_NAME, "telemetry ingest")
         cert = self._layout.client_cert(CLIENT_NAME)
-        key = self._layout.client_key(CLIENT_NAME)
-        if not cert.is_file() or not key.is_file():
-            raise ConfigError(
-                f"telemetry ingest needs the registry's service certificate {cert} and key: "
-                "create it with 'certfleet ca issue-client --service registry' "
-                "(or run 'certfleet up')"
-            )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_verify_locations(cafile=str(self._layout.root_cert))
-            context.load_cert_chain(certfile=str(cert), keyfile=str(key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"telemetry ingest cannot load its TLS credentials: {exc}") from None
         client_id = self._client_id or f"{_service_name(cert)}/{self._instance}"
         self.client_id = client_id
         client = mqtt.Client(

@@ -1,4 +1,5 @@
-"""TLS for the registry's HTTPS server, and the peer certificate handed to the app.
+"""TLS for the registry (contexts from :mod:`fleetcore.tls`), and the peer certificate handed
+to the app.
 
 uvicorn 0.54 does not fill the ASGI TLS extension. :class:`PeerCertH11Protocol` is uvicorn's
 own h11 protocol that, once the handshake is done, wraps the app for that connection so
@@ -12,27 +13,58 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import MutableMapping
-from pathlib import Path
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["PeerCertH11Protocol", "peer_certificate_der", "server_ssl_context"]
+from fleetcore.layout import DataLayout
+from fleetcore.tls import (
+    REGISTRY_CLIENT_CERT,
+    TlsSetupError,
+    server_context,
+    service_client_context,
+)
+from registry.errors import RegistryTlsError
+
+__all__ = [
+    "PeerCertH11Protocol",
+    "peer_certificate_der",
+    "registry_server_context",
+    "service_client_context_of",
+]
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 Scope = MutableMapping[str, Any]
 
 
-def server_ssl_context(*, cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
-    """TLS 1.2+ server context; a client certificate is optional but verified against
-    ``ca_file`` when presented (a foreign or expired one fails the handshake)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert_file), str(key_file))
-    context.load_verify_locations(cafile=str(ca_file))
-    context.verify_mode = ssl.CERT_OPTIONAL
-    return context
+def registry_server_context(layout: DataLayout, name: str) -> ssl.SSLContext:
+    """The HTTPS API's context: a client certificate is optional (:data:`REGISTRY_CLIENT_CERT`)
+    but verified against the CA chain when presented."""
+    try:
+        return server_context(
+            layout.server_cert(name),
+            layout.server_key(name),
+            layout.chain,
+            client_cert=REGISTRY_CLIENT_CERT,
+        )
+    except TlsSetupError as exc:
+        raise RegistryTlsError(
+            f"{exc}: run 'certfleet ca issue-server --name {name}' (or let 'certfleet registry "
+            "serve' mint it after 'certfleet ca init'), or pass the right --data-dir"
+        ) from None
+
+
+def service_client_context_of(layout: DataLayout, service: str, purpose: str) -> ssl.SSLContext:
+    """A client context for one of the registry's own outgoing connections (MQTT ingest)."""
+    try:
+        return service_client_context(layout, service)
+    except TlsSetupError as exc:
+        raise RegistryTlsError(
+            f"{purpose} needs the service certificate of {service!r}: {exc}: create it with "
+            f"'certfleet ca issue-client --service {service}' "
+            "(or run 'certfleet up'), or pass the right --data-dir"
+        ) from None
 
 
 def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:

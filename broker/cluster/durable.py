@@ -45,6 +45,7 @@ from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, DeliverPolicy, RetentionPolicy, StorageType
 from nats.js.kv import KeyValue
 
+from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
 from broker.cluster.router import NODE_HEADER, ClusterRouter
 from broker.cluster.subjects import (
@@ -53,7 +54,6 @@ from broker.cluster.subjects import (
     subject_of_topic,
     topic_of_subject,
 )
-from broker.core import CertfleetBroker
 
 __all__ = ["OWNERS_BUCKET", "SESSIONS_BUCKET", "STREAM", "DurableSessions", "storage_key"]
 
@@ -85,7 +85,7 @@ def _consumer_name(session_key: str, subject: str) -> str:
 
 
 class DurableSessions:
-    """The cluster hooks of one node (:class:`broker.core.ClusterHooks`)."""
+    """The cluster hooks of one node (:class:`broker.amqtt_adapter.ClusterHooks`)."""
 
     def __init__(
         self,
@@ -229,7 +229,7 @@ class DurableSessions:
                 f"{exc!r}"[:200],
             )
             return False
-        handler = self.broker._get_handler(session)
+        handler = self.broker._handler_of(session)
         if qos >= 1 and handler is not None:
             self._pull_filter(session, handler, topic_filter)
         return True
@@ -314,12 +314,12 @@ class DurableSessions:
                         "session resume waits for the cluster client_id=%s error=%r", key, exc
                     )
                 await asyncio.sleep(0.2)
-                if self.broker._get_handler(session) is not handler:
+                if self.broker._handler_of(session) is not handler:
                     return
         else:
             return
         for topic_filter, qos in filters.items():
-            subscribers = self.broker._subscriptions.setdefault(topic_filter, [])
+            subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
             if all(s.client_id != key for s, _ in subscribers):
                 subscribers.append((session, qos))
             if qos >= 1:
@@ -337,8 +337,7 @@ class DurableSessions:
 
     def _live(self, session: Session, handler: BrokerProtocolHandler) -> bool:
         return (
-            self.broker._get_handler(session) is handler
-            and session.transitions.state == "connected"
+            self.broker._handler_of(session) is handler and session.transitions.state == "connected"
         )
 
     async def _pull(self, session: Session, handler: BrokerProtocolHandler, consumer: str) -> None:

@@ -9,16 +9,16 @@ reports the link's state to the metrics, ``/healthz`` and ``/readyz``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from amqtt.contexts import Action
 from amqtt.session import Session
 
+from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.durable import DurableSessions
 from broker.cluster.link import ClusterLink, ClusterOptions
 from broker.cluster.retained import RetainedSync
 from broker.cluster.router import ClusterRouter
-from broker.core import CertfleetBroker
-from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 
@@ -57,7 +57,7 @@ class ClusterNode:
         if connected:
             self.metrics.cluster_connects.inc()
 
-    def attach(self, broker: CertfleetBroker, listener: MqttTlsListener) -> None:
+    def attach(self, broker: CertfleetBroker, close_session: Callable[[str], bool]) -> None:
         """Run ``broker`` as a node of the cluster (before its listener takes clients)."""
         metrics = self.metrics
         self.router = ClusterRouter(
@@ -68,15 +68,14 @@ class ClusterNode:
         )
 
         def may_receive(session: Session, topic: str) -> bool:
-            acl = broker.topic_plugin
-            return acl is not None and acl.check(session, topic, Action.RECEIVE)
+            return broker.acl.check(session.client_id, topic, Action.RECEIVE)
 
         self.durable = DurableSessions(
             self.link,
             self.router,
             broker,
             may_receive=may_receive,
-            close_connection=listener.close_session,
+            close_connection=close_session,
             on_stored=metrics.cluster_stored.inc,
             on_store_retry=metrics.cluster_store_retries.inc,
         )

@@ -4,10 +4,10 @@ One stream (:data:`RETAINED_STREAM`, subjects under
 :data:`~broker.cluster.subjects.RETAINED_PREFIX`) keeps the last message of each subject
 (``max_msgs_per_subject`` 1); an empty payload clears a topic, as in MQTT. A node publishes a
 retained message its client sent (after the publish ACL, and never for a renewal topic:
-:meth:`broker.core.CertfleetBroker.retain_message` refuses those before anything is
+:meth:`broker.amqtt_adapter.CertfleetBroker.retain_message` refuses those before anything is
 stored), follows the other nodes' ones live, and on every NATS connection loads the last
 message of every subject into amqtt's retained store. Delivery then stays amqtt's path with
-our receive check (:mod:`broker.core`): a client gets a retained message only for a filter
+our receive check (:mod:`broker.amqtt_adapter`): a client gets a retained message only for a filter
 it holds and only if the ACL lets it receive the topic.
 """
 
@@ -23,10 +23,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType
 
+from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
 from broker.cluster.router import NODE_HEADER, QOS_HEADER
 from broker.cluster.subjects import RETAINED_PREFIX, subject_of_topic, topic_of_subject
-from broker.core import CertfleetBroker
 
 __all__ = ["RETAINED_STREAM", "RetainedSync"]
 
@@ -75,7 +75,7 @@ class RetainedSync:
             topic = topic_of_subject(msg.subject, RETAINED_PREFIX)
         except ValueError:
             return
-        store = self.broker._retained_messages
+        store = self.broker.retained_messages
         if not msg.data:
             store.pop(topic, None)
             return

@@ -1,4 +1,4 @@
-"""What the console's pages read, beyond what the REST API already answers (``crud``).
+"""What the console's pages read, beyond what the REST API already answers (``registry.store``).
 
 Each function is one or two indexed queries, so a page stays fast at 100,000 devices.
 """
@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from registry import crud
 from registry.models import AuditLog, Certificate, Revocation, Stats
+from registry.store import stats
 
 __all__ = [
     "EXPIRY_HORIZONS_DAYS",
@@ -78,7 +78,7 @@ def _revocation_row(row: Revocation) -> RevocationRow:
 
 
 def fleet_overview(session: Session, now: dt.datetime) -> FleetOverview:
-    """Counts by status, seen last minute and weekly expiries (``crud.stats``), expiring
+    """Counts by status, seen last minute and weekly expiries (``stats.stats``), expiring
     certificates per horizon, and the latest revocations."""
     expiring: dict[int, int] = {}
     for days in EXPIRY_HORIZONS_DAYS:
@@ -95,7 +95,7 @@ def fleet_overview(session: Session, now: dt.datetime) -> FleetOverview:
         select(Revocation).order_by(col(Revocation.seq).desc()).limit(LATEST_REVOCATIONS)
     ).all()
     return FleetOverview(
-        stats=crud.stats(session, now),
+        stats=stats.stats(session, now),
         expiring_within=expiring,
         latest_revocations=[_revocation_row(r) for r in latest],
     )

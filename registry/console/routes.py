@@ -23,7 +23,7 @@ from sqlmodel import Session
 from fleetcore.clock import utcnow
 from fleetcore.profile import IdentityKind
 from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
-from registry import crud, operations
+from registry import operations
 from registry.api.deps import StateDep
 from registry.auth import Caller, Refused, caller_from_certificate, caller_from_token, client_addr
 from registry.console import queries
@@ -44,6 +44,8 @@ from registry.console.sessions import (
 from registry.errors import AlreadyDecommissionedError, NotFoundError
 from registry.models import DEVICE_ID_PATTERN, DecommissionRequest
 from registry.state import RegistryState
+from registry.store.audit import Actor
+from registry.store.devices import get_device, list_devices
 from registry.tls import peer_certificate_der
 
 __all__ = ["ConsoleRefusal", "SignInRequired", "router"]
@@ -401,7 +403,7 @@ def devices(
     page = None
     if not errors:
         with Session(state.engine) as db:
-            page = crud.list_devices(
+            page = list_devices(
                 db,
                 status=status or None,
                 expiring_before=before,
@@ -436,7 +438,7 @@ def _device_context(state: RegistryState, device_id: str) -> dict[str, Any]:
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
     with Session(state.engine) as db:
         try:
-            device = crud.get_device(db, device_id)
+            device = get_device(db, device_id)
         except NotFoundError:
             raise ConsoleRefusal(404, f"No device {device_id} is registered.") from None
         history = queries.device_history(db, device_id)
@@ -517,7 +519,7 @@ def decommission(
         )
     if not _DEVICE_ID.fullmatch(device_id):
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
-    actor = crud.Actor(who=user.who, from_addr=client_addr(request))
+    actor = Actor(who=user.who, from_addr=client_addr(request))
     try:
         result = operations.decommission_device(state, device_id, body, actor)
     except NotFoundError:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
-from registry import crud
 from registry.auth import Caller
-from registry.db import begin_write
+from registry.db import write_transaction
 from registry.models import ApiToken, ConsoleSession, ConsoleSigninFailure
+from registry.store import audit
 
 __all__ = [
     "SESSION_COOKIE",
@@ -92,18 +92,17 @@ def create_session(
         expires_at=now + lifetime,
         from_addr=from_addr,
     )
-    begin_write(db)
-    db.execute(delete(ConsoleSession).where(col(ConsoleSession.expires_at) <= now))
-    db.add(row)
     user = ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at)
-    crud.audit(
-        db,
-        crud.Actor(who=user.who, from_addr=from_addr),
-        "console_sign_in",
-        f"operator/{caller.name}",
-        {"via": caller.via},
-    )
-    db.commit()
+    with write_transaction(db):
+        db.execute(delete(ConsoleSession).where(col(ConsoleSession.expires_at) <= now))
+        db.add(row)
+        audit.add_entry(
+            db,
+            audit.Actor(who=user.who, from_addr=from_addr),
+            "console_sign_in",
+            f"operator/{caller.name}",
+            {"via": caller.via},
+        )
     return cookie, user
 
 
@@ -123,9 +122,8 @@ def find_session(db: Session, cookie: str, now: dt.datetime) -> ConsoleUser | No
 
 
 def end_session(db: Session, cookie: str) -> None:
-    begin_write(db)
-    db.execute(delete(ConsoleSession).where(col(ConsoleSession.id_sha256) == _digest(cookie)))
-    db.commit()
+    with write_transaction(db):
+        db.execute(delete(ConsoleSession).where(col(ConsoleSession.id_sha256) == _digest(cookie)))
 
 
 def check_rate_limit(
@@ -147,7 +145,6 @@ def check_rate_limit(
 
 def record_failure(db: Session, client: str, now: dt.datetime, window: dt.timedelta) -> None:
     """Count one failed sign-in of ``client``; forget failures older than the window."""
-    begin_write(db)
-    db.execute(delete(ConsoleSigninFailure).where(col(ConsoleSigninFailure.at) <= now - window))
-    db.add(ConsoleSigninFailure(client=client[:64], at=now))
-    db.commit()
+    with write_transaction(db):
+        db.execute(delete(ConsoleSigninFailure).where(col(ConsoleSigninFailure.at) <= now - window))
+        db.add(ConsoleSigninFailure(client=client[:64], at=now))

@@ -92,7 +92,7 @@ def test_empty_client_id_without_clean_session_is_rejected(
 def test_mismatching_client_id_is_refused_and_both_ids_logged(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="broker.listener"):
+    with caplog.at_level(logging.INFO, logger="broker.gate"):
         probe = connect(broker.port, issue_device(pki, tmp_path, "dev-m1"), "someone-else")
         probe.close()
     assert not probe.connected.is_set() and probe.reason == "Not authorized"

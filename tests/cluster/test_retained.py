@@ -54,7 +54,7 @@ def test_an_empty_retained_message_clears_the_topic_on_every_node(
         lambda: (
             node_b.app is not None
             and node_b.app.broker is not None
-            and telemetry_topic("dev-clr") in node_b.app.broker._retained_messages
+            and telemetry_topic("dev-clr") in node_b.app.broker.retained_messages
         )
     )
     device.client.publish(telemetry_topic("dev-clr"), b"", qos=1, retain=True).wait_for_publish(5)
@@ -63,6 +63,6 @@ def test_an_empty_retained_message_clears_the_topic_on_every_node(
         lambda: (
             node_b.app is not None
             and node_b.app.broker is not None
-            and telemetry_topic("dev-clr") not in node_b.app.broker._retained_messages
+            and telemetry_topic("dev-clr") not in node_b.app.broker.retained_messages
         )
     )

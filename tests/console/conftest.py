@@ -12,8 +12,8 @@ import pytest
 from sqlmodel import Session
 
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.server import RegistryServer
+from registry.store import audit, tokens
 from tests.conftest import ClientFiles, TestPKI
 from tests.registry.conftest import (  # noqa: F401  (fixtures)
     clients,
@@ -32,7 +32,7 @@ CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 def make_token(server: RegistryServer, name: str = "alice") -> str:
     """A bearer token for operator ``name``, made as ``certfleet registry token create`` does."""
     with Session(server.state.engine) as session:
-        return crud.create_token(session, name, crud.Actor(who="test"))
+        return tokens.create_token(session, name, audit.Actor(who="test"))
 
 
 def csrf_of(html: str) -> str:

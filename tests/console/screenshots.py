@@ -20,9 +20,9 @@ from sqlmodel import Session
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.store import telemetry
 from tests.console.chromium import chromium
 from tests.console.conftest import make_token
 
@@ -54,10 +54,10 @@ def seed(server: RegistryServer, ca: CertificateAuthority, token: str, root: Pat
             ]
             api.post("/devices/batch", json={"devices": batch}).raise_for_status()
         with Session(server.state.engine) as session:
-            crud.record_telemetry(
+            telemetry.record_telemetry(
                 session,
                 [
-                    crud.TelemetryUpdate(
+                    telemetry.TelemetryUpdate(
                         f"dev-{i:06d}",
                         now - dt.timedelta(seconds=i % 90),
                         {"device_id": f"dev-{i:06d}", "temp_c": 20 + i % 7, "battery": 0.91},

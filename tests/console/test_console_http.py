@@ -17,10 +17,10 @@ from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.models import ConsoleSession
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.store import audit, telemetry, tokens
 from tests.conftest import ClientFiles, TestPKI
 from tests.console.conftest import Console, csrf_of, make_token
 from tests.registry.conftest import pem
@@ -132,7 +132,7 @@ def test_revoked_token_cannot_sign_in_and_ends_its_sessions(
     assert console.sign_in(token).status_code == 303
     assert console.http.get("/ui/").status_code == 200
     with Session(registry.state.engine) as session:
-        crud.revoke_tokens(session, crud.Actor(who="test"), operator="dave")
+        tokens.revoke_tokens(session, audit.Actor(who="test"), operator="dave")
     assert console.http.get("/ui/").status_code == 303  # the open session ended at once
     assert console_factory().sign_in(token).status_code == 401
 
@@ -322,9 +322,9 @@ def test_device_page_shows_certificates_telemetry_and_audit(
     register(operator, issued)
     seen = dt.datetime.now(dt.UTC)
     with Session(registry.state.engine) as session:
-        crud.record_telemetry(
+        telemetry.record_telemetry(
             session,
-            [crud.TelemetryUpdate("dev-page-1", seen, {"temp_c": 21.5, "note": "<i>hi</i>"})],
+            [telemetry.TelemetryUpdate("dev-page-1", seen, {"temp_c": 21.5, "note": "<i>hi</i>"})],
         )
     assert console.sign_in(make_token(registry)).status_code == 303
     page = console.http.get("/ui/devices/dev-page-1")

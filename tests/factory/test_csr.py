@@ -183,3 +183,25 @@ def test_second_csr_for_an_issued_device_is_refused(
         assert isinstance(result.exception, CertfleetError)
         raise result.exception
     assert len(list(Manifest(layout.manifest).records())) == 1
+
+
+def test_sign_csr_follows_the_validity_policy_and_records_the_device_once(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from factory.csr_signing import sign_csr
+    from fleetcore.profile import CLOCK_SKEW
+    from fleetcore.stagger import stagger_fraction_for_id
+
+    lifetime, stagger = dt.timedelta(days=30), dt.timedelta(days=10)
+    out = tmp_path / "dev-csr.crt"
+    signed = sign_csr(ca, _csr(_p256()), lifetime=lifetime, stagger=stagger, out=out)
+    certificate = x509.load_pem_x509_certificate(out.read_bytes())
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    offset = dt.timedelta(seconds=int(stagger_fraction_for_id("dev-csr") * stagger.total_seconds()))
+    assert end - start == CLOCK_SKEW + lifetime + offset
+    assert signed.record.serial == serial_hex(certificate.serial_number)
+    assert [r.device_id for r in Manifest(ca.layout.manifest).records()] == ["dev-csr"]
+    with pytest.raises(CSRError, match="already has certificate serial"):
+        sign_csr(ca, _csr(_p256()), lifetime=lifetime, stagger=stagger)

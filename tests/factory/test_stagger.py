@@ -9,7 +9,7 @@ import pytest
 
 from factory.batch import counted_devices
 from factory.report import week_start
-from factory.stagger import stagger_fraction, stagger_fraction_for_id, stagger_offset
+from fleetcore.stagger import stagger_fraction, stagger_fraction_for_id, stagger_offset
 
 ISSUED = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 LIFETIME = dt.timedelta(days=365)

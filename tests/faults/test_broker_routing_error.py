@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker.acl import TopicAcl
 from broker.server import BrokerServer
 from fleetcore.profile import Identity, IdentityKind
 from tests.broker.conftest import connect, issue_device, wait_for
@@ -16,9 +17,8 @@ def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:
     app = broker.app
-    assert app is not None and app.broker is not None and app.listener is not None
-    listener, acl = app.listener, app.broker._acl
-    assert acl is not None
+    assert app is not None and app.broker is not None
+    acl = app.acl
     registry = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
     monitor = connect(broker.port, pki.client(IdentityKind.SERVICE, "monitor"), "monitor")
     device = connect(broker.port, issue_device(pki, tmp_path, "dev-x"), "dev-x")
@@ -31,12 +31,9 @@ def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
         def failing(key: str) -> Identity | None:
             if key == "service:monitor":
                 raise RuntimeError("injected fault")
-            return listener.identity_of(key)
+            return TopicAcl.identity_of(acl, key)
 
-        def bind(identity_of: object) -> None:
-            acl.bind(identity_of, listener.count_acl_refusal, listener.count_acl_allowed)  # type: ignore[arg-type]
-
-        broker.call(lambda: bind(failing))
+        broker.call(lambda: setattr(acl, "identity_of", failing))
 
         async def burst() -> None:  # 50 queued before the routing loop runs again
             assert app.broker is not None
@@ -52,7 +49,10 @@ def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
             return value or 0.0
 
         assert wait_for(lambda: errors() == 50)
-        broker.call(lambda: bind(listener.identity_of))
+        def restore() -> None:
+            del acl.identity_of  # the class's own lookup again
+
+        broker.call(restore)
         device.client.publish("devices/dev-x/telemetry", b"after", qos=1).wait_for_publish(5)
         for probe in (registry, monitor):
             assert wait_for(lambda p=probe: ("devices/dev-x/telemetry", b"after") in p.messages)

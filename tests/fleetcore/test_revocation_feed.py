@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 import broker.revocation
 import registry.api.routes.revocations
-import registry.crud
+import registry.store.revocations
 from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
 
 EVENT = {
@@ -23,7 +23,7 @@ EVENT = {
 
 
 def test_both_sides_use_the_one_definition() -> None:
-    for module in (broker.revocation, registry.crud, registry.api.routes.revocations):
+    for module in (broker.revocation, registry.store.revocations, registry.api.routes.revocations):
         assert vars(module)["RevocationFeed"] is RevocationFeed, module.__name__
 
 

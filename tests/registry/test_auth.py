@@ -12,9 +12,9 @@ from sqlmodel import Session, select
 from factory.ca import CertificateAuthority, write_issued
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.models import AuditLog
 from registry.server import RegistryServer
+from registry.store import audit, tokens
 from tests.conftest import ClientFiles, TestPKI
 from tests.registry.conftest import Clients, pem
 
@@ -30,7 +30,7 @@ def refusals(registry: RegistryServer, reason: str) -> float:
 
 def make_token(registry: RegistryServer, operator: str) -> str:
     with Session(registry.state.engine) as session:
-        return crud.create_token(session, operator, crud.Actor(who="test"))
+        return tokens.create_token(session, operator, audit.Actor(who="test"))
 
 
 def test_request_without_identity_is_401_and_counted(

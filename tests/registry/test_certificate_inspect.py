@@ -22,8 +22,8 @@ from factory.ca import write_issued
 from factory.ocsp_client import OcspCheckError, ask_ocsp
 from fleetcore.errors import IdentityError
 from fleetcore.profile import IdentityKind, serial_hex
-from registry import crud
 from registry.server import RegistryServer
+from registry.store import audit, tokens
 from tests.conftest import TestPKI
 from tests.registry.conftest import pem, unique_id
 from tests.registry.publishing import Published
@@ -130,7 +130,7 @@ def test_inspect_asks_the_registry_api_with_operator_credentials(
     cert = tmp_path / "dev.crt"
     write_issued(issued, cert, tmp_path / "dev.key")
     with Session(registry.state.engine) as session:
-        token = crud.create_token(session, "dana", crud.Actor(who="test"))
+        token = tokens.create_token(session, "dana", audit.Actor(who="test"))
     args = [str(cert), "--registry", registry.url, "--data-dir", str(pki.layout.root)]
     assert report(*args)["revocation"]["status"] == "not checked"  # type: ignore[index]
     assert report(*args, "--token", token)["revocation"]["status"] == "good"  # type: ignore[index]

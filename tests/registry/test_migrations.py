@@ -49,7 +49,7 @@ def test_sqlite_database_runs_in_wal_mode(tmp_path: Path) -> None:
 
 
 def test_0002_keeps_existing_tokens_and_adds_revoked_at(database_url: str, tmp_path: Path) -> None:
-    from registry import crud
+    from registry.store import tokens
 
     engine = make_engine(RegistrySettings(data_dir=tmp_path, registry_database_url=database_url))
     try:
@@ -60,12 +60,12 @@ def test_0002_keeps_existing_tokens_and_adds_revoked_at(database_url: str, tmp_p
                     "INSERT INTO api_token (operator, token_sha256, created_at, revoked) "
                     "VALUES ('old-op', :digest, CURRENT_TIMESTAMP, false)"
                 ),
-                {"digest": crud._token_hash("cfr_from-before-0002")},
+                {"digest": tokens.token_hash("cfr_from-before-0002")},
             )
         migrate(engine)
         with Session(engine) as session:
-            assert crud.operator_for_token(session, "cfr_from-before-0002") == "old-op"
-            [token] = crud.list_tokens(session)
+            assert tokens.operator_for_token(session, "cfr_from-before-0002") == "old-op"
+            [token] = tokens.list_tokens(session)
         assert (token.operator, token.revoked, token.revoked_at) == ("old-op", False, None)
     finally:
         engine.dispose()

@@ -10,9 +10,10 @@ from cryptography import x509
 from sqlalchemy.pool import QueuePool
 
 from factory.ca import IssuedCertificate
-from registry import crud, operations
+from registry import operations
 from registry.models import DecommissionRequest
 from registry.server import RegistryServer
+from registry.store import audit
 from tests.registry.conftest import pem, unique_id
 
 Mint = Callable[..., IssuedCertificate]
@@ -34,7 +35,7 @@ def test_decommission_device_commits_and_does_every_after_commit_effect(
         state,
         device_id,
         DecommissionRequest(reason="stolen", reason_code="keyCompromise"),
-        crud.Actor("spiffe://fleet.test/operator/console"),
+        audit.Actor("spiffe://fleet.test/operator/console"),
     )
 
     assert result.status == "decommissioned"

@@ -20,9 +20,9 @@ from factory.ca import IssuedCertificate, write_issued
 from factory.errors import RegistrationError
 from fleetcore.errors import ConfigError, RegistryCallError
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.cli import app as registry_app
 from registry.server import RegistryServer
+from registry.store import audit, tokens
 from tests.conftest import TestPKI
 from tests.registry.conftest import Clients, pem, unique_id
 from tests.registry.publishing import Published
@@ -44,7 +44,7 @@ def run(pki: TestPKI, registry: RegistryServer, *args: str, **env: str) -> Resul
 
 def token_for(registry: RegistryServer, operator: str) -> str:
     with Session(registry.state.engine) as session:
-        return crud.create_token(session, operator, crud.Actor(who="test"))
+        return tokens.create_token(session, operator, audit.Actor(who="test"))
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
 from fleetcore.profile import serial_hex
-from registry import crud
 from registry.db import make_engine, migrate
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.store import certificates, revocations
 from tests.registry.conftest import pem, unique_id
 
 Mint = Callable[..., IssuedCertificate]
@@ -59,7 +59,9 @@ def test_reason_code_reaches_feed_crl_and_certificate_status(
         entry = _crl_entry(operator, issued.certificate.serial_number)
         assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == flag
         with Session(registry.state.engine) as session:
-            status = crud.certificate_status(session, serial_hex(issued.certificate.serial_number))
+            status = certificates.certificate_status(
+                session, serial_hex(issued.certificate.serial_number)
+            )
         assert status is not None
         assert (status.status, status.reason_code) == ("revoked", expected)
 
@@ -90,8 +92,8 @@ def test_0003_gives_older_revocations_the_default_reason(database_url: str, tmp_
             )
         migrate(engine)
         with Session(engine) as session:
-            [event] = crud.revocations_after(session, 0, 10).events
-            status = crud.certificate_status(session, "0a")
+            [event] = revocations.revocations_after(session, 0, 10).events
+            status = certificates.certificate_status(session, "0a")
         assert event.reason_code == "cessationOfOperation"
         assert status is not None and status.reason_code == "cessationOfOperation"
     finally:

@@ -17,11 +17,11 @@ from sqlmodel import Session
 from factory.ca import IssuedCertificate
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.profile import Identity, IdentityKind
-from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.renewal import CertificateRenewer, RenewalRefused, RenewalService
 from registry.settings import RegistrySettings
+from registry.store import audit, devices, revocations
 from tests.conftest import TRUST_DOMAIN, TestPKI
 
 
@@ -54,7 +54,7 @@ def _register(pki: TestPKI, engine: Engine, device_id: str, **kwargs: object) ->
         trust_domain=pki.ca.trust_domain,
     )
     with Session(engine) as session:
-        crud.register_devices(session, [crud.Registration(parsed)], crud.Actor("test"))
+        devices.register_devices(session, [devices.Registration(parsed)], audit.Actor("test"))
     return issued
 
 
@@ -111,14 +111,14 @@ def test_decommission_committed_while_signing_wins(
     def issue_then_decommission(*args: object, **kwargs: object) -> IssuedCertificate:
         issued = issue(*args, **kwargs)  # type: ignore[arg-type]
         with Session(engine) as session:
-            crud.decommission_device(session, "dev-race", "lost", crud.Actor("test"))
+            revocations.decommission_device(session, "dev-race", "lost", audit.Actor("test"))
         return issued
 
     monkeypatch.setattr(pki.ca, "issue_client", issue_then_decommission)
     with pytest.raises(RenewalRefused, match="dev-race is decommissioned"):
         renewer.renew("dev-race", _csr("dev-race"))
     with Session(engine) as session:
-        certificates = crud.get_device(session, "dev-race").certificates
+        certificates = devices.get_device(session, "dev-race").certificates
     assert [c.status for c in certificates] == ["revoked"]  # the new one was never stored
 
 

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlmodel import Session
 
-from registry import crud
 from registry.main import create_app
 from registry.settings import RegistrySettings
+from registry.store import audit, tokens
 from tests.conftest import TestPKI
 
 
@@ -44,7 +44,7 @@ def api_schema(api_app: FastAPI) -> schemathesis.BaseSchema:
 @pytest.fixture
 def operator_token(api_app: FastAPI) -> str:
     with Session(api_app.state.registry.engine) as session:
-        return crud.create_token(session, "fuzzer", crud.Actor(who="test"))
+        return tokens.create_token(session, "fuzzer", audit.Actor(who="test"))
 
 
 def test_no_input_makes_a_server_error(

@@ -9,8 +9,8 @@ import httpx
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from registry import crud
 from registry.server import RegistryServer
+from registry.store import telemetry
 from tests.registry.conftest import pem
 
 Mint = Callable[..., IssuedCertificate]
@@ -47,15 +47,15 @@ def test_record_telemetry_updates_last_seen(
     operator.post("/devices", json={"certificate_pem": pem(mint("tel-1"))})
     now = dt.datetime.now(dt.UTC)
     updates = [
-        crud.TelemetryUpdate("tel-1", now - dt.timedelta(seconds=5), {"seq": 1}),
-        crud.TelemetryUpdate("tel-1", now, {"seq": 2, "temperature_c": 21.5}),
-        crud.TelemetryUpdate("unknown-device", now, {"seq": 9}),
+        telemetry.TelemetryUpdate("tel-1", now - dt.timedelta(seconds=5), {"seq": 1}),
+        telemetry.TelemetryUpdate("tel-1", now, {"seq": 2, "temperature_c": 21.5}),
+        telemetry.TelemetryUpdate("unknown-device", now, {"seq": 9}),
     ]
     with Session(registry.state.engine) as session:
-        assert crud.record_telemetry(session, updates) == 2
+        assert telemetry.record_telemetry(session, updates) == 2
         # an older update arriving late does not overwrite the newer one
-        crud.record_telemetry(
-            session, [crud.TelemetryUpdate("tel-1", now - dt.timedelta(minutes=1), {"seq": 0})]
+        telemetry.record_telemetry(
+            session, [telemetry.TelemetryUpdate("tel-1", now - dt.timedelta(minutes=1), {"seq": 0})]
         )
     device = operator.get("/devices/tel-1").json()
     assert device["last_telemetry"] == {"seq": 2, "temperature_c": 21.5}

@@ -1,4 +1,4 @@
-"""Expiries per week (``crud.stats``) at the week edges and past one statement's 100 weeks."""
+"""Expiries per week (``stats.stats``) at the week edges and past one statement's 100 weeks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import httpx
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from registry import crud
 from registry.server import RegistryServer
+from registry.store import stats
 from tests.registry.conftest import pem
 
 Mint = Callable[..., IssuedCertificate]
@@ -46,7 +46,7 @@ def test_expiries_per_week_match_a_count_by_monday(
         (t.date() - dt.timedelta(days=t.weekday())).isoformat() for t in not_afters[:5]
     )
     with Session(registry.state.engine) as session:
-        weeks = crud.stats(session, now).expiries_per_week
+        weeks = stats.stats(session, now).expiries_per_week
     assert [(w.week_start.isoformat(), w.count) for w in weeks] == sorted(expected.items())
     assert operator.get("/stats").json()["expiries_per_week"] == [
         {"week_start": day, "count": count} for day, count in sorted(expected.items())

@@ -27,10 +27,10 @@ from device_sim.stats import WorkerStats
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from registry import crud
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
+from registry.store import audit, devices
 from registry.telemetry import TelemetryIngest, TelemetryRejected, parse_telemetry
 from tests.conftest import TestPKI
 from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
@@ -69,7 +69,7 @@ def _registered_engine(pki: TestPKI, fleet: Fleet, settings: RegistrySettings) -
     engine = make_engine(settings)
     migrate(engine)
     registrations = [
-        crud.Registration(
+        devices.Registration(
             parse_device_certificate(
                 (fleet.data_dir / "devices" / device_id / "device.crt").read_text(),
                 issuing_cert=pki.ca.issuing_cert,
@@ -79,7 +79,7 @@ def _registered_engine(pki: TestPKI, fleet: Fleet, settings: RegistrySettings) -
         for device_id in DEVICES
     ]
     with Session(engine) as session:
-        crud.register_devices(session, registrations, crud.Actor("test"))
+        devices.register_devices(session, registrations, audit.Actor("test"))
     return engine
 
 
@@ -161,7 +161,7 @@ def test_ingest_batches_last_seen_and_drops_untrusted_messages(
     assert 1 <= ingest.counters.flushes < stats.acked / 2
     with Session(engine) as session:
         for device_id in DEVICES[:2]:
-            device = crud.get_device(session, device_id)
+            device = devices.get_device(session, device_id)
             assert device.last_seen_at is not None
             seen = device.last_seen_at.replace(tzinfo=device.last_seen_at.tzinfo or dt.UTC)
             assert seen >= started - dt.timedelta(seconds=1)
@@ -169,7 +169,7 @@ def test_ingest_batches_last_seen_and_drops_untrusted_messages(
             assert device.last_telemetry["device_id"] == device_id
             assert device.last_telemetry["seq"] >= 10
         # The mismatched message named DEVICES[0] but came from DEVICES[2]: nothing stored.
-        assert crud.get_device(session, DEVICES[2]).last_seen_at is None
+        assert devices.get_device(session, DEVICES[2]).last_seen_at is None
     engine.dispose()
 
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX
-from registry.audit import AuditPage, device_audit
 from registry.models import DEVICE_ID_PATTERN
+from registry.store.audit import AuditPage, device_audit
 
 __all__ = ["router"]
 

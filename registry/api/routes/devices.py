@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
 
-from registry import crud, operations
+from registry import operations
 from registry.api.deps import CurrentOperator, CurrentRegistrar, SessionDep, StateDep
 from registry.api.routes import API_PREFIX
 from registry.models import (
@@ -24,10 +21,9 @@ from registry.models import (
     DeviceRegistration,
 )
 from registry.state import RegistryState
+from registry.store import devices
 
 __all__ = ["router"]
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
@@ -37,25 +33,12 @@ _ERROR = {"description": "refused, with {'detail': {'error': code, 'message': te
 _REFUSALS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR}
 
 
-def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[crud.Registration]:
+def _parse(state: RegistryState, items: list[DeviceRegistration]) -> list[devices.Registration]:
     parsed = state.verifier.parse([item.certificate_pem for item in items])
     return [
-        crud.Registration(certificate, item.hardware_serial)
+        devices.Registration(certificate, item.hardware_serial)
         for certificate, item in zip(parsed, items, strict=True)
     ]
-
-
-def _register(
-    session: Session, registrations: list[crud.Registration], actor: crud.Actor
-) -> BatchResult:
-    """Register; on PostgreSQL two requests inserting the same new device can race to the
-    unique constraint: the loser retries once and then sees the winner's rows."""
-    try:
-        return crud.register_devices(session, registrations, actor)
-    except IntegrityError:
-        session.rollback()
-        log.info("registration raced a concurrent insert, retrying count=%d", len(registrations))
-        return crud.register_devices(session, registrations, actor)
 
 
 @router.post(
@@ -74,19 +57,10 @@ def register_device(
 ) -> DevicePublic:
     """Register one device certificate (201 when new, 200 when already registered)."""
     (registration,) = _parse(state, [body])
-    result = _register(session, [registration], caller.actor(request))
-    state.metrics.registrations.inc(result.created)
-    state.planner.registered(result.created)
-    log.info(
-        "device registered device_id=%s serial=%s created=%d by=%s",
-        registration.certificate.device_id,
-        registration.certificate.serial,
-        result.created,
-        caller.who,
-    )
+    result = operations.register_devices(state, [registration], caller.actor(request))
     if not result.created:
         response.status_code = 200
-    return crud.get_device(session, registration.certificate.device_id)
+    return devices.get_device(session, registration.certificate.device_id)
 
 
 @router.post(
@@ -95,23 +69,11 @@ def register_device(
 def register_batch(
     body: BatchRegistration,
     caller: CurrentRegistrar,
-    session: SessionDep,
     state: StateDep,
     request: Request,
 ) -> BatchResult:
     """Register up to 1000 device certificates in one transaction (all or nothing)."""
-    registrations = _parse(state, body.devices)
-    result = _register(session, registrations, caller.actor(request))
-    state.metrics.registrations.inc(result.created)
-    state.planner.registered(result.created)
-    log.info(
-        "devices registered count=%d created=%d existing=%d by=%s",
-        len(registrations),
-        result.created,
-        result.existing,
-        caller.who,
-    )
-    return result
+    return operations.register_devices(state, _parse(state, body.devices), caller.actor(request))
 
 
 @router.get("", response_model=DeviceList, responses={422: _ERROR, **_REFUSALS})
@@ -129,7 +91,7 @@ def list_devices(
     """One page of devices ordered by id; pass ``next_cursor`` back for the next page."""
     if expiring_before is not None and expiring_before.tzinfo is None:
         expiring_before = expiring_before.replace(tzinfo=dt.UTC)
-    return crud.list_devices(
+    return devices.list_devices(
         session, status=status, expiring_before=expiring_before, limit=limit, cursor=cursor
     )
 
@@ -137,7 +99,7 @@ def list_devices(
 @router.get("/{device_id}", response_model=DevicePublic, responses={404: _ERROR, **_REFUSALS})
 def get_device(device_id: DeviceId, caller: CurrentOperator, session: SessionDep) -> DevicePublic:
     """A device with its certificates and what it last reported."""
-    return crud.get_device(session, device_id)
+    return devices.get_device(session, device_id)
 
 
 @router.post(

@@ -7,10 +7,10 @@ import asyncio
 from fastapi import APIRouter
 from sqlmodel import Session
 
-from registry import crud
 from registry.api.deps import StateDep
 from registry.api.routes import API_PREFIX
 from registry.state import RegistryState
+from registry.store import revocations
 
 __all__ = ["router"]
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["health"])
 
 def _head(state: RegistryState) -> int:
     with Session(state.engine) as session:
-        return crud.head_seq(session)
+        return revocations.head_seq(session)
 
 
 @router.get("/healthz")

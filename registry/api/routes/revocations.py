@@ -10,10 +10,10 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, FEED_BATCH_MAX, RevocationFeed
-from registry import crud
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
 from registry.state import RegistryState
+from registry.store.revocations import revocations_after
 
 __all__ = ["router"]
 
@@ -25,7 +25,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["revocations"])
 
 def _read(state: RegistryState, after: int, limit: int) -> RevocationFeed:
     with Session(state.engine) as session:
-        return crud.revocations_after(session, after, limit)
+        return revocations_after(session, after, limit)
 
 
 @router.get("/revocations", response_model=RevocationFeed)

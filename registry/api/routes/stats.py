@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fleetcore.clock import utcnow
-from registry import crud
 from registry.api.deps import CurrentOperator, SessionDep
 from registry.api.routes import API_PREFIX
 from registry.models import Stats
+from registry.store.stats import stats as fleet_stats
 
 __all__ = ["router"]
 
@@ -17,4 +17,4 @@ router = APIRouter(prefix=API_PREFIX, tags=["stats"])
 
 @router.get("/stats", response_model=Stats)
 def stats(caller: CurrentOperator, session: SessionDep) -> Stats:
-    return crud.stats(session, utcnow())
+    return fleet_stats(session, utcnow())

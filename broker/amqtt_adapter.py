@@ -1,38 +1,70 @@
-"""amqtt's Broker with two hot spots of its per-message path taken off the slow road, and
-two holes in its retained-message paths closed.
+"""amqtt, adapted: the one module that knows amqtt 0.12's insides (pinned ``amqtt<0.13``).
 
-1. Topic checks. amqtt asks topic plugins through ``PluginManager.map_plugin_topic``, which
-wraps each call in a task and gathers the results, twice for every routed message (the
-publisher's PUBLISH and each subscriber's RECEIVE). Our ACL (:mod:`broker.acl`) is a pure,
-synchronous function of the session's identity and the topic, so :class:`CertfleetBroker`
-calls the bound :class:`~broker.acl.DeviceTopicPlugin` directly. The plugin stays
-registered with amqtt (and would answer through the ordinary path if unbound).
+Everything else in :mod:`broker` uses amqtt's public surface only (``Broker.start``,
+``shutdown``, ``external_connected``, ``retain_message``, the ``sessions``/``subscriptions``
+/``retained_messages`` properties, plugins with a ``Config`` dataclass, the reader/writer
+adapters, ``ConnectPacket``, ``Action``). What this module relies on beyond that is listed
+here, and each item is pinned by ``tests/broker/test_amqtt_adapter_pins.py``, so that an
+amqtt upgrade that moves it fails those tests loudly rather than the broker quietly:
 
-2. The broadcast loop. amqtt's ``_broadcast_loop`` wraps *every* message in a new task and
-an ``asyncio.wait`` (so that it can notice shutdown while blocked on the queue). Ours routes
-queued messages back to back while there is a backlog and takes amqtt's waiting path only
-when the queue is empty; shutdown, task bookkeeping and error handling are amqtt's.
+1. ``Broker._topic_filtering(session, topic, action)`` — amqtt asks it for every PUBLISH,
+   every SUBSCRIBE filter and every RECEIVE (each routed copy). Its own body asks topic
+   plugins through ``PluginManager.map_plugin_topic``: a task per plugin and a gather,
+   twice per routed message. Overridden to call :class:`~broker.acl.TopicAcl` directly.
+   The ACL is *also* registered as an ordinary topic plugin (:class:`AclTopicPlugin`), so
+   if the override stopped being called the ACL would still hold, only slower.
+2. ``Broker._broadcast_loop()`` — amqtt's routing loop. It wraps *every* message in a new
+   task and an ``asyncio.wait`` (to notice shutdown while blocked on the queue). Ours
+   routes queued messages back to back while there is a backlog and takes amqtt's waiting
+   path only when the queue is empty; a message whose routing raises is logged and counted
+   and routing goes on (a dead loop would stop all routing, silently). It relies on
+   ``_broadcast_queue`` (an ``asyncio.Queue`` of ``{"session", "topic", "data"[, "qos"]}``),
+   ``_broadcast_shutdown_waiter`` (a future done at shutdown), ``_tasks_queue`` (a deque
+   of delivery tasks) and ``_run_broadcast(running)`` (takes one item off the queue, routes
+   it and appends its delivery tasks to ``running``).
+3. ``Broker._publish_session_retained_messages(session)`` — called at CONNECT to forward
+   what was queued for a persistent session while it was away (``Session.retained_messages``,
+   an ``asyncio.Queue`` of ``ApplicationMessage``). amqtt forwards them with the retain flag
+   set; they are ordinary forwarded messages, so ours clears it (a subscriber that ignores
+   retained messages, like the renewal service, must not ignore them).
+4. ``Broker._publish_retained_messages_for_subscription((filter, qos), session)`` — called
+   for each new subscription and, at CONNECT, for *every* filter in the broker. amqtt then
+   replays retained messages matching any filter, with no receive check: a device would get
+   other devices' retained telemetry. Ours sends only for a filter the session holds, and
+   only what the ACL lets it receive.
+5. ``Session.keep_alive`` — when > 0, amqtt's handler wraps every packet read in
+   ``asyncio.wait_for`` (a task each) and re-arms a timer per packet sent, yet ignores the
+   expiry. :func:`tune_session` hands the keep-alive to our connection and sets it to 0;
+   amqtt reads it when the handler starts, after authentication.
+6. ``Session.delivered_message_queue`` — a client's PUBLISHes amqtt has acknowledged but not
+   yet routed (amqtt PUBACKs a QoS 1 message when it queues it, and drops what is still
+   unrouted at disconnect). Its ``qsize`` is our reader's backpressure signal.
 
-3. Retained messages at CONNECT. amqtt replays, to every client that connects, the retained
-messages matching *any* subscription filter in the broker (not only the client's own), with
-no receive check: a device would get other devices' retained telemetry. Ours sends a retained
-message only for a filter the session holds, and only if the ACL lets it receive the topic.
+In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more:
 
-4. A persistent session's queue. Messages queued while a clean-session-off client was away
-are forwarded with the retain flag set by amqtt; they are ordinary forwarded messages
-(MQTT-3.1.2-... "retain 0 when sent to an established subscription"), so ours clears it:
-a subscriber that ignores retained messages (renewal requests) must not ignore them.
+7. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``; its
+   class is swapped to :class:`StoreAckHandler`, whose only change is
+   ``_handle_qos1_message_flow`` for incoming messages: the PUBACK waits until the cluster
+   stored the message (amqtt sends it when the message is queued).
+8. ``Broker._handle_message_delivery(session, handler, waiter)`` — routes one message a
+   client sent (``waiter.result()`` is the ``IncomingApplicationMessage``); wrapped to hand
+   the message's store future to the cluster, resolved at once if the ACL refused it.
+9. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
+   routing (a client's publish or a will); wrapped to forward it to the other nodes.
+10. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
+    session)`` — wrapped to keep a persistent session's subscriptions in the cluster.
+11. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
+    one more rule: a persistent session's QoS 1 subscription is served from JetStream only.
+12. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
+    filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
 
-5. Retained renewal messages. A PUBLISH (or will) with retain on ``devices/<id>/cert/renew``
-or ``.../cert/issued`` is routed to the subscribers it has now, but never stored: a stored
-CSR would be replayed to the registry at every resubscribe (issue 11.6). ``retain_message``
-is amqtt's public method for storing one.
+Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
+the subscribers they have now but never stored (``retain_message`` is public): a stored CSR
+would be replayed to the registry at every resubscribe.
 
-A message whose routing raises is logged and counted; the broadcast loop goes on (a loop
-that died would stop all routing, silently).
-
-All override private methods of amqtt 0.12 (pinned ``<0.13`` in pyproject.toml); the broker
-tests exercise every path.
+Plugins are wired when amqtt builds them: the objects they need (:class:`ConnectGate`,
+:class:`TopicAcl`) travel in their ``Config`` dataclass, amqtt's documented plugin
+configuration, so no plugin exists unbound and nobody scans amqtt's plugin list.
 """
 
 from __future__ import annotations
@@ -42,22 +74,122 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import _BROADCAST_SHUTDOWN_TIMEOUT, Broker
-from amqtt.contexts import Action
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
-from broker.acl import DeviceTopicPlugin
-from fleetcore.topics import is_renewal_topic
+from broker.acl import TopicAcl
+from broker.connection import TlsConnection
+from broker.gate import ConnectGate
+from fleetcore.topics import is_renewal_topic, topic_matches
 
-__all__ = ["CertfleetBroker", "ClusterHooks", "StoreAckHandler"]
+__all__ = [
+    "LISTENER_NAME",
+    "SESSION_EXPIRY_S",
+    "AclTopicPlugin",
+    "CertfleetBroker",
+    "ClusterHooks",
+    "GateAuthPlugin",
+    "StoreAckHandler",
+    "tune_session",
+]
 
 log = logging.getLogger(__name__)
+
+#: Name of the amqtt listener (type ``external``) our connections are handed to.
+LISTENER_NAME = "default"
+#: Persistent (clean_session=0) sessions whose client went away are dropped after an hour,
+#: so their queued QoS 1 messages cannot grow without bound.
+SESSION_EXPIRY_S = 3600
+#: How long shutdown waits for deliveries still running (amqtt's own figure).
+_SHUTDOWN_WAIT_S = 5.0
+
+
+def tune_session(session: Session, connection: TlsConnection) -> None:
+    """Attach an amqtt session to the connection that carries it: the reader gets the
+    session's routing backlog (backpressure), the connection takes the keep-alive over."""
+    reader = connection.reader
+    if reader is None:
+        return
+    reader.backlog = session.delivered_message_queue.qsize
+    connection.enforce_keepalive(session.keep_alive)
+    session.keep_alive = 0
+
+
+class GateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
+    """amqtt's authentication step: the session must belong to a connection the
+    :class:`ConnectGate` admitted, and that connection's certificate must pass the policy
+    again (defence in depth).
+
+    The certificate checked is the claimed connection's: amqtt keeps the *first*
+    connection's ``ssl_object`` on a persistent session that reconnects, which may be an
+    older certificate than the one presented now.
+    """
+
+    @dataclass
+    class Config:
+        """Wired by :class:`CertfleetBroker`; amqtt refuses to build the plugin without."""
+
+        gate: ConnectGate
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._gate: ConnectGate = self.config.gate
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        connection = self._gate.claim(session.client_id)
+        if connection is None or connection.peer_certificate_der is None:
+            log.warning("client refused by auth plugin reason=not_admitted_by_gate")
+            return False
+        tune_session(session, connection)
+        return self._gate.recheck(connection.peer_certificate_der, session.client_id)
+
+
+class AclTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints
+    """The topic ACL through amqtt's ordinary plugin path; the fallback behind
+    :meth:`CertfleetBroker._topic_filtering`, which asks the same ACL directly."""
+
+    @dataclass
+    class Config:
+        """Wired by :class:`CertfleetBroker`."""
+
+        acl: TopicAcl
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._acl: TopicAcl = self.config.acl
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool | None:
+        return self._acl.check(session.client_id if session else None, topic, action)
+
+
+def amqtt_config(
+    gate: ConnectGate, acl: TopicAcl, session_expiry_s: int = SESSION_EXPIRY_S
+) -> dict[str, Any]:
+    """amqtt configuration: one external listener (ours), our two plugins, wired."""
+    return {
+        "listeners": {LISTENER_NAME: {"type": "external"}},
+        "session_expiry_interval": session_expiry_s,
+        "plugins": {
+            f"{__name__}.GateAuthPlugin": {"gate": gate},
+            f"{__name__}.AclTopicPlugin": {"acl": acl},
+        },
+    }
+
 
 #: The store future of the QoS 1 message being routed (set per client task).
 _STORED: ContextVar[asyncio.Future[bool] | None] = ContextVar("certfleet_stored", default=None)
@@ -112,24 +244,39 @@ class StoreAckHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt shi
         app_message.puback_packet = puback
 
 
+def _ignore_error(_exc: BaseException) -> None:
+    """Default route-error hook."""
+
+
+def _ignore() -> None:
+    """Default retain-refused hook."""
+
+
 class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
-    """The amqtt broker certfleet runs."""
+    """The amqtt broker certfleet runs (build it on the running loop).
 
-    _acl: DeviceTopicPlugin | None = None
-    _on_route_error: Callable[[BaseException], None] = staticmethod(lambda _exc: None)
+    ``on_route_error`` is told about every message whose routing raised, and
+    ``on_retain_refused`` about every retained renewal message that was not stored (the
+    metrics count both).
+    """
 
-    def use_topic_plugin(self, plugin: DeviceTopicPlugin) -> None:
-        self._acl = plugin
+    def __init__(
+        self,
+        *,
+        gate: ConnectGate,
+        acl: TopicAcl,
+        session_expiry_s: int = SESSION_EXPIRY_S,
+        on_route_error: Callable[[BaseException], None] = _ignore_error,
+        on_retain_refused: Callable[[], None] = _ignore,
+    ) -> None:
+        super().__init__(amqtt_config(gate, acl, session_expiry_s))
+        self.acl = acl
+        self._on_route_error = on_route_error
+        self._on_retain_refused = on_retain_refused
 
-    @property
-    def topic_plugin(self) -> DeviceTopicPlugin | None:
-        return self._acl
-
-    _on_retain_refused: Callable[[], None] = staticmethod(lambda: None)
-
-    def on_retain_refused(self, hook: Callable[[], None]) -> None:
-        """Told about every retained renewal message that was not stored."""
-        self._on_retain_refused = hook
+    async def serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """Run one admitted client's MQTT session until it ends (public amqtt hook)."""
+        await self.external_connected(reader, writer, LISTENER_NAME)
 
     async def retain_message(
         self,
@@ -240,17 +387,17 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         # gets a message twice and nothing waits in this process's memory for it.
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        for topic_filter, subscriptions in list(self._subscriptions.items()):
-            if not self._matches(topic, topic_filter):
+        for topic_filter, subscriptions in list(self.subscriptions.items()):
+            if not topic_matches(topic, topic_filter):
                 continue
             for target, sub_qos in list(subscriptions):
                 if cluster.served_from_store(target, sub_qos):
                     continue
-                if not await self._topic_filtering(target, topic, Action.RECEIVE):
+                if not self.acl.check(target.client_id, topic, Action.RECEIVE):
                     continue
                 if target.transitions.state != "connected":
                     continue
-                handler = self._get_handler(target)
+                handler = self._handler_of(target)
                 if handler is not None:
                     qos = broadcast.get("qos", sub_qos)
                     running_tasks.append(
@@ -267,12 +414,19 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             broadcast["qos"] = force_qos
         self._broadcast_queue.put_nowait(broadcast)
 
-    def on_route_error(self, hook: Callable[[BaseException], None]) -> None:
-        """Told about every message whose routing raised (the metrics count them)."""
-        self._on_route_error = hook
+    def _handler_of(self, session: Session) -> Any:
+        """The protocol handler of a session (public ``sessions`` property)."""
+        if not session.client_id:
+            return None
+        return self.sessions.get(session.client_id, (None, None))[1]
+
+    # -- private amqtt methods overridden (items 1-4 of the module docstring) --------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        return self.acl.check(session.client_id, topic, action)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
-        handler = self._get_handler(session)
+        handler = self._handler_of(session)
         if handler is None:
             return
         if self._cluster is not None:
@@ -292,9 +446,9 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         topic_filter, qos = subscription
-        if not any(s is session for s, _ in self._subscriptions.get(topic_filter, ())):
+        if not any(s is session for s, _ in self.subscriptions.get(topic_filter, ())):
             return  # amqtt asks for every filter in the broker at CONNECT
-        handler = self._get_handler(session)
+        handler = self._handler_of(session)
         if handler is None:
             return
         sends = [
@@ -303,18 +457,12 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                     retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
                 )
             )
-            for topic, retained in list(self._retained_messages.items())
-            if self._matches(topic, topic_filter)
-            and await self._topic_filtering(session, topic, Action.RECEIVE)
+            for topic, retained in list(self.retained_messages.items())
+            if topic_matches(topic, topic_filter)
+            and self.acl.check(session.client_id, topic, Action.RECEIVE)
         ]
         if sends:
             await asyncio.wait(sends)
-
-    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        acl = self._acl
-        if acl is None:
-            return bool(await super()._topic_filtering(session, topic, action))
-        return acl.check(session, topic, action)
 
     async def _broadcast_loop(self) -> None:
         running: deque[asyncio.Task[object]] = self._tasks_queue
@@ -348,7 +496,7 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                 if not task.done():
                     task.cancel()
             if running:
-                done, pending = await asyncio.wait(running, timeout=_BROADCAST_SHUTDOWN_TIMEOUT)
+                done, pending = await asyncio.wait(running, timeout=_SHUTDOWN_WAIT_S)
                 for task in done:
                     _log_failed(task)
                 if pending:

@@ -16,7 +16,7 @@ import datetime as dt
 import hashlib
 import math
 
-__all__ = ["stagger_fraction", "stagger_fraction_for_id", "stagger_offset"]
+__all__ = ["offset_in_window", "stagger_fraction", "stagger_fraction_for_id", "stagger_offset"]
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -28,12 +28,17 @@ def stagger_fraction(rank: int) -> float:
     return (rank * _GOLDEN) % 1.0
 
 
-def stagger_offset(rank: int, window: dt.timedelta) -> dt.timedelta:
-    """The offset added to issue time + lifetime for the device of this rank, whole seconds."""
+def offset_in_window(fraction: float, window: dt.timedelta) -> dt.timedelta:
+    """``fraction`` (0 <= f < 1) of ``window``, in whole seconds (zero for an empty window)."""
     seconds = int(window.total_seconds())
     if seconds <= 0:
         return dt.timedelta(0)
-    return dt.timedelta(seconds=int(stagger_fraction(rank) * seconds))
+    return dt.timedelta(seconds=int(fraction * seconds))
+
+
+def stagger_offset(rank: int, window: dt.timedelta) -> dt.timedelta:
+    """The offset added to issue time + lifetime for the device of this rank, whole seconds."""
+    return offset_in_window(stagger_fraction(rank), window)
 
 
 def stagger_fraction_for_id(device_id: str) -> float:

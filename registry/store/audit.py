@@ -1,21 +1,53 @@
-"""One device's audit trail, newest first: registrations, renewals, decommission.
+"""The audit log: one entry per change (:func:`add_entry`, inside the change's transaction),
+and one device's trail, newest first (:func:`device_audit`).
 
-Entries whose target is the device id (a batch registration is one entry per batch,
-targeted ``"<n> devices"``, and is not listed here). Keyset pagination on the entry id.
+A device's trail holds the entries whose target is the device id (a batch registration is
+one entry per batch, targeted ``"<n> devices"``, and is not listed there). Keyset
+pagination on the entry id.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from fleetcore.clock import utcnow
 from registry.errors import InvalidRequestError, NotFoundError
 from registry.models import AuditLog, Device
 
-__all__ = ["AuditEntry", "AuditPage", "device_audit"]
+__all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who does something, for the audit log: an identity URI or ``token:<operator>``."""
+
+    who: str
+    from_addr: str | None = None
+
+
+def add_entry(
+    session: Session,
+    actor: Actor,
+    action: str,
+    target: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one audit entry to the session's (write) transaction."""
+    session.add(
+        AuditLog(
+            who=actor.who[:256],
+            action=action,
+            target=target[:256],
+            at=utcnow(),
+            from_addr=actor.from_addr,
+            detail=detail,
+        )
+    )
 
 
 class AuditEntry(BaseModel):

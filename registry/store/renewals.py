@@ -1,0 +1,201 @@
+"""Renewal's data: the per-device rate limit (the ``renewal_limit`` table, shared by every
+registry process) and recording a renewed certificate.
+
+Two rules live here, because they must hold across processes and restarts:
+
+- at most N requests per device per interval (:func:`count_attempt`, row-locked);
+- one renewal per device per interval; a re-delivered CSR (same key) within it gets the
+  certificate already issued for it (:func:`renewal_basis`, and again under the write lock
+  in :func:`record_renewal`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from registry.db import write_transaction
+from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
+from registry.models import Certificate, Device, RenewalLimit
+from registry.store.audit import Actor, add_entry
+
+__all__ = [
+    "RenewalBasis",
+    "RenewalWindow",
+    "StoredCertificate",
+    "count_attempt",
+    "record_renewal",
+    "renewal_basis",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCertificate:
+    """A device certificate as stored (plain values: usable after its session closed)."""
+
+    device_id: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    certificate_pem: str
+
+    @classmethod
+    def of(cls, row: Certificate) -> StoredCertificate:
+        return cls(row.device_id, row.serial, row.not_before, row.not_after, row.certificate_pem)
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalWindow:
+    """A device's requests in its current rate-limit window."""
+
+    attempts: int
+    window_start: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalBasis:
+    """What a renewal starts from: the device's newest certificate (None when it has none),
+    and the certificate to send again when this CSR's key was renewed within the interval."""
+
+    previous: StoredCertificate | None
+    repeat: StoredCertificate | None
+
+
+def count_attempt(
+    session: Session, device_id: str, now: dt.datetime, interval: dt.timedelta
+) -> RenewalWindow:
+    """Count one request of ``device_id`` in its window (a new window once ``interval``
+    passed), under the row's lock; commits. A first request racing another process's to
+    insert the row retries once and then counts on the winner's row."""
+    for attempt in range(2):
+        try:
+            with write_transaction(session):
+                row = _limit_row(session, device_id)
+                if row is None:
+                    row = RenewalLimit(device_id=device_id, window_start=now, attempts=0)
+                elif now - row.window_start >= interval:
+                    row.window_start, row.attempts = now, 0
+                row.attempts += 1
+                window = RenewalWindow(row.attempts, row.window_start)
+                session.add(row)
+            return window
+        except IntegrityError:  # PostgreSQL: another process inserted the row first
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def renewal_basis(
+    session: Session, device_id: str, key_sha256: str, now: dt.datetime, interval: dt.timedelta
+) -> RenewalBasis:
+    """Check ``device_id`` may be renewed now with this key (NotFoundError,
+    DecommissionedDeviceError, RenewedTooSoonError) and return what the renewal starts from."""
+    _check_active(session.get(Device, device_id), device_id)
+    newest = session.exec(
+        select(Certificate)
+        .where(Certificate.device_id == device_id)
+        .order_by(col(Certificate.not_after).desc())
+        .limit(1)
+    ).first()
+    repeat = _repeat(session, session.get(RenewalLimit, device_id), key_sha256, now, interval)
+    return RenewalBasis(None if newest is None else StoredCertificate.of(newest), repeat)
+
+
+def record_renewal(
+    session: Session,
+    renewed: StoredCertificate,
+    *,
+    previous_serial: str | None,
+    key_sha256: str,
+    actor: Actor,
+    now: dt.datetime,
+    interval: dt.timedelta,
+) -> StoredCertificate:
+    """Store ``renewed`` as a live certificate with its audit entry and rate-limit record,
+    in one write transaction that first re-checks, under the device's row lock, that the
+    device is still active and not renewed meanwhile: a decommission that committed since
+    :func:`renewal_basis` wins (DecommissionedDeviceError), and so does a renewal another
+    registry process just made (its certificate is returned when it was for this key)."""
+    with write_transaction(session):
+        device = session.exec(
+            select(Device).where(Device.device_id == renewed.device_id).with_for_update()
+        ).one_or_none()
+        _check_active(device, renewed.device_id)
+        row = _limit_row(session, renewed.device_id)
+        if row is not None:
+            repeat = _repeat(session, row, key_sha256, now, interval)
+            if repeat is not None:
+                return repeat
+        else:
+            row = RenewalLimit(device_id=renewed.device_id, window_start=now, attempts=0)
+        row.issued_at = now
+        row.issued_serial = renewed.serial
+        row.issued_key_sha256 = key_sha256
+        session.add(row)
+        session.add(
+            Certificate(
+                serial=renewed.serial,
+                device_id=renewed.device_id,
+                not_before=renewed.not_before,
+                not_after=renewed.not_after,
+                status="live",
+                revoked_at=None,
+                certificate_pem=renewed.certificate_pem,
+            )
+        )
+        add_entry(
+            session,
+            actor,
+            "renew",
+            renewed.device_id,
+            {
+                "serial": renewed.serial,
+                "previous_serial": previous_serial,
+                "not_after": renewed.not_after.isoformat(),
+            },
+        )
+    return renewed
+
+
+def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:
+    return session.exec(
+        select(RenewalLimit).where(RenewalLimit.device_id == device_id).with_for_update()
+    ).one_or_none()
+
+
+def _check_active(device: Device | None, device_id: str) -> None:
+    if device is None:
+        raise NotFoundError(f"device {device_id} is not registered; register it before renewing")
+    if device.status != "active":
+        raise DecommissionedDeviceError(
+            f"device {device_id} is decommissioned; it cannot be given new certificates"
+        )
+
+
+def _repeat(
+    session: Session,
+    row: RenewalLimit | None,
+    key_sha256: str,
+    now: dt.datetime,
+    interval: dt.timedelta,
+) -> StoredCertificate | None:
+    """The certificate to send again for a re-delivered CSR, None to go ahead, or
+    RenewedTooSoonError. A zero interval turns the rule off."""
+    if interval <= dt.timedelta(0) or row is None:
+        return None
+    if row.issued_at is None or row.issued_serial is None:
+        return None
+    since = now - row.issued_at
+    if since >= interval:
+        return None
+    if row.issued_key_sha256 == key_sha256:
+        certificate = session.get(Certificate, row.issued_serial)
+        if certificate is not None:
+            return StoredCertificate.of(certificate)
+    raise RenewedTooSoonError(
+        f"device {row.device_id} was renewed {since.total_seconds():.0f} s ago",
+        since.total_seconds(),
+    )

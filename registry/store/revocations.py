@@ -1,0 +1,164 @@
+"""Decommission and the revocation feed: ordered, gap-free events, one per decommission.
+
+The feed's sequence numbers come from the ``revocation_seq`` counter, incremented in the
+decommission's own transaction; its epoch (:func:`feed_epoch`) tells readers when the
+numbers start over (a database restored from an older copy).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from fleetcore.clock import utcnow
+from fleetcore.reasons import DEFAULT_REASON_CODE
+from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
+from registry.db import write_transaction
+from registry.errors import AlreadyDecommissionedError, NotFoundError
+from registry.models import Certificate, Counter, DecommissionResult, Device, Revocation
+from registry.store import counters
+from registry.store.audit import Actor, add_entry
+from registry.store.devices import device_public
+
+__all__ = [
+    "decommission_device",
+    "feed_epoch",
+    "head_seq",
+    "redraw_feed_epoch",
+    "revocations_after",
+]
+
+
+def decommission_device(
+    session: Session,
+    device_id: str,
+    reason: str,
+    actor: Actor,
+    reason_code: str = DEFAULT_REASON_CODE,
+) -> DecommissionResult:
+    """Decommission a device: revoke its live certificates, append one feed event and one
+    audit entry, all in one transaction. Raises NotFoundError / AlreadyDecommissionedError.
+    """
+    with write_transaction(session):
+        device = session.exec(
+            select(Device).where(Device.device_id == device_id).with_for_update()
+        ).one_or_none()
+        if device is None:
+            raise NotFoundError(f"device {device_id} is not registered")
+        if device.status == "decommissioned":
+            raise AlreadyDecommissionedError(
+                f"device {device_id} was already decommissioned at "
+                f"{device.decommissioned_at.isoformat() if device.decommissioned_at else '?'}; "
+                "its certificates are revoked"
+            )
+        seq = counters.bump(session, counters.REVOCATION_SEQ)
+        now = utcnow()
+        # Filter on device_id only (a device has a handful of certificates): with the status
+        # in the WHERE clause SQLite's planner may pick the (status, not_after) index and
+        # scan every live certificate of the fleet.
+        live = [
+            c
+            for c in session.exec(
+                select(Certificate).where(Certificate.device_id == device_id)
+            ).all()
+            if c.status == "live"
+        ]
+        serials = sorted(c.serial for c in live)
+        for certificate in live:
+            certificate.status = "revoked"
+            certificate.revoked_at = now
+            certificate.revocation_reason = reason_code
+            session.add(certificate)
+        device.status = "decommissioned"
+        device.decommissioned_at = now
+        session.add(device)
+        session.add(
+            Revocation(
+                seq=seq,
+                device_id=device_id,
+                serials=serials,
+                reason=reason,
+                reason_code=reason_code,
+                revoked_at=now,
+                operator=actor.who[:256],
+            )
+        )
+        add_entry(
+            session,
+            actor,
+            "decommission",
+            device_id,
+            {"reason": reason, "reason_code": reason_code, "serials": serials, "seq": seq},
+        )
+    public = device_public(session, device)
+    return DecommissionResult(**public.model_dump(), revocation_seq=seq)
+
+
+def _draw_epoch() -> int:
+    return secrets.randbelow(2**31 - 2) + 1
+
+
+def feed_epoch(session: Session) -> int:
+    """This database's feed epoch, drawn (and committed) by the first reader that needs it."""
+    value = counters.read(session, counters.FEED_EPOCH)
+    if value is not None:
+        return value
+    try:
+        with write_transaction(session):
+            session.add(Counter(name=counters.FEED_EPOCH, value=_draw_epoch()))
+    except IntegrityError:  # another reader drew it first: theirs stands
+        pass
+    value = counters.read(session, counters.FEED_EPOCH)
+    assert value is not None
+    return value
+
+
+def redraw_feed_epoch(session: Session) -> int:
+    """Give the feed a new epoch (the database was restored: its sequence numbers repeat
+    ones readers have seen, so readers must start over); returns it."""
+    with write_transaction(session):
+        counter = session.exec(
+            select(Counter).where(Counter.name == counters.FEED_EPOCH).with_for_update()
+        ).one_or_none()
+        if counter is None:
+            counter = Counter(name=counters.FEED_EPOCH, value=0)
+        old = counter.value
+        while counter.value == old:
+            counter.value = _draw_epoch()
+        session.add(counter)
+        epoch = counter.value
+    return epoch
+
+
+def head_seq(session: Session) -> int:
+    """The highest revocation sequence number stored (0 when none)."""
+    return counters.read(session, counters.REVOCATION_SEQ) or 0
+
+
+def revocations_after(session: Session, after: int, limit: int) -> RevocationFeed:
+    """Up to ``limit`` feed events after sequence number ``after``, with the head and epoch."""
+    rows = session.exec(
+        select(Revocation)
+        .where(col(Revocation.seq) > after)
+        .order_by(col(Revocation.seq))
+        .limit(limit)
+    ).all()
+    events = [
+        RevocationEvent(
+            seq=r.seq,
+            device_id=r.device_id,
+            serials=list(r.serials),
+            reason=r.reason,
+            reason_code=r.reason_code,  # type: ignore[arg-type]
+            revoked_at=r.revoked_at,
+        )
+        for r in rows
+    ]
+    return RevocationFeed(
+        events=events,
+        last_seq=events[-1].seq if events else after,
+        head_seq=head_seq(session),
+        epoch=feed_epoch(session),
+    )

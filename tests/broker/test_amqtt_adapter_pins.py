@@ -1,0 +1,224 @@
+"""Pins: what broker/amqtt_adapter.py relies on inside amqtt, checked against the installed
+amqtt. An upgrade that renames, re-signs or changes the meaning of one of these fails here,
+by name, before it can make the broker quietly skip its ACL, its routing fixes or its
+keep-alive handling. Numbers refer to the items of the adapter's docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import amqtt
+import pytest
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import PluginLoadError
+from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.session import Session
+
+from broker import amqtt_adapter
+from broker.acl import TopicAcl
+from broker.amqtt_adapter import AclTopicPlugin, CertfleetBroker, GateAuthPlugin
+from broker.auth import AdmissionPolicy
+from broker.gate import ConnectGate
+from broker.metrics import BrokerMetrics
+from fleetcore.topics import topic_matches
+from tests.conftest import TRUST_DOMAIN
+
+
+class _NothingRevoked:
+    def is_serial_revoked(self, serial: str) -> bool:
+        return False
+
+    def is_device_decommissioned(self, device_id: str) -> bool:
+        return False
+
+
+def _gate() -> ConnectGate:
+    return ConnectGate(AdmissionPolicy(TRUST_DOMAIN, _NothingRevoked()), BrokerMetrics())
+
+
+def _on_loop(build: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(build())
+
+
+def _parameters(function: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def _calls(owner: Callable[..., Any], needle: str) -> bool:
+    return needle in inspect.getsource(owner)
+
+
+def test_amqtt_is_the_pinned_minor_version() -> None:
+    assert amqtt.__version__.startswith("0.12."), amqtt.__version__
+
+
+# -- 1. Broker._topic_filtering -----------------------------------------------------------
+
+
+def test_topic_filtering_keeps_its_signature_and_is_asked_on_every_path() -> None:
+    assert inspect.iscoroutinefunction(Broker._topic_filtering)
+    assert _parameters(Broker._topic_filtering) == ["self", "session", "topic", "action"]
+    # PUBLISH from a client, each SUBSCRIBE filter, each routed copy (RECEIVE).
+    assert _calls(Broker._handle_message_delivery, "self._topic_filtering(")
+    assert _calls(Broker.add_subscription, "self._topic_filtering(")
+    assert _calls(Broker._run_broadcast, "action=Action.RECEIVE")
+
+
+def test_the_override_answers_with_the_acl_and_the_plugin_path_agrees() -> None:
+    decisions: list[tuple[Action, bool]] = []
+    acl = TopicAcl(TRUST_DOMAIN, count=lambda action, allowed: decisions.append((action, allowed)))
+
+    async def check() -> tuple[bool, bool, bool | None]:
+        broker = CertfleetBroker(gate=_gate(), acl=acl)
+        session = Session()
+        session.client_id = "dev-1"
+        own = await broker._topic_filtering(session, "devices/dev-1/telemetry", Action.PUBLISH)
+        other = await broker._topic_filtering(session, "devices/dev-2/telemetry", Action.PUBLISH)
+        # The fallback: amqtt's own implementation, through the registered plugin.
+        fallback = await Broker._topic_filtering(
+            broker, session, "devices/dev-2/telemetry", Action.PUBLISH
+        )
+        return own, other, fallback
+
+    own, other, fallback = _on_loop(check)
+    assert (own, other, fallback) == (True, False, False)
+    assert decisions == [(Action.PUBLISH, True), (Action.PUBLISH, False), (Action.PUBLISH, False)]
+
+
+# -- 2. Broker._broadcast_loop and what it uses -------------------------------------------
+
+
+def test_broadcast_loop_is_started_by_start_and_its_state_has_the_shapes_we_use() -> None:
+    assert inspect.iscoroutinefunction(Broker._broadcast_loop)
+    assert _parameters(Broker._broadcast_loop) == ["self"]
+    assert _calls(Broker.start, "self._broadcast_loop()")
+    assert _parameters(Broker._run_broadcast) == ["self", "running_tasks"]
+
+    async def shapes() -> tuple[object, object, object]:
+        broker = CertfleetBroker(gate=_gate(), acl=TopicAcl(TRUST_DOMAIN))
+        return broker._broadcast_queue, broker._tasks_queue, broker._broadcast_shutdown_waiter
+
+    queue, tasks, waiter = _on_loop(shapes)
+    assert isinstance(queue, asyncio.Queue)
+    assert isinstance(tasks, deque)
+    assert isinstance(waiter, asyncio.Future)
+
+
+def test_run_broadcast_takes_exactly_one_queued_message() -> None:
+    async def run() -> tuple[int, int]:
+        broker = CertfleetBroker(gate=_gate(), acl=TopicAcl(TRUST_DOMAIN))
+        for n in range(2):
+            await broker.internal_message_broadcast("devices/d/telemetry", str(n).encode(), 1)
+        before = broker._broadcast_queue.qsize()
+        await broker._run_broadcast(deque())
+        return before, broker._broadcast_queue.qsize()
+
+    assert _on_loop(run) == (2, 1)
+
+
+def test_shutdown_sets_the_waiter_our_loop_watches() -> None:
+    assert _calls(Broker._shutdown_broadcast_loop, "self._broadcast_shutdown_waiter.set_result")
+
+
+# -- 3, 4. Retained-message paths ---------------------------------------------------------
+
+
+def test_retained_message_hooks_keep_their_signatures_and_call_sites() -> None:
+    assert _parameters(Broker._publish_session_retained_messages) == ["self", "session"]
+    assert _parameters(Broker._publish_retained_messages_for_subscription) == [
+        "self",
+        "subscription",
+        "session",
+    ]
+    assert _calls(Broker._handle_client_session, "self._publish_session_retained_messages(")
+    # At CONNECT amqtt asks for every filter of the broker (why ours checks the session's own).
+    assert _calls(Broker._handle_client_session, "for topic in self._subscriptions")
+    assert _calls(Broker._handle_subscription, "self._publish_retained_messages_for_subscription(")
+
+
+def test_offline_messages_are_queued_on_the_session_retained_messages_queue() -> None:
+    assert _calls(Broker._run_broadcast, "self._retain_broadcast_message(")
+    assert _calls(Broker._retain_broadcast_message, "target_session.retained_messages.put(")
+    assert isinstance(Session().retained_messages, asyncio.Queue)
+
+
+def test_our_topic_matching_equals_amqtts() -> None:
+    cases = [
+        ("devices/d/telemetry", "devices/+/telemetry"),
+        ("devices/d/telemetry", "devices/#"),
+        ("devices/d/telemetry", "#"),
+        ("devices/d", "devices/+/telemetry"),
+        ("devices/d/cert/renew", "devices/+/telemetry"),
+        ("devices/d/cert/renew", "devices/d/#"),
+        ("$SYS/x", "#"),
+        ("$SYS/x", "+/x"),
+        ("$SYS/x", "$SYS/#"),
+        ("a/b", "a/b"),
+        ("a/b", "a/b/c"),
+        ("a/b", "a/b#"),
+        ("a/b", "a/+b"),
+        ("a", "a/#"),
+    ]
+
+    async def amqtts() -> list[bool]:
+        broker = Broker()
+        return [broker._matches(topic, topic_filter) for topic, topic_filter in cases]
+
+    assert [topic_matches(t, f) for t, f in cases] == _on_loop(amqtts)
+
+
+# -- 5, 6. Session fields -----------------------------------------------------------------
+
+
+def test_the_handler_reads_keep_alive_when_its_reader_starts() -> None:
+    source = inspect.getsource(ProtocolHandler._reader_loop)
+    assert "self.session.keep_alive" in source
+    assert "asyncio.wait_for" in source
+    # ...which is after authentication: our auth plugin sets it to 0 in time.
+    handle = inspect.getsource(Broker._handle_client_session)
+    assert handle.index("self._authenticate(") < handle.index("handler.start()")
+
+
+def test_incoming_publishes_wait_on_delivered_message_queue_before_routing() -> None:
+    assert isinstance(Session().delivered_message_queue, asyncio.Queue)
+    assert _calls(ProtocolHandler, "self.session.delivered_message_queue.put(")
+    assert _calls(ProtocolHandler.mqtt_deliver_next_message, "delivered_message_queue.get()")
+
+
+# -- Plugins wired through their Config dataclass -----------------------------------------
+
+
+def test_plugins_get_their_collaborators_from_their_config() -> None:
+    gate, acl = _gate(), TopicAcl(TRUST_DOMAIN)
+
+    async def build() -> tuple[object, object]:
+        broker = CertfleetBroker(gate=gate, acl=acl)
+        auth = broker.plugins_manager.get_plugin(GateAuthPlugin.__name__)
+        topic = broker.plugins_manager.get_plugin(AclTopicPlugin.__name__)
+        assert isinstance(auth, GateAuthPlugin) and isinstance(topic, AclTopicPlugin)
+        return auth._gate, topic._acl
+
+    assert _on_loop(build) == (gate, acl)
+
+
+def test_an_unwired_plugin_cannot_be_built() -> None:
+    async def build() -> None:
+        Broker({"plugins": {f"{amqtt_adapter.__name__}.GateAuthPlugin": {}}})
+
+    with pytest.raises(PluginLoadError):
+        _on_loop(build)
+
+
+def test_a_session_of_no_admitted_connection_is_refused() -> None:
+    async def authenticate() -> bool | None:
+        broker = CertfleetBroker(gate=_gate(), acl=TopicAcl(TRUST_DOMAIN))
+        session = Session()
+        session.client_id = "dev-1"
+        return bool(await broker._authenticate(session, None))
+
+    assert _on_loop(authenticate) is False
