@@ -13,15 +13,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests and benchmarks use: mosquitto and nginx (interop), openssl (verify,
-# OCSP), chromium + chromium-driver (the web console's browser tests).
+# OCSP), chromium + chromium-driver (the web console's browser tests), nats-server (the cluster).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && \
 	  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && \
-	  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || \
+	  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } && \
+	  { command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; } || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        mosquitto openssl nginx chromium chromium-driver >/dev/null; \
-	    else echo "note: mosquitto/openssl/nginx/chromium missing and cannot install them; those tests will skip"; fi; }
+	        mosquitto openssl nginx chromium chromium-driver nats-server >/dev/null; \
+	    else echo "note: mosquitto/openssl/nginx/chromium/nats-server missing and cannot install them; those tests will skip"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/certfleet demo
