@@ -64,7 +64,16 @@ class NatsCredentials:
 class LocalNats:
     """A nats-server process of ours, with JetStream in ``folder / "jetstream"``."""
 
-    def __init__(self, folder: Path, *, port: int = 0, binary: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        port: int = 0,
+        binary: Path | None = None,
+        nkey_user: str | None = None,
+    ) -> None:
+        """``nkey_user``: authenticate that NKey user (its public key) instead of the
+        generated user/password."""
         found = binary or find_nats_server()
         if found is None:
             raise BrokerError(f"nats-server is not installed ({INSTALL_HINT})")
@@ -72,6 +81,7 @@ class LocalNats:
         self.folder = folder
         self.port = port
         self.credentials = NatsCredentials.load_or_create(folder / "nats-credentials.json")
+        self.nkey_user = nkey_user
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,13 +96,19 @@ class LocalNats:
             f"listen: 127.0.0.1:{listen}\n"
             f'server_name: "certfleet-nats"\n'
             f'jetstream {{ store_dir: "{store}" }}\n'
-            f'ports_file_dir: "{self.folder}"\n'
-            f"authorization {{ user: {json.dumps(self.credentials.user)}, "
-            f"password: {json.dumps(self.credentials.password)} }}\n"
+            f'ports_file_dir: "{self.folder}"\n' + self._authorization()
         )
         path = self.folder / "nats-server.conf"
         write_private(path, config.encode())
         return path
+
+    def _authorization(self) -> str:
+        if self.nkey_user is not None:
+            return f"authorization {{ users: [ {{ nkey: {json.dumps(self.nkey_user)} }} ] }}\n"
+        return (
+            f"authorization {{ user: {json.dumps(self.credentials.user)}, "
+            f"password: {json.dumps(self.credentials.password)} }}\n"
+        )
 
     def start(self, timeout: float = 15.0) -> LocalNats:
         """Start nats-server and wait until it accepts TCP connections."""

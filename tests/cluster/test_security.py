@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import nats
+import nkeys
 import pytest
 
 from broker.cluster.link import ClusterError, ClusterOptions
-from broker.cluster.natsd import LocalNats
+from broker.cluster.natsd import LocalNats, find_nats_server
 from broker.server import BrokerServer
+from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
 from tests.broker.conftest import wait_for
 from tests.cluster.conftest import node_settings
@@ -63,3 +67,31 @@ def test_credentials_in_the_url_are_refused() -> None:
         ClusterOptions(url="nats://u:secret@127.0.0.1:4222", node="a")
     with pytest.raises(ClusterError, match="is not nats://HOST:PORT"):
         ClusterOptions(url="http://127.0.0.1:4222", node="a")
+
+
+def test_a_node_authenticates_with_an_nkey_seed_file(
+    cluster_layout: DataLayout, tmp_path: Path
+) -> None:
+    if find_nats_server() is None:
+        pytest.skip("nats-server not installed (apt install nats-server)")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    seed_file = tmp_path / "node.nk"
+    seed_file.write_bytes(seed + b"\n")
+    seed_file.chmod(0o600)
+    public = nkeys.from_seed(seed).public_key.decode()
+    with LocalNats(tmp_path / "nats-nkey", nkey_user=public) as nats_nkey:
+        settings = node_settings(
+            cluster_layout,
+            nats_nkey,
+            "a",
+            broker_cluster_user=None,
+            broker_cluster_password=None,
+            broker_cluster_nkey_seed_file=seed_file,
+        )
+        with BrokerServer(settings) as node:  # type: ignore[arg-type]
+            app = node.app
+            assert app is not None and app.cluster is not None
+            assert wait_for(lambda: app.cluster is not None and app.cluster.link.connected, 10)
+        seed_file.chmod(0o644)  # a seed others can read is refused at start
+        with pytest.raises(ConfigError, match="readable by other users"):
+            BrokerServer(settings).start()  # type: ignore[arg-type]
