@@ -40,22 +40,39 @@ amqtt upgrade that moves it fails those tests loudly rather than the broker quie
    yet routed (amqtt PUBACKs a QoS 1 message when it queues it, and drops what is still
    unrouted at disconnect). Its ``qsize`` is our reader's backpressure signal.
 
+7. ``Session.inflight_out`` — the QoS 1/2 messages sent to a client and not yet acknowledged
+   (an ``OrderedDict`` of messages with ``topic``, ``data``, ``qos``). amqtt drops them when
+   the connection ends; :meth:`CertfleetBroker.capture_inflight` reads them just before a
+   shutdown closes the connections, so the saved state keeps them (redelivered after the
+   restart: at least once).
+8. ``Session.clean_session`` / ``is_anonymous`` / ``last_disconnect_time`` and
+   ``Session.transitions.state`` — which sessions amqtt keeps and queues for while their
+   client is away (clean session off, not anonymous, state not ``connected``), and when
+   ``_session_monitor`` expires them (``last_disconnect_time`` + ``session_expiry_interval``).
+9. ``Broker._broadcast_queue`` empty and every session's ``delivered_message_queue`` empty
+   means every accepted message is routed (:meth:`CertfleetBroker.wait_routed`).
+
+A persistent session is restored with public calls: ``create_offline_session`` (amqtt's
+own, for a session whose client is away), an entry in the public ``sessions`` mapping (what
+amqtt's ``BrokerContext.add_subscription`` does), ``add_subscription`` (which applies our
+ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
+
 In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more:
 
-7. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``; its
+10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``; its
    class is swapped to :class:`StoreAckHandler`, whose only change is
    ``_handle_qos1_message_flow`` for incoming messages: the PUBACK waits until the cluster
    stored the message (amqtt sends it when the message is queued).
-8. ``Broker._handle_message_delivery(session, handler, waiter)`` — routes one message a
+11. ``Broker._handle_message_delivery(session, handler, waiter)`` — routes one message a
    client sent (``waiter.result()`` is the ``IncomingApplicationMessage``); wrapped to hand
    the message's store future to the cluster, resolved at once if the ACL refused it.
-9. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
+12. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
    routing (a client's publish or a will); wrapped to forward it to the other nodes.
-10. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
-    session)`` — wrapped to keep a persistent session's subscriptions in the cluster.
-11. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
+13. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
+     session)`` — wrapped to keep a persistent session's subscriptions in the cluster.
+14. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
     one more rule: a persistent session's QoS 1 subscription is served from JetStream only.
-12. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
+15. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
     filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
 
 Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
@@ -71,14 +88,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BaseContext
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -89,6 +107,7 @@ from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicat
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
 from broker.gate import ConnectGate
+from broker.state import BrokerState, SessionState, StoredMessage
 from fleetcore.topics import is_renewal_topic, topic_matches
 
 __all__ = [
@@ -414,6 +433,121 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             broadcast["qos"] = force_qos
         self._broadcast_queue.put_nowait(broadcast)
 
+    # -- persistent state (broker.state) --------------------------------------------------
+
+    def _persistent_sessions(self) -> list[Session]:
+        return [
+            session
+            for session, _handler in self.sessions.values()
+            if session.clean_session is False and not session.is_anonymous and session.client_id
+        ]
+
+    def capture_inflight(self) -> dict[str, list[StoredMessage]]:
+        """The messages sent to persistent sessions' clients and not yet acknowledged, by
+        session key (amqtt forgets them when the connection ends: take them first)."""
+        return {
+            session.client_id: [
+                StoredMessage(m.topic, bytes(m.data), m.qos or 0)
+                for m in session.inflight_out.values()
+            ]
+            for session in self._persistent_sessions()
+            if session.inflight_out
+        }
+
+    def persistent_state(
+        self, inflight: Mapping[str, Sequence[StoredMessage]] | None = None
+    ) -> BrokerState:
+        """Every persistent session (subscriptions; messages in flight to its client, then
+        those queued while it is away) and every retained message, as plain values.
+        ``inflight`` replaces what is in flight now (:meth:`capture_inflight`, taken before
+        the connections were closed). Loop thread only; does not yield."""
+        if inflight is None:
+            inflight = self.capture_inflight()
+        filters: dict[str, list[tuple[str, int]]] = {}
+        for topic_filter, subscribers in self.subscriptions.items():
+            for subscriber, qos in subscribers:
+                if subscriber.client_id:
+                    filters.setdefault(subscriber.client_id, []).append((topic_filter, qos))
+        sessions = []
+        for session in self._persistent_sessions():
+            key = session.client_id
+            queued = list(inflight.get(key, ()))
+            queue = session.retained_messages
+            waiting = [queue.get_nowait() for _ in range(queue.qsize())]
+            for message in waiting:  # put back, same order, before anything can run
+                queue.put_nowait(message)
+            queued += [StoredMessage(m.topic, bytes(m.data), m.qos or 0) for m in waiting]
+            connected = session.transitions.state == "connected"
+            sessions.append(
+                SessionState(
+                    key=key,
+                    subscriptions=tuple(sorted(filters.get(key, ()))),
+                    queued=tuple(queued),
+                    disconnected_at=None if connected else _disconnected_at(session),
+                )
+            )
+        retained = tuple(
+            StoredMessage(topic, bytes(message.data), message.qos or 0)
+            for topic, message in sorted(self.retained_messages.items())
+            if message.data
+        )
+        return BrokerState(sessions=tuple(sorted(sessions, key=lambda s: s.key)), retained=retained)
+
+    async def restore_state(self, state: BrokerState) -> int:
+        """Recreate the persistent sessions (offline, as after their client left) and the
+        retained messages of ``state``; before the listener starts. Returns the sessions
+        restored. A subscription the ACL refuses now is not restored."""
+        for message in state.retained:
+            await self.retain_message(None, message.topic, message.payload, message.qos)
+        restored = 0
+        for saved in state.sessions:
+            if saved.key in self.sessions:
+                continue
+            handler, session = self.create_offline_session(saved.key)
+            session.clean_session = False
+            if saved.disconnected_at is not None:
+                session.last_disconnect_time = int(saved.disconnected_at)
+            self.sessions[saved.key] = (session, handler)
+            for subscription in saved.subscriptions:
+                await self.add_subscription(subscription, session)
+            for message in saved.queued:
+                session.retained_messages.put_nowait(
+                    RetainedApplicationMessage(None, message.topic, message.payload, message.qos)
+                )
+            restored += 1
+        return restored
+
+    def discard_session(self, key: str) -> bool:
+        """Forget a session that is not connected: its subscriptions and queued messages
+        (a decommissioned device's). False when there is none or its client is connected."""
+        entry = self.sessions.get(key)
+        if entry is None or entry[0].transitions.state == "connected":
+            return False
+        session = entry[0]
+        for topic_filter in list(self.subscriptions):
+            subscribers = self.subscriptions[topic_filter]
+            subscribers[:] = [(s, qos) for s, qos in subscribers if s is not session]
+            if not subscribers:
+                del self.subscriptions[topic_filter]
+        del self.sessions[key]
+        session.clear_queues()
+        return True
+
+    async def wait_routed(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every message amqtt accepted is routed (queued for an offline
+        persistent session or handed to a connected client's delivery); False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self._broadcast_queue.empty() and not any(
+                session.delivered_message_queue.qsize() for session, _ in self.sessions.values()
+            ):
+                await asyncio.sleep(0.01)  # the item being routed now, if any, completes
+                if self._broadcast_queue.empty():
+                    return True
+            await asyncio.sleep(0.01)
+        return False
+
     def _handler_of(self, session: Session) -> Any:
         """The protocol handler of a session (public ``sessions`` property)."""
         if not session.client_id:
@@ -501,6 +635,10 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                     _log_failed(task)
                 if pending:
                     log.warning("broadcast tasks still pending at shutdown count=%d", len(pending))
+
+
+def _disconnected_at(session: Session) -> float:
+    return float(session.last_disconnect_time or time.time())
 
 
 def _log_failed(task: asyncio.Task[object]) -> None:

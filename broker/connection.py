@@ -336,6 +336,15 @@ class TlsConnection(asyncio.Protocol):
             self._closed = True
             self._transport.close()
 
+    def end_input(self) -> None:
+        """Read nothing more from the client, as if it had closed its side: amqtt routes
+        what the client sent before (the reader's end-of-stream wait) and ends the session.
+        The broker's shutdown uses it so that nothing already acknowledged is dropped."""
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+        if self.reader is not None:
+            self.reader.feed_eof()
+
     def abort(self) -> None:
         """Drop the connection at once (revocation, protocol abuse, timeouts)."""
         if self.reader is not None:

@@ -34,6 +34,10 @@ __all__ = ["MqttTlsListener"]
 
 log = logging.getLogger(__name__)
 
+#: At shutdown, how long sessions get to finish routing what their clients sent (the
+#: reader's own end-of-stream wait is 5 s).
+_CLOSE_DRAIN_S = 6.0
+
 
 class MqttTlsListener:
     """Accepts mTLS clients and runs each through the gate into amqtt."""
@@ -58,6 +62,7 @@ class MqttTlsListener:
         self.max_packet_bytes = max_packet_bytes
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Connections past the handshake whose task runs (in the gate or in amqtt).
         self._open: set[TlsConnection] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -78,10 +83,15 @@ class MqttTlsListener:
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop accepting, drop every admitted connection, wait for their tasks."""
+    async def close(self, drain_s: float = _CLOSE_DRAIN_S) -> None:
+        """Stop accepting; end every admitted session after amqtt has routed what its client
+        sent (at most ``drain_s``), then drop whatever is left and wait for the tasks."""
         if self._server is not None:
             self._server.close()
+        for connection in list(self._open):
+            connection.end_input()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=drain_s)
         for connection in list(self._open):
             connection.abort()
         for task in list(self._tasks):
@@ -121,6 +131,7 @@ class MqttTlsListener:
         )
 
     def handshake_completed(self, connection: TlsConnection) -> None:
+        self._open.add(connection)
         task = asyncio.get_running_loop().create_task(self._serve_guarded(connection))
         self._tasks.add(task)
         task.add_done_callback(self._connection_task_done)
@@ -151,6 +162,8 @@ class MqttTlsListener:
         except Exception:
             connection.abort()
             raise
+        finally:
+            self._open.discard(connection)
 
     async def _serve(self, connection: TlsConnection) -> None:
         admission = await self.gate.admit(connection)
@@ -160,7 +173,6 @@ class MqttTlsListener:
         assert reader is not None
         key = admission.session_key
         self.sessions.add(connection, admission)
-        self._open.add(connection)
         self.metrics.connections.inc()
         try:
             await self.broker.serve(reader, StreamWriter(connection))
@@ -171,6 +183,5 @@ class MqttTlsListener:
         finally:
             self.gate.withdraw(key, connection)
             self.metrics.connections.dec()
-            self._open.discard(connection)
             self.sessions.remove(connection)
             connection.close()

@@ -141,6 +141,31 @@ class BrokerMetrics:
             "Failed JetStream stores retried (their PUBACK withheld meanwhile)",
             registry=r,
         )
+        self.state_persisted = Gauge(
+            "certfleet_broker_state_persisted",
+            "1 when the persistent sessions and retained messages on disk are current, else 0",
+            registry=r,
+        )
+        self.state_persist_failures = Counter(
+            "certfleet_broker_state_persist_failures",
+            "Writes of the broker state file that failed (retried)",
+            registry=r,
+        )
+        self.state_load_failures = Counter(
+            "certfleet_broker_state_load_failures",
+            "Broker state files found unusable at start (moved aside)",
+            registry=r,
+        )
+        self.state_sessions = Gauge(
+            "certfleet_broker_state_sessions",
+            "Persistent sessions in the last saved state",
+            registry=r,
+        )
+        self.state_queued = Gauge(
+            "certfleet_broker_state_queued_messages",
+            "Messages queued for persistent sessions in the last saved state",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -35,13 +35,17 @@ from broker.errors import BrokerError
 from broker.gate import ConnectGate
 from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
+from broker.persistence import StateFile, state_path
 from broker.revocation import RevocationFollower, RevokedSet
 from broker.session_index import SessionIndex
+from broker.sessions import session_key
 from broker.settings import BrokerSettings
+from broker.state import BrokerState, StateStore, StoredMessage
 from broker.supervisor import Supervisor
 from broker.tls import broker_server_context, feed_client_context
 from fleetcore.address import Address, parse_address
 from fleetcore.layout import write_public
+from fleetcore.profile import Identity, IdentityKind
 from fleetcore.revocation_feed import RevocationEvent
 
 __all__ = ["BrokerApp", "BrokerServer", "serve"]
@@ -63,9 +67,14 @@ def _trust_domain(settings: BrokerSettings) -> str:
 
 
 class BrokerApp:
-    """One broker on the running event loop."""
+    """One broker on the running event loop.
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    ``state_store`` keeps persistent sessions and retained messages across restarts; by
+    default the node's state file (:class:`broker.persistence.StateFile`, off with
+    ``CERTFLEET_BROKER_PERSIST=false``). A cluster passes its own store.
+    """
+
+    def __init__(self, settings: BrokerSettings, state_store: StateStore | None = None) -> None:
         self.settings = settings
         layout = settings.layout
         self.trust_domain = _trust_domain(settings)
@@ -92,6 +101,7 @@ class BrokerApp:
             count=lambda action, allowed: self.metrics.count_acl(action.value, allowed),
         )
         self.sessions = SessionIndex()
+        self.state_store = state_store if state_store is not None else self._local_state_store()
         self.follower: RevocationFollower | None = None
         if settings.registry_url:
             self.follower = RevocationFollower(
@@ -127,6 +137,8 @@ class BrokerApp:
             max_packet_bytes=self.settings.broker_max_packet_bytes,
         )
         await self.broker.start()
+        if self.state_store is not None:
+            await self._restore_state(self.state_store)
         if self.cluster is not None:
             self.cluster.attach(self.broker, self._close_session)
             self.cluster.start()
@@ -152,6 +164,9 @@ class BrokerApp:
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
         if self.follower is not None:
             self.supervisor.start("revocation-feed", self.follower.run)
+        store = self.state_store
+        if store is not None:
+            self.supervisor.start("state-autosave", lambda: store.keep_saved(self._snapshot))
         log.info(
             "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s "
             "node=%s cluster=%s",
@@ -171,6 +186,67 @@ class BrokerApp:
             return False
         live.connection.abort()
         return True
+
+    def _local_state_store(self) -> StateFile | None:
+        if not self.settings.broker_persist or self.settings.broker_cluster_url:
+            return None  # a cluster node's sessions live in JetStream (docs/cluster.md)
+        return StateFile(
+            state_path(self.settings.layout.broker_dir, self.settings.broker_node),
+            node=self.settings.broker_node,
+            interval_s=self.settings.broker_persist_interval_s,
+            on_write=self._state_written,
+            on_load_failure=self.metrics.state_load_failures.inc,
+        )
+
+    def _state_written(self, ok: bool, state: BrokerState) -> None:
+        self.metrics.state_persisted.set(1 if ok else 0)
+        if not ok:
+            self.metrics.state_persist_failures.inc()
+            return
+        self.metrics.state_sessions.set(len(state.sessions))
+        self.metrics.state_queued.set(state.queued_count)
+
+    def _device_key(self, device_id: str) -> str:
+        return session_key(Identity(self.trust_domain, IdentityKind.DEVICE, device_id))
+
+    async def _restore_state(self, store: StateStore) -> None:
+        """Persistent sessions and retained messages of the last run, before listening;
+        not the sessions of devices decommissioned meanwhile (as far as the revoked set
+        knows; the feed drops the others as it catches up)."""
+        assert self.broker is not None
+        state = store.load()
+        kept = tuple(s for s in state.sessions if not self._decommissioned(s.key))
+        restored = await self.broker.restore_state(BrokerState(kept, state.retained))
+        self._state_written(True, state)
+        if state.sessions or state.retained:
+            log.info(
+                "broker state restored sessions=%d skipped_decommissioned=%d queued=%d retained=%d",
+                restored,
+                len(state.sessions) - len(kept),
+                sum(len(s.queued) for s in kept),
+                len(state.retained),
+            )
+
+    def _decommissioned(self, key: str) -> bool:
+        identity = self.acl.identity_of(key)
+        return (
+            identity is not None
+            and identity.kind is IdentityKind.DEVICE
+            and self.revoked.is_device_decommissioned(identity.name)
+        )
+
+    def _snapshot(self, inflight: dict[str, list[StoredMessage]] | None = None) -> BrokerState:
+        """The state to keep: every persistent session but those of decommissioned devices
+        (discarded from amqtt here once their last connection is gone)."""
+        assert self.broker is not None
+        state = self.broker.persistent_state(inflight)
+        gone = [s.key for s in state.sessions if self._decommissioned(s.key)]
+        if not gone:
+            return state
+        for key in gone:
+            self.broker.discard_session(key)
+        kept = tuple(s for s in state.sessions if s.key not in set(gone))
+        return BrokerState(kept, state.retained)
 
     def _revoked_written(self, ok: bool) -> None:
         self.metrics.revoked_persisted.set(1 if ok else 0)
@@ -195,6 +271,8 @@ class BrokerApp:
                 f"revoked set not persisted to {self.revoked.path}: {self.revoked.persist_error} "
                 "(enforced in memory; retrying)"
             )
+        if self.state_store is not None:
+            found += self.state_store.problems()
         found += [
             f"task {name} failed: {error} (restarting)"
             for name, error in dict(self.supervisor.failing).items()
@@ -204,18 +282,28 @@ class BrokerApp:
         return found
 
     async def stop(self) -> None:
+        """Stop in the order that keeps what was acknowledged: background tasks; the clients
+        (after amqtt routed what they sent); then the final state save; then amqtt."""
         await self.supervisor.stop()
+        inflight: dict[str, list[StoredMessage]] = {}
+        if self.broker is not None and self.state_store is not None:
+            inflight = self.broker.capture_inflight()
         if self.listener is not None:
             await self.listener.close()
         if self.cluster is not None:
             await self.cluster.stop()
         if self.broker is not None:
+            if self.state_store is not None:
+                if not await self.broker.wait_routed():
+                    log.warning("broker stopping with messages still unrouted")
+                await self.state_store.save(self._snapshot(inflight))
             await self.broker.shutdown()
         self.metrics.close()
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
         dropped = self._drop(new_serials, event.device_id)
+        self._forget_device_session(event.device_id)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(event.seq)
         self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))
@@ -229,7 +317,16 @@ class BrokerApp:
         new = self.revoked.add(serials, device_id)
         self.revoked.save()
         self.metrics.revoked_serials.set(len(self.revoked.serials))
-        return self._drop(new, device_id)
+        dropped = self._drop(new, device_id)
+        if device_id is not None:
+            self._forget_device_session(device_id)
+        return dropped
+
+    def _forget_device_session(self, device_id: str) -> None:
+        """A decommissioned device's offline session (subscriptions, queue) is discarded,
+        so it is neither kept in memory nor saved for the next run."""
+        if self.broker is not None and self.broker.discard_session(self._device_key(device_id)):
+            log.info("session discarded reason=decommissioned device_id=%s", device_id)
 
     def _drop(self, serials: list[str], device_id: str | None) -> int:
         """Disconnect the live sessions of revoked serials / a decommissioned device."""

@@ -71,6 +71,12 @@ class BrokerSettings(BaseSettings):
     #: Longest pause between reconnect attempts while NATS is unreachable.
     broker_cluster_max_backoff_s: float = Field(default=5.0, gt=0)
 
+    #: Keep persistent sessions and retained messages across restarts in
+    #: <data>/broker/state-<node>.json (single node; a cluster keeps them in its own store).
+    broker_persist: bool = True
+    #: How often that file is rewritten when the state changed: what a SIGKILL can cost.
+    broker_persist_interval_s: float = Field(default=1.0, gt=0, le=3600)
+
     @property
     def layout(self) -> DataLayout:
         return DataLayout(self.data_dir)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_DATA_DIR", "DataLayout", "write_private", "write_public"]
+__all__ = ["DEFAULT_DATA_DIR", "DataLayout", "write_durable", "write_private", "write_public"]
 
 DEFAULT_DATA_DIR = Path("certfleet-data")
 
@@ -107,6 +107,29 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def write_durable(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write state that must survive a crash: a temporary file written in full and
+    fsynced, renamed over ``path``, then the folder fsynced (the rename itself is durable).
+    A crash leaves either the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_private(path: Path, data: bytes) -> None:

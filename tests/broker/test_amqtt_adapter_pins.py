@@ -224,7 +224,52 @@ def test_a_session_of_no_admitted_connection_is_refused() -> None:
     assert _on_loop(authenticate) is False
 
 
-# -- 7-11. cluster mode (broker/cluster) ---------------------------------------------------
+# -- 7-9. Persistent state ----------------------------------------------------------------
+
+
+def test_inflight_out_holds_sent_unacknowledged_messages_and_is_dropped_at_the_end() -> None:
+    assert isinstance(Session().inflight_out, dict)
+    flow = inspect.getsource(ProtocolHandler._handle_qos1_message_flow)
+    assert "self.session.inflight_out[app_message.packet_id] = app_message" in flow
+    # ...and forgotten however the wait ends (why we capture it before a shutdown).
+    assert "finally:" in flow and "self.session.inflight_out.pop(" in flow
+
+
+def test_which_sessions_amqtt_queues_for_and_expires() -> None:
+    run = inspect.getsource(Broker._run_broadcast)
+    assert 'target_session.transitions.state != "connected"' in run
+    assert "not target_session.clean_session" in run
+    assert "not target_session.is_anonymous" in run
+    monitor = inspect.getsource(Broker._session_monitor)
+    assert "session.last_disconnect_time < retain_after" in monitor
+    assert "session.is_anonymous or session.clean_session" in monitor
+
+
+def test_an_offline_session_from_create_offline_session_is_disconnected() -> None:
+    async def create() -> tuple[str, str | None, object]:
+        broker = Broker()
+        _handler, session = broker.create_offline_session("dev-1")
+        return session.transitions.state, session.client_id, session.last_disconnect_time
+
+    state, client_id, disconnected_at = _on_loop(create)
+    assert (state, client_id) == ("disconnected", "dev-1")
+    assert isinstance(disconnected_at, int)
+
+
+def test_the_sessions_property_is_the_broker_s_own_mapping() -> None:
+    async def same() -> bool:
+        broker = Broker()
+        return broker.sessions is broker._sessions and broker.subscriptions is broker._subscriptions
+
+    assert _on_loop(same)
+
+
+def test_accepted_messages_go_from_the_session_queue_to_the_broadcast_queue() -> None:
+    assert _calls(Broker._handle_message_delivery, "await self._broadcast_message(")
+    assert _calls(Broker._broadcast_message, "await self._broadcast_queue.put(")
+
+
+# -- 10-14. cluster mode (broker/cluster) ---------------------------------------------------
 
 
 def test_cluster_hooks_wrap_amqtt_methods_with_the_signatures_they_expect() -> None:

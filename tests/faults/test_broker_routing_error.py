@@ -49,6 +49,7 @@ def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(
             return value or 0.0
 
         assert wait_for(lambda: errors() == 50)
+
         def restore() -> None:
             del acl.identity_of  # the class's own lookup again
 

@@ -16,6 +16,7 @@ from fleetcore.topics import (
     renew_topic,
     split_device_topic,
     telemetry_topic,
+    topic_matches,
 )
 
 
@@ -58,3 +59,20 @@ def test_renewal_topics_and_wildcards() -> None:
     assert not is_renewal_topic("devices/d/cert/renew/x")
     assert has_wildcard(TELEMETRY_FILTER) and has_wildcard("devices/d/#")
     assert not has_wildcard(telemetry_topic("d"))
+
+
+@pytest.mark.parametrize(
+    ("topic", "topic_filter", "matches"),
+    [
+        ("devices/d/telemetry", TELEMETRY_FILTER, True),
+        ("devices/d/cert/renew", TELEMETRY_FILTER, False),
+        ("devices/d/cert/renew", "devices/d/#", True),
+        ("devices/d", "devices/d/#", True),  # '#' also matches the parent level
+        ("devices/d/telemetry", "devices/d", False),
+        ("$SYS/broker", "#", False),  # [MQTT-4.7.2-1]
+        ("$SYS/broker", "$SYS/#", True),
+        ("a/b", "a/b+", False),  # a malformed wildcard level matches nothing
+    ],
+)
+def test_topic_matches(topic: str, topic_filter: str, matches: bool) -> None:
+    assert topic_matches(topic, topic_filter) is matches
