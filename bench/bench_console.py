@@ -23,7 +23,6 @@ import random
 import re
 import secrets
 import shutil
-import ssl
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from bench_registry import percentile, registry_process, scratch_postgres  # noq
 
 from factory.ca import CertificateAuthority  # noqa: E402
 from fleetcore.layout import DataLayout  # noqa: E402
+from fleetcore.tls import client_context
 from registry.db import make_engine, migrate  # noqa: E402
 from registry.models import AuditLog, Certificate, Device  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402
@@ -151,7 +151,7 @@ def run(
 ) -> dict[str, object]:
     rng = random.Random(11)
     expiring = (dt.date.today() + dt.timedelta(days=30)).isoformat()
-    context = ssl.create_default_context(cafile=str(root))
+    context = client_context(root)
     with (
         httpx.Client(base_url=url, verify=context, timeout=60) as http,
         httpx.Client(base_url=url, verify=context, timeout=60) as anonymous,

@@ -19,7 +19,6 @@ import platform
 import random
 import shutil
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from cryptography.x509 import ocsp
 from factory.ca import CertificateAuthority, write_issued
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
+from fleetcore.tls import service_client_context
 
 BATCH = 1000
 
@@ -97,8 +97,7 @@ def main() -> None:
     ]
     process, url = start_registry(layout, port)
     try:
-        context = ssl.create_default_context(cafile=str(layout.root_cert))
-        context.load_cert_chain(layout.client_cert("bench-op"), layout.client_key("bench-op"))
+        context = service_client_context(layout, "bench-op")
         with httpx.Client(base_url=f"{url}/api/v1", verify=context, timeout=120) as http:
             for start in range(0, len(certificates), BATCH):
                 batch = certificates[start : start + BATCH]

@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from factory.keys import load_private_key
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind, build_leaf_certificate
+from fleetcore.tls import service_client_context
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "CERTFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -142,8 +142,7 @@ def scratch_postgres() -> Iterator[str | None]:
 
 
 def client(url: str, layout: DataLayout) -> httpx.Client:
-    context = ssl.create_default_context(cafile=str(layout.root_cert))
-    context.load_cert_chain(str(layout.client_cert("bench-op")), str(layout.client_key("bench-op")))
+    context = service_client_context(layout, "bench-op")
     return httpx.Client(base_url=url + "/api/v1", verify=context, timeout=120)
 
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import random
-import ssl
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import broker_bench_lib as lib  # noqa: E402
 
 from factory.ca import CertificateAuthority, write_issued  # noqa: E402
 from fleetcore.profile import IdentityKind  # noqa: E402
+from fleetcore.tls import service_client_context
 
 
 async def _hold(data_dir: Path, port: int, start: int, end: int, concurrency: int) -> None:
@@ -114,10 +114,7 @@ def main() -> None:
     broker = None
     workers: list[subprocess.Popen[str]] = []
     try:
-        context = ssl.create_default_context(cafile=str(layout.root_cert))
-        context.load_cert_chain(
-            str(layout.client_cert("bench-op")), str(layout.client_key("bench-op"))
-        )
+        context = service_client_context(layout, "bench-op")
         http = httpx.Client(base_url=f"{url}/api/v1", verify=context, timeout=60)
         for chunk in range(0, args.devices, 1000):
             devices = [

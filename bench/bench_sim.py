@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import ssl
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from device_sim.bundle import discover_bundles  # noqa: E402
 from device_sim.device import DeviceConfig  # noqa: E402
 from device_sim.runner import SimRun  # noqa: E402
 from fleetcore.layout import DataLayout  # noqa: E402
+from fleetcore.tls import client_context  # noqa: E402
 
 FLEET_DIR = Path(os.environ.get("CERTFLEET_BENCH_SIM_FLEET", "/tmp/certfleet-bench-sim-fleet"))
 
@@ -100,7 +100,7 @@ def ensure_fleet(devices: int) -> DataLayout:
 
 def start_broker(kind: str, layout: DataLayout) -> BrokerProcess:
     if kind == "ours":
-        return start_ours(layout, extra_env={"CERTFLEET_BROKER_METRICS_ADDR": ""})
+        return start_ours(layout, extra_env={"CERTFLEET_BROKER_METRICS_ADDR": "127.0.0.1:0"})
     return start_mosquitto(layout)
 
 
@@ -109,9 +109,7 @@ def blocking_connect(layout: DataLayout, broker: BrokerProcess, devices: int) ->
     bundles = discover_bundles(layout.root, devices)
     durations = []
     for bundle in bundles:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(cafile=str(bundle.root))
-        context.load_cert_chain(str(bundle.cert), str(bundle.key))
+        context = client_context(bundle.root, bundle.cert, bundle.key)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=bundle.device_id)
         client.tls_set_context(context)
         started = time.perf_counter()

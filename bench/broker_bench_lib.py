@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from factory.ca import CertificateAuthority, write_issued  # noqa: E402
+from fleetcore import tls  # noqa: E402
 from fleetcore.layout import DataLayout  # noqa: E402
 from fleetcore.profile import IdentityKind  # noqa: E402
 
@@ -307,10 +308,7 @@ class TlsClient(asyncio.Protocol):
 
 
 def client_context(layout: DataLayout, cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cafile=str(layout.root_cert))
-    context.load_cert_chain(str(cert), str(key))
-    return context
+    return tls.client_context(layout.root_cert, cert, key)
 
 
 def device_files(layout: DataLayout, index: int) -> tuple[Path, Path]:

@@ -75,6 +75,11 @@ class BrokerMetrics:
         self.revoked_serials = Gauge(
             "certfleet_broker_revoked_serials", "Serials in the revoked set", registry=r
         )
+        self.revoked_expired = Counter(
+            "certfleet_broker_revoked_serials_expired",
+            "Serials dropped from the revoked set after their certificate expired (+ skew)",
+            registry=r,
+        )
         self.revocation_seq = Gauge(
             "certfleet_broker_revocation_seq", "Last revocation feed sequence applied", registry=r
         )
@@ -82,6 +87,11 @@ class BrokerMetrics:
             "certfleet_broker_revocation_lag_seconds",
             "Time from the registry's revoked_at to the broker applying the revocation",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0),
+            registry=r,
+        )
+        self.feed_last_success = Gauge(
+            "certfleet_broker_revocation_feed_last_success_timestamp_seconds",
+            "When the registry's revocation feed last answered (0: never, or no feed)",
             registry=r,
         )
         self.revoked_persisted = Gauge(

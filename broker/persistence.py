@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime as dt
 import json
 import logging
 import threading
@@ -48,6 +47,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.state import BrokerState, SessionState, StoredMessage
+from fleetcore.clock import utcnow
 from fleetcore.layout import write_durable
 
 __all__ = [
@@ -234,7 +234,7 @@ class StateFile:
         return state
 
     def _unusable(self, why: str) -> BrokerState:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:
             self.path.replace(aside)

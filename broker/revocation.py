@@ -8,6 +8,11 @@
   permanent: a set only grows. A write that fails (disk full, folder read-only or replaced)
   never stops enforcement: the sets are already changed in memory, the failure is logged and
   counted, and :meth:`RevokedSet.keep_persisted` retries with backoff until the disk is back.
+  The one exception to "only grows": a serial whose certificate has expired (its not_after,
+  carried by the feed, plus :data:`fleetcore.profile.CLOCK_SKEW`) can no longer be presented,
+  so :meth:`RevokedSet.prune` forgets it, on load and every ``prune_s``
+  (:meth:`RevokedSet.keep_pruned`). Serials whose not_after is unknown, and decommissioned
+  device ids, are kept for good.
 - :class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=``
   over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
   ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
@@ -15,24 +20,33 @@
   It re-reads from 0 (keeping every serial it has: the sets never shrink) when the feed's
   head is below its position or the feed's epoch changed (the registry's database was
   restored from a backup or replaced), and every ``resync_s`` as a backstop (a restored
-  database that has already moved past the broker's position shows neither sign).
+  database that has already moved past the broker's position shows neither sign). It asks
+  for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a ``superseded``
+  event revokes serials without decommissioning the device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import httpx
 
 from broker.errors import RevocationStateError
 from fleetcore.layout import write_public
-from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, RevocationEvent, RevocationFeed
+from fleetcore.profile import CLOCK_SKEW
+from fleetcore.revocation_feed import (
+    FEED_BATCH_DEFAULT,
+    FOLLOWER_KINDS,
+    RevocationEvent,
+    RevocationFeed,
+)
 
 __all__ = ["RevocationFollower", "RevokedSet"]
 
@@ -52,6 +66,8 @@ class RevokedSet:
         self.path = path
         self.legacy_path = legacy_path
         self.serials: set[str] = set()
+        #: serial -> its certificate's not_after (POSIX seconds), where the feed said.
+        self.not_after: dict[str, float] = {}
         self.device_ids: set[str] = set()
         self.last_seq = 0
         #: True while the file lags behind the sets (a write failed; retried).
@@ -72,16 +88,55 @@ class RevokedSet:
     # -- changes --------------------------------------------------------------------------
 
     def add(
-        self, serials: Iterable[str], device_id: str | None = None, seq: int | None = None
+        self,
+        serials: Iterable[str],
+        device_id: str | None = None,
+        seq: int | None = None,
+        not_after: Mapping[str, dt.datetime] | None = None,
     ) -> list[str]:
-        """Add serials (and a decommissioned device id); return the serials that were new."""
-        new = [s for s in (serial.lower() for serial in serials) if s not in self.serials]
+        """Add serials (and a decommissioned device id); return the serials that were new.
+
+        A serial whose ``not_after`` (plus the clock-skew margin) has passed is not added:
+        it cannot be presented any more (a resync re-reads old events).
+        """
+        expiry = {s.lower(): when.timestamp() for s, when in (not_after or {}).items()}
+        limit = time.time() - CLOCK_SKEW.total_seconds()
+        new = []
+        for serial in (s.lower() for s in serials):
+            if serial in expiry:
+                if expiry[serial] < limit:
+                    continue
+                self.not_after[serial] = expiry[serial]
+            if serial not in self.serials:
+                new.append(serial)
         self.serials.update(new)
         if device_id is not None:
             self.device_ids.add(device_id)
         if seq is not None and seq > self.last_seq:
             self.last_seq = seq
         return new
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Forget serials whose certificate expired more than CLOCK_SKEW ago; return them."""
+        limit = (time.time() if now is None else now) - CLOCK_SKEW.total_seconds()
+        expired = [s for s, when in self.not_after.items() if when < limit]
+        for serial in expired:
+            del self.not_after[serial]
+            self.serials.discard(serial)
+        if expired:
+            log.info(
+                "revoked set pruned expired=%d serials=%d", len(expired), len(self.serials)
+            )
+        return expired
+
+    async def keep_pruned(self, prune_s: float, on_pruned: Callable[[int], None]) -> None:
+        """Every ``prune_s`` seconds, forget expired serials (and persist); forever."""
+        while True:
+            await asyncio.sleep(prune_s)
+            expired = self.prune()
+            if expired:
+                self.save()
+                on_pruned(len(expired))
 
     # -- disk -----------------------------------------------------------------------------
 
@@ -109,14 +164,17 @@ class RevokedSet:
             serials = {str(s).lower() for s in body["serials"]}
             device_ids = {str(d) for d in body.get("device_ids", [])}
             last_seq = int(body.get("last_seq", 0))
+            not_after = {str(s).lower(): float(t) for s, t in body.get("not_after", {}).items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RevocationStateError(
                 f"{source} is unreadable ({exc}); restore it from a backup or remove it to "
                 "rebuild it from the registry feed (refuses nothing until the feed is read)"
             ) from None
         self.serials |= serials
+        self.not_after.update({s: t for s, t in not_after.items() if s in serials})
         self.device_ids |= device_ids
         self.last_seq = max(self.last_seq, last_seq)
+        self.prune()
         log.info(
             "revoked set loaded path=%s serials=%d devices=%d last_seq=%d",
             source,
@@ -134,6 +192,7 @@ class RevokedSet:
             "last_seq": self.last_seq,
             "serials": sorted(self.serials),
             "device_ids": sorted(self.device_ids),
+            "not_after": {s: self.not_after[s] for s in sorted(self.not_after)},
         }
         try:
             write_public(self.path, json.dumps(body).encode())
@@ -203,6 +262,7 @@ class RevocationFollower:
         self._resync_at = time.monotonic() + resync_s
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
         self.last_success: float | None = None  # monotonic time of the last feed answer
+        self.last_success_at = 0.0  # the same, POSIX time (a metric: alerts on feed silence)
         self.errors = 0
 
     async def run(self) -> None:
@@ -230,11 +290,18 @@ class RevocationFollower:
         catching_up = not self.synced.is_set()
         wait = 0 if catching_up else self._wait_s
         response = await client.get(
-            self._url, params={"after": self.after, "wait": wait, "limit": self._batch_limit}
+            self._url,
+            params={
+                "after": self.after,
+                "wait": wait,
+                "limit": self._batch_limit,
+                "kinds": FOLLOWER_KINDS,
+            },
         )
         response.raise_for_status()
         feed = RevocationFeed.model_validate_json(response.content)
         self.last_success = time.monotonic()
+        self.last_success_at = time.time()
         if self._must_resync(feed.head_seq, feed.epoch):
             return
         self.apply(feed.events)
@@ -283,12 +350,19 @@ class RevocationFollower:
     def apply(self, events: list[RevocationEvent]) -> None:
         """Apply events in order, drop affected sessions, then persist once for the batch."""
         for event in events:
-            known_device = event.device_id in self._revoked.device_ids
-            new_serials = self._revoked.add(event.serials, event.device_id, event.seq)
+            decommission = event.kind == "decommission"
+            known_device = not decommission or event.device_id in self._revoked.device_ids
+            new_serials = self._revoked.add(
+                event.serials,
+                event.device_id if decommission else None,
+                event.seq,
+                event.not_after,
+            )
             lag = time.time() - event.revoked_at.timestamp()
             if new_serials or not known_device:
                 log.info(
-                    "device revoked device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
+                    "device revoked kind=%s device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
+                    event.kind,
                     event.device_id,
                     ",".join(new_serials),
                     event.seq,

@@ -113,6 +113,8 @@ class BrokerApp:
                 max_backoff_s=settings.broker_feed_max_backoff_s,
                 resync_s=settings.broker_feed_resync_s,
             )
+            follower = self.follower
+            self.metrics.feed_last_success.set_function(lambda: follower.last_success_at)
         options = cluster_options(settings)
         self.cluster = ClusterNode(options, self.metrics) if options is not None else None
         self.broker: CertfleetBroker | None = None
@@ -162,6 +164,10 @@ class BrokerApp:
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
+        self.supervisor.start(
+            "revoked-set-pruner",
+            lambda: self.revoked.keep_pruned(self.settings.broker_prune_s, self._pruned),
+        )
         if self.follower is not None:
             self.supervisor.start("revocation-feed", self.follower.run)
         store = self.state_store
@@ -186,6 +192,10 @@ class BrokerApp:
             return False
         live.connection.abort()
         return True
+
+    def _pruned(self, count: int) -> None:
+        self.metrics.revoked_expired.inc(count)
+        self.metrics.revoked_serials.set(len(self.revoked.serials))
 
     def _local_state_store(self) -> StateFile | None:
         if not self.settings.broker_persist or self.settings.broker_cluster_url:
@@ -302,8 +312,11 @@ class BrokerApp:
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
-        dropped = self._drop(new_serials, event.device_id)
-        self._forget_device_session(event.device_id)
+        # A superseded event revokes serials only: the device's new-certificate session stays.
+        device_id = event.device_id if event.kind == "decommission" else None
+        dropped = self._drop(new_serials, device_id)
+        if device_id is not None:
+            self._forget_device_session(device_id)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
         self.metrics.revocation_seq.set(event.seq)
         self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))

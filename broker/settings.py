@@ -50,6 +50,8 @@ class BrokerSettings(BaseSettings):
     broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
     #: Re-read the whole feed from 0 this often (backstop for a restored registry database).
     broker_feed_resync_s: float = Field(default=300.0, gt=0)
+    #: How often expired serials (not_after + clock skew passed) leave the revoked set.
+    broker_prune_s: float = Field(default=60.0, gt=0, le=86400)
     #: strict: the client id must be the certificate's id (empty + clean session gets it);
     #: from-certificate: any client id is replaced by the certificate's id.
     broker_client_id: ClientIdMode = ClientIdMode.STRICT

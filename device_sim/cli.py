@@ -19,6 +19,7 @@ from device_sim.progress import watch
 from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
 from device_sim.settings import build_settings, parse_addr
+from fleetcore.keys import KEY_ALGORITHMS
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
 
@@ -140,7 +141,7 @@ def renew(
         float, typer.Option("--timeout", min=0.1, help="seconds to wait for the answer")
     ] = 30.0,
     key_algorithm: Annotated[
-        str, typer.Option("--key-algorithm", help="p256, p384, ed25519 or rsa2048")
+        str, typer.Option("--key-algorithm", help=f"one of {', '.join(KEY_ALGORITHMS)}")
     ] = "p256",
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:

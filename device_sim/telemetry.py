@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import random
+
+from fleetcore.clock import utcnow
 
 __all__ = ["SensorModel"]
 
@@ -29,7 +30,7 @@ class SensorModel:
             {
                 "device_id": self.device_id,
                 "seq": seq,
-                "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                "ts": utcnow().isoformat(timespec="milliseconds"),
                 "temperature_c": round(self.temperature_c, 2),
                 "humidity_pct": round(self.humidity_pct, 1),
                 "battery_v": round(self.battery_v, 3),

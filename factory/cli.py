@@ -63,7 +63,7 @@ def ca_init(
     ] = None,
     data_dir: DataDirOption = None,
     key_algorithm: Annotated[
-        str | None, typer.Option(help="p256 (default), p384, ed25519 or rsa2048.")
+        str | None, typer.Option(help=f"One of {', '.join(KEY_ALGORITHMS)} (default p256).")
     ] = None,
     publish_url: Annotated[
         str | None,

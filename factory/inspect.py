@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
+from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.profile import read_identity, serial_hex
 
@@ -71,7 +72,7 @@ def _kind_without_identity(certificate: x509.Certificate) -> str:
 
 def describe(certificate: x509.Certificate, *, now: dt.datetime | None = None) -> dict[str, Any]:
     """The certificate as the profile sees it, JSON-ready."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or utcnow()
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     kind = _kind_without_identity(certificate)
     identity_uri: str | None = None

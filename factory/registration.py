@@ -23,14 +23,13 @@ from factory.errors import RegistrationError
 from factory.manifest import ManifestRecord
 from fleetcore.errors import RegistryCallError
 from fleetcore.layout import DataLayout
+from fleetcore.registration_wire import MAX_BATCH
 from fleetcore.tls import TlsSetupError, client_context
 
 __all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "tls_context"]
 
 log = logging.getLogger(__name__)
 
-#: The registry takes at most this many devices per call.
-MAX_BATCH = 1000
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 

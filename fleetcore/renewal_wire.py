@@ -4,19 +4,40 @@ The registry answers a device's CSR with either the new leaf certificate (PEM) o
 refusal ``{"error": "<code>", "message": "<why>"}`` whose code is one of
 :class:`RefusalCode`. The registry builds answers with :func:`refusal_payload`; a device reads
 them with :func:`parse_answer`.
+
+The confirm (issue 14, docs/lifecycle.md): once connected with its renewed certificate, a
+device publishes ``{"confirm": "<serial, lower-case hex>"}`` (:func:`confirm_payload`) on the
+same ``cert/renew`` topic as its CSRs (:func:`is_confirm` tells them apart); the registry
+answers ``{"confirmed": "<serial>"}`` (:func:`confirmed_payload`) or a refusal, which the
+device reads with :func:`parse_confirm_answer`.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from fleetcore.errors import CertfleetError
 
-__all__ = ["AnswerError", "RefusalCode", "Refusal", "parse_answer", "refusal_payload"]
+__all__ = [
+    "MAX_CONFIRM_BYTES",
+    "AnswerError",
+    "ConfirmError",
+    "Confirmed",
+    "RefusalCode",
+    "Refusal",
+    "confirm_payload",
+    "confirmed_payload",
+    "is_confirm",
+    "parse_answer",
+    "parse_confirm",
+    "parse_confirm_answer",
+    "refusal_payload",
+]
 
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
@@ -35,6 +56,11 @@ class RefusalCode(enum.StrEnum):
     BUSY = "busy"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
     INTERNAL_ERROR = "internal_error"
+    #: Refusals of a confirm (``{"confirm": "<serial>"}``, docs/lifecycle.md).
+    INVALID_CONFIRM = "invalid_confirm"
+    UNKNOWN_SERIAL = "unknown_serial"
+    CERTIFICATE_REVOKED = "certificate_revoked"
+    NOT_NEWEST = "not_newest"
 
 
 class AnswerError(CertfleetError):
@@ -66,3 +92,64 @@ def parse_answer(payload: bytes) -> x509.Certificate | Refusal:
         return Refusal(str(refusal["error"]), str(refusal["message"]))
     except (ValueError, KeyError, TypeError):
         raise AnswerError("unreadable answer on cert/issued") from None
+
+
+# -- the confirm: a renewed device says it connected with its new certificate ---------------
+
+#: Largest confirm payload the registry reads.
+MAX_CONFIRM_BYTES = 256
+_SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
+
+
+class ConfirmError(CertfleetError):
+    """A confirm payload that is not ``{"confirm": "<serial, lower-case hex>"}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """The registry's answer to a valid confirm: the serial it recorded."""
+
+    serial: str
+
+
+def is_confirm(payload: bytes) -> bool:
+    """A payload on ``cert/renew`` is a confirm (JSON) rather than a CSR (PEM)."""
+    return payload.lstrip()[:1] == b"{"
+
+
+def confirm_payload(serial: str) -> bytes:
+    """What a device publishes on ``devices/<id>/cert/renew`` once connected with the
+    certificate ``serial`` (lower-case hex, :func:`fleetcore.profile.serial_hex`)."""
+    return json.dumps({"confirm": serial.lower()}).encode()
+
+
+def parse_confirm(payload: bytes) -> str:
+    """The serial of a confirm payload (lower-case); ConfirmError for anything else."""
+    if len(payload) > MAX_CONFIRM_BYTES:
+        raise ConfirmError(f"confirm of {len(payload)} bytes exceeds {MAX_CONFIRM_BYTES}")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ConfirmError("confirm is not JSON") from None
+    serial = body.get("confirm") if isinstance(body, dict) else None
+    if not isinstance(serial, str) or not _SERIAL.fullmatch(serial.lower()):
+        raise ConfirmError(
+            'confirm must be {"confirm": "<serial of the new certificate, lower-case hex>"}'
+        )
+    return serial.lower()
+
+
+def confirmed_payload(serial: str) -> bytes:
+    """The registry's answer on ``cert/issued`` to a valid confirm."""
+    return json.dumps({"confirmed": serial}).encode()
+
+
+def parse_confirm_answer(payload: bytes) -> Confirmed | Refusal:
+    """A device reads the answer to its confirm; AnswerError when it is neither."""
+    try:
+        body = json.loads(payload)
+        if "confirmed" in body:
+            return Confirmed(str(body["confirmed"]))
+        return Refusal(str(body["error"]), str(body["message"]))
+    except (ValueError, KeyError, TypeError):
+        raise AnswerError("unreadable answer to a confirm on cert/issued") from None

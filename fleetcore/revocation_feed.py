@@ -1,23 +1,58 @@
 """The revocation feed's wire format, shared by the registry (which serves it) and the broker
-(which follows it): ``GET /api/v1/revocations?after=&wait=&limit=``.
+(which follows it): ``GET /api/v1/revocations?after=&wait=&limit=&kinds=``.
 
 Pure pydantic, so the broker reads the feed without importing the registry's database code.
+
+Event kinds (issue 14). ``decommission`` (the only kind before): the device is decommissioned,
+every serial it held is revoked, and a follower drops every live session of the device.
+``superseded``: a renewed device confirmed its new certificate, so the listed *older* serials
+are revoked; the device stays active and a follower drops only the sessions presenting those
+serials, never the device's session with its new certificate.
+
+Compatibility. A follower that does not ask for ``kinds`` is served ``decommission`` events
+only (a follower written before kinds existed would take a superseded event for a
+decommission and cut the device off); sequence numbers then have gaps, which such followers
+never checked. A follower that understands kinds asks ``kinds=decommission,superseded``
+(:data:`FOLLOWER_KINDS`). ``not_after`` (serial -> its certificate's not_after) is optional:
+with it, a follower may forget a revoked serial once it has expired (plus the clock-skew
+margin, :data:`fleetcore.profile.CLOCK_SKEW`); a serial without it is kept for good.
+Followers ignore fields they do not know (pydantic's default), so both fields are additive.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
 
-__all__ = ["FEED_BATCH_DEFAULT", "FEED_BATCH_MAX", "RevocationEvent", "RevocationFeed"]
+__all__ = [
+    "DEFAULT_KINDS",
+    "FEED_BATCH_DEFAULT",
+    "FEED_BATCH_MAX",
+    "FEED_KINDS",
+    "FOLLOWER_KINDS",
+    "KINDS_PATTERN",
+    "EventKind",
+    "RevocationEvent",
+    "RevocationFeed",
+    "parse_kinds",
+]
 
 #: Events per answer when the follower does not say (``limit``), and the most it may ask for.
 FEED_BATCH_DEFAULT: Final = 1000
 FEED_BATCH_MAX: Final = 5000
+
+EventKind = Literal["decommission", "superseded"]
+FEED_KINDS: Final[tuple[str, ...]] = get_args(EventKind)
+#: What a follower that does not send ``kinds`` gets (followers older than kinds).
+DEFAULT_KINDS: Final[tuple[str, ...]] = ("decommission",)
+#: The ``kinds`` query value of a follower that understands every kind.
+FOLLOWER_KINDS: Final = ",".join(FEED_KINDS)
+#: What a ``kinds`` query value may be: known kinds, comma-separated.
+KINDS_PATTERN: Final = "^({0})(,({0}))*$".format("|".join(FEED_KINDS))
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -29,8 +64,27 @@ def _lower(serials: list[str]) -> list[str]:
     return [s.lower() for s in serials]
 
 
+def _aware_map(values: dict[str, dt.datetime]) -> dict[str, dt.datetime]:
+    return {serial.lower(): _aware(when) for serial, when in values.items()}
+
+
+def parse_kinds(value: str | None) -> tuple[str, ...]:
+    """The ``kinds`` query value -> the kinds asked for; ValueError names an unknown one."""
+    if not value:
+        return DEFAULT_KINDS
+    kinds = tuple(dict.fromkeys(k.strip() for k in value.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in FEED_KINDS]
+    if unknown or not kinds:
+        raise ValueError(
+            f"unknown feed event kind(s) {', '.join(unknown) or repr(value)}; "
+            f"known: {', '.join(FEED_KINDS)}"
+        )
+    return kinds
+
+
 class RevocationEvent(BaseModel):
-    """One decommission: the device and every serial it held (lower-case hex)."""
+    """One revocation: a decommission (the device and every serial it held) or the
+    supersession of a renewed device's older serials (lower-case hex)."""
 
     seq: int
     device_id: str
@@ -38,6 +92,11 @@ class RevocationEvent(BaseModel):
     reason: str
     reason_code: ReasonCode = DEFAULT_REASON_CODE
     revoked_at: Annotated[dt.datetime, AfterValidator(_aware)]
+    kind: EventKind = "decommission"
+    #: serial -> not_after of its certificate (optional; absent: keep the serial for good).
+    not_after: Annotated[dict[str, dt.datetime], AfterValidator(_aware_map)] = Field(
+        default_factory=dict
+    )
 
 
 class RevocationFeed(BaseModel):

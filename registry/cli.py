@@ -1,5 +1,6 @@
 """`certfleet registry` commands: serve, migrate, import, token create|list|revoke, and
-the operator's devices list|show|decommission|audit (registry/operator_cli.py)."""
+the operator's devices list|show|decommission|audit (registry/operator_cli.py) and
+expiry-report (registry/expiry_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from registry.cli_options import DataDir
+from registry.expiry_cli import expiry_report
 from registry.operator_cli import devices_app
 
 if TYPE_CHECKING:
@@ -28,6 +30,7 @@ app = typer.Typer(help="The registry: devices, revocation feed, CRL.", no_args_i
 token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
+app.command("expiry-report")(expiry_report)
 
 DatabaseUrl = Annotated[
     str | None,

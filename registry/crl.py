@@ -6,7 +6,10 @@ arrive while the signer works are merged into its next run, so a burst of 200 de
 costs a handful of signatures, not 200 and no queue of waiting threads. A reader of the CRL
 (:meth:`CrlCache.current`) that finds it older than the feed's head asks for a re-sign and
 waits, bounded, for the signer. The CRL is also re-signed when half of its validity has
-passed. CRLNumber comes from a database counter, so it only ever grows.
+passed, and when its first entry expires (``not_after`` + ``CLOCK_SKEW``): an expired
+certificate cannot be presented, so its entry leaves the CRL. CRLNumber comes from a
+database counter, allocated in the transaction that reads the CRL's entries, so it only ever
+grows, also across registry replicas sharing the database.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class SignedCrl:
     head_seq: int
     this_update: dt.datetime
     entries: int
+    #: when the first entry leaves the CRL (its not_after + CLOCK_SKEW): re-signed then.
+    next_expiry: dt.datetime | None = None
 
 
 class CrlCache:
@@ -115,17 +120,18 @@ class CrlCache:
 
     def _fresh(self, head: int) -> bool:
         crl = self._crl
-        return (
-            crl is not None
-            and crl.head_seq >= head
-            and utcnow() - crl.this_update < self._next_update / 2
-        )
+        return crl is not None and crl.head_seq >= head and utcnow() < self._due_at(crl)
+
+    def _due_at(self, crl: SignedCrl) -> dt.datetime:
+        """When ``crl`` must be re-signed: half its validity, or its first entry expiring."""
+        due = crl.this_update + self._next_update / 2
+        return min(due, crl.next_expiry) if crl.next_expiry is not None else due
 
     def _due_in(self) -> float:
         crl = self._crl
         if crl is None:
             return 0.0
-        return max(0.0, (crl.this_update + self._next_update / 2 - utcnow()).total_seconds())
+        return max(0.0, (self._due_at(crl) - utcnow()).total_seconds())
 
     def _run(self, stopping: threading.Event) -> None:
         while not stopping.is_set():
@@ -160,10 +166,9 @@ class CrlCache:
     def _build(self) -> SignedCrl:
         now = utcnow()
         with Session(self._engine) as session:
-            # Head first: the entries read after it include at least every revocation up to it.
-            head = revocations.head_seq(session)
-            entries = certificates.revoked_entries(session, now)
-            number = certificates.next_crl_number(session)
+            contents = certificates.crl_contents(session, now)
+        number, head, entries = contents.crl_number, contents.head_seq, contents.entries
+        next_expiry = contents.next_expiry
         crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
         if self._on_resign is not None:
             self._on_resign()
@@ -181,4 +186,5 @@ class CrlCache:
             head_seq=head,
             this_update=now,
             entries=len(entries),
+            next_expiry=next_expiry,
         )

@@ -17,7 +17,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -31,6 +32,7 @@ __all__ = [
     "begin_write",
     "make_engine",
     "migrate",
+    "insert_ignore",
     "unreachable",
     "write_transaction",
 ]
@@ -48,6 +50,9 @@ POOL_RESERVE = 12
 class DatabaseUnreachableError(CertfleetError):
     """The registry database cannot be opened (server down, wrong URL, missing folder)."""
 
+
+#: PostgreSQL advisory lock key held while migrating ("cfmigrat" as a number).
+MIGRATION_LOCK = 0x63666D6967726174
 
 #: PostgreSQL: give up connecting after this long (an unreachable host would hang otherwise).
 CONNECT_TIMEOUT_S = 5
@@ -131,6 +136,20 @@ def write_transaction(session: Session) -> Iterator[Session]:
         raise
 
 
+def insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> bool:
+    """INSERT one row unless its key exists (ON CONFLICT DO NOTHING); True when inserted.
+
+    On PostgreSQL a concurrent insert of the same key waits for the other transaction and
+    then does nothing: exactly one of two racing writers gets True.
+    """
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    key = next(iter(table.primary_key.columns))
+    statement = module.insert(table).values(**values).on_conflict_do_nothing().returning(key)
+    # RETURNING, not rowcount: the ORM session's result has no reliable rowcount here.
+    return session.execute(statement).first() is not None
+
+
 def alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -163,6 +182,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         raise unreachable(engine, exc) from None
     config = alembic_config()
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # Replicas starting together on one database migrate one after the other.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     log.info("registry schema migrated revision=%s url=%s", revision, engine.url.render_as_string())

@@ -5,7 +5,8 @@ CertfleetError
       ├── NotFoundError             404  no such device
       ├── ConflictError             409  a serial / hardware serial bound elsewhere
       │    ├── AlreadyDecommissionedError   409  decommission of a decommissioned device
-      │    └── DecommissionedDeviceError    409  a new certificate for a decommissioned device
+      │    ├── DecommissionedDeviceError    409  a new certificate for a decommissioned device
+      │    └── ConfirmRefusedError          409  a renewal confirm the registry cannot record
       ├── InvalidCertificateError   422  not PEM, not a device certificate, not ours
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
       ├── RenewedTooSoonError       429  a device renewed again within the renewal interval
@@ -20,6 +21,7 @@ from fleetcore.errors import CertfleetError, ConfigError
 
 __all__ = [
     "AlreadyDecommissionedError",
+    "ConfirmRefusedError",
     "ConflictError",
     "DecommissionedDeviceError",
     "InvalidCertificateError",
@@ -55,6 +57,17 @@ class AlreadyDecommissionedError(ConflictError):
 
 class DecommissionedDeviceError(ConflictError):
     code = "device_decommissioned"
+
+
+class ConfirmRefusedError(ConflictError):
+    """A renewal confirm the registry refuses; ``refusal`` is the wire code sent back
+    (``unknown_serial``, ``certificate_revoked``, ``not_newest``)."""
+
+    code = "confirm_refused"
+
+    def __init__(self, refusal: str, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class InvalidCertificateError(RegistryError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -15,11 +15,15 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from factory.ca import CertificateAuthority
+from fleetcore.clock import utcnow
+from fleetcore.profile import IdentityKind
+from registry import operations
 from registry.api.routes import (
     API_PREFIX,
     audit,
     crl,
     devices,
+    expiry,
     health,
     metrics,
     revocations,
@@ -31,10 +35,13 @@ from registry.db import make_engine, migrate
 from registry.errors import RegistryError
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
-from registry.metrics import RegistryMetrics, RequestMetricsMiddleware
+from registry.metrics import ExpiryCollector, RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
+from registry.store.audit import Actor
+from registry.store.supersede import SupersededRevocation
+from registry.supersede import Confirmer, SupersedeWorker
 from registry.verify import BatchVerifier
 
 __all__ = ["API_PREFIX", "create_app"]
@@ -96,6 +103,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def _supersede_worker(state: RegistryState, crashed: Callable[[str], None]) -> SupersedeWorker:
+    """The worker revoking superseded certificates, with a revocation's after-commit effects."""
+
+    def revoked(events: Sequence[SupersededRevocation]) -> None:
+        operations.superseded_revoked(state, events)
+
+    return SupersedeWorker(
+        state.engine,
+        Actor(state.ca.identity(IdentityKind.SERVICE, "registry").uri),
+        on_revoked=revoked,
+        check_s=state.settings.registry_supersede_check_s,
+        on_crash=crashed,
+    )
+
+
 def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> FastAPI:
     """Build the app: open the database (migrating it), load the CA, mount the routes."""
     ca = CertificateAuthority.load(settings.layout, passphrase=settings.ca_passphrase_bytes)
@@ -103,6 +125,9 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     if migrate_schema:
         migrate(engine)
     registry_metrics = RegistryMetrics()
+    registry_metrics.registry.register(
+        ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
+    )
 
     def crashed(task: str) -> None:
         registry_metrics.task_crashes.labels(task).inc()
@@ -128,12 +153,26 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         ),
     )
 
+    supersede = _supersede_worker(state, crashed)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The pool is sized from the same number (registry.db.make_engine).
         anyio.to_thread.current_default_thread_limiter().total_tokens = (
             settings.registry_worker_threads
         )
+        listener = None
+        if engine.dialect.name == "postgresql":  # replicas may share it: hear their commits
+            from registry.feed_listener import FeedListener
+
+            listener = FeedListener(
+                engine,
+                state.feed,
+                registry_metrics,
+                instance=settings.instance_name,
+                on_crash=crashed,
+            )
+            listener.start()
         ingest = None
         if settings.telemetry_broker_addr:
             from registry.telemetry import start_ingest
@@ -144,17 +183,28 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
                 ca,
                 on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
                 on_crash=crashed,
+                confirm=Confirmer(
+                    engine,
+                    supersede.actor,
+                    grace=dt.timedelta(seconds=settings.registry_supersede_grace_s),
+                    on_scheduled=supersede.wake,
+                ),
+                on_confirm_outcome=lambda outcome: registry_metrics.confirms.labels(outcome).inc(),
             )
             ingest = await started if inspect.isawaitable(started) else started
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
             registry_metrics.telemetry.attach(ingest)
             log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
+        supersede.start()
         try:
             yield
         finally:
             state.feed.close()
+            if listener is not None:
+                listener.stop()
             if ingest is not None:
                 await ingest.stop()
+            supersede.stop()
             state.close()
             engine.dispose()
 
@@ -172,7 +222,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, audit, revocations, crl, stats, health, metrics):
+    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics):
         app.include_router(module.router)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)

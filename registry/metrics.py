@@ -1,7 +1,11 @@
-"""Prometheus metrics of one registry app (its own CollectorRegistry, so apps don't clash)."""
+"""Prometheus metrics of one registry app (its own CollectorRegistry, so apps don't clash),
+and the collectors read at scrape time: the telemetry ingest's counters and the fleet's
+expiry (:class:`ExpiryCollector`, docs/lifecycle.md)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -14,11 +18,15 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from registry.store.expiry import WINDOWS, ExpiryCounts, expiry_counts
 
 if TYPE_CHECKING:
     from registry.telemetry import TelemetryIngest
 
-__all__ = ["RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
+__all__ = ["ExpiryCollector", "RegistryMetrics", "RequestMetricsMiddleware", "TelemetryCollector"]
 
 #: Why the ingest drops a message (``registry.telemetry.TelemetryRejected.reason``).
 TELEMETRY_DROP_REASONS = (
@@ -73,7 +81,8 @@ class RegistryMetrics:
         )
         self.renewals = Counter(
             "certfleet_registry_renewals",
-            "certificate renewals over MQTT, by outcome (issued, repeated, or the refusal code)",
+            "certificate renewals over MQTT, by outcome (issued, repeated, claimed_elsewhere, "
+            "or the refusal code)",
             ["outcome"],
             registry=self.registry,
         )
@@ -97,10 +106,36 @@ class RegistryMetrics:
             "requests answered 503 because no pooled database connection was free in time",
             registry=self.registry,
         )
+        self.feed_notifications = Counter(
+            "certfleet_registry_feed_notifications",
+            "PostgreSQL feed notifications received (a revocation committed by any replica)",
+            registry=self.registry,
+        )
+        self.feed_listener_reconnects = Counter(
+            "certfleet_registry_feed_listener_reconnects",
+            "times the feed's PostgreSQL LISTEN connection was lost and opened again",
+            registry=self.registry,
+        )
+        self.feed_listener_connected = Gauge(
+            "certfleet_registry_feed_listener_connected",
+            "1 while the feed's PostgreSQL LISTEN connection is open (0 on SQLite or while lost)",
+            registry=self.registry,
+        )
         self.task_crashes = Counter(
             "certfleet_registry_task_crashes",
             "background task crashes (each logged with its traceback and restarted), by task",
             ["task"],
+            registry=self.registry,
+        )
+        self.superseded = Counter(
+            "certfleet_registry_superseded_revocations",
+            "older certificates of renewed devices revoked with reason superseded",
+            registry=self.registry,
+        )
+        self.confirms = Counter(
+            "certfleet_registry_renewal_confirms",
+            "renewal confirms over MQTT, by outcome (confirmed, or the refusal code)",
+            ["outcome"],
             registry=self.registry,
         )
         self.telemetry = TelemetryCollector()
@@ -183,6 +218,66 @@ class TelemetryCollector(Collector):
             f"{prefix}_connected",
             "1 while the ingest is connected to the broker",
             value=1.0 if ingest.connected.is_set() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_subscribed",
+            "1 while the broker has acknowledged every subscription of the ingest",
+            value=1.0 if ingest.subscribed.is_set() else 0.0,
+        )
+
+
+class ExpiryCollector(Collector):
+    """The expiry gauges of ``/metrics``, from :func:`expiry_counts` at scrape time, reused
+    for ``cache_s`` seconds (several scrapers, one query)."""
+
+    def __init__(
+        self, engine: Engine, clock: Callable[[], dt.datetime], cache_s: float = 15.0
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._cache_s = cache_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, ExpiryCounts] | None = None
+
+    def counts(self) -> ExpiryCounts:
+        with self._lock:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self._cache_s:
+                return cached[1]
+            with Session(self._engine) as session:
+                counts = expiry_counts(session, self._clock())
+            self._cached = (time.monotonic(), counts)
+            return counts
+
+    def invalidate(self) -> None:
+        """Forget the cached numbers (a renewal or decommission just changed them)."""
+        with self._lock:
+            self._cached = None
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.counts()
+        within = GaugeMetricFamily(
+            "certfleet_certificates_expiring",
+            "active devices whose current certificate expires within the window (not yet "
+            "expired)",
+            labels=["within"],
+        )
+        for label, _ in WINDOWS:
+            within.add_metric([label], counts.within[label])
+        yield within
+        yield GaugeMetricFamily(
+            "certfleet_devices_without_valid_certificate",
+            "active devices with no live certificate that has not expired",
+            value=counts.without_valid_certificate,
+        )
+        yield GaugeMetricFamily(
+            "certfleet_devices_active", "devices registered and active", value=counts.active_devices
+        )
+        yield GaugeMetricFamily(
+            "certfleet_certificate_next_expiration_timestamp_seconds",
+            "earliest not_after among the current certificates of active devices not yet "
+            "expired (0: none)",
+            value=counts.next_expiry.timestamp() if counts.next_expiry else 0.0,
         )
 
 

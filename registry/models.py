@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 
 from fleetcore.profile import NAME_PATTERN
 from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
+from fleetcore.registration_wire import MAX_BATCH
 
 __all__ = [
     "HARDWARE_SERIAL_PATTERN",
@@ -38,14 +39,17 @@ __all__ = [
     "DeviceRegistration",
     "DeviceStatus",
     "DeviceSummary",
+    "ExpiringDevice",
+    "ExpiryReport",
+    "HistogramBin",
     "Revocation",
+    "RenewalClaim",
     "RenewalLimit",
     "Stats",
     "TokenInfo",
     "WeekCount",
 ]
 
-MAX_BATCH = 1000
 DEVICE_ID_PATTERN = NAME_PATTERN.pattern
 #: Printable ASCII without spaces: what manufacturers print on a label.
 HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
@@ -106,6 +110,12 @@ class Certificate(SQLModel, table=True):
     #: RFC 5280 reason name (:mod:`fleetcore.reasons`) once revoked: the CRL entry and OCSP.
     revocation_reason: str | None = Field(default=None, max_length=32)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
+    #: when the device confirmed over MQTT that it connected with this certificate.
+    confirmed_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: when this (older) certificate is to be revoked as superseded (after the grace).
+    supersede_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
+    #: the confirmed certificate that supersedes this one.
+    superseded_by: str | None = Field(default=None, max_length=48)
 
 
 class Revocation(SQLModel, table=True):
@@ -123,6 +133,11 @@ class Revocation(SQLModel, table=True):
     )
     revoked_at: dt.datetime = Field(sa_type=UTCDateTime)
     operator: str = Field(max_length=256)
+    #: ``decommission`` or ``superseded`` (:mod:`fleetcore.revocation_feed`).
+    kind: str = Field(
+        default="decommission",
+        sa_column=Column(String(16), nullable=False, server_default="decommission"),
+    )
 
 
 class Counter(SQLModel, table=True):
@@ -147,6 +162,20 @@ class RenewalLimit(SQLModel, table=True):
     issued_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
     issued_serial: str | None = Field(default=None, max_length=48)
     issued_key_sha256: str | None = Field(default=None, max_length=64)
+
+
+class RenewalClaim(SQLModel, table=True):
+    """Which registry replica answers one renewal request: every replica's MQTT client
+    receives it, the first to insert its fingerprint (device id + SHA-256 of the CSR) answers,
+    the others stay silent (shared consumption). The claimant answers a re-delivery of the
+    same request again; another replica takes a claim over once it is ``CLAIM_TTL`` old."""
+
+    __tablename__ = "renewal_claim"
+
+    fingerprint: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(max_length=64, index=True)
+    instance: str = Field(max_length=64)
+    claimed_at: dt.datetime = Field(sa_type=UTCDateTime)
 
 
 class AuditLog(SQLModel, table=True):
@@ -286,6 +315,33 @@ class TokenInfo(BaseModel):
 class WeekCount(BaseModel):
     week_start: dt.date
     count: int
+
+
+class HistogramBin(BaseModel):
+    start: dt.datetime
+    end: dt.datetime
+    count: int
+
+
+class ExpiringDevice(BaseModel):
+    device_id: str
+    #: the latest not_after of its live certificates (None: it has no live certificate)
+    not_after: dt.datetime | None
+
+
+class ExpiryReport(BaseModel):
+    """``GET /api/v1/expiry``: the fleet's expiry over the current certificates of active
+    devices. ``buckets`` are disjoint: expired (or no live certificate), <7d, <30d, <90d,
+    later."""
+
+    generated_at: dt.datetime
+    active_devices: int
+    buckets: dict[str, int]
+    next_expiry: dt.datetime | None
+    histogram: list[HistogramBin]
+    expired: list[ExpiringDevice]
+    soonest: list[ExpiringDevice]
+
 
 
 class Stats(BaseModel):

@@ -25,8 +25,16 @@ from registry.models import BatchResult, DecommissionRequest, DecommissionResult
 from registry.state import RegistryState
 from registry.store import devices, revocations, tokens
 from registry.store.audit import Actor
+from registry.store.supersede import SupersededRevocation
 
-__all__ = ["create_token", "decommission_device", "register_devices", "revoke_tokens"]
+__all__ = [
+    "create_token",
+    "decommission_device",
+    "register_devices",
+    "revocations_committed",
+    "revoke_tokens",
+    "superseded_revoked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +82,7 @@ def decommission_device(
         result = revocations.decommission_device(
             session, device_id, request.reason, actor, reason_code=request.reason_code
         )
-    if state.mark is not None:
-        state.mark.advance(result.revocation_seq)
-    state.feed.published()
+    revocations_committed(state, result.revocation_seq, resign=False)
     state.metrics.decommissions.inc()
     log.info(
         "device decommissioned device_id=%s seq=%d reason_code=%s serials=%s by=%s",
@@ -88,6 +94,32 @@ def decommission_device(
     )
     state.crl.request_resign()
     return result
+
+
+def revocations_committed(state: RegistryState, last_seq: int, *, resign: bool = True) -> None:
+    """After-commit effects of any feed event up to ``last_seq`` (a decommission, superseded
+    certificates): the feed mark, the long-poll wake-up and (``resign``) a CRL re-sign."""
+    if state.mark is not None:
+        state.mark.advance(last_seq)
+    state.feed.published()
+    if resign:
+        state.crl.request_resign()
+
+
+def superseded_revoked(state: RegistryState, events: Sequence[SupersededRevocation]) -> None:
+    """After the supersede worker committed ``events`` (registry/supersede.py): the feed
+    mark, the long-poll wake-up, a CRL re-sign request, the metric and one log line each."""
+    if not events:
+        return
+    revocations_committed(state, max(e.seq for e in events))
+    state.metrics.superseded.inc(sum(len(e.serials) for e in events))
+    for event in events:
+        log.info(
+            "superseded certificates revoked device_id=%s serials=%s seq=%d",
+            event.device_id,
+            ",".join(event.serials),
+            event.seq,
+        )
 
 
 def create_token(engine: Engine, operator: str, actor: Actor) -> str:

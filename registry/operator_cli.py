@@ -29,7 +29,18 @@ from fleetcore.profile import check_name
 from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry.cli_options import DataDir
 
-__all__ = ["OperatorSettings", "devices_app", "operator_client"]
+__all__ = [
+    "AsJson",
+    "Operator",
+    "OperatorSettings",
+    "RegistryUrl",
+    "Token",
+    "call",
+    "devices_app",
+    "format_when",
+    "operator_client",
+    "print_table",
+]
 
 devices_app = typer.Typer(
     help="Devices through the registry's REST API, as an operator.", no_args_is_help=True
@@ -316,3 +327,9 @@ def device_audit(
     _print(table)
     if page.get("next_cursor"):
         typer.echo(f"more: --cursor {page['next_cursor']}")
+
+
+# Shared with the other operator commands (registry/expiry_cli.py).
+call = _call
+format_when = _when
+print_table = _print

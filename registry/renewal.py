@@ -28,10 +28,14 @@ Requests wait in one queue per device, served round-robin by one worker thread, 
 ignored by the MQTT client (:mod:`registry.telemetry`); answers are never retained.
 
 The new certificate gets the device profile and the validity length of the device's newest
-certificate (or ``registry_renewal_lifetime_days``), through the one validity policy
-(:func:`fleetcore.validity.renewal_validity`). It is stored as a live certificate of the
-device with an audit entry (actor ``spiffe://<td>/service/registry``, action ``renew``). The
-previous certificate stays live until it expires: the device may still be using it.
+certificate, which carries the device's stagger offset from minting into every generation (or
+``registry_renewal_lifetime_days`` plus the device's offset into
+``registry_renewal_stagger_s``, docs/lifecycle.md "Renewals keep the stagger"), through the
+one validity policy (:func:`fleetcore.validity.renewal_validity`). It is stored as a live
+certificate of the device with an audit entry (actor ``spiffe://<td>/service/registry``,
+action ``renew``). The previous certificate stays live until the device confirms the new one
+(a JSON payload ``{"confirm": "<serial>"}`` on the same topic, :mod:`registry.supersede`) and
+the grace has passed: the device may still use it.
 
 Signing and the database writes run on the worker thread (supervised: a crash is logged,
 counted and the worker restarted), never on paho's network thread.
@@ -61,7 +65,8 @@ from factory.errors import CSRError
 from fleetcore.clock import utcnow
 from fleetcore.errors import CertfleetError
 from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
-from fleetcore.renewal_wire import RefusalCode, refusal_payload
+from fleetcore.renewal_wire import RefusalCode, is_confirm, refusal_payload
+from fleetcore.stagger import stagger_fraction_for_id
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
 from fleetcore.validity import renewal_validity
 from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
@@ -113,6 +118,19 @@ class RenewedCertificate:
     #: True when this is the certificate already sent for the same key (a re-delivered CSR).
     repeated: bool = False
 
+    @classmethod
+    def of(
+        cls, stored: renewals.StoredCertificate, *, repeated: bool = False
+    ) -> RenewedCertificate:
+        return cls(
+            stored.device_id,
+            stored.serial,
+            stored.not_before,
+            stored.not_after,
+            stored.certificate_pem,
+            repeated,
+        )
+
 
 def device_of_renew_topic(topic: str) -> str:
     """``devices/<id>/cert/renew`` -> ``<id>``; RenewalRefused(``bad_topic``) otherwise."""
@@ -135,19 +153,29 @@ class CertificateRenewer:
         min_interval_s: float = 300.0,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         lifetime: dt.timedelta | None = None,
+        stagger: dt.timedelta = dt.timedelta(0),
         clock: Callable[[], dt.datetime] = utcnow,
+        instance: str = "local",
     ) -> None:
         self.ca = ca
+        self.instance = instance
         self.engine = engine
         self.min_interval_s = min_interval_s
         self.max_attempts = max_attempts
         self.lifetime = lifetime
+        self.stagger = stagger
         self.actor = Actor(ca.identity(IdentityKind.SERVICE, "registry").uri)
         self._clock = clock
 
     @property
     def _interval(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.min_interval_s)
+
+    def claim(self, device_id: str, payload: bytes) -> bool:
+        """Whether this replica answers this request (:func:`registry.store.renewals.
+        claim_request`); False: another replica sharing the database claimed it first."""
+        with Session(self.engine) as session:
+            return renewals.claim_request(session, device_id, payload, self.instance, utcnow())
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
@@ -172,7 +200,12 @@ class CertificateRenewer:
         lifetime = self.lifetime or (
             previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
         )
-        validity = renewal_validity(utcnow(), lifetime)
+        validity = renewal_validity(
+            utcnow(),
+            lifetime,
+            stagger=self.stagger,
+            fraction=stagger_fraction_for_id(device_id),
+        )
         issued = self.ca.issue_client(
             validated.identity,
             public_key=validated.public_key,
@@ -199,13 +232,7 @@ class CertificateRenewer:
             )
         if stored is not signed:
             return self._repeated(stored)
-        return RenewedCertificate(
-            device_id=stored.device_id,
-            serial=stored.serial,
-            not_before=stored.not_before,
-            not_after=stored.not_after,
-            certificate_pem=stored.certificate_pem,
-        )
+        return RenewedCertificate.of(stored)
 
     @staticmethod
     def _repeated(certificate: renewals.StoredCertificate) -> RenewedCertificate:
@@ -214,14 +241,7 @@ class CertificateRenewer:
             certificate.device_id,
             certificate.serial,
         )
-        return RenewedCertificate(
-            device_id=certificate.device_id,
-            serial=certificate.serial,
-            not_before=certificate.not_before,
-            not_after=certificate.not_after,
-            certificate_pem=certificate.certificate_pem,
-            repeated=True,
-        )
+        return RenewedCertificate.of(certificate, repeated=True)
 
     @contextmanager
     def _refusals(self, device_id: str) -> Iterator[None]:
@@ -288,9 +308,15 @@ class RenewalService:
         per_device_pending: int = PER_DEVICE_PENDING,
         on_outcome: Callable[[str], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
+        confirm: Callable[[str, bytes], bytes] | None = None,
+        on_confirm_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.renewer = renewer
         self.counters: Counter[str] = Counter()
+        #: outcomes of confirms (``confirmed`` or the refusal code)
+        self.confirm_counters: Counter[str] = Counter()
+        self._confirm = confirm
+        self._on_confirm_outcome = on_confirm_outcome
         self._publish = publish
         self._on_outcome = on_outcome
         self._max_pending = max_pending
@@ -358,7 +384,15 @@ class RenewalService:
             stopping.wait()
 
     def _handle(self, device_id: str, payload: bytes) -> None:
+        if self._confirm is not None and is_confirm(payload):
+            self._handle_confirm(self._confirm, device_id, payload)
+            return
         try:
+            if not self.renewer.claim(device_id, payload):
+                # Every replica receives the request; the one that claimed it answers.
+                self._count("claimed_elsewhere")
+                log.debug("renewal left to another replica device_id=%s", device_id)
+                return
             renewed = self.renewer.renew(device_id, payload)
         except RenewalRefused as exc:
             self._refuse(device_id, exc)
@@ -392,6 +426,35 @@ class RenewalService:
                 renewed.not_after.isoformat(),
             )
         self._publish(issued_topic(device_id), renewed.certificate_pem.encode())
+
+    def _handle_confirm(
+        self, confirm: Callable[[str, bytes], bytes], device_id: str, payload: bytes
+    ) -> None:
+        """A JSON payload on cert/renew: the device confirms its new certificate."""
+        try:
+            answer = confirm(device_id, payload)
+            outcome = "confirmed"
+        except RenewalRefused as exc:
+            outcome, answer = exc.error, exc.payload()
+            log.warning(
+                "confirm refused device_id=%s error=%s message=%s", device_id, exc.error, exc
+            )
+        except SQLAlchemyError as exc:
+            log.error("confirm failed device_id=%s error=%s", device_id, type(exc).__name__)
+            outcome = RefusalCode.REGISTRY_UNAVAILABLE
+            answer = refusal_payload(outcome, "the registry could not record it; retry")
+        except Exception:  # a bug must not kill the worker silently; the device is told
+            log.exception("confirm crashed device_id=%s", device_id)
+            outcome = RefusalCode.INTERNAL_ERROR
+            answer = refusal_payload(outcome, "the registry failed; retry later")
+        finally:
+            with self._lock:
+                self._pending = max(0, self._pending - 1)
+        with self._lock:
+            self.confirm_counters[outcome] += 1
+        if self._on_confirm_outcome is not None:
+            self._on_confirm_outcome(outcome)
+        self._publish(issued_topic(device_id), answer)
 
     def _refuse(self, device_id: str, refusal: RenewalRefused) -> None:
         self._count(refusal.error)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetcore.address import AddressStr, parse_address
@@ -54,9 +57,7 @@ class RegistrySettings(BaseSettings):
     #: MQTT client id of the registry's broker connection; empty: ``<service>/<instance>``,
     #: the service name of its certificate (``registry``) and this process's instance name,
     #: so that two registry processes never take each other's broker session over.
-    registry_mqtt_client_id: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9:._/-]{1,128}$"
-    )
+    registry_mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9:._/-]{1,128}$")
     #: this registry process's name among replicas (empty: ``<hostname>-<pid>``).
     registry_instance: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -71,12 +72,33 @@ class RegistrySettings(BaseSettings):
     registry_renewal_max_attempts: int = Field(default=5, ge=1, le=1000)
     #: lifetime of a renewed certificate; empty: that of the device's current certificate.
     registry_renewal_lifetime_days: float | None = Field(default=None, gt=0, le=3650)
+    #: stagger window of renewed certificates' expiry (each device's offset into it is
+    #: stable); needs ``registry_renewal_lifetime_days`` (docs/lifecycle.md).
+    registry_renewal_stagger_s: float = Field(default=0.0, ge=0, le=3650 * 86400)
+    #: grace between a renewed device's confirm and the revocation (reason superseded) of
+    #: its older certificates: in-flight sessions with the old certificate end cleanly.
+    registry_supersede_grace_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
+    #: how often the supersede worker looks for due revocations recorded by another
+    #: registry process (its own confirms wake it at once).
+    registry_supersede_check_s: float = Field(default=30.0, gt=0, le=3600)
+    #: how long the expiry gauges of /metrics are reused before the database is asked again.
+    registry_expiry_metrics_cache_s: float = Field(default=15.0, ge=0, le=3600)
     #: how long a web console sign-in lasts (the cookie's and the stored session's expiry).
     console_session_hours: float = Field(default=8.0, gt=0, le=24 * 7)
     #: failed console sign-ins allowed per client address within the window, then 429.
     console_signin_max_failures: int = Field(default=5, ge=1, le=1000)
     #: the window over which failed console sign-ins are counted, in seconds.
     console_signin_window_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _stagger_needs_a_fixed_lifetime(self) -> RegistrySettings:
+        if self.registry_renewal_stagger_s and self.registry_renewal_lifetime_days is None:
+            raise ValueError(
+                "CERTFLEET_REGISTRY_RENEWAL_STAGGER_S needs CERTFLEET_REGISTRY_RENEWAL_"
+                "LIFETIME_DAYS: on top of a copied validity length the offset would lengthen "
+                "every renewal"
+            )
+        return self
 
     @property
     def layout(self) -> DataLayout:
@@ -87,6 +109,15 @@ class RegistrySettings(BaseSettings):
         if self.registry_database_url:
             return self.registry_database_url
         return f"sqlite:///{self.layout.registry_db.resolve()}"
+
+    @property
+    def instance_name(self) -> str:
+        """This process's name among replicas: ``registry_instance``, or ``<hostname>-<pid>``
+        (cut to a valid instance name; unique per process on a machine)."""
+        if self.registry_instance:
+            return self.registry_instance
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "host"
+        return f"{host[:50]}-{os.getpid()}"
 
     @property
     def ca_passphrase_bytes(self) -> bytes | None:

@@ -36,8 +36,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
-import re
 import socket
 import threading
 import time
@@ -55,6 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
+from fleetcore.clock import utcnow
 from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
@@ -136,6 +135,8 @@ class TelemetryIngest:
         ca: CertificateAuthority | None = None,
         on_renewal_outcome: Callable[[str], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
+        confirm: Callable[[str, bytes], bytes] | None = None,
+        on_confirm_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if not settings.telemetry_broker_addr:
             raise ConfigError("telemetry ingest needs CERTFLEET_TELEMETRY_BROKER_ADDR (host:port)")
@@ -149,7 +150,7 @@ class TelemetryIngest:
         self.subscribed = threading.Event()
         self._layout = settings.layout
         self._client_id = settings.registry_mqtt_client_id
-        self._instance = settings.registry_instance or _default_instance()
+        self._instance = settings.instance_name
         self._on_crash = on_crash
         self._watchdog_s = settings.registry_mqtt_watchdog_s
         #: SUBSCRIBE message ids waiting for their SUBACK -> set when it came and granted all.
@@ -169,9 +170,16 @@ class TelemetryIngest:
                 min_interval_s=settings.registry_renewal_min_interval_s,
                 max_attempts=settings.registry_renewal_max_attempts,
                 lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
+                stagger=dt.timedelta(seconds=settings.registry_renewal_stagger_s),
+                instance=self._instance,
             )
             self.renewal = RenewalService(
-                renewer, self._publish_qos1, on_outcome=on_renewal_outcome, on_crash=on_crash
+                renewer,
+                self._publish_qos1,
+                on_outcome=on_renewal_outcome,
+                on_crash=on_crash,
+                confirm=confirm,
+                on_confirm_outcome=on_confirm_outcome,
             )
         self._flusher = SupervisedThread("telemetry-flush", self._flush_loop, on_crash=on_crash)
         self._watchdog = SupervisedThread("mqtt-watchdog", self._watch, on_crash=on_crash)
@@ -357,7 +365,7 @@ class TelemetryIngest:
             log.debug("telemetry dropped topic=%s reason=%s", message.topic, exc.reason)
             return
         self.counters.accepted += 1
-        update = TelemetryUpdate(device_id, dt.datetime.now(dt.UTC), telemetry)
+        update = TelemetryUpdate(device_id, utcnow(), telemetry)
         with self._lock:
             self._buffer[device_id] = update
             full = len(self._buffer) >= self.flush_batch
@@ -407,12 +415,6 @@ def _no_delay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _default_instance() -> str:
-    """``<hostname>-<pid>``, cut to a valid instance name (unique per process on a machine)."""
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "host"
-    return f"{host[:50]}-{os.getpid()}"
-
-
 def _service_name(cert: Path) -> str:
     """The service name in the registry's certificate: its MQTT client id by default."""
     try:
@@ -427,9 +429,17 @@ def start_ingest(
     ca: CertificateAuthority | None = None,
     on_renewal_outcome: Callable[[str], None] | None = None,
     on_crash: Callable[[str], None] | None = None,
+    confirm: Callable[[str, bytes], bytes] | None = None,
+    on_confirm_outcome: Callable[[str], None] | None = None,
 ) -> TelemetryIngest:
     """Start ingesting telemetry from ``settings.telemetry_broker_addr`` (and answering
-    renewals when ``ca`` is given); ``await .stop()``."""
+    renewals, and confirms through ``confirm``, when ``ca`` is given); ``await .stop()``."""
     return TelemetryIngest(
-        settings, engine, ca=ca, on_renewal_outcome=on_renewal_outcome, on_crash=on_crash
+        settings,
+        engine,
+        ca=ca,
+        on_renewal_outcome=on_renewal_outcome,
+        on_crash=on_crash,
+        confirm=confirm,
+        on_confirm_outcome=on_confirm_outcome,
     ).start()

@@ -13,6 +13,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from fleetcore.clock import utcnow
+
 __all__ = ["CONSOLE_PREFIX", "STATIC_DIR", "ConsoleHeadersMiddleware", "render"]
 
 CONSOLE_PREFIX = "/ui"
@@ -41,7 +43,7 @@ def _when(value: dt.datetime | None) -> str:
 def _ago(value: dt.datetime | None, now: dt.datetime | None = None) -> str:
     if value is None:
         return "never"
-    seconds = int(((now or dt.datetime.now(dt.UTC)) - value).total_seconds())
+    seconds = int(((now or utcnow()) - value).total_seconds())
     if seconds < 0:
         return "in the future"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):

@@ -6,6 +6,9 @@
 - :mod:`registry.store.certificates` — a certificate's status (OCSP), the CRL's entries and
   its number;
 - :mod:`registry.store.renewals` — the renewal rate limit and recording a renewed certificate;
+- :mod:`registry.store.supersede` — renewal confirms and the revocation of superseded
+  certificates after the grace;
+- :mod:`registry.store.expiry` — the fleet's expiry over current certificates (gauges, report);
 - :mod:`registry.store.stats` — counts and expiries per week;
 - :mod:`registry.store.telemetry` — last-seen and last telemetry of devices;
 - :mod:`registry.store.tokens` — operators' bearer tokens;

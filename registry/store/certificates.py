@@ -1,14 +1,17 @@
 """Certificates as relying parties ask about them: one serial's status (OCSP), the CRL's
-entries, and the CRL's number."""
+entries (until their not_after + CLOCK_SKEW), when the first of them expires, and the CRL's
+number."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from factory.ca import RevokedEntry
+from fleetcore.profile import CLOCK_SKEW
 from fleetcore.reasons import DEFAULT_REASON_CODE, reason_flag
 from registry.db import write_transaction
 from registry.models import Certificate
@@ -16,17 +19,24 @@ from registry.store import counters
 
 __all__ = [
     "CertificateStatusInfo",
+    "CrlContents",
+    "aware",
     "certificate_status",
-    "next_crl_number",
+    "crl_contents",
+    "next_crl_expiry",
     "revoked_entries",
 ]
 
 
 def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
-    """Revoked certificates that have not expired yet (expired ones need no CRL entry)."""
+    """Revoked certificates that have not expired yet (expired ones need no CRL entry).
+
+    A certificate stays listed until ``CLOCK_SKEW`` after its not_after: a relying party
+    whose clock is behind by up to that margin still takes it for valid.
+    """
     rows = session.exec(
         select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-        .where(Certificate.status == "revoked", col(Certificate.not_after) > now)
+        .where(Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW)
         .order_by(col(Certificate.serial))
     ).all()
     return [
@@ -35,6 +45,24 @@ def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
         )
         for serial, revoked_at, reason in rows
     ]
+
+
+def next_crl_expiry(session: Session, now: dt.datetime) -> dt.datetime | None:
+    """When the first CRL entry expires (not_after + CLOCK_SKEW of the earliest revoked
+    certificate still listed); None when the CRL lists nothing."""
+    first = session.exec(
+        select(func.min(Certificate.not_after)).where(
+            Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW
+        )
+    ).one()
+    return None if first is None else aware(first) + CLOCK_SKEW
+
+
+def aware(value: dt.datetime | str) -> dt.datetime:
+    """An aggregate's datetime as aware UTC (SQLite may hand back naive or text)."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +90,28 @@ def certificate_status(session: Session, serial: str) -> CertificateStatusInfo |
     )
 
 
-def next_crl_number(session: Session) -> int:
-    """Allocate the next CRLNumber (monotonic across restarts and processes)."""
+@dataclass(frozen=True, slots=True)
+class CrlContents:
+    """What one CRL is signed from: its number, the feed head it covers, its entries."""
+
+    crl_number: int
+    head_seq: int
+    entries: list[RevokedEntry]
+    #: when the first entry leaves the CRL (its not_after + CLOCK_SKEW); None: none listed.
+    next_expiry: dt.datetime | None = None
+
+
+def crl_contents(session: Session, now: dt.datetime) -> CrlContents:
+    """Allocate the next CRLNumber and read what that CRL lists, in one write transaction.
+
+    The number is taken first, under the counter's row lock held to the commit: a replica
+    allocating the next number waits, then reads at least what this one read, so a higher
+    number never lists less (monotonic across restarts and registry processes). The head
+    is read before the entries: the entries include every revocation up to it.
+    """
     with write_transaction(session):
-        return counters.bump(session, counters.CRL_NUMBER)
+        number = counters.bump(session, counters.CRL_NUMBER)
+        head = counters.read(session, counters.REVOCATION_SEQ) or 0
+        entries = revoked_entries(session, now)
+        next_expiry = next_crl_expiry(session, now)
+    return CrlContents(number, head, entries, next_expiry)

@@ -6,30 +6,42 @@ Two rules live here, because they must hold across processes and restarts:
 - at most N requests per device per interval (:func:`count_attempt`, row-locked);
 - one renewal per device per interval; a re-delivered CSR (same key) within it gets the
   certificate already issued for it (:func:`renewal_basis`, and again under the write lock
-  in :func:`record_renewal`).
+  in :func:`record_renewal`);
+- one answer per request although every replica receives it (:func:`claim_request`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
-from registry.db import write_transaction
+from registry.db import insert_ignore, write_transaction
 from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
-from registry.models import Certificate, Device, RenewalLimit
+from registry.models import Certificate, Device, RenewalClaim, RenewalLimit
 from registry.store.audit import Actor, add_entry
 
 __all__ = [
+    "CLAIM_RETENTION",
+    "CLAIM_TTL",
     "RenewalBasis",
     "RenewalWindow",
     "StoredCertificate",
+    "claim_request",
     "count_attempt",
     "record_renewal",
     "renewal_basis",
 ]
+
+
+#: A claim another replica holds is left to it this long; after that (it died before it
+#: answered) a re-delivered request is taken over.
+CLAIM_TTL = dt.timedelta(seconds=30)
+#: A device's claims older than this are deleted when it next asks.
+CLAIM_RETENTION = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,28 +76,60 @@ class RenewalBasis:
     repeat: StoredCertificate | None
 
 
+def claim_request(
+    session: Session, device_id: str, payload: bytes, instance: str, now: dt.datetime
+) -> bool:
+    """Claim the answer to one renewal request for replica ``instance``; commits.
+
+    True: this replica answers (it inserted the claim first, or holds it already: a
+    re-delivery, or the claim of another replica is older than :data:`CLAIM_TTL`). False:
+    another replica claimed it and answers; stay silent.
+    """
+    digest = hashlib.sha256(payload).hexdigest()
+    fingerprint = hashlib.sha256(f"{device_id}\n{digest}".encode()).hexdigest()
+    table = RenewalClaim.__table__  # type: ignore[attr-defined]
+    with write_transaction(session):
+        session.execute(
+            delete(table).where(
+                table.c.device_id == device_id, table.c.claimed_at < now - CLAIM_RETENTION
+            )
+        )
+        values = {
+            "fingerprint": fingerprint,
+            "device_id": device_id,
+            "instance": instance,
+            "claimed_at": now,
+        }
+        if insert_ignore(session, table, values):
+            return True
+        taken = session.execute(
+            update(table)
+            .where(
+                table.c.fingerprint == fingerprint,
+                (table.c.instance == instance) | (table.c.claimed_at < now - CLAIM_TTL),
+            )
+            .values(instance=instance, claimed_at=now)
+        )
+        return bool(taken.rowcount)  # type: ignore[attr-defined]
+
+
 def count_attempt(
     session: Session, device_id: str, now: dt.datetime, interval: dt.timedelta
 ) -> RenewalWindow:
     """Count one request of ``device_id`` in its window (a new window once ``interval``
-    passed), under the row's lock; commits. A first request racing another process's to
-    insert the row retries once and then counts on the winner's row."""
-    for attempt in range(2):
-        try:
-            with write_transaction(session):
-                row = _limit_row(session, device_id)
-                if row is None:
-                    row = RenewalLimit(device_id=device_id, window_start=now, attempts=0)
-                elif now - row.window_start >= interval:
-                    row.window_start, row.attempts = now, 0
-                row.attempts += 1
-                window = RenewalWindow(row.attempts, row.window_start)
-                session.add(row)
-            return window
-        except IntegrityError:  # PostgreSQL: another process inserted the row first
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    passed), under the row's lock; commits. The row is created first if missing (ON
+    CONFLICT DO NOTHING), so two replicas counting at once both lock the same row."""
+    table = RenewalLimit.__table__  # type: ignore[attr-defined]
+    with write_transaction(session):
+        insert_ignore(session, table, {"device_id": device_id, "window_start": now, "attempts": 0})
+        row = _limit_row(session, device_id)
+        assert row is not None
+        if now - row.window_start >= interval:
+            row.window_start, row.attempts = now, 0
+        row.attempts += 1
+        window = RenewalWindow(row.attempts, row.window_start)
+        session.add(row)
+    return window
 
 
 def renewal_basis(

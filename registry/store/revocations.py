@@ -7,14 +7,17 @@ numbers start over (a database restored from an older copy).
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
+from collections.abc import Sequence
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleetcore.clock import utcnow
 from fleetcore.reasons import DEFAULT_REASON_CODE
-from fleetcore.revocation_feed import RevocationEvent, RevocationFeed
+from fleetcore.revocation_feed import DEFAULT_KINDS, FEED_KINDS, RevocationEvent, RevocationFeed
 from registry.db import write_transaction
 from registry.errors import AlreadyDecommissionedError, NotFoundError
 from registry.models import Certificate, Counter, DecommissionResult, Device, Revocation
@@ -23,12 +26,17 @@ from registry.store.audit import Actor, add_entry
 from registry.store.devices import device_public
 
 __all__ = [
+    "FEED_CHANNEL",
     "decommission_device",
     "feed_epoch",
     "head_seq",
     "redraw_feed_epoch",
     "revocations_after",
 ]
+
+#: The PostgreSQL NOTIFY channel a committed revocation is announced on, to every replica's
+#: listener (:mod:`registry.feed_listener`).
+FEED_CHANNEL = "certfleet_feed"
 
 
 def decommission_device(
@@ -92,6 +100,12 @@ def decommission_device(
             device_id,
             {"reason": reason, "reason_code": reason_code, "serials": serials, "seq": seq},
         )
+        if session.get_bind().dialect.name == "postgresql":
+            # Sent when (and only if) this transaction commits.
+            session.execute(
+                text("SELECT pg_notify(:channel, :seq)"),
+                {"channel": FEED_CHANNEL, "seq": str(seq)},
+            )
     public = device_public(session, device)
     return DecommissionResult(**public.model_dump(), revocation_seq=seq)
 
@@ -137,14 +151,30 @@ def head_seq(session: Session) -> int:
     return counters.read(session, counters.REVOCATION_SEQ) or 0
 
 
-def revocations_after(session: Session, after: int, limit: int) -> RevocationFeed:
-    """Up to ``limit`` feed events after sequence number ``after``, with the head and epoch."""
-    rows = session.exec(
+def revocations_after(
+    session: Session,
+    after: int,
+    limit: int,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+) -> RevocationFeed:
+    """Feed events with ``seq > after`` of the given kinds, each with its serials' not_after.
+
+    The head is read first (every event up to it is committed: the counter and the event
+    commit together): when fewer than ``limit`` events match, every event up to the head
+    has been scanned and ``last_seq`` is at least the head (an answer of filtered kinds
+    moves the cursor past the events it left out).
+    """
+    head = head_seq(session)
+    query = (
         select(Revocation)
         .where(col(Revocation.seq) > after)
         .order_by(col(Revocation.seq))
         .limit(limit)
-    ).all()
+    )
+    if set(kinds) != set(FEED_KINDS):
+        query = query.where(col(Revocation.kind).in_(list(kinds)))
+    rows = session.exec(query).all()
+    expiry = _not_after_of(session, [s for r in rows for s in r.serials])
     events = [
         RevocationEvent(
             seq=r.seq,
@@ -153,12 +183,34 @@ def revocations_after(session: Session, after: int, limit: int) -> RevocationFee
             reason=r.reason,
             reason_code=r.reason_code,  # type: ignore[arg-type]
             revoked_at=r.revoked_at,
+            kind=r.kind,  # type: ignore[arg-type]
+            not_after={s: expiry[s] for s in r.serials if s in expiry},
         )
         for r in rows
     ]
+    complete = len(rows) < limit
     return RevocationFeed(
         events=events,
-        last_seq=events[-1].seq if events else after,
-        head_seq=head_seq(session),
+        last_seq=max(after, head, rows[-1].seq if rows else 0) if complete else rows[-1].seq,
+        head_seq=head,
         epoch=feed_epoch(session),
     )
+
+
+#: Serials per IN list (SQLite's bound-parameter limit is 999 in old builds).
+_IN_CHUNK = 500
+
+
+def _not_after_of(session: Session, serials: Sequence[str]) -> dict[str, dt.datetime]:
+    found: dict[str, dt.datetime] = {}
+    unique = sorted(set(serials))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        found.update(
+            session.exec(
+                select(Certificate.serial, Certificate.not_after).where(
+                    col(Certificate.serial).in_(chunk)
+                )
+            ).all()
+        )
+    return found

@@ -29,6 +29,10 @@ def test_the_refusal_codes_are_the_wire_contract() -> None:
         "busy",
         "registry_unavailable",
         "internal_error",
+        "invalid_confirm",
+        "unknown_serial",
+        "certificate_revoked",
+        "not_newest",
     }
 
 
@@ -57,3 +61,31 @@ def test_a_certificate_answer_is_read(pki: TestPKI) -> None:
 def test_anything_else_is_an_answer_error(payload: bytes, message: str) -> None:
     with pytest.raises(AnswerError, match=message):
         parse_answer(payload)
+
+
+def test_a_confirm_round_trips_and_is_told_apart_from_a_csr() -> None:
+    from fleetcore.renewal_wire import (
+        Confirmed,
+        confirm_payload,
+        confirmed_payload,
+        is_confirm,
+        parse_confirm,
+        parse_confirm_answer,
+    )
+
+    payload = confirm_payload("ABCDEF01")
+    assert is_confirm(payload) and not is_confirm(b"-----BEGIN CERTIFICATE REQUEST-----")
+    assert parse_confirm(payload) == "abcdef01"
+    assert parse_confirm_answer(confirmed_payload("abcdef01")) == Confirmed("abcdef01")
+    refusal = refusal_payload(RefusalCode.NOT_NEWEST, "confirm the newest")
+    assert parse_confirm_answer(refusal) == Refusal("not_newest", "confirm the newest")
+
+
+@pytest.mark.parametrize(
+    "payload", [b'{"confirm": 42}', b"{nope", b'{"confirm": "xyz"}', b'["confirm"]', b"{" * 300]
+)
+def test_a_malformed_confirm_is_a_confirm_error(payload: bytes) -> None:
+    from fleetcore.renewal_wire import ConfirmError, parse_confirm
+
+    with pytest.raises(ConfirmError, match="confirm"):
+        parse_confirm(payload)

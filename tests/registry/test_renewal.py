@@ -21,7 +21,7 @@ from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.renewal import CertificateRenewer, RenewalRefused, RenewalService
 from registry.settings import RegistrySettings
-from registry.store import audit, devices, revocations
+from registry.store import audit, devices, renewals, revocations
 from tests.conftest import TRUST_DOMAIN, TestPKI
 
 
@@ -242,3 +242,52 @@ def test_one_devices_flood_does_not_starve_the_others(pki: TestPKI, engine: Engi
     topics = [topic for topic, _ in published]
     assert "devices/dev-fair/cert/issued" in topics[:4], topics[:10]
     assert service.counters["flooded"] >= 90
+
+
+def test_a_request_claimed_by_one_replica_is_left_to_it(engine: Engine) -> None:
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    csr = _csr("dev-claim")
+    with Session(engine) as session:
+        assert renewals.claim_request(session, "dev-claim", csr, "a", now)
+        assert not renewals.claim_request(session, "dev-claim", csr, "b", now)
+        # A re-delivery to the claimant is answered again (the same certificate, by the
+        # renewal rule); another CSR of the same device is a new request.
+        assert renewals.claim_request(session, "dev-claim", csr, "a", now + dt.timedelta(seconds=1))
+        assert renewals.claim_request(session, "dev-claim", _csr("dev-claim"), "b", now)
+        # The claimant went away before answering: the claim is taken over once it is old.
+        claimed = now + dt.timedelta(seconds=1)
+        second = dt.timedelta(seconds=1)
+        assert not renewals.claim_request(
+            session, "dev-claim", csr, "b", claimed + renewals.CLAIM_TTL - second
+        )
+        assert renewals.claim_request(
+            session, "dev-claim", csr, "b", claimed + renewals.CLAIM_TTL + second
+        )
+        assert not renewals.claim_request(
+            session, "dev-claim", csr, "a", claimed + renewals.CLAIM_TTL + second
+        )
+
+
+def test_the_rate_limit_counts_requests_of_both_replicas_together(
+    pki: TestPKI, engine: Engine, tmp_path: Path
+) -> None:
+    _register(pki, engine, "dev-two")
+    second = make_engine(
+        RegistrySettings(
+            data_dir=tmp_path,
+            registry_database_url=engine.url.render_as_string(hide_password=False),
+        )
+    )
+    try:
+        replicas = [
+            CertificateRenewer(pki.ca, engine, min_interval_s=60, max_attempts=3, instance="a"),
+            CertificateRenewer(pki.ca, second, min_interval_s=60, max_attempts=3, instance="b"),
+        ]
+        errors = []
+        for attempt in range(4):
+            with pytest.raises(RenewalRefused) as refused:
+                replicas[attempt % 2].renew("dev-two", b"not a CSR")
+            errors.append(refused.value.error)
+        assert errors == ["invalid_csr"] * 3 + ["rate_limited"]
+    finally:
+        second.dispose()

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Query
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from fleetcore.revocation_feed import FEED_BATCH_DEFAULT, FEED_BATCH_MAX, RevocationFeed
+from fleetcore.revocation_feed import (
+    FEED_BATCH_DEFAULT,
+    FEED_BATCH_MAX,
+    KINDS_PATTERN,
+    RevocationFeed,
+    parse_kinds,
+)
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
 from registry.state import RegistryState
@@ -23,9 +29,9 @@ MAX_SEQ = 2**31 - 1
 router = APIRouter(prefix=API_PREFIX, tags=["revocations"])
 
 
-def _read(state: RegistryState, after: int, limit: int) -> RevocationFeed:
+def _read(state: RegistryState, after: int, limit: int, kinds: tuple[str, ...]) -> RevocationFeed:
     with Session(state.engine) as session:
-        return revocations_after(session, after, limit)
+        return revocations_after(session, after, limit, kinds)
 
 
 @router.get("/revocations", response_model=RevocationFeed)
@@ -35,13 +41,23 @@ async def revocations(
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
     limit: Annotated[int, Query(ge=1, le=FEED_BATCH_MAX)] = FEED_BATCH_DEFAULT,
+    kinds: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            pattern=KINDS_PATTERN,
+            description="comma-separated event kinds (decommission, superseded); "
+            "absent: decommission only, for followers older than event kinds",
+        ),
+    ] = None,
 ) -> RevocationFeed:
     """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds."""
+    wanted = parse_kinds(kinds)  # the pattern admitted only known kinds
     deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)
     poll = state.settings.registry_feed_poll_seconds
     while True:
         generation = state.feed.generation
-        feed = await run_in_threadpool(_read, state, after, limit)
+        feed = await run_in_threadpool(_read, state, after, limit, wanted)
         remaining = deadline - time.monotonic()
         if feed.events or remaining <= 0 or state.feed.closed:
             return feed

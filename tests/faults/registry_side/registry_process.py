@@ -31,20 +31,36 @@ class RegistryProcess:
 
 
 @contextmanager
-def registry_process(pki: TestPKI, database_url: str, ready: Path) -> Iterator[RegistryProcess]:
+def registry_process(
+    pki: TestPKI,
+    database_url: str,
+    ready: Path,
+    *,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+) -> Iterator[RegistryProcess]:
+    """``certfleet registry serve`` on ``database_url`` (data folder: the session CA's, or
+    ``data_dir``), with ``env`` added to its environment and its log in ``log_file`` (else
+    discarded); SIGTERMed when the block ends."""
     ready.unlink(missing_ok=True)
-    env = {
+    environment = {
         **os.environ,
         "CERTFLEET_REGISTRY_DATABASE_URL": database_url,
         "CERTFLEET_LOG_LEVEL": "warning",
         "CERTFLEET_REGISTRY_VERIFY_PROCESSES": "0",
+        **(env or {}),
     }
+    stderr = log_file.open("ab") if log_file is not None else None
     process = subprocess.Popen(
         [sys.executable, "-m", "certfleet.cli", "registry", "serve",
-         "--data-dir", str(pki.layout.root), "--addr", "127.0.0.1:0",
+         "--data-dir", str(data_dir or pki.layout.root), "--addr", "127.0.0.1:0",
          "--ready-file", str(ready)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment, stdout=subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else subprocess.DEVNULL,
     )  # fmt: skip
+    if stderr is not None:
+        stderr.close()  # the child has its own copy
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -1,0 +1,428 @@
+"""The registry and broker side of a certificate's life (issue 14), end to end: our broker
+following the registry's feed, the registry answering renewals and confirms over MQTT, real
+paho devices, lifetimes and graces of seconds.
+
+- a confirmed renewal revokes the superseded certificate after the grace (feed, CRL, broker)
+  while the device's connection with its new certificate stays up;
+- an expired certificate leaves the CRL and the broker's revoked set, not before its
+  not_after + CLOCK_SKEW;
+- the expiry gauges move when a device renews or is decommissioned;
+- ``certfleet registry expiry-report`` lists an expired device.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.auth import Refusal
+from broker.server import BrokerServer
+from device_sim.renew import renew_bundle
+from factory.ca import write_issued
+from fleetcore.clock import utcnow
+from fleetcore.layout import DataLayout
+from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
+from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
+from registry.server import RegistryServer
+from registry.settings import RegistrySettings
+from tests.broker.conftest import MqttProbe, broker_settings, connect, feed_broker_layout, wait_for
+from tests.conftest import ClientFiles, TestPKI
+from tests.device_sim.conftest import free_port, write_device_bundle
+from tests.e2e.test_renewal import _registry_data_dir as renewal_data_dir
+
+GRACE_S = 3.0
+
+
+@dataclass
+class Lifecycle:
+    pki: TestPKI
+    root: Path
+    broker: BrokerServer
+    registry: RegistryServer
+    operator: httpx.Client
+
+    def device_dir(self, device_id: str) -> Path:
+        return self.root / "fleet" / "devices" / device_id
+
+    def register_pem(self, certificate_pem: str) -> None:
+        response = self.operator.post("/devices", json={"certificate_pem": certificate_pem})
+        assert response.status_code in (200, 201), response.text
+
+    def provision(self, device_id: str) -> ClientFiles:
+        """A device bundle, registered; returns a copy of its first certificate and key."""
+        serial = write_device_bundle(self.pki.ca, self.root / "fleet", device_id)
+        directory = self.device_dir(device_id)
+        self.register_pem((directory / "device.crt").read_text())
+        return self.snapshot(device_id, serial)
+
+    def snapshot(self, device_id: str, serial: int) -> ClientFiles:
+        """The bundle's current certificate and key copied aside (renewal replaces them)."""
+        directory = self.device_dir(device_id)
+        keep = self.root / "kept" / f"{device_id}-{serial_hex(serial)}"
+        keep.mkdir(parents=True)
+        shutil.copy(directory / "device.crt", keep / "device.crt")
+        shutil.copy(directory / "device.key", keep / "device.key")
+        return ClientFiles(
+            keep / "device.crt", keep / "device.key", self.pki.layout.root_cert, serial
+        )
+
+    def renew(self, device_id: str) -> ClientFiles:
+        renew_bundle(self.device_dir(device_id), "127.0.0.1", self.broker.port, timeout=20)
+        cert = x509.load_pem_x509_certificate(
+            (self.device_dir(device_id) / "device.crt").read_bytes()
+        )
+        return self.snapshot(device_id, cert.serial_number)
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        text = self.operator.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and (labels is None or sample.labels == labels):
+                    return float(sample.value)
+        raise AssertionError(f"metric {name}{labels or ''} not on /metrics")
+
+    def crl(self) -> x509.CertificateRevocationList:
+        return x509.load_pem_x509_crl(self.operator.get("/crl.pem").content)
+
+
+def _registry_data_dir(pki: TestPKI, root: Path) -> Path:
+    """The renewal tests' registry data folder, plus operator alice's client certificate."""
+    data_dir = renewal_data_dir(pki, root)
+    layout = DataLayout(data_dir)
+    operator = pki.ca.issue_client(pki.ca.identity(IdentityKind.OPERATOR, "alice"))
+    write_issued(operator, layout.client_cert("alice"), layout.client_key("alice"))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
+    root = tmp_path_factory.mktemp("lifecycle")
+    broker_port = free_port()
+    data_dir = _registry_data_dir(pki, root / "registry-data")
+    settings = RegistrySettings(
+        data_dir=data_dir,
+        registry_addr="127.0.0.1:0",
+        registry_database_url=f"sqlite:///{data_dir / 'registry.db'}",
+        registry_verify_processes=0,
+        registry_feed_poll_seconds=0.2,
+        telemetry_broker_addr=f"127.0.0.1:{broker_port}",
+        registry_renewal_min_interval_s=0,
+        registry_renewal_lifetime_days=120,
+        registry_supersede_grace_s=GRACE_S,
+        registry_supersede_check_s=0.5,
+        registry_expiry_metrics_cache_s=0,
+    )
+    with RegistryServer(settings) as registry:
+        layout = feed_broker_layout(pki, root / "broker-data")
+        broker_config = broker_settings(
+            layout,
+            broker_addr=f"127.0.0.1:{broker_port}",
+            registry_url=registry.url,
+            broker_feed_wait_s=5,
+            broker_prune_s=0.3,
+        )
+        with BrokerServer(broker_config) as broker:
+            context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
+            context.load_cert_chain(
+                str(data_dir / "clients" / "alice.crt"), str(data_dir / "clients" / "alice.key")
+            )
+            with httpx.Client(
+                base_url=f"{registry.url}/api/v1", verify=context, timeout=30
+            ) as operator:
+                ingest = registry.app.state.telemetry_ingest
+                assert ingest.subscribed.wait(15), "registry did not subscribe to the broker"
+                assert broker.app is not None and broker.app.follower is not None
+                assert wait_for(broker.app.follower.synced.is_set, 15), "broker not following"
+                yield Lifecycle(pki, root, broker, registry, operator)
+
+
+def _confirm(device: MqttProbe, device_id: str, serial: str, seen: int) -> dict[str, str]:
+    """Publish a confirm on cert/renew; the answer on cert/issued (the ``seen``-th + 1)."""
+    device.client.publish(renew_topic(device_id), json.dumps({"confirm": serial}), qos=1)
+    answers = lambda: [p for t, p in device.messages if t == issued_topic(device_id)]  # noqa: E731
+    assert wait_for(lambda: len(answers()) > seen, 15), "no answer to the confirm"
+    answer: dict[str, str] = json.loads(answers()[seen])
+    return answer
+
+
+def _listens(device: MqttProbe, device_id: str) -> None:
+    device.client.subscribe(issued_topic(device_id), qos=1)
+    assert device.subscribed.wait(10) and device.suback == [1], device.suback
+
+
+def test_confirmed_renewal_revokes_the_superseded_certificate_after_the_grace(
+    stack: Lifecycle,
+) -> None:
+    device_id = "dev-life-1"
+    old = stack.provision(device_id)
+    time.sleep(1.1)  # "newest" is the latest not_before, which X.509 keeps to the second
+    new = stack.renew(device_id)
+    old_serial, new_serial = serial_hex(old.serial), serial_hex(new.serial)
+
+    device = connect(stack.broker.port, new, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        _listens(device, device_id)
+        assert _confirm(device, device_id, new_serial, 0) == {"confirmed": new_serial}
+        confirmed_at = time.monotonic()
+        # Idempotent, and only the newest certificate can be confirmed.
+        assert _confirm(device, device_id, new_serial, 1) == {"confirmed": new_serial}
+        assert _confirm(device, device_id, old_serial, 2)["error"] == "not_newest"
+        assert _confirm(device, device_id, "abcdef0123", 3)["error"] == "unknown_serial"
+
+        # Within the grace the old certificate is still live (and not in the broker's set).
+        body = stack.operator.get(f"/devices/{device_id}").json()
+        statuses = {c["serial"]: c["status"] for c in body["certificates"]}
+        assert time.monotonic() - confirmed_at < GRACE_S
+        assert statuses == {old_serial: "live", new_serial: "live"}
+        assert stack.broker.app is not None
+        assert not stack.broker.app.revoked.is_serial_revoked(old_serial)
+
+        revoked = stack.broker.app.revoked
+        assert wait_for(lambda: revoked.is_serial_revoked(old_serial), GRACE_S + 15)
+        assert time.monotonic() - confirmed_at >= GRACE_S - 0.5
+        # The superseded event revoked a serial, not the device: its session stays up.
+        assert not revoked.is_device_decommissioned(device_id)
+        time.sleep(0.5)
+        assert not device.disconnected.is_set(), device.reason
+        info = device.client.publish(telemetry_topic(device_id), b'{"t": 1}', qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        device.close()
+
+    refused_before = stack.broker.metrics.refusal_count(Refusal.REVOKED.value)
+    again = connect(stack.broker.port, old, device_id)
+    try:
+        assert not again.connected.is_set()
+        assert wait_for(
+            lambda: stack.broker.metrics.refusal_count(Refusal.REVOKED.value) == refused_before + 1
+        )
+    finally:
+        again.close()
+    still = connect(stack.broker.port, new, device_id)
+    try:
+        assert still.connected.is_set(), still.reason
+    finally:
+        still.close()
+
+    body = stack.operator.get(f"/devices/{device_id}").json()
+    assert body["status"] == "active"
+    by_serial = {c["serial"]: c for c in body["certificates"]}
+    assert by_serial[old_serial]["status"] == "revoked"
+    assert by_serial[old_serial]["revocation_reason"] == "superseded"
+    assert by_serial[new_serial]["status"] == "live"
+
+    entry = stack.crl().get_revoked_certificate_by_serial_number(old.serial)
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.superseded
+    assert stack.crl().get_revoked_certificate_by_serial_number(new.serial) is None
+
+    feed = stack.operator.get("/revocations", params={"kinds": "decommission,superseded"})
+    [event] = [e for e in feed.json()["events"] if e["device_id"] == device_id]
+    assert (event["kind"], event["serials"], event["reason_code"]) == (
+        "superseded",
+        [old_serial],
+        "superseded",
+    )
+    assert dt.datetime.fromisoformat(event["not_after"][old_serial]) == dt.datetime.fromisoformat(
+        by_serial[old_serial]["not_after"]
+    )
+    # A follower that does not ask for kinds (older brokers) never sees it.
+    legacy = stack.operator.get("/revocations").json()
+    assert all(e["device_id"] != device_id for e in legacy["events"])
+    assert legacy["last_seq"] >= event["seq"]
+    assert stack.metric("certfleet_registry_superseded_revocations_total") >= 1
+    assert stack.metric("certfleet_registry_renewal_confirms_total", {"outcome": "confirmed"}) >= 2
+
+
+def test_a_session_still_presenting_the_superseded_certificate_is_dropped_after_the_grace(
+    stack: Lifecycle,
+) -> None:
+    device_id = "dev-life-2"
+    old = stack.provision(device_id)
+    time.sleep(1.1)  # "newest" is the latest not_before, which X.509 keeps to the second
+    new = stack.renew(device_id)
+    # The device is still connected with its old certificate (its swap is not done) when a
+    # confirm of the new one arrives: the registry cannot tell, and the grace protects it.
+    device = connect(stack.broker.port, old, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        _listens(device, device_id)
+        serial = serial_hex(new.serial)
+        assert _confirm(device, device_id, serial, 0) == {"confirmed": serial}
+        confirmed_at = time.monotonic()
+        assert device.disconnected.wait(GRACE_S + 15), "old-certificate session not dropped"
+        assert time.monotonic() - confirmed_at >= GRACE_S - 0.5
+    finally:
+        device.close()
+    again = connect(stack.broker.port, new, device_id)
+    try:
+        assert again.connected.is_set(), again.reason
+    finally:
+        again.close()
+
+
+def _expired_serial_in_file(stack: Lifecycle, serial: str) -> bool:
+    assert stack.broker.app is not None
+    path = stack.broker.app.revoked.path
+    assert path is not None
+    return serial in json.loads(path.read_text())["serials"]
+
+
+def test_expired_certificate_leaves_the_crl_and_the_revoked_set_not_before_skew(
+    stack: Lifecycle,
+) -> None:
+    device_id = "dev-life-exp"
+    leaves_at = utcnow() - CLOCK_SKEW + dt.timedelta(seconds=6)
+    issued = stack.pki.ca.issue_client(
+        stack.pki.ca.identity(IdentityKind.DEVICE, device_id),
+        not_before=utcnow() - dt.timedelta(hours=1),
+        not_after=leaves_at,
+    )
+    not_after = issued.certificate.not_valid_after_utc
+    leaves_at = not_after + CLOCK_SKEW
+    serial = serial_hex(issued.certificate.serial_number)
+    stack.register_pem(issued.certificate_pem.decode())
+    response = stack.operator.post(f"/devices/{device_id}/decommission", json={"reason": "test"})
+    assert response.status_code == 200, response.text
+    assert stack.broker.app is not None
+    revoked = stack.broker.app.revoked
+    assert wait_for(lambda: revoked.is_serial_revoked(serial), 10)
+    # The set is written to disk right after the batch is applied in memory.
+    assert wait_for(lambda: _expired_serial_in_file(stack, serial), 10)
+    expired_before = stack.broker.metrics.registry.get_sample_value(
+        "certfleet_broker_revoked_serials_expired_total"
+    )
+
+    # Until not_after + CLOCK_SKEW, it stays everywhere (a slow clock may still accept it).
+    while utcnow() < leaves_at - dt.timedelta(seconds=1):
+        assert revoked.is_serial_revoked(serial)
+        assert _expired_serial_in_file(stack, serial)
+        assert stack.crl().get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+        time.sleep(0.5)
+
+    assert wait_for(lambda: not revoked.is_serial_revoked(serial), 10)
+    assert utcnow() >= leaves_at
+    assert wait_for(lambda: not _expired_serial_in_file(stack, serial), 5)
+    assert stack.crl().get_revoked_certificate_by_serial_number(int(serial, 16)) is None
+    # The device stays decommissioned for good: a later certificate of it is refused too.
+    assert revoked.is_device_decommissioned(device_id)
+    expired_after = stack.broker.metrics.registry.get_sample_value(
+        "certfleet_broker_revoked_serials_expired_total"
+    )
+    assert (expired_after or 0) >= (expired_before or 0) + 1
+
+
+def test_expiry_gauges_move_when_a_device_renews_or_is_decommissioned(stack: Lifecycle) -> None:
+    within = {w: {"within": w} for w in ("7d", "30d", "90d")}
+    soon_id, dead_id = "dev-life-gauge-soon", "dev-life-gauge-dead"
+    base = {
+        w: stack.metric("certfleet_certificates_expiring", labels) for w, labels in within.items()
+    }
+    base_invalid = stack.metric("certfleet_devices_without_valid_certificate")
+
+    # A device whose certificate expires in 3 days, and one whose certificate has expired.
+    write_device_bundle(stack.pki.ca, stack.root / "fleet", soon_id)
+    soon = stack.pki.ca.issue_client(
+        stack.pki.ca.identity(IdentityKind.DEVICE, soon_id),
+        not_after=utcnow() + dt.timedelta(days=3),
+    )
+    write_issued(
+        soon, stack.device_dir(soon_id) / "device.crt", stack.device_dir(soon_id) / "device.key"
+    )
+    stack.register_pem(soon.certificate_pem.decode())
+    dead = stack.pki.ca.issue_client(
+        stack.pki.ca.identity(IdentityKind.DEVICE, dead_id),
+        not_before=utcnow() - dt.timedelta(days=2),
+        not_after=utcnow() - dt.timedelta(days=1),
+    )
+    stack.register_pem(dead.certificate_pem.decode())
+    for window in within:
+        assert stack.metric("certfleet_certificates_expiring", within[window]) == base[window] + 1
+    assert stack.metric("certfleet_devices_without_valid_certificate") == base_invalid + 1
+
+    # Renewed for 120 days: its current certificate now expires after every window.
+    stack.renew(soon_id)
+    for window in within:
+        assert stack.metric("certfleet_certificates_expiring", within[window]) == base[window]
+
+    response = stack.operator.post(f"/devices/{dead_id}/decommission", json={"reason": "gone"})
+    assert response.status_code == 200, response.text
+    assert stack.metric("certfleet_devices_without_valid_certificate") == base_invalid
+    next_expiry = stack.metric("certfleet_certificate_next_expiration_timestamp_seconds")
+    assert next_expiry > time.time()
+
+
+def test_expiry_report_lists_an_expired_device(stack: Lifecycle, tmp_path: Path) -> None:
+    device_id = "dev-life-report-expired"
+    expired = stack.pki.ca.issue_client(
+        stack.pki.ca.identity(IdentityKind.DEVICE, device_id),
+        not_before=utcnow() - dt.timedelta(days=2),
+        not_after=utcnow() - dt.timedelta(hours=1),
+    )
+    stack.register_pem(expired.certificate_pem.decode())
+    png = tmp_path / "expiry.png"
+    command = [
+        sys.executable,
+        "-m",
+        "certfleet.cli",
+        "registry",
+        "expiry-report",
+        "--data-dir",
+        str(stack.root / "registry-data"),
+        "--registry",
+        stack.registry.url,
+        "--operator",
+        "alice",
+        "--limit",
+        "1000",
+    ]
+    env = {"PATH": "/usr/bin:/bin", "CERTFLEET_REGISTRY_TOKEN": "", "MPLBACKEND": "Agg"}
+    as_json = subprocess.run(
+        [*command, "--json", "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert device_id in [d["device_id"] for d in report["expired"]]
+    assert report["buckets"]["expired"] >= 1
+    assert sum(report["buckets"].values()) == report["active_devices"]
+    assert sum(b["count"] for b in report["histogram"]) == report["active_devices"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "expired" in table.stdout and device_id in table.stdout
+
+
+def test_registry_refuses_a_confirm_that_is_not_json_serial(stack: Lifecycle) -> None:
+    device_id = "dev-life-badconfirm"
+    files = stack.provision(device_id)
+    device = connect(stack.broker.port, files, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        _listens(device, device_id)
+        device.client.publish(renew_topic(device_id), b'{"confirm": 42}', qos=1)
+        answers = lambda: [p for t, p in device.messages if t == issued_topic(device_id)]  # noqa: E731
+        assert wait_for(lambda: bool(answers()), 15)
+        assert json.loads(answers()[0])["error"] == "invalid_confirm"
+    finally:
+        device.close()
