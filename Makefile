@@ -14,16 +14,17 @@ $(STAMP): pyproject.toml
 
 # Debian packages the tests and benchmarks use: mosquitto and nginx (interop), openssl (verify,
 # OCSP), chromium + chromium-driver (the web console's browser tests), prometheus (promtool:
-# the alerting rules in contrib/prometheus/).
+# the alerting rules in contrib/prometheus/), nats-server (the cluster).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && \
 	  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && \
 	  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } && \
+	  { command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; } && \
 	  command -v promtool >/dev/null 2>&1 || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        mosquitto openssl nginx chromium chromium-driver prometheus >/dev/null; \
-	    else echo "note: mosquitto/openssl/nginx/chromium/promtool missing and cannot install them; those tests will skip"; fi; }
+	        mosquitto openssl nginx chromium chromium-driver prometheus nats-server >/dev/null; \
+	    else echo "note: mosquitto/openssl/nginx/chromium/promtool/nats-server missing and cannot install them; those tests will skip"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/certfleet demo

@@ -52,7 +52,9 @@ class MqttStream:
         return packets
 
 
-async def _subscriber(data_dir: Path, port: int, expected: int, idle_s: float) -> None:
+async def _subscriber(
+    data_dir: Path, port: int, expected: int, idle_s: float, *, clean: bool = True
+) -> None:
     layout = lib.DataLayout(data_dir)
     loop = asyncio.get_running_loop()
     context = lib.client_context(layout, layout.client_cert("bench"), layout.client_key("bench"))
@@ -90,7 +92,7 @@ async def _subscriber(data_dir: Path, port: int, expected: int, idle_s: float) -
         lambda: lib.TlsClient(context, on_plain), "127.0.0.1", port
     )
     client_ref.append(client)
-    client.send(lib.connect_packet("bench"))
+    client.send(lib.connect_packet("bench", clean=clean))
     client.send(lib.subscribe_packet("devices/+/telemetry", 1))
     body = await asyncio.wait_for(suback, 30)
     print(json.dumps({"subscribed": body[-1]}), flush=True)
@@ -276,14 +278,22 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--port", type=int)
     parser.add_argument("--expected", type=int)
+    parser.add_argument("--first", type=int, default=0, help="pub: first device index")
+    parser.add_argument("--persistent", action="store_true", help="sub: clean session off")
     args = parser.parse_args()
     lib.raise_nofile()
     if args.role == "sub":
-        asyncio.run(_subscriber(args.data_dir, args.port, args.expected, idle_s=15.0))
+        asyncio.run(
+            _subscriber(
+                args.data_dir, args.port, args.expected, idle_s=15.0, clean=not args.persistent
+            )
+        )
         return
     if args.role == "pub":
         asyncio.run(
-            _publishers(args.data_dir, args.port, 0, args.publishers, args.messages, args.window)
+            _publishers(
+                args.data_dir, args.port, args.first, args.publishers, args.messages, args.window
+            )
         )
         return
     root = lib.tmp_root("certfleet-bench-tput-")

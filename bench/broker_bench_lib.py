@@ -118,7 +118,11 @@ class BrokerProcess:
 
 
 def start_ours(
-    layout: DataLayout, *, registry_url: str | None = None, extra_env: dict[str, str] | None = None
+    layout: DataLayout,
+    *,
+    registry_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> BrokerProcess:
     ready = layout.root / f"broker-ready-{time.monotonic_ns()}.json"
     command = [
@@ -138,6 +142,7 @@ def start_ours(
     ]
     if registry_url:
         command += ["--registry-url", registry_url]
+    command += extra_args or []
     env = dict(os.environ, **(extra_env or {}))
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -166,16 +171,20 @@ def start_stock(layout: DataLayout) -> BrokerProcess:
     return BrokerProcess("stock-amqtt", process, port)
 
 
-def start_mosquitto(layout: DataLayout) -> BrokerProcess:
+def start_mosquitto(layout: DataLayout, *, persistence: bool = False) -> BrokerProcess:
+    """Mosquitto on an ephemeral port; ``persistence`` turns on its on-disk store."""
     port = free_port()
     conf = layout.root / f"mosquitto-{port}.conf"
+    store = layout.root / f"mosquitto-{port}-store"
+    store.mkdir(exist_ok=True)
     conf.write_text(
         "\n".join(
             [
                 "per_listener_settings false",
                 "user root",  # stay the benchmark's user: the data dir is 0700
                 "allow_anonymous true",
-                "persistence false",
+                f"persistence {'true' if persistence else 'false'}",
+                f"persistence_location {store}/",
                 "log_dest none",
                 "max_queued_messages 1000000",
                 f"listener {port} 127.0.0.1",
@@ -205,8 +214,9 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def connect_packet(client_id: str, keepalive: int = 600) -> bytes:
-    body = b"\x00\x04MQTT\x04\x02" + keepalive.to_bytes(2, "big")
+def connect_packet(client_id: str, keepalive: int = 600, *, clean: bool = True) -> bytes:
+    flags = b"\x02" if clean else b"\x00"
+    body = b"\x00\x04MQTT\x04" + flags + keepalive.to_bytes(2, "big")
     body += len(client_id).to_bytes(2, "big") + client_id.encode()
     return b"\x10" + _remaining_length(len(body)) + body
 

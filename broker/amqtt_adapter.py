@@ -57,6 +57,24 @@ own, for a session whose client is away), an entry in the public ``sessions`` ma
 amqtt's ``BrokerContext.add_subscription`` does), ``add_subscription`` (which applies our
 ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
 
+In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more:
+
+10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``; its
+   class is swapped to :class:`StoreAckHandler`, whose only change is
+   ``_handle_qos1_message_flow`` for incoming messages: the PUBACK waits until the cluster
+   stored the message (amqtt sends it when the message is queued).
+11. ``Broker._handle_message_delivery(session, handler, waiter)`` — routes one message a
+   client sent (``waiter.result()`` is the ``IncomingApplicationMessage``); wrapped to hand
+   the message's store future to the cluster, resolved at once if the ACL refused it.
+12. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
+   routing (a client's publish or a will); wrapped to forward it to the other nodes.
+13. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
+     session)`` — wrapped to keep a persistent session's subscriptions in the cluster.
+14. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
+    one more rule: a persistent session's QoS 1 subscription is served from JetStream only.
+15. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
+    filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
+
 Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
 the subscribers they have now but never stored (``retain_message`` is public): a stored CSR
 would be replayed to the registry at every resubscribe.
@@ -72,15 +90,19 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BaseContext
+from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
@@ -93,7 +115,9 @@ __all__ = [
     "SESSION_EXPIRY_S",
     "AclTopicPlugin",
     "CertfleetBroker",
+    "ClusterHooks",
     "GateAuthPlugin",
+    "StoreAckHandler",
     "tune_session",
 ]
 
@@ -186,6 +210,59 @@ def amqtt_config(
     }
 
 
+#: The store future of the QoS 1 message being routed (set per client task).
+_STORED: ContextVar[asyncio.Future[bool] | None] = ContextVar("certfleet_stored", default=None)
+
+
+class ClusterHooks(Protocol):
+    """What a cluster node (:mod:`broker.cluster`) adds to the broker's message paths."""
+
+    async def forward(
+        self, topic: str, data: bytes, force_qos: int | None, stored: asyncio.Future[bool] | None
+    ) -> None:
+        """A local client's admitted message; a QoS 1 one resolves ``stored`` once it is
+        stored durably (its PUBACK waits for that)."""
+
+    def served_from_store(self, session: Session, sub_qos: int) -> bool:
+        """Whether this subscription gets its messages from the cluster's store only."""
+
+    async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
+        """A subscription was granted; False refuses it (SUBACK 0x80)."""
+
+    def unsubscribed(self, session: Session, topic_filter: str) -> None:
+        """A subscription was removed."""
+
+    def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        """A client's session is connected on this node and its handler runs."""
+
+
+class StoreAckHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no hints
+    """amqtt's handler, with the PUBACK of an incoming QoS 1 message sent only once the
+    cluster stored it (amqtt sends it when the message is queued). No state of its own:
+    the broker swaps an amqtt handler's class to this one."""
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction != INCOMING or app_message.qos != QOS_1 or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        if app_message.packet_id is None or app_message.puback_packet:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        waiters: dict[int, asyncio.Future[bool]] = self.__dict__.setdefault("store_waiters", {})
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters[id(app_message)] = stored
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            await stored
+        finally:
+            waiters.pop(id(app_message), None)
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+
 def _ignore_error(_exc: BaseException) -> None:
     """Default route-error hook."""
 
@@ -237,6 +314,124 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             self._on_retain_refused()
             return
         await super().retain_message(source_session, topic_name, data, qos)
+        if self._share_retained is not None and source_session is not None and topic_name:
+            await self._share_retained(topic_name, bytes(data or b""), qos)
+
+    _share_retained: Callable[[str, bytes, int | None], Awaitable[None]] | None = None
+
+    def share_retained_with(
+        self, share: Callable[[str, bytes, int | None], Awaitable[None]]
+    ) -> None:
+        """Hand every retained message a local client set (or cleared) to ``share``: the
+        cluster's retained store (:mod:`broker.cluster.retained`)."""
+        self._share_retained = share
+
+    _cluster: ClusterHooks | None = None
+
+    def use_cluster(self, hooks: ClusterHooks) -> None:
+        """Run as a cluster node (:mod:`broker.cluster`): every locally admitted message is
+        handed to ``hooks.forward`` too, a QoS 1 PUBACK waits for ``hooks`` to store it,
+        and persistent sessions' QoS 1 subscriptions are served from the cluster's store."""
+        self._cluster = hooks
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        if self._cluster is not None:
+            # amqtt builds its handler by class name; ours only changes when PUBACK is sent.
+            handler.__class__ = StoreAckHandler
+        return handler, session
+
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        waiters: dict[int, asyncio.Future[bool]] = getattr(handler, "store_waiters", {})
+        message = wait_deliver.result()
+        stored = waiters.get(id(message)) if message is not None else None
+        token = _STORED.set(stored)
+        try:
+            delivered = await super()._handle_message_delivery(
+                client_session, handler, wait_deliver
+            )
+            return bool(delivered)
+        finally:
+            taken = _STORED.get() is None
+            _STORED.reset(token)
+            if stored is not None and not taken and not stored.done():
+                stored.set_result(True)  # refused by the ACL (acknowledged, never routed)
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        await super()._broadcast_message(session, topic, data, force_qos)
+        if self._cluster is not None and session is not None and topic and data is not None:
+            stored = _STORED.get()
+            _STORED.set(None)  # taken: the cluster resolves it once the message is stored
+            await self._cluster.forward(topic, bytes(data), force_qos, stored)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted = int(await super().add_subscription(subscription, session))
+        if (
+            self._cluster is not None
+            and granted != 0x80
+            and not await self._cluster.subscribed(session, subscription[0], granted)
+        ):
+            super()._del_subscription(subscription[0], session)
+            return 0x80
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = int(super()._del_subscription(a_filter, session))
+        if deleted and self._cluster is not None:
+            self._cluster.unsubscribed(session, a_filter)
+        return deleted
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[object]]) -> None:
+        cluster = self._cluster
+        if cluster is None:
+            await super()._run_broadcast(running_tasks)
+            return
+        # amqtt's own loop body, plus one rule: a persistent session's QoS 1 subscription is
+        # served from the cluster's store (JetStream) only, connected or not, so it never
+        # gets a message twice and nothing waits in this process's memory for it.
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter, subscriptions in list(self.subscriptions.items()):
+            if not topic_matches(topic, topic_filter):
+                continue
+            for target, sub_qos in list(subscriptions):
+                if cluster.served_from_store(target, sub_qos):
+                    continue
+                if not self.acl.check(target.client_id, topic, Action.RECEIVE):
+                    continue
+                if target.transitions.state != "connected":
+                    continue
+                handler = self._handler_of(target)
+                if handler is not None:
+                    qos = broadcast.get("qos", sub_qos)
+                    running_tasks.append(
+                        asyncio.ensure_future(
+                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                        )
+                    )
+
+    def deliver_remote(self, topic: str, data: bytes, force_qos: int | None) -> None:
+        """Route a message another node admitted to this node's subscribers (each one's
+        RECEIVE check applies); it is not forwarded again."""
+        broadcast: dict[str, object] = {"session": None, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        self._broadcast_queue.put_nowait(broadcast)
 
     # -- persistent state (broker.state) --------------------------------------------------
 
@@ -368,6 +563,8 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         handler = self._handler_of(session)
         if handler is None:
             return
+        if self._cluster is not None:
+            self._cluster.session_started(session, handler)
         queued = []
         while not session.retained_messages.empty():
             message = session.retained_messages.get_nowait()

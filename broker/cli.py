@@ -54,6 +54,31 @@ def serve_command(
             "[127.0.0.1:9883]",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            envvar="CERTFLEET_BROKER_CLUSTER_URL",
+            help="join the cluster on this NATS server (nats://HOST:PORT or tls://HOST:PORT); "
+            "credentials from CERTFLEET_BROKER_CLUSTER_USER/_PASSWORD or "
+            "CERTFLEET_BROKER_CLUSTER_NKEY_SEED_FILE",
+        ),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            envvar="CERTFLEET_BROKER_NODE",
+            help="this node's name (its state files are named by it) [broker]",
+        ),
+    ] = None,
+    reuse_port: Annotated[
+        bool | None,
+        typer.Option(
+            "--reuse-port/--no-reuse-port",
+            help="SO_REUSEPORT: nodes on one machine share one port (CERTFLEET_BROKER_REUSE_PORT)",
+        ),
+    ] = None,
     ready_file: Annotated[
         Path | None,
         typer.Option("--ready-file", help="write {addr, pid, metrics_url} JSON once listening"),
@@ -68,6 +93,9 @@ def serve_command(
         broker_addr=addr,
         registry_url=registry_url,
         broker_metrics_addr=metrics_addr,
+        broker_cluster_url=cluster,
+        broker_node=node,
+        broker_reuse_port=reuse_port,
     )
     raise_open_file_limit()
     runner = asyncio.Runner(loop_factory=_loop_factory(settings.broker_uvloop))

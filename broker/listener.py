@@ -67,11 +67,18 @@ class MqttTlsListener:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0 = ephemeral); return the bound port."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (0 = ephemeral); return the bound port. ``reuse_port``:
+        SO_REUSEPORT, so several broker processes (cluster nodes) share the port and the
+        kernel spreads connections over them."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._new_connection, host, port, reuse_address=True, backlog=4096
+            self._new_connection,
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=4096,
         )
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])

@@ -121,6 +121,36 @@ class BrokerMetrics:
             "Messages whose routing raised (logged; routing goes on)",
             registry=r,
         )
+        self.cluster_connected = Gauge(
+            "certfleet_broker_cluster_connected",
+            "1 while this node's NATS link is up (cluster mode), else 0",
+            registry=r,
+        )
+        self.cluster_connects = Counter(
+            "certfleet_broker_cluster_connects",
+            "NATS connections made (the first one and every reconnect)",
+            registry=r,
+        )
+        self.cluster_forwarded = Counter(
+            "certfleet_broker_cluster_forwarded",
+            "Messages published to NATS for the other nodes",
+            registry=r,
+        )
+        self.cluster_not_forwarded = Counter(
+            "certfleet_broker_cluster_not_forwarded",
+            "Messages delivered on this node only, because NATS was unreachable",
+            registry=r,
+        )
+        self.cluster_stored = Counter(
+            "certfleet_broker_cluster_stored",
+            "QoS 1 messages stored in JetStream (each one's PUBACK waited for it)",
+            registry=r,
+        )
+        self.cluster_store_retries = Counter(
+            "certfleet_broker_cluster_store_retries",
+            "Failed JetStream stores retried (their PUBACK withheld meanwhile)",
+            registry=r,
+        )
         self.state_persisted = Gauge(
             "certfleet_broker_state_persisted",
             "1 when the persistent sessions and retained messages on disk are current, else 0",

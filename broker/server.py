@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from broker.acl import TopicAcl
 from broker.amqtt_adapter import CertfleetBroker
 from broker.auth import AdmissionPolicy
+from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
 from broker.gate import ConnectGate
 from broker.listener import MqttTlsListener
@@ -114,6 +115,8 @@ class BrokerApp:
             )
             follower = self.follower
             self.metrics.feed_last_success.set_function(lambda: follower.last_success_at)
+        options = cluster_options(settings)
+        self.cluster = ClusterNode(options, self.metrics) if options is not None else None
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
@@ -138,11 +141,18 @@ class BrokerApp:
         await self.broker.start()
         if self.state_store is not None:
             await self._restore_state(self.state_store)
+        if self.cluster is not None:
+            self.cluster.attach(self.broker, self._close_session)
+            self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
         try:
-            self.port = await self.listener.start(host, port)
+            self.port = await self.listener.start(
+                host, port, reuse_port=self.settings.broker_reuse_port
+            )
         except OSError as exc:
+            if self.cluster is not None:
+                await self.cluster.stop()
             await self.broker.shutdown()
             raise BrokerError(f"cannot listen on {self.settings.broker_addr}: {exc}") from None
         if self.settings.broker_metrics_addr:
@@ -164,21 +174,32 @@ class BrokerApp:
         if store is not None:
             self.supervisor.start("state-autosave", lambda: store.keep_saved(self._snapshot))
         log.info(
-            "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s",
+            "broker listening addr=%s:%d trust_domain=%s revoked_serials=%d registry=%s "
+            "node=%s cluster=%s",
             host,
             self.port,
             self.trust_domain,
             len(self.revoked.serials),
             self.settings.registry_url or "none",
+            self.settings.broker_node,
+            self.settings.broker_cluster_url or "none",
         )
+
+    def _close_session(self, session_key: str) -> bool:
+        """Close this node's live connection of a session key (taken over on another node)."""
+        live = self.sessions.session_of_key(session_key)
+        if live is None or live.connection.is_closed:
+            return False
+        live.connection.abort()
+        return True
 
     def _pruned(self, count: int) -> None:
         self.metrics.revoked_expired.inc(count)
         self.metrics.revoked_serials.set(len(self.revoked.serials))
 
     def _local_state_store(self) -> StateFile | None:
-        if not self.settings.broker_persist:
-            return None
+        if not self.settings.broker_persist or self.settings.broker_cluster_url:
+            return None  # a cluster node's sessions live in JetStream (docs/cluster.md)
         return StateFile(
             state_path(self.settings.layout.broker_dir, self.settings.broker_node),
             node=self.settings.broker_node,
@@ -248,6 +269,8 @@ class BrokerApp:
         waiting = [] if self.port else ["the MQTT listener"]
         if self.follower is not None:
             waiting += self.follower.not_following()
+        if self.cluster is not None:
+            waiting += self.cluster.problems()
         return waiting
 
     def problems(self) -> list[str]:
@@ -264,6 +287,8 @@ class BrokerApp:
             f"task {name} failed: {error} (restarting)"
             for name, error in dict(self.supervisor.failing).items()
         ]
+        if self.cluster is not None:
+            found += self.cluster.problems()
         return found
 
     async def stop(self) -> None:
@@ -275,6 +300,8 @@ class BrokerApp:
             inflight = self.broker.capture_inflight()
         if self.listener is not None:
             await self.listener.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.broker is not None:
             if self.state_store is not None:
                 if not await self.broker.wait_routed():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.auth import ClientIdMode
@@ -58,6 +58,20 @@ class BrokerSettings(BaseSettings):
     #: The only service identity that may publish renewal answers (devices/<id>/cert/issued)
     #: and read renewal requests; every other service reads telemetry only.
     broker_renewal_service: str = Field(default="registry", pattern=NAME_PATTERN.pattern)
+    #: Listen with SO_REUSEPORT, so several broker processes (cluster nodes) on one machine
+    #: share one port and the kernel spreads connections over them.
+    broker_reuse_port: bool = False
+    #: NATS server of the cluster (``nats://host:port``, ``tls://host:port`` for TLS);
+    #: None = a single node, as before (docs/cluster.md).
+    broker_cluster_url: str | None = None
+    #: NATS user and password; or an NKey seed file (0600). Never logged.
+    broker_cluster_user: str | None = None
+    broker_cluster_password: SecretStr | None = None
+    broker_cluster_nkey_seed_file: Path | None = None
+    #: CA file that signed the NATS server's certificate (turns TLS on).
+    broker_cluster_ca_file: Path | None = None
+    #: Longest pause between reconnect attempts while NATS is unreachable.
+    broker_cluster_max_backoff_s: float = Field(default=5.0, gt=0)
 
     #: Keep persistent sessions and retained messages across restarts in
     #: <data>/broker/state-<node>.json (single node; a cluster keeps them in its own store).

@@ -67,14 +67,34 @@ def up(
     broker_addr: Annotated[
         str | None, typer.Option("--broker-addr", help="broker host:port [127.0.0.1:8883]")
     ] = None,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            "--brokers",
+            help="broker nodes sharing the broker port, clustered on NATS "
+            "(CERTFLEET_UP_BROKERS) [1]",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="NATS URL of the cluster (CERTFLEET_BROKER_CLUSTER_URL); without it, "
+            "--brokers N>1 runs a local nats-server in the data folder",
+        ),
+    ] = None,
 ) -> None:
-    """Start the registry and the broker together until Ctrl-C."""
+    """Start the registry and the broker (or N broker nodes) together until Ctrl-C."""
     from certfleet.procs import terminate_on_sigterm
     from certfleet.settings import build_settings
     from certfleet.up import run_up
 
     settings = build_settings(
-        data_dir=data_dir, registry_addr=registry_addr, broker_addr=broker_addr
+        data_dir=data_dir,
+        registry_addr=registry_addr,
+        broker_addr=broker_addr,
+        up_brokers=brokers,
+        broker_cluster_url=cluster,
     )
     with terminate_on_sigterm():
         result = run_up(settings, Console())

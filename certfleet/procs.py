@@ -232,6 +232,7 @@ class ProcessGroup:
         registry_url: str,
         node: str = "broker",
         env: dict[str, str] | None = None,
+        name: str = "broker",
     ) -> ManagedProcess:
         """``certfleet broker serve`` on ``addr`` as broker node ``node``, following
         ``registry_url``'s revocations; its ready file is ``broker-<node>.ready.json`` so
@@ -242,7 +243,7 @@ class ProcessGroup:
             "--registry-url", registry_url, "--ready-file", str(ready_file),
         )  # fmt: skip
         node_env = {**(env or {}), "CERTFLEET_BROKER_NODE": node}
-        return self.start("broker", argv, ready_file, env=node_env)
+        return self.start(name, argv, ready_file, env=node_env)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,12 @@ class OrchestrateSettings(BaseSettings):
     #: The broker node `up` starts (CERTFLEET_BROKER_NODE, as the broker reads it); its ready
     #: file is <data>/broker-<node>.ready.json.
     broker_node: str = Field(default="broker", pattern=NAME_PATTERN.pattern)
+    #: Broker nodes `up` runs (``--brokers``); more than one share the broker port
+    #: (SO_REUSEPORT) and form a cluster on NATS (docs/cluster.md).
+    up_brokers: int = Field(default=1, ge=1, le=16)
+    #: NATS server of that cluster (CERTFLEET_BROKER_CLUSTER_URL, as the broker reads it);
+    #: None with several brokers = `up` runs a local nats-server in <data>/nats.
+    broker_cluster_url: str | None = None
     trust_domain: str = "fleet.local"
     #: Passphrase of the CA keys (CERTFLEET_CA_PASSPHRASE), for `up` creating missing certs.
     ca_passphrase: SecretStr | None = None

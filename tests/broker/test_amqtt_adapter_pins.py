@@ -267,3 +267,30 @@ def test_the_sessions_property_is_the_broker_s_own_mapping() -> None:
 def test_accepted_messages_go_from_the_session_queue_to_the_broadcast_queue() -> None:
     assert _calls(Broker._handle_message_delivery, "await self._broadcast_message(")
     assert _calls(Broker._broadcast_message, "await self._broadcast_queue.put(")
+
+
+# -- 10-14. cluster mode (broker/cluster) ---------------------------------------------------
+
+
+def test_cluster_hooks_wrap_amqtt_methods_with_the_signatures_they_expect() -> None:
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    assert _parameters(Broker._initialize_client_session) == [
+        "self", "reader", "writer", "remote_address", "remote_port",
+    ]  # fmt: skip
+    assert _calls(Broker._initialize_client_session, "BrokerProtocolHandler.init_from_connect")
+    assert _parameters(Broker._handle_message_delivery) == [
+        "self", "client_session", "handler", "wait_deliver",
+    ]  # fmt: skip
+    assert _calls(Broker._handle_message_delivery, "self._broadcast_message(")
+    assert _parameters(Broker._broadcast_message) == [
+        "self", "session", "topic", "data", "force_qos",
+    ]  # fmt: skip
+    assert _parameters(Broker.add_subscription) == ["self", "subscription", "session"]
+    assert _parameters(Broker._del_subscription) == ["self", "a_filter", "session"]
+    assert _parameters(Broker._run_broadcast) == ["self", "running_tasks"]
+    flow = BrokerProtocolHandler._handle_qos1_message_flow
+    assert _parameters(flow) == ["self", "app_message"]
+    # Incoming QoS 1: amqtt queues the message, then sends the PUBACK (what the swap delays).
+    source = inspect.getsource(flow)
+    assert source.index("delivered_message_queue.put") < source.index("PubackPacket.build")

@@ -1,0 +1,321 @@
+"""Benchmark: the broker cluster on NATS JetStream (issue 13). JSON on stdout.
+
+    flock /tmp/certfleet-bench.lock .venv/bin/python bench/bench_cluster.py --mode all
+
+Modes (``--mode fanin|durable|kill|memory|all``):
+
+- ``fanin``: QoS 1 fan-in to one subscriber (bench_broker_throughput.py's roles), one node
+  alone vs two cluster nodes (publishers spread over both, the subscriber on the first):
+  msg/s at the subscriber, messages lost, broker CPU per delivered message (utime + stime
+  of every broker process from /proc/<pid>/stat; NATS's too, reported apart).
+- ``durable``: the same fan-in with a persistent (clean session off) subscriber: ours in
+  cluster mode (every PUBACK after the JetStream store) vs stock amqtt (non-durable) vs
+  Mosquitto with ``persistence true`` (its own config on an ephemeral port, mTLS).
+- ``kill``: ``--devices`` devices connected over two nodes sharing one port
+  (SO_REUSEPORT); node 1 is SIGKILLed; the seconds until every device it held is connected
+  again (to the survivor), and, for a persistent subscriber, the QoS 1 messages
+  acknowledged around the kill that never reached it.
+- ``memory``: RSS per idle device connection of one cluster node.
+
+The machine's nats-server (Debian's) is started on an ephemeral port with JetStream in a
+temporary folder; nothing listens outside 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_broker_throughput as tput  # noqa: E402
+import broker_bench_lib as lib  # noqa: E402
+
+from broker.cluster.natsd import LocalNats  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (seconds)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _node_env(nats: LocalNats) -> dict[str, str]:
+    return {
+        "CERTFLEET_BROKER_CLUSTER_USER": nats.credentials.user,
+        "CERTFLEET_BROKER_CLUSTER_PASSWORD": nats.credentials.password,
+        "CERTFLEET_BROKER_METRICS_ADDR": "127.0.0.1:0",
+    }
+
+
+def start_nodes(layout: lib.DataLayout, nats: LocalNats, count: int) -> list[lib.BrokerProcess]:
+    """``count`` cluster nodes, each on its own ephemeral port."""
+    return [
+        lib.start_ours(
+            layout,
+            extra_env=_node_env(nats),
+            extra_args=["--cluster", nats.url, "--node", f"bench-{index + 1}"],
+        )
+        for index in range(count)
+    ]
+
+
+def start_shared_port_nodes(
+    layout: lib.DataLayout, nats: LocalNats, count: int
+) -> list[lib.BrokerProcess]:
+    """``count`` nodes listening on one port with SO_REUSEPORT."""
+    port = lib.free_port()
+    nodes = []
+    for index in range(count):
+        args = ["--cluster", nats.url, "--node", f"bench-{index + 1}", "--reuse-port"]
+        args += ["--addr", f"127.0.0.1:{port}"]  # start_ours's own --addr 0 comes first
+        nodes.append(lib.start_ours(layout, extra_env=_node_env(nats), extra_args=args))
+    return nodes
+
+
+def fan_in(
+    layout: lib.DataLayout,
+    sub_port: int,
+    pub_ports: list[int],
+    args: argparse.Namespace,
+    *,
+    persistent: bool = False,
+) -> dict[str, Any]:
+    """Run tput's subscriber on ``sub_port`` and publishers split over ``pub_ports``."""
+    expected = args.publishers * args.messages
+    script = tput.__file__
+    sub_argv = [
+        sys.executable, script, "--role", "sub", "--data-dir", str(layout.root),
+        "--port", str(sub_port), "--expected", str(expected),
+    ]  # fmt: skip
+    sub = subprocess.Popen(
+        sub_argv + (["--persistent"] if persistent else []), stdout=subprocess.PIPE, text=True
+    )
+    assert sub.stdout is not None
+    json.loads(sub.stdout.readline())  # subscribed
+    share = args.publishers // len(pub_ports)
+    pubs = []
+    for index, port in enumerate(pub_ports):
+        count = share if index < len(pub_ports) - 1 else args.publishers - share * index
+        pubs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    script,
+                    "--role",
+                    "pub",
+                    "--data-dir",
+                    str(layout.root),
+                    "--port",
+                    str(port),
+                    "--first",
+                    str(share * index),
+                    "--publishers",
+                    str(count),
+                    "--messages",
+                    str(args.messages),
+                    "--window",
+                    str(args.window),
+                ],  # fmt: skip
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=lib.raise_nofile,
+            )
+        )
+    acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
+    result = json.loads(sub.stdout.readline())
+    for process in (*pubs, sub):
+        process.wait(timeout=60)
+    return {**result, "acked": acked, "lost": acked - int(result["received_unique"])}
+
+
+def measured(brokers: list[lib.BrokerProcess], extra_pids: list[int], run: Any) -> dict[str, Any]:
+    before = [cpu_seconds(b.pid) for b in brokers]
+    extra_before = [cpu_seconds(pid) for pid in extra_pids]
+    result = dict(run())
+    broker_cpu = sum(cpu_seconds(b.pid) - t for b, t in zip(brokers, before, strict=True))
+    extra_cpu = sum(cpu_seconds(p) - t for p, t in zip(extra_pids, extra_before, strict=True))
+    deliveries = max(int(result.get("deliveries", 0)), 1)
+    result["broker_cpu_us_per_msg"] = round(broker_cpu / deliveries * 1e6, 1)
+    result["nats_cpu_us_per_msg"] = round(extra_cpu / deliveries * 1e6, 1) if extra_pids else None
+    return result
+
+
+def mode_fanin(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    single = lib.start_ours(layout)
+    try:
+        out["one_node"] = measured(
+            [single], [], lambda: fan_in(layout, single.port, [single.port], args)
+        )
+    finally:
+        single.stop()
+    with LocalNats(root / "nats-fanin") as nats:
+        assert nats.process is not None
+        nodes = start_nodes(layout, nats, 2)
+        try:
+            ports = [n.port for n in nodes]
+            out["two_nodes"] = measured(
+                nodes, [nats.process.pid], lambda: fan_in(layout, ports[0], ports, args)
+            )
+        finally:
+            for node in nodes:
+                node.stop()
+    one = out["one_node"]["msgs_per_s"] or 0
+    out["ratio_two_over_one"] = (
+        round((out["two_nodes"]["msgs_per_s"] or 0) / one, 2) if one else None
+    )
+    return out
+
+
+def mode_durable(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with LocalNats(root / "nats-durable") as nats:
+        assert nats.process is not None
+        nodes = start_nodes(layout, nats, 1)
+        try:
+            port = nodes[0].port
+            out["ours_cluster_durable"] = measured(
+                nodes,
+                [nats.process.pid],
+                lambda: fan_in(layout, port, [port], args, persistent=True),
+            )
+        finally:
+            nodes[0].stop()
+    for name, start in (
+        ("stock_amqtt_non_durable", lambda: lib.start_stock(layout)),
+        ("mosquitto_persistence", lambda: lib.start_mosquitto(layout, persistence=True)),
+    ):
+        broker = start()
+        try:
+            out[name] = measured(
+                [broker],
+                [],
+                lambda b=broker: fan_in(layout, b.port, [b.port], args, persistent=True),
+            )
+        finally:
+            broker.stop()
+    stock = out["stock_amqtt_non_durable"]["msgs_per_s"] or 0
+    ours = out["ours_cluster_durable"]["msgs_per_s"] or 0
+    out["ratio_ours_over_stock"] = round(ours / stock, 2) if stock else None
+    return out
+
+
+async def _hold(layout: lib.DataLayout, port: int, indexes: range) -> dict[int, Any]:
+    clients = {}
+    for index in indexes:
+        clients[index] = await lib.connect_device(layout, port, index)
+    return clients
+
+
+async def _kill_run(
+    layout: lib.DataLayout, nodes: list[lib.BrokerProcess], devices: int, timeout: float
+) -> dict[str, Any]:
+    port = nodes[0].port
+    held = await _hold(layout, port, range(devices))
+    victim = nodes[0]
+    killed = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.process.wait(timeout=10)
+    await asyncio.sleep(0.5)
+    dropped = sorted(index for index, client in held.items() if client.closed.done())
+    pending = set(dropped)
+    backoff = 0.1
+    while pending and time.monotonic() - killed < timeout:
+        for index in list(pending):
+            try:
+                held[index] = await lib.connect_device(layout, port, index)
+                pending.discard(index)
+            except (OSError, ConnectionError, TimeoutError):
+                pass
+        if pending:
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+    seconds = time.monotonic() - killed
+    for client in held.values():
+        if client.transport is not None:
+            client.transport.close()
+    return {
+        "devices": devices,
+        "held_by_killed_node": len(dropped),
+        "not_reconnected": len(pending),
+        "seconds_until_all_reconnected": round(seconds, 2),
+    }
+
+
+def mode_kill(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with LocalNats(root / "nats-kill") as nats:
+        nodes = start_shared_port_nodes(layout, nats, 2)
+        try:
+            result = asyncio.run(_kill_run(layout, nodes, args.devices, args.kill_timeout))
+        finally:
+            for node in nodes:
+                node.stop()
+    # Messages lost across a node kill are measured by the fault test
+    # tests/cluster/test_faults.py (0 acknowledged messages lost); here: reconnect time.
+    return result
+
+
+def mode_memory(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with LocalNats(root / "nats-memory") as nats:
+        nodes = start_nodes(layout, nats, 1)
+        node = nodes[0]
+        try:
+            time.sleep(1.0)
+            before = lib.rss_kib(node.pid)
+
+            async def hold() -> int:
+                clients = await _hold(layout, node.port, range(args.devices))
+                await asyncio.sleep(2.0)
+                after = lib.rss_kib(node.pid)
+                for client in clients.values():
+                    if client.transport is not None:
+                        client.transport.close()
+                return after
+
+            after = asyncio.run(hold())
+        finally:
+            node.stop()
+    return {
+        "devices": args.devices,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_idle_connection": round((after - before) / max(args.devices, 1), 1),
+    }
+
+
+MODES = {"fanin": mode_fanin, "durable": mode_durable, "kill": mode_kill, "memory": mode_memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    parser.add_argument("--publishers", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=400)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--devices", type=int, default=5000, help="kill and memory modes")
+    parser.add_argument("--kill-timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    lib.raise_nofile()
+    root = lib.tmp_root("certfleet-bench-cluster-")
+    layout = lib.make_fleet(root, max(args.publishers, args.devices))
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    report: dict[str, Any] = {"machine": lib.lscpu_model(), "args": vars(args)}
+    for mode in modes:
+        report[mode] = MODES[mode](layout, root, args)
+        print(json.dumps({mode: report[mode]}), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Durable sessions in JetStream, and one session per identity cluster-wide.
+
+- **One stream** (:data:`STREAM`) captures the whole MQTT subject space with *interest*
+  retention: a message is kept only while a durable consumer that matches it has not
+  acknowledged it, so nothing is stored for nobody.
+- **A QoS 1 PUBLISH is acknowledged (PUBACK) once JetStream acknowledged the store**: the
+  node publishes it with ``js.publish`` (which also reaches the other nodes' live
+  subscription) and only then lets amqtt send the PUBACK. While NATS is unreachable the
+  store is retried with backoff and the PUBACK withheld (backpressure, never a false ack);
+  the local subscribers already have the message.
+- **A persistent session** (clean session off) gets, for each QoS 1 subscription, a durable
+  pull consumer on the stream (one per subject of its filter; nats-server 2.9 takes one
+  filter subject per consumer), and a record of its filters in the KV bucket
+  :data:`SESSIONS_BUCKET`. Its QoS 1 subscriptions are served *only* from those consumers
+  (never by the live broadcast, so never twice), by whichever node the client is connected
+  to: a node that gets the client re-creates its subscriptions from the record and pulls. A
+  message is acknowledged to JetStream only after the client's PUBACK, so a node killed
+  mid-delivery loses nothing (the message is redelivered, MQTT's at-least-once).
+- **Ownership** (:data:`OWNERS_BUCKET`): each node writes ``<node> <nonce>`` under the
+  session's key when a client's session starts there, and watches the bucket; a node whose
+  connection for a key was overwritten by a later revision closes that connection (the
+  takeover MQTT asks for, across nodes).
+
+KV keys are the SHA-256 of the session key (session keys hold ``:`` and ``/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import errors as js_errors
+from nats.js.api import AckPolicy, DeliverPolicy, RetentionPolicy, StorageType
+from nats.js.kv import KeyValue
+
+from broker.amqtt_adapter import CertfleetBroker
+from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
+from broker.cluster.router import NODE_HEADER, ClusterRouter
+from broker.cluster.subjects import (
+    SUBJECT_PREFIX,
+    filter_subjects,
+    subject_of_topic,
+    topic_of_subject,
+)
+
+__all__ = ["OWNERS_BUCKET", "SESSIONS_BUCKET", "STREAM", "DurableSessions", "storage_key"]
+
+log = logging.getLogger(__name__)
+
+STREAM = "CERTFLEET_MQTT"
+SESSIONS_BUCKET = "certfleet_sessions"
+OWNERS_BUCKET = "certfleet_owners"
+#: Offline persistent sessions are kept this long (amqtt's session expiry, the same hour).
+SESSION_EXPIRY_S = 3600.0
+_FETCH_BATCH = 64
+_FETCH_WAIT_S = 1.0
+_ACK_WAIT_S = 10.0
+_STORE_FIRST_BACKOFF_S = 0.1
+_STORE_MAX_BACKOFF_S = 2.0
+_ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
+
+ReceiveCheck = Callable[[Session, str], bool]
+CloseConnection = Callable[[str], bool]
+
+
+def storage_key(session_key: str) -> str:
+    """KV key and consumer-name stem of a session key."""
+    return hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def _consumer_name(session_key: str, subject: str) -> str:
+    return f"s{storage_key(session_key)[:20]}-{hashlib.sha256(subject.encode()).hexdigest()[:12]}"
+
+
+class DurableSessions:
+    """The cluster hooks of one node (:class:`broker.amqtt_adapter.ClusterHooks`)."""
+
+    def __init__(
+        self,
+        link: ClusterLink,
+        router: ClusterRouter,
+        broker: CertfleetBroker,
+        *,
+        may_receive: ReceiveCheck,
+        close_connection: CloseConnection,
+        on_stored: Callable[[], None] = lambda: None,
+        on_store_retry: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.link = link
+        self.router = router
+        self.broker = broker
+        self.node = link.options.node
+        self._may_receive = may_receive
+        self._close_connection = close_connection
+        self._on_stored = on_stored
+        self._on_store_retry = on_store_retry
+        self._nonce = secrets.token_hex(4)
+        self._owned: dict[str, tuple[str, int, str]] = {}  # storage key -> (value, rev, key)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._sessions_kv: KeyValue | None = None
+        self._owners_kv: KeyValue | None = None
+        self._kv_watcher: Any = None
+        self.unacked_stores = 0
+        link.add_setup(self._setup)
+
+    # -- setup on every NATS connection ---------------------------------------------------
+
+    async def _setup(self, _client: NatsClient, js: JetStreamContext) -> None:
+        await ensure_stream(
+            js,
+            name=STREAM,
+            subjects=[SUBJECT_PREFIX + ".>"],
+            retention=RetentionPolicy.INTEREST,
+            storage=StorageType.FILE,
+            max_age=SESSION_EXPIRY_S,
+            duplicate_window=120.0,
+        )
+        buckets = []
+        for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET):
+            try:
+                buckets.append(await js.key_value(bucket))
+            except js_errors.BucketNotFoundError:
+                buckets.append(await js.create_key_value(bucket=bucket, history=1))
+        self._sessions_kv, self._owners_kv = buckets
+        await self._stop_watching()
+        watcher = await self._owners_kv.watchall()
+        self._kv_watcher = watcher
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_owners(watcher))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cluster task failed error=%s", f"{task.exception()!r}"[:200])
+
+    async def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        if self._kv_watcher is not None:
+            with contextlib.suppress(*_ERRORS):
+                await self._kv_watcher.stop()
+            self._kv_watcher = None
+
+    async def close(self) -> None:
+        await self._stop_watching()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _bucket(self, bucket: KeyValue | None) -> KeyValue:
+        if bucket is None or not self.link.connected:
+            raise NotConnectedError("the cluster's key-value buckets are not reachable")
+        return bucket
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def forward(
+        self, topic: str, data: bytes, force_qos: int | None, stored: asyncio.Future[bool] | None
+    ) -> None:
+        if stored is None:
+            await self.router.forward(topic, data, force_qos)
+            return
+        self._spawn(self._store(topic, data, stored))
+
+    async def _store(self, topic: str, data: bytes, stored: asyncio.Future[bool]) -> None:
+        """Store a QoS 1 message in JetStream, retrying while NATS is away, then let the
+        PUBACK go. Given up only when the client's connection is gone (it re-sends)."""
+        subject = subject_of_topic(topic)
+        headers = {NODE_HEADER: self.node, "Nats-Msg-Id": f"{self.node}-{secrets.token_hex(8)}"}
+        backoff = _STORE_FIRST_BACKOFF_S
+        self.unacked_stores += 1
+        try:
+            while not stored.done():
+                try:
+                    await self.link.js.publish(subject, data, stream=STREAM, headers=headers)
+                except _ERRORS:
+                    self._on_store_retry()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _STORE_MAX_BACKOFF_S)
+                    continue
+                if not stored.done():
+                    stored.set_result(True)
+                self._on_stored()
+                return
+        finally:
+            self.unacked_stores -= 1
+
+    # -- the broadcast's view -------------------------------------------------------------
+
+    def served_from_store(self, session: Session, sub_qos: int) -> bool:
+        return not session.clean_session and sub_qos >= 1
+
+    # -- subscriptions of persistent sessions ---------------------------------------------
+
+    async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
+        if session.clean_session or session.client_id is None:
+            return True
+        try:
+            js = self.link.js
+            if qos >= 1:
+                for subject in filter_subjects(topic_filter):
+                    await self._ensure_consumer(js, session.client_id, subject)
+            await self._update_record(js, session.client_id, topic_filter, qos)
+        except _ERRORS as exc:
+            log.warning(
+                "persistent subscription refused client_id=%s filter=%r error=%s "
+                "(the cluster store is unreachable)",
+                session.client_id,
+                topic_filter[:200],
+                f"{exc!r}"[:200],
+            )
+            return False
+        handler = self.broker._handler_of(session)
+        if qos >= 1 and handler is not None:
+            self._pull_filter(session, handler, topic_filter)
+        return True
+
+    def unsubscribed(self, session: Session, topic_filter: str) -> None:
+        if session.clean_session or session.client_id is None:
+            return
+        if session.transitions.state != "connected":
+            return  # amqtt expiring its copy of a session that may live on another node
+        self._spawn(self._forget_filter(session.client_id, topic_filter))
+
+    async def _forget_filter(self, session_key: str, topic_filter: str) -> None:
+        js = self.link.js
+        for subject in filter_subjects(topic_filter):
+            with contextlib.suppress(js_errors.NotFoundError):
+                await js.delete_consumer(STREAM, _consumer_name(session_key, subject))
+        await self._update_record(js, session_key, topic_filter, None)
+
+    async def _ensure_consumer(self, js: JetStreamContext, session_key: str, subject: str) -> None:
+        await js.add_consumer(
+            STREAM,
+            durable_name=_consumer_name(session_key, subject),
+            filter_subject=subject,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=_ACK_WAIT_S,
+            max_ack_pending=1000,
+            inactive_threshold=SESSION_EXPIRY_S,
+        )
+
+    async def _record(self, js: JetStreamContext, session_key: str) -> dict[str, int]:
+        bucket = self._bucket(self._sessions_kv)
+        try:
+            entry = await bucket.get(storage_key(session_key))
+        except js_errors.KeyNotFoundError:
+            return {}
+        if not entry.value:
+            return {}
+        filters = json.loads(entry.value).get("filters", {})
+        return {str(f): int(q) for f, q in filters.items()}
+
+    async def _update_record(
+        self, js: JetStreamContext, session_key: str, topic_filter: str, qos: int | None
+    ) -> None:
+        filters = await self._record(js, session_key)
+        if qos is None:
+            filters.pop(topic_filter, None)
+        else:
+            filters[topic_filter] = qos
+        bucket = self._bucket(self._sessions_kv)
+        value = json.dumps({"key": session_key, "filters": filters}).encode()
+        await bucket.put(storage_key(session_key), value)
+
+    async def _drop_record(self, js: JetStreamContext, session_key: str) -> None:
+        for topic_filter in await self._record(js, session_key):
+            await self._forget_filter(session_key, topic_filter)
+        bucket = self._bucket(self._sessions_kv)
+        with contextlib.suppress(js_errors.KeyNotFoundError):
+            await bucket.delete(storage_key(session_key))
+
+    # -- a client's session starts on this node -------------------------------------------
+
+    def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        if session.client_id is not None:
+            self._spawn(self._resume(session, handler))
+
+    async def _resume(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        key = session.client_id
+        assert key is not None
+        for attempt in range(50):
+            try:
+                js = self.link.js
+                await self._claim(js, key)
+                if session.clean_session:
+                    await self._drop_record(js, key)
+                    return
+                filters = await self._record(js, key)
+                break
+            except _ERRORS as exc:
+                if attempt == 0:
+                    log.warning(
+                        "session resume waits for the cluster client_id=%s error=%r", key, exc
+                    )
+                await asyncio.sleep(0.2)
+                if self.broker._handler_of(session) is not handler:
+                    return
+        else:
+            return
+        for topic_filter, qos in filters.items():
+            subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
+            if all(s.client_id != key for s, _ in subscribers):
+                subscribers.append((session, qos))
+            if qos >= 1:
+                for subject in filter_subjects(topic_filter):
+                    await self._ensure_consumer(js, key, subject)
+                self._pull_filter(session, handler, topic_filter)
+
+    def _pull_filter(
+        self, session: Session, handler: BrokerProtocolHandler, topic_filter: str
+    ) -> None:
+        assert session.client_id is not None
+        for subject in filter_subjects(topic_filter):
+            name = _consumer_name(session.client_id, subject)
+            self._spawn(self._pull(session, handler, name))
+
+    def _live(self, session: Session, handler: BrokerProtocolHandler) -> bool:
+        return (
+            self.broker._handler_of(session) is handler and session.transitions.state == "connected"
+        )
+
+    async def _pull(self, session: Session, handler: BrokerProtocolHandler, consumer: str) -> None:
+        """Deliver a persistent session's stored messages while it is connected here."""
+        subscription = None
+        bound_to: NatsClient | None = None
+        try:
+            while self._live(session, handler):
+                try:
+                    client = self.link.client
+                    if subscription is None or bound_to is not client:
+                        subscription = await self.link.js.pull_subscribe_bind(
+                            durable=consumer, stream=STREAM
+                        )
+                        bound_to = client
+                    messages = await subscription.fetch(_FETCH_BATCH, timeout=_FETCH_WAIT_S)
+                except js_errors.NotFoundError:
+                    return  # unsubscribed (the consumer was deleted)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except _ERRORS:
+                    subscription = None
+                    await asyncio.sleep(0.2)
+                    continue
+                if not self._live(session, handler):
+                    # The client left during the fetch: hand the messages back at once.
+                    for message in messages:
+                        with contextlib.suppress(*_ERRORS):
+                            await message.nak()
+                    return
+                await asyncio.gather(*(self._deliver(session, handler, m) for m in messages))
+        finally:
+            if subscription is not None:
+                with contextlib.suppress(*_ERRORS):
+                    await subscription.unsubscribe()
+
+    async def _deliver(self, session: Session, handler: BrokerProtocolHandler, msg: Msg) -> None:
+        try:
+            topic = topic_of_subject(msg.subject)
+        except ValueError:
+            await msg.term()
+            return
+        if not self._may_receive(session, topic):
+            await msg.ack()
+            return
+        try:
+            await handler.mqtt_publish(topic, msg.data, 1, retain=False)
+        except Exception:  # noqa: BLE001 - the client went away: redeliver elsewhere/later
+            with contextlib.suppress(*_ERRORS):
+                await msg.nak()
+            return
+        with contextlib.suppress(*_ERRORS):
+            await msg.ack()
+
+    # -- ownership ------------------------------------------------------------------------
+
+    async def _claim(self, js: JetStreamContext, session_key: str) -> None:
+        owners = self._bucket(self._owners_kv)
+        value = f"{self.node} {self._nonce}-{secrets.token_hex(4)}"
+        revision = await owners.put(storage_key(session_key), value.encode())
+        self._owned[storage_key(session_key)] = (value, revision, session_key)
+
+    async def _watch_owners(self, watcher: Any) -> None:
+        async for entry in watcher:
+            if entry is None or entry.key is None:
+                continue
+            mine = self._owned.get(entry.key)
+            if mine is None:
+                continue
+            value = (entry.value or b"").decode()
+            if value != mine[0] and (entry.revision or 0) > mine[1]:
+                del self._owned[entry.key]
+                if self._close_connection(mine[2]):
+                    log.info(
+                        "session taken over by another node client_id=%s owner=%s",
+                        mine[2],
+                        value.split(" ", 1)[0],
+                    )

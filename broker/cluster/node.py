@@ -1,0 +1,94 @@
+"""One broker node's cluster side, built from the broker's settings.
+
+:func:`cluster_options` turns ``CERTFLEET_BROKER_CLUSTER_*`` settings into
+:class:`~broker.cluster.link.ClusterOptions` (None without ``--cluster``: a single node);
+:class:`ClusterNode` wires the link and the router into one :class:`CertfleetBroker` and
+reports the link's state to the metrics, ``/healthz`` and ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from amqtt.contexts import Action
+from amqtt.session import Session
+
+from broker.amqtt_adapter import CertfleetBroker
+from broker.cluster.durable import DurableSessions
+from broker.cluster.link import ClusterLink, ClusterOptions
+from broker.cluster.retained import RetainedSync
+from broker.cluster.router import ClusterRouter
+from broker.metrics import BrokerMetrics
+from broker.settings import BrokerSettings
+
+__all__ = ["ClusterNode", "cluster_options"]
+
+log = logging.getLogger(__name__)
+
+
+def cluster_options(settings: BrokerSettings) -> ClusterOptions | None:
+    """The NATS connection this node uses; None when it runs alone."""
+    if not settings.broker_cluster_url:
+        return None
+    password = settings.broker_cluster_password
+    return ClusterOptions(
+        url=settings.broker_cluster_url,
+        node=settings.broker_node,
+        user=settings.broker_cluster_user,
+        password=password.get_secret_value() if password is not None else None,
+        nkey_seed_file=settings.broker_cluster_nkey_seed_file,
+        ca_file=settings.broker_cluster_ca_file,
+        max_backoff_s=settings.broker_cluster_max_backoff_s,
+    )
+
+
+class ClusterNode:
+    """The link to NATS and the router of one node."""
+
+    def __init__(self, options: ClusterOptions, metrics: BrokerMetrics) -> None:
+        self.metrics = metrics
+        self.link = ClusterLink(options, on_state=self._link_state)
+        self.router: ClusterRouter | None = None
+        self.durable: DurableSessions | None = None
+
+    def _link_state(self, connected: bool) -> None:
+        self.metrics.cluster_connected.set(1 if connected else 0)
+        if connected:
+            self.metrics.cluster_connects.inc()
+
+    def attach(self, broker: CertfleetBroker, close_session: Callable[[str], bool]) -> None:
+        """Run ``broker`` as a node of the cluster (before its listener takes clients)."""
+        metrics = self.metrics
+        self.router = ClusterRouter(
+            self.link,
+            broker.deliver_remote,
+            on_forwarded=metrics.cluster_forwarded.inc,
+            on_not_forwarded=metrics.cluster_not_forwarded.inc,
+        )
+
+        def may_receive(session: Session, topic: str) -> bool:
+            return broker.acl.check(session.client_id, topic, Action.RECEIVE)
+
+        self.durable = DurableSessions(
+            self.link,
+            self.router,
+            broker,
+            may_receive=may_receive,
+            close_connection=close_session,
+            on_stored=metrics.cluster_stored.inc,
+            on_store_retry=metrics.cluster_store_retries.inc,
+        )
+        broker.use_cluster(self.durable)
+        broker.share_retained_with(RetainedSync(self.link, broker).publish)
+
+    def start(self) -> None:
+        self.link.start()
+
+    async def stop(self) -> None:
+        if self.durable is not None:
+            await self.durable.close()
+        await self.link.close()
+
+    def problems(self) -> list[str]:
+        return self.link.problems()

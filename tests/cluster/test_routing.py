@@ -1,0 +1,89 @@
+"""Routing between nodes: a message admitted on one node reaches every matching subscriber
+on every node, exactly once; the ACL still applies at both ends."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fleetcore.profile import IdentityKind
+from fleetcore.topics import TELEMETRY_FILTER, issued_topic, telemetry_topic
+from tests.broker.conftest import connect, issue_device, wait_for
+from tests.cluster.conftest import StartNode
+from tests.conftest import TestPKI
+
+
+def test_telemetry_published_on_one_node_reaches_subscribers_on_both_once(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    node_a, node_b = start_node("a"), start_node("b")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    remote = connect(node_b.port, monitor, "monitor/b")
+    local = connect(node_a.port, monitor, "monitor/a")
+    for probe in (remote, local):
+        assert probe.connected.is_set(), probe.reason
+        probe.client.subscribe(TELEMETRY_FILTER, qos=1)
+        assert probe.subscribed.wait(5)
+    device = connect(node_a.port, issue_device(pki, tmp_path, "dev-r1"), "dev-r1")
+    assert device.connected.is_set(), device.reason
+    try:
+        for index in range(20):
+            device.client.publish(telemetry_topic("dev-r1"), f"m{index}".encode(), qos=1)
+        assert wait_for(lambda: len(remote.messages) >= 20 and len(local.messages) >= 20)
+        time.sleep(0.3)  # a duplicate would arrive within this
+        expected = [(telemetry_topic("dev-r1"), f"m{i}".encode()) for i in range(20)]
+        assert remote.messages == expected
+        assert local.messages == expected
+        assert (
+            node_a.metrics.registry.get_sample_value("certfleet_broker_cluster_stored_total")
+            == 20  # QoS 1: stored in JetStream, which also carries it to node b
+        )
+    finally:
+        for probe in (device, remote, local):
+            probe.close()
+
+
+def test_receive_acl_applies_at_the_subscribers_node(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """The registry answers a renewal on node A; only the device it is for, on node B,
+    receives it, and a device subscribed on B to its own topics does not get another's."""
+    node_a, node_b = start_node("a"), start_node("b")
+    registry = connect(node_a.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    target = connect(node_b.port, issue_device(pki, tmp_path, "dev-t"), "dev-t")
+    other = connect(node_b.port, issue_device(pki, tmp_path, "dev-o"), "dev-o")
+    try:
+        for probe in (target, other):
+            assert probe.connected.is_set(), probe.reason
+            probe.client.subscribe(f"devices/{probe.client._client_id.decode()}/#", qos=1)
+            assert probe.subscribed.wait(5)
+        assert registry.connected.is_set(), registry.reason
+        registry.client.publish(issued_topic("dev-t"), b"certificate", qos=1)
+        assert wait_for(lambda: target.messages == [(issued_topic("dev-t"), b"certificate")])
+        time.sleep(0.3)
+        assert other.messages == []
+    finally:
+        for probe in (registry, target, other):
+            probe.close()
+
+
+def test_a_publish_refused_at_the_publishers_node_reaches_no_node(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    node_a, node_b = start_node("a"), start_node("b")
+    victim = connect(node_b.port, issue_device(pki, tmp_path, "dev-v"), "dev-v")
+    attacker = connect(node_a.port, issue_device(pki, tmp_path, "dev-x"), "dev-x")
+    try:
+        assert victim.connected.is_set() and attacker.connected.is_set()
+        victim.client.subscribe("devices/dev-v/#", qos=1)
+        assert victim.subscribed.wait(5)
+        attacker.client.publish(issued_topic("dev-v"), b"forged", qos=1).wait_for_publish(5)
+        assert wait_for(lambda: node_a.metrics.acl_refusal_count("publish") >= 1)
+        time.sleep(0.3)
+        assert victim.messages == []
+        assert (
+            node_a.metrics.registry.get_sample_value("certfleet_broker_cluster_stored_total") == 0
+        )
+    finally:
+        victim.close()
+        attacker.close()
