@@ -28,6 +28,7 @@ class Publisher:
         self.files, self.device_id = files, device_id
         self.acked: set[bytes] = set()
         self._in_flight: dict[int, bytes] = {}
+        self._acked_early: set[int] = set()  # PUBACKs that came before publish() returned
         self._lock = threading.Lock()
         self.probe: MqttProbe | None = None
 
@@ -38,7 +39,9 @@ class Publisher:
         def on_publish(_c: object, _u: object, mid: int, _rc: object, _p: object) -> None:
             with self._lock:
                 payload = self._in_flight.pop(mid, None)
-                if payload is not None:
+                if payload is None:
+                    self._acked_early.add(mid)
+                else:
                     self.acked.add(payload)
 
         probe.client.on_publish = on_publish
@@ -46,9 +49,15 @@ class Publisher:
 
     def publish(self, payload: bytes) -> None:
         assert self.probe is not None
+        # Not under our lock: paho's network thread holds its own lock while it calls
+        # on_publish, and publish() takes that one (the two orders would deadlock).
+        info = self.probe.client.publish(telemetry_topic(self.device_id), payload, qos=1)
         with self._lock:
-            info = self.probe.client.publish(telemetry_topic(self.device_id), payload, qos=1)
-            self._in_flight[info.mid] = payload
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+                self.acked.add(payload)
+            else:
+                self._in_flight[info.mid] = payload
 
     def close(self) -> None:
         if self.probe is not None:
