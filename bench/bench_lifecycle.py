@@ -7,7 +7,7 @@ The recorded configuration (the defaults): 2,000 devices, certificate lifetime 4
 staggers 0 and 2 minutes, 10 minutes each: about 21 minutes in all. Each run is
 `certfleet sim lifecycle` (certfleet/lifecycle_run.py): its own CA, registry, broker and
 simulated fleet as real processes on loopback. Then the registry's renewal capacity is
-measured by bench/bench_renewal.py's burst (1,000 CSRs published at once, certificates back
+measured by bench/bench_renewal.py's burst (200 CSRs from 100 devices at once, certificates back
 per second), so that the peak can be read against what the registry can sign.
 
 Prints one JSON object: the lifecycle runs (the `--json` schema of `certfleet sim lifecycle`),
