@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,21 @@ class TestPKI:
             intermediate=self.ca.issuing_cert,
         )
         return self.layout.server_cert(name), self.layout.server_key(name)
+
+    def registry_data_dir(self, root: Path, *, signing: bool = True) -> DataLayout:
+        """A registry's data folder: the CA (with its issuing key when the registry signs
+        renewals, else the root certificate only) and the registry's service certificate."""
+        layout = DataLayout(root)
+        if signing:
+            shutil.copytree(self.layout.ca_dir, layout.ca_dir)
+        else:
+            layout.ca_dir.mkdir(parents=True)
+            shutil.copy(self.layout.root_cert, layout.root_cert)
+        service = self.client(IdentityKind.SERVICE, "registry")
+        layout.clients_dir.mkdir(parents=True)
+        shutil.copy(service.cert, layout.client_cert("registry"))
+        shutil.copy(service.key, layout.client_key("registry"))
+        return layout
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.metrics import BrokerMetrics
 from fleetcore.clock import utcnow
-from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind
 from registry.db import make_engine, migrate
 from registry.metrics import ExpiryCollector, RegistryMetrics
 from registry.settings import RegistrySettings
@@ -64,13 +62,7 @@ def _sample_names(registry: CollectorRegistry) -> set[str]:
 
 
 def _exported_names(pki: TestPKI, tmp_path: Path) -> set[str]:
-    layout = DataLayout(tmp_path / "data")
-    layout.ca_dir.mkdir(parents=True)
-    shutil.copy(pki.layout.root_cert, layout.root_cert)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
+    layout = pki.registry_data_dir(tmp_path / "data", signing=False)
     settings = RegistrySettings(
         data_dir=layout.root,
         registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",

@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import json
 import random
-import shutil
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,12 +73,7 @@ class Stack:
 def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("autorenew")
     with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
-        layout = DataLayout(root / "registry-data")
-        shutil.copytree(pki.layout.ca_dir, layout.ca_dir)
-        service = pki.client(IdentityKind.SERVICE, "registry")
-        layout.clients_dir.mkdir(parents=True)
-        shutil.copy(service.cert, layout.client_cert("registry"))
-        shutil.copy(service.key, layout.client_key("registry"))
+        layout = pki.registry_data_dir(root / "registry-data")
         settings = RegistrySettings(
             data_dir=layout.root,
             registry_addr="127.0.0.1:0",

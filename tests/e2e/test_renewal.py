@@ -5,7 +5,6 @@ its MQTT service client) and real paho devices. Every refusal is answered on
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from device_sim.renew import (
     request_certificate,
 )
 from fleetcore.keys import build_csr, generate_key
-from fleetcore.layout import DataLayout
 from fleetcore.profile import Identity, IdentityKind, serial_hex
 from registry.models import AuditLog
 from registry.renewal import RenewalRefused, RenewalService, device_of_renew_topic
@@ -88,13 +86,7 @@ class Stack:
 
 def _registry_data_dir(pki: TestPKI, root: Path) -> Path:
     """The CA (with its issuing key: the registry signs) and the registry's service cert."""
-    layout = DataLayout(root)
-    shutil.copytree(pki.layout.ca_dir, layout.ca_dir)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
-    return root
+    return pki.registry_data_dir(root).root
 
 
 @pytest.fixture(scope="module")

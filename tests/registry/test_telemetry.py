@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import json
 import random
-import shutil
 import ssl
 import threading
 import time
@@ -25,8 +24,6 @@ from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, SimDevice
 from device_sim.stats import WorkerStats
 from fleetcore.errors import ConfigError
-from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
@@ -51,13 +48,7 @@ def broker(pki: TestPKI, tmp_path: Path) -> Iterator[BrokerServer]:
 
 
 def _registry_settings(pki: TestPKI, root: Path, broker_port: int) -> RegistrySettings:
-    layout = DataLayout(root)
-    layout.ca_dir.mkdir(parents=True)
-    shutil.copy(pki.layout.root_cert, layout.root_cert)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
+    pki.registry_data_dir(root, signing=False)
     return RegistrySettings(
         data_dir=root,
         registry_database_url=f"sqlite:///{root / 'registry.db'}",

@@ -5,7 +5,6 @@ operator reading the Prometheus text over HTTPS."""
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
 import time
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.server import BrokerServer
-from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from registry.metrics import TELEMETRY_DROP_REASONS
 from registry.server import RegistryServer
@@ -48,12 +46,7 @@ def ingesting_registry(
     pki: TestPKI, broker: BrokerServer, database_url: str, tmp_path: Path
 ) -> Iterator[RegistryServer]:
     """A registry whose lifespan runs the telemetry ingest against ``broker``."""
-    layout = DataLayout(tmp_path / "registry-data")
-    shutil.copytree(pki.layout.ca_dir, layout.ca_dir)
-    service = pki.client(IdentityKind.SERVICE, "registry")
-    layout.clients_dir.mkdir(parents=True)
-    shutil.copy(service.cert, layout.client_cert("registry"))
-    shutil.copy(service.key, layout.client_key("registry"))
+    layout = pki.registry_data_dir(tmp_path / "registry-data")
     settings = RegistrySettings(
         data_dir=layout.root,
         registry_addr="127.0.0.1:0",
