@@ -9,7 +9,8 @@ Modes (``--mode fanin|durable|kill|memory|all``):
   msg/s at the subscriber, messages lost, broker CPU per delivered message (utime + stime
   of every broker process from /proc/<pid>/stat; NATS's too, reported apart).
 - ``durable``: the same fan-in with a persistent (clean session off) subscriber: ours in
-  cluster mode (every PUBACK after the JetStream store) vs stock amqtt (non-durable) vs
+  cluster mode on one and on two nodes (every PUBACK after the JetStream store), ours as
+  a single node saving its persistent sessions to disk, vs stock amqtt (non-durable) vs
   Mosquitto with ``persistence true`` (its own config on an ephemeral port, mTLS).
 - ``kill``: ``--devices`` devices connected over two nodes sharing one port
   (SO_REUSEPORT); node 1 is SIGKILLed; the seconds until every device it held is connected
@@ -139,7 +140,16 @@ def fan_in(
     return {**result, "acked": acked, "lost": acked - int(result["received_unique"])}
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) core-seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    return (total - idle) / TICKS, total / TICKS
+
+
 def measured(brokers: list[lib.BrokerProcess], extra_pids: list[int], run: Any) -> dict[str, Any]:
+    machine_before = machine_cpu()
     before = [cpu_seconds(b.pid) for b in brokers]
     extra_before = [cpu_seconds(pid) for pid in extra_pids]
     result = dict(run())
@@ -148,6 +158,11 @@ def measured(brokers: list[lib.BrokerProcess], extra_pids: list[int], run: Any) 
     deliveries = max(int(result.get("deliveries", 0)), 1)
     result["broker_cpu_us_per_msg"] = round(broker_cpu / deliveries * 1e6, 1)
     result["nats_cpu_us_per_msg"] = round(extra_cpu / deliveries * 1e6, 1) if extra_pids else None
+    busy, total = (a - b for a, b in zip(machine_cpu(), machine_before, strict=True))
+    # Clients, brokers and NATS share the machine's cores: how full it was, and what one
+    # delivered message cost all of them together.
+    result["machine_busy_fraction"] = round(busy / total, 3) if total else None
+    result["machine_cpu_us_per_msg"] = round(busy / deliveries * 1e6, 1)
     return result
 
 
@@ -180,19 +195,25 @@ def mode_fanin(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> 
 
 def mode_durable(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with LocalNats(root / "nats-durable") as nats:
-        assert nats.process is not None
-        nodes = start_nodes(layout, nats, 1)
-        try:
-            port = nodes[0].port
-            out["ours_cluster_durable"] = measured(
-                nodes,
-                [nats.process.pid],
-                lambda: fan_in(layout, port, [port], args, persistent=True),
-            )
-        finally:
-            nodes[0].stop()
+    for name, count in (("ours_cluster_durable", 1), ("ours_cluster_durable_two_nodes", 2)):
+        with LocalNats(root / f"nats-durable-{count}") as nats:
+            assert nats.process is not None
+            nodes = start_nodes(layout, nats, count)
+            try:
+                ports = [node.port for node in nodes]
+                # The persistent subscriber on the first node; publishers spread over all.
+                out[name] = measured(
+                    nodes,
+                    [nats.process.pid],
+                    lambda p=ports: fan_in(layout, p[0], p, args, persistent=True),
+                )
+            finally:
+                for node in nodes:
+                    node.stop()
     for name, start in (
+        # One node, no cluster: persistent sessions and their queue saved to the data
+        # folder every second (SIGKILL bound 1 s; Mosquitto's autosave is the same kind).
+        ("ours_single_node_persistent", lambda: lib.start_ours(layout)),
         ("stock_amqtt_non_durable", lambda: lib.start_stock(layout)),
         ("mosquitto_persistence", lambda: lib.start_mosquitto(layout, persistence=True)),
     ):
@@ -207,7 +228,11 @@ def mode_durable(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -
             broker.stop()
     stock = out["stock_amqtt_non_durable"]["msgs_per_s"] or 0
     ours = out["ours_cluster_durable"]["msgs_per_s"] or 0
+    two = out["ours_cluster_durable_two_nodes"]["msgs_per_s"] or 0
     out["ratio_ours_over_stock"] = round(ours / stock, 2) if stock else None
+    out["ratio_two_nodes_over_stock"] = round(two / stock, 2) if stock else None
+    single = out["ours_single_node_persistent"]["msgs_per_s"] or 0
+    out["ratio_single_node_persistent_over_stock"] = round(single / stock, 2) if stock else None
     return out
 
 

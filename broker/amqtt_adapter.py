@@ -67,11 +67,17 @@ In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six
    client sent (``waiter.result()`` is the ``IncomingApplicationMessage``); wrapped to hand
    the message's store future to the cluster, resolved at once if the ACL refused it.
 12. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
-   routing (a client's publish or a will); wrapped to forward it to the other nodes.
+   routing (a client's publish or a will) as a ``{"session", "topic", "data"[, "qos"]}``
+   dict on ``_broadcast_queue``; in cluster mode its four lines are ours, adding
+   ``"stored"`` (the message goes to JetStream), then the message is forwarded to the
+   other nodes.
 13. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
-     session)`` — wrapped to keep a persistent session's subscriptions in the cluster.
+     session)`` — wrapped to tell the cluster which filters this node's clients hold
+     (the NATS interest) and to keep a persistent session's subscriptions in the cluster.
 14. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
-    one more rule: a persistent session's QoS 1 subscription is served from JetStream only.
+    two more rules: a persistent session's QoS 1 subscription gets a stored message from
+    JetStream only (any other live), and another node's message, which arrives for one
+    local filter (``"filter"``), goes only to that filter's subscribers.
 15. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
     filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
 
@@ -217,11 +223,19 @@ _STORED: ContextVar[asyncio.Future[bool] | None] = ContextVar("certfleet_stored"
 class ClusterHooks(Protocol):
     """What a cluster node (:mod:`broker.cluster`) adds to the broker's message paths."""
 
+    def needs_store(self, topic: str) -> bool:
+        """Whether a QoS 1 message on ``topic`` must be stored before its PUBACK."""
+
     async def forward(
-        self, topic: str, data: bytes, force_qos: int | None, stored: asyncio.Future[bool] | None
+        self,
+        topic: str,
+        data: bytes,
+        force_qos: int | None,
+        stored: asyncio.Future[bool] | None,
+        durable: bool,
     ) -> None:
-        """A local client's admitted message; a QoS 1 one resolves ``stored`` once it is
-        stored durably (its PUBACK waits for that)."""
+        """A local client's admitted message, stored first when ``durable``; a QoS 1 one
+        resolves ``stored`` once its PUBACK may go."""
 
     def served_from_store(self, session: Session, sub_qos: int) -> bool:
         """Whether this subscription gets its messages from the cluster's store only."""
@@ -373,11 +387,22 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        await super()._broadcast_message(session, topic, data, force_qos)
-        if self._cluster is not None and session is not None and topic and data is not None:
-            stored = _STORED.get()
-            _STORED.set(None)  # taken: the cluster resolves it once the message is stored
-            await self._cluster.forward(topic, bytes(data), force_qos, stored)
+        cluster = self._cluster
+        if cluster is None or session is None or not topic or data is None:
+            await super()._broadcast_message(session, topic, data, force_qos)
+            return
+        stored = _STORED.get()
+        _STORED.set(None)  # taken: the cluster resolves it once the PUBACK may go
+        qos1 = stored is not None or (force_qos or 0) >= 1
+        durable = qos1 and cluster.needs_store(topic)
+        # amqtt's own _broadcast_message, plus whether the message goes to the store: a
+        # persistent QoS 1 subscription then gets it from there, and live otherwise.
+        broadcast: dict[str, object] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        broadcast["stored"] = durable
+        await self._broadcast_queue.put(broadcast)
+        await cluster.forward(topic, bytes(data), force_qos, stored, durable)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         granted = int(await super().add_subscription(subscription, session))
@@ -406,11 +431,17 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         # gets a message twice and nothing waits in this process's memory for it.
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        for topic_filter, subscriptions in list(self.subscriptions.items()):
+        from_store = broadcast.get("stored", True)
+        only = broadcast.get("filter")  # another node's message, for one local filter
+        if only is not None:
+            candidates = [(only, self.subscriptions.get(only, []))]
+        else:
+            candidates = list(self.subscriptions.items())
+        for topic_filter, subscriptions in candidates:
             if not topic_matches(topic, topic_filter):
                 continue
             for target, sub_qos in list(subscriptions):
-                if cluster.served_from_store(target, sub_qos):
+                if from_store and cluster.served_from_store(target, sub_qos):
                     continue
                 if not self.acl.check(target.client_id, topic, Action.RECEIVE):
                     continue
@@ -425,10 +456,19 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                         )
                     )
 
-    def deliver_remote(self, topic: str, data: bytes, force_qos: int | None) -> None:
-        """Route a message another node admitted to this node's subscribers (each one's
-        RECEIVE check applies); it is not forwarded again."""
-        broadcast: dict[str, object] = {"session": None, "topic": topic, "data": data}
+    def deliver_remote(
+        self, topic: str, data: bytes, force_qos: int | None, topic_filter: str, stored: bool
+    ) -> None:
+        """Route a message another node admitted to this node's subscribers of
+        ``topic_filter`` (each one's RECEIVE check applies); it is not forwarded again.
+        ``stored``: it is in JetStream too, so persistent QoS 1 subscriptions get it there."""
+        broadcast: dict[str, object] = {
+            "session": None,
+            "topic": topic,
+            "data": data,
+            "filter": topic_filter,
+            "stored": stored,
+        }
         if force_qos is not None:
             broadcast["qos"] = force_qos
         self._broadcast_queue.put_nowait(broadcast)

@@ -136,6 +136,11 @@ class BrokerMetrics:
             "Messages published to NATS for the other nodes",
             registry=r,
         )
+        self.cluster_received = Counter(
+            "certfleet_broker_cluster_received",
+            "Messages received from the other nodes, one per local filter that wanted them",
+            registry=r,
+        )
         self.cluster_not_forwarded = Counter(
             "certfleet_broker_cluster_not_forwarded",
             "Messages delivered on this node only, because NATS was unreachable",

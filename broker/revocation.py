@@ -124,9 +124,7 @@ class RevokedSet:
             del self.not_after[serial]
             self.serials.discard(serial)
         if expired:
-            log.info(
-                "revoked set pruned expired=%d serials=%d", len(expired), len(self.serials)
-            )
+            log.info("revoked set pruned expired=%d serials=%d", len(expired), len(self.serials))
         return expired
 
     async def keep_pruned(self, prune_s: float, on_pruned: Callable[[int], None]) -> None:

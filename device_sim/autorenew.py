@@ -102,6 +102,11 @@ def renewal_due(certificate: x509.Certificate, policy: RenewalPolicy, rng: rando
 class RenewalLink(Protocol):
     """What the renewer needs of its device's connection (SimDevice provides it)."""
 
+    @property
+    def running(self) -> bool:
+        """False once the device's run has ended."""
+        ...
+
     async def wait_connected(self, within: float) -> bool: ...
 
     async def exchange(self, payload: bytes, within: float) -> bytes | None:
@@ -194,6 +199,8 @@ class Renewer:
         while True:
             left = not_after - time.time()
             if left <= 0 or not await self.link.wait_connected(left):
+                if not self.link.running:
+                    return False  # the run ended while waiting: not an expiry
                 if time.time() < not_after:
                     continue
                 return self._expired(

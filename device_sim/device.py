@@ -42,6 +42,7 @@ from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
+from device_sim.waits import completes_within, set_within
 from fleetcore.address import Address
 from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 
@@ -164,6 +165,7 @@ class SimDevice:
         self._next_due = 0.0
         # Renewal over the live connection (device_sim.autorenew.RenewalLink).
         self._up = asyncio.Event()
+        self._finished = False
         self._answer: asyncio.Future[bytes] | None = None
         self._suback: dict[int, asyncio.Future[bool]] = {}
         self._issued_subscribed: PreparedSocketClient | None = None
@@ -201,6 +203,7 @@ class SimDevice:
         try:
             await self._lifecycle(stopper)
         finally:
+            self._finished = True
             stopper.cancel()
             if renewing is not None:
                 renewing.cancel()
@@ -231,11 +234,17 @@ class SimDevice:
         )
         return asyncio.ensure_future(renewer.run())
 
+    @property
+    def running(self) -> bool:
+        """False once the device's run has ended (its renewer stops)."""
+        return not self._finished
+
     async def wait_connected(self, within: float) -> bool:
-        """True once connected (at once when connected), False after ``within`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), within)
-        return self._up.is_set()
+        """True once connected (at once when connected), False after ``within`` seconds
+        or at once when the run has ended."""
+        if self._finished:
+            return False
+        return await set_within(self._up, within)
 
     async def exchange(self, payload: bytes, within: float) -> bytes | None:
         """Publish on our renew topic; the next message on our issued topic, or None."""
@@ -341,8 +350,7 @@ class SimDevice:
             self.state = DeviceState.BACKOFF
             self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = min(self._backoff.next_delay(), max(self._time_left(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stopper), timeout=delay)
+            await completes_within(asyncio.shield(stopper), delay)
 
     def _give_up(self, failure: Failure) -> None:
         self.state = DeviceState.STOPPED
@@ -496,8 +504,7 @@ class SimDevice:
         if client is not None and not session_end.done():
             self._closing = True
             client.disconnect()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(session_end), timeout=1.0)
+            await completes_within(asyncio.shield(session_end), 1.0)
 
     # -- publishing -----------------------------------------------------------------------
 

@@ -47,7 +47,9 @@ from nats.js.kv import KeyValue
 
 from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
-from broker.cluster.router import NODE_HEADER, ClusterRouter
+from broker.cluster.router import NODE_HEADER, QOS_HEADER, STORED_HEADER, ClusterRouter
+from broker.cluster.store_interest import StoreInterest
+from broker.cluster.store_pipeline import StorePipeline
 from broker.cluster.subjects import (
     SUBJECT_PREFIX,
     filter_subjects,
@@ -64,11 +66,12 @@ SESSIONS_BUCKET = "certfleet_sessions"
 OWNERS_BUCKET = "certfleet_owners"
 #: Offline persistent sessions are kept this long (amqtt's session expiry, the same hour).
 SESSION_EXPIRY_S = 3600.0
-_FETCH_BATCH = 64
+_FETCH_BATCH = 128
 _FETCH_WAIT_S = 1.0
+#: Stored messages sent to one client and not yet acknowledged by it (MQTT's in-flight
+#: window): the next fetch does not wait for the previous batch's PUBACKs.
+_DELIVERY_WINDOW = 512
 _ACK_WAIT_S = 10.0
-_STORE_FIRST_BACKOFF_S = 0.1
-_STORE_MAX_BACKOFF_S = 2.0
 _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 
 ReceiveCheck = Callable[[Session, str], bool]
@@ -113,8 +116,13 @@ class DurableSessions:
         self._sessions_kv: KeyValue | None = None
         self._owners_kv: KeyValue | None = None
         self._kv_watcher: Any = None
-        self.unacked_stores = 0
+        self.interest = StoreInterest()
+        self.store = StorePipeline(link, STREAM, on_stored=on_stored, on_retry=on_store_retry)
         link.add_setup(self._setup)
+
+    def start(self) -> None:
+        """Run the store's retry sweep (on the broker's loop)."""
+        self.store.start()
 
     # -- setup on every NATS connection ---------------------------------------------------
 
@@ -135,6 +143,7 @@ class DurableSessions:
             except js_errors.BucketNotFoundError:
                 buckets.append(await js.create_key_value(bucket=bucket, history=1))
         self._sessions_kv, self._owners_kv = buckets
+        await self.interest.watch(self._sessions_kv)
         await self._stop_watching()
         watcher = await self._owners_kv.watchall()
         self._kv_watcher = watcher
@@ -162,6 +171,8 @@ class DurableSessions:
 
     async def close(self) -> None:
         await self._stop_watching()
+        await self.interest.stop()
+        await self.store.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -173,36 +184,33 @@ class DurableSessions:
 
     # -- publishing -----------------------------------------------------------------------
 
+    def needs_store(self, topic: str) -> bool:
+        """Whether a QoS 1 message on ``topic`` is stored before its PUBACK: a persistent
+        subscription somewhere wants it, or NATS is away and we cannot know."""
+        return not self.link.connected or self.interest.needs_store(topic)
+
     async def forward(
-        self, topic: str, data: bytes, force_qos: int | None, stored: asyncio.Future[bool] | None
+        self,
+        topic: str,
+        data: bytes,
+        force_qos: int | None,
+        stored: asyncio.Future[bool] | None,
+        durable: bool,
     ) -> None:
-        if stored is None:
+        if not durable:
+            if stored is not None and not stored.done():
+                stored.set_result(True)  # nobody needs it kept: the PUBACK goes now
             await self.router.forward(topic, data, force_qos)
             return
-        self._spawn(self._store(topic, data, stored))
+        headers = {NODE_HEADER: self.node, STORED_HEADER: "1"}
+        if force_qos is not None:
+            headers[QOS_HEADER] = str(force_qos)
+        await self.store.store(subject_of_topic(topic), data, headers, stored)
 
-    async def _store(self, topic: str, data: bytes, stored: asyncio.Future[bool]) -> None:
-        """Store a QoS 1 message in JetStream, retrying while NATS is away, then let the
-        PUBACK go. Given up only when the client's connection is gone (it re-sends)."""
-        subject = subject_of_topic(topic)
-        headers = {NODE_HEADER: self.node, "Nats-Msg-Id": f"{self.node}-{secrets.token_hex(8)}"}
-        backoff = _STORE_FIRST_BACKOFF_S
-        self.unacked_stores += 1
-        try:
-            while not stored.done():
-                try:
-                    await self.link.js.publish(subject, data, stream=STREAM, headers=headers)
-                except _ERRORS:
-                    self._on_store_retry()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _STORE_MAX_BACKOFF_S)
-                    continue
-                if not stored.done():
-                    stored.set_result(True)
-                self._on_stored()
-                return
-        finally:
-            self.unacked_stores -= 1
+    @property
+    def unacked_stores(self) -> int:
+        """QoS 1 messages whose PUBACK waits for JetStream."""
+        return self.store.pending
 
     # -- the broadcast's view -------------------------------------------------------------
 
@@ -212,6 +220,10 @@ class DurableSessions:
     # -- subscriptions of persistent sessions ---------------------------------------------
 
     async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
+        try:
+            await self.router.want(topic_filter)
+        except _ERRORS as exc:  # wanted still: subscribed again on the next connection
+            log.warning("cluster interest not sent filter=%r error=%r", topic_filter[:200], exc)
         if session.clean_session or session.client_id is None:
             return True
         try:
@@ -235,11 +247,17 @@ class DurableSessions:
         return True
 
     def unsubscribed(self, session: Session, topic_filter: str) -> None:
+        if not self.broker.subscriptions.get(topic_filter):
+            self._spawn(self._release(topic_filter))
         if session.clean_session or session.client_id is None:
             return
         if session.transitions.state != "connected":
             return  # amqtt expiring its copy of a session that may live on another node
         self._spawn(self._forget_filter(session.client_id, topic_filter))
+
+    async def _release(self, topic_filter: str) -> None:
+        if not self.broker.subscriptions.get(topic_filter):  # still no local subscriber
+            await self.router.unwant(topic_filter)
 
     async def _forget_filter(self, session_key: str, topic_filter: str) -> None:
         js = self.link.js
@@ -281,7 +299,9 @@ class DurableSessions:
             filters[topic_filter] = qos
         bucket = self._bucket(self._sessions_kv)
         value = json.dumps({"key": session_key, "filters": filters}).encode()
-        await bucket.put(storage_key(session_key), value)
+        revision = await bucket.put(storage_key(session_key), value)
+        # Known here at once (the watch brings it to the other nodes within milliseconds).
+        self.interest.apply(storage_key(session_key), value, revision)
 
     async def _drop_record(self, js: JetStreamContext, session_key: str) -> None:
         for topic_filter in await self._record(js, session_key):
@@ -322,6 +342,7 @@ class DurableSessions:
             subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
             if all(s.client_id != key for s, _ in subscribers):
                 subscribers.append((session, qos))
+            await self.router.want(topic_filter)
             if qos >= 1:
                 for subject in filter_subjects(topic_filter):
                     await self._ensure_consumer(js, key, subject)
@@ -341,11 +362,22 @@ class DurableSessions:
         )
 
     async def _pull(self, session: Session, handler: BrokerProtocolHandler, consumer: str) -> None:
-        """Deliver a persistent session's stored messages while it is connected here."""
+        """Deliver a persistent session's stored messages while it is connected here.
+
+        Pipelined: fetching goes on while up to :data:`_DELIVERY_WINDOW` deliveries wait for
+        their PUBACK (a fetch, then waiting for a whole batch's PUBACKs, then the next
+        fetch held a busy node to a few thousand messages a second)."""
         subscription = None
         bound_to: NatsClient | None = None
+        window = asyncio.Semaphore(_DELIVERY_WINDOW)
+
+        def delivered(_task: asyncio.Task[None]) -> None:
+            window.release()
+
         try:
             while self._live(session, handler):
+                await window.acquire()  # room for at least one more
+                window.release()
                 try:
                     client = self.link.client
                     if subscription is None or bound_to is not client:
@@ -368,7 +400,13 @@ class DurableSessions:
                         with contextlib.suppress(*_ERRORS):
                             await message.nak()
                     return
-                await asyncio.gather(*(self._deliver(session, handler, m) for m in messages))
+                loop = asyncio.get_running_loop()
+                for message in messages:
+                    await window.acquire()
+                    task = loop.create_task(self._deliver(session, handler, message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+                    task.add_done_callback(delivered)
         finally:
             if subscription is not None:
                 with contextlib.suppress(*_ERRORS):

@@ -65,6 +65,7 @@ class ClusterNode:
             broker.deliver_remote,
             on_forwarded=metrics.cluster_forwarded.inc,
             on_not_forwarded=metrics.cluster_not_forwarded.inc,
+            on_received=metrics.cluster_received.inc,
         )
 
         def may_receive(session: Session, topic: str) -> bool:
@@ -84,6 +85,8 @@ class ClusterNode:
 
     def start(self) -> None:
         self.link.start()
+        if self.durable is not None:
+            self.durable.start()
 
     async def stop(self) -> None:
         if self.durable is not None:

@@ -19,6 +19,7 @@ translates spelling.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from fleetcore.topics import has_wildcard
@@ -47,15 +48,23 @@ def _escape_char(char: str) -> str:
     return char
 
 
+#: A character _escape_char would change (``\s`` is str.isspace's whitespace).
+_NEEDS_ESCAPE: Final = re.compile(r"[.*>~\s\x00-\x1f\x7f]")
+
+
 def _token_of_level(level: str) -> str:
     if not level:
         return _EMPTY_LEVEL
+    if _NEEDS_ESCAPE.search(level) is None:
+        return level  # the usual level (device ids, "telemetry"): nothing to escape
     return "".join(_escape_char(char) for char in level)
 
 
 def _level_of_token(token: str) -> str:
     if token == _EMPTY_LEVEL:
         return ""
+    if _ESCAPE not in token:
+        return token
     level: list[str] = []
     index = 0
     while index < len(token):

@@ -16,7 +16,10 @@ from tests.conftest import TestPKI
 def test_telemetry_published_on_one_node_reaches_subscribers_on_both_once(
     pki: TestPKI, start_node: StartNode, tmp_path: Path
 ) -> None:
-    node_a, node_b = start_node("a"), start_node("b")
+    """Live routing: no persistent subscription wants telemetry, so nothing is stored in
+    JetStream (each PUBACK goes at once), and a node none of whose clients holds a matching
+    filter is sent nothing by NATS."""
+    node_a, node_b, idle = start_node("a"), start_node("b"), start_node("idle")
     monitor = pki.client(IdentityKind.SERVICE, "monitor")
     remote = connect(node_b.port, monitor, "monitor/b")
     local = connect(node_a.port, monitor, "monitor/a")
@@ -34,9 +37,15 @@ def test_telemetry_published_on_one_node_reaches_subscribers_on_both_once(
         expected = [(telemetry_topic("dev-r1"), f"m{i}".encode()) for i in range(20)]
         assert remote.messages == expected
         assert local.messages == expected
+        sample = node_a.metrics.registry.get_sample_value
+        assert sample("certfleet_broker_cluster_stored_total") == 0
+        assert sample("certfleet_broker_cluster_forwarded_total") == 20
         assert (
-            node_a.metrics.registry.get_sample_value("certfleet_broker_cluster_stored_total")
-            == 20  # QoS 1: stored in JetStream, which also carries it to node b
+            node_b.metrics.registry.get_sample_value("certfleet_broker_cluster_received_total")
+            == 20
+        )
+        assert (
+            idle.metrics.registry.get_sample_value("certfleet_broker_cluster_received_total") == 0
         )
     finally:
         for probe in (device, remote, local):
@@ -87,3 +96,31 @@ def test_a_publish_refused_at_the_publishers_node_reaches_no_node(
     finally:
         victim.close()
         attacker.close()
+
+
+def test_overlapping_filters_on_the_remote_node_each_get_a_message_once(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """Node b holds two filters that both match; NATS sends b the message once per filter,
+    and each subscriber gets it once, as on a single node."""
+    node_a, node_b = start_node("a"), start_node("b")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    wide = connect(node_b.port, monitor, "monitor/wide")
+    narrow = connect(node_b.port, monitor, "monitor/narrow")
+    for probe, topic_filter in ((wide, TELEMETRY_FILTER), (narrow, telemetry_topic("dev-o1"))):
+        assert probe.connected.is_set(), probe.reason
+        probe.client.subscribe(topic_filter, qos=1)
+        assert probe.subscribed.wait(5)
+    device = connect(node_a.port, issue_device(pki, tmp_path, "dev-o1"), "dev-o1")
+    assert device.connected.is_set(), device.reason
+    try:
+        for index in range(10):
+            device.client.publish(telemetry_topic("dev-o1"), f"m{index}".encode(), qos=1)
+        assert wait_for(lambda: len(wide.messages) >= 10 and len(narrow.messages) >= 10)
+        time.sleep(0.3)  # a duplicate would arrive within this
+        expected = [(telemetry_topic("dev-o1"), f"m{i}".encode()) for i in range(10)]
+        assert wide.messages == expected
+        assert narrow.messages == expected
+    finally:
+        for probe in (device, wide, narrow):
+            probe.close()

@@ -72,3 +72,12 @@ def test_every_topic_round_trips_and_makes_valid_tokens(levels: list[str]) -> No
     assert all(tokens), subject
     assert not any(ch.isspace() or ch in "*>" for ch in subject), subject
     assert topic_of_subject(subject) == topic
+
+
+def test_the_fast_path_knows_every_character_that_is_escaped() -> None:
+    """A level with none of these characters is used as its token unchanged."""
+    from broker.cluster.subjects import _NEEDS_ESCAPE, _escape_char
+
+    changed = [chr(code) for code in range(0x110000) if _escape_char(chr(code)) != chr(code)]
+    flagged = [chr(code) for code in range(0x110000) if _NEEDS_ESCAPE.search(chr(code))]
+    assert changed == flagged
