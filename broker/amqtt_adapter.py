@@ -59,7 +59,9 @@ ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
 
 In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more:
 
-10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``; its
+10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``, and
+   the session whose ``parent`` is CONNACK's session-present flag (set to 1 when the
+   cluster holds the client's persistent session from another node); the handler's
    class is swapped to :class:`StoreAckHandler`, whose only change is
    ``_handle_qos1_message_flow`` for incoming messages: the PUBACK waits until the cluster
    stored the message (amqtt sends it when the message is queued).
@@ -249,6 +251,9 @@ class ClusterHooks(Protocol):
     def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
         """A client's session is connected on this node and its handler runs."""
 
+    async def stored_session(self, session_key: str) -> bool:
+        """Whether the cluster holds a persistent session for ``session_key``."""
+
 
 class StoreAckHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no hints
     """amqtt's handler, with the PUBACK of an incoming QoS 1 message sent only once the
@@ -357,6 +362,11 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         if self._cluster is not None:
             # amqtt builds its handler by class name; ours only changes when PUBACK is sent.
             handler.__class__ = StoreAckHandler
+            # A persistent session made on another node: CONNACK's session present
+            # (amqtt's ``parent``) says so; its filters are restored as it starts.
+            resumable = not session.clean_session and not session.parent and session.client_id
+            if resumable and await self._cluster.stored_session(session.client_id):
+                session.parent = 1
         return handler, session
 
     async def _handle_message_delivery(

@@ -4,7 +4,9 @@ A service is started as ``certfleet <part> serve ... --ready-file F`` in its own
 (so a Ctrl-C on the terminal reaches us, and we decide the order things stop), its output
 going to a log file. It is ready when F holds JSON; it is stopped by PID (SIGTERM, then
 SIGKILL after a grace period). :class:`ProcessGroup` stops everything it started, in
-reverse order, whatever happens.
+reverse order, whatever happens; and when this process itself is SIGKILLed, the kernel
+sends each child SIGTERM (:func:`fleetcore.children.exit_with_parent`), so none is left
+orphaned holding its port.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetcore.children import exit_with_parent
 from fleetcore.errors import CertfleetError
 
 __all__ = [
@@ -191,6 +194,7 @@ class ProcessGroup:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=exit_with_parent(),
                 env={**os.environ, **(env or {})},
             )
         process = ManagedProcess(name, popen, log_path)

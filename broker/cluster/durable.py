@@ -71,6 +71,8 @@ _FETCH_WAIT_S = 1.0
 #: Stored messages sent to one client and not yet acknowledged by it (MQTT's in-flight
 #: window): the next fetch does not wait for the previous batch's PUBACKs.
 _DELIVERY_WINDOW = 512
+#: How long a CONNECT waits to learn whether the cluster holds its session.
+_LOOKUP_S = 1.0
 _ACK_WAIT_S = 10.0
 _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 
@@ -311,6 +313,20 @@ class DurableSessions:
             await bucket.delete(storage_key(session_key))
 
     # -- a client's session starts on this node -------------------------------------------
+
+    async def stored_session(self, session_key: str) -> bool:
+        """Whether the cluster holds a persistent session for ``session_key`` (made on any
+        node): CONNACK's session-present flag. False when it cannot tell within
+        :data:`_LOOKUP_S` (NATS away): the session is still resumed once NATS answers."""
+        try:
+            bucket = self._bucket(self._sessions_kv)
+            async with asyncio.timeout(_LOOKUP_S):
+                entry = await bucket.get(storage_key(session_key))
+        except js_errors.KeyNotFoundError:
+            return False
+        except _ERRORS:
+            return False
+        return bool(entry.value)
 
     def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
         if session.client_id is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from broker.errors import BrokerError
+from fleetcore.children import exit_with_parent
 from fleetcore.layout import write_private
 
 __all__ = ["INSTALL_HINT", "LocalNats", "NatsCredentials", "find_nats_server"]
@@ -121,6 +122,7 @@ class LocalNats:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=exit_with_parent(),
             )
         ports_file = self.folder / f"{self.binary.name}_{self.process.pid}.ports"
         deadline = time.monotonic() + timeout

@@ -37,6 +37,7 @@ def test_persistent_session_resumes_on_the_other_node_with_every_acknowledged_me
     resumed = connect(node_a.port, monitor, "monitor", clean_session=False)
     try:
         assert resumed.connected.is_set(), resumed.reason
+        assert resumed.session_present  # made on node b, known on node a
         assert wait_for(lambda: len(resumed.messages) >= 30, 15), len(resumed.messages)
         time.sleep(0.5)  # a duplicate would arrive within this
         # Every acknowledged message, once (a message handed back by the node the client

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, issued_topic, telemetry_topic
 from tests.broker.conftest import connect, issue_device, wait_for
@@ -124,3 +125,44 @@ def test_overlapping_filters_on_the_remote_node_each_get_a_message_once(
     finally:
         for probe in (device, wide, narrow):
             probe.close()
+
+
+def test_a_node_whose_last_subscriber_left_is_sent_nothing_more(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """The NATS interest goes with the filter's last local subscriber (unsubscribe or
+    disconnect): afterwards NATS sends the node nothing for it."""
+    node_a, node_b = start_node("a"), start_node("b")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    leaving = connect(node_b.port, monitor, "monitor/leaving")
+    staying = connect(node_b.port, monitor, "monitor/staying")
+    for probe, topic_filter in ((leaving, TELEMETRY_FILTER), (staying, telemetry_topic("x"))):
+        assert probe.connected.is_set(), probe.reason
+        probe.client.subscribe(topic_filter, qos=1)
+        assert probe.subscribed.wait(5)
+    device = connect(node_a.port, issue_device(pki, tmp_path, "dev-l1"), "dev-l1")
+    assert device.connected.is_set(), device.reason
+    received = lambda: node_b.metrics.registry.get_sample_value(  # noqa: E731
+        "certfleet_broker_cluster_received_total"
+    )
+    try:
+        device.client.publish(telemetry_topic("dev-l1"), b"before", qos=1)
+        assert wait_for(lambda: len(leaving.messages) == 1)
+        assert received() == 1
+        leaving.close()  # node b's only client on the telemetry filter
+        assert wait_for(lambda: TELEMETRY_FILTER not in router_filters(node_b), 5)
+        for index in range(5):
+            device.client.publish(telemetry_topic("dev-l1"), f"after{index}".encode(), qos=1)
+        time.sleep(0.5)
+        assert received() == 1  # nothing more came to node b
+        assert staying.messages == []
+    finally:
+        for probe in (device, staying):
+            probe.close()
+
+
+def router_filters(node: BrokerServer) -> frozenset[str]:
+    """The filters a node receives from the others (its router's interest)."""
+    app = node.app
+    assert app is not None and app.cluster is not None and app.cluster.router is not None
+    return app.cluster.router.filters
