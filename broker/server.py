@@ -116,7 +116,11 @@ class BrokerApp:
             follower = self.follower
             self.metrics.feed_last_success.set_function(lambda: follower.last_success_at)
         options = cluster_options(settings)
-        self.cluster = ClusterNode(options, self.metrics) if options is not None else None
+        self.cluster = (
+            ClusterNode(options, self.metrics, session_expiry_s=settings.broker_session_expiry_s)
+            if options is not None
+            else None
+        )
         self.broker: CertfleetBroker | None = None
         self.listener: MqttTlsListener | None = None
         self.port = 0
@@ -126,6 +130,7 @@ class BrokerApp:
         self.broker = CertfleetBroker(
             gate=self.gate,
             acl=self.acl,
+            session_expiry_s=self.settings.broker_session_expiry_s,
             on_route_error=lambda _exc: self.metrics.route_errors.inc(),
             on_retain_refused=self.metrics.acl_refusals.labels("retain").inc,
         )

@@ -73,6 +73,10 @@ class BrokerSettings(BaseSettings):
     #: Longest pause between reconnect attempts while NATS is unreachable.
     broker_cluster_max_backoff_s: float = Field(default=5.0, gt=0)
 
+    #: How long a persistent session whose client is away is kept (its subscriptions and
+    #: queued messages; amqtt's session expiry, and in a cluster the JetStream consumers'
+    #: inactivity limit and the session records' TTL).
+    broker_session_expiry_s: int = Field(default=3600, ge=5, le=30 * 86400)
     #: Keep persistent sessions and retained messages across restarts in
     #: <data>/broker/state-<node>.json (single node; a cluster keeps them in its own store).
     broker_persist: bool = True

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 STREAM = "CERTFLEET_MQTT"
 SESSIONS_BUCKET = "certfleet_sessions"
 OWNERS_BUCKET = "certfleet_owners"
-#: Offline persistent sessions are kept this long (amqtt's session expiry, the same hour).
+#: Offline persistent sessions are kept this long by default (amqtt's session expiry, the
+#: same hour; CERTFLEET_BROKER_SESSION_EXPIRY_S).
 SESSION_EXPIRY_S = 3600.0
 _FETCH_BATCH = 128
 _FETCH_WAIT_S = 1.0
@@ -102,8 +103,10 @@ class DurableSessions:
         close_connection: CloseConnection,
         on_stored: Callable[[], None] = lambda: None,
         on_store_retry: Callable[[], None] = lambda: None,
+        session_expiry_s: float = SESSION_EXPIRY_S,
     ) -> None:
         self.link = link
+        self.session_expiry_s = session_expiry_s
         self.router = router
         self.broker = broker
         self.node = link.options.node
@@ -118,13 +121,15 @@ class DurableSessions:
         self._sessions_kv: KeyValue | None = None
         self._owners_kv: KeyValue | None = None
         self._kv_watcher: Any = None
-        self.interest = StoreInterest()
+        self.interest = StoreInterest(forget_after_s=session_expiry_s)
+        self._refresher: asyncio.Task[None] | None = None
         self.store = StorePipeline(link, STREAM, on_stored=on_stored, on_retry=on_store_retry)
         link.add_setup(self._setup)
 
     def start(self) -> None:
-        """Run the store's retry sweep (on the broker's loop)."""
+        """Run the store's retry sweep and the session records' refresh (broker's loop)."""
         self.store.start()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_records())
 
     # -- setup on every NATS connection ---------------------------------------------------
 
@@ -135,15 +140,18 @@ class DurableSessions:
             subjects=[SUBJECT_PREFIX + ".>"],
             retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
-            max_age=SESSION_EXPIRY_S,
-            duplicate_window=120.0,
+            max_age=self.session_expiry_s,
+            duplicate_window=min(120.0, self.session_expiry_s),
         )
         buckets = []
         for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET):
             try:
                 buckets.append(await js.key_value(bucket))
             except js_errors.BucketNotFoundError:
-                buckets.append(await js.create_key_value(bucket=bucket, history=1))
+                # Records age out with the sessions (a connected session's are refreshed).
+                buckets.append(
+                    await js.create_key_value(bucket=bucket, history=1, ttl=self.session_expiry_s)
+                )
         self._sessions_kv, self._owners_kv = buckets
         await self.interest.watch(self._sessions_kv)
         await self._stop_watching()
@@ -172,6 +180,9 @@ class DurableSessions:
             self._kv_watcher = None
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         await self._stop_watching()
         await self.interest.stop()
         await self.store.close()
@@ -277,7 +288,7 @@ class DurableSessions:
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=_ACK_WAIT_S,
             max_ack_pending=1000,
-            inactive_threshold=SESSION_EXPIRY_S,
+            inactive_threshold=self.session_expiry_s,
         )
 
     async def _record(self, js: JetStreamContext, session_key: str) -> dict[str, int]:
@@ -304,6 +315,28 @@ class DurableSessions:
         revision = await bucket.put(storage_key(session_key), value)
         # Known here at once (the watch brings it to the other nodes within milliseconds).
         self.interest.apply(storage_key(session_key), value, revision)
+
+    async def _refresh_records(self) -> None:
+        """Re-write the records of the persistent sessions connected here four times per
+        session expiry, so that only the records of sessions gone for longer age out (the
+        buckets' TTL) and every node's store interest forgets them."""
+        while True:
+            await asyncio.sleep(self.session_expiry_s / 4)
+            for session, _handler in list(self.broker.sessions.values()):
+                key = session.client_id
+                if session.clean_session or not key or session.transitions.state != "connected":
+                    continue
+                try:
+                    bucket = self._bucket(self._sessions_kv)
+                    entry = await bucket.get(storage_key(key))
+                    if entry.value:
+                        revision = await bucket.put(storage_key(key), entry.value)
+                        self.interest.apply(storage_key(key), entry.value, revision)
+                except js_errors.KeyNotFoundError:
+                    continue
+                except _ERRORS as exc:
+                    log.warning("session record refresh failed client_id=%s error=%r", key, exc)
+                    break
 
     async def _drop_record(self, js: JetStreamContext, session_key: str) -> None:
         for topic_filter in await self._record(js, session_key):

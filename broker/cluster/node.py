@@ -46,8 +46,11 @@ def cluster_options(settings: BrokerSettings) -> ClusterOptions | None:
 class ClusterNode:
     """The link to NATS and the router of one node."""
 
-    def __init__(self, options: ClusterOptions, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self, options: ClusterOptions, metrics: BrokerMetrics, *, session_expiry_s: float
+    ) -> None:
         self.metrics = metrics
+        self.session_expiry_s = session_expiry_s
         self.link = ClusterLink(options, on_state=self._link_state)
         self.router: ClusterRouter | None = None
         self.durable: DurableSessions | None = None
@@ -77,6 +80,7 @@ class ClusterNode:
             broker,
             may_receive=may_receive,
             close_connection=close_session,
+            session_expiry_s=self.session_expiry_s,
             on_stored=metrics.cluster_stored.inc,
             on_store_retry=metrics.cluster_store_retries.inc,
         )

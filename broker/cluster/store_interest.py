@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
+import time
 from typing import Any
 
 import nats
@@ -51,10 +53,14 @@ def stored_filters(record: bytes | None) -> frozenset[str]:
 class StoreInterest:
     """The cluster's persistent QoS >= 1 filters, kept current from the sessions bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, forget_after_s: float | None = None) -> None:
+        #: A record not written again for this long is forgotten (the bucket's TTL removes
+        #: it without telling watchers; a connected session's record is rewritten sooner).
+        self.forget_after_s = forget_after_s
         self._index = FilterIndex()
         self._records: dict[str, frozenset[str]] = {}
         self._revisions: dict[str, int] = {}
+        self._written: dict[str, float] = {}
         self._ready = False
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
@@ -68,13 +74,34 @@ class StoreInterest:
         """True when a QoS 1 message on ``topic`` must be stored before its PUBACK."""
         return not self._ready or self._index.matches(topic)
 
-    def apply(self, key: str, record: bytes | None, revision: int | None = None) -> None:
+    def forget_stale(self, now: float | None = None) -> int:
+        """Drop the records not written for ``forget_after_s`` (``now``: Unix time); how
+        many were dropped."""
+        if self.forget_after_s is None:
+            return 0
+        limit = (time.time() if now is None else now) - self.forget_after_s
+        stale = [key for key, written in self._written.items() if written < limit]
+        for key in stale:
+            del self._written[key]
+            self.apply(key, None)
+            self._written.pop(key, None)
+        return len(stale)
+
+    def apply(
+        self,
+        key: str,
+        record: bytes | None,
+        revision: int | None = None,
+        written_at: float | None = None,
+    ) -> None:
         """Take in the record stored under ``key`` (None or empty: deleted) at ``revision``
-        (an older revision than one already taken in is ignored)."""
+        (an older revision than one already taken in is ignored), written at the Unix time
+        ``written_at`` (now when not given)."""
         if revision is not None:
             if revision <= self._revisions.get(key, 0):
                 return
             self._revisions[key] = revision
+        self._written[key] = time.time() if written_at is None else written_at
         new = stored_filters(record)
         old = self._records.pop(key, frozenset())
         for topic_filter in old - new:
@@ -90,11 +117,15 @@ class StoreInterest:
         self._index = FilterIndex()
         self._records = {}
         self._revisions = {}
+        self._written = {}
         watcher = await bucket.watchall()
         self._watcher = watcher
         self._task = asyncio.get_running_loop().create_task(self._follow(watcher))
 
     async def _follow(self, watcher: Any) -> None:
+        forgetting = None
+        if self.forget_after_s is not None:
+            forgetting = asyncio.get_running_loop().create_task(self._forget_loop())
         try:
             async for entry in watcher:
                 if entry is None:  # the bucket's current contents have all been delivered
@@ -104,9 +135,20 @@ class StoreInterest:
                 if entry.key is None:
                     continue
                 deleted = entry.operation in _DELETES
-                self.apply(entry.key, None if deleted else entry.value, entry.revision)
+                created: Any = getattr(entry, "created", None)  # a datetime (nats-py 2.x)
+                written_at = created.timestamp() if isinstance(created, dt.datetime) else None
+                self.apply(entry.key, None if deleted else entry.value, entry.revision, written_at)
         finally:
             self._ready = False
+            if forgetting is not None:
+                forgetting.cancel()
+
+    async def _forget_loop(self) -> None:
+        assert self.forget_after_s is not None
+        while True:
+            await asyncio.sleep(max(self.forget_after_s / 8, 0.5))
+            if dropped := self.forget_stale():
+                log.info("store interest forgot expired session records records=%d", dropped)
 
     async def stop(self) -> None:
         """Stop following (the answer is "store" until :meth:`watch` again)."""

@@ -100,3 +100,34 @@ def test_clean_session_discards_the_stored_session(
         assert again.messages == []
     finally:
         again.close()
+
+
+def test_a_session_gone_longer_than_the_expiry_is_forgotten_everywhere(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """A connected persistent session's record is kept (rewritten) past the expiry; once its
+    client has been away longer than the expiry, the record ages out of the bucket, every
+    node stops storing for it, and a reconnect finds no session (session present 0)."""
+    expiry = 6
+    node_a = start_node("a", broker_session_expiry_s=expiry)
+    node_b = start_node("b", broker_session_expiry_s=expiry)
+    assert node_a.app is not None and node_a.app.cluster is not None
+    durable = node_a.app.cluster.durable
+    assert durable is not None
+    topic = telemetry_topic("dev-x1")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    subscriber = connect(node_b.port, monitor, "monitor", clean_session=False)
+    assert subscriber.connected.is_set(), subscriber.reason
+    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
+    assert subscriber.subscribed.wait(5)
+    assert wait_for(lambda: durable.interest.needs_store(topic), 5)
+    time.sleep(expiry * 1.5)  # connected all along: its record is rewritten, not expired
+    assert durable.interest.needs_store(topic)
+    subscriber.close()
+    assert wait_for(lambda: not durable.interest.needs_store(topic), expiry * 4)
+    again = connect(node_a.port, monitor, "monitor", clean_session=False)
+    try:
+        assert again.connected.is_set(), again.reason
+        assert not again.session_present
+    finally:
+        again.close()

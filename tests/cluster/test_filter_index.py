@@ -76,3 +76,16 @@ def test_store_interest_says_store_until_ready_and_follows_records() -> None:
     assert interest.needs_store("fleet/x")
     interest.apply("k1", None, revision=3)  # deleted
     assert not interest.needs_store("fleet/x")
+
+
+def test_store_interest_forgets_records_not_written_again_within_the_expiry() -> None:
+    interest = StoreInterest(forget_after_s=60)
+    interest._ready = True
+    interest.apply("old", b'{"filters": {"a/#": 1}}', revision=1, written_at=1000.0)
+    interest.apply("kept", b'{"filters": {"b/#": 1}}', revision=1, written_at=1050.0)
+    assert interest.forget_stale(now=1070.0) == 1  # "old" was written 70 s ago
+    assert not interest.needs_store("a/x")
+    assert interest.needs_store("b/x")
+    interest.apply("kept", b'{"filters": {"b/#": 1}}', revision=2, written_at=1100.0)
+    assert interest.forget_stale(now=1130.0) == 0  # rewritten (a connected session)
+    assert interest.needs_store("b/x")
