@@ -391,7 +391,8 @@ class DurableSessions:
             subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
             if all(s.client_id != key for s, _ in subscribers):
                 subscribers.append((session, qos))
-            await self.router.want(topic_filter)
+            with contextlib.suppress(*_ERRORS):  # still wanted: made on the next connection
+                await self.router.want(topic_filter)
             if qos >= 1:
                 for subject in filter_subjects(topic_filter):
                     await self._ensure_consumer(js, key, subject)
