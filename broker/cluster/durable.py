@@ -47,7 +47,7 @@ from nats.js.kv import KeyValue
 
 from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
-from broker.cluster.router import NODE_HEADER, QOS_HEADER, STORED_HEADER, ClusterRouter
+from broker.cluster.router import QOS_HEADER, STORED_HEADER, ClusterRouter
 from broker.cluster.store_interest import StoreInterest
 from broker.cluster.store_pipeline import StorePipeline
 from broker.cluster.subjects import (
@@ -123,7 +123,7 @@ class DurableSessions:
         self._kv_watcher: Any = None
         self.interest = StoreInterest(forget_after_s=session_expiry_s)
         self._refresher: asyncio.Task[None] | None = None
-        self.store = StorePipeline(link, STREAM, on_stored=on_stored, on_retry=on_store_retry)
+        self.store = StorePipeline(link, on_stored=on_stored, on_retry=on_store_retry)
         link.add_setup(self._setup)
 
     def start(self) -> None:
@@ -215,7 +215,7 @@ class DurableSessions:
                 stored.set_result(True)  # nobody needs it kept: the PUBACK goes now
             await self.router.forward(topic, data, force_qos)
             return
-        headers = {NODE_HEADER: self.node, STORED_HEADER: "1"}
+        headers = {STORED_HEADER: "1"}
         if force_qos is not None:
             headers[QOS_HEADER] = str(force_qos)
         await self.store.store(subject_of_topic(topic), data, headers, stored)

@@ -62,18 +62,17 @@ class _Pending:
 
 
 class StorePipeline:
-    """Stores messages in one stream and tells each one's ``done`` when it is stored."""
+    """Stores messages in JetStream (the stream that captures their subjects) and tells
+    each one's ``done`` when it is stored."""
 
     def __init__(
         self,
         link: ClusterLink,
-        stream: str,
         *,
         on_stored: Callable[[], None] = lambda: None,
         on_retry: Callable[[], None] = lambda: None,
     ) -> None:
         self.link = link
-        self.stream = stream
         self._on_stored = on_stored
         self._on_retry = on_retry
         self._id_stem = f"{link.options.node}-{secrets.token_hex(4)}-"
@@ -115,9 +114,9 @@ class StorePipeline:
         entry.attempts += 1
         try:
             js = self.link.js
-            ack = await js.publish_async(
-                entry.subject, entry.data, stream=self.stream, headers=dict(entry.headers)
-            )
+            # No expected-stream header: the stream is the only one on these subjects, and
+            # each header is encoded here and parsed on every node that receives it.
+            ack = await js.publish_async(entry.subject, entry.data, headers=entry.headers)
         except _ERRORS:
             self._later(entry)
             return
