@@ -61,7 +61,6 @@ def decommission_device(
                 f"{device.decommissioned_at.isoformat() if device.decommissioned_at else '?'}; "
                 "its certificates are revoked"
             )
-        seq = counters.bump(session, counters.REVOCATION_SEQ)
         now = utcnow()
         # Filter on device_id only (a device has a handful of certificates): with the status
         # in the WHERE clause SQLite's planner may pick the (status, not_after) index and
@@ -82,6 +81,11 @@ def decommission_device(
         device.status = "decommissioned"
         device.decommissioned_at = now
         session.add(device)
+        # The feed's sequence is taken last: its row lock serializes every decommission
+        # until commit, so only what needs the number runs while it is held (the
+        # certificate and device updates are written first).
+        session.flush()
+        seq = counters.bump(session, counters.REVOCATION_SEQ)
         session.add(
             Revocation(
                 seq=seq,
