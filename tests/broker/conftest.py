@@ -134,10 +134,12 @@ def connect(
     will: tuple[str, bytes, int, bool] | None = None,
     protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
     keepalive: int = 30,
+    max_inflight: int = 20,
 ) -> MqttProbe:
     """Connect a paho client over mTLS; returns the probe once connected, refused or failed.
 
-    ``will`` is (topic, payload, qos, retain).
+    ``will`` is (topic, payload, qos, retain); ``max_inflight`` is paho's window of
+    unacknowledged QoS 1/2 messages (its default 20).
     """
     cert, key = (files.cert, files.key) if isinstance(files, ClientFiles) else files
     ca_file = root or (files.root if isinstance(files, ClientFiles) else None)
@@ -158,6 +160,7 @@ def connect(
         keyfile=str(key) if key else None,
     )
     client.reconnect_delay_set(60, 120)  # never reconnect inside a test
+    client.max_inflight_messages_set(max_inflight)
     probe = MqttProbe(client)
 
     def on_connect(_c: mqtt.Client, _u: object, flags: object, rc: object, _p: object) -> None:

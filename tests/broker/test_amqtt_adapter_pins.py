@@ -190,6 +190,16 @@ def test_incoming_publishes_wait_on_delivered_message_queue_before_routing() -> 
     assert _calls(ProtocolHandler.mqtt_deliver_next_message, "delivered_message_queue.get()")
 
 
+def test_the_client_message_loop_ends_at_the_disconnect_and_is_the_session_s_last_step() -> None:
+    assert _parameters(Broker._client_message_loop) == ["self", "client_session", "handler"]
+    loop = inspect.getsource(Broker._client_message_loop)
+    assert "self._handle_disconnect(" in loop and "connected = False" in loop
+    assert "handler.mqtt_deliver_next_message()" in loop
+    # Ours routes what the loop left queued after it returns: nothing follows it in amqtt.
+    handle = inspect.getsource(Broker._handle_client_session).rstrip()
+    assert handle.endswith("await self._client_message_loop(client_session, handler)")
+
+
 # -- Plugins wired through their Config dataclass -----------------------------------------
 
 
