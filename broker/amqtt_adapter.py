@@ -41,7 +41,11 @@ amqtt upgrade that moves it fails those tests loudly rather than the broker quie
    reader's backpressure signal. ``Broker._client_message_loop(session, handler)`` ends at
    the disconnect and amqtt drops what is still queued there: acknowledged, never routed
    (a client that disconnects at its last PUBACK, as ``mosquitto_pub -l`` does, lost 1-2 %
-   of its messages). Ours routes what is left once amqtt's loop has returned.
+   of its messages); its ``_session_monitor`` also empties the queue of a disconnected
+   clean session within a second. Ours takes what is queued at the start of
+   ``Broker._handle_disconnect(session, handler, waiter)`` (before amqtt's first await) and
+   routes it once amqtt's loop has returned, after the message the loop itself still
+   routes.
 
 7. ``Session.inflight_out`` — the QoS 1/2 messages sent to a client and not yet acknowledged
    (an ``OrderedDict`` of messages with ``topic``, ``data``, ``qos``). amqtt drops them when
@@ -314,6 +318,8 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         self.acl = acl
         self._on_route_error = on_route_error
         self._on_retain_refused = on_retain_refused
+        #: What a disconnecting client left queued, until its message loop has returned.
+        self._left_behind: dict[Any, list[Any]] = {}
 
     async def serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         """Run one admitted client's MQTT session until it ends (public amqtt hook)."""
@@ -653,15 +659,25 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
         await super()._client_message_loop(client_session, handler)
-        await self._route_left_behind(client_session, handler)
+        left = self._left_behind.pop(handler, [])
+        left += _take_all(client_session.delivered_message_queue)
+        await self._route_left_behind(client_session, handler, left)
 
-    async def _route_left_behind(self, session: Session, handler: Any) -> None:
-        """Route the PUBLISHes a client left queued when it went away (item 6), in order."""
-        queue = session.delivered_message_queue
+    async def _handle_disconnect(
+        self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        # Taken before amqtt's first await: its session monitor empties the queue of a
+        # disconnected clean session, and the loop's delivery waiter could take one more
+        # message that nobody routes (item 6).
+        self._left_behind[handler] = _take_all(client_session.delivered_message_queue)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _route_left_behind(self, session: Session, handler: Any, messages: list[Any]) -> None:
+        """Route, in order, the PUBLISHes a client left queued when it went away (item 6)."""
         loop = asyncio.get_running_loop()
-        while not queue.empty():
+        for message in messages:
             waiter: asyncio.Future[Any] = loop.create_future()
-            waiter.set_result(queue.get_nowait())
+            waiter.set_result(message)
             try:
                 await self._handle_message_delivery(session, handler, waiter)
             except Exception as exc:  # noqa: BLE001 - route the others
@@ -705,6 +721,14 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                     _log_failed(task)
                 if pending:
                     log.warning("broadcast tasks still pending at shutdown count=%d", len(pending))
+
+
+def _take_all(queue: asyncio.Queue[Any]) -> list[Any]:
+    """Everything in ``queue`` now, in order (no await: nothing else runs meanwhile)."""
+    taken = []
+    while not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken
 
 
 def _disconnected_at(session: Session) -> float:

@@ -198,6 +198,15 @@ def test_the_client_message_loop_ends_at_the_disconnect_and_is_the_session_s_las
     # Ours routes what the loop left queued after it returns: nothing follows it in amqtt.
     handle = inspect.getsource(Broker._handle_client_session).rstrip()
     assert handle.endswith("await self._client_message_loop(client_session, handler)")
+    # What is queued is taken when the disconnect is handled, before amqtt's first await...
+    assert _parameters(Broker._handle_disconnect) == [
+        "self", "client_session", "handler", "disconnect_waiter",
+    ]  # fmt: skip
+    # ...because the session monitor empties a disconnected clean session's queues.
+    monitor = inspect.getsource(Broker._session_monitor)
+    assert "clean_session" in monitor and "self._cleanup_session(" in monitor
+    assert _calls(Broker._cleanup_session, "session.clear_queues()")
+    assert _calls(Session.clear_queues, "delivered_message_queue.get_nowait()")
 
 
 # -- Plugins wired through their Config dataclass -----------------------------------------

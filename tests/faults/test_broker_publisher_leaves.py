@@ -1,12 +1,16 @@
 """A publisher that goes away right after its last PUBACK loses nothing.
 
-amqtt acknowledges a QoS 1 PUBLISH when it queues it for routing and ended the client's
-message loop at the disconnect, dropping what was still queued: PUBACKed, never delivered.
-Seen with ``mosquitto_pub -l`` (it disconnects at the last PUBACK): 31-40 of 2,000
-acknowledged messages never reached the subscriber."""
+amqtt acknowledges a QoS 1 PUBLISH when it queues it for routing, ended the client's message
+loop at the disconnect and, within a second, emptied the queue of the disconnected clean
+session: PUBACKed, never delivered. Seen with ``mosquitto_pub -l`` (it disconnects at the
+last PUBACK): 31-40 of 2,000 acknowledged messages, and 49 of one publisher's 400 in a burst
+of 50 publishers, never reached the subscriber."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,5 +47,50 @@ def test_every_acknowledged_message_is_routed_after_the_publisher_left(
     try:
         assert wait_for(lambda: len(service.messages) >= COUNT, 20), len(service.messages)
         assert sorted(int(p) for _, p in service.messages) == list(range(COUNT))
+    finally:
+        service.close()
+
+
+@pytest.mark.mosquitto
+def test_a_burst_of_mosquitto_pub_clients_leaving_at_their_last_puback_loses_nothing(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    binary = shutil.which("mosquitto_pub")
+    if binary is None:
+        pytest.skip("mosquitto_pub is not installed (Debian package mosquitto-clients)")
+    publishers, each = 50, 400
+    service = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    assert service.connected.is_set(), service.reason
+    service.client.subscribe("devices/+/telemetry", qos=1)
+    assert service.subscribed.wait(5)
+    results: dict[str, int] = {}
+
+    def publish(device_id: str) -> None:
+        files = issue_device(pki, tmp_path, device_id)
+        argv = [
+            binary, "-h", "127.0.0.1", "-p", str(broker.port),
+            "--cafile", str(pki.layout.root_cert), "--cert", str(files.cert),
+            "--key", str(files.key), "-i", device_id, "-q", "1", "-l",
+            "-t", f"devices/{device_id}/telemetry",
+        ]  # fmt: skip
+        lines = "".join(f"{device_id} {n}\n" for n in range(each))
+        done = subprocess.run(argv, input=lines, capture_output=True, text=True, timeout=60)
+        results[device_id] = done.returncode
+
+    threads = [
+        threading.Thread(target=publish, args=(f"dev-leave-{n:02d}",)) for n in range(publishers)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        # mosquitto_pub exits 0 once its last message is PUBACKed: all of them were sent.
+        assert results == {f"dev-leave-{n:02d}": 0 for n in range(publishers)}
+        total = publishers * each
+        assert wait_for(lambda: len(service.messages) >= total, 30), len(service.messages)
+        received = {payload.decode() for _, payload in service.messages}
+        expected = {f"dev-leave-{p:02d} {n}" for p in range(publishers) for n in range(each)}
+        assert received == expected
     finally:
         service.close()
