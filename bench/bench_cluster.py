@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_broker_throughput as tput  # noqa: E402
 import broker_bench_lib as lib  # noqa: E402
+import c_clients  # noqa: E402
 
 from broker.cluster.natsd import LocalNats  # noqa: E402
 
@@ -92,7 +93,13 @@ def fan_in(
     *,
     persistent: bool = False,
 ) -> dict[str, Any]:
-    """Run tput's subscriber on ``sub_port`` and publishers split over ``pub_ports``."""
+    """Run tput's subscriber on ``sub_port`` and publishers split over ``pub_ports``
+    (``--load mosquitto-clients``: Mosquitto's C clients instead, bench/c_clients.py)."""
+    if args.load == "mosquitto-clients":
+        result = c_clients.fan_in(
+            layout, sub_port, pub_ports, args.publishers, args.messages, persistent=persistent
+        )
+        return {**result, "lost": result["acked"] - int(result["received_unique"])}
     expected = args.publishers * args.messages
     script = tput.__file__
     sub_argv = [
@@ -330,10 +337,16 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--devices", type=int, default=5000, help="kill and memory modes")
     parser.add_argument("--kill-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--load",
+        choices=["python", "mosquitto-clients"],
+        default="python",
+        help="fan-in clients: ours (asyncio, one process per role) or mosquitto_pub/_sub",
+    )
     args = parser.parse_args()
     lib.raise_nofile()
     root = lib.tmp_root("certfleet-bench-cluster-")
-    layout = lib.make_fleet(root, max(args.publishers, args.devices))
+    layout = lib.make_fleet(root, max(args.publishers + 1, args.devices))
     modes = list(MODES) if args.mode == "all" else [args.mode]
     report: dict[str, Any] = {"machine": lib.lscpu_model(), "args": vars(args)}
     for mode in modes:

@@ -47,6 +47,7 @@ from nats.js.kv import KeyValue
 
 from broker.amqtt_adapter import CertfleetBroker
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
+from broker.cluster.pull import ConsumerPull
 from broker.cluster.router import QOS_HEADER, STORED_HEADER, ClusterRouter
 from broker.cluster.store_interest import StoreInterest
 from broker.cluster.store_pipeline import StorePipeline
@@ -67,6 +68,7 @@ OWNERS_BUCKET = "certfleet_owners"
 #: Offline persistent sessions are kept this long by default (amqtt's session expiry, the
 #: same hour; CERTFLEET_BROKER_SESSION_EXPIRY_S).
 SESSION_EXPIRY_S = 3600.0
+#: Stored messages asked for at a time, and how long a pull request waits at the server.
 _FETCH_BATCH = 128
 _FETCH_WAIT_S = 1.0
 #: Stored messages sent to one client and not yet acknowledged by it (MQTT's in-flight
@@ -414,53 +416,82 @@ class DurableSessions:
     async def _pull(self, session: Session, handler: BrokerProtocolHandler, consumer: str) -> None:
         """Deliver a persistent session's stored messages while it is connected here.
 
-        Pipelined: fetching goes on while up to :data:`_DELIVERY_WINDOW` deliveries wait for
-        their PUBACK (a fetch, then waiting for a whole batch's PUBACKs, then the next
-        fetch held a busy node to a few thousand messages a second)."""
-        subscription = None
-        bound_to: NatsClient | None = None
-        window = asyncio.Semaphore(_DELIVERY_WINDOW)
+        Pipelined (:class:`~broker.cluster.pull.ConsumerPull`): requests go out while fewer
+        than :data:`_DELIVERY_WINDOW` messages are being delivered or asked for, so the next
+        batch arrives while the last one waits for its PUBACKs. When the client leaves,
+        what the requests still bring is handed back (NAK) until they have expired."""
+        loop = asyncio.get_running_loop()
+        inflight = 0
+        wake = asyncio.Event()
+        pull: ConsumerPull | None = None
+
+        def room() -> int:
+            return _DELIVERY_WINDOW - inflight - (pull.outstanding if pull else 0)
 
         def delivered(_task: asyncio.Task[None]) -> None:
-            window.release()
+            nonlocal inflight
+            inflight -= 1
+            if room() >= _FETCH_BATCH:
+                wake.set()
+
+        def arrived(message: Msg) -> None:
+            nonlocal inflight
+            if not self._live(session, handler):
+                self._spawn(self._hand_back(message))
+                wake.set()
+                return
+            inflight += 1
+            task = loop.create_task(self._deliver(session, handler, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+            task.add_done_callback(delivered)
 
         try:
             while self._live(session, handler):
-                await window.acquire()  # room for at least one more
-                window.release()
                 try:
                     client = self.link.client
-                    if subscription is None or bound_to is not client:
-                        subscription = await self.link.js.pull_subscribe_bind(
-                            durable=consumer, stream=STREAM
+                    if pull is None or pull.client is not client:
+                        if pull is not None:
+                            with contextlib.suppress(*_ERRORS):
+                                await pull.close()
+                        pull = ConsumerPull(
+                            client, STREAM, consumer, arrived, wake.set, expires_s=_FETCH_WAIT_S
                         )
-                        bound_to = client
-                    messages = await subscription.fetch(_FETCH_BATCH, timeout=_FETCH_WAIT_S)
-                except js_errors.NotFoundError:
-                    return  # unsubscribed (the consumer was deleted)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
+                        await pull.start()
+                    if pull.deleted:
+                        return  # unsubscribed (the consumer was deleted)
+                    if room() >= _FETCH_BATCH or (pull.outstanding == 0 and room() > 0):
+                        await pull.request(room())
                 except _ERRORS:
-                    subscription = None
+                    pull = None
                     await asyncio.sleep(0.2)
                     continue
-                if not self._live(session, handler):
-                    # The client left during the fetch: hand the messages back at once.
-                    for message in messages:
-                        with contextlib.suppress(*_ERRORS):
-                            await message.nak()
-                    return
-                loop = asyncio.get_running_loop()
-                for message in messages:
-                    await window.acquire()
-                    task = loop.create_task(self._deliver(session, handler, message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._task_done)
-                    task.add_done_callback(delivered)
+                wake.clear()
+                try:
+                    async with asyncio.timeout(_FETCH_WAIT_S + 0.5):
+                        await wake.wait()
+                except TimeoutError:
+                    pull.expired()
         finally:
-            if subscription is not None:
+            if pull is not None:
+                current = asyncio.current_task()
+                if current is None or not current.cancelling():
+                    await self._drain_pull(pull, wake)
                 with contextlib.suppress(*_ERRORS):
-                    await subscription.unsubscribe()
+                    await pull.close()
+
+    async def _drain_pull(self, pull: ConsumerPull, wake: asyncio.Event) -> None:
+        """Wait until the requests sent can bring nothing more (``arrived`` hands back what
+        they bring: redelivered at once, not after the ack wait)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(pull.expires_s + 0.5):
+                while not pull.settled and not pull.deleted:
+                    wake.clear()
+                    await wake.wait()
+
+    async def _hand_back(self, message: Msg) -> None:
+        with contextlib.suppress(*_ERRORS):
+            await message.nak()
 
     async def _deliver(self, session: Session, handler: BrokerProtocolHandler, msg: Msg) -> None:
         try:

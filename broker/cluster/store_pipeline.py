@@ -2,9 +2,10 @@
 
 A request/reply per message (``js.publish``) costs a task, a timer and a round trip before
 the next can go; at thousands of messages a second that was most of a node's CPU
-(BENCHMARKS.md, round 3). Here each message is sent with nats-py's ``publish_async`` (one
-reply subscription for all of them) and its ``done`` future is resolved from the ack's
-callback: no task per message.
+(BENCHMARKS.md, round 3). Here each message is published with a reply subject under one
+inbox of ours (``<inbox>.<number>.<attempt>``), and the ack that comes back there resolves its
+``done`` directly: no task, future or random token per message (nats-py's ``publish_async``
+costs all three, and parses every ack into a dataclass).
 
 Nothing acknowledged is lost, and nothing is acknowledged falsely:
 
@@ -22,16 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from broker.cluster.link import ClusterLink, NotConnectedError
@@ -55,7 +56,7 @@ class _Pending:
     data: bytes
     headers: dict[str, str]
     done: asyncio.Future[bool] | None
-    ack: asyncio.Future[Any] | None = None
+    in_flight: bool = False
     sent_at: float = 0.0
     retry_at: float = 0.0
     attempts: int = 0
@@ -79,6 +80,8 @@ class StorePipeline:
         self._next = 0
         self._pending: dict[int, _Pending] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._acks_on: NatsClient | None = None
+        self._reply_prefix = ""
         link.add_setup(self._resend_all)
 
     @property
@@ -113,30 +116,47 @@ class StorePipeline:
     async def _send(self, number: int, entry: _Pending) -> None:
         entry.attempts += 1
         try:
-            js = self.link.js
+            client = self.link.client
+            if self._acks_on is not client:
+                await self._listen(client)
             # No expected-stream header: the stream is the only one on these subjects, and
             # each header is encoded here and parsed on every node that receives it.
-            ack = await js.publish_async(entry.subject, entry.data, headers=entry.headers)
+            await client.publish(
+                entry.subject,
+                entry.data,
+                reply=f"{self._reply_prefix}{number}.{entry.attempts}",
+                headers=entry.headers,
+            )
         except _ERRORS:
             self._later(entry)
             return
-        entry.ack = ack
+        entry.in_flight = True
         entry.sent_at = time.monotonic()
-        ack.add_done_callback(functools.partial(self._acked, number, ack))
+
+    async def _listen(self, client: NatsClient) -> None:
+        """The acks' inbox on ``client`` (one subscription for every store)."""
+        inbox = client.new_inbox()
+        await client.subscribe(f"{inbox}.*.*", cb=self._on_ack)
+        self._acks_on, self._reply_prefix = client, f"{inbox}."
 
     def _later(self, entry: _Pending) -> None:
-        entry.ack = None
+        entry.in_flight = False
         backoff = min(_FIRST_BACKOFF_S * 2 ** max(entry.attempts - 1, 0), _MAX_BACKOFF_S)
         entry.retry_at = time.monotonic() + backoff
         self._on_retry()
 
-    def _acked(self, number: int, ack: asyncio.Future[Any], _: object) -> None:
+    async def _on_ack(self, msg: Msg) -> None:
+        number_s, _, attempt_s = msg.subject[len(self._reply_prefix) :].partition(".")
+        try:
+            number, attempt = int(number_s), int(attempt_s)
+        except ValueError:
+            return
         entry = self._pending.get(number)
-        if entry is None or entry.ack is not ack:
+        if entry is None or not entry.in_flight or entry.attempts != attempt:
             return  # an earlier attempt's answer; a later one is on its way
-        if ack.cancelled() or ack.exception() is not None:
-            if not ack.cancelled():
-                log.debug("store refused by JetStream error=%r", ack.exception())
+        refusal = _refusal(msg)
+        if refusal is not None:
+            log.debug("store refused by JetStream error=%s", refusal)
             self._later(entry)
             return
         del self._pending[number]
@@ -147,9 +167,7 @@ class StorePipeline:
     async def _resend_all(self, _client: NatsClient, _js: JetStreamContext) -> None:
         """On a new connection: what the old one left unacknowledged goes again now."""
         for entry in self._pending.values():
-            if entry.ack is not None:
-                old, entry.ack = entry.ack, None
-                old.cancel()
+            entry.in_flight = False
             entry.retry_at = 0.0
 
     async def _sweep(self) -> None:
@@ -162,12 +180,23 @@ class StorePipeline:
                 if entry.done is not None and entry.done.done():
                     # The client left before the store was acknowledged: it will re-send.
                     self._pending.pop(number, None)
-                    if entry.ack is not None:
-                        entry.ack.cancel()
                     continue
-                if entry.ack is None:
+                if not entry.in_flight:
                     if now >= entry.retry_at and self.link.connected:
                         with contextlib.suppress(*_ERRORS):
                             await self._send(number, entry)
                 elif now - entry.sent_at > ACK_TIMEOUT_S:
-                    entry.ack.cancel()  # _acked schedules it again (same message id)
+                    self._later(entry)  # sent again (same message id)
+
+
+def _refusal(msg: Msg) -> str | None:
+    """None when ``msg`` is JetStream's positive ack (``{"stream": ..., "seq": ...}``), else
+    why not: a status (503: no stream took it) or the ack's error."""
+    if msg.headers and msg.headers.get("Status"):
+        return f"status {msg.headers.get('Status')}"
+    if b'"error"' not in msg.data and b'"seq"' in msg.data:
+        return None
+    try:
+        return str(json.loads(msg.data).get("error", "no sequence in the ack"))[:200]
+    except (ValueError, AttributeError):
+        return "unreadable ack"
