@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 CRL_WAIT_S = 10.0
 #: Wait after a failed signing (database down) before the signer tries again.
 RETRY_AFTER_FAILURE_S = 1.0
+#: A re-sign nobody waits for starts at least this long after the previous one: in a burst
+#: of decommissions the signer otherwise signs back to back, each CRL listing every revoked
+#: certificate (a sixth of a loaded registry's CPU). A reader of the CRL never waits for it.
+RESIGN_SPACING_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,8 @@ class CrlCache:
         self._cond = threading.Condition()
         self._crl: SignedCrl | None = None
         self._requested = False
+        self._readers = 0  # threads in current() waiting for the signer
+        self._last_built = 0.0  # time.monotonic() when the last CRL was built
         self._failures = 0
         self._signer = SupervisedThread("crl-signer", self._run, on_crash=on_crash)
 
@@ -101,10 +108,16 @@ class CrlCache:
                 assert self._crl is not None
                 return self._crl
             self._requested = True
+            self._readers += 1
             self._cond.notify_all()
-        self._signer.start()
+        try:
+            self._signer.start()
+            with self._cond:
+                self._cond.wait_for(lambda: self._fresh(head), self._wait_seconds)
+        finally:
+            with self._cond:
+                self._readers -= 1
         with self._cond:
-            self._cond.wait_for(lambda: self._fresh(head), self._wait_seconds)
             if not self._fresh(head):
                 raise UnavailableError(
                     "the CRL could not be signed in time (is the database reachable?); retry"
@@ -133,13 +146,26 @@ class CrlCache:
             return 0.0
         return max(0.0, (self._due_at(crl) - utcnow()).total_seconds())
 
+    def _wait_for_work(self, stopping: threading.Event) -> bool:
+        """Under the lock: wait until a CRL is to be built (asked for and spaced from the
+        last one, or asked for by a reader, or due); False when stopping."""
+        while not stopping.is_set():
+            due = self._due_in()
+            if due <= 0:
+                return True
+            if not self._requested:
+                self._cond.wait(due)
+                continue
+            left = 0.0 if self._readers else self._last_built + RESIGN_SPACING_S - time.monotonic()
+            if left <= 0:
+                return True
+            self._cond.wait(min(due, left))
+        return False
+
     def _run(self, stopping: threading.Event) -> None:
         while not stopping.is_set():
             with self._cond:
-                self._cond.wait_for(
-                    lambda: self._requested or stopping.is_set(), timeout=self._due_in()
-                )
-                if stopping.is_set():
+                if not self._wait_for_work(stopping):
                     return
                 # Every request up to here is answered by the CRL built next.
                 self._requested = False
@@ -161,6 +187,7 @@ class CrlCache:
                 continue
             with self._cond:
                 self._crl = crl
+                self._last_built = time.monotonic()
                 self._cond.notify_all()
 
     def _build(self) -> SignedCrl:

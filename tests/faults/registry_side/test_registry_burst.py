@@ -25,7 +25,14 @@ Mint = Callable[..., IssuedCertificate]
 
 DEVICES = 200
 CLIENTS = 50
+#: The slowest answer of the burst: under this, or, on a machine slow enough that the same
+#: decommissions sent one after another take longer, under that (concurrency must not make a
+#: burst slower than no concurrency). The fault it guards against froze the registry for
+#: 30-90 s, far beyond either.
 ANSWER_WITHIN_S = 5.0
+SEQUENTIAL_MARGIN = 1.0
+#: Decommissions timed one after another before the burst.
+CALIBRATION = 20
 HEALTHZ_WITHIN_S = 1.0
 
 
@@ -41,6 +48,19 @@ def _register(operator: httpx.Client, mint: Mint, count: int) -> dict[str, int]:
     response = operator.post("/devices/batch", json={"devices": body})
     assert response.status_code == 200, response.text
     return serials
+
+
+def _sequential_seconds(operator: httpx.Client, ids: list[str]) -> float:
+    """Median seconds of one decommission of ``ids``, sent one after another."""
+    times = []
+    for device_id in ids:
+        started = time.perf_counter()
+        response = operator.post(
+            f"/devices/{device_id}/decommission", json={"reason": "calibration"}
+        )
+        times.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.text
+    return sorted(times)[len(times) // 2]
 
 
 class HealthProbe:
@@ -78,6 +98,8 @@ def test_a_burst_of_decommissions_is_answered_in_time_and_lands_in_feed_and_crl(
 ) -> None:
     serials = _register(operator, mint, DEVICES)
     ids = list(serials)
+    one_at_a_time = _sequential_seconds(operator, list(_register(operator, mint, CALIBRATION)))
+    bound = max(ANSWER_WITHIN_S, SEQUENTIAL_MARGIN * one_at_a_time * DEVICES)
     head = operator.get("/healthz").json()["head_seq"]
     workers = [clients.of(IdentityKind.OPERATOR, "alice") for _ in range(CLIENTS)]
     for http in workers:
@@ -105,7 +127,10 @@ def test_a_burst_of_decommissions_is_answered_in_time_and_lands_in_feed_and_crl(
     statuses = sorted({status for _, status, _ in answers}, key=str)
     assert statuses == [200], f"answers other than 200: {statuses}"
     slowest = max(latency for _, _, latency in answers)
-    assert slowest < ANSWER_WITHIN_S, f"slowest decommission answered in {slowest:.2f}s"
+    assert slowest < bound, (
+        f"slowest decommission answered in {slowest:.2f}s (bound {bound:.2f}s; one at a time "
+        f"a decommission takes {one_at_a_time * 1000:.0f} ms here)"
+    )
     assert set(probe.statuses) == {200}, probe.statuses
     assert max(probe.latencies) < HEALTHZ_WITHIN_S, f"/healthz took {max(probe.latencies):.2f}s"
 
