@@ -262,17 +262,25 @@ async def _kill_run(
     await asyncio.sleep(0.5)
     dropped = sorted(index for index, client in held.items() if client.closed.done())
     pending = set(dropped)
-    backoff = 0.1
-    while pending and time.monotonic() - killed < timeout:
-        for index in list(pending):
-            try:
-                held[index] = await lib.connect_device(layout, port, index)
-                pending.discard(index)
-            except (OSError, ConnectionError, TimeoutError):
-                pass
-        if pending:
+    # Devices reconnect each on its own, as a fleet does (round 4 reconnected them one after
+    # another from one loop, which timed this client's handshakes in series, not the
+    # survivor); at most _RECONNECTING handshakes at a time, each device retrying with backoff.
+    gate = asyncio.Semaphore(_RECONNECTING)
+
+    async def reconnect(index: int) -> None:
+        backoff = 0.1
+        while time.monotonic() - killed < timeout:
+            async with gate:
+                try:
+                    held[index] = await lib.connect_device(layout, port, index)
+                    pending.discard(index)
+                    return
+                except (OSError, ConnectionError, TimeoutError):
+                    pass
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    await asyncio.gather(*(reconnect(index) for index in dropped))
     seconds = time.monotonic() - killed
     for client in held.values():
         if client.transport is not None:
@@ -283,6 +291,10 @@ async def _kill_run(
         "not_reconnected": len(pending),
         "seconds_until_all_reconnected": round(seconds, 2),
     }
+
+
+#: Device handshakes in flight at once while the killed node's devices come back.
+_RECONNECTING = 100
 
 
 def mode_kill(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
