@@ -64,7 +64,8 @@ own, for a session whose client is away), an entry in the public ``sessions`` ma
 amqtt's ``BrokerContext.add_subscription`` does), ``add_subscription`` (which applies our
 ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
 
-In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more:
+In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more (and
+item 16 after them, on every node):
 
 10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``, and
    the session whose ``parent`` is CONNACK's session-present flag (set to 1 when the
@@ -89,6 +90,12 @@ In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six
     local filter (``"filter"``), goes only to that filter's subscribers.
 15. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
     filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
+
+16. ``BrokerProtocolHandler._pending_subscriptions`` / ``_pending_unsubscriptions`` — the
+    queues of SUBSCRIBE and UNSUBSCRIBE packets the client loop has not handled yet. amqtt's
+    loop takes one PUBLISH per pass (a task for ``mqtt_deliver_next_message`` and an
+    ``asyncio.wait`` over four futures each time); ours routes the PUBLISHes already queued
+    behind it in the same pass while neither queue holds anything.
 
 Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
 the subscribers they have now but never stored (``retain_message`` is public): a stored CSR
@@ -384,6 +391,27 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         handler: BrokerProtocolHandler,
         wait_deliver: asyncio.Future[Any],
     ) -> bool:
+        if not await self._route_one(client_session, handler, wait_deliver):
+            return False
+        # amqtt's client loop makes a task and an asyncio.wait over four futures for every
+        # message it takes off the queue: what is queued already is routed here, back to
+        # back, until the loop has something else to do (item 16).
+        queue = client_session.delivered_message_queue
+        loop = asyncio.get_running_loop()
+        while not queue.empty() and _only_publishes_pending(handler):
+            waiter: asyncio.Future[Any] = loop.create_future()
+            waiter.set_result(queue.get_nowait())
+            if not await self._route_one(client_session, handler, waiter):
+                return False
+        return True
+
+    async def _route_one(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        """amqtt's routing of one message a client sent, with its store future (item 11)."""
         waiters: dict[int, asyncio.Future[bool]] = getattr(handler, "store_waiters", {})
         message = wait_deliver.result()
         stored = waiters.get(id(message)) if message is not None else None
@@ -721,6 +749,12 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
                     _log_failed(task)
                 if pending:
                     log.warning("broadcast tasks still pending at shutdown count=%d", len(pending))
+
+
+def _only_publishes_pending(handler: Any) -> bool:
+    """Whether the client's loop has nothing but PUBLISHes to handle: no SUBSCRIBE or
+    UNSUBSCRIBE waiting (their order against the client's PUBLISHes stays amqtt's)."""
+    return bool(handler._pending_subscriptions.empty() and handler._pending_unsubscriptions.empty())
 
 
 def _take_all(queue: asyncio.Queue[Any]) -> list[Any]:

@@ -209,6 +209,28 @@ def test_the_client_message_loop_ends_at_the_disconnect_and_is_the_session_s_las
     assert _calls(Session.clear_queues, "delivered_message_queue.get_nowait()")
 
 
+def test_the_client_loop_takes_one_publish_per_pass_and_queues_what_else_the_client_sent() -> (
+    None
+):
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    loop = inspect.getsource(Broker._client_message_loop)
+    assert "asyncio.ensure_future(handler.mqtt_deliver_next_message())" in loop
+    assert "asyncio.wait(" in loop
+    assert "self._handle_message_delivery(client_session, handler, wait_deliver)" in loop
+
+    async def queues() -> tuple[object, object]:
+        handler = BrokerProtocolHandler(Broker().plugins_manager)
+        return handler._pending_subscriptions, handler._pending_unsubscriptions
+
+    subscriptions, unsubscriptions = _on_loop(queues)
+    assert isinstance(subscriptions, asyncio.Queue) and isinstance(unsubscriptions, asyncio.Queue)
+    assert _calls(BrokerProtocolHandler.get_next_pending_subscription, "_pending_subscriptions")
+    assert _calls(
+        BrokerProtocolHandler.get_next_pending_unsubscription, "_pending_unsubscriptions"
+    )
+
+
 # -- Plugins wired through their Config dataclass -----------------------------------------
 
 
