@@ -18,6 +18,10 @@ Modes (``--mode fanin|durable|kill|memory|all``):
   acknowledged around the kill that never reached it.
 - ``memory``: RSS per idle device connection of one cluster node.
 
+The fan-in's clients are bench_broker_throughput.py's (asyncio, one process per role), or
+with ``--load mosquitto-clients`` Mosquitto's own C clients (bench/c_clients.py). The kill
+mode's devices reconnect concurrently (at most 100 handshakes at a time), as a fleet does.
+
 The machine's nats-server (Debian's) is started on an ephemeral port with JetStream in a
 temporary folder; nothing listens outside 127.0.0.1.
 """

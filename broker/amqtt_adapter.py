@@ -686,8 +686,10 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             await asyncio.wait(sends)
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        await super()._client_message_loop(client_session, handler)
-        left = self._left_behind.pop(handler, [])
+        try:
+            await super()._client_message_loop(client_session, handler)
+        finally:
+            left = self._left_behind.pop(handler, [])
         left += _take_all(client_session.delivered_message_queue)
         await self._route_left_behind(client_session, handler, left)
 
