@@ -119,6 +119,9 @@ class StorePipeline:
             client = self.link.client
             if self._acks_on is not client:
                 await self._listen(client)
+            # In flight before the publish: its ack must find it so, however soon it comes.
+            entry.in_flight = True
+            entry.sent_at = time.monotonic()
             # No expected-stream header: the stream is the only one on these subjects, and
             # each header is encoded here and parsed on every node that receives it.
             await client.publish(
@@ -129,9 +132,6 @@ class StorePipeline:
             )
         except _ERRORS:
             self._later(entry)
-            return
-        entry.in_flight = True
-        entry.sent_at = time.monotonic()
 
     async def _listen(self, client: NatsClient) -> None:
         """The acks' inbox on ``client`` (one subscription for every store)."""

@@ -33,7 +33,11 @@ ANSWER_WITHIN_S = 5.0
 SEQUENTIAL_MARGIN = 1.0
 #: Decommissions timed one after another before the burst.
 CALIBRATION = 20
+#: /healthz answers within 1 s, or within 25 sequential decommissions' time on a machine slow
+#: enough for that to be longer: the probe shares this process (and its GIL) with 50 client
+#: threads, so its latency grows with the machine like theirs; a stall is tens of seconds.
 HEALTHZ_WITHIN_S = 1.0
+HEALTHZ_SEQUENTIAL = 25
 
 
 def _register(operator: httpx.Client, mint: Mint, count: int) -> dict[str, int]:
@@ -132,7 +136,11 @@ def test_a_burst_of_decommissions_is_answered_in_time_and_lands_in_feed_and_crl(
         f"a decommission takes {one_at_a_time * 1000:.0f} ms here)"
     )
     assert set(probe.statuses) == {200}, probe.statuses
-    assert max(probe.latencies) < HEALTHZ_WITHIN_S, f"/healthz took {max(probe.latencies):.2f}s"
+    healthz_bound = max(HEALTHZ_WITHIN_S, HEALTHZ_SEQUENTIAL * one_at_a_time)
+    slowest_health = max(probe.latencies)
+    assert slowest_health < healthz_bound, (
+        f"/healthz took {slowest_health:.2f}s (bound {healthz_bound:.2f}s)"
+    )
 
     feed = operator.get("/revocations", params={"after": head, "limit": 5000}).json()
     assert [event["seq"] for event in feed["events"]] == list(range(head + 1, head + DEVICES + 1))
