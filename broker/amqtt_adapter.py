@@ -397,11 +397,8 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         # message it takes off the queue: what is queued already is routed here, back to
         # back, until the loop has something else to do (item 16).
         queue = client_session.delivered_message_queue
-        loop = asyncio.get_running_loop()
         while not queue.empty() and _only_publishes_pending(handler):
-            waiter: asyncio.Future[Any] = loop.create_future()
-            waiter.set_result(queue.get_nowait())
-            if not await self._route_one(client_session, handler, waiter):
+            if not await self._route_one(client_session, handler, _taken(queue.get_nowait())):
                 return False
         return True
 
@@ -704,12 +701,9 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
 
     async def _route_left_behind(self, session: Session, handler: Any, messages: list[Any]) -> None:
         """Route, in order, the PUBLISHes a client left queued when it went away (item 6)."""
-        loop = asyncio.get_running_loop()
         for message in messages:
-            waiter: asyncio.Future[Any] = loop.create_future()
-            waiter.set_result(message)
             try:
-                await self._handle_message_delivery(session, handler, waiter)
+                await self._handle_message_delivery(session, handler, _taken(message))
             except Exception as exc:  # noqa: BLE001 - route the others
                 log.warning("message routing failed error=%s", f"{exc!r}"[:200])
                 self._on_route_error(exc)
@@ -757,6 +751,13 @@ def _only_publishes_pending(handler: Any) -> bool:
     """Whether the client's loop has nothing but PUBLISHes to handle: no SUBSCRIBE or
     UNSUBSCRIBE waiting (their order against the client's PUBLISHes stays amqtt's)."""
     return bool(handler._pending_subscriptions.empty() and handler._pending_unsubscriptions.empty())
+
+
+def _taken(message: Any) -> asyncio.Future[Any]:
+    """``message`` as amqtt's loop hands it to ``_handle_message_delivery``: a done future."""
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    waiter.set_result(message)
+    return waiter
 
 
 def _take_all(queue: asyncio.Queue[Any]) -> list[Any]:
