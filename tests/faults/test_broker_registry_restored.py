@@ -136,11 +136,15 @@ def test_new_database_ahead_of_the_broker_is_noticed_by_its_epoch(
             layout, registry_url=registry.url, broker_feed_wait_s=1, broker_feed_max_backoff_s=0.2
         )
         broker = BrokerServer(settings).start()
-    try:
         app = broker.app
         assert app is not None and app.follower is not None
         follower = app.follower
-        assert wait_for(lambda: follower.after == 1 and follower.synced.is_set())
+        # The broker must have caught up with the first registry before that one goes away
+        # (checked after it had gone, this raced the broker's first read against the shutdown).
+        if not wait_for(lambda: follower.after == 1 and follower.synced.is_set()):
+            broker.stop()
+            raise AssertionError("the broker never caught up with the first registry")
+    try:
         with _registry(pki, tmp_path / "second.db", addr) as (_second, operator):
             for device_id, files in fresh.items():
                 register(operator, files, device_id)
