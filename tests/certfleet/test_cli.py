@@ -51,6 +51,8 @@ def test_refusal_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     [
         ("CERTFLEET_FACTORY_WORKERS", "-1", ["factory", "provision", "--count", "1"], "factory"),
         ("CERTFLEET_BROKER_FEED_WAIT_S", "999", ["broker", "serve"], "broker"),
+        ("CERTFLEET_BROKER_SESSION_EXPIRY_S", "4", ["broker", "serve"], "broker"),
+        ("CERTFLEET_BROKER_SESSION_EXPIRY_S", str(30 * 86400 + 1), ["broker", "serve"], "broker"),
         ("CERTFLEET_REGISTRY_FEED_MAX_WAIT", "999", ["registry", "serve"], "registry"),
         ("CERTFLEET_SIM_WINDOW", "0", ["sim", "run"], "simulator"),
         ("CERTFLEET_DEMO_WORKERS", "999", ["demo"], "demo"),

@@ -94,3 +94,46 @@ def test_a_burst_of_mosquitto_pub_clients_leaving_at_their_last_puback_loses_not
         assert received == expected
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
+def test_a_takeover_mid_burst_loses_nothing_the_old_connection_had_acknowledged(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path, clean_session: bool
+) -> None:
+    """The same identity connects again while its first connection is still publishing: the
+    broker closes the first (takeover) through the same disconnect path, and every message
+    that connection had PUBACKed still reaches the subscriber."""
+    service = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry")
+    assert service.connected.is_set(), service.reason
+    service.client.subscribe("devices/+/telemetry", qos=1)
+    assert service.subscribed.wait(5)
+    files = issue_device(pki, tmp_path, "dev-twice")
+    first = connect(broker.port, files, "dev-twice", clean_session=clean_session, max_inflight=500)
+    assert first.connected.is_set(), first.reason
+    second = None
+    try:
+        infos = [
+            first.client.publish("devices/dev-twice/telemetry", f"first {n}".encode(), qos=1)
+            for n in range(COUNT)
+        ]
+        assert wait_for(lambda: sum(info.is_published() for info in infos) >= COUNT // 4, 30)
+        second = connect(broker.port, files, "dev-twice", clean_session=clean_session)
+        assert second.connected.is_set(), second.reason
+        assert first.disconnected.wait(5), "the older connection was not closed"
+        first.client.loop_stop()
+        acknowledged = {f"first {n}" for n, info in enumerate(infos) if info.is_published()}
+        assert len(acknowledged) >= COUNT // 4
+        second.client.publish("devices/dev-twice/telemetry", b"second 0", qos=1).wait_for_publish(
+            10
+        )
+        expected = acknowledged | {"second 0"}
+
+        def received() -> set[str]:
+            return {payload.decode() for _, payload in service.messages}
+
+        assert wait_for(lambda: expected <= received(), 20), len(expected - received())
+    finally:
+        first.client.loop_stop()
+        if second is not None:
+            second.close()
+        service.close()
