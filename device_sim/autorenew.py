@@ -167,8 +167,8 @@ class Renewer:
         self.stats.expired_before_renewal += 1
         log.error(
             "certificate expired before renewal device_id=%s serial=%s not_after=%s: it cannot "
-            "renew over MQTT; re-provision it at the line (certfleet factory sign-csr, "
-            "docs/lifecycle.md)",
+            "renew over MQTT; an operator re-enrolls it from a CSR made on the device "
+            "(certfleet registry devices reenroll, docs/lifecycle.md)",
             self.device_id,
             previous_serial,
             certificate.not_valid_after_utc.isoformat(),

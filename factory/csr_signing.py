@@ -66,7 +66,9 @@ def sign_csr(
         if existing:
             raise CSRError(
                 f"device {device_id} already has certificate serial {existing[-1]} in the "
-                "manifest; renew it through the registry (or decommission it first)"
+                "manifest: a device with a valid certificate renews itself over MQTT, and one "
+                "whose certificates have all expired is re-enrolled by an operator "
+                f"(certfleet registry devices reenroll {device_id} --csr FILE)"
             )
         now = utcnow()
         validity = new_validity(

@@ -6,8 +6,11 @@ CertfleetError
       ├── ConflictError             409  a serial / hardware serial bound elsewhere
       │    ├── AlreadyDecommissionedError   409  decommission of a decommissioned device
       │    ├── DecommissionedDeviceError    409  a new certificate for a decommissioned device
+      │    ├── LiveCertificateError         409  a re-enrollment of a device that still has a
+      │    │                                     live, unexpired certificate
       │    └── ConfirmRefusedError          409  a renewal confirm the registry cannot record
       ├── InvalidCertificateError   422  not PEM, not a device certificate, not ours
+      ├── InvalidCSRError           422  a CSR the factory's checks refuse, or for another device
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
       ├── RenewedTooSoonError       429  a device renewed again within the renewal interval
       └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
@@ -24,8 +27,10 @@ __all__ = [
     "ConfirmRefusedError",
     "ConflictError",
     "DecommissionedDeviceError",
+    "InvalidCSRError",
     "InvalidCertificateError",
     "InvalidRequestError",
+    "LiveCertificateError",
     "NotFoundError",
     "RegistryError",
     "RegistryTlsError",
@@ -59,6 +64,10 @@ class DecommissionedDeviceError(ConflictError):
     code = "device_decommissioned"
 
 
+class LiveCertificateError(ConflictError):
+    code = "live_certificate"
+
+
 class ConfirmRefusedError(ConflictError):
     """A renewal confirm the registry refuses; ``refusal`` is the wire code sent back
     (``unknown_serial``, ``certificate_revoked``, ``not_newest``)."""
@@ -73,6 +82,11 @@ class ConfirmRefusedError(ConflictError):
 class InvalidCertificateError(RegistryError):
     status = 422
     code = "invalid_certificate"
+
+
+class InvalidCSRError(RegistryError):
+    status = 422
+    code = "invalid_csr"
 
 
 class InvalidRequestError(RegistryError):

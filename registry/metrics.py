@@ -69,6 +69,11 @@ class RegistryMetrics:
             "device certificates newly registered",
             registry=self.registry,
         )
+        self.reenrollments = Counter(
+            "certfleet_registry_reenrollments",
+            "devices whose certificates had all expired, given a new one by an operator",
+            registry=self.registry,
+        )
         self.decommissions = Counter(
             "certfleet_registry_decommissions",
             "devices decommissioned",

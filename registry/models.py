@@ -41,6 +41,8 @@ __all__ = [
     "DeviceSummary",
     "ExpiringDevice",
     "ExpiryReport",
+    "ReenrollRequest",
+    "ReenrollResult",
     "HistogramBin",
     "Revocation",
     "RenewalClaim",
@@ -302,6 +304,30 @@ class DecommissionRequest(BaseModel):
     )
 
 
+class ReenrollRequest(BaseModel):
+    model_config = _STRICT
+
+    csr_pem: str = PydanticField(
+        min_length=1,
+        max_length=16_384,
+        description="the device's CSR, PEM (its key generated on the device)",
+    )
+
+
+class ReenrollResult(BaseModel):
+    """The certificate a re-enrollment issued, with the chain a device presents beside it."""
+
+    device_id: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    previous_serial: str | None
+    #: True when this is the certificate an earlier re-enrollment of the same key issued.
+    repeated: bool = False
+    certificate_pem: str
+    chain_pem: str = PydanticField(description="issuing CA + root, PEM")
+
+
 class TokenInfo(BaseModel):
     """What ``certfleet registry token list`` shows of a token: never the token or its hash."""
 
@@ -341,7 +367,6 @@ class ExpiryReport(BaseModel):
     histogram: list[HistogramBin]
     expired: list[ExpiringDevice]
     soonest: list[ExpiringDevice]
-
 
 
 class Stats(BaseModel):

@@ -18,18 +18,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from registry.models import BatchResult, DecommissionRequest, DecommissionResult
+from factory.csr import load_csr, validate_device_csr
+from factory.errors import CSRError
+from fleetcore.clock import utcnow
+from registry.errors import InvalidCSRError
+from registry.models import BatchResult, DecommissionRequest, DecommissionResult, ReenrollResult
+from registry.renewal import sign_next
 from registry.state import RegistryState
-from registry.store import devices, revocations, tokens
+from registry.store import devices, reenrollment, revocations, tokens
 from registry.store.audit import Actor
 from registry.store.supersede import SupersededRevocation
 
 __all__ = [
     "create_token",
     "decommission_device",
+    "reenroll_device",
     "register_devices",
     "revocations_committed",
     "revoke_tokens",
@@ -94,6 +101,82 @@ def decommission_device(
     )
     state.crl.request_resign()
     return result
+
+
+def reenroll_device(
+    state: RegistryState, device_id: str, csr_pem: str, actor: Actor
+) -> ReenrollResult:
+    """Give ``device_id``, whose certificates have all expired, a certificate for the CSR made
+    on the device (the key never leaves it), under the renewal's validity policy. The same
+    CSR again gets the same certificate (``repeated``: an answer lost on the way).
+
+    Raises InvalidCSRError (422: the factory's CSR checks, or a CSR for another device),
+    NotFoundError (404), DecommissionedDeviceError or LiveCertificateError (409: a device
+    with a valid certificate renews itself over MQTT). Nothing is written on a refusal.
+    """
+    try:
+        validated = validate_device_csr(load_csr(csr_pem.encode()), state.ca.trust_domain)
+    except CSRError as exc:
+        raise InvalidCSRError(str(exc)) from None
+    if validated.identity.name != device_id:
+        raise InvalidCSRError(
+            f"CSR names device {validated.identity.name!r}, not {device_id!r}; the CSR must "
+            "come from the device being re-enrolled"
+        )
+    key_der = validated.public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with Session(state.engine) as session:
+        basis = reenrollment.reenrollment_basis(session, device_id, key_der, utcnow())
+    previous = basis.previous
+    previous_serial = previous.serial if previous is not None else None
+    if basis.repeat is not None:
+        stored, repeated = basis.repeat, True
+    else:
+        issued = sign_next(
+            state.ca,
+            validated,
+            previous,
+            lifetime=state.settings.renewal_lifetime,
+            stagger=state.settings.renewal_stagger,
+        )
+        with Session(state.engine) as session:
+            stored = reenrollment.record_reenrollment(
+                session,
+                issued,
+                key_der=key_der,
+                previous_serial=previous_serial,
+                actor=actor,
+                now=utcnow(),
+            )
+        repeated = stored is not issued
+    if repeated:
+        log.info(
+            "device reenrolled again device_id=%s serial=%s (same key: same certificate) by=%s",
+            device_id,
+            stored.serial,
+            actor.who,
+        )
+    else:
+        state.metrics.reenrollments.inc()
+        log.info(
+            "device reenrolled device_id=%s serial=%s previous_serial=%s not_after=%s by=%s",
+            device_id,
+            stored.serial,
+            previous_serial or "-",
+            stored.not_after.isoformat(),
+            actor.who,
+        )
+    return ReenrollResult(
+        device_id=device_id,
+        serial=stored.serial,
+        not_before=stored.not_before,
+        not_after=stored.not_after,
+        previous_serial=None if repeated else previous_serial,
+        repeated=repeated,
+        certificate_pem=stored.certificate_pem,
+        chain_pem=state.ca.chain_pem.decode(),
+    )
 
 
 def revocations_committed(state: RegistryState, last_seq: int, *, resign: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""`certfleet registry devices list|show|decommission|audit`: the operator API without curl.
+"""`certfleet registry devices list|show|decommission|reenroll|audit`: the operator API
+without curl.
 
 These talk to a running registry over HTTPS (``--registry``, ``CERTFLEET_REGISTRY_URL``),
 trusting ``ca/root.crt``, as an operator: a bearer token (``--token``,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +26,7 @@ from rich.table import Table
 from factory.registration import RegistryClient
 from fleetcore.config import settings_from_env
 from fleetcore.errors import ConfigError, RegistryCallError
-from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
+from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout, write_public
 from fleetcore.profile import check_name
 from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry.cli_options import DataDir
@@ -292,6 +294,75 @@ def decommission_device(
         f"decommissioned {device_id}: revoked {', '.join(revoked) or 'no live certificate'} "
         f"(feed seq {result['revocation_seq']})"
     )
+
+
+@devices_app.command("reenroll")
+def reenroll_device(
+    device_id: DeviceIdArg,
+    csr: Annotated[
+        Path, typer.Option("--csr", help="the CSR made on the device (PEM; its key stays there)")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="write the certificate here (default: stdout)"),
+    ] = None,
+    chain_out: Annotated[
+        Path | None,
+        typer.Option("--chain-out", help="write the CA chain (issuing + root) here"),
+    ] = None,
+    data_dir: DataDir = None,
+    registry: RegistryUrl = None,
+    token: Token = None,
+    operator: Operator = None,
+    as_json: AsJson = False,
+) -> None:
+    """A new certificate for a device whose certificates have all expired (it cannot renew
+    over MQTT). The same CSR again prints the same certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from factory.csr import load_csr
+    from factory.csr_signing import read_csr_file
+
+    check_name(device_id, "device id")
+    csr_pem = load_csr(read_csr_file(csr)).public_bytes(Encoding.PEM).decode()  # PEM or DER
+    for target in (out, chain_out):
+        if target is not None:
+            _check_writable(target)
+    client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
+    result = _call(client, "POST", f"/devices/{device_id}/reenroll", json={"csr_pem": csr_pem})
+    try:
+        if out is not None:
+            write_public(out, result["certificate_pem"].encode())
+        if chain_out is not None:
+            write_public(chain_out, result["chain_pem"].encode())
+    except OSError as exc:
+        typer.echo(result["certificate_pem"], nl=False)
+        raise ConfigError(
+            f"the registry issued serial {result['serial']} but it cannot be written "
+            f"({exc.filename}: {exc.strerror}); the certificate is printed on stdout, and the "
+            "same command again prints it again"
+        ) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif out is None:
+        typer.echo(result["certificate_pem"], nl=False)
+    else:
+        again = " (issued before for this CSR)" if result["repeated"] else ""
+        typer.echo(
+            f"reenrolled {device_id}: {out} serial {result['serial']} valid until "
+            f"{_when(result['not_after'])}{again}"
+        )
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output the certificate could not be written to, before asking for it."""
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(
+            f"cannot write {path}: "
+            + ("it is a folder" if path.is_dir() else f"{folder} is not a writable folder")
+            + " (nothing was asked of the registry)"
+        )
 
 
 @devices_app.command("audit")

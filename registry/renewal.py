@@ -82,6 +82,7 @@ __all__ = [
     "RenewalService",
     "RenewedCertificate",
     "device_of_renew_topic",
+    "sign_next",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,42 @@ def device_of_renew_topic(topic: str) -> str:
     return device_id
 
 
+def sign_next(
+    ca: CertificateAuthority,
+    validated: ValidatedCSR,
+    previous: renewals.StoredCertificate | None,
+    *,
+    lifetime: dt.timedelta | None,
+    stagger: dt.timedelta,
+) -> renewals.StoredCertificate:
+    """Sign the device's next certificate (a renewal's or a re-enrollment's) under the one
+    validity policy: ``lifetime``, else that of ``previous`` (which carries the device's
+    stagger offset from minting), else :data:`DEFAULT_LIFETIME`; the device's offset into
+    ``stagger`` on top."""
+    device_id = validated.identity.name
+    if lifetime is None:
+        lifetime = (
+            previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
+        )
+    validity = renewal_validity(
+        utcnow(), lifetime, stagger=stagger, fraction=stagger_fraction_for_id(device_id)
+    )
+    issued = ca.issue_client(
+        validated.identity,
+        public_key=validated.public_key,
+        not_before=validity.not_before,
+        not_after=validity.not_after,
+    )
+    certificate = issued.certificate
+    return renewals.StoredCertificate(
+        device_id=device_id,
+        serial=serial_hex(certificate.serial_number),
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+        certificate_pem=issued.certificate_pem.decode(),
+    )
+
+
 class CertificateRenewer:
     """Checks a CSR, signs it with the issuing CA and records the certificate (synchronous)."""
 
@@ -197,28 +234,8 @@ class CertificateRenewer:
         if basis.repeat is not None:
             return self._repeated(basis.repeat)
         previous = basis.previous
-        lifetime = self.lifetime or (
-            previous.not_after - previous.not_before if previous is not None else DEFAULT_LIFETIME
-        )
-        validity = renewal_validity(
-            utcnow(),
-            lifetime,
-            stagger=self.stagger,
-            fraction=stagger_fraction_for_id(device_id),
-        )
-        issued = self.ca.issue_client(
-            validated.identity,
-            public_key=validated.public_key,
-            not_before=validity.not_before,
-            not_after=validity.not_after,
-        )
-        certificate = issued.certificate
-        signed = renewals.StoredCertificate(
-            device_id=device_id,
-            serial=serial_hex(certificate.serial_number),
-            not_before=certificate.not_valid_before_utc,
-            not_after=certificate.not_valid_after_utc,
-            certificate_pem=issued.certificate_pem.decode(),
+        signed = sign_next(
+            self.ca, validated, previous, lifetime=self.lifetime, stagger=self.stagger
         )
         with self._refusals(device_id), Session(self.engine) as session:
             stored = renewals.record_renewal(

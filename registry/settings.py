@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import socket
@@ -89,6 +90,17 @@ class RegistrySettings(BaseSettings):
     console_signin_max_failures: int = Field(default=5, ge=1, le=1000)
     #: the window over which failed console sign-ins are counted, in seconds.
     console_signin_window_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @property
+    def renewal_lifetime(self) -> dt.timedelta | None:
+        """Lifetime of renewed and re-enrolled certificates (None: copy the device's)."""
+        days = self.registry_renewal_lifetime_days
+        return dt.timedelta(days=days) if days else None
+
+    @property
+    def renewal_stagger(self) -> dt.timedelta:
+        """Stagger window of renewed and re-enrolled certificates' expiry."""
+        return dt.timedelta(seconds=self.registry_renewal_stagger_s)
 
     @model_validator(mode="after")
     def _stagger_needs_a_fixed_lifetime(self) -> RegistrySettings:

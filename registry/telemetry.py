@@ -33,7 +33,6 @@ worker thread and answers on ``devices/<id>/cert/issued``.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import socket
@@ -163,14 +162,13 @@ class TelemetryIngest:
         self._client = self._build_client()
         self.renewal: RenewalService | None = None
         if ca is not None and settings.registry_renewal_enabled:
-            lifetime_days = settings.registry_renewal_lifetime_days
             renewer = CertificateRenewer(
                 ca,
                 engine,
                 min_interval_s=settings.registry_renewal_min_interval_s,
                 max_attempts=settings.registry_renewal_max_attempts,
-                lifetime=dt.timedelta(days=lifetime_days) if lifetime_days else None,
-                stagger=dt.timedelta(seconds=settings.registry_renewal_stagger_s),
+                lifetime=settings.renewal_lifetime,
+                stagger=settings.renewal_stagger,
                 instance=self._instance,
             )
             self.renewal = RenewalService(

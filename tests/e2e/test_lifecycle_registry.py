@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import Refusal
@@ -33,8 +34,9 @@ from broker.server import BrokerServer
 from device_sim.renew import renew_bundle
 from factory.ca import write_issued
 from fleetcore.clock import utcnow
+from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
-from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
+from fleetcore.profile import CLOCK_SKEW, Identity, IdentityKind, serial_hex
 from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
@@ -426,3 +428,64 @@ def test_registry_refuses_a_confirm_that_is_not_json_serial(stack: Lifecycle) ->
         assert json.loads(answers()[0])["error"] == "invalid_confirm"
     finally:
         device.close()
+
+
+def test_an_expired_device_is_reenrolled_by_an_operator_and_publishes_again(
+    stack: Lifecycle, tmp_path: Path
+) -> None:
+    """The recovery of a device that was off past its not_after: the broker refuses it, it
+    cannot renew over MQTT; the operator re-enrolls it from a CSR made on the device
+    (``certfleet registry devices reenroll``) and it connects and publishes again."""
+    device_id = "dev-life-reenroll"
+    expired = stack.pki.ca.issue_client(
+        stack.pki.ca.identity(IdentityKind.DEVICE, device_id),
+        not_before=utcnow() - dt.timedelta(days=30),
+        not_after=utcnow() - dt.timedelta(hours=1),
+    )
+    stack.register_pem(expired.certificate_pem.decode())
+    old = tmp_path / "old"
+    write_issued(expired, old / "device.crt", old / "device.key")
+    refused = connect(
+        stack.broker.port,
+        ClientFiles(old / "device.crt", old / "device.key", stack.pki.layout.root_cert, 0),
+        device_id,
+    )
+    refused.close()
+    assert not refused.connected.is_set(), "the broker let an expired certificate in"
+
+    key = generate_key()  # on the device: the key never leaves it
+    (tmp_path / "device.key").write_bytes(
+        key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    csr = build_csr(key, Identity.device(stack.pki.ca.trust_domain, device_id))
+    (tmp_path / "device.csr").write_bytes(csr.public_bytes(Encoding.PEM))
+    command = [
+        sys.executable, "-m", "certfleet.cli", "registry", "devices", "reenroll", device_id,
+        "--csr", str(tmp_path / "device.csr"), "--out", str(tmp_path / "device.crt"),
+        "--data-dir", str(stack.root / "registry-data"), "--registry", stack.registry.url,
+        "--operator", "alice",
+    ]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "CERTFLEET_REGISTRY_TOKEN": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"reenrolled {device_id}: ")
+
+    files = ClientFiles(
+        tmp_path / "device.crt", tmp_path / "device.key", stack.pki.layout.root_cert, 0
+    )
+    device = connect(stack.broker.port, files, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        reading = json.dumps({"device_id": device_id, "temperature_c": 21.5})
+        sent = device.client.publish(telemetry_topic(device_id), reading, qos=1)
+        sent.wait_for_publish(10)
+        seen = lambda: stack.operator.get(f"/devices/{device_id}").json()["last_seen_at"]  # noqa: E731
+        assert wait_for(lambda: seen() is not None, 15), "the registry never saw its telemetry"
+    finally:
+        device.close()
+    # A second run with another key is refused: the device now renews itself.
+    other = build_csr(generate_key(), Identity.device(stack.pki.ca.trust_domain, device_id))
+    (tmp_path / "device.csr").write_bytes(other.public_bytes(Encoding.PEM))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 2, again.stdout
+    assert "renews itself over MQTT" in again.stderr

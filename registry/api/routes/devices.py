@@ -1,4 +1,4 @@
-"""Devices: register (one, batch), list, get one, decommission."""
+"""Devices: register (one, batch), list, get one, decommission, re-enroll."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from registry.models import (
     DeviceList,
     DevicePublic,
     DeviceRegistration,
+    ReenrollRequest,
+    ReenrollResult,
 )
 from registry.state import RegistryState
 from registry.store import devices
@@ -119,3 +121,38 @@ def decommission(
     A device already decommissioned is a 409 (``already_decommissioned``).
     """
     return operations.decommission_device(state, device_id, body, caller.actor(request))
+
+
+@router.post(
+    "/{device_id}/reenroll",
+    response_model=ReenrollResult,
+    status_code=201,
+    responses={
+        200: {"description": "the same CSR again: the certificate issued for it before"},
+        404: _ERROR,
+        409: _ERROR,
+        422: _ERROR,
+        503: _ERROR,
+        **_REFUSALS,
+    },
+)
+def reenroll(
+    device_id: DeviceId,
+    body: ReenrollRequest,
+    caller: CurrentOperator,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> ReenrollResult:
+    """Issue a certificate for a device whose certificates have all expired, from a CSR
+    made on the device (it cannot renew over MQTT: the broker refuses its handshake).
+
+    The same CSR again is a 200 with the certificate it got before (an answer lost on the
+    way). A device with a live certificate still valid is a 409 (``live_certificate``: it
+    renews itself), a decommissioned one a 409 (``device_decommissioned``), a CSR the
+    factory's checks refuse or one for another device a 422 (``invalid_csr``).
+    """
+    result = operations.reenroll_device(state, device_id, body.csr_pem, caller.actor(request))
+    if result.repeated:
+        response.status_code = 200
+    return result
