@@ -92,6 +92,23 @@ def _consumer_name(session_key: str, subject: str) -> str:
     return f"s{storage_key(session_key)[:20]}-{hashlib.sha256(subject.encode()).hexdigest()[:12]}"
 
 
+async def _open_bucket(js: JetStreamContext, name: str, ttl_s: float) -> KeyValue:
+    """The key-value bucket ``name`` whose records age out after ``ttl_s`` (a connected
+    session's are rewritten): created so, or an existing one brought to it, such as one made
+    by a node of a version without session expiry (no TTL) or with another expiry."""
+    try:
+        bucket = await js.key_value(name)
+    except js_errors.BucketNotFoundError:
+        return await js.create_key_value(bucket=name, history=1, ttl=ttl_s)
+    status = await bucket.status()
+    if status.ttl is None or abs(status.ttl - ttl_s) > 0.5:
+        config = status.stream_info.config
+        window = min(config.duplicate_window or ttl_s, ttl_s)
+        await js.update_stream(config, max_age=ttl_s, duplicate_window=window)
+        log.info("cluster bucket expiry set bucket=%s ttl_s=%g was=%s", name, ttl_s, status.ttl)
+    return bucket
+
+
 class DurableSessions:
     """The cluster hooks of one node (:class:`broker.amqtt_adapter.ClusterHooks`)."""
 
@@ -145,16 +162,10 @@ class DurableSessions:
             max_age=self.session_expiry_s,
             duplicate_window=min(120.0, self.session_expiry_s),
         )
-        buckets = []
-        for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET):
-            try:
-                buckets.append(await js.key_value(bucket))
-            except js_errors.BucketNotFoundError:
-                # Records age out with the sessions (a connected session's are refreshed).
-                buckets.append(
-                    await js.create_key_value(bucket=bucket, history=1, ttl=self.session_expiry_s)
-                )
-        self._sessions_kv, self._owners_kv = buckets
+        self._sessions_kv, self._owners_kv = [
+            await _open_bucket(js, bucket, self.session_expiry_s)
+            for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET)
+        ]
         await self.interest.watch(self._sessions_kv)
         await self._stop_watching()
         watcher = await self._owners_kv.watchall()

@@ -3,9 +3,14 @@ resumes on any node and gets everything acknowledged to its publishers, once."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import nats
+
+from broker.cluster.durable import OWNERS_BUCKET, SESSIONS_BUCKET
+from broker.cluster.natsd import LocalNats
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
 from tests.broker.conftest import connect, issue_device, wait_for
@@ -131,3 +136,34 @@ def test_a_session_gone_longer_than_the_expiry_is_forgotten_everywhere(
         assert not again.session_present
     finally:
         again.close()
+
+
+def test_buckets_made_without_an_expiry_get_the_nodes_expiry(
+    start_node: StartNode, nats_server: LocalNats
+) -> None:
+    """Buckets a node of an older version made (no TTL: their records never aged out) are
+    brought to the session expiry when a node starts; a later expiry setting moves it."""
+
+    async def bucket_ttls(create: bool) -> dict[str, float | None]:
+        client = await nats.connect(
+            nats_server.url,
+            user=nats_server.credentials.user,
+            password=nats_server.credentials.password,
+        )
+        try:
+            js = client.jetstream()
+            ttls: dict[str, float | None] = {}
+            for name in (SESSIONS_BUCKET, OWNERS_BUCKET):
+                if create:  # as round 3's nodes made them
+                    await js.create_key_value(bucket=name, history=1)
+                ttls[name] = (await (await js.key_value(name)).status()).ttl
+            return ttls
+        finally:
+            await client.close()
+
+    assert not any(asyncio.run(bucket_ttls(create=True)).values())  # 0: records never age out
+    node = start_node("a", broker_session_expiry_s=90)
+    assert asyncio.run(bucket_ttls(create=False)) == {SESSIONS_BUCKET: 90, OWNERS_BUCKET: 90}
+    node.stop()
+    start_node("b", broker_session_expiry_s=600)
+    assert asyncio.run(bucket_ttls(create=False)) == {SESSIONS_BUCKET: 600, OWNERS_BUCKET: 600}
