@@ -21,8 +21,8 @@ from sqlmodel import Session, col, select
 from registry.db import write_transaction
 from registry.errors import DecommissionedDeviceError, LiveCertificateError, NotFoundError
 from registry.models import Certificate, Device
-from registry.store.audit import Actor, add_entry
-from registry.store.renewals import StoredCertificate
+from registry.store.audit import Actor
+from registry.store.renewals import StoredCertificate, add_certificate
 
 __all__ = ["ReenrollmentBasis", "record_reenrollment", "reenrollment_basis"]
 
@@ -73,28 +73,7 @@ def record_reenrollment(
         repeat = _check(session, device, issued.device_id, key_der, now)
         if repeat is not None:
             return repeat
-        session.add(
-            Certificate(
-                serial=issued.serial,
-                device_id=issued.device_id,
-                not_before=issued.not_before,
-                not_after=issued.not_after,
-                status="live",
-                revoked_at=None,
-                certificate_pem=issued.certificate_pem,
-            )
-        )
-        add_entry(
-            session,
-            actor,
-            "reenroll",
-            issued.device_id,
-            {
-                "serial": issued.serial,
-                "previous_serial": previous_serial,
-                "not_after": issued.not_after.isoformat(),
-            },
-        )
+        add_certificate(session, issued, "reenroll", previous_serial=previous_serial, actor=actor)
     return issued
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "RenewalBasis",
     "RenewalWindow",
     "StoredCertificate",
+    "add_certificate",
     "claim_request",
     "count_attempt",
     "record_renewal",
@@ -179,29 +180,41 @@ def record_renewal(
         row.issued_serial = renewed.serial
         row.issued_key_sha256 = key_sha256
         session.add(row)
-        session.add(
-            Certificate(
-                serial=renewed.serial,
-                device_id=renewed.device_id,
-                not_before=renewed.not_before,
-                not_after=renewed.not_after,
-                status="live",
-                revoked_at=None,
-                certificate_pem=renewed.certificate_pem,
-            )
-        )
-        add_entry(
-            session,
-            actor,
-            "renew",
-            renewed.device_id,
-            {
-                "serial": renewed.serial,
-                "previous_serial": previous_serial,
-                "not_after": renewed.not_after.isoformat(),
-            },
-        )
+        add_certificate(session, renewed, "renew", previous_serial=previous_serial, actor=actor)
     return renewed
+
+
+def add_certificate(
+    session: Session,
+    certificate: StoredCertificate,
+    action: str,
+    *,
+    previous_serial: str | None,
+    actor: Actor,
+) -> None:
+    """Add a device's new live certificate and its audit entry (``action``: how it came)."""
+    session.add(
+        Certificate(
+            serial=certificate.serial,
+            device_id=certificate.device_id,
+            not_before=certificate.not_before,
+            not_after=certificate.not_after,
+            status="live",
+            revoked_at=None,
+            certificate_pem=certificate.certificate_pem,
+        )
+    )
+    add_entry(
+        session,
+        actor,
+        action,
+        certificate.device_id,
+        {
+            "serial": certificate.serial,
+            "previous_serial": previous_serial,
+            "not_after": certificate.not_after.isoformat(),
+        },
+    )
 
 
 def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:
