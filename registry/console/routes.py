@@ -1,5 +1,6 @@
-"""The console's pages under ``/ui``: sign-in and sign-out, fleet, devices, one device, and
-its decommission (through ``registry.operations``, the same function as the REST route).
+"""The console's pages under ``/ui``: sign-in and sign-out, fleet, devices, one device, its
+decommission and the re-enrollment of a device whose certificates have all expired (through
+``registry.operations``, the same functions as the REST routes).
 
 Every state-changing request is a POST carrying the session's CSRF token (the sign-in form:
 the sign-in cookie's value, double submit); a POST whose ``Origin`` is another site is
@@ -41,8 +42,13 @@ from registry.console.sessions import (
     record_failure,
     same_secret,
 )
-from registry.errors import AlreadyDecommissionedError, NotFoundError
-from registry.models import DEVICE_ID_PATTERN, DecommissionRequest
+from registry.errors import (
+    AlreadyDecommissionedError,
+    ConflictError,
+    InvalidCSRError,
+    NotFoundError,
+)
+from registry.models import DEVICE_ID_PATTERN, DecommissionRequest, ReenrollResult
 from registry.state import RegistryState
 from registry.store.audit import Actor
 from registry.store.devices import get_device, list_devices
@@ -442,7 +448,14 @@ def _device_context(state: RegistryState, device_id: str) -> dict[str, Any]:
         except NotFoundError:
             raise ConsoleRefusal(404, f"No device {device_id} is registered.") from None
         history = queries.device_history(db, device_id)
-    return {"device": device, "history": history, "now": utcnow()}
+    now = utcnow()
+    valid = any(c.status == "live" and c.not_after > now for c in device.certificates)
+    return {
+        "device": device,
+        "history": history,
+        "now": now,
+        "needs_reenroll": device.status == "active" and not valid,
+    }
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
@@ -536,3 +549,76 @@ def decommission(
         "feed, and the broker drops its session.",
         **_device_context(state, device_id),
     )
+
+
+#: A PEM CSR is about 500 characters; a form field beyond this is not one.
+_MAX_CSR_CHARS = 16_384
+
+
+def _reenroll_page(
+    request: Request,
+    state: RegistryState,
+    user: ConsoleUser,
+    device_id: str,
+    *,
+    status_code: int = 200,
+    error: str | None = None,
+    csr_pem: str = "",
+    result: ReenrollResult | None = None,
+) -> HTMLResponse:
+    return render(
+        request,
+        "reenroll.html",
+        status_code=status_code,
+        title=f"Re-enroll {device_id}",
+        user=user,
+        page="devices",
+        error=error,
+        csr_pem=csr_pem,
+        result=result,
+        **_device_context(state, device_id),
+    )
+
+
+@router.get("/devices/{device_id}/reenroll", response_class=HTMLResponse)
+def reenroll_form(
+    request: Request, state: StateDep, user: CurrentUser, device_id: str
+) -> HTMLResponse:
+    return _reenroll_page(request, state, user, device_id)
+
+
+@router.post("/devices/{device_id}/reenroll", response_class=HTMLResponse)
+def reenroll(
+    request: Request,
+    state: StateDep,
+    user: CurrentUser,
+    device_id: str,
+    csr_pem: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    """Re-enroll through ``registry.operations`` (the REST route's service function)."""
+    _require_csrf(request, state, user, csrf_token)
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
+    csr_pem = csr_pem.strip()
+    if not csr_pem or len(csr_pem) > _MAX_CSR_CHARS:
+        return _reenroll_page(
+            request,
+            state,
+            user,
+            device_id,
+            status_code=400,
+            error="Paste the CSR made on the device (PEM, '-----BEGIN CERTIFICATE REQUEST-----').",
+            csr_pem=csr_pem[:_MAX_CSR_CHARS],
+        )
+    actor = Actor(who=user.who, from_addr=client_addr(request))
+    try:
+        result = operations.reenroll_device(state, device_id, csr_pem, actor)
+    except NotFoundError:
+        raise ConsoleRefusal(404, f"No device {device_id} is registered.") from None
+    except (InvalidCSRError, ConflictError) as exc:
+        status = 400 if isinstance(exc, InvalidCSRError) else 409
+        return _reenroll_page(
+            request, state, user, device_id, status_code=status, error=str(exc), csr_pem=csr_pem
+        )
+    return _reenroll_page(request, state, user, device_id, result=result)

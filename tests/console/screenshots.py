@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
+from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind
+from fleetcore.profile import Identity, IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.store import telemetry
@@ -27,6 +29,8 @@ from tests.console.chromium import chromium
 from tests.console.conftest import make_token
 
 DEVICES = 2_000
+#: A device left on a shelf past its not_after, for the re-enrollment pages.
+EXPIRED_ID = "dev-shelf-01"
 
 
 def seed(server: RegistryServer, ca: CertificateAuthority, token: str, root: Path) -> None:
@@ -65,6 +69,14 @@ def seed(server: RegistryServer, ca: CertificateAuthority, token: str, root: Pat
                     for i in range(0, 1500)
                 ],
             )
+        expired = ca.issue_client(
+            ca.identity(IdentityKind.DEVICE, EXPIRED_ID),
+            not_before=now - dt.timedelta(days=400),
+            not_after=now - dt.timedelta(days=3),
+        )
+        api.post(
+            "/devices", json={"certificate_pem": expired.certificate_pem.decode()}
+        ).raise_for_status()
         for device_id, reason, code in (
             ("dev-000013", "stolen from site 4", "keyCompromise"),
             ("dev-000421", "replaced by a new unit", "superseded"),
@@ -113,6 +125,14 @@ def main(out: Path) -> None:
                 page.get_by_role("button", name="Decommission device").click()
                 page.get_by_role("status").wait_for()
                 shot("decommissioned")
+                page.goto(f"{server.url}/ui/devices/{EXPIRED_ID}")
+                page.get_by_role("button", name="Re-enroll", exact=True).click()
+                csr = build_csr(generate_key(), Identity.device("fleet.local", EXPIRED_ID))
+                page.get_by_label("CSR (PEM)").fill(csr.public_bytes(Encoding.PEM).decode())
+                shot("reenroll")
+                page.get_by_role("button", name="Re-enroll device").click()
+                page.get_by_role("status").wait_for()
+                shot("reenrolled")
                 page.goto(f"{server.url}/docs")
                 page.get_by_role("button", name="Authorize").click()
                 page.get_by_text("mutualTLS").first.wait_for()

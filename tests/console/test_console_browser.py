@@ -5,15 +5,20 @@ wrong token, a form without its CSRF token) and escaping are checked as the brow
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from broker.server import BrokerServer
-from fleetcore.profile import IdentityKind
+from factory.ca import write_issued
+from fleetcore.clock import utcnow
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.profile import Identity, IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.broker.conftest import broker_settings, connect, issue_device
@@ -245,3 +250,58 @@ def test_device_certificate_cannot_sign_in_in_the_browser(
         expect(page.get_by_role("button", name="Sign in with this certificate")).to_have_count(0)
     finally:
         page.context.close()
+
+
+def test_operator_reenrolls_an_expired_device_and_it_connects_again(
+    pki: TestPKI,
+    served: RegistryServer,
+    page: Page,
+    operator_api: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    """A device whose certificate expired: the broker refuses it; the operator pastes the CSR
+    made on the device into the console, and the certificate it shows gets the device in."""
+    from playwright.sync_api import expect
+
+    device_id = "dev-browser-re"
+    now = utcnow()
+    expired = pki.ca.issue_client(
+        pki.ca.identity(IdentityKind.DEVICE, device_id),
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(hours=1),
+    )
+    response = operator_api.post(
+        "/devices", json={"certificate_pem": expired.certificate_pem.decode()}
+    )
+    assert response.status_code == 201, response.text
+    key = generate_key()  # on the device
+    csr = build_csr(key, Identity.device(pki.ca.trust_domain, device_id))
+
+    sign_in(page, served.url, make_token(served))
+    page.goto(f"{served.url}/ui/devices/{device_id}")
+    expect(page.locator("#no-valid-certificate")).to_contain_text("No valid certificate.")
+    page.get_by_role("button", name="Re-enroll", exact=True).click()
+    page.get_by_label("CSR (PEM)").fill(csr.public_bytes(Encoding.PEM).decode())
+    page.get_by_role("button", name="Re-enroll device").click()
+    expect(page.get_by_role("status")).to_contain_text(f"{device_id} re-enrolled: serial")
+    certificate_pem = page.get_by_label("Certificate (device.crt)").input_value()
+
+    cert_path, key_path = tmp_path / "device.crt", tmp_path / "device.key"
+    cert_path.write_text(certificate_pem)
+    key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    old_cert, old_key = tmp_path / "old.crt", tmp_path / "old.key"
+    write_issued(expired, old_cert, old_key)
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    settings = broker_settings(layout, registry_url=served.url, broker_feed_wait_s=30)
+    with BrokerServer(settings) as broker:
+        refused = connect(broker.port, (old_cert, old_key), device_id, root=pki.layout.root_cert)
+        refused.close()
+        assert not refused.connected.is_set(), "the broker let the expired certificate in"
+        device = connect(broker.port, (cert_path, key_path), device_id, root=pki.layout.root_cert)
+        try:
+            assert device.connected.is_set(), device.reason
+        finally:
+            device.close()
+    page.goto(f"{served.url}/ui/devices/{device_id}")
+    expect(page.locator("#certificates tbody tr")).to_have_count(2)
+    assert page.locator("#no-valid-certificate").count() == 0

@@ -12,16 +12,18 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import update
 from sqlmodel import Session
 
 from factory.ca import IssuedCertificate
-from fleetcore.profile import IdentityKind
+from fleetcore.keys import build_csr, generate_key
+from fleetcore.profile import Identity, IdentityKind, serial_hex
 from registry.models import ConsoleSession
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.store import audit, telemetry, tokens
-from tests.conftest import ClientFiles, TestPKI
+from tests.conftest import TRUST_DOMAIN, ClientFiles, TestPKI
 from tests.console.conftest import Console, csrf_of, make_token
 from tests.registry.conftest import pem
 
@@ -405,6 +407,69 @@ def test_decommission_refuses_a_bad_reason_or_code(
         "/ui/devices/dev-nobody/decommission", data={"reason": "x", "csrf_token": csrf}
     )
     assert missing.status_code == 404 and "No device dev-nobody is registered." in missing.text
+
+
+def test_reenroll_through_the_console_for_an_expired_device_only(
+    registry: RegistryServer, console: Console, operator: httpx.Client, mint: Mint
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    expired = mint("dev-re-1", not_before=now - dt.timedelta(days=30), not_after=now - _HOUR)
+    register(operator, expired, mint("dev-re-2"))
+    assert console.sign_in(make_token(registry)).status_code == 303
+    page = console.http.get("/ui/devices/dev-re-1")
+    assert "No valid certificate." in text_of(page.text)
+    assert "No valid certificate." not in text_of(console.http.get("/ui/devices/dev-re-2").text)
+    csrf = console.csrf("/ui/devices/dev-re-1/reenroll")
+    key = generate_key()
+    csr = build_csr(key, Identity.device(TRUST_DOMAIN, "dev-re-1"))
+    csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+
+    without_csrf = console.http.post("/ui/devices/dev-re-1/reenroll", data={"csr_pem": csr_pem})
+    assert without_csrf.status_code == 403
+    for bad in ("", "not a CSR", _csr_for("dev-re-2")):
+        refused = console.http.post(
+            "/ui/devices/dev-re-1/reenroll", data={"csr_pem": bad, "csrf_token": csrf}
+        )
+        assert refused.status_code == 400, (bad, refused.text)
+        assert 'role="alert"' in refused.text
+    assert len(operator.get("/devices/dev-re-1").json()["certificates"]) == 1
+
+    done = console.http.post(
+        "/ui/devices/dev-re-1/reenroll", data={"csr_pem": csr_pem, "csrf_token": csrf}
+    )
+    assert done.status_code == 200, done.text
+    assert "dev-re-1 re-enrolled: serial" in text_of(done.text)
+    shown = re.search(r'<textarea id="certificate"[^>]*>([^<]+)</textarea>', done.text)
+    assert shown is not None
+    certificate = x509.load_pem_x509_certificate(html_module.unescape(shown.group(1)).encode())
+    assert certificate.public_key() == key.public_key()
+    device = operator.get("/devices/dev-re-1").json()
+    assert device["certificates"][-1]["serial"] == serial_hex(certificate.serial_number)
+    entries = operator.get("/devices/dev-re-1/audit").json()["entries"]
+    assert (entries[0]["action"], entries[0]["who"]) == ("reenroll", "console:operator/alice")
+    assert "No valid certificate." not in text_of(console.http.get("/ui/devices/dev-re-1").text)
+
+    # A device with a valid certificate renews itself: 409 and the reason, nothing written.
+    conflict = console.http.post(
+        "/ui/devices/dev-re-2/reenroll",
+        data={"csr_pem": _csr_for("dev-re-2"), "csrf_token": csrf},
+    )
+    assert conflict.status_code == 409
+    assert "renews itself over MQTT" in text_of(conflict.text)
+    assert len(operator.get("/devices/dev-re-2").json()["certificates"]) == 1
+    missing = console.http.post(
+        "/ui/devices/dev-nobody/reenroll",
+        data={"csr_pem": _csr_for("dev-nobody"), "csrf_token": csrf},
+    )
+    assert missing.status_code == 404
+
+
+_HOUR = dt.timedelta(hours=1)
+
+
+def _csr_for(device_id: str) -> str:
+    csr = build_csr(generate_key(), Identity.device(TRUST_DOMAIN, device_id))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_device_search_by_prefix_pages_by_keyset(
