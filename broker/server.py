@@ -399,13 +399,14 @@ class BrokerServer:
         return self
 
     def _run(self) -> None:
-        loop = _new_loop(self.settings.broker_uvloop)
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._main())
-        finally:
-            loop.close()
+        # A Runner, as asyncio.run: what is still pending when _main returns (a library's
+        # background task, such as nats-py's consumer heartbeats) is cancelled and awaited
+        # before the loop closes, not destroyed pending.
+        use_uvloop = self.settings.broker_uvloop
+        with asyncio.Runner(loop_factory=lambda: _new_loop(use_uvloop)) as runner:
+            self._loop = runner.get_loop()
+            asyncio.set_event_loop(self._loop)
+            runner.run(self._main())
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()

@@ -142,6 +142,7 @@ class DurableSessions:
         self._kv_watcher: Any = None
         self.interest = StoreInterest(forget_after_s=session_expiry_s)
         self._refresher: asyncio.Task[None] | None = None
+        self._closed = False
         self.store = StorePipeline(link, on_stored=on_stored, on_retry=on_store_retry)
         link.add_setup(self._setup)
 
@@ -173,6 +174,9 @@ class DurableSessions:
         self._watcher = asyncio.get_running_loop().create_task(self._watch_owners(watcher))
 
     def _spawn(self, coroutine: Any) -> None:
+        if self._closed:  # a task made now would outlive the node's loop
+            coroutine.close()
+            return
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -193,6 +197,7 @@ class DurableSessions:
             self._kv_watcher = None
 
     async def close(self) -> None:
+        self._closed = True
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)

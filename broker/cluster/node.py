@@ -93,9 +93,12 @@ class ClusterNode:
             self.durable.start()
 
     async def stop(self) -> None:
+        # The link first: it cancels a connection's setup still running, which would
+        # otherwise start the durable sessions' watchers after they were closed (and leave
+        # their tasks pending when the loop ends).
+        await self.link.close()
         if self.durable is not None:
             await self.durable.close()
-        await self.link.close()
 
     def problems(self) -> list[str]:
         return self.link.problems()

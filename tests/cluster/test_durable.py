@@ -4,17 +4,21 @@ resumes on any node and gets everything acknowledged to its publishers, once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
 
 import nats
+import pytest
 
 from broker.cluster.durable import OWNERS_BUCKET, SESSIONS_BUCKET
 from broker.cluster.natsd import LocalNats
+from broker.server import BrokerServer
+from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
 from tests.broker.conftest import connect, issue_device, wait_for
-from tests.cluster.conftest import StartNode
+from tests.cluster.conftest import StartNode, node_settings
 from tests.conftest import TestPKI
 
 
@@ -167,3 +171,23 @@ def test_buckets_made_without_an_expiry_get_the_nodes_expiry(
     node.stop()
     start_node("b", broker_session_expiry_s=600)
     assert asyncio.run(bucket_ttls(create=False)) == {SESSIONS_BUCKET: 600, OWNERS_BUCKET: 600}
+
+
+def test_nodes_stopped_while_they_set_up_their_connection_leave_no_task_behind(
+    cluster_layout: DataLayout, nats_server: LocalNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node stopped as soon as it reaches NATS, while its connection's setup (stream,
+    buckets, watchers) is still running: nothing it started outlives its event loop (a
+    watcher task started after the close was destroyed pending, and failed a later test)."""
+    for attempt in range(6):
+        server = BrokerServer(node_settings(cluster_layout, nats_server, f"n{attempt}"))  # type: ignore[arg-type]
+        server.start()
+        try:
+            cluster = server.app.cluster if server.app is not None else None
+            assert cluster is not None
+            assert wait_for(lambda: cluster.link.connected, 10)  # noqa: B023 - called here
+        finally:
+            server.stop()
+    gc.collect()
+    destroyed = [r for r in caplog.records if "Task was destroyed" in r.getMessage()]
+    assert destroyed == []
