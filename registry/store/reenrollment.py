@@ -22,7 +22,7 @@ from registry.db import write_transaction
 from registry.errors import DecommissionedDeviceError, LiveCertificateError, NotFoundError
 from registry.models import Certificate, Device
 from registry.store.audit import Actor
-from registry.store.renewals import StoredCertificate, add_certificate
+from registry.store.renewals import StoredCertificate, add_certificate, newest_certificate
 
 __all__ = ["ReenrollmentBasis", "record_reenrollment", "reenrollment_basis"]
 
@@ -44,13 +44,7 @@ def reenrollment_basis(
     repeat = _check(session, session.get(Device, device_id), device_id, key_der, now)
     if repeat is not None:
         return ReenrollmentBasis(None, repeat)
-    newest = session.exec(
-        select(Certificate)
-        .where(Certificate.device_id == device_id)
-        .order_by(col(Certificate.not_after).desc())
-        .limit(1)
-    ).first()
-    return ReenrollmentBasis(None if newest is None else StoredCertificate.of(newest))
+    return ReenrollmentBasis(newest_certificate(session, device_id))
 
 
 def record_reenrollment(

@@ -33,6 +33,7 @@ __all__ = [
     "add_certificate",
     "claim_request",
     "count_attempt",
+    "newest_certificate",
     "record_renewal",
     "renewal_basis",
 ]
@@ -139,14 +140,19 @@ def renewal_basis(
     """Check ``device_id`` may be renewed now with this key (NotFoundError,
     DecommissionedDeviceError, RenewedTooSoonError) and return what the renewal starts from."""
     _check_active(session.get(Device, device_id), device_id)
+    repeat = _repeat(session, session.get(RenewalLimit, device_id), key_sha256, now, interval)
+    return RenewalBasis(newest_certificate(session, device_id), repeat)
+
+
+def newest_certificate(session: Session, device_id: str) -> StoredCertificate | None:
+    """The device's certificate with the latest not_after (None: it has none)."""
     newest = session.exec(
         select(Certificate)
         .where(Certificate.device_id == device_id)
         .order_by(col(Certificate.not_after).desc())
         .limit(1)
     ).first()
-    repeat = _repeat(session, session.get(RenewalLimit, device_id), key_sha256, now, interval)
-    return RenewalBasis(None if newest is None else StoredCertificate.of(newest), repeat)
+    return None if newest is None else StoredCertificate.of(newest)
 
 
 def record_renewal(
