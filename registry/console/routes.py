@@ -48,7 +48,12 @@ from registry.errors import (
     InvalidCSRError,
     NotFoundError,
 )
-from registry.models import DEVICE_ID_PATTERN, DecommissionRequest, ReenrollResult
+from registry.models import (
+    DEVICE_ID_PATTERN,
+    DecommissionRequest,
+    ReenrollRequest,
+    ReenrollResult,
+)
 from registry.state import RegistryState
 from registry.store.audit import Actor
 from registry.store.devices import get_device, list_devices
@@ -551,10 +556,6 @@ def decommission(
     )
 
 
-#: A PEM CSR is about 500 characters; a form field beyond this is not one.
-_MAX_CSR_CHARS = 16_384
-
-
 def _reenroll_page(
     request: Request,
     state: RegistryState,
@@ -600,8 +601,9 @@ def reenroll(
     _require_csrf(request, state, user, csrf_token)
     if not _DEVICE_ID.fullmatch(device_id):
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
-    csr_pem = csr_pem.strip()
-    if not csr_pem or len(csr_pem) > _MAX_CSR_CHARS:
+    try:
+        body = ReenrollRequest(csr_pem=csr_pem.strip())  # the REST route's limits
+    except ValidationError:
         return _reenroll_page(
             request,
             state,
@@ -609,11 +611,10 @@ def reenroll(
             device_id,
             status_code=400,
             error="Paste the CSR made on the device (PEM, '-----BEGIN CERTIFICATE REQUEST-----').",
-            csr_pem=csr_pem[:_MAX_CSR_CHARS],
         )
     actor = Actor(who=user.who, from_addr=client_addr(request))
     try:
-        result = operations.reenroll_device(state, device_id, csr_pem, actor)
+        result = operations.reenroll_device(state, device_id, body.csr_pem, actor)
     except NotFoundError:
         raise ConsoleRefusal(404, f"No device {device_id} is registered.") from None
     except (InvalidCSRError, ConflictError) as exc:

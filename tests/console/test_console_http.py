@@ -426,7 +426,7 @@ def test_reenroll_through_the_console_for_an_expired_device_only(
 
     without_csrf = console.http.post("/ui/devices/dev-re-1/reenroll", data={"csr_pem": csr_pem})
     assert without_csrf.status_code == 403
-    for bad in ("", "not a CSR", _csr_for("dev-re-2")):
+    for bad in ("", "x" * 20_000, "not a CSR", _csr_for("dev-re-2")):
         refused = console.http.post(
             "/ui/devices/dev-re-1/reenroll", data={"csr_pem": bad, "csrf_token": csrf}
         )

@@ -249,6 +249,9 @@ def test_cli_writes_the_certificate_and_chain_and_refuses_in_one_line(
     refused = run(pki, registry, *args, "--out", str(missing_folder))
     assert refused.exit_code != 0
     assert "nothing was asked of the registry" in str(refused.exception)
+    folder = run(pki, registry, *args, "--chain-out", str(tmp_path))
+    assert folder.exit_code != 0
+    assert "it is a folder" in str(folder.exception)
     assert len(_certificates(operator, device_id)) == 1
 
     done = run(pki, registry, *args, "--out", str(out), "--chain-out", str(chain))
