@@ -16,25 +16,10 @@ from fleetcore.profile import IdentityKind
 
 TRUST_DOMAIN = "fleet.test"
 
-# Tests whose time bounds (a decommission cut within 1 s, keep-alive expiry, bursts answered in
-# time, a node killed under load) assume no other test shares this machine's cores. `make test`
-# runs them one after another on their own, after the rest have run two at a time (xdist).
-ALONE_PATHS = (
-    "tests/broker/",
-    "tests/cluster/",
-    "tests/console/test_console_browser.py",
-    "tests/e2e/",
-    "tests/faults/",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests under :data:`ALONE_PATHS` ``alone``."""
-    root = Path(config.rootpath)
-    for item in items:
-        where = item.path.relative_to(root).as_posix()
-        if where.startswith(ALONE_PATHS):
-            item.add_marker(pytest.mark.alone)
+# `alone`: a test that asserts a wall-clock bound (a decommission cut within 1 s, keep-alive
+# expiry, bursts answered in time, a node killed under load) carries `@pytest.mark.alone` (or a
+# module-level `pytestmark`) itself; `make test` runs those one after another on their own, after
+# the rest have run in parallel (xdist). Nothing is marked by folder.
 
 
 # The broker's metrics port defaults to 127.0.0.1:9883; brokers the tests start (in

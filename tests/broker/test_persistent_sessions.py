@@ -114,6 +114,7 @@ def test_retained_renewal_requests_are_routed_but_never_stored(
         again.close()
 
 
+@pytest.mark.alone
 def test_keepalive_is_enforced_on_a_persistent_session_that_came_back(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:

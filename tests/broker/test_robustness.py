@@ -19,6 +19,9 @@ from fleetcore.profile import IdentityKind
 from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
 from tests.conftest import ClientFiles, TestPKI
 
+# `alone`: timeouts of 1 s measured, keep-alive expiry bounded, a 2000-socket flood (time bounds).
+pytestmark = pytest.mark.alone
+
 
 def connect_packet(client_id: str, keepalive_s: int = 30) -> bytes:
     """A minimal MQTT 3.1.1 CONNECT (clean session)."""

@@ -111,6 +111,7 @@ def test_clean_session_discards_the_stored_session(
         again.close()
 
 
+@pytest.mark.alone
 def test_a_session_gone_longer_than_the_expiry_is_forgotten_everywhere(
     pki: TestPKI, start_node: StartNode, tmp_path: Path
 ) -> None:

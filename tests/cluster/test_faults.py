@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from broker.cluster.natsd import LocalNats
 from certfleet.procs import ProcessGroup
 from fleetcore.layout import DataLayout
@@ -19,6 +21,9 @@ from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
 from tests.cluster.node_process import log_dir, port_of, start_node_process
 from tests.conftest import ClientFiles, TestPKI
+
+# `alone`: a node SIGKILLed and NATS restarted under load (time bounds).
+pytestmark = pytest.mark.alone
 
 
 class Publisher:

@@ -7,12 +7,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats
+import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 
 from broker.cluster.natsd import LocalNats
 from broker.cluster.pull import ConsumerPull
+
+# `alone`: pull requests expiring after 0.2-0.3 s, checked with sub-second margins (time bounds).
+pytestmark = pytest.mark.alone
 
 STREAM = "PULLTEST"
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from broker.auth import Refusal
 from registry.server import RegistryServer
@@ -33,6 +34,7 @@ def test_connecting_on_another_node_takes_the_session_over(
         newer.close()
 
 
+@pytest.mark.alone
 def test_decommission_drops_the_device_on_its_node_and_every_node_refuses_it(
     pki: TestPKI,
     registry: RegistryServer,

@@ -35,6 +35,9 @@ from registry.settings import RegistrySettings
 from tests.conftest import TestPKI
 from tests.device_sim.conftest import certfleet_broker_settings
 
+# `alone`: certificates living seconds, a 4 s rate limit (time bounds).
+pytestmark = pytest.mark.alone
+
 RATE_LIMIT_S = 4.0
 POLICY = RenewalPolicy(at=0.3, jitter=0.01, timeout=5.0, backoff_base=0.3, backoff_cap=1.0)
 

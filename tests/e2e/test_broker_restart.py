@@ -25,6 +25,9 @@ from tests.conftest import TestPKI
 from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
 from tests.e2e.tcp_gate import TcpGate
 
+# `alone`: every device back within a bounded time (time bounds).
+pytestmark = pytest.mark.alone
+
 DEVICES = 60
 RATE = 5.0
 BACKOFF_CAP = 2.0

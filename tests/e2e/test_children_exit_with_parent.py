@@ -15,6 +15,9 @@ import pytest
 
 from broker.cluster.natsd import INSTALL_HINT, find_nats_server
 
+# `alone`: children gone within 10 s of their parent's SIGKILL (time bounds).
+pytestmark = pytest.mark.alone
+
 _ORCHESTRATOR = """
 import json, sys, time
 from pathlib import Path

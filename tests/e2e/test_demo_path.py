@@ -41,6 +41,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.alone
 def test_demo_path_with_a_few_hundred_devices(tmp_path: Path) -> None:
     settings = OrchestrateSettings(
         data_dir=tmp_path,

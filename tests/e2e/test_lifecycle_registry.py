@@ -45,6 +45,9 @@ from tests.conftest import ClientFiles, TestPKI
 from tests.device_sim.conftest import free_port, write_device_bundle
 from tests.e2e.test_renewal import _registry_data_dir as renewal_data_dir
 
+# `alone`: graces of 3 s and certificates expiring in seconds (time bounds).
+pytestmark = pytest.mark.alone
+
 GRACE_S = 3.0
 
 

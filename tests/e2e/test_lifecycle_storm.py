@@ -18,6 +18,9 @@ import pytest
 
 from tests.certfleet.test_lifecycle_report import RUN_KEYS
 
+# `alone`: certificates living 45 s renewed before they expire (time bounds).
+pytestmark = pytest.mark.alone
+
 DEVICES = 40
 LIFETIME_S = 45
 DURATION_S = 78

@@ -241,6 +241,7 @@ def test_a_corrupt_state_file_is_moved_aside_counted_and_the_broker_starts(
         probe.close()
 
 
+@pytest.mark.alone
 def test_sigkill_loses_nothing_acknowledged_before_the_flush_bound(
     pki: TestPKI, broker_process: BrokerProcess, tmp_path: Path
 ) -> None:

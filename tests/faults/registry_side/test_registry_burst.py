@@ -21,6 +21,9 @@ from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from tests.registry.conftest import Clients, pem, unique_id
 
+# `alone`: bursts answered within a bound (time bounds).
+pytestmark = pytest.mark.alone
+
 Mint = Callable[..., IssuedCertificate]
 
 DEVICES = 200

@@ -21,6 +21,9 @@ from registry.settings import RegistrySettings
 from tests.conftest import TestPKI
 from tests.registry.conftest import Clients, _reset_postgres, pem, unique_id
 
+# `alone`: answers within 5 s while connections are cut (time bounds).
+pytestmark = pytest.mark.alone
+
 Mint = Callable[..., IssuedCertificate]
 DEVICES = 100
 CLIENTS = 20

@@ -20,6 +20,9 @@ from tests.conftest import ClientFiles, TestPKI
 from tests.faults.registry_side.registry_process import registry_process
 from tests.registry.conftest import pem, tls_context, unique_id
 
+# `alone`: the registry SIGKILLed under load (time bounds).
+pytestmark = pytest.mark.alone
+
 Mint = Callable[..., IssuedCertificate]
 DEVICES = 120
 CLIENTS = 20

@@ -36,7 +36,8 @@ from tests.e2e.test_renewal import _registry_data_dir
 from tests.faults.registry_side.registry_process import RegistryProcess, registry_process
 from tests.registry.conftest import _reset_postgres
 
-pytestmark = pytest.mark.postgres
+# `alone`: a long-poll woken within 1 s (time bounds).
+pytestmark = [pytest.mark.postgres, pytest.mark.alone]
 
 #: The long-polls' own re-read: long enough that only a notification wakes them within 1 s.
 FEED_POLL_S = 10
