@@ -11,8 +11,9 @@ from amqtt.contexts import Action
 from broker.acl import RefusalLog, is_allowed
 from broker.server import BrokerServer
 from fleetcore.profile import Identity, IdentityKind
-from tests.broker.conftest import connect, issue_device, wait_for
-from tests.conftest import TRUST_DOMAIN, TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TRUST_DOMAIN, TestPKI, issue_device
+from tests.support.waits import wait_for
 
 DEV1 = Identity(TRUST_DOMAIN, IdentityKind.DEVICE, "dev-1")
 SERVICE = Identity(TRUST_DOMAIN, IdentityKind.SERVICE, "registry")

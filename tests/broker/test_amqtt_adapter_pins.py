@@ -26,7 +26,7 @@ from broker.auth import AdmissionPolicy
 from broker.gate import ConnectGate
 from broker.metrics import BrokerMetrics
 from fleetcore.topics import topic_matches
-from tests.conftest import TRUST_DOMAIN
+from tests.support.pki import TRUST_DOMAIN
 
 
 class _NothingRevoked:
@@ -209,9 +209,7 @@ def test_the_client_message_loop_ends_at_the_disconnect_and_is_the_session_s_las
     assert _calls(Session.clear_queues, "delivered_message_queue.get_nowait()")
 
 
-def test_the_client_loop_takes_one_publish_per_pass_and_queues_what_else_the_client_sent() -> (
-    None
-):
+def test_the_client_loop_takes_one_publish_per_pass_and_queues_what_else_the_client_sent() -> None:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
     loop = inspect.getsource(Broker._client_message_loop)
@@ -226,9 +224,7 @@ def test_the_client_loop_takes_one_publish_per_pass_and_queues_what_else_the_cli
     subscriptions, unsubscriptions = _on_loop(queues)
     assert isinstance(subscriptions, asyncio.Queue) and isinstance(unsubscriptions, asyncio.Queue)
     assert _calls(BrokerProtocolHandler.get_next_pending_subscription, "_pending_subscriptions")
-    assert _calls(
-        BrokerProtocolHandler.get_next_pending_unsubscription, "_pending_unsubscriptions"
-    )
+    assert _calls(BrokerProtocolHandler.get_next_pending_unsubscription, "_pending_unsubscriptions")
 
 
 # -- Plugins wired through their Config dataclass -----------------------------------------

@@ -21,15 +21,10 @@ from fleetcore.clock import utcnow
 from fleetcore.keys import generate_key
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import (
-    MqttProbe,
-    broker_data_dir,
-    broker_settings,
-    connect,
-    issue_device,
-    wait_for,
-)
-from tests.conftest import TRUST_DOMAIN, ClientFiles, TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import TRUST_DOMAIN, ClientFiles, TestPKI, issue_device
+from tests.support.servers import broker_data_dir, broker_settings
+from tests.support.waits import wait_for
 
 
 def assert_refused(

@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.broker.conftest import broker_data_dir, connect, issue_device, wait_for
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.servers import broker_data_dir
+from tests.support.waits import wait_for
 
 
 def test_broker_serve_writes_ready_file_and_serves_metrics(pki: TestPKI, tmp_path: Path) -> None:

@@ -17,15 +17,10 @@ import pytest
 from broker.auth import ClientIdMode, Refusal
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import (
-    MqttProbe,
-    broker_data_dir,
-    broker_settings,
-    connect,
-    issue_device,
-    wait_for,
-)
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, issue_device
+from tests.support.servers import broker_data_dir, broker_settings
+from tests.support.waits import wait_for
 
 
 @pytest.fixture

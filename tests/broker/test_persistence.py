@@ -20,8 +20,10 @@ from broker.persistence import StateFile, StateFileError, decode_state, encode_s
 from broker.server import BrokerServer
 from broker.state import BrokerState, SessionState, StoredMessage
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
-from tests.conftest import TRUST_DOMAIN, TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TRUST_DOMAIN, TestPKI, issue_device
+from tests.support.servers import broker_data_dir, broker_settings
+from tests.support.waits import wait_for
 
 STATE = BrokerState(  # sorted by key, as persistent_state() gives it
     sessions=(

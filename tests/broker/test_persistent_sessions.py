@@ -9,8 +9,9 @@ import pytest
 
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
-from tests.conftest import TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.waits import wait_for
 
 COUNT = 20
 

@@ -10,8 +10,8 @@ import pytest
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
-from tests.broker.conftest import connect, issue_device
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ metrics port's documented default."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -13,19 +12,15 @@ import pytest
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from registry.server import RegistryServer
-from tests.broker.conftest import broker_data_dir, broker_settings, feed_broker_layout, wait_for
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
+from tests.support.ports import free_port
+from tests.support.servers import broker_data_dir, broker_settings, feed_broker_layout
+from tests.support.waits import wait_for
 
 
 def probe(broker: BrokerServer, path: str) -> httpx.Response:
     assert broker.metrics_url is not None
     return httpx.get(broker.metrics_url.replace("/metrics", path), timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_broker_following_a_registry_becomes_ready(
@@ -39,9 +34,7 @@ def test_broker_following_a_registry_becomes_ready(
         assert "certfleet_broker_connections" in probe(broker, "/metrics").text
 
 
-def test_broker_whose_registry_is_unreachable_is_not_ready(
-    pki: TestPKI, tmp_path: Path
-) -> None:
+def test_broker_whose_registry_is_unreachable_is_not_ready(pki: TestPKI, tmp_path: Path) -> None:
     layout = feed_broker_layout(pki, tmp_path / "broker")
     nowhere = f"https://127.0.0.1:{free_port()}"
     with BrokerServer(broker_settings(layout, registry_url=nowhere)) as broker:

@@ -13,16 +13,11 @@ from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind, serial_hex
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.broker.conftest import (
-    broker_settings,
-    connect,
-    feed_broker_layout,
-    issue_device,
-    register,
-    tls_context,
-    wait_for,
-)
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.servers import broker_settings, feed_broker_layout, register
+from tests.support.tls import tls_context
+from tests.support.waits import wait_for
 
 
 def test_decommission_drops_live_session_and_refuses_reconnect(

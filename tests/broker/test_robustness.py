@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from broker.auth import Refusal
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import broker_data_dir, broker_settings, connect, issue_device, wait_for
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import ClientFiles, TestPKI, issue_device
+from tests.support.servers import broker_data_dir, broker_settings
+from tests.support.waits import wait_for
 
 # `alone`: timeouts of 1 s measured, keep-alive expiry bounded, a 2000-socket flood (time bounds).
 pytestmark = pytest.mark.alone

@@ -7,8 +7,9 @@ from pathlib import Path
 from broker.server import BrokerServer
 from broker.sessions import identity_of_key, session_key
 from fleetcore.profile import Identity, IdentityKind
-from tests.broker.conftest import connect, issue_device, wait_for
-from tests.conftest import TRUST_DOMAIN, TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TRUST_DOMAIN, TestPKI, issue_device
+from tests.support.waits import wait_for
 
 
 def test_keys_of_devices_and_services_cannot_collide() -> None:

@@ -13,19 +13,7 @@ from certfleet.lifecycle_report import lifecycle_json, render_table, write_png
 from certfleet.lifecycle_run import LifecyclePlan, StaggerRun, registry_env
 from certfleet.lifecycle_stats import Renewal, figures
 from fleetcore.errors import ConfigError
-
-RUN_KEYS = [
-    "stagger_s",
-    "renewals",
-    "peak_renewals_per_s",
-    "p99_renewals_per_s",
-    "renewal_latency_p50_ms",
-    "renewal_latency_p99_ms",
-    "refused",
-    "retried",
-    "expired_before_renewal",
-    "superseded_revoked",
-]
+from tests.support.lifecycle import RUN_KEYS
 
 
 def _run(stagger_s: int, times: list[float]) -> StaggerRun:

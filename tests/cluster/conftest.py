@@ -10,15 +10,11 @@ import pytest
 from broker.cluster.natsd import LocalNats
 from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
-from tests.broker.conftest import (
-    broker_settings,
-    feed_broker_layout,
-    operator,
-    registry,
-    wait_for,
-)
-from tests.conftest import TestPKI
-from tests.nats_fixtures import nats_server
+from tests.support.broker_fixtures import operator, registry
+from tests.support.nats import nats_server
+from tests.support.pki import TestPKI
+from tests.support.servers import broker_settings, feed_broker_layout
+from tests.support.waits import wait_for
 
 __all__ = ["nats_server", "operator", "registry"]
 

@@ -17,9 +17,10 @@ from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
-from tests.broker.conftest import connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode, node_settings
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.waits import wait_for
 
 
 def test_persistent_session_resumes_on_the_other_node_with_every_acknowledged_message(

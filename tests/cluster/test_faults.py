@@ -17,10 +17,11 @@ from certfleet.procs import ProcessGroup
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
-from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
 from tests.cluster.node_process import log_dir, port_of, start_node_process
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, issue_device
+from tests.support.waits import wait_for
 
 # `alone`: a node SIGKILLed and NATS restarted under load (time bounds).
 pytestmark = pytest.mark.alone

@@ -14,6 +14,7 @@ from nats.js.api import AckPolicy
 
 from broker.cluster.natsd import LocalNats
 from broker.cluster.pull import ConsumerPull
+from tests.support.waits import until
 
 # `alone`: pull requests expiring after 0.2-0.3 s, checked with sub-second margins (time bounds).
 pytestmark = pytest.mark.alone
@@ -52,13 +53,6 @@ def _nothing() -> None:
     """A change callback that does nothing."""
 
 
-async def _until(predicate: object, timeout: float = 5.0) -> bool:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-    return True
-
-
 def test_requests_bring_what_is_stored_and_expire_to_a_count_of_zero(
     nats_server: LocalNats,
 ) -> None:
@@ -76,21 +70,21 @@ def test_requests_bring_what_is_stored_and_expire_to_a_count_of_zero(
         await pull.start()
         await pull.request(10)
         assert pull.outstanding == 10
-        assert await _until(lambda: len(got) == 3)
+        assert await until(lambda: len(got) == 3)
         assert [m.data for m in got] == [b"0", b"1", b"2"]
         assert pull.outstanding == 7  # the request still waits at the server
         await js.publish("pt.b", b"3")  # ...and takes what comes next
-        assert await _until(lambda: len(got) == 4)
+        assert await until(lambda: len(got) == 4)
         assert pull.outstanding == 6
         # It expires: the 408 says 6 were not delivered.
-        assert await _until(lambda: pull.outstanding == 0 and changes)
+        assert await until(lambda: pull.outstanding == 0 and changes)
         assert pull.settled
         for message in got:
             await message.ack()
         # A deleted consumer ends the pull.
         await pull.request(5)
         await js.delete_consumer(STREAM, "c1")
-        assert await _until(lambda: pull.deleted)
+        assert await until(lambda: pull.deleted)
         await pull.close()
 
     _with_stream(nats_server, body)
@@ -111,7 +105,7 @@ def test_an_answer_without_a_count_holds_requests_until_every_request_has_expire
         await pull.start()
         await pull.request(2)  # waits at the server: nothing is stored
         await pull.request(2)  # refused: 409 Exceeded MaxWaiting, no count
-        assert await _until(lambda: pull.held)
+        assert await until(lambda: pull.held)
         await pull.request(1)
         assert pull.outstanding == 4  # not sent: what the refusal covered is unknown
         await asyncio.sleep(0.35)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, renew_topic, telemetry_topic
-from tests.broker.conftest import connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.waits import wait_for
 
 
 def test_a_retained_message_set_on_one_node_is_served_by_every_node_under_the_acl(

@@ -9,9 +9,10 @@ from pathlib import Path
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, issued_topic, telemetry_topic
-from tests.broker.conftest import connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.waits import wait_for
 
 
 def test_telemetry_published_on_one_node_reaches_subscribers_on_both_once(

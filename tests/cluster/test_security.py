@@ -19,8 +19,8 @@ from broker.cluster.natsd import LocalNats, find_nats_server
 from broker.server import BrokerServer
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
-from tests.broker.conftest import wait_for
 from tests.cluster.conftest import node_settings
+from tests.support.waits import wait_for
 
 
 def test_nats_refuses_a_client_without_credentials(nats_server: LocalNats) -> None:

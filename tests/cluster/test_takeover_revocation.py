@@ -10,9 +10,11 @@ import pytest
 
 from broker.auth import Refusal
 from registry.server import RegistryServer
-from tests.broker.conftest import connect, issue_device, register, wait_for
 from tests.cluster.conftest import StartNode
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.servers import register
+from tests.support.waits import wait_for
 
 
 def test_connecting_on_another_node_takes_the_session_over(

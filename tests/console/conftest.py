@@ -14,17 +14,18 @@ from sqlmodel import Session
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.store import audit, tokens
-from tests.conftest import ClientFiles, TestPKI
-from tests.registry.conftest import (  # noqa: F401  (fixtures)
+from tests.support.pki import ClientFiles, TestPKI
+from tests.support.registry_fixtures import (  # noqa: F401  (fixtures)
     clients,
     database_url,
+    migrated_database_url,
     mint,
     operator,
     postgres_database,
     registry,
     registry_settings,
-    tls_context,
 )
+from tests.support.tls import tls_context
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 

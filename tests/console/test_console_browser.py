@@ -21,12 +21,12 @@ from fleetcore.keys import build_csr, generate_key
 from fleetcore.profile import Identity, IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.broker.conftest import broker_settings, connect, issue_device
-from tests.broker.test_revocation import feed_broker_layout
-from tests.conftest import TestPKI
 from tests.console.chromium import chromium, missing_reason
 from tests.console.conftest import make_token
-from tests.registry.conftest import tls_context
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.servers import broker_settings, feed_broker_layout
+from tests.support.tls import tls_context
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

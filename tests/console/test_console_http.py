@@ -23,9 +23,8 @@ from registry.models import ConsoleSession
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.store import audit, telemetry, tokens
-from tests.conftest import TRUST_DOMAIN, ClientFiles, TestPKI
 from tests.console.conftest import Console, csrf_of, make_token
-from tests.registry.conftest import pem
+from tests.support.pki import TRUST_DOMAIN, ClientFiles, TestPKI, pem
 
 Mint = Callable[..., IssuedCertificate]
 MakeConsole = Callable[..., Console]

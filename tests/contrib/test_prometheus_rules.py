@@ -19,7 +19,7 @@ from registry.db import make_engine, migrate
 from registry.metrics import ExpiryCollector, RegistryMetrics
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "contrib" / "prometheus"
 RULES = RULES_DIR / "certfleet-alerts.yml"

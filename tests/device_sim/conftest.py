@@ -3,12 +3,9 @@ over mTLS (trusting ca/chain.pem), started on a free loopback port and killed by
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,43 +15,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.server import BrokerServer
-from broker.settings import BrokerSettings
-from factory.ca import CertificateAuthority, RevokedEntry, write_issued
+from factory.ca import CertificateAuthority, RevokedEntry
 from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout, write_public
-from fleetcore.profile import IdentityKind, serial_hex
-from tests.conftest import TestPKI
+from tests.support.pki import Fleet, TestPKI, write_device_bundle
+from tests.support.ports import free_port
+from tests.support.servers import certfleet_broker_settings
+from tests.support.waits import wait_listening
 
-
-def write_device_bundle(ca: CertificateAuthority, data_dir: Path, device_id: str) -> int:
-    """A device bundle as the factory writes it; returns the certificate serial."""
-    layout = DataLayout(data_dir)
-    directory = layout.device_dir(device_id)
-    issued = ca.issue_client(ca.identity(IdentityKind.DEVICE, device_id))
-    write_issued(issued, directory / "device.crt", directory / "device.key")
-    write_public(directory / "chain.pem", ca.chain_pem)
-    write_public(directory / "root.crt", ca.root_pem)
-    cert = issued.certificate
-    meta = {
-        "device_id": device_id,
-        "hardware_serial": None,
-        "serial": serial_hex(cert.serial_number),
-        "identity": ca.identity(IdentityKind.DEVICE, device_id).uri,
-        "trust_domain": ca.trust_domain,
-        "not_before": cert.not_valid_before_utc.isoformat(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "broker": "127.0.0.1:8883",
-    }
-    write_public(directory / "device.json", json.dumps(meta).encode())
-    return cert.serial_number
-
-
-@dataclass
-class Fleet:
-    """A data folder with device bundles (dev-0000 .. dev-NNNN) from the session CA."""
-
-    data_dir: Path
-    serials: dict[str, int]
+# Re-exported for older imports (``from tests.device_sim.conftest import free_port``).
+__all__ = [
+    "Fleet",
+    "certfleet_broker_settings",
+    "free_port",
+    "wait_listening",
+    "write_device_bundle",
+]
 
 
 @pytest.fixture(scope="session")
@@ -75,25 +51,6 @@ def foreign_fleet(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Fle
     # The device trusts OUR root (it reaches our broker), but its certificate is foreign.
     write_public(data_dir / "devices" / "dev-foreign" / "root.crt", pki.ca.root_pem)
     return Fleet(data_dir, {"dev-foreign": serial})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"broker exited early with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"broker did not listen on {port} within {timeout}s")
 
 
 @dataclass
@@ -167,31 +124,6 @@ def device_cert(data_dir: Path, device_id: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(
         (data_dir / "devices" / device_id / "device.crt").read_bytes()
     )
-
-
-def certfleet_broker_settings(pki: TestPKI, root: Path, **overrides: object) -> BrokerSettings:
-    """Settings for our broker in a data folder holding the session CA's public files."""
-    layout = DataLayout(root)
-    layout.ca_dir.mkdir(parents=True, exist_ok=True)
-    for src in (
-        pki.layout.root_cert,
-        pki.layout.chain,
-        pki.layout.issuing_cert,
-        pki.layout.ca_meta,
-    ):
-        shutil.copy(src, layout.ca_dir / src.name)
-    cert, key = pki.server("broker-sim")
-    layout.tls_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(cert, layout.server_cert("broker"))
-    shutil.copy(key, layout.server_key("broker"))
-    values: dict[str, object] = {
-        "data_dir": root,
-        "broker_addr": "127.0.0.1:0",
-        "broker_metrics_addr": None,
-        "registry_url": None,
-    }
-    values.update(overrides)
-    return BrokerSettings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

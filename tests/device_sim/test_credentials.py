@@ -17,8 +17,8 @@ from device_sim.credentials import CredentialStore
 from device_sim.transport import open_tls
 from fleetcore.keys import private_key_pem
 from fleetcore.profile import IdentityKind, serial_hex
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import Fleet, MosquittoFactory
+from tests.device_sim.conftest import MosquittoFactory
+from tests.support.pki import Fleet, TestPKI
 
 pytestmark = pytest.mark.mosquitto
 

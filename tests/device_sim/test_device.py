@@ -13,7 +13,9 @@ from device_sim.bundle import DeviceBundle
 from device_sim.credentials import Credentials
 from device_sim.device import DeviceConfig, DeviceEvent, DeviceState, SimDevice
 from device_sim.stats import WorkerStats
-from tests.device_sim.conftest import Fleet, MosquittoFactory, free_port
+from tests.device_sim.conftest import MosquittoFactory
+from tests.support.pki import Fleet
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.mosquitto
 

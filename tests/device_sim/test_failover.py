@@ -17,7 +17,8 @@ from device_sim.runner import SimRun
 from device_sim.settings import broker_list, build_settings
 from fleetcore.address import Address
 from fleetcore.errors import ConfigError
-from tests.device_sim.conftest import Fleet, MosquittoFactory
+from tests.device_sim.conftest import MosquittoFactory
+from tests.support.pki import Fleet
 
 
 def test_broker_list_is_validated_like_every_address() -> None:

@@ -20,8 +20,8 @@ import pytest
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
 from device_sim.transport import open_tls
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import Fleet, MosquittoFactory
+from tests.device_sim.conftest import MosquittoFactory
+from tests.support.pki import Fleet, TestPKI
 
 
 @dataclass

@@ -11,7 +11,7 @@ from device_sim.bundle import DeviceBundle
 from device_sim.device import DeviceConfig, DeviceEvent, DeviceState, SimDevice
 from device_sim.stats import WorkerStats
 from fleetcore.profile import serial_hex
-from tests.device_sim.conftest import Fleet
+from tests.support.pki import Fleet
 
 
 def test_revoked_device_is_dropped_refused_and_stops_while_others_publish(

@@ -18,7 +18,7 @@ from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.errors import BundleError, SimError
 from device_sim.runner import SimRun, default_workers
 from fleetcore.profile import serial_hex
-from tests.device_sim.conftest import Fleet
+from tests.support.pki import Fleet
 
 SUMMARY_FIELDS = {
     "devices",

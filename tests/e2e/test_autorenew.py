@@ -32,8 +32,8 @@ from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import certfleet_broker_settings
+from tests.support.pki import TestPKI
+from tests.support.servers import certfleet_broker_settings
 
 # `alone`: certificates living seconds, a 4 s rate limit (time bounds).
 pytestmark = pytest.mark.alone

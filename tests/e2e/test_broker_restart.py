@@ -21,9 +21,10 @@ from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig
 from device_sim.runner import SimRun
 from fleetcore.profile import IdentityKind
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
 from tests.e2e.tcp_gate import TcpGate
+from tests.support.pki import Fleet, TestPKI, write_device_bundle
+from tests.support.servers import certfleet_broker_settings
+from tests.support.waits import waited
 
 # `alone`: every device back within a bounded time (time bounds).
 pytestmark = pytest.mark.alone
@@ -90,15 +91,6 @@ def subscribers() -> Iterator[list[Subscriber]]:
         subscriber.close()
 
 
-def _wait(predicate, timeout: float) -> float | None:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    return None
-
-
 def test_broker_restart_every_device_back_and_no_sequence_number_lost(
     pki: TestPKI, restart_fleet: Fleet, tmp_path: Path, subscribers: list[Subscriber]
 ) -> None:
@@ -118,7 +110,7 @@ def test_broker_restart_every_device_back_and_no_sequence_number_lost(
                 backoff_cap=BACKOFF_CAP,
             )
             with SimRun(bundles, config, duration=10.0, workers=0, seed=3) as run:
-                assert _wait(lambda: run.snapshot().connected == DEVICES, 30) is not None
+                assert waited(lambda: run.snapshot().connected == DEVICES, 30) is not None
                 time.sleep(1.5)  # publishing before the restart
                 # The restart: every device link is cut, the broker goes away with every
                 # session; a new broker comes up on the same port.
@@ -138,7 +130,7 @@ def test_broker_restart_every_device_back_and_no_sequence_number_lost(
                 subscribers.append(Subscriber(pki, port))  # subscribed before devices return
                 at_reopen = run.snapshot()
                 gate.open()
-                back_after = _wait(lambda: run.snapshot().connected == DEVICES, 15)
+                back_after = waited(lambda: run.snapshot().connected == DEVICES, 15)
                 assert run.wait(40)
             summary = run.summary()
     finally:

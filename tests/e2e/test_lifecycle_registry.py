@@ -40,10 +40,12 @@ from fleetcore.profile import CLOCK_SKEW, Identity, IdentityKind, serial_hex
 from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.broker.conftest import MqttProbe, broker_settings, connect, feed_broker_layout, wait_for
-from tests.conftest import ClientFiles, TestPKI
-from tests.device_sim.conftest import free_port, write_device_bundle
-from tests.e2e.test_renewal import _registry_data_dir as renewal_data_dir
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, write_device_bundle
+from tests.support.pki import registry_data_dir as renewal_data_dir
+from tests.support.ports import free_port
+from tests.support.servers import broker_settings, feed_broker_layout
+from tests.support.waits import wait_for
 
 # `alone`: graces of 3 s and certificates expiring in seconds (time bounds).
 pytestmark = pytest.mark.alone

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.certfleet.test_lifecycle_report import RUN_KEYS
+from tests.support.lifecycle import RUN_KEYS
 
 # `alone`: certificates living 45 s renewed before they expire (time bounds).
 pytestmark = pytest.mark.alone

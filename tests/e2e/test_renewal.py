@@ -35,9 +35,16 @@ from registry.renewal import RenewalRefused, RenewalService, device_of_renew_top
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
-from tests.broker.conftest import connect
-from tests.conftest import TRUST_DOMAIN, ClientFiles, TestPKI
-from tests.device_sim.conftest import certfleet_broker_settings, free_port, write_device_bundle
+from tests.support.mqtt import connect
+from tests.support.pki import (
+    TRUST_DOMAIN,
+    ClientFiles,
+    TestPKI,
+    registry_data_dir,
+    write_device_bundle,
+)
+from tests.support.ports import free_port
+from tests.support.servers import certfleet_broker_settings
 
 PEM = serialization.Encoding.PEM
 MIN_INTERVAL_S = 120.0
@@ -84,16 +91,11 @@ class Stack:
         return request_certificate(bundle, "127.0.0.1", self.broker.port, csr_pem, timeout=20)
 
 
-def _registry_data_dir(pki: TestPKI, root: Path) -> Path:
-    """The CA (with its issuing key: the registry signs) and the registry's service cert."""
-    return pki.registry_data_dir(root).root
-
-
 @pytest.fixture(scope="module")
 def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("renewal")
     with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
-        data_dir = _registry_data_dir(pki, root / "registry-data")
+        data_dir = registry_data_dir(pki, root / "registry-data")
         settings = RegistrySettings(
             data_dir=data_dir,
             registry_addr="127.0.0.1:0",
@@ -307,7 +309,7 @@ def test_a_retained_renewal_request_is_not_answered_again_on_resubscribe(stack: 
     """A device publishes its CSR with retain. A registry process that subscribes later (a
     restart, a second process) must not mint for it again: retained requests are ignored,
     and the rate limit lives in the database, not in the first process's memory."""
-    from tests.broker.conftest import wait_for
+    from tests.support.waits import wait_for
 
     device_id = "dev-renew-retained"
     directory = stack.provision(device_id)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,38 +13,16 @@ import httpx
 
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _up(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "certfleet.cli", "up", "--data-dir", str(data_dir), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+from tests.support.ports import free_port
+from tests.support.processes import alive, certfleet_up
 
 
 def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
     # The broker runs as node edge-1: its ready file is named by the node.
     layout = DataLayout(tmp_path)
     CertificateAuthority.init(layout, "fleet.test")
-    registry_port, broker_port = _free_port(), _free_port()
-    process = _up(
+    registry_port, broker_port = free_port(), free_port()
+    process = certfleet_up(
         tmp_path,
         "--registry-addr",
         f"127.0.0.1:{registry_port}",
@@ -91,7 +66,7 @@ def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) 
         ]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(alive(pid) for pid in pids)
     finally:
         if process.poll() is None:
             process.kill()
@@ -99,7 +74,7 @@ def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) 
 
 
 def test_up_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
-    process = _up(tmp_path)
+    process = certfleet_up(tmp_path)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "certfleet ca init" in output
@@ -107,7 +82,7 @@ def test_up_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
 
 def test_up_refuses_an_ephemeral_broker_port(tmp_path: Path) -> None:
     CertificateAuthority.init(DataLayout(tmp_path), "fleet.test")
-    process = _up(tmp_path, "--broker-addr", "127.0.0.1:0")
+    process = certfleet_up(tmp_path, "--broker-addr", "127.0.0.1:0")
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "needs a fixed broker port" in output

@@ -11,8 +11,9 @@ from pathlib import Path
 from broker.cluster.natsd import find_nats_server
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
-from tests.e2e.test_up import _alive, _free_port, _up
-from tests.nats_fixtures import start_nats
+from tests.support.nats import start_nats
+from tests.support.ports import free_port
+from tests.support.processes import alive, certfleet_up
 
 
 def test_up_with_two_brokers_runs_a_cluster_and_stops_everything(tmp_path: Path) -> None:
@@ -20,8 +21,8 @@ def test_up_with_two_brokers_runs_a_cluster_and_stops_everything(tmp_path: Path)
         start_nats(tmp_path)  # skips, naming the package to install
     layout = DataLayout(tmp_path)
     CertificateAuthority.init(layout, "fleet.test")
-    registry_port, broker_port = _free_port(), _free_port()
-    process = _up(
+    registry_port, broker_port = free_port(), free_port()
+    process = certfleet_up(
         tmp_path,
         "--registry-addr", f"127.0.0.1:{registry_port}",
         "--broker-addr", f"127.0.0.1:{broker_port}",
@@ -56,7 +57,7 @@ def test_up_with_two_brokers_runs_a_cluster_and_stops_everything(tmp_path: Path)
         process.send_signal(signal.SIGINT)
         rest = process.stdout.read()
         assert process.wait(timeout=60) == 0, rest
-        assert not any(_alive(pid) for pid in [*broker_pids, nats_pid])
+        assert not any(alive(pid) for pid in [*broker_pids, nats_pid])
     finally:
         if process.poll() is None:
             process.kill()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +12,11 @@ from typer.testing import CliRunner
 from factory.ca import CertificateAuthority
 from factory.cli import ca_app, factory_app
 from fleetcore.layout import DataLayout
+from tests.support.processes import CERTFLEET, run_certfleet
+
+__all__ = ["CERTFLEET", "TRUST_DOMAIN", "ca", "layout", "run_ca", "run_certfleet", "run_factory"]
 
 TRUST_DOMAIN = "fleet.test"
-CERTFLEET = [sys.executable, "-m", "certfleet.cli"]
 
 
 @pytest.fixture
@@ -37,13 +36,3 @@ def run_ca(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
 
 def run_factory(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(factory_app, list(args), env=env)
-
-
-def run_certfleet(
-    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """The real console entry point in a subprocess (one-line errors, exit codes)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [*CERTFLEET, *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tests.broker.conftest import broker, operator, registry
+from tests.support.broker_fixtures import broker, operator, registry
 
 __all__ = ["broker", "operator", "registry"]

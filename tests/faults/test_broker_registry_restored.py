@@ -18,17 +18,11 @@ from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.broker.conftest import (
-    MqttProbe,
-    broker_settings,
-    connect,
-    feed_broker_layout,
-    issue_device,
-    register,
-    tls_context,
-    wait_for,
-)
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, issue_device
+from tests.support.servers import broker_settings, feed_broker_layout, register
+from tests.support.tls import tls_context
+from tests.support.waits import wait_for
 
 
 @contextmanager

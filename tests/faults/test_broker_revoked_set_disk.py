@@ -22,15 +22,10 @@ from broker.auth import Refusal
 from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
 from registry.server import RegistryServer
-from tests.broker.conftest import (
-    broker_settings,
-    connect,
-    feed_broker_layout,
-    issue_device,
-    register,
-    wait_for,
-)
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.servers import broker_settings, feed_broker_layout, register
+from tests.support.waits import wait_for
 
 
 def _health(broker: BrokerServer) -> tuple[int, dict[str, object]]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from broker.acl import TopicAcl
 from broker.server import BrokerServer
 from fleetcore.profile import Identity, IdentityKind
-from tests.broker.conftest import connect, issue_device, wait_for
-from tests.conftest import TestPKI
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, issue_device
+from tests.support.waits import wait_for
 
 
 def test_a_message_whose_routing_raises_is_counted_and_routing_goes_on(

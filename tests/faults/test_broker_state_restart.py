@@ -23,16 +23,10 @@ from broker.persistence import decode_state, state_path
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
-from tests.broker.conftest import (
-    MqttProbe,
-    broker_data_dir,
-    connect,
-    feed_broker_layout,
-    issue_device,
-    register,
-    wait_for,
-)
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, issue_device
+from tests.support.servers import broker_data_dir, feed_broker_layout, register
+from tests.support.waits import wait_for
 
 MESSAGES = 100
 INTERVAL_S = 0.5

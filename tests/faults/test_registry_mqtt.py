@@ -19,9 +19,11 @@ from fleetcore.profile import IdentityKind
 from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
-from tests.broker.conftest import connect, wait_for
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import certfleet_broker_settings, free_port, write_device_bundle
+from tests.support.mqtt import connect
+from tests.support.pki import TestPKI, write_device_bundle
+from tests.support.ports import free_port
+from tests.support.servers import certfleet_broker_settings
+from tests.support.waits import wait_for
 
 
 def _settings(pki: TestPKI, root: Path, port: int) -> RegistrySettings:

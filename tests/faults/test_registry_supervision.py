@@ -15,7 +15,7 @@ import pytest
 from fleetcore.profile import IdentityKind
 from registry.supervise import SupervisedThread
 from registry.verify import PARALLEL_MIN, BatchVerifier
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 
 def test_a_crashing_body_is_logged_counted_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

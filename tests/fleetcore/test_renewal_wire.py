@@ -18,7 +18,7 @@ from fleetcore.renewal_wire import (
     parse_answer,
     refusal_payload,
 )
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 
 def test_the_refusal_codes_are_the_wire_contract() -> None:

@@ -32,7 +32,7 @@ from fleetcore.tls import (
 )
 from registry.errors import RegistryTlsError
 from registry.tls import registry_server_context, service_client_context_of
-from tests.conftest import ClientFiles, TestPKI
+from tests.support.pki import ClientFiles, TestPKI
 
 
 class _HandshakeFailed(Exception):

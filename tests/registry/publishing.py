@@ -4,7 +4,6 @@ the publication listener and of ``certificate inspect``)."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,16 +17,11 @@ from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from tests.support.ports import free_port
 
 __all__ = ["Published", "free_port", "published"]
 
 TRUST_DOMAIN = "fleet.pub"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -15,8 +15,8 @@ from fleetcore.profile import IdentityKind
 from registry.models import AuditLog
 from registry.server import RegistryServer
 from registry.store import audit, tokens
-from tests.conftest import ClientFiles, TestPKI
-from tests.registry.conftest import Clients, pem
+from tests.support.pki import ClientFiles, TestPKI, pem
+from tests.support.registry_fixtures import Clients
 
 TLS_REFUSED = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)
 

@@ -24,9 +24,8 @@ from fleetcore.errors import IdentityError
 from fleetcore.profile import IdentityKind, serial_hex
 from registry.server import RegistryServer
 from registry.store import audit, tokens
-from tests.conftest import TestPKI
-from tests.registry.conftest import pem, unique_id
 from tests.registry.publishing import Published
+from tests.support.pki import TestPKI, pem, unique_id
 
 
 def inspect(*args: str) -> Result:

@@ -3,19 +3,13 @@ serve` and every registry command (issue 11.9), never SQLAlchemy's text or a tra
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from factory.ca import CertificateAuthority
 from tests.registry.test_cli import TRUST_DOMAIN, certfleet
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.ports import free_port
 
 
 @pytest.fixture
@@ -42,7 +36,7 @@ def test_an_unreachable_database_is_one_line_saying_what_to_do(
     command: list[str], kind: str, data_dir: Path, tmp_path: Path
 ) -> None:
     if kind == "postgresql":
-        url = f"postgresql://certfleet:secret@127.0.0.1:{_closed_port()}/registry"
+        url = f"postgresql://certfleet:secret@127.0.0.1:{free_port()}/registry"
         hint = "check that the server runs"
     else:
         url = f"sqlite:///{tmp_path / 'no-such-folder' / 'registry.db'}"

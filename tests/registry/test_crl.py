@@ -10,8 +10,7 @@ from cryptography import x509
 
 from factory.ca import IssuedCertificate
 from registry.server import RegistryServer
-from tests.conftest import TestPKI
-from tests.registry.conftest import pem
+from tests.support.pki import TestPKI, pem
 
 Mint = Callable[..., IssuedCertificate]
 

@@ -10,8 +10,7 @@ import httpx
 from factory.ca import CertificateAuthority, IssuedCertificate
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind, serial_hex
-from tests.conftest import TestPKI
-from tests.registry.conftest import pem
+from tests.support.pki import TestPKI, pem
 
 Mint = Callable[..., IssuedCertificate]
 
@@ -260,7 +259,7 @@ def test_concurrent_overlapping_batches_all_succeed(clients: object, mint: Mint)
     exactly once and nobody gets an error (PostgreSQL: the unique-constraint race is retried)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.registry.conftest import Clients
+    from tests.support.registry_fixtures import Clients
 
     assert isinstance(clients, Clients)
     shared = [{"certificate_pem": pem(mint(f"overlap-{i}"))} for i in range(30)]

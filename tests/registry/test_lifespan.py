@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 import registry.telemetry
 from registry.main import create_app
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 
 def run_app(app: FastAPI) -> int:

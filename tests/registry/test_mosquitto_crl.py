@@ -21,18 +21,13 @@ from factory.ca import write_issued
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
-from tests.registry.conftest import tls_context
+from tests.support.pki import TestPKI
+from tests.support.ports import free_port
+from tests.support.tls import tls_context
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 
 pytestmark = pytest.mark.mosquitto
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

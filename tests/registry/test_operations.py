@@ -14,7 +14,7 @@ from registry import operations
 from registry.models import DecommissionRequest
 from registry.server import RegistryServer
 from registry.store import audit
-from tests.registry.conftest import pem, unique_id
+from tests.support.pki import pem, unique_id
 
 Mint = Callable[..., IssuedCertificate]
 

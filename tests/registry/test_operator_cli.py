@@ -23,9 +23,9 @@ from fleetcore.profile import IdentityKind
 from registry.cli import app as registry_app
 from registry.server import RegistryServer
 from registry.store import audit, tokens
-from tests.conftest import TestPKI
-from tests.registry.conftest import Clients, pem, unique_id
 from tests.registry.publishing import Published
+from tests.support.pki import TestPKI, pem, unique_id
+from tests.support.registry_fixtures import Clients
 
 
 def operator_files(pki: TestPKI, name: str, kind: IdentityKind = IdentityKind.OPERATOR) -> None:

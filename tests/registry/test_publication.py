@@ -36,7 +36,8 @@ from registry.ocsp import RESPONDER_NAME, OcspResponder
 from registry.publication import MAX_OCSP_REQUEST
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.registry.publishing import Published, free_port
+from tests.registry.publishing import Published
+from tests.support.ports import free_port
 
 OPENSSL = shutil.which("openssl")
 TRUST_DOMAIN = "fleet.pub"

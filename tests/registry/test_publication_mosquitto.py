@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from factory.ca import write_issued
-from tests.registry.publishing import Published, free_port
+from tests.registry.publishing import Published
 from tests.registry.test_mosquitto_crl import MOSQUITTO, start_mosquitto
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.mosquitto
 

@@ -18,7 +18,7 @@ from registry.db import make_engine, migrate
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.store import certificates, revocations
-from tests.registry.conftest import pem, unique_id
+from tests.support.pki import pem, unique_id
 
 Mint = Callable[..., IssuedCertificate]
 

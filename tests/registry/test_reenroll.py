@@ -19,9 +19,9 @@ from factory.ca import IssuedCertificate
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.profile import Identity, IdentityKind, PrivateKey, read_identity, serial_hex
 from registry.server import RegistryServer
-from tests.conftest import TRUST_DOMAIN, TestPKI
-from tests.registry.conftest import Clients, pem, unique_id
 from tests.registry.test_operator_cli import operator_files, run
+from tests.support.pki import TRUST_DOMAIN, TestPKI, pem, unique_id
+from tests.support.registry_fixtures import Clients
 
 DAY = dt.timedelta(days=1)
 

@@ -22,7 +22,7 @@ from registry.db import make_engine, migrate
 from registry.renewal import CertificateRenewer, RenewalRefused, RenewalService
 from registry.settings import RegistrySettings
 from registry.store import audit, devices, renewals, revocations
-from tests.conftest import TRUST_DOMAIN, TestPKI
+from tests.support.pki import TRUST_DOMAIN, TestPKI
 
 
 class FakeClock:

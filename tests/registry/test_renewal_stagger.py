@@ -14,8 +14,8 @@ from sqlalchemy import Engine
 from fleetcore.errors import ConfigError
 from registry.renewal import CertificateRenewer
 from registry.settings import load_settings
-from tests.conftest import TestPKI
 from tests.registry.test_renewal import _csr, _register, engine  # noqa: F401
+from tests.support.pki import TestPKI
 
 DEVICES = 120
 WINDOW = dt.timedelta(hours=6)

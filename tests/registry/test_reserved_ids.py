@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import TRUST_DOMAIN, TestPKI
+from tests.support.pki import TRUST_DOMAIN, TestPKI
 
 
 def _device_certificate_named(pki: TestPKI, name: str) -> str:

@@ -12,7 +12,8 @@ import httpx
 from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
-from tests.registry.conftest import Clients, pem
+from tests.support.pki import pem
+from tests.support.registry_fixtures import Clients
 
 Mint = Callable[..., IssuedCertificate]
 
@@ -117,7 +118,7 @@ def test_long_poll_sees_revocations_written_by_another_process(
     (device_id,) = register_many(operator, mint, "other", 1)
     with RegistryServer(registry.settings) as second:
         other = clients.pki.client(IdentityKind.OPERATOR, "alice")
-        from tests.registry.conftest import tls_context
+        from tests.support.tls import tls_context
 
         with httpx.Client(
             base_url=f"{second.url}/api/v1", verify=tls_context(clients.pki, other)

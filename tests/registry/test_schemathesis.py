@@ -18,7 +18,7 @@ from sqlmodel import Session
 from registry.main import create_app
 from registry.settings import RegistrySettings
 from registry.store import audit, tokens
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 
 @pytest.fixture

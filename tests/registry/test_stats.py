@@ -11,7 +11,7 @@ from sqlmodel import Session
 from factory.ca import IssuedCertificate
 from registry.server import RegistryServer
 from registry.store import telemetry
-from tests.registry.conftest import pem
+from tests.support.pki import pem
 
 Mint = Callable[..., IssuedCertificate]
 

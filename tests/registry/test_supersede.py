@@ -21,8 +21,9 @@ from registry.settings import RegistrySettings
 from registry.store.audit import Actor
 from registry.store.supersede import confirm_certificate
 from registry.supersede import Confirmer, parse_confirm
-from tests.conftest import TestPKI
-from tests.registry.conftest import Clients, pem, unique_id
+from tests.support.pki import TestPKI, pem, unique_id
+from tests.support.registry_fixtures import Clients
+from tests.support.waits import wait_for
 
 Mint = Callable[..., IssuedCertificate]
 ACTOR = Actor("spiffe://fleet.test/service/registry")
@@ -55,15 +56,6 @@ def _confirmer(registry: RegistryServer, grace_s: float) -> Confirmer:
     )
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.fixture
 def registry_settings(registry_settings: RegistrySettings) -> RegistrySettings:
     return registry_settings.model_copy(update={"registry_supersede_check_s": 0.2})
@@ -80,7 +72,7 @@ def test_confirm_schedules_and_the_worker_revokes_after_the_grace(
     assert _statuses(operator, device_id)[old] == ("live", None)
 
     broker = clients.of(IdentityKind.SERVICE, "broker")
-    assert _wait(lambda: _statuses(operator, device_id)[old] == ("revoked", "superseded"))
+    assert wait_for(lambda: _statuses(operator, device_id)[old] == ("revoked", "superseded"))
     assert _statuses(operator, device_id)[new] == ("live", None)
     assert operator.get(f"/devices/{device_id}").json()["status"] == "active"
 
@@ -173,7 +165,9 @@ def test_a_scheduled_supersession_survives_a_registry_restart(
         operator = Clients(pki, second.url, []).of(IdentityKind.OPERATOR, "alice")
         try:
             assert _statuses(operator, device_id)[old] == ("live", None)
-            assert _wait(lambda: _statuses(operator, device_id)[old] == ("revoked", "superseded"))
+            assert wait_for(
+                lambda: _statuses(operator, device_id)[old] == ("revoked", "superseded")
+            )
             crl = operator.get("/crl.pem")
             assert crl.status_code == 200
         finally:

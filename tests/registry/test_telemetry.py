@@ -29,8 +29,8 @@ from registry.db import make_engine, migrate
 from registry.settings import RegistrySettings
 from registry.store import audit, devices
 from registry.telemetry import TelemetryIngest, TelemetryRejected, parse_telemetry
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
+from tests.support.pki import Fleet, TestPKI, write_device_bundle
+from tests.support.servers import certfleet_broker_settings
 
 DEVICES = ["dev-0020", "dev-0021", "dev-0022"]
 

@@ -20,9 +20,9 @@ from registry.metrics import TELEMETRY_DROP_REASONS
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
-from tests.conftest import TestPKI
-from tests.device_sim.conftest import Fleet, certfleet_broker_settings, write_device_bundle
 from tests.registry.test_telemetry import _publish_raw
+from tests.support.pki import Fleet, TestPKI, write_device_bundle
+from tests.support.servers import certfleet_broker_settings
 
 DEVICES = ["dev-0030", "dev-0031"]
 

@@ -11,10 +11,10 @@ from sqlmodel import Session, col, select
 
 from registry.models import ApiToken, AuditLog
 from registry.server import RegistryServer
-from tests.conftest import TestPKI
-from tests.registry.conftest import Clients
 from tests.registry.test_auth import make_token, refusals
 from tests.registry.test_cli import certfleet
+from tests.support.pki import TestPKI
+from tests.support.registry_fixtures import Clients
 
 TOKEN_FIELDS = {"id", "operator", "created_at", "revoked", "revoked_at"}
 

@@ -4,9 +4,10 @@ tests' fixtures of the same names (``registry``, ``operator``)."""
 
 from __future__ import annotations
 
-from tests.registry.conftest import (  # noqa: F401  (fixtures, registered by import)
+from tests.support.registry_fixtures import (  # noqa: F401  (fixtures, registered by import)
     clients,
     database_url,
+    migrated_database_url,
     mint,
     operator,
     postgres_database,

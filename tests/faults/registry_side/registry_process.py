@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import TestPKI
+from tests.support.pki import TestPKI
 
 __all__ = ["RegistryProcess", "registry_process"]
 

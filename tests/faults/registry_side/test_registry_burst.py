@@ -19,7 +19,8 @@ from sqlalchemy.pool import QueuePool
 from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
-from tests.registry.conftest import Clients, pem, unique_id
+from tests.support.pki import pem, unique_id
+from tests.support.registry_fixtures import Clients
 
 # `alone`: bursts answered within a bound (time bounds).
 pytestmark = pytest.mark.alone

@@ -18,8 +18,9 @@ from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
-from tests.registry.conftest import Clients, _reset_postgres, pem, unique_id
+from tests.support.pki import TestPKI, pem, unique_id
+from tests.support.postgres import reset_postgres
+from tests.support.registry_fixtures import Clients
 
 # `alone`: answers within 5 s while connections are cut (time bounds).
 pytestmark = pytest.mark.alone
@@ -31,7 +32,7 @@ CLIENTS = 20
 
 @pytest.fixture
 def pg_registry(pki: TestPKI, postgres_database: str) -> Iterator[RegistryServer]:
-    _reset_postgres(postgres_database)
+    reset_postgres(postgres_database)
     settings = RegistrySettings(
         data_dir=pki.layout.root,
         registry_addr="127.0.0.1:0",

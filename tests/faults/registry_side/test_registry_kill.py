@@ -16,9 +16,9 @@ from cryptography import x509
 
 from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
-from tests.conftest import ClientFiles, TestPKI
 from tests.faults.registry_side.registry_process import registry_process
-from tests.registry.conftest import pem, tls_context, unique_id
+from tests.support.pki import ClientFiles, TestPKI, pem, unique_id
+from tests.support.tls import tls_context
 
 # `alone`: the registry SIGKILLed under load (time bounds).
 pytestmark = pytest.mark.alone

@@ -17,7 +17,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +29,12 @@ from cryptography import x509
 
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
-from tests.broker.conftest import MqttProbe, connect
-from tests.conftest import ClientFiles, TestPKI
-from tests.device_sim.conftest import certfleet_broker_settings, write_device_bundle
-from tests.e2e.test_renewal import _registry_data_dir
 from tests.faults.registry_side.registry_process import RegistryProcess, registry_process
-from tests.registry.conftest import _reset_postgres
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.pki import ClientFiles, TestPKI, registry_data_dir, write_device_bundle
+from tests.support.postgres import reset_postgres
+from tests.support.servers import certfleet_broker_settings
+from tests.support.waits import must_wait_for
 
 # `alone`: a long-poll woken within 1 s (time bounds).
 pytestmark = [pytest.mark.postgres, pytest.mark.alone]
@@ -85,20 +85,13 @@ def _operator_client(pki: TestPKI, url: str) -> httpx.Client:
     return httpx.Client(base_url=f"{url}/api/v1", verify=context, timeout=30)
 
 
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _wait_for_metric(replica: Replica, name: str, value: float) -> None:
-    _wait_for(lambda: replica.metric(name) == value, f"{name} = {value} on {replica.name}")
+    must_wait_for(lambda: replica.metric(name) == value, f"{name} = {value} on {replica.name}")
 
 
 @pytest.fixture
 def scratch_database(postgres_database: str) -> str:
-    _reset_postgres(postgres_database)
+    reset_postgres(postgres_database)
     return postgres_database
 
 
@@ -121,7 +114,7 @@ def _pair(
                     database_url,
                     root / f"{name}.ready.json",
                     # Each replica's own data folder: the CA (it signs) and its MQTT identity.
-                    data_dir=_registry_data_dir(pki, root / name),
+                    data_dir=registry_data_dir(pki, root / name),
                     env={**env, "CERTFLEET_REGISTRY_INSTANCE": name},
                     log_file=root / f"{name}.log",
                 )
@@ -173,7 +166,7 @@ def _head(replica: Replica) -> int:
 
 
 def _waiting(replica: Replica, count: int = 1) -> None:
-    _wait_for(
+    must_wait_for(
         lambda: replica.metric("certfleet_registry_feed_waiters") >= count,
         f"a long-poll waiting on replica {replica.name}",
     )
@@ -228,7 +221,7 @@ def test_a_killed_listen_connection_misses_nothing(pair: Pair) -> None:
     assert poll.returned_at is not None
     assert poll.returned_at - committed < 3.0, "the reconnect did not wake the long-poll"
     assert _events(poll) == ["dev-cut-1"]
-    _wait_for(
+    must_wait_for(
         lambda: pair.b.metric("certfleet_registry_feed_listener_connected") == 1,
         "the listener to be back",
     )
@@ -320,9 +313,9 @@ def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pa
     csr = _csr(pair, "dev-renew-rep")
     try:
         probe.client.publish("devices/dev-renew-rep/cert/renew", csr, 1)
-        _wait_for(lambda: len(_answers(probe, issued)) >= 1, "the renewal answer")
+        must_wait_for(lambda: len(_answers(probe, issued)) >= 1, "the renewal answer")
         # Both replicas received it: the one that lost the claim counted it, and stayed silent.
-        _wait_for(
+        must_wait_for(
             lambda: _claimed_elsewhere(pair) == 1,
             f"the other replica to stand aside ({_renewal_outcomes(pair)})",
         )
@@ -332,8 +325,10 @@ def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pa
         # The same request again (its answer was lost, say): answered once more, by the
         # replica holding the claim, with the same certificate.
         probe.client.publish("devices/dev-renew-rep/cert/renew", csr, 1)
-        _wait_for(lambda: _claimed_elsewhere(pair) == 2, "the other replica to stand aside again")
-        _wait_for(lambda: len(_answers(probe, issued)) >= 2, "the second answer")
+        must_wait_for(
+            lambda: _claimed_elsewhere(pair) == 2, "the other replica to stand aside again"
+        )
+        must_wait_for(lambda: len(_answers(probe, issued)) >= 2, "the second answer")
         time.sleep(1.0)
         assert _answers(probe, issued) == [answer, answer]
         # Client ids registry/a and registry/b: neither took the other's broker session over.
@@ -352,8 +347,8 @@ def test_the_renewal_rate_limit_counts_each_request_once_across_replicas(
         for attempt in range(MAX_ATTEMPTS + 1):
             payload = f"not a CSR, attempt {attempt}".encode()
             probe.client.publish("devices/dev-limit-rep/cert/renew", payload, 1)
-            _wait_for(lambda: len(_answers(probe, issued)) > attempt, "an answer")  # noqa: B023
-        _wait_for(lambda: _claimed_elsewhere(pair) == MAX_ATTEMPTS + 1, "both replicas' view")
+            must_wait_for(lambda: len(_answers(probe, issued)) > attempt, "an answer")  # noqa: B023
+        must_wait_for(lambda: _claimed_elsewhere(pair) == MAX_ATTEMPTS + 1, "both replicas' view")
         time.sleep(1.0)
         answers = _answers(probe, issued)
         errors = [json.loads(answer)["error"] for answer in answers]

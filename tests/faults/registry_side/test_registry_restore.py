@@ -16,8 +16,8 @@ from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.conftest import TestPKI
-from tests.registry.conftest import Clients, pem, unique_id
+from tests.support.pki import TestPKI, pem, unique_id
+from tests.support.registry_fixtures import Clients
 
 Mint = Callable[..., IssuedCertificate]
 
