@@ -16,10 +16,14 @@
   to: a node that gets the client re-creates its subscriptions from the record and pulls. A
   message is acknowledged to JetStream only after the client's PUBACK, so a node killed
   mid-delivery loses nothing (the message is redelivered, MQTT's at-least-once).
-- **Ownership** (:data:`OWNERS_BUCKET`): each node writes ``<node> <nonce>`` under the
-  session's key when a client's session starts there, and watches the bucket; a node whose
-  connection for a key was overwritten by a later revision closes that connection (the
-  takeover MQTT asks for, across nodes).
+- **Ownership** (:data:`OWNERS_BUCKET`): each node writes a claim ``<node> <nonce>-<token>``
+  under the session's key when a client's session starts there, and watches the bucket. The
+  bucket's stream orders every claim (its revision); the connection whose claim a later
+  revision overwrote is closed (the takeover MQTT asks for, across nodes), so exactly one
+  connection per identity survives however the claims interleave. A claim is registered
+  before its write is sent, so a later claim the watcher brings before our write returns is
+  still weighed; it belongs to one connection, so a claim left by a connection that ended
+  never closes a newer one (issue 22).
 
 KV keys are the SHA-256 of the session key (session keys hold ``:`` and ``/``).
 """
@@ -33,6 +37,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -109,6 +114,21 @@ async def _open_bucket(js: JetStreamContext, name: str, ttl_s: float) -> KeyValu
     return bucket
 
 
+@dataclass(slots=True, eq=False)
+class _Claim:
+    """This node's claim on a session key for one connection (:meth:`DurableSessions._claim`)."""
+
+    token: str
+    session_key: str
+    session: Session
+    handler: BrokerProtocolHandler
+    #: Its revision in the owners bucket; 0 while the write is in flight.
+    revision: int = 0
+    #: The highest revision of another claim seen while ours was in flight, and its node.
+    newer: int = 0
+    newer_owner: str = ""
+
+
 class DurableSessions:
     """The cluster hooks of one node (:class:`broker.amqtt_adapter.ClusterHooks`)."""
 
@@ -134,7 +154,7 @@ class DurableSessions:
         self._on_stored = on_stored
         self._on_store_retry = on_store_retry
         self._nonce = secrets.token_hex(4)
-        self._owned: dict[str, tuple[str, int, str]] = {}  # storage key -> (value, rev, key)
+        self._claims: dict[str, _Claim] = {}  # by storage key: this node's latest claim
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._sessions_kv: KeyValue | None = None
@@ -340,6 +360,7 @@ class DurableSessions:
         buckets' TTL) and every node's store interest forgets them."""
         while True:
             await asyncio.sleep(self.session_expiry_s / 4)
+            self._forget_ended_claims()
             for session, _handler in list(self.broker.sessions.values()):
                 key = session.client_id
                 if session.clean_session or not key or session.transitions.state != "connected":
@@ -389,7 +410,7 @@ class DurableSessions:
         for attempt in range(50):
             try:
                 js = self.link.js
-                await self._claim(js, key)
+                await self._claim(session, handler)
                 if session.clean_session:
                     await self._drop_record(js, key)
                     return
@@ -529,25 +550,60 @@ class DurableSessions:
 
     # -- ownership ------------------------------------------------------------------------
 
-    async def _claim(self, js: JetStreamContext, session_key: str) -> None:
+    async def _claim(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        """Write this connection's claim on its session key. Registered before the write is
+        sent, so that every other claim the watcher sees for the key from then on is
+        weighed against it: one that the stream ordered after ours closes this connection,
+        also when the watcher brings it before our write has returned."""
+        session_key = session.client_id
+        assert session_key is not None
         owners = self._bucket(self._owners_kv)
-        value = f"{self.node} {self._nonce}-{secrets.token_hex(4)}"
-        revision = await owners.put(storage_key(session_key), value.encode())
-        self._owned[storage_key(session_key)] = (value, revision, session_key)
+        kv_key = storage_key(session_key)
+        token = f"{self.node} {self._nonce}-{secrets.token_hex(4)}"
+        claim = _Claim(token, session_key, session, handler)
+        self._claims[kv_key] = claim  # replaces this node's claim of an older connection
+        try:
+            revision = await owners.put(kv_key, token.encode())
+        except BaseException:
+            if self._claims.get(kv_key) is claim:
+                del self._claims[kv_key]
+            raise
+        if self._claims.get(kv_key) is not claim:
+            return  # a newer connection on this node claimed the key meanwhile
+        claim.revision = revision
+        if claim.newer > revision:
+            self._taken_over(kv_key, claim, claim.newer_owner)
+
+    def _taken_over(self, kv_key: str, claim: _Claim, owner: str) -> None:
+        if self._claims.get(kv_key) is claim:
+            del self._claims[kv_key]
+        if not self._live(claim.session, claim.handler):
+            return  # that connection has ended already: nothing of a newer one is touched
+        if self._close_connection(claim.session_key):
+            log.info(
+                "session taken over by another node client_id=%s owner=%s",
+                claim.session_key,
+                owner,
+            )
+
+    def _forget_ended_claims(self) -> None:
+        for kv_key, claim in list(self._claims.items()):
+            if claim.revision and not self._live(claim.session, claim.handler):
+                del self._claims[kv_key]
 
     async def _watch_owners(self, watcher: Any) -> None:
         async for entry in watcher:
             if entry is None or entry.key is None:
                 continue
-            mine = self._owned.get(entry.key)
-            if mine is None:
+            claim = self._claims.get(entry.key)
+            if claim is None:
                 continue
             value = (entry.value or b"").decode()
-            if value != mine[0] and (entry.revision or 0) > mine[1]:
-                del self._owned[entry.key]
-                if self._close_connection(mine[2]):
-                    log.info(
-                        "session taken over by another node client_id=%s owner=%s",
-                        mine[2],
-                        value.split(" ", 1)[0],
-                    )
+            if not value or value == claim.token:
+                continue  # our own claim, or a record aged out or deleted (nobody claims)
+            revision, owner = entry.revision or 0, value.split(" ", 1)[0]
+            if claim.revision == 0:  # ours is in flight: weighed once its revision is known
+                if revision > claim.newer:
+                    claim.newer, claim.newer_owner = revision, owner
+            elif revision > claim.revision:
+                self._taken_over(entry.key, claim, owner)
