@@ -97,6 +97,16 @@ item 16 after them, on every node):
     ``asyncio.wait`` over four futures each time); ours routes the PUBLISHes already queued
     behind it in the same pass while neither queue holds anything.
 
+17. Shared subscriptions (:mod:`broker.shared_subscriptions`): ``$share/...`` filters are
+    taken by ``add_subscription`` / ``_del_subscription`` before amqtt sees them (never in
+    ``subscriptions``, so amqtt's routing and retained replay skip them), and
+    ``Broker._del_all_subscriptions(session)`` — what amqtt calls when it deletes a
+    session — is wrapped to drop the session's memberships too. Every admitted message
+    reaches the groups from ``_broadcast_message``; a member's delivery is
+    ``handler.mqtt_publish``, which raises ``CancelledError`` when amqtt cancels its PUBACK
+    waiters at the connection's end (``ProtocolHandler._stop_waiters``) and
+    ``TimeoutError`` after 5 s without a PUBACK: either hands the message to another member.
+
 Renewal messages (``devices/<id>/cert/renew|issued``) published with retain are routed to
 the subscribers they have now but never stored (``retain_message`` is public): a stored CSR
 would be replayed to the registry at every resubscribe.
@@ -129,6 +139,7 @@ from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicat
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
 from broker.gate import ConnectGate
+from broker.shared_subscriptions import SharedSubscriptionError, SharedSubscriptions, parse_share
 from broker.state import BrokerState, SessionState, StoredMessage
 from fleetcore.topics import is_renewal_topic, topic_matches
 
@@ -327,6 +338,12 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         self._on_retain_refused = on_retain_refused
         #: What a disconnecting client left queued, until its message loop has returned.
         self._left_behind: dict[Any, list[Any]] = {}
+        #: ``$share/<group>/<filter>`` subscriptions (item 17).
+        self.shared = SharedSubscriptions(
+            handler_of=self._handler_of,
+            may_receive=lambda session, topic: acl.check(session.client_id, topic, Action.RECEIVE),
+            spawn=self._tasks_queue.append,
+        )
 
     async def serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         """Run one admitted client's MQTT session until it ends (public amqtt hook)."""
@@ -431,6 +448,8 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
+        if topic and data is not None and self.shared.groups_or_remote:
+            self.shared.route(topic, bytes(data), force_qos)  # item 17
         cluster = self._cluster
         if cluster is None or session is None or not topic or data is None:
             await super()._broadcast_message(session, topic, data, force_qos)
@@ -449,6 +468,15 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         await cluster.forward(topic, bytes(data), force_qos, stored, durable)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        try:
+            share = parse_share(subscription[0])
+        except SharedSubscriptionError as exc:
+            log.warning("subscription refused client_id=%s error=%s", session.client_id, exc)
+            return 0x80
+        if share is not None:  # item 17: the ACL checks the filter inside $share
+            if not self.acl.check(session.client_id, share.topic_filter, Action.SUBSCRIBE):
+                return 0x80
+            return self.shared.join(share, session, subscription[1])
         granted = int(await super().add_subscription(subscription, session))
         if (
             self._cluster is not None
@@ -459,7 +487,17 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             return 0x80
         return granted
 
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        await super()._del_all_subscriptions(session)
+        self.shared.leave_all(session)  # item 17: the session is deleted
+
     def _del_subscription(self, a_filter: str, session: Session) -> int:
+        try:
+            share = parse_share(a_filter)
+        except SharedSubscriptionError:
+            return 0
+        if share is not None:
+            return int(self.shared.leave(share, session))
         deleted = int(super()._del_subscription(a_filter, session))
         if deleted and self._cluster is not None:
             self._cluster.unsubscribed(session, a_filter)

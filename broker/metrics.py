@@ -156,6 +156,21 @@ class BrokerMetrics:
             "Failed JetStream stores retried (their PUBACK withheld meanwhile)",
             registry=r,
         )
+        self.shared_handed_over = Counter(
+            "certfleet_broker_shared_handed_over",
+            "Shared-subscription QoS 1 messages a member left unacknowledged, given to another",
+            registry=r,
+        )
+        self.shared_lost = Counter(
+            "certfleet_broker_shared_lost",
+            "Shared-subscription QoS 1 messages dropped: no member anywhere to take them",
+            registry=r,
+        )
+        self.shared_remote = Counter(
+            "certfleet_broker_shared_remote",
+            "Shared-subscription messages sent through NATS to another node's member",
+            registry=r,
+        )
         self.state_persisted = Gauge(
             "certfleet_broker_state_persisted",
             "1 when the persistent sessions and retained messages on disk are current, else 0",

@@ -134,6 +134,9 @@ class BrokerApp:
             on_route_error=lambda _exc: self.metrics.route_errors.inc(),
             on_retain_refused=self.metrics.acl_refusals.labels("retain").inc,
         )
+        self.broker.shared.count(
+            handed_over=self.metrics.shared_handed_over.inc, lost=self.metrics.shared_lost.inc
+        )
         self.listener = MqttTlsListener(
             broker=self.broker,
             ssl_context=self.ssl_context,

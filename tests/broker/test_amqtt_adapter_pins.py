@@ -331,3 +331,34 @@ def test_cluster_hooks_wrap_amqtt_methods_with_the_signatures_they_expect() -> N
     # Incoming QoS 1: amqtt queues the message, then sends the PUBACK (what the swap delays).
     source = inspect.getsource(flow)
     assert source.index("delivered_message_queue.put") < source.index("PubackPacket.build")
+
+
+# -- 17. shared subscriptions (broker/shared_subscriptions.py) -------------------------------
+
+
+def test_amqtt_deletes_a_session_s_subscriptions_through_del_all_subscriptions() -> None:
+    assert _parameters(Broker._del_all_subscriptions) == ["self", "session"]
+    assert _calls(Broker._delete_session, "self._del_all_subscriptions(session)")
+    assert _calls(Broker._cleanup_session, "self._del_all_subscriptions(session)")
+    # A $share UNSUBSCRIBE reaches _del_subscription, a SUBSCRIBE add_subscription.
+    assert _calls(Broker._handle_unsubscription, "self._del_subscription(topic, client_session)")
+    assert _calls(Broker._handle_subscription, "await self.add_subscription(subscription")
+
+
+def test_a_closed_connection_cancels_the_puback_waits_and_a_slow_client_times_out() -> None:
+    # What hands a shared message to another member: mqtt_publish ends with CancelledError
+    # when the handler stops, and with TimeoutError after 5 s without a PUBACK.
+    assert _calls(ProtocolHandler.stop, "self._stop_waiters()")
+    assert _calls(ProtocolHandler._stop_waiters, "self._puback_waiters.values()")
+    assert _calls(ProtocolHandler._stop_waiters, "waiter.cancel()")
+    flow = inspect.getsource(ProtocolHandler._handle_qos1_message_flow)
+    assert "asyncio.wait_for(waiter, timeout=5)" in flow and "raise TimeoutError(" in flow
+    assert _calls(ProtocolHandler.mqtt_publish, "await self._handle_message_flow(message)")
+
+
+def test_the_broker_keeps_delivery_tasks_in_tasks_queue() -> None:
+    async def shape() -> bool:
+        return isinstance(Broker()._tasks_queue, deque)
+
+    assert _on_loop(shape)
+    assert _calls(Broker._broadcast_loop, "self._tasks_queue")

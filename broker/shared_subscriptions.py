@@ -1,0 +1,365 @@
+"""Shared subscriptions (``$share/<group>/<filter>``) on one node, for MQTT 3.1.1 clients.
+
+A client that subscribes to ``$share/<group>/<filter>`` joins the group ``<group>`` of
+``<filter>``; each message matching the filter goes to **one** connected member of the
+group (round robin), not to all of them. Rules (docs/broker.md, "Shared subscriptions"):
+
+- the ACL checks ``<filter>`` exactly as a plain subscription's filter (a device may not
+  join a group on another device's topics); ``<group>`` is 1-64 of ``A-Za-z0-9_.-``;
+- the QoS granted is at most 1;
+- retained messages are not sent when a member joins (MQTT 5, 4.8.2);
+- a QoS 1 message a member received but did not acknowledge goes to another member when
+  the member disconnects (or does not acknowledge it within amqtt's 5 s): at least once,
+  nothing acknowledged lost. With no member connected, a QoS 1 message is queued for a
+  persistent (clean session off) member while it is away, and dropped otherwise (as for a
+  plain subscription with nobody connected);
+- a membership is part of its session: kept while a persistent session is away (the
+  client gets messages again when it reconnects), gone with a clean session. It is not
+  saved across restarts: clients subscribe again (paho's ``on_connect`` does).
+
+The groups live here, never in amqtt's ``subscriptions`` mapping, so amqtt's own routing,
+retained-message replay and persistent state never see a ``$share`` filter.
+:class:`broker.amqtt_adapter.CertfleetBroker` hands every admitted message to
+:meth:`SharedSubscriptions.route` and every ``$share`` SUBSCRIBE/UNSUBSCRIBE here. In a
+cluster (:mod:`broker.cluster.shared`) a :class:`RemoteGroups` decides which groups are
+served here and which through NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from amqtt.broker import RetainedApplicationMessage
+from amqtt.session import Session
+
+from broker.errors import BrokerError
+from fleetcore.topics import topic_matches
+
+__all__ = [
+    "GROUP_PATTERN",
+    "MAX_HANDOVERS",
+    "MAX_SHARED_QOS",
+    "SHARE_PREFIX",
+    "RemoteGroups",
+    "ShareFilter",
+    "SharedGroup",
+    "SharedSubscriptionError",
+    "SharedSubscriptions",
+    "parse_share",
+]
+
+log = logging.getLogger(__name__)
+
+SHARE_PREFIX = "$share/"
+GROUP_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: Shared subscriptions are granted QoS 0 or 1 (a hand-over is at least once).
+MAX_SHARED_QOS = 1
+#: How often one message is handed to another member before it counts as lost.
+MAX_HANDOVERS = 8
+
+
+class SharedSubscriptionError(BrokerError):
+    """A ``$share`` filter is malformed (refused with SUBACK 0x80)."""
+
+
+@dataclass(frozen=True)
+class ShareFilter:
+    """One shared subscription's group and filter."""
+
+    group: str
+    topic_filter: str
+
+    @property
+    def key(self) -> str:
+        """The filter as the client wrote it (``$share/<group>/<filter>``)."""
+        return f"{SHARE_PREFIX}{self.group}/{self.topic_filter}"
+
+
+def parse_share(topic_filter: str) -> ShareFilter | None:
+    """The group and filter of a ``$share/...`` filter; None for a plain filter.
+
+    Raises :class:`SharedSubscriptionError` for a malformed one."""
+    if not topic_filter.startswith(SHARE_PREFIX):
+        return None
+    group, _, inner = topic_filter[len(SHARE_PREFIX) :].partition("/")
+    if GROUP_PATTERN.fullmatch(group) is None:
+        raise SharedSubscriptionError(
+            f"shared subscription {topic_filter[:200]!r}: the group must be 1-64 of A-Za-z0-9_.-"
+        )
+    if not inner:
+        raise SharedSubscriptionError(f"shared subscription {topic_filter[:200]!r} has no filter")
+    levels = inner.split("/")
+    last = len(levels) - 1
+    if any("#" in level and (level != "#" or i != last) for i, level in enumerate(levels)):
+        raise SharedSubscriptionError(f"'#' must be the last level of {topic_filter[:200]!r}")
+    if any("+" in level and level != "+" for level in levels):
+        raise SharedSubscriptionError(f"'+' must fill a whole level of {topic_filter[:200]!r}")
+    return ShareFilter(group, inner)
+
+
+def _connected(session: Session) -> bool:
+    return bool(session.transitions.state == "connected")
+
+
+@dataclass
+class SharedGroup:
+    """The members of one group of one filter, in the order they joined."""
+
+    share: ShareFilter
+    members: list[tuple[Session, int]] = field(default_factory=list)
+    _next: int = 0
+
+    def connected(self) -> list[tuple[Session, int]]:
+        """The members whose client is connected now."""
+        return [(s, q) for s, q in self.members if _connected(s)]
+
+    def pick(self, exclude: Session | None = None) -> tuple[Session, int] | None:
+        """The next connected member (round robin), another than ``exclude`` when there
+        is one; None when no member is connected."""
+        live = self.connected()
+        if not live:
+            return None
+        others = [m for m in live if m[0] is not exclude] or live
+        self._next = (self._next + 1) % len(others)
+        return others[self._next]
+
+    def away(self) -> tuple[Session, int] | None:
+        """A persistent member whose client is away (it queues QoS 1 messages)."""
+        for session, qos in self.members:
+            if session.clean_session is False and not _connected(session):
+                return session, qos
+        return None
+
+
+class RemoteGroups(Protocol):
+    """The cluster's side of shared subscriptions (:mod:`broker.cluster.shared`)."""
+
+    def serve_here(self, group: SharedGroup | None, share: ShareFilter) -> bool:
+        """Whether a local publisher's message for ``share`` is delivered by this node
+        (``group``: this node's members, None when it has none)."""
+
+    def remote_shares(self, topic: str) -> list[ShareFilter]:
+        """The groups elsewhere in the cluster whose filter matches ``topic``."""
+
+    def send(self, share: ShareFilter, topic: str, data: bytes, qos: int | None, hops: int) -> bool:
+        """Hand a message to one other node with a member of ``share``; False if it cannot."""
+
+    def joined(self, share: ShareFilter) -> None:
+        """The first local member of ``share`` joined."""
+
+    def left(self, share: ShareFilter) -> None:
+        """The last local member of ``share`` left."""
+
+
+HandlerOf = Callable[[Session], Any]
+MayReceive = Callable[[Session, str], bool]
+Spawn = Callable[[asyncio.Future[Any]], None]
+
+
+class SharedSubscriptions:
+    """This node's shared groups and their delivery.
+
+    ``handler_of`` gives a session's amqtt protocol handler, ``may_receive`` the ACL's
+    RECEIVE check, ``spawn`` keeps a delivery task (the broker's running deliveries).
+    ``on_delivered``/``on_handed_over``/``on_lost`` count messages (the metrics).
+    """
+
+    def __init__(
+        self,
+        *,
+        handler_of: HandlerOf,
+        may_receive: MayReceive,
+        spawn: Spawn,
+        on_delivered: Callable[[], None] = lambda: None,
+        on_handed_over: Callable[[], None] = lambda: None,
+        on_lost: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._handler_of = handler_of
+        self._may_receive = may_receive
+        self._spawn = spawn
+        self._on_delivered = on_delivered
+        self._on_handed_over = on_handed_over
+        self._on_lost = on_lost
+        self.groups: dict[ShareFilter, SharedGroup] = {}
+        self.remote: RemoteGroups | None = None
+
+    def count(self, *, handed_over: Callable[[], None], lost: Callable[[], None]) -> None:
+        """Report hand-overs and lost messages to these (the broker's metrics)."""
+        self._on_handed_over = handed_over
+        self._on_lost = lost
+
+    @property
+    def groups_or_remote(self) -> bool:
+        """Whether a message may have to go to a group (here or on another node)."""
+        return bool(self.groups) or self.remote is not None
+
+    # -- membership -----------------------------------------------------------------------
+
+    def join(self, share: ShareFilter, session: Session, qos: int) -> int:
+        """Add ``session`` to the group (again: its QoS is updated); the QoS granted."""
+        granted = min(qos, MAX_SHARED_QOS)
+        group = self.groups.get(share)
+        if group is None:
+            group = self.groups[share] = SharedGroup(share)
+            if self.remote is not None:
+                self.remote.joined(share)
+        group.members = [(s, q) for s, q in group.members if s.client_id != session.client_id]
+        group.members.append((session, granted))
+        log.info(
+            "shared subscription joined client_id=%s group=%s filter=%r",
+            session.client_id,
+            share.group,
+            share.topic_filter[:200],
+        )
+        return granted
+
+    def leave(self, share: ShareFilter, session: Session) -> bool:
+        """Remove ``session`` from the group; False when it was not a member."""
+        group = self.groups.get(share)
+        if group is None:
+            return False
+        before = len(group.members)
+        group.members = [(s, q) for s, q in group.members if s.client_id != session.client_id]
+        if not group.members:
+            del self.groups[share]
+            if self.remote is not None:
+                self.remote.left(share)
+        return len(group.members) != before
+
+    def leave_all(self, session: Session) -> None:
+        """Remove ``session`` from every group (its session is deleted)."""
+        for share in [s for s, g in self.groups.items() if any(m is session for m, _ in g.members)]:
+            self.leave(share, session)
+
+    # -- routing --------------------------------------------------------------------------
+
+    def route(self, topic: str, data: bytes, force_qos: int | None) -> None:
+        """A locally admitted message: one member of each matching group gets it (here, or
+        on another node through :attr:`remote`)."""
+        done: set[ShareFilter] = set()
+        for share, group in list(self.groups.items()):
+            if not topic_matches(topic, share.topic_filter):
+                continue
+            done.add(share)
+            remote = self.remote
+            elsewhere = remote is not None and not remote.serve_here(group, share)
+            if not (
+                elsewhere and remote is not None and remote.send(share, topic, data, force_qos, 0)
+            ):
+                self.deliver(share, topic, data, force_qos)
+        if self.remote is not None:
+            for share in self.remote.remote_shares(topic):
+                if share not in done:
+                    self.remote.send(share, topic, data, force_qos, 0)
+
+    def deliver(
+        self,
+        share: ShareFilter,
+        topic: str,
+        data: bytes,
+        force_qos: int | None,
+        *,
+        gone: Session | None = None,
+        left: bool = False,
+        hops: int = 0,
+    ) -> None:
+        """Give the message to one member of this node's group ``share`` (another node's,
+        through :attr:`remote`, when none is connected here). ``gone``: the member that
+        just failed to acknowledge it, tried last, and not at all when it ``left`` (its
+        connection closed rather than being slow to acknowledge)."""
+        group = self.groups.get(share)
+        picked = group.pick(gone) if group is not None else None
+        if picked is not None and picked[0] is gone and left:
+            picked = None
+        if picked is None:
+            self._no_member(share, group, topic, data, force_qos, hops, gone)
+            return
+        session, sub_qos = picked
+        if not self._may_receive(session, topic):
+            return
+        handler = self._handler_of(session)
+        if handler is None:
+            self._no_member(share, group, topic, data, force_qos, hops, gone)
+            return
+        qos = min(force_qos if force_qos is not None else sub_qos, MAX_SHARED_QOS)
+        self._spawn(
+            asyncio.ensure_future(self._send(share, session, handler, topic, data, qos, hops))
+        )
+
+    def _no_member(
+        self,
+        share: ShareFilter,
+        group: SharedGroup | None,
+        topic: str,
+        data: bytes,
+        force_qos: int | None,
+        hops: int,
+        gone: Session | None,
+    ) -> None:
+        """No member connected here: another node's, else a persistent member's queue."""
+        if self.remote is not None and self.remote.send(share, topic, data, force_qos, hops):
+            return
+        away = group.away() if group is not None else None
+        if gone is not None and gone.clean_session is False and group is not None:
+            away = next(((s, q) for s, q in group.members if s is gone), away)
+        qos = min(force_qos if force_qos is not None else (away[1] if away else 0), 1)
+        if away is not None and qos >= 1 and self._may_receive(away[0], topic):
+            message = RetainedApplicationMessage(None, topic, data, qos)
+            away[0].retained_messages.put_nowait(message)  # sent when it reconnects
+            return
+        if qos >= 1:
+            self._on_lost()
+            log.warning(
+                "shared message dropped group=%s topic=%r reason=no_member_connected",
+                share.group,
+                topic[:200],
+            )
+
+    async def _send(
+        self,
+        share: ShareFilter,
+        session: Session,
+        handler: Any,
+        topic: str,
+        data: bytes,
+        qos: int,
+        hops: int,
+    ) -> None:
+        left = True
+        try:
+            await handler.mqtt_publish(topic, data, qos, retain=False)
+            self._on_delivered()
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the broker shuts down
+            # amqtt cancels the PUBACK waiters of a connection that closed
+        except TimeoutError:
+            left = False  # no PUBACK within amqtt's 5 s: slow, still connected
+        except Exception as exc:  # noqa: BLE001 - the write failed: the connection is gone
+            log.debug("shared delivery failed client_id=%s error=%r", session.client_id, exc)
+        if qos == 0:
+            return  # at most once
+        if hops >= MAX_HANDOVERS:
+            self._on_lost()
+            log.warning(
+                "shared message dropped group=%s topic=%r reason=handed_over_%d_times",
+                share.group,
+                topic[:200],
+                hops,
+            )
+            return
+        self._on_handed_over()
+        log.info(
+            "shared message handed over group=%s from_client_id=%s topic=%r",
+            share.group,
+            session.client_id,
+            topic[:200],
+        )
+        self.deliver(share, topic, data, qos, gone=session, left=left, hops=hops + 1)
