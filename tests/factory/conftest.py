@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from factory.ca import CertificateAuthority
 from factory.cli import ca_app, factory_app
 from fleetcore.layout import DataLayout
+from tests.softhsm import softhsm  # noqa: F401 (a fixture of the PKCS#11 tests)
 
 TRUST_DOMAIN = "fleet.test"
 CERTFLEET = [sys.executable, "-m", "certfleet.cli"]

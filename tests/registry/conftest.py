@@ -165,3 +165,4 @@ def unique_id(prefix: str = "dev") -> str:
 # The publishing registry fixture (``published``), shared by the publication listener's and
 # ``certificate inspect``'s tests.
 from tests.registry.publishing import published  # noqa: E402, F401
+from tests.softhsm import softhsm  # noqa: E402, F401 (a fixture of the PKCS#11 tests)
