@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 from factory.ca import CertificateAuthority
 from factory.provision import _Minter, _WorkerConfig
 from fleetcore.clock import utcnow
-from fleetcore.keys import private_key_pem
 from fleetcore.layout import DataLayout
 
 
@@ -44,7 +43,7 @@ def main() -> None:
             trust_domain=ca.trust_domain,
             root_pem=ca.root_pem,
             issuing_pem=ca.issuing_cert.public_bytes(serialization.Encoding.PEM),
-            issuing_key_pem=private_key_pem(ca.issuing_key),
+            issuing_key=ca.issuing_source,
             broker="127.0.0.1:8883",
             key_algorithm="p256",
             batch_start=utcnow(),

@@ -65,11 +65,13 @@ def _settings_classes() -> list[type[BaseSettings]]:
     from certfleet.settings import OrchestrateSettings
     from device_sim.settings import SimSettings
     from factory.settings import FactorySettings
+    from factory.signer import CaKeySettings
     from registry.operator_cli import OperatorSettings
     from registry.settings import RegistrySettings
 
     listed: list[type[BaseSettings]] = [
         FactorySettings,
+        CaKeySettings,
         RegistrySettings,
         OperatorSettings,
         BrokerSettings,

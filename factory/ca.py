@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass
@@ -12,7 +13,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from factory.errors import CAError
-from factory.keys import load_private_key
+from factory.signer import (
+    CaKeys,
+    CaKeySettings,
+    KeySource,
+    TokenKey,
+    TokenKeyRecord,
+    generate_token_keys,
+    load_key_settings,
+)
 from fleetcore.clock import utcnow
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.layout import DataLayout, write_private, write_public
@@ -27,10 +36,17 @@ from fleetcore.profile import (
     build_ocsp_responder_certificate,
     build_server_certificate,
     certificate_pem,
+    check_public_key,
 )
 from fleetcore.publication import check_publish_url, issuing_distribution_point
 
-__all__ = ["CertificateAuthority", "IssuedCertificate", "RevokedEntry", "write_issued"]
+__all__ = [
+    "CertificateAuthority",
+    "IssuedCertificate",
+    "RevokedEntry",
+    "TokenInit",
+    "write_issued",
+]
 
 ROOT_LIFETIME = dt.timedelta(days=20 * 365)
 ISSUING_LIFETIME = dt.timedelta(days=10 * 365)
@@ -59,8 +75,23 @@ class RevokedEntry:
     reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation
 
 
+@dataclass(frozen=True)
+class TokenInit:
+    """``ca init --pkcs11-module LIB --pkcs11-token LABEL --pin-file FILE``: generate the CA
+    keys in that token. The PIN is read from the file (0600) and never stored elsewhere."""
+
+    module: str
+    token_label: str
+    pin: bytes = dataclasses.field(repr=False)
+    pin_file: Path | None = None
+
+
 class CertificateAuthority:
-    """Root + issuing CA loaded in memory. Create with :meth:`init`, open with :meth:`load`."""
+    """Root + issuing CA loaded in memory. Create with :meth:`init`, open with :meth:`load`.
+
+    Every signature goes through ``issuing_key``, a :mod:`factory.signer` key: a file key or
+    a PKCS#11 token key.
+    """
 
     def __init__(
         self,
@@ -71,6 +102,8 @@ class CertificateAuthority:
         issuing_cert: x509.Certificate,
         issuing_key: PrivateKey,
         publish_url: str | None = None,
+        issuing_source: KeySource | None = None,
+        keys: CaKeys | None = None,
     ) -> None:
         self.layout = layout
         self.trust_domain = trust_domain
@@ -80,6 +113,21 @@ class CertificateAuthority:
         #: base URL of the CRL and OCSP responder written into every new certificate.
         self.publish_url = publish_url
         self._client_template: ClientCertificateTemplate | None = None
+        self._issuing_source = issuing_source
+        #: where the keys are (None: created here, or PEM files).
+        self.keys = keys
+
+    @property
+    def issuing_source(self) -> KeySource:
+        """How another process (a minting worker) opens the issuing key."""
+        if self._issuing_source is None:
+            self._issuing_source = KeySource.of(self.issuing_key)
+        return self._issuing_source
+
+    @property
+    def ocsp_token_key(self) -> TokenKey | None:
+        """The OCSP responder's key when it is in a token; None: a file key, made as needed."""
+        return self.keys.open_ocsp() if self.keys is not None else None
 
     # -- creation and loading -------------------------------------------------------------
 
@@ -92,8 +140,12 @@ class CertificateAuthority:
         passphrase: bytes | None = None,
         key_algorithm: str = "p256",
         publish_url: str | None = None,
+        token: TokenInit | None = None,
     ) -> CertificateAuthority:
-        """Create a new root and issuing CA in ``layout.ca_dir``; refuse to overwrite one."""
+        """Create a new root and issuing CA in ``layout.ca_dir``; refuse to overwrite one.
+
+        With ``token`` the root, issuing and OCSP keys are generated in that PKCS#11 token
+        and ``ca.json`` records where they are; otherwise they are PEM files (0600)."""
         Identity(trust_domain, IdentityKind.SERVICE, "probe")  # validates the trust domain
         if publish_url is not None:
             publish_url = check_publish_url(publish_url)
@@ -103,7 +155,24 @@ class CertificateAuthority:
                 "--data-dir (nothing was overwritten)"
             )
         now = utcnow()
-        root_key = generate_key(key_algorithm)
+        record: TokenKeyRecord | None = None
+        root_key: PrivateKey
+        issuing_key: PrivateKey
+        if token is not None:
+            token_keys = generate_token_keys(
+                module=token.module,
+                token_label=token.token_label,
+                pin=token.pin,
+                key_algorithm=key_algorithm,
+            )
+            root_key, issuing_key = token_keys["root"], token_keys["issuing"]
+            record = TokenKeyRecord(
+                token.module,
+                {role: str(key.uri) for role, key in token_keys.items()},
+                str(token.pin_file.resolve()) if token.pin_file is not None else None,
+            )
+        else:
+            root_key, issuing_key = generate_key(key_algorithm), generate_key(key_algorithm)
         root_cert = build_ca_certificate(
             common_name=f"certfleet root CA ({trust_domain})",
             public_key=root_key.public_key(),
@@ -113,7 +182,6 @@ class CertificateAuthority:
             not_after=now + ROOT_LIFETIME,
             path_length=1,
         )
-        issuing_key = generate_key(key_algorithm)
         issuing_cert = build_ca_certificate(
             common_name=f"certfleet issuing CA ({trust_domain})",
             public_key=issuing_key.public_key(),
@@ -123,8 +191,9 @@ class CertificateAuthority:
             not_after=now + ISSUING_LIFETIME,
             path_length=0,
         )
-        write_private(layout.root_key, private_key_pem(root_key, passphrase))
-        write_private(layout.issuing_key, private_key_pem(issuing_key, passphrase))
+        if record is None:
+            write_private(layout.root_key, private_key_pem(root_key, passphrase))
+            write_private(layout.issuing_key, private_key_pem(issuing_key, passphrase))
         pem = serialization.Encoding.PEM
         write_public(layout.issuing_cert, issuing_cert.public_bytes(pem))
         write_public(layout.chain, issuing_cert.public_bytes(pem) + root_cert.public_bytes(pem))
@@ -137,6 +206,7 @@ class CertificateAuthority:
                     "key_algorithm": key_algorithm,
                     "encrypted": bool(passphrase),
                     "publish_url": publish_url,
+                    **({"keys": record.as_json()} if record is not None else {}),
                 },
                 indent=2,
             ).encode(),
@@ -150,11 +220,21 @@ class CertificateAuthority:
             issuing_cert=issuing_cert,
             issuing_key=issuing_key,
             publish_url=publish_url,
+            keys=CaKeys(record, load_key_settings()) if record is not None else None,
         )
 
     @classmethod
-    def load(cls, layout: DataLayout, *, passphrase: bytes | None = None) -> CertificateAuthority:
-        """Open the CA in ``layout.ca_dir`` (the issuing key only; the root key stays on disk)."""
+    def load(
+        cls,
+        layout: DataLayout,
+        *,
+        passphrase: bytes | None = None,
+        key_settings: CaKeySettings | None = None,
+    ) -> CertificateAuthority:
+        """Open the CA in ``layout.ca_dir`` (the issuing key only; the root key stays where it
+        is). Where the issuing key is: ``key_settings`` (default: the environment,
+        ``CERTFLEET_CA_ISSUING_KEY`` ...), else the record of ``ca init``, else
+        ``ca/issuing.key``."""
         if not layout.root_cert.exists():
             raise CAError(
                 f"no CA in {layout.ca_dir}: run 'certfleet ca init' first, or pass --data-dir"
@@ -163,13 +243,15 @@ class CertificateAuthority:
             meta = json.loads(layout.ca_meta.read_text())
             trust_domain = str(meta["trust_domain"])
             publish_url = meta.get("publish_url")
+            record = TokenKeyRecord.from_json(meta.get("keys"))
             root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
             issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
         except (OSError, ValueError, KeyError) as exc:
             raise CAError(f"CA files in {layout.ca_dir} are incomplete or corrupt: {exc}") from None
-        issuing_key = load_private_key(layout.issuing_key, passphrase)
-        if issuing_key.public_key() != issuing_cert.public_key():
-            raise CAError(f"{layout.issuing_key} does not belong to {layout.issuing_cert}")
+        keys = CaKeys(record, key_settings or load_key_settings())
+        issuing_key, source = keys.open_issuing(
+            layout.issuing_key, check_public_key(issuing_cert.public_key()), passphrase
+        )
         return cls(
             layout=layout,
             trust_domain=trust_domain,
@@ -177,6 +259,8 @@ class CertificateAuthority:
             issuing_cert=issuing_cert,
             issuing_key=issuing_key,
             publish_url=str(publish_url) if publish_url else None,
+            issuing_source=source,
+            keys=keys,
         )
 
     # -- issuing --------------------------------------------------------------------------
@@ -254,13 +338,19 @@ class CertificateAuthority:
         )
         return IssuedCertificate(certificate, private_key)
 
-    def issue_ocsp_responder(self, name: str, *, lifetime: dt.timedelta) -> IssuedCertificate:
-        """Issue a delegated OCSP responder certificate (OCSPSigning) with a new key."""
+    def issue_ocsp_responder(
+        self, name: str, *, lifetime: dt.timedelta, public_key: PublicKey | None = None
+    ) -> IssuedCertificate:
+        """Issue a delegated OCSP responder certificate (OCSPSigning): for ``public_key`` (a
+        token's key), or with a new file key."""
         now = utcnow()
-        private_key = generate_key("p256")
+        private_key: PrivateKey | None = None
+        if public_key is None:
+            private_key = generate_key("p256")
+            public_key = private_key.public_key()
         certificate = build_ocsp_responder_certificate(
             name=name,
-            public_key=private_key.public_key(),
+            public_key=public_key,
             issuer_cert=self.issuing_cert,
             issuer_key=self.issuing_key,
             not_before=now - CLOCK_SKEW,

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from factory.ca import CertificateAuthority, write_issued
+from factory.ca import CertificateAuthority, TokenInit, write_issued
 from factory.errors import CAError, ProvisionError
 from factory.settings import FactorySettings, load_settings
 from fleetcore.duration import parse_duration
@@ -76,10 +76,28 @@ def ca_init(
         Path | None,
         typer.Option(help="Encrypt the CA keys with the first line of this 0600 file."),
     ] = None,
+    pkcs11_module: Annotated[
+        str | None,
+        typer.Option(
+            help="Generate the CA keys in a PKCS#11 token through this module, e.g. "
+            "/usr/lib/softhsm/libsofthsm2.so (CERTFLEET_CA_PKCS11_MODULE)."
+        ),
+    ] = None,
+    pkcs11_token: Annotated[
+        str | None, typer.Option(help="Label of the PKCS#11 token to generate the keys in.")
+    ] = None,
+    pin_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The token's user PIN: first line of this 0600 file (CERTFLEET_CA_PIN_FILE); "
+            "recorded so later commands find it."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create the root and issuing CA. Keys are encrypted with --passphrase-file or
-    CERTFLEET_CA_PASSPHRASE.
+    CERTFLEET_CA_PASSPHRASE, or generated in a PKCS#11 token (--pkcs11-module,
+    --pkcs11-token, --pin-file): every later command signs with the token, no further flags.
 
     Refuses to overwrite an existing CA.
     """
@@ -95,19 +113,24 @@ def ca_init(
             f"--key-algorithm {settings.key_algorithm!r} is not one of {', '.join(KEY_ALGORITHMS)}"
         )
     layout = settings.layout
+    token = _token_init(pkcs11_module, pkcs11_token, pin_file)
+    if token is not None and settings.passphrase is not None:
+        raise ConfigError("a CA passphrase is for file keys; token keys are guarded by the PIN")
     ca = CertificateAuthority.init(
         layout,
         settings.trust_domain,
         passphrase=settings.passphrase,
         key_algorithm=settings.key_algorithm,
         publish_url=settings.ca_publish_url,
+        token=token,
     )
     log.info(
-        "ca created trust_domain=%s data_dir=%s encrypted=%s publish_url=%s",
+        "ca created trust_domain=%s data_dir=%s encrypted=%s publish_url=%s keys=%s",
         ca.trust_domain,
         layout.root,
         settings.passphrase is not None,
         ca.publish_url or "-",
+        f"pkcs11 token={token.token_label}" if token is not None else "files",
     )
     _emit(
         as_json,
@@ -118,9 +141,32 @@ def ca_init(
             "chain": str(layout.chain),
             "encrypted": settings.passphrase is not None,
             "publish_url": ca.publish_url,
+            "keys": ca.keys.record.as_json() if ca.keys and ca.keys.record else "files",
         },
         f"CA created for trust domain {ca.trust_domain} in {layout.ca_dir}\n"
-        f"  root:  {layout.root_cert}\n  chain: {layout.chain}",
+        f"  root:  {layout.root_cert}\n  chain: {layout.chain}"
+        + (f"\n  keys:  PKCS#11 token {token.token_label!r}" if token is not None else ""),
+    )
+
+
+def _token_init(
+    module: str | None, token_label: str | None, pin_file: Path | None
+) -> TokenInit | None:
+    """The token ``ca init`` generates keys in, or None (file keys)."""
+    from factory.signer import load_key_settings, token_pin
+
+    key_settings = load_key_settings(ca_pkcs11_module=module, ca_pin_file=pin_file)
+    if token_label is None:
+        if module is not None or pin_file is not None:
+            raise ConfigError("--pkcs11-module and --pin-file go with --pkcs11-token LABEL")
+        return None
+    if key_settings.ca_pkcs11_module is None:
+        raise ConfigError("--pkcs11-token needs --pkcs11-module LIB (CERTFLEET_CA_PKCS11_MODULE)")
+    return TokenInit(
+        module=key_settings.ca_pkcs11_module,
+        token_label=token_label,
+        pin=token_pin(key_settings, None),
+        pin_file=key_settings.ca_pin_file,
     )
 
 

@@ -50,8 +50,8 @@ from factory.bundle import (
 )
 from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
-from factory.keys import load_private_key_pem
 from factory.manifest import Manifest, ManifestRecord, ManifestWriter
+from factory.signer import KeySource
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import KEY_ALGORITHMS, private_key_pem
@@ -150,7 +150,7 @@ class _WorkerConfig:
     trust_domain: str
     root_pem: bytes
     issuing_pem: bytes
-    issuing_key_pem: bytes
+    issuing_key: KeySource
     broker: str
     key_algorithm: str
     batch_start: dt.datetime
@@ -192,7 +192,7 @@ class _Minter:
             trust_domain=config.trust_domain,
             root_cert=x509.load_pem_x509_certificate(config.root_pem),
             issuing_cert=x509.load_pem_x509_certificate(config.issuing_pem),
-            issuing_key=load_private_key_pem(config.issuing_key_pem),
+            issuing_key=config.issuing_key.open(),
             publish_url=config.publish_url,
         )
         self.devices_dir = str(layout.devices_dir)
@@ -535,7 +535,7 @@ def _worker_config(
         trust_domain=ca.trust_domain,
         root_pem=ca.root_pem,
         issuing_pem=ca.issuing_cert.public_bytes(serialization.Encoding.PEM),
-        issuing_key_pem=private_key_pem(ca.issuing_key),
+        issuing_key=ca.issuing_source,
         broker=broker,
         key_algorithm=key_algorithm,
         batch_start=utcnow(),

@@ -2,7 +2,9 @@
 
 Answers are signed by a delegated responder certificate (OCSPSigning EKU, issued by the
 issuing CA, id-pkix-ocsp-nocheck) kept in ``<data>/ca/ocsp-responder.crt|.key``; it is
-issued on first use and re-issued when less than a third of its lifetime is left. The
+issued on first use and re-issued when less than a third of its lifetime is left. When the
+CA's keys are in a PKCS#11 token (:mod:`factory.signer`), the responder's key is the token's
+OCSP key: only the certificate is kept on disk, re-issued for the same key. The
 request's nonce is echoed. A request about another issuer is answered ``unknown``.
 """
 
@@ -102,6 +104,8 @@ class _Signer:
         self._lifetime = lifetime
         self._lock = threading.Lock()
         self._current: tuple[x509.Certificate, PrivateKey] | None = None
+        #: the token's OCSP key (opened now: a missing object or wrong PIN stops the start).
+        self._token_key = ca.ocsp_token_key
         self._cert_path = ca.layout.ca_dir / f"{RESPONDER_NAME}.crt"
         self._key_path = ca.layout.ca_dir / f"{RESPONDER_NAME}.key"
 
@@ -117,11 +121,13 @@ class _Signer:
 
     def _load(self) -> tuple[x509.Certificate, PrivateKey] | None:
         """The responder on disk, if it is this CA's and not due for renewal."""
-        if not self._cert_path.exists() or not self._key_path.exists():
+        if not self._cert_path.exists() or (
+            self._token_key is None and not self._key_path.exists()
+        ):
             return None
         try:
             certificate = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
-            key = load_private_key(self._key_path, None)
+            key = self._token_key or load_private_key(self._key_path, None)
             certificate.verify_directly_issued_by(self._ca.issuing_cert)
         except (OSError, ValueError, TypeError, CAError, InvalidSignature) as exc:
             log.warning("ocsp responder certificate unusable, re-issuing error=%s", exc)
@@ -131,15 +137,20 @@ class _Signer:
         return certificate, key
 
     def _issue(self) -> tuple[x509.Certificate, PrivateKey]:
-        issued = self._ca.issue_ocsp_responder(RESPONDER_NAME, lifetime=self._lifetime)
-        assert issued.private_key is not None
+        issued = self._ca.issue_ocsp_responder(
+            RESPONDER_NAME,
+            lifetime=self._lifetime,
+            public_key=self._token_key.public_key() if self._token_key is not None else None,
+        )
+        key = self._token_key or issued.private_key
+        assert key is not None
         write_issued(issued, self._cert_path, self._key_path)
         log.info(
             "ocsp responder certificate issued serial=%s not_after=%s",
             serial_hex(issued.certificate.serial_number),
             issued.certificate.not_valid_after_utc.isoformat(),
         )
-        return issued.certificate, issued.private_key
+        return issued.certificate, key
 
 
 class OcspResponder:

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from factory.ca import CertificateAuthority
 from factory.cli import ca_app, factory_app
 from fleetcore.layout import DataLayout
+from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 from tests.support.processes import CERTFLEET, run_certfleet
 
-__all__ = ["CERTFLEET", "TRUST_DOMAIN", "ca", "layout", "run_ca", "run_certfleet", "run_factory"]
+__all__ = ["CERTFLEET", "TRUST_DOMAIN", "ca", "layout", "run_ca", "run_certfleet", "run_factory", "softhsm"]
 
 TRUST_DOMAIN = "fleet.test"
 

@@ -23,6 +23,7 @@ from tests.support.registry_fixtures import (
     registry_settings,
 )
 from tests.support.tls import tls_context
+from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 
 # The publishing registry fixture (``published``) is shared by the publication listener's and
 # ``certificate inspect``'s tests. The helpers live in tests.support; the names are re-exported
@@ -44,6 +45,7 @@ __all__ = [
     "published",
     "registry",
     "registry_settings",
+    "softhsm",
     "tls_context",
     "unique_id",
 ]
