@@ -15,7 +15,16 @@ from fleetcore.layout import DataLayout
 from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 from tests.support.processes import CERTFLEET, run_certfleet
 
-__all__ = ["CERTFLEET", "TRUST_DOMAIN", "ca", "layout", "run_ca", "run_certfleet", "run_factory", "softhsm"]
+__all__ = [
+    "CERTFLEET",
+    "TRUST_DOMAIN",
+    "ca",
+    "layout",
+    "run_ca",
+    "run_certfleet",
+    "run_factory",
+    "softhsm",
+]
 
 TRUST_DOMAIN = "fleet.test"
 

@@ -8,6 +8,7 @@ the PostgreSQL variant is skipped with the reason shown (``-ra``).
 from __future__ import annotations
 
 from tests.registry.publishing import published
+from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 from tests.support.pki import pem, unique_id
 from tests.support.postgres import POSTGRES_ADMIN_URL, reset_postgres
 from tests.support.registry_fixtures import (
@@ -23,7 +24,6 @@ from tests.support.registry_fixtures import (
     registry_settings,
 )
 from tests.support.tls import tls_context
-from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 
 # The publishing registry fixture (``published``) is shared by the publication listener's and
 # ``certificate inspect``'s tests. The helpers live in tests.support; the names are re-exported
