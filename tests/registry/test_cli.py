@@ -21,6 +21,7 @@ import pytest
 from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind, serial_hex
+from tests.support.processes import certfleet_in_process
 
 TRUST_DOMAIN = "cli.test"
 
@@ -28,13 +29,8 @@ TRUST_DOMAIN = "cli.test"
 def certfleet(
     *args: str, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "certfleet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    """`certfleet ARGS` in process (output and exit code only; serve runs as a real process)."""
+    result = certfleet_in_process(*args, env=env)
     if check:
         assert result.returncode == 0, result.stderr
     return result
