@@ -1,46 +1,37 @@
-"""Revoked serials: the in-memory set, its copy on disk, and the registry feed follower.
+"""Following the registry's revocation feed into the broker's revoked set.
 
-- :class:`RevokedSet` holds revoked serials (lower-case hex, :func:`fleetcore.profile.serial_hex`)
-  and decommissioned device ids in Python sets (O(1) checks at every CONNECT). It is loaded
-  from ``<data>/broker/revoked-<node>.json`` at start (or, once, from the single-broker
-  ``broker/revoked.json`` of earlier versions), so a restart while the registry is down is no
-  hole, and written back atomically after every batch that changed it. Revocation is
-  permanent: a set only grows. A write that fails (disk full, folder read-only or replaced)
-  never stops enforcement: the sets are already changed in memory, the failure is logged and
-  counted, and :meth:`RevokedSet.keep_persisted` retries with backoff until the disk is back.
-  The one exception to "only grows": a serial whose certificate has expired (its not_after,
-  carried by the feed, plus :data:`fleetcore.profile.CLOCK_SKEW`) can no longer be presented,
-  so :meth:`RevokedSet.prune` forgets it, on load and every ``prune_s``
-  (:meth:`RevokedSet.keep_pruned`). Serials whose not_after is unknown, and decommissioned
-  device ids, are kept for good.
-- :class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=``
-  over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
-  ``ca/root.crt``). It starts from ``after=0`` (full resync) every time, resumes from the
-  last sequence it applied, and backs off exponentially while the registry is unreachable.
-  It re-reads from 0 (keeping every serial it has: the sets never shrink) when the feed's
-  head is below its position or the feed's epoch changed (the registry's database was
-  restored from a backup or replaced), and every ``resync_s`` as a backstop (a restored
-  database that has already moved past the broker's position shows neither sign). It asks
-  for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a ``superseded``
-  event revokes serials without decommissioning the device.
+:class:`RevocationFollower` long-polls ``GET {registry}/api/v1/revocations?after=&wait=&epoch=``
+over mTLS with the broker's service certificate (``clients/<broker>.crt``, trusting
+``ca/root.crt``), and backs off exponentially while the registry is unreachable. The revoked
+set itself (compact, journaled) is :class:`broker.revoked_set.RevokedSet`.
+
+- **Resume.** It starts from the position persisted with the revoked set (the journal holds
+  the position, the feed's epoch and the last applied event's fingerprint after every batch),
+  not from 0: a start or a check costs what changed since, not the feed's history.
+- **Divergence, without replaying history.** The follower sends its epoch; the registry
+  answers at once, without waiting, when that epoch is not the feed's or the position is
+  above the head (a database restored from an older copy or replaced). The follower then
+  re-reads from 0, keeping every serial it has (the set never shrinks). Every ``resync_s``
+  it also asks for the one event at its checkpoint and compares its fingerprint (kind,
+  device, serials): a restored database that has already moved past the broker's position
+  shows neither sign above but answers a different event there.
+- It asks for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a
+  ``superseded`` event revokes serials without decommissioning the device.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
+import hashlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 
-from broker.errors import RevocationStateError
-from fleetcore.layout import write_public
-from fleetcore.profile import CLOCK_SKEW
+from broker.revocation_journal import Checkpoint
+from broker.revoked_set import RevokedSet
 from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FOLLOWER_KINDS,
@@ -48,182 +39,9 @@ from fleetcore.revocation_feed import (
     RevocationFeed,
 )
 
-__all__ = ["RevocationFollower", "RevokedSet"]
+__all__ = ["RevocationFollower", "RevokedSet", "fingerprint"]
 
 log = logging.getLogger(__name__)
-
-
-class RevokedSet:
-    """Revoked serials and decommissioned devices, persisted to one JSON file."""
-
-    def __init__(
-        self,
-        path: Path | None,
-        *,
-        legacy_path: Path | None = None,
-        on_write: Callable[[bool], None] = lambda _ok: None,
-    ) -> None:
-        self.path = path
-        self.legacy_path = legacy_path
-        self.serials: set[str] = set()
-        #: serial -> its certificate's not_after (POSIX seconds), where the feed said.
-        self.not_after: dict[str, float] = {}
-        self.device_ids: set[str] = set()
-        self.last_seq = 0
-        #: True while the file lags behind the sets (a write failed; retried).
-        self.dirty = False
-        #: Why the last write failed, while :attr:`dirty`.
-        self.persist_error: str | None = None
-        self._on_write = on_write
-        self._failed = asyncio.Event()
-
-    # -- checks (RevocationView) ----------------------------------------------------------
-
-    def is_serial_revoked(self, serial: str) -> bool:
-        return serial in self.serials
-
-    def is_device_decommissioned(self, device_id: str) -> bool:
-        return device_id in self.device_ids
-
-    # -- changes --------------------------------------------------------------------------
-
-    def add(
-        self,
-        serials: Iterable[str],
-        device_id: str | None = None,
-        seq: int | None = None,
-        not_after: Mapping[str, dt.datetime] | None = None,
-    ) -> list[str]:
-        """Add serials (and a decommissioned device id); return the serials that were new.
-
-        A serial whose ``not_after`` (plus the clock-skew margin) has passed is not added:
-        it cannot be presented any more (a resync re-reads old events).
-        """
-        expiry = {s.lower(): when.timestamp() for s, when in (not_after or {}).items()}
-        limit = time.time() - CLOCK_SKEW.total_seconds()
-        new = []
-        for serial in (s.lower() for s in serials):
-            if serial in expiry:
-                if expiry[serial] < limit:
-                    continue
-                self.not_after[serial] = expiry[serial]
-            if serial not in self.serials:
-                new.append(serial)
-        self.serials.update(new)
-        if device_id is not None:
-            self.device_ids.add(device_id)
-        if seq is not None and seq > self.last_seq:
-            self.last_seq = seq
-        return new
-
-    def prune(self, now: float | None = None) -> list[str]:
-        """Forget serials whose certificate expired more than CLOCK_SKEW ago; return them."""
-        limit = (time.time() if now is None else now) - CLOCK_SKEW.total_seconds()
-        expired = [s for s, when in self.not_after.items() if when < limit]
-        for serial in expired:
-            del self.not_after[serial]
-            self.serials.discard(serial)
-        if expired:
-            log.info("revoked set pruned expired=%d serials=%d", len(expired), len(self.serials))
-        return expired
-
-    async def keep_pruned(self, prune_s: float, on_pruned: Callable[[int], None]) -> None:
-        """Every ``prune_s`` seconds, forget expired serials (and persist); forever."""
-        while True:
-            await asyncio.sleep(prune_s)
-            expired = self.prune()
-            if expired:
-                self.save()
-                on_pruned(len(expired))
-
-    # -- disk -----------------------------------------------------------------------------
-
-    def load(self) -> None:
-        """Read the persisted set; a missing file is an empty set, a corrupt one an error.
-
-        Without a file of its own, the set starts from the legacy path (the one file every
-        broker wrote before files were named by node), and writes its own file at once.
-        """
-        if self.path is None:
-            return
-        source = self.path
-        if not source.exists():
-            if self.legacy_path is None or not self.legacy_path.exists():
-                return
-            source = self.legacy_path
-        self._read(source)
-        if source != self.path:
-            log.info("revoked set migrated from=%s to=%s", source, self.path)
-            self.save()
-
-    def _read(self, source: Path) -> None:
-        try:
-            body = json.loads(source.read_text())
-            serials = {str(s).lower() for s in body["serials"]}
-            device_ids = {str(d) for d in body.get("device_ids", [])}
-            last_seq = int(body.get("last_seq", 0))
-            not_after = {str(s).lower(): float(t) for s, t in body.get("not_after", {}).items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RevocationStateError(
-                f"{source} is unreadable ({exc}); restore it from a backup or remove it to "
-                "rebuild it from the registry feed (refuses nothing until the feed is read)"
-            ) from None
-        self.serials |= serials
-        self.not_after.update({s: t for s, t in not_after.items() if s in serials})
-        self.device_ids |= device_ids
-        self.last_seq = max(self.last_seq, last_seq)
-        self.prune()
-        log.info(
-            "revoked set loaded path=%s serials=%d devices=%d last_seq=%d",
-            source,
-            len(self.serials),
-            len(self.device_ids),
-            self.last_seq,
-        )
-
-    def save(self) -> bool:
-        """Write the sets atomically; False (logged, counted, retried by
-        :meth:`keep_persisted`) when the disk refuses. Never raises: enforcement goes on."""
-        if self.path is None:
-            return True
-        body = {
-            "last_seq": self.last_seq,
-            "serials": sorted(self.serials),
-            "device_ids": sorted(self.device_ids),
-            "not_after": {s: self.not_after[s] for s in sorted(self.not_after)},
-        }
-        try:
-            write_public(self.path, json.dumps(body).encode())
-        except OSError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:300]
-            if not self.dirty:
-                log.error(
-                    "revoked set not persisted path=%s error=%s serials=%d "
-                    "(enforced in memory; retrying)",
-                    self.path,
-                    error,
-                    len(self.serials),
-                )
-            self.dirty, self.persist_error = True, error
-            self._on_write(False)
-            self._failed.set()
-            return False
-        if self.dirty:
-            log.info("revoked set persisted again path=%s serials=%d", self.path, len(self.serials))
-        self.dirty, self.persist_error = False, None
-        self._on_write(True)
-        return True
-
-    async def keep_persisted(self, min_backoff_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
-        """Retry a failed write with exponential backoff until it succeeds; forever."""
-        while True:
-            await self._failed.wait()
-            self._failed.clear()
-            backoff = min_backoff_s
-            while self.dirty:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, max_backoff_s)
-                self.save()
 
 
 #: Called with each newly applied event and the serials in it that were not yet revoked.
@@ -252,12 +70,14 @@ class RevocationFollower:
         self._wait_s = wait_s
         self._max_backoff_s = max_backoff_s
         self._batch_limit = batch_limit
-        self.after = 0  # full resync from the start of the feed on every start
+        # Resume where the journal says; its epoch is checked by the registry's answer.
+        self.after = revoked.position
+        self.epoch: int | None = revoked.epoch
         self.head_seq = 0
-        self.epoch: int | None = None
         self.resyncs = 0
+        self.checks = 0
         self._resync_s = resync_s
-        self._resync_at = time.monotonic() + resync_s
+        self._check_at = time.monotonic() + resync_s
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
         self.last_success: float | None = None  # monotonic time of the last feed answer
         self.last_success_at = 0.0  # the same, POSIX time (a metric: alerts on feed silence)
@@ -267,9 +87,14 @@ class RevocationFollower:
         """Follow the feed until cancelled."""
         backoff = 0.2
         timeout = httpx.Timeout(self._wait_s + 15.0, connect=5.0)
+        log.info(
+            "revocation feed following url=%s from=%d epoch=%s", self._url, self.after, self.epoch
+        )
         async with httpx.AsyncClient(verify=self._tls_context, timeout=timeout) as client:
             while True:
                 try:
+                    if self.synced.is_set() and time.monotonic() >= self._check_at:
+                        await self._check_position(client)
                     await self._poll_once(client)
                     backoff = 0.2
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -284,32 +109,62 @@ class RevocationFollower:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self._max_backoff_s)
 
-    async def _poll_once(self, client: httpx.AsyncClient) -> None:
-        catching_up = not self.synced.is_set()
-        wait = 0 if catching_up else self._wait_s
-        response = await client.get(
-            self._url,
-            params={
-                "after": self.after,
-                "wait": wait,
-                "limit": self._batch_limit,
-                "kinds": FOLLOWER_KINDS,
-            },
-        )
+    async def _get(
+        self, client: httpx.AsyncClient, after: int, wait: float, limit: int
+    ) -> RevocationFeed:
+        params: dict[str, str | int | float] = {
+            "after": after,
+            "wait": wait,
+            "limit": limit,
+            "kinds": FOLLOWER_KINDS,
+        }
+        if self.epoch is not None:
+            params["epoch"] = self.epoch
+        response = await client.get(self._url, params=params)
         response.raise_for_status()
         feed = RevocationFeed.model_validate_json(response.content)
         self.last_success = time.monotonic()
         self.last_success_at = time.time()
+        return feed
+
+    async def _poll_once(self, client: httpx.AsyncClient) -> None:
+        catching_up = not self.synced.is_set()
+        wait = 0 if catching_up else self._wait_s
+        feed = await self._get(client, self.after, wait, self._batch_limit)
         if self._must_resync(feed.head_seq, feed.epoch):
             return
-        self.apply(feed.events)
+        await self.apply(feed.events)
         self.after = max(self.after, feed.last_seq)
         self.head_seq = feed.head_seq
+        last = feed.events[-1] if feed.events else None
+        checkpoint = self._revoked.checkpoint if last is None else fingerprint(last)
+        self._revoked.advance(self.after, self.epoch, checkpoint)
+        self._revoked.save()
         if self.after >= self.head_seq and not self.synced.is_set():
             log.info(
-                "revocation feed synced seq=%d serials=%d", self.after, len(self._revoked.serials)
+                "revocation feed synced seq=%d serials=%d", self.after, self._revoked.serial_count
             )
             self.synced.set()
+
+    async def _check_position(self, client: httpx.AsyncClient) -> None:
+        """Ask for the event at the checkpoint and compare fingerprints (one small read,
+        every ``resync_s``): a different event there means another feed; start over."""
+        self._check_at = time.monotonic() + self._resync_s
+        self.checks += 1
+        checkpoint = self._revoked.checkpoint
+        if checkpoint is None:
+            return
+        feed = await self._get(client, checkpoint.seq - 1, 0, 1)
+        if self._must_resync(feed.head_seq, feed.epoch):
+            return
+        found = feed.events[0] if feed.events else None
+        if found is None or found.seq != checkpoint.seq:
+            return  # compacted away by the registry: the epoch and head checks remain
+        if fingerprint(found) != checkpoint:
+            self._start_over(
+                f"the feed's event {checkpoint.seq} is not the one applied (another history)",
+                feed.epoch,
+            )
 
     def not_following(self) -> list[str]:
         """Why the broker is not following the feed right now (for /readyz); empty when it
@@ -328,45 +183,62 @@ class RevocationFollower:
             why = f"feed epoch changed from {self.epoch} to {epoch} (registry database replaced)"
         elif head_seq < self.after:
             why = f"feed head {head_seq} is below position {self.after} (registry restored?)"
-        elif self.after > 0 and time.monotonic() >= self._resync_at:
-            why = f"periodic resync every {self._resync_s:.0f}s"
-        self.epoch = epoch if epoch is not None else self.epoch
         if why is None:
+            self.epoch = epoch if epoch is not None else self.epoch
             return False
+        self._start_over(why, epoch)
+        return True
+
+    def _start_over(self, why: str, epoch: int | None) -> None:
         log.warning(
             "revocation feed resync from=0 after=%d reason=%r serials_kept=%d",
             self.after,
             why,
-            len(self._revoked.serials),
+            self._revoked.serial_count,
         )
+        self.epoch = epoch if epoch is not None else self.epoch
         self.after = 0
         self.resyncs += 1
-        self._resync_at = time.monotonic() + self._resync_s
+        self._revoked.reset(self.epoch)
+        self._revoked.save()
         self.synced.clear()  # catch up with wait=0 again
-        return True
 
-    def apply(self, events: list[RevocationEvent]) -> None:
-        """Apply events in order, drop affected sessions, then persist once for the batch."""
-        for event in events:
-            decommission = event.kind == "decommission"
-            known_device = not decommission or event.device_id in self._revoked.device_ids
-            new_serials = self._revoked.add(
-                event.serials,
-                event.device_id if decommission else None,
+    async def apply(self, events: list[RevocationEvent]) -> None:
+        """Apply events in order and drop affected sessions, handing the loop back every
+        :data:`APPLY_SLICE` events (a batch of a replay never stalls the connections)."""
+        for index, event in enumerate(events):
+            if index and index % APPLY_SLICE == 0:
+                await asyncio.sleep(0)
+            self._apply_one(event)
+
+    def _apply_one(self, event: RevocationEvent) -> None:
+        decommission = event.kind == "decommission"
+        known_device = not decommission or self._revoked.is_device_decommissioned(event.device_id)
+        new_serials = self._revoked.add(
+            event.serials,
+            event.device_id if decommission else None,
+            event.seq,
+            event.not_after,
+        )
+        lag = time.time() - event.revoked_at.timestamp()
+        if new_serials or not known_device:
+            log.info(
+                "device revoked kind=%s device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
+                event.kind,
+                event.device_id,
+                ",".join(new_serials),
                 event.seq,
-                event.not_after,
+                event.reason[:100],
+                f"{lag:.3f}",
             )
-            lag = time.time() - event.revoked_at.timestamp()
-            if new_serials or not known_device:
-                log.info(
-                    "device revoked kind=%s device_id=%s serials=%s seq=%d reason=%r lag_s=%s",
-                    event.kind,
-                    event.device_id,
-                    ",".join(new_serials),
-                    event.seq,
-                    event.reason[:100],
-                    f"{lag:.3f}",
-                )
-            self._on_revoked(event, new_serials)
-        if events:
-            self._revoked.save()
+        self._on_revoked(event, new_serials)
+
+
+#: Events applied between two returns to the event loop.
+APPLY_SLICE = 100
+
+
+def fingerprint(event: RevocationEvent) -> Checkpoint:
+    """An event's sequence number and a digest of what it revoked (kind, device, serials)."""
+    text = f"{event.kind}|{event.device_id}|{','.join(sorted(event.serials))}"
+    return Checkpoint(event.seq, hashlib.sha256(text.encode()).hexdigest()[:32])

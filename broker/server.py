@@ -81,9 +81,10 @@ class BrokerApp:
         self.ssl_context = broker_server_context(layout, settings.broker_name)
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(
-            layout.broker_dir / f"revoked-{settings.broker_node}.json",
-            legacy_path=layout.broker_dir / "revoked.json",
+            layout.broker_dir,
+            settings.broker_node,
             on_write=self._revoked_written,
+            fsync_s=settings.broker_journal_fsync_s,
         )
         self.revoked.load()
         self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
@@ -169,7 +170,7 @@ class BrokerApp:
             self.metrics_port = self.metrics.serve(
                 metrics_host, metrics_port, self.problems, self.not_ready
             )
-        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.metrics.revoked_serials.set(self.revoked.serial_count)
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
         self.supervisor.start(
@@ -187,7 +188,7 @@ class BrokerApp:
             host,
             self.port,
             self.trust_domain,
-            len(self.revoked.serials),
+            self.revoked.serial_count,
             self.settings.registry_url or "none",
             self.settings.broker_node,
             self.settings.broker_cluster_url or "none",
@@ -203,7 +204,7 @@ class BrokerApp:
 
     def _pruned(self, count: int) -> None:
         self.metrics.revoked_expired.inc(count)
-        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.metrics.revoked_serials.set(self.revoked.serial_count)
 
     def _local_state_store(self) -> StateFile | None:
         if not self.settings.broker_persist or self.settings.broker_cluster_url:
@@ -286,7 +287,7 @@ class BrokerApp:
         found = []
         if self.revoked.dirty:
             found.append(
-                f"revoked set not persisted to {self.revoked.path}: {self.revoked.persist_error} "
+                f"revoked set not persisted to {self.revoked.folder}: {self.revoked.persist_error} "
                 "(enforced in memory; retrying)"
             )
         if self.state_store is not None:
@@ -303,6 +304,7 @@ class BrokerApp:
         """Stop in the order that keeps what was acknowledged: background tasks; the clients
         (after amqtt routed what they sent); then the final state save; then amqtt."""
         await self.supervisor.stop()
+        self.revoked.close()
         inflight: dict[str, list[StoredMessage]] = {}
         if self.broker is not None and self.state_store is not None:
             inflight = self.broker.capture_inflight()
@@ -325,7 +327,7 @@ class BrokerApp:
         dropped = self._drop(new_serials, device_id)
         if device_id is not None:
             self._forget_device_session(device_id)
-        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.metrics.revoked_serials.set(self.revoked.serial_count)
         self.metrics.revocation_seq.set(event.seq)
         self.metrics.revocation_lag.observe(max(0.0, time.time() - event.revoked_at.timestamp()))
         if dropped:
@@ -336,8 +338,8 @@ class BrokerApp:
     def revoke(self, serials: list[str], device_id: str | None = None) -> int:
         """Revoke serials locally (no registry): persist, drop live sessions. Loop thread only."""
         new = self.revoked.add(serials, device_id)
-        self.revoked.save()
-        self.metrics.revoked_serials.set(len(self.revoked.serials))
+        self.revoked.save(durable=True)  # no feed to read it again from
+        self.metrics.revoked_serials.set(self.revoked.serial_count)
         dropped = self._drop(new, device_id)
         if device_id is not None:
             self._forget_device_session(device_id)

@@ -33,7 +33,7 @@ class BrokerSettings(BaseSettings):
     #: Name of the server certificate in <data>/tls/ and of the service client cert used
     #: to read the registry feed (<data>/clients/<name>.crt).
     broker_name: str = "broker"
-    #: This broker node's name: its state files are <data>/broker/revoked-<node>.json, so
+    #: This broker node's name: its state files are <data>/broker/revoked-<node>.*, so
     #: several brokers can share one data folder.
     broker_node: str = Field(default="broker", pattern=NAME_PATTERN.pattern)
     #: A TLS client that has not completed its handshake by then is cut off.
@@ -48,8 +48,12 @@ class BrokerSettings(BaseSettings):
     broker_feed_wait_s: int = Field(default=25, ge=0, le=60)
     #: Longest pause between retries when the registry cannot be reached.
     broker_feed_max_backoff_s: float = Field(default=10.0, gt=0)
-    #: Re-read the whole feed from 0 this often (backstop for a restored registry database).
+    #: Check this often that the event at the broker's position is still the feed's (one
+    #: small read; a different one, a restored registry database, starts a resync from 0).
     broker_feed_resync_s: float = Field(default=300.0, gt=0)
+    #: The revoked set's journal is fsynced at most this long after an append (what a power
+    #: loss can cost: events the follower then reads again from the registry).
+    broker_journal_fsync_s: float = Field(default=1.0, gt=0, le=60)
     #: How often expired serials (not_after + clock skew passed) leave the revoked set.
     broker_prune_s: float = Field(default=60.0, gt=0, le=86400)
     #: strict: the client id must be the certificate's id (empty + clean session gets it);

@@ -285,10 +285,10 @@ def test_policy_refuses_identity_from_another_trust_domain(pki: TestPKI, tmp_pat
 
 
 def test_revoked_set_survives_restart(tmp_path: Path) -> None:
-    first = RevokedSet(tmp_path / "revoked.json")
+    first = RevokedSet(tmp_path)
     first.add(["ABC1"], "dev-1", seq=7)
     first.save()
-    second = RevokedSet(tmp_path / "revoked.json")
+    second = RevokedSet(tmp_path)
     second.load()
     assert second.is_serial_revoked("abc1") and second.is_device_decommissioned("dev-1")
     assert second.last_seq == 7

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from broker.auth import Refusal
+from broker.revoked_set import RevokedSet
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind, serial_hex
 from registry.server import RegistryServer
@@ -47,7 +48,7 @@ def test_decommission_drops_live_session_and_refuses_reconnect(
             )
         finally:
             again.close()
-        assert (layout.broker_dir / "revoked-broker.json").exists()
+        assert list(layout.broker_dir.glob("revoked-broker.*.journal"))
 
 
 def test_restart_with_registry_down_still_refuses_revoked_serial(
@@ -124,5 +125,8 @@ def test_the_single_broker_revoked_file_is_migrated_to_the_node_file(
             assert broker.metrics.refusal_count(Refusal.REVOKED.value) == 1
         finally:
             probe.close()
-    migrated = json.loads((layout.broker_dir / "revoked-node-a.json").read_text())
-    assert migrated["serials"] == [serial_hex(files.serial)] and migrated["last_seq"] == 4
+    assert (layout.broker_dir / "revoked-node-a.snapshot").exists()
+    migrated = RevokedSet(layout.broker_dir, "node-a")
+    migrated.load()
+    assert migrated.hex_serials() == {serial_hex(files.serial)} and migrated.last_seq == 4
+    assert legacy.exists()  # the shared file of earlier versions may serve other nodes

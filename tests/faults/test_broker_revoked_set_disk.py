@@ -8,7 +8,6 @@ Every decommission is still applied and enforced at once; the failure shows in t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from broker.auth import Refusal
+from broker.revoked_set import RevokedSet
 from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
 from registry.server import RegistryServer
@@ -60,6 +60,13 @@ def _decommission_and_check_dropped(
         again.close()
 
 
+def _persisted_serials(folder: Path) -> int:
+    """How many serials a broker starting from ``folder`` would enforce."""
+    persisted = RevokedSet(folder)
+    persisted.load()
+    return persisted.serial_count
+
+
 @pytest.fixture
 def feed_layout(pki: TestPKI, tmp_path: Path) -> DataLayout:
     return feed_broker_layout(pki, tmp_path / "broker-data")
@@ -87,9 +94,9 @@ def test_revocation_goes_on_when_the_state_folder_is_a_file(
         # The operator puts the folder back: the retry (backoff) writes every serial.
         folder.unlink()
         folder.mkdir()
-        state = folder / "revoked-broker.json"
+        state = folder / "revoked-broker.snapshot"
         assert wait_for(state.exists, timeout=20)
-        assert len(json.loads(state.read_text())["serials"]) == 3
+        assert _persisted_serials(folder) == 3
         assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)
         assert _gauge(broker, "certfleet_broker_revoked_set_persisted") == 1
 
@@ -139,9 +146,9 @@ def test_revocation_goes_on_when_the_state_folder_is_read_only(
             status, body = _health(broker)
             assert status == 503 and "Read-only file system" in str(body["problems"])
             _umount(folder)  # writable again
-            state = folder / "revoked-broker.json"
+            state = folder / "revoked-broker.snapshot"
             assert wait_for(state.exists, timeout=20)
-            assert len(json.loads(state.read_text())["serials"]) == 2
+            assert _persisted_serials(folder) == 2
             assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)
     finally:
         _umount(folder)
@@ -167,7 +174,7 @@ def test_revocation_goes_on_when_the_disk_is_full(
             status, body = _health(broker)
             assert status == 503 and "No space left" in str(body["problems"])
             filler.unlink()  # space again
-            state = folder / "revoked-broker.json"
+            state = folder / "revoked-broker.snapshot"
             assert wait_for(state.exists, timeout=20)
-            assert len(json.loads(state.read_text())["serials"]) == 2
+            assert _persisted_serials(folder) == 2
             assert wait_for(lambda: _health(broker)[0] == 200, timeout=5)

@@ -34,6 +34,11 @@ def _read(state: RegistryState, after: int, limit: int, kinds: tuple[str, ...]) 
         return revocations_after(session, after, limit, kinds)
 
 
+def _diverged(feed: RevocationFeed, after: int, epoch: int | None) -> bool:
+    """The follower's position was not reached in this feed."""
+    return after > feed.head_seq or (epoch is not None and epoch != feed.epoch)
+
+
 @router.get("/revocations", response_model=RevocationFeed)
 async def revocations(
     caller: CurrentReader,
@@ -50,8 +55,22 @@ async def revocations(
             "absent: decommission only, for followers older than event kinds",
         ),
     ] = None,
+    epoch: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_SEQ,
+            description="the feed epoch the follower's position was reached in; when it is "
+            "not this feed's epoch the answer comes at once (the follower must resync)",
+        ),
+    ] = None,
 ) -> RevocationFeed:
-    """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds."""
+    """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds.
+
+    A follower whose position is not in this feed (``after`` above the head: a database
+    restored from an older copy; or ``epoch`` not this feed's: a new database) is answered
+    at once, without waiting: its resync must start now, not when the long-poll ends.
+    """
     wanted = parse_kinds(kinds)  # the pattern admitted only known kinds
     deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)
     poll = state.settings.registry_feed_poll_seconds
@@ -59,7 +78,7 @@ async def revocations(
         generation = state.feed.generation
         feed = await run_in_threadpool(_read, state, after, limit, wanted)
         remaining = deadline - time.monotonic()
-        if feed.events or remaining <= 0 or state.feed.closed:
+        if feed.events or remaining <= 0 or state.feed.closed or _diverged(feed, after, epoch):
             return feed
         state.metrics.feed_waiters.inc()
         try:
