@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from factory.ca import CertificateAuthority
+from factory.ca import CertificateAuthority, write_issued
 from factory.cli import ca_app, factory_app
 from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 
 TRUST_DOMAIN = "fleet.test"
 CERTFLEET = [sys.executable, "-m", "certfleet.cli"]
@@ -47,3 +48,26 @@ def run_certfleet(
     return subprocess.run(
         [*CERTFLEET, *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+@pytest.fixture
+def registry_url(ca: CertificateAuthority, layout: DataLayout) -> Iterator[str]:
+    from registry.server import RegistryServer
+    from registry.settings import load_settings
+
+    for name, kind in (("factory", IdentityKind.SERVICE), ("ops", IdentityKind.OPERATOR)):
+        write_issued(
+            ca.issue_client(ca.identity(kind, name)),
+            layout.client_cert(name),
+            layout.client_key(name),
+        )
+    server = ca.issue_server("registry", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    write_issued(
+        server,
+        layout.server_cert("registry"),
+        layout.server_key("registry"),
+        intermediate=ca.issuing_cert,
+    )
+    settings = load_settings(data_dir=layout.root, registry_addr="127.0.0.1:0")
+    with RegistryServer(settings) as running:
+        yield running.url
