@@ -18,7 +18,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.sessions import service_instance, session_key
 from fleetcore.errors import IdentityError
-from fleetcore.profile import Identity, IdentityKind, read_identity, serial_hex
+from fleetcore.profile import (
+    ENROLLMENT_ONLY_KINDS,
+    Identity,
+    IdentityKind,
+    read_identity,
+    serial_hex,
+)
 
 __all__ = [
     "CONNACK_IDENTIFIER_REJECTED",
@@ -56,6 +62,7 @@ class Refusal(StrEnum):
     BAD_IDENTITY = "bad_identity"
     FOREIGN_TRUST_DOMAIN = "foreign_trust_domain"
     OPERATOR = "operator"
+    CLAIM = "claim"  # a batch's bootstrap certificate: EST first enrollment only
     CLIENT_ID_MISMATCH = "client_id_mismatch"
     EMPTY_CLIENT_ID = "empty_client_id"  # CONNACK 0x02: empty id with clean session off
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # CONNACK 0x01: not MQTT 3.1.1
@@ -159,6 +166,12 @@ class AdmissionPolicy:
         if identity.kind is IdentityKind.OPERATOR:
             raise RefusedError(
                 Refusal.OPERATOR, f"operator identity {identity.uri} cannot connect to MQTT"
+            )
+        if identity.kind in ENROLLMENT_ONLY_KINDS:
+            raise RefusedError(
+                Refusal.CLAIM,
+                f"claim certificate {identity.uri} serial={serial} is for first enrollment "
+                "(EST simpleenroll) only; a device connects with the certificate it enrolled",
             )
         return Admission(identity, serial, session_key(identity))
 

@@ -597,3 +597,86 @@ def factory_export(
         {"device_id": device, **written},
         "\n".join(f"{device}: {kind} {path}" for kind, path in written.items()),
     )
+
+
+# -- certfleet factory claim ----------------------------------------------------------------
+
+claim_app = typer.Typer(
+    help="Claim (bootstrap) certificates: zero-touch enrollment of a batch.", no_args_is_help=True
+)
+factory_app.add_typer(claim_app, name="claim")
+
+
+@claim_app.command("create")
+def factory_claim_create(
+    batch: Annotated[str, typer.Option(help="Production batch name (the claim's identity).")],
+    quota: Annotated[int, typer.Option(help="How many devices may enroll with it, at most.")],
+    expires: Annotated[str, typer.Option(help="How long it may be used, e.g. 30d.")],
+    allow_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Who may enroll: device ids, DEVICE_ID,HARDWARE_SERIAL or ,HARDWARE_SERIAL "
+            "lines (or manifest JSON lines); default: any device id, up to the quota."
+        ),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(help="Registry to record the claim in (CERTFLEET_REGISTRY_URL)."),
+    ] = None,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mint a claim certificate for a batch into claims/<BATCH>/ (key 0600) and record the
+    claim (quota, expiry, allow-list) in the registry. It enrolls devices over EST
+    (simpleenroll) and nothing else: the broker refuses it."""
+    from factory.claims import claim_dir, mint_claim, read_allow_file, register_claim, write_claim
+
+    settings = load_settings(data_dir=data_dir, registry_url=registry)
+    layout = settings.layout
+    check_name(batch, "batch name")
+    folder = claim_dir(layout, batch)
+    _refuse_existing([folder / "claim.crt", folder / "claim.key"], force=False)
+    allow = read_allow_file(allow_file) if allow_file is not None else []
+    ca = _load_ca(settings)
+    issued, record = mint_claim(
+        ca, batch, quota=quota, lifetime=parse_duration(expires, what="--expires"), allow=allow
+    )
+    registered = False
+    if settings.registry_url is not None:
+        registrar = _registrar(settings, ca)
+        try:
+            register_claim(registrar.client, record)
+        finally:
+            registrar.close()
+        registered = True
+    write_claim(layout, ca, issued, record)
+    log.info(
+        "claim created batch=%s serial=%s quota=%d expires_at=%s allow=%d registered=%s",
+        batch,
+        record.serial,
+        record.quota,
+        record.expires_at.isoformat(),
+        len(allow),
+        registered,
+    )
+    hint = (
+        f"  recorded in the registry {settings.registry_url}"
+        if registered
+        else f"  NOT recorded: run 'certfleet registry claims import {folder / 'claim.json'}'"
+    )
+    _emit(
+        as_json,
+        {
+            "batch": batch,
+            "serial": record.serial,
+            "quota": record.quota,
+            "expires_at": record.expires_at.isoformat(),
+            "allow": len(allow),
+            "cert": str(folder / "claim.crt"),
+            "key": str(folder / "claim.key"),
+            "registered": registered,
+        },
+        f"claim {batch}: {folder / 'claim.crt'} (key {folder / 'claim.key'}) serial "
+        f"{record.serial}, quota {record.quota}, expires {record.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+        f"\n{hint}",
+    )

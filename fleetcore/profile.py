@@ -1,8 +1,15 @@
-"""The certificate profile: what device, service, operator and server certificates contain,
-and how an identity is read back out of one. Nobody else parses SANs by hand.
+"""The certificate profile: what device, service, operator, claim and server certificates
+contain, and how an identity is read back out of one. Nobody else parses SANs by hand.
 
 Identities are SPIFFE URIs (DESIGN.md): ``spiffe://<trust-domain>/<kind>/<name>`` with kind
-one of ``device``, ``service``, ``operator``.
+one of ``device``, ``service``, ``operator``, ``claim``. Every client certificate has the same
+shape (clientAuth, CN = name, that one URI SAN); the kind says what it may do:
+
+- ``device``: one device's identity (MQTT as itself, renewal, EST re-enrollment);
+- ``service``, ``operator``: the fleet's services and the people running it;
+- ``claim``: a bootstrap certificate for a production batch (``spiffe://<td>/claim/<batch>``).
+  It names no device: it is accepted only by EST ``simpleenroll`` (first enrollment of a
+  device the claim's allow-list names), and refused by the broker and every other route.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from fleetcore.publication import leaf_publication_extensions
 
 __all__ = [
     "CLOCK_SKEW",
+    "ENROLLMENT_ONLY_KINDS",
+    "HARDWARE_SERIAL_PATTERN",
     "ClientCertificateTemplate",
     "NAME_PATTERN",
     "RESERVED_DEVICE_IDS",
@@ -75,6 +84,8 @@ RESERVED_DEVICE_IDS = frozenset(
         "service",
     }
 )
+#: Hardware serials: printable ASCII without spaces, what manufacturers print on a label.
+HARDWARE_SERIAL_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 TRUST_DOMAIN_PATTERN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
@@ -88,6 +99,12 @@ class IdentityKind(StrEnum):
     DEVICE = "device"
     SERVICE = "service"
     OPERATOR = "operator"
+    #: a production batch's bootstrap certificate: first enrollment only, no device identity.
+    CLAIM = "claim"
+
+
+#: The identity kinds the broker, the REST API and renewal never admit.
+ENROLLMENT_ONLY_KINDS = frozenset({IdentityKind.CLAIM})
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -144,13 +161,18 @@ class Identity:
             identity_kind = IdentityKind(kind)
         except ValueError:
             raise IdentityError(
-                f"{uri!r} names kind {kind!r}; expected device, service or operator"
+                f"{uri!r} names kind {kind!r}; expected device, service, operator or claim"
             ) from None
         return cls(domain, identity_kind, name)
 
     @classmethod
     def device(cls, trust_domain: str, device_id: str) -> Identity:
         return cls(trust_domain, IdentityKind.DEVICE, device_id)
+
+    @classmethod
+    def claim(cls, trust_domain: str, batch: str) -> Identity:
+        """The identity of production batch ``batch``'s claim (bootstrap) certificate."""
+        return cls(trust_domain, IdentityKind.CLAIM, batch)
 
     def __str__(self) -> str:
         return self.uri
@@ -331,7 +353,8 @@ class ClientCertificateTemplate:
         not_after: dt.datetime,
         serial: int | None = None,
     ) -> x509.Certificate:
-        """A client certificate: clientAuth, CN = name, one SPIFFE URI SAN."""
+        """A client certificate (device, service, operator or claim): clientAuth, CN = name,
+        one SPIFFE URI SAN."""
         public_key = check_public_key(public_key)
         not_before, not_after = _naive_utc(not_before), _naive_utc(not_after)
         if not_after <= not_before:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from registry.cli_options import DataDir
+from registry.enrollment_cli import claims_app, secret_app
 from registry.expiry_cli import expiry_report
 from registry.operator_cli import devices_app
 
@@ -31,6 +32,8 @@ token_app = typer.Typer(help="Operator bearer tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
 app.command("expiry-report")(expiry_report)
+app.add_typer(secret_app, name="enrollment-secret")
+app.add_typer(claims_app, name="claims")
 
 DatabaseUrl = Annotated[
     str | None,

@@ -21,6 +21,7 @@ from registry import operations
 from registry.api.routes import (
     API_PREFIX,
     audit,
+    claims,
     crl,
     devices,
     expiry,
@@ -33,6 +34,7 @@ from registry.console import install_console
 from registry.crl import CrlCache
 from registry.db import make_engine, migrate
 from registry.errors import RegistryError
+from registry.est.routes import install_est
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
 from registry.metrics import ExpiryCollector, RegistryMetrics, RequestMetricsMiddleware
@@ -222,8 +224,9 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics):
+    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics, claims):
         app.include_router(module.router)
+    install_est(app, state)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
     return app

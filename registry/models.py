@@ -15,6 +15,7 @@ from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorato
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from fleetcore.profile import HARDWARE_SERIAL_PATTERN as _HARDWARE_SERIAL
 from fleetcore.profile import NAME_PATTERN
 from fleetcore.reasons import DEFAULT_REASON_CODE, ReasonCode
 from fleetcore.registration_wire import MAX_BATCH
@@ -53,8 +54,7 @@ __all__ = [
 ]
 
 DEVICE_ID_PATTERN = NAME_PATTERN.pattern
-#: Printable ASCII without spaces: what manufacturers print on a label.
-HARDWARE_SERIAL_PATTERN = r"^[\x21-\x7e]{1,128}$"
+HARDWARE_SERIAL_PATTERN = _HARDWARE_SERIAL.pattern
 
 DeviceStatus = Literal["active", "decommissioned"]
 CertificateStatus = Literal["live", "revoked"]
@@ -373,3 +373,8 @@ class Stats(BaseModel):
     devices_by_status: dict[str, int]
     expiries_per_week: list[WeekCount]
     seen_last_minute: int
+
+
+# The enrollment tables (claims, allow-lists, enrollment secrets) live beside EST, in the
+# same metadata: imported here so that whoever loads the models loads them all.
+from registry.est import models as _enrollment_models  # noqa: E402, F401

@@ -216,12 +216,18 @@ class CertificateRenewer:
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
-        self._count_attempt(device_id)  # before any check: bad CSRs are limited too
+        self.count_attempt(device_id)  # before any check: bad CSRs are limited too
         if len(payload) > MAX_CSR_BYTES:
             raise RenewalRefused(
                 RefusalCode.TOO_LARGE, f"CSR of {len(payload)} bytes exceeds {MAX_CSR_BYTES} bytes"
             )
-        validated = self._validate(device_id, payload)
+        return self.renew_validated(self._validate(device_id, payload))
+
+    def renew_validated(self, validated: ValidatedCSR) -> RenewedCertificate:
+        """The renewal of ``validated``'s device (its request already counted by
+        :meth:`count_attempt` and its CSR checked): every rule but those two, for MQTT
+        renewal and EST ``simplereenroll`` alike."""
+        device_id = validated.identity.name
         key_sha256 = hashlib.sha256(
             validated.public_key.public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -277,7 +283,7 @@ class CertificateRenewer:
                 f"(CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S): retry in {wait} s",
             ) from None
 
-    def _count_attempt(self, device_id: str) -> None:
+    def count_attempt(self, device_id: str) -> None:
         """Count one request of ``device_id`` in its window; refuse beyond ``max_attempts``."""
         if self.min_interval_s <= 0:
             return

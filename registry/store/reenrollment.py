@@ -24,7 +24,12 @@ from registry.models import Certificate, Device
 from registry.store.audit import Actor
 from registry.store.renewals import StoredCertificate, add_certificate, newest_certificate
 
-__all__ = ["ReenrollmentBasis", "record_reenrollment", "reenrollment_basis"]
+__all__ = [
+    "ReenrollmentBasis",
+    "certificate_key_der",
+    "record_reenrollment",
+    "reenrollment_basis",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,7 @@ def _check(
         .order_by(col(Certificate.not_after).desc())
     ).all()
     for certificate in valid:
-        if _key_der(certificate.certificate_pem) == key_der:
+        if certificate_key_der(certificate.certificate_pem) == key_der:
             return StoredCertificate.of(certificate)
     if valid:
         newest = valid[0]
@@ -107,7 +112,8 @@ def _check(
     return None
 
 
-def _key_der(certificate_pem: str) -> bytes:
+def certificate_key_der(certificate_pem: str) -> bytes:
+    """The SubjectPublicKeyInfo (DER) of a stored certificate."""
     certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
     return certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
@@ -197,8 +198,10 @@ def add_certificate(
     *,
     previous_serial: str | None,
     actor: Actor,
+    detail: dict[str, Any] | None = None,
 ) -> None:
-    """Add a device's new live certificate and its audit entry (``action``: how it came)."""
+    """Add a device's new live certificate and its audit entry (``action``: how it came;
+    ``detail``: more for the entry, e.g. the claim a device enrolled with)."""
     session.add(
         Certificate(
             serial=certificate.serial,
@@ -219,6 +222,7 @@ def add_certificate(
             "serial": certificate.serial,
             "previous_serial": previous_serial,
             "not_after": certificate.not_after.isoformat(),
+            **(detail or {}),
         },
     )
 

@@ -197,6 +197,23 @@ def test_broker_rejects_operator_certificate(pki: TestPKI, broker: BrokerServer)
     assert_refused(broker, pki.client(IdentityKind.OPERATOR, "alice"), "alice", Refusal.OPERATOR)
 
 
+def test_broker_rejects_claim_certificate_at_connect(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    """A batch's claim certificate enrolls devices over EST and nothing else: no telemetry,
+    whatever client id it connects with (its batch name, or a device's)."""
+    from factory.claims import mint_claim
+
+    issued, _record = mint_claim(
+        pki.ca, "batch-mqtt", quota=5, lifetime=dt.timedelta(days=1), allow=[]
+    )
+    cert, key = tmp_path / "claim.crt", tmp_path / "claim.key"
+    write_issued(issued, cert, key)
+    files = ClientFiles(cert, key, pki.layout.root_cert, issued.certificate.serial_number)
+    assert_refused(broker, files, "batch-mqtt", Refusal.CLAIM)
+    assert_refused(broker, files, "dev-from-claim", Refusal.CLAIM)
+
+
 def test_broker_rejects_revoked_certificate(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from factory.ca import CertificateAuthority
+from factory.ca import CertificateAuthority, write_issued
 from factory.cli import ca_app, factory_app
 from fleetcore.layout import DataLayout
+from fleetcore.profile import IdentityKind
 from tests.softhsm import softhsm  # a fixture of the PKCS#11 tests
 from tests.support.processes import CERTFLEET, run_certfleet
 
@@ -20,6 +21,7 @@ __all__ = [
     "TRUST_DOMAIN",
     "ca",
     "layout",
+    "registry_url",
     "run_ca",
     "run_certfleet",
     "run_factory",
@@ -46,3 +48,27 @@ def run_ca(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
 
 def run_factory(args: Sequence[str], env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(factory_app, list(args), env=env)
+
+
+@pytest.fixture
+def registry_url(ca: CertificateAuthority, layout: DataLayout) -> Iterator[str]:
+    """A real registry on the factory's data folder, with factory and operator clients."""
+    from registry.server import RegistryServer
+    from registry.settings import load_settings
+
+    for name, kind in (("factory", IdentityKind.SERVICE), ("ops", IdentityKind.OPERATOR)):
+        write_issued(
+            ca.issue_client(ca.identity(kind, name)),
+            layout.client_cert(name),
+            layout.client_key(name),
+        )
+    server = ca.issue_server("registry", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    write_issued(
+        server,
+        layout.server_cert("registry"),
+        layout.server_key("registry"),
+        intermediate=ca.issuing_cert,
+    )
+    settings = load_settings(data_dir=layout.root, registry_addr="127.0.0.1:0")
+    with RegistryServer(settings) as running:
+        yield running.url

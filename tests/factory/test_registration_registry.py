@@ -3,39 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from factory.ca import CertificateAuthority, write_issued
 from factory.registration import tls_context
 from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind
 from tests.factory.conftest import run_factory
-
-
-@pytest.fixture
-def registry_url(ca: CertificateAuthority, layout: DataLayout) -> Iterator[str]:
-    from registry.server import RegistryServer
-    from registry.settings import load_settings
-
-    for name, kind in (("factory", IdentityKind.SERVICE), ("ops", IdentityKind.OPERATOR)):
-        write_issued(
-            ca.issue_client(ca.identity(kind, name)),
-            layout.client_cert(name),
-            layout.client_key(name),
-        )
-    server = ca.issue_server("registry", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    write_issued(
-        server,
-        layout.server_cert("registry"),
-        layout.server_key("registry"),
-        intermediate=ca.issuing_cert,
-    )
-    settings = load_settings(data_dir=layout.root, registry_addr="127.0.0.1:0")
-    with RegistryServer(settings) as running:
-        yield running.url
 
 
 def test_provisioned_batch_is_registered_and_rerun_is_idempotent(
