@@ -36,8 +36,7 @@ from tests.support.postgres import reset_postgres
 from tests.support.servers import certfleet_broker_settings
 from tests.support.waits import must_wait_for
 
-# `alone`: a long-poll woken within 1 s (time bounds).
-pytestmark = [pytest.mark.postgres, pytest.mark.alone]
+pytestmark = pytest.mark.postgres
 
 #: The long-polls' own re-read: long enough that only a notification wakes them within 1 s.
 FEED_POLL_S = 10
@@ -186,6 +185,7 @@ def _events(poll: LongPoll) -> list[str]:
     return [str(event["device_id"]) for event in events]
 
 
+@pytest.mark.alone  # a long-poll woken within a bound (1 s, 3 s)
 def test_a_decommission_on_one_replica_wakes_the_long_poll_on_the_other(pair: Pair) -> None:
     for device_id in ("dev-rep-1", "dev-rep-2"):
         pair.register(device_id)
@@ -209,6 +209,7 @@ def _terminate_listener(database_url: str, instance: str) -> int:
     return len(rows)
 
 
+@pytest.mark.alone  # a long-poll woken within a bound (1 s, 3 s)
 def test_a_killed_listen_connection_misses_nothing(pair: Pair) -> None:
     for device_id in ("dev-cut-1", "dev-cut-2"):
         pair.register(device_id)
