@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import serialization
 
+from factory.crl import RevokedEntry, build_crl
 from factory.errors import CAError
 from factory.signer import (
     CaKeys,
@@ -38,7 +39,7 @@ from fleetcore.profile import (
     certificate_pem,
     check_public_key,
 )
-from fleetcore.publication import check_publish_url, issuing_distribution_point
+from fleetcore.publication import check_publish_url
 
 __all__ = [
     "CertificateAuthority",
@@ -64,15 +65,6 @@ class IssuedCertificate:
     @property
     def certificate_pem(self) -> bytes:
         return certificate_pem(self.certificate)
-
-
-@dataclass(frozen=True)
-class RevokedEntry:
-    """One line of a CRL."""
-
-    serial: int
-    revoked_at: dt.datetime
-    reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation
 
 
 @dataclass(frozen=True)
@@ -360,43 +352,23 @@ class CertificateAuthority:
 
     def build_crl(
         self,
-        revoked: list[RevokedEntry],
+        revoked: Sequence[RevokedEntry],
         *,
         next_update: dt.timedelta = dt.timedelta(hours=24),
         crl_number: int = 1,
+        delta_of: int | None = None,
     ) -> x509.CertificateRevocationList:
-        """A CRL signed by the issuing CA listing ``revoked``."""
-        now = utcnow()
-        issuer_ski = self.issuing_cert.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier
-        ).value
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.issuing_cert.subject)
-            .last_update(now - dt.timedelta(minutes=1))
-            .next_update(now + next_update)
-            .add_extension(x509.CRLNumber(crl_number), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-                critical=False,
-            )
+        """A CRL signed by the issuing CA listing ``revoked``; with ``delta_of`` (the base's
+        CRL number) a delta CRL (:func:`factory.crl.build_crl`)."""
+        return build_crl(
+            self.issuing_cert,
+            self.issuing_key,
+            revoked,
+            next_update=next_update,
+            crl_number=crl_number,
+            publish_url=self.publish_url,
+            delta_of=delta_of,
         )
-        if self.publish_url is not None:
-            builder = builder.add_extension(
-                issuing_distribution_point(self.publish_url), critical=True
-            )
-        for entry in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(entry.serial)
-                .revocation_date(entry.revoked_at)
-                .add_extension(x509.CRLReason(entry.reason), critical=False)
-                .build()
-            )
-        algorithm = (
-            None if isinstance(self.issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-        )
-        return builder.sign(self.issuing_key, algorithm)
 
 
 def write_issued(

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fleetcore.clock import naive_utc
 from fleetcore.errors import IdentityError
 from fleetcore.publication import leaf_publication_extensions
 
@@ -334,7 +335,8 @@ class ClientCertificateTemplate:
             ]
             for encipherment in (False, True)
         }
-        # CRL Distribution Point and AIA OCSP URL when the CA publishes (ca init --publish-url).
+        # CRL Distribution Point, Freshest CRL (the delta) and AIA OCSP URL when the CA
+        # publishes (ca init --publish-url).
         self._publication = [
             _pre_encoded(extension.value, critical=False)
             for extension in (leaf_publication_extensions(publish_url) if publish_url else [])
@@ -356,7 +358,7 @@ class ClientCertificateTemplate:
         """A client certificate (device, service, operator or claim): clientAuth, CN = name,
         one SPIFFE URI SAN."""
         public_key = check_public_key(public_key)
-        not_before, not_after = _naive_utc(not_before), _naive_utc(not_after)
+        not_before, not_after = naive_utc(not_before), naive_utc(not_after)
         if not_after <= not_before:
             raise IdentityError(
                 f"not_after {not_after.isoformat()} is not after not_before "
@@ -392,13 +394,6 @@ class ClientCertificateTemplate:
             extensions=extensions,
         )
         return builder.sign(self.issuer_key, self._hash)
-
-
-def _naive_utc(moment: dt.datetime) -> dt.datetime:
-    """What the builder's setters do: aware times to naive UTC (the constructor does not)."""
-    if moment.tzinfo is None:
-        return moment
-    return moment.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def _pre_encoded(

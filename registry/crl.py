@@ -1,15 +1,23 @@
-"""The CRL the registry serves: signed by the issuing CA, cached, re-signed in one place.
+"""The CRLs the registry serves: a base CRL and a delta CRL, signed by the issuing CA,
+cached, re-signed by one thread.
 
-One signer thread (:class:`CrlCache`) re-signs the CRL. A decommission only *requests* a
-re-sign (:meth:`CrlCache.request_resign`, no wait, no database connection); requests that
-arrive while the signer works are merged into its next run, so a burst of 200 decommissions
-costs a handful of signatures, not 200 and no queue of waiting threads. A reader of the CRL
-(:meth:`CrlCache.current`) that finds it older than the feed's head asks for a re-sign and
-waits, bounded, for the signer. The CRL is also re-signed when half of its validity has
-passed, and when its first entry expires (``not_after`` + ``CLOCK_SKEW``): an expired
-certificate cannot be presented, so its entry leaves the CRL. CRLNumber comes from a
-database counter, allocated in the transaction that reads the CRL's entries, so it only ever
-grows, also across registry replicas sharing the database.
+A base CRL lists every revoked certificate still valid; the delta CRL (RFC 5280 5.2.4)
+lists what the feed revoked since that base and names the base's CRL number in its Delta
+CRL Indicator. A change re-signs the delta only, whose cost grows with the changes since
+the base, not with the base. The base is re-signed on a schedule (``base_interval``, or half
+its validity) and when its delta lists more than ``delta_max_entries``; a base that lists
+fewer than ``per_change_entries`` is re-signed with every change too (a small fleet's
+relying parties that cannot read deltas, Mosquitto and nginx, stay as current as before).
+
+One signer thread (:class:`CrlCache`) signs. A decommission only *requests* a re-sign
+(:meth:`CrlCache.request_resign`, no wait, no database connection); requests that arrive
+while the signer works are merged into its next run. A reader (:meth:`CrlCache.current`,
+:meth:`CrlCache.delta`) that finds its CRL stale asks for a re-sign and waits, bounded, for
+the signer. A CRL is also re-signed when half its validity has passed and when its first
+entry expires (``not_after`` + ``CLOCK_SKEW``; for a large base, at its next scheduled
+re-sign): an expired certificate cannot be presented, so its entry leaves the CRL. Base and
+delta take their CRLNumber from one database counter, allocated in the transaction that
+reads their entries, so numbers only grow, across restarts and registry replicas.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from factory.ca import CertificateAuthority
 from fleetcore.clock import utcnow
 from registry.errors import UnavailableError
 from registry.store import certificates, revocations
+from registry.store.certificates import CrlContents
 from registry.supervise import SupervisedThread
 
 __all__ = ["CrlCache", "SignedCrl"]
@@ -40,9 +49,13 @@ CRL_WAIT_S = 10.0
 #: Wait after a failed signing (database down) before the signer tries again.
 RETRY_AFTER_FAILURE_S = 1.0
 #: A re-sign nobody waits for starts at least this long after the previous one: in a burst
-#: of decommissions the signer otherwise signs back to back, each CRL listing every revoked
-#: certificate (a sixth of a loaded registry's CPU). A reader of the CRL never waits for it.
+#: of decommissions the signer otherwise signs back to back. A reader never waits for it.
 RESIGN_SPACING_S = 0.25
+#: Defaults of the registry's settings (docs/registry.md says how they were chosen).
+BASE_INTERVAL = dt.timedelta(minutes=15)
+DELTA_NEXT_UPDATE = dt.timedelta(hours=1)
+PER_CHANGE_ENTRIES = 5_000
+DELTA_MAX_ENTRIES = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +68,12 @@ class SignedCrl:
     entries: int
     #: when the first entry leaves the CRL (its not_after + CLOCK_SKEW): re-signed then.
     next_expiry: dt.datetime | None = None
+    #: a delta CRL's base CRL number (its Delta CRL Indicator); None: a base CRL.
+    delta_of: int | None = None
 
 
 class CrlCache:
-    """Holds the current signed CRL and the one thread that signs it."""
+    """Holds the current base and delta CRLs and the one thread that signs them."""
 
     def __init__(
         self,
@@ -66,7 +81,12 @@ class CrlCache:
         engine: Engine,
         *,
         next_update: dt.timedelta = dt.timedelta(hours=24),
+        base_interval: dt.timedelta = BASE_INTERVAL,
+        delta_next_update: dt.timedelta = DELTA_NEXT_UPDATE,
+        per_change_entries: int = PER_CHANGE_ENTRIES,
+        delta_max_entries: int = DELTA_MAX_ENTRIES,
         on_resign: Callable[[], None] | None = None,
+        on_delta: Callable[[], None] | None = None,
         on_failure: Callable[[], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
         wait_seconds: float = CRL_WAIT_S,
@@ -74,13 +94,19 @@ class CrlCache:
         self._ca = ca
         self._engine = engine
         self._next_update = next_update
+        self._base_interval = base_interval
+        self._delta_next_update = delta_next_update
+        self._per_change_entries = per_change_entries
+        self._delta_max_entries = delta_max_entries
         self._on_resign = on_resign
+        self._on_delta = on_delta
         self._on_failure = on_failure
         self._wait_seconds = wait_seconds
         self._cond = threading.Condition()
         self._crl: SignedCrl | None = None
+        self._delta: SignedCrl | None = None
         self._requested = False
-        self._readers = 0  # threads in current() waiting for the signer
+        self._readers = 0  # threads in current() / delta() waiting for the signer
         self._last_built = 0.0  # time.monotonic() when the last CRL was built
         self._failures = 0
         self._signer = SupervisedThread("crl-signer", self._run, on_crash=on_crash)
@@ -90,40 +116,25 @@ class CrlCache:
         return self._signer
 
     def request_resign(self) -> None:
-        """Ask the signer for a CRL as of the current head; returns at once."""
+        """Ask the signer for CRLs as of the current head; returns at once."""
         with self._cond:
             self._requested = True
             self._cond.notify_all()
         self._signer.start()
 
     def current(self) -> SignedCrl:
-        """The CRL as of the feed's current head (waiting for the signer if that moved).
+        """The base CRL (waiting for the signer if it is due, or small and behind the feed).
 
         Raises UnavailableError (503) when the signer cannot produce it in time.
         """
-        with Session(self._engine) as session:
-            head = revocations.head_seq(session)
-        with self._cond:
-            if self._fresh(head):
-                assert self._crl is not None
-                return self._crl
-            self._requested = True
-            self._readers += 1
-            self._cond.notify_all()
-        try:
-            self._signer.start()
-            with self._cond:
-                self._cond.wait_for(lambda: self._fresh(head), self._wait_seconds)
-        finally:
-            with self._cond:
-                self._readers -= 1
-        with self._cond:
-            if not self._fresh(head):
-                raise UnavailableError(
-                    "the CRL could not be signed in time (is the database reachable?); retry"
-                )
-            assert self._crl is not None
-            return self._crl
+        return self._wait_for(lambda: self._crl, self._fresh_base)
+
+    def delta(self) -> SignedCrl:
+        """The delta CRL as of the feed's current head, against the current base CRL.
+
+        Raises UnavailableError (503) when the signer cannot produce it in time.
+        """
+        return self._wait_for(lambda: self._delta, self._fresh_delta)
 
     def close(self) -> None:
         self._signer.stop(0)
@@ -131,20 +142,82 @@ class CrlCache:
             self._cond.notify_all()
         self._signer.stop()
 
-    def _fresh(self, head: int) -> bool:
-        crl = self._crl
-        return crl is not None and crl.head_seq >= head and utcnow() < self._due_at(crl)
+    def _wait_for(
+        self, held: Callable[[], SignedCrl | None], fresh: Callable[[int], bool]
+    ) -> SignedCrl:
+        with Session(self._engine) as session:
+            head = revocations.head_seq(session)
+        with self._cond:
+            crl = held()
+            if crl is not None and fresh(head):
+                return crl
+            self._requested = True
+            self._readers += 1
+            self._cond.notify_all()
+        try:
+            self._signer.start()
+            with self._cond:
+                self._cond.wait_for(lambda: fresh(head), self._wait_seconds)
+        finally:
+            with self._cond:
+                self._readers -= 1
+        with self._cond:
+            crl = held()
+            if crl is None or not fresh(head):
+                raise UnavailableError(
+                    "the CRL could not be signed in time (is the database reachable?); retry"
+                )
+            return crl
 
-    def _due_at(self, crl: SignedCrl) -> dt.datetime:
-        """When ``crl`` must be re-signed: half its validity, or its first entry expiring."""
-        due = crl.this_update + self._next_update / 2
-        return min(due, crl.next_expiry) if crl.next_expiry is not None else due
+    # -- when each CRL is due (called under the lock) ----------------------------------------
+
+    def _per_change(self, crl: SignedCrl) -> bool:
+        """A base small enough to be re-signed with every change."""
+        return crl.entries < self._per_change_entries
+
+    def _fresh_base(self, head: int) -> bool:
+        crl = self._crl
+        if crl is None or utcnow() >= self._base_due(crl):
+            return False
+        return crl.head_seq >= head or not self._per_change(crl)
+
+    def _fresh_delta(self, head: int) -> bool:
+        delta, base = self._delta, self._crl
+        return (
+            delta is not None
+            and base is not None
+            and delta.delta_of == base.crl_number
+            and delta.head_seq >= head
+            and utcnow() < self._delta_due(delta)
+        )
+
+    def _base_due(self, crl: SignedCrl) -> dt.datetime:
+        """When the base must be re-signed: its schedule, half its validity, its first entry
+        expiring (a small base), or now when its delta has grown past ``delta_max_entries``."""
+        due = crl.this_update + min(self._base_interval, self._next_update / 2)
+        if crl.next_expiry is not None and self._per_change(crl):
+            due = min(due, crl.next_expiry)
+        delta = self._delta
+        if (
+            delta is not None
+            and delta.delta_of == crl.crl_number
+            and delta.entries > self._delta_max_entries
+        ):
+            due = min(due, delta.this_update)
+        return due
+
+    def _delta_due(self, delta: SignedCrl) -> dt.datetime:
+        due = delta.this_update + self._delta_next_update / 2
+        return min(due, delta.next_expiry) if delta.next_expiry is not None else due
 
     def _due_in(self) -> float:
-        crl = self._crl
-        if crl is None:
+        crl, delta = self._crl, self._delta
+        if crl is None or delta is None:
             return 0.0
-        return max(0.0, (self._due_at(crl) - utcnow()).total_seconds())
+        due = min(self._base_due(crl), self._delta_due(delta))
+        return max(0.0, (due - utcnow()).total_seconds())
+
+    # -- the signer ------------------------------------------------------------------------
 
     def _wait_for_work(self, stopping: threading.Event) -> bool:
         """Under the lock: wait until a CRL is to be built (asked for and spaced from the
@@ -167,10 +240,14 @@ class CrlCache:
             with self._cond:
                 if not self._wait_for_work(stopping):
                     return
-                # Every request up to here is answered by the CRL built next.
+                # Every request up to here is answered by the CRLs built next.
                 self._requested = False
+                base = self._crl
+                rebase = base is None or utcnow() >= self._base_due(base) or self._per_change(base)
             try:
-                crl = self._build()
+                if rebase or base is None:
+                    base = self._sign_base()
+                delta = self._sign_delta(base)
             except Exception as exc:
                 self._failures += 1
                 if self._on_failure is not None:
@@ -186,32 +263,62 @@ class CrlCache:
                 stopping.wait(RETRY_AFTER_FAILURE_S)
                 continue
             with self._cond:
-                self._crl = crl
+                self._crl, self._delta = base, delta
                 self._last_built = time.monotonic()
                 self._cond.notify_all()
 
-    def _build(self) -> SignedCrl:
+    def _sign_base(self) -> SignedCrl:
         now = utcnow()
         with Session(self._engine) as session:
             contents = certificates.crl_contents(session, now)
-        number, head, entries = contents.crl_number, contents.head_seq, contents.entries
-        next_expiry = contents.next_expiry
-        crl = self._ca.build_crl(entries, next_update=self._next_update, crl_number=number)
+        crl = self._sign(contents, now, self._next_update, delta_of=None)
         if self._on_resign is not None:
             self._on_resign()
+        return crl
+
+    def _sign_delta(self, base: SignedCrl) -> SignedCrl:
+        now = utcnow()
+        with Session(self._engine) as session:
+            contents = certificates.delta_contents(session, now, base.head_seq)
+        crl = self._sign(contents, now, self._delta_next_update, delta_of=base.crl_number)
+        if self._on_delta is not None:
+            self._on_delta()
+        return crl
+
+    def _sign(
+        self,
+        contents: CrlContents,
+        now: dt.datetime,
+        next_update: dt.timedelta,
+        *,
+        delta_of: int | None,
+    ) -> SignedCrl:
+        started = time.process_time()
+        crl = self._ca.build_crl(
+            contents.entries,
+            next_update=next_update,
+            crl_number=contents.crl_number,
+            delta_of=delta_of,
+        )
+        der = crl.public_bytes(serialization.Encoding.DER)
         log.info(
-            "crl signed crl_number=%d head_seq=%d entries=%d next_update=%s",
-            number,
-            head,
-            len(entries),
+            "crl signed kind=%s crl_number=%d base=%s head_seq=%d entries=%d cpu_ms=%.1f "
+            "next_update=%s",
+            "base" if delta_of is None else "delta",
+            contents.crl_number,
+            "-" if delta_of is None else delta_of,
+            contents.head_seq,
+            len(contents.entries),
+            (time.process_time() - started) * 1000,
             crl.next_update_utc.isoformat() if crl.next_update_utc else "none",
         )
         return SignedCrl(
             pem=crl.public_bytes(serialization.Encoding.PEM),
-            der=crl.public_bytes(serialization.Encoding.DER),
-            crl_number=number,
-            head_seq=head,
+            der=der,
+            crl_number=contents.crl_number,
+            head_seq=contents.head_seq,
             this_update=now,
-            entries=len(entries),
-            next_expiry=next_expiry,
+            entries=len(contents.entries),
+            next_expiry=contents.next_expiry,
+            delta_of=delta_of,
         )

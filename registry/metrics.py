@@ -93,7 +93,12 @@ class RegistryMetrics:
         )
         self.crl_resigns = Counter(
             "certfleet_registry_crl_resigns",
-            "times the CRL was signed",
+            "times the (base) CRL was signed",
+            registry=self.registry,
+        )
+        self.crl_delta_signs = Counter(
+            "certfleet_registry_crl_delta_signs",
+            "times the delta CRL was signed",
             registry=self.registry,
         )
         self.crl_failures = Counter(

@@ -1,9 +1,10 @@
 """The publication listener: plain HTTP for relying parties that are not ours.
 
-``--publish-addr`` / ``CERTFLEET_REGISTRY_PUBLISH_ADDR`` (off by default) serves
-``/crl.der``, ``/crl.pem`` and the OCSP responder at ``/ocsp`` (POST, and GET with the
-base64 request in the path, RFC 6960 appendix A). Everything served is signed public data,
-so there is no TLS and no authentication here; the operator API stays on HTTPS.
+``--publish-addr`` / ``CERTFLEET_REGISTRY_PUBLISH_ADDR`` (off by default) serves the base
+CRL at ``/crl.der`` and ``/crl.pem``, the delta CRL at ``/delta-crl.der`` and
+``/delta-crl.pem`` (:mod:`registry.crl`), and the OCSP responder at ``/ocsp`` (POST, and
+GET with the base64 request in the path, RFC 6960 appendix A). Everything served is signed
+public data, so there is no TLS and no authentication here; the operator API stays on HTTPS.
 It runs its own uvicorn server in a thread beside the HTTPS one, sharing the app's state.
 """
 
@@ -24,7 +25,13 @@ from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fleetcore.errors import ConfigError
-from fleetcore.publication import CRL_PATH, CRL_PEM_PATH, OCSP_PATH
+from fleetcore.publication import (
+    CRL_PATH,
+    CRL_PEM_PATH,
+    DELTA_CRL_PATH,
+    DELTA_CRL_PEM_PATH,
+    OCSP_PATH,
+)
 from registry.main import _install_error_handlers
 from registry.ocsp import OcspResponder
 from registry.settings import split_addr
@@ -56,6 +63,14 @@ def create_publication_app(state: RegistryState, responder: OcspResponder) -> Fa
     @app.get(CRL_PEM_PATH)
     def crl_pem() -> Response:
         return Response(state.crl.current().pem, media_type="application/x-pem-file")
+
+    @app.get(DELTA_CRL_PATH)
+    def delta_crl_der() -> Response:
+        return Response(state.crl.delta().der, media_type="application/pkix-crl")
+
+    @app.get(DELTA_CRL_PEM_PATH)
+    def delta_crl_pem() -> Response:
+        return Response(state.crl.delta().pem, media_type="application/x-pem-file")
 
     @app.post(OCSP_PATH)
     async def ocsp_post(request: Request) -> Response:
@@ -144,7 +159,13 @@ class PublicationServer:
                 self.__exit__(None, None, None)
                 raise ConfigError(f"publication listener did not start on {self.addr}")
             time.sleep(0.02)
-        log.info("publication listening url=%s crl=%s ocsp=%s", self.url, CRL_PATH, OCSP_PATH)
+        log.info(
+            "publication listening url=%s crl=%s delta_crl=%s ocsp=%s",
+            self.url,
+            CRL_PATH,
+            DELTA_CRL_PATH,
+            OCSP_PATH,
+        )
         return self
 
     def __exit__(

@@ -41,6 +41,17 @@ class RegistrySettings(BaseSettings):
     registry_tls_name: str = "registry"
     #: CRL nextUpdate; the CRL is also re-signed when half of it has passed.
     registry_crl_next_update_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    #: the base CRL is re-signed at least this often (changes in between go to the delta
+    #: CRL); relying parties that cannot read deltas (Mosquitto, nginx) lag by at most this.
+    registry_crl_base_interval_s: float = Field(default=900.0, gt=0, le=30 * 86400)
+    #: delta CRL nextUpdate; it is re-signed with every change and at half of this.
+    registry_crl_delta_next_update_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    #: a base CRL of fewer entries than this is re-signed with every change, not only on its
+    #: schedule (0: never; docs/registry.md).
+    registry_crl_per_change_entries: int = Field(default=5_000, ge=0, le=10_000_000)
+    #: a delta CRL of more entries than this makes the base CRL due at once (a change's
+    #: cost stays bounded between scheduled bases).
+    registry_crl_delta_max_entries: int = Field(default=5_000, ge=1, le=10_000_000)
     #: upper bound on ``GET /revocations?wait=``; requests asking for more are clamped.
     registry_feed_max_wait: float = Field(default=60.0, ge=0, le=60)
     #: how often a long-poll re-reads the database, for revocations written by another process.

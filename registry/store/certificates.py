@@ -1,20 +1,21 @@
 """Certificates as relying parties ask about them: one serial's status (OCSP), the CRL's
-entries (until their not_after + CLOCK_SKEW), when the first of them expires, and the CRL's
-number."""
+entries (until their not_after + CLOCK_SKEW), when the first of them expires, the CRL's
+number, and a delta CRL's entries (what the feed revoked since a base CRL)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from factory.ca import RevokedEntry
+from factory.crl import RevokedEntry
 from fleetcore.profile import CLOCK_SKEW
 from fleetcore.reasons import DEFAULT_REASON_CODE, reason_flag
 from registry.db import write_transaction
-from registry.models import Certificate
+from registry.models import Certificate, Revocation
 from registry.store import counters
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "aware",
     "certificate_status",
     "crl_contents",
+    "delta_contents",
     "next_crl_expiry",
     "revoked_entries",
 ]
@@ -35,14 +37,21 @@ def revoked_entries(session: Session, now: dt.datetime) -> list[RevokedEntry]:
     whose clock is behind by up to that margin still takes it for valid.
     """
     rows = session.exec(
-        select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-        .where(Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW)
-        .order_by(col(Certificate.serial))
-    ).all()
-    return [
-        RevokedEntry(
-            serial=int(serial, 16), revoked_at=revoked_at or now, reason=reason_flag(reason)
+        select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason).where(
+            Certificate.status == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW
         )
+    ).all()
+    return _entries(rows, now)
+
+
+def _entries(
+    rows: Sequence[tuple[str, dt.datetime | None, str | None]], now: dt.datetime
+) -> list[RevokedEntry]:
+    """CRL entries of (serial, revoked_at, reason) rows, in the rows' order (no order is
+    required: relying parties index the list themselves)."""
+    flags = {reason: reason_flag(reason) for reason in {row[2] for row in rows}}
+    return [
+        RevokedEntry(serial=int(serial, 16), revoked_at=revoked_at or now, reason=flags[reason])
         for serial, revoked_at, reason in rows
     ]
 
@@ -115,3 +124,49 @@ def crl_contents(session: Session, now: dt.datetime) -> CrlContents:
         entries = revoked_entries(session, now)
         next_expiry = next_crl_expiry(session, now)
     return CrlContents(number, head, entries, next_expiry)
+
+
+#: Serials per IN list (SQLite's bound-parameter limit is 999 in old builds).
+_IN_CHUNK = 500
+
+
+def delta_contents(session: Session, now: dt.datetime, base_head: int) -> CrlContents:
+    """Allocate the next CRLNumber and read a delta CRL's entries, in one write transaction:
+    the certificates revoked by feed events after ``base_head`` (the head its base CRL
+    covers) and not yet expired. Reads the feed's tail and those serials' rows by primary
+    key only: the cost grows with the changes since the base, not with the base.
+    """
+    with write_transaction(session):
+        number = counters.bump(session, counters.CRL_NUMBER)
+        head = counters.read(session, counters.REVOCATION_SEQ) or 0
+        serials = sorted(
+            {
+                serial
+                for event_serials in session.exec(
+                    select(Revocation.serials).where(
+                        col(Revocation.seq) > base_head, col(Revocation.seq) <= head
+                    )
+                ).all()
+                for serial in event_serials
+            }
+        )
+        rows: list[tuple[str, dt.datetime | None, str | None]] = []
+        first: dt.datetime | None = None
+        for start in range(0, len(serials), _IN_CHUNK):
+            for serial, revoked_at, reason, not_after in session.exec(
+                select(
+                    Certificate.serial,
+                    Certificate.revoked_at,
+                    Certificate.revocation_reason,
+                    Certificate.not_after,
+                ).where(
+                    col(Certificate.serial).in_(serials[start : start + _IN_CHUNK]),
+                    Certificate.status == "revoked",
+                )
+            ).all():
+                if aware(not_after) + CLOCK_SKEW <= now:
+                    continue  # expired: it leaves the delta as it leaves the base
+                rows.append((serial, revoked_at, reason))
+                first = not_after if first is None else min(first, not_after)
+    next_expiry = None if first is None else aware(first) + CLOCK_SKEW
+    return CrlContents(number, head, _entries(rows, now), next_expiry)

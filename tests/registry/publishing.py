@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.support.ports import free_port
 
-__all__ = ["Published", "free_port", "published"]
+__all__ = ["Published", "free_port", "published", "publishing_registry", "serve_published"]
 
 TRUST_DOMAIN = "fleet.pub"
 
@@ -55,19 +56,40 @@ class Published:
         assert response.status_code == 200, response.text
 
 
-@pytest.fixture
-def published(tmp_path: Path) -> Iterator[Published]:
+@contextmanager
+def publishing_registry(
+    tmp_path: Path, *, database_url: str | None = None, **overrides: object
+) -> Iterator[Published]:
+    """A new publishing CA in ``tmp_path/data`` and a registry serving it (SQLite in
+    ``tmp_path`` unless ``database_url``); ``overrides`` are RegistrySettings fields."""
     port = free_port()
-    publish_url = f"http://127.0.0.1:{port}"
     layout = DataLayout(tmp_path / "data")
-    ca = CertificateAuthority.init(layout, TRUST_DOMAIN, publish_url=publish_url)
+    ca = CertificateAuthority.init(layout, TRUST_DOMAIN, publish_url=f"http://127.0.0.1:{port}")
     operator_cert = ca.issue_client(ca.identity(IdentityKind.OPERATOR, "alice"))
     write_issued(operator_cert, layout.client_cert("alice"), layout.client_key("alice"))
+    with serve_published(
+        ca,
+        port,
+        database_url=database_url or f"sqlite:///{tmp_path / 'registry.db'}",
+        **overrides,
+    ) as published:
+        yield published
+
+
+@contextmanager
+def serve_published(
+    ca: CertificateAuthority, port: int, *, database_url: str, **overrides: object
+) -> Iterator[Published]:
+    """A registry for ``ca`` (made by :func:`publishing_registry`) publishing on ``port``:
+    a second one on the same data folder and database is a restart."""
+    layout = ca.layout
+    publish_url = f"http://127.0.0.1:{port}"
     settings = RegistrySettings(
         data_dir=layout.root,
         registry_addr="127.0.0.1:0",
         registry_publish_addr=f"127.0.0.1:{port}",
-        registry_database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+        registry_database_url=database_url,
+        **overrides,  # type: ignore[arg-type]
     )
     context = ssl.create_default_context(cafile=str(layout.root_cert))
     context.load_cert_chain(str(layout.client_cert("alice")), str(layout.client_key("alice")))
@@ -77,3 +99,9 @@ def published(tmp_path: Path) -> Iterator[Published]:
             base_url=f"{registry.url}/api/v1", verify=context, timeout=30
         ) as operator:
             yield Published(ca, layout, registry, publish_url, operator)
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> Iterator[Published]:
+    with publishing_registry(tmp_path) as made:
+        yield made
