@@ -67,6 +67,7 @@ class SnapshotState:
     generation: int
     buffer: bytes
     recent: dict[bytes, int]
+    earliest: int
     oversize: list[str]
     device_ids: list[str]
     epoch: int | None
@@ -154,7 +155,8 @@ class JournalFiles:
             state.generation = generation
         state.table.recent.update(recent)
         if recent or state.table.may_have_expired(now_limit):  # else the snapshot is as merged
-            state.table.adopt(SerialTable.merged(*state.table.snapshot(), now_limit))
+            buffer, fresh, earliest = state.table.snapshot()
+            state.table.adopt(SerialTable.merged(buffer, fresh, now_limit, earliest))
         return state
 
     def _read_snapshot(self, state: LoadedState) -> None:

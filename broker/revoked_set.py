@@ -175,7 +175,8 @@ class RevokedSet:
         on the calling thread: load and tests; the running broker prunes off the loop)."""
         limit = _limit(now)
         expired = self.table.drop_recent_expired(limit)
-        expired += self.table.adopt(SerialTable.merged(*self.table.snapshot(), limit))
+        buffer, recent, earliest = self.table.snapshot()
+        expired += self.table.adopt(SerialTable.merged(buffer, recent, limit, earliest))
         found = sorted(key_hex(key) for key in expired)
         if found:
             log.info("revoked set pruned expired=%d serials=%d", len(found), self.serial_count)
@@ -308,7 +309,7 @@ class RevokedSet:
     def _write_snapshot_now(self) -> None:
         assert self.files is not None
         snapshot = self._capture()
-        merge = SerialTable.merged(snapshot.buffer, snapshot.recent, None)
+        merge = SerialTable.merged(snapshot.buffer, snapshot.recent, None, snapshot.earliest)
         self.files.write_snapshot(snapshot, merge)
         self._adopted(snapshot, merge)
 
@@ -318,11 +319,12 @@ class RevokedSet:
         """What the next snapshot holds; the journal moves to a new generation now."""
         self._close_journal()
         self._generation += 1
-        buffer, recent = self.table.snapshot()
+        buffer, recent, earliest = self.table.snapshot()
         return SnapshotState(
             generation=self._generation,
             buffer=buffer,
             recent=recent,
+            earliest=earliest,
             oversize=sorted(self.table.oversize),
             device_ids=sorted(self.device_ids),
             epoch=self.epoch,
@@ -362,14 +364,14 @@ class RevokedSet:
             limit = _limit() if prune else None
             files = self.files
             if files is None or not snapshot:
-                buffer, recent = self.table.snapshot()
-                merge = await asyncio.to_thread(SerialTable.merged, buffer, recent, limit)
+                buffer, recent, earliest = self.table.snapshot()
+                merge = await asyncio.to_thread(SerialTable.merged, buffer, recent, limit, earliest)
                 expired = self.table.adopt(merge)
             else:
                 state = self._capture()
 
                 def work() -> Merge:
-                    merge = SerialTable.merged(state.buffer, state.recent, limit)
+                    merge = SerialTable.merged(state.buffer, state.recent, limit, state.earliest)
                     files.write_snapshot(state, merge)
                     return merge
 

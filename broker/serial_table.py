@@ -64,8 +64,8 @@ class Merge:
     """A merged buffer, built off the loop from a table's state at one moment."""
 
     buffer: bytes
-    #: The recent keys folded in (removed from the table's recent dict on adoption).
-    folded: tuple[bytes, ...]
+    #: The recent additions folded in (leave the table's recent dict on adoption).
+    folded: dict[bytes, int]
     #: Serials dropped because their certificate expired before the limit.
     expired: tuple[bytes, ...]
     #: The earliest not_after code left in the buffer (FOREVER when empty).
@@ -160,49 +160,78 @@ class SerialTable:
         start = index * RECORD + SERIAL_BYTES
         return int.from_bytes(self._buffer[start : start + 4], "big")
 
-    def snapshot(self) -> tuple[bytes, dict[bytes, int]]:
-        """What a merge works from: the (immutable) buffer and a copy of the recent dict."""
-        return self._buffer, dict(self.recent)
+    def snapshot(self) -> tuple[bytes, dict[bytes, int], int]:
+        """What a merge works from: the (immutable) buffer, a copy of the recent dict, and
+        the buffer's earliest not_after code."""
+        return self._buffer, dict(self.recent), self.earliest
 
     @staticmethod
-    def merged(buffer: bytes, recent: dict[bytes, int], limit: float | None) -> Merge:
-        """A sorted buffer of ``buffer`` and ``recent`` without records expired before
-        ``limit`` (POSIX seconds; None: keep all). Pure: safe on a worker thread."""
-        records = [buffer[start : start + RECORD] for start in range(0, len(buffer), RECORD)]
-        records += [key + code.to_bytes(4, "big") for key, code in recent.items()]
-        records.sort()  # two sorted runs, or one: timsort merges them in O(n)
-        # A key in both (recent lengthened its expiry) sorts old-then-new: keep the last.
-        last = len(records) - 1
-        records = [
-            record
-            for index, record in enumerate(records)
-            if index == last or records[index + 1][:SERIAL_BYTES] != record[:SERIAL_BYTES]
-        ]
+    def merged(
+        buffer: bytes, recent: dict[bytes, int], limit: float | None, earliest: int = 0
+    ) -> Merge:
+        """A sorted buffer of ``buffer`` and ``recent``, without records expired before
+        ``limit`` (POSIX seconds; None: keep all). Pure: safe on a worker thread.
+
+        Built from slices of the old buffer around the recent keys (found by binary
+        search), then joined once: no single C call sorts or walks the whole set while
+        holding the GIL, so the event loop's thread gets it back within the switch
+        interval. Without ``limit`` the cost is O(recent log n) plus one copy."""
+        count = len(buffer) // RECORD
+
+        def key_at(index: int) -> bytes:
+            return buffer[index * RECORD : index * RECORD + SERIAL_BYTES]
+
+        pieces: list[bytes] = []
+        at = 0  # the first record of ``buffer`` not yet emitted
+        for key in sorted(recent):
+            index = bisect.bisect_left(range(count), key, lo=at, key=key_at)
+            pieces.append(buffer[at * RECORD : index * RECORD])
+            code = recent[key]
+            if index < count and key_at(index) == key:  # known: keep the later not_after
+                stored = buffer[index * RECORD + SERIAL_BYTES : (index + 1) * RECORD]
+                code = max(code, int.from_bytes(stored, "big"))
+                index += 1
+            pieces.append(key + code.to_bytes(4, "big"))
+            at = index
+        pieces.append(buffer[at * RECORD :])
+        joined = b"".join(pieces)
+        if limit is None:
+            low = min(earliest, min(recent.values(), default=FOREVER))
+            return Merge(joined, recent, (), low)
+        return SerialTable._pruned(joined, recent, expiry_code(limit))
+
+    @staticmethod
+    def _pruned(buffer: bytes, recent: dict[bytes, int], floor: int) -> Merge:
+        """``buffer`` without records whose not_after code is below ``floor`` (one pass)."""
+        view = memoryview(buffer)
+        kept: list[bytes] = []
         expired: list[bytes] = []
-        if limit is not None:
-            floor = expiry_code(limit).to_bytes(4, "big")
-            kept = []
-            for record in records:
-                if record[SERIAL_BYTES:] < floor:
-                    expired.append(record[:SERIAL_BYTES])
-                else:
-                    kept.append(record)
-            records = kept
-        earliest = min((r[SERIAL_BYTES:] for r in records), default=FOREVER.to_bytes(4, "big"))
-        return Merge(
-            b"".join(records), tuple(recent), tuple(expired), int.from_bytes(earliest, "big")
-        )
+        low, run = FOREVER, 0
+        for index in range(len(buffer) // RECORD):
+            start = index * RECORD
+            code = int.from_bytes(view[start + SERIAL_BYTES : start + RECORD], "big")
+            if code < floor:
+                kept.append(buffer[run * RECORD : start])
+                expired.append(buffer[start : start + SERIAL_BYTES])
+                run = index + 1
+            elif code < low:
+                low = code
+        if not expired:
+            return Merge(buffer, recent, (), low)
+        kept.append(buffer[run * RECORD :])
+        return Merge(b"".join(kept), recent, tuple(expired), low)
 
     def adopt(self, merge: Merge) -> list[bytes]:
         """Swap in a merge built from this table; return the keys that expired in it.
 
         Keys added to ``recent`` after the merge's snapshot stay in ``recent``; a folded
-        key whose expiry was lengthened meanwhile stays too (the later value wins)."""
+        key whose expiry was lengthened meanwhile stays too (the later value wins). The dict
+        is rebuilt, not emptied in place: a dict keeps the table of its largest size."""
         self._buffer = merge.buffer
         self._count = len(merge.buffer) // RECORD
         self.earliest = merge.earliest
-        for key in merge.folded:
-            self.recent.pop(key, None)
+        folded = merge.folded
+        self.recent = {k: v for k, v in self.recent.items() if folded.get(k) != v}
         # An expired key re-added meanwhile (not possible for an expired certificate in
         # practice) is still in recent and stays revoked.
         return [key for key in merge.expired if key not in self.recent]
@@ -223,7 +252,7 @@ class SerialTable:
     def from_items(cls, items: Iterable[tuple[bytes, int]]) -> SerialTable:
         """A table holding ``items`` in its buffer (load: one sort, no recent dict)."""
         table = cls()
-        merge = cls.merged(b"", dict(items), None)
+        merge = cls.merged(b"", dict(items), None, FOREVER)
         table.adopt(merge)
         return table
 
