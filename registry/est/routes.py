@@ -62,7 +62,7 @@ Label = Annotated[str, Path(pattern=NAME_PATTERN.pattern, max_length=64)]
 
 router = APIRouter(prefix=EST_PREFIX, tags=["est"])
 
-_TEXT = {"content": {"text/plain": {}}}
+_TEXT: dict[str, Any] = {"content": {"text/plain": {}}}
 _ENROLL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the certificate, certs-only PKCS#7, base64",
