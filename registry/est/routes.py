@@ -20,7 +20,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import anyio.to_thread
 from cryptography import x509
@@ -61,6 +61,21 @@ _BASE64: Final = {"Content-Transfer-Encoding": "base64"}
 Label = Annotated[str, Path(pattern=NAME_PATTERN.pattern, max_length=64)]
 
 router = APIRouter(prefix=EST_PREFIX, tags=["est"])
+
+_TEXT: dict[str, Any] = {"content": {"text/plain": {}}}
+_ENROLL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the certificate, certs-only PKCS#7, base64",
+        "content": {PKCS7_CERTS_ONLY_TYPE: {}},
+    },
+    400: {"description": "not base64 DER, or a CSR refused", **_TEXT},
+    401: {"description": "no credential", **_TEXT},
+    403: {"description": "the credential does not allow it", **_TEXT},
+    409: {"description": "enrolled already, or decommissioned", **_TEXT},
+    413: {"description": "body too large", **_TEXT},
+    429: {"description": "re-enrolled within the renewal interval", **_TEXT},
+    503: {"description": "the database is unavailable; retry", **_TEXT},
+}
 
 
 def _state(request: Request) -> RegistryState:
@@ -245,25 +260,25 @@ def csrattrs_labelled(label: Label, request: Request) -> Response:
     return _csrattrs(request)
 
 
-@router.post("/simpleenroll", response_class=Response)
+@router.post("/simpleenroll", response_class=Response, responses=_ENROLL_RESPONSES)
 async def simpleenroll(request: Request) -> Response:
     """First enrollment (RFC 7030 4.2.1): a claim certificate or an enrollment secret."""
     return await _simpleenroll(request)
 
 
-@router.post("/{label}/simpleenroll", response_class=Response)
+@router.post("/{label}/simpleenroll", response_class=Response, responses=_ENROLL_RESPONSES)
 async def simpleenroll_labelled(label: Label, request: Request) -> Response:
     """``simpleenroll`` under a label."""
     return await _simpleenroll(request)
 
 
-@router.post("/simplereenroll", response_class=Response)
+@router.post("/simplereenroll", response_class=Response, responses=_ENROLL_RESPONSES)
 async def simplereenroll(request: Request) -> Response:
     """Re-enrollment (RFC 7030 4.2.2) with the device's current certificate."""
     return await _simplereenroll(request)
 
 
-@router.post("/{label}/simplereenroll", response_class=Response)
+@router.post("/{label}/simplereenroll", response_class=Response, responses=_ENROLL_RESPONSES)
 async def simplereenroll_labelled(label: Label, request: Request) -> Response:
     """``simplereenroll`` under a label."""
     return await _simplereenroll(request)

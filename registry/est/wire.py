@@ -41,8 +41,9 @@ _BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/=\r\n\t ]*$")
 
 
 def base64_body(der: bytes) -> bytes:
-    """``der`` as an EST body: base64 in lines of 64 characters (RFC 7030's examples)."""
-    return base64.encodebytes(der).replace(b"\n", b"\r\n")
+    """``der`` as an EST body: base64 in one line. RFC 7030 allows line breaks, but
+    strongSwan's ``pki --est`` (5.9) decodes the body without skipping them."""
+    return base64.b64encode(der)
 
 
 def certs_only(certificates: list[x509.Certificate]) -> bytes:
