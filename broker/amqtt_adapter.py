@@ -449,7 +449,7 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         force_qos: int | None = None,
     ) -> None:
         if topic and data is not None and self.shared.groups_or_remote:
-            self.shared.route(topic, bytes(data), force_qos)  # item 17
+            await self.shared.route(topic, bytes(data), force_qos)  # item 17
         cluster = self._cluster
         if cluster is None or session is None or not topic or data is None:
             await super()._broadcast_message(session, topic, data, force_qos)

@@ -79,6 +79,14 @@ def serve_command(
             help="SO_REUSEPORT: nodes on one machine share one port (CERTFLEET_BROKER_REUSE_PORT)",
         ),
     ] = None,
+    shared_prefer_local: Annotated[
+        bool | None,
+        typer.Option(
+            "--shared-prefer-local/--no-shared-prefer-local",
+            help="cluster: a shared group's member on the publisher's node first "
+            "(CERTFLEET_BROKER_SHARED_PREFER_LOCAL) [on]",
+        ),
+    ] = None,
     ready_file: Annotated[
         Path | None,
         typer.Option("--ready-file", help="write {addr, pid, metrics_url} JSON once listening"),
@@ -96,6 +104,7 @@ def serve_command(
         broker_cluster_url=cluster,
         broker_node=node,
         broker_reuse_port=reuse_port,
+        broker_shared_prefer_local=shared_prefer_local,
     )
     raise_open_file_limit()
     runner = asyncio.Runner(loop_factory=_loop_factory(settings.broker_uvloop))

@@ -118,7 +118,12 @@ class BrokerApp:
             self.metrics.feed_last_success.set_function(lambda: follower.last_success_at)
         options = cluster_options(settings)
         self.cluster = (
-            ClusterNode(options, self.metrics, session_expiry_s=settings.broker_session_expiry_s)
+            ClusterNode(
+                options,
+                self.metrics,
+                session_expiry_s=settings.broker_session_expiry_s,
+                shared_prefer_local=settings.broker_shared_prefer_local,
+            )
             if options is not None
             else None
         )

@@ -76,6 +76,10 @@ class BrokerSettings(BaseSettings):
     broker_cluster_ca_file: Path | None = None
     #: Longest pause between reconnect attempts while NATS is unreachable.
     broker_cluster_max_backoff_s: float = Field(default=5.0, gt=0)
+    #: A shared subscription's message goes to a member on the publisher's node when there
+    #: is one (no NATS hop); off: to any node's member, through NATS (the benchmark's
+    #: comparison; docs/cluster.md, "Shared subscriptions").
+    broker_shared_prefer_local: bool = True
 
     #: How long a persistent session whose client is away is kept (its subscriptions and
     #: queued messages; amqtt's session expiry, and in a cluster the JetStream consumers'

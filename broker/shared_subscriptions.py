@@ -146,7 +146,9 @@ class RemoteGroups(Protocol):
     def remote_shares(self, topic: str) -> list[ShareFilter]:
         """The groups elsewhere in the cluster whose filter matches ``topic``."""
 
-    def send(self, share: ShareFilter, topic: str, data: bytes, qos: int | None, hops: int) -> bool:
+    async def send(
+        self, share: ShareFilter, topic: str, data: bytes, qos: int | None, hops: int
+    ) -> bool:
         """Hand a message to one other node with a member of ``share``; False if it cannot."""
 
     def joined(self, share: ShareFilter) -> None:
@@ -238,7 +240,7 @@ class SharedSubscriptions:
 
     # -- routing --------------------------------------------------------------------------
 
-    def route(self, topic: str, data: bytes, force_qos: int | None) -> None:
+    async def route(self, topic: str, data: bytes, force_qos: int | None) -> None:
         """A locally admitted message: one member of each matching group gets it (here, or
         on another node through :attr:`remote`)."""
         done: set[ShareFilter] = set()
@@ -247,17 +249,17 @@ class SharedSubscriptions:
                 continue
             done.add(share)
             remote = self.remote
-            elsewhere = remote is not None and not remote.serve_here(group, share)
-            if not (
-                elsewhere and remote is not None and remote.send(share, topic, data, force_qos, 0)
-            ):
-                self.deliver(share, topic, data, force_qos)
+            if remote is not None and not remote.serve_here(group, share):
+                sent = await remote.send(share, topic, data, force_qos, 0)
+                if sent:
+                    continue
+            await self.deliver(share, topic, data, force_qos)
         if self.remote is not None:
             for share in self.remote.remote_shares(topic):
                 if share not in done:
-                    self.remote.send(share, topic, data, force_qos, 0)
+                    await self.remote.send(share, topic, data, force_qos, 0)
 
-    def deliver(
+    async def deliver(
         self,
         share: ShareFilter,
         topic: str,
@@ -277,21 +279,21 @@ class SharedSubscriptions:
         if picked is not None and picked[0] is gone and left:
             picked = None
         if picked is None:
-            self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone)
             return
         session, sub_qos = picked
         if not self._may_receive(session, topic):
             return
         handler = self._handler_of(session)
         if handler is None:
-            self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone)
             return
         qos = min(force_qos if force_qos is not None else sub_qos, MAX_SHARED_QOS)
         self._spawn(
             asyncio.ensure_future(self._send(share, session, handler, topic, data, qos, hops))
         )
 
-    def _no_member(
+    async def _no_member(
         self,
         share: ShareFilter,
         group: SharedGroup | None,
@@ -302,7 +304,7 @@ class SharedSubscriptions:
         gone: Session | None,
     ) -> None:
         """No member connected here: another node's, else a persistent member's queue."""
-        if self.remote is not None and self.remote.send(share, topic, data, force_qos, hops):
+        if self.remote is not None and await self.remote.send(share, topic, data, force_qos, hops):
             return
         away = group.away() if group is not None else None
         if gone is not None and gone.clean_session is False and group is not None:
@@ -362,4 +364,4 @@ class SharedSubscriptions:
             session.client_id,
             topic[:200],
         )
-        self.deliver(share, topic, data, qos, gone=session, left=left, hops=hops + 1)
+        await self.deliver(share, topic, data, qos, gone=session, left=left, hops=hops + 1)

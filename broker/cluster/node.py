@@ -19,6 +19,7 @@ from broker.cluster.durable import DurableSessions
 from broker.cluster.link import ClusterLink, ClusterOptions
 from broker.cluster.retained import RetainedSync
 from broker.cluster.router import ClusterRouter
+from broker.cluster.shared import ClusterShared
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 
@@ -47,10 +48,17 @@ class ClusterNode:
     """The link to NATS and the router of one node."""
 
     def __init__(
-        self, options: ClusterOptions, metrics: BrokerMetrics, *, session_expiry_s: float
+        self,
+        options: ClusterOptions,
+        metrics: BrokerMetrics,
+        *,
+        session_expiry_s: float,
+        shared_prefer_local: bool = True,
     ) -> None:
         self.metrics = metrics
         self.session_expiry_s = session_expiry_s
+        self.shared_prefer_local = shared_prefer_local
+        self.shared: ClusterShared | None = None
         self.link = ClusterLink(options, on_state=self._link_state)
         self.router: ClusterRouter | None = None
         self.durable: DurableSessions | None = None
@@ -85,6 +93,12 @@ class ClusterNode:
             on_store_retry=metrics.cluster_store_retries.inc,
         )
         broker.use_cluster(self.durable)
+        self.shared = ClusterShared(
+            self.link,
+            broker.shared,
+            prefer_local=self.shared_prefer_local,
+            on_sent=metrics.shared_remote.inc,
+        )
         broker.share_retained_with(RetainedSync(self.link, broker).publish)
 
     def start(self) -> None:
@@ -97,6 +111,8 @@ class ClusterNode:
         # otherwise start the durable sessions' watchers after they were closed (and leave
         # their tasks pending when the loop ends).
         await self.link.close()
+        if self.shared is not None:
+            await self.shared.close()
         if self.durable is not None:
             await self.durable.close()
 
