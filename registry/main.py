@@ -28,6 +28,7 @@ from registry.api.routes import (
     metrics,
     revocations,
     stats,
+    tokens,
 )
 from registry.console import install_console
 from registry.crl import CrlCache
@@ -222,7 +223,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics):
+    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics, tokens):
         app.include_router(module.router)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)

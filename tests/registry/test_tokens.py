@@ -16,7 +16,7 @@ from tests.registry.conftest import Clients
 from tests.registry.test_auth import make_token, refusals
 from tests.registry.test_cli import certfleet
 
-TOKEN_FIELDS = {"id", "operator", "created_at", "revoked", "revoked_at"}
+TOKEN_FIELDS = {"id", "operator", "role", "created_at", "revoked", "revoked_at"}
 
 
 @pytest.fixture
