@@ -31,6 +31,7 @@ from fleetcore.profile import (
     ClientCertificateTemplate,
     Identity,
     IdentityKind,
+    OperatorRole,
     PrivateKey,
     PublicKey,
     build_ca_certificate,
@@ -279,8 +280,9 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
         serial: int | None = None,
         key_algorithm: str = "p256",
+        role: OperatorRole | None = None,
     ) -> IssuedCertificate:
-        """Issue a device, service or operator certificate.
+        """Issue a device, service or operator certificate (an operator's with ``role``).
 
         Without ``public_key`` a new key is generated (the factory-minted mode).
         """
@@ -303,6 +305,7 @@ class CertificateAuthority:
             not_before=not_before or now - CLOCK_SKEW,
             not_after=not_after or now + DEFAULT_CLIENT_LIFETIME,
             serial=serial,
+            role=role,
         )
         return IssuedCertificate(certificate, private_key)
 

@@ -21,7 +21,13 @@ from fleetcore.duration import parse_duration
 from fleetcore.errors import ConfigError
 from fleetcore.keys import KEY_ALGORITHMS
 from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind, check_name, serial_hex
+from fleetcore.profile import (
+    DEFAULT_OPERATOR_ROLE,
+    IdentityKind,
+    OperatorRole,
+    check_name,
+    serial_hex,
+)
 
 __all__ = ["ca_app", "factory_app"]
 
@@ -219,6 +225,13 @@ def ca_issue_client(
     service: Annotated[
         str | None, typer.Option(help="Service name: spiffe://<td>/service/NAME.")
     ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="Operator role in the certificate: viewer (read), operator (decommission, "
+            "re-enroll, renew now) or admin (tokens, roles, CA operations). Default operator."
+        ),
+    ] = None,
     lifetime: Annotated[str, typer.Option(help="Validity, e.g. 365d.")] = "365d",
     force: Annotated[bool, typer.Option(help="Replace an existing certificate.")] = False,
     data_dir: DataDirOption = None,
@@ -227,6 +240,13 @@ def ca_issue_client(
     """Issue an operator or service client certificate into clients/<name>.crt|.key."""
     if (operator is None) == (service is None):
         raise ConfigError("give exactly one of --operator NAME or --service NAME")
+    if role is not None and operator is None:
+        raise ConfigError("--role is for --operator certificates; a service has no role")
+    operator_role = (
+        (OperatorRole.parse(role) if role is not None else DEFAULT_OPERATOR_ROLE)
+        if operator is not None
+        else None
+    )
     kind = IdentityKind.OPERATOR if operator is not None else IdentityKind.SERVICE
     name = operator if operator is not None else service
     assert name is not None
@@ -238,20 +258,29 @@ def ca_issue_client(
     ca = _load_ca(settings)
     identity = ca.identity(kind, name)
     issued = ca.issue_client(
-        identity, not_after=_now() + parse_duration(lifetime, what="--lifetime")
+        identity,
+        not_after=_now() + parse_duration(lifetime, what="--lifetime"),
+        role=operator_role,
     )
     write_issued(issued, cert_path, key_path)
     serial = serial_hex(issued.certificate.serial_number)
-    log.info("client certificate issued identity=%s serial=%s", identity.uri, serial)
+    log.info(
+        "client certificate issued identity=%s role=%s serial=%s",
+        identity.uri,
+        operator_role or "-",
+        serial,
+    )
     _emit(
         as_json,
         {
             "identity": identity.uri,
+            "role": operator_role.value if operator_role is not None else None,
             "cert": str(cert_path),
             "key": str(key_path),
             "serial": serial,
         },
-        f"{identity.uri}: {cert_path} (key {key_path}) serial {serial}",
+        f"{identity.uri}{f' ({operator_role})' if operator_role else ''}: {cert_path} "
+        f"(key {key_path}) serial {serial}",
     )
 
 

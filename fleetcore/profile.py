@@ -10,6 +10,11 @@ shape (clientAuth, CN = name, that one URI SAN); the kind says what it may do:
 - ``claim``: a bootstrap certificate for a production batch (``spiffe://<td>/claim/<batch>``).
   It names no device: it is accepted only by EST ``simpleenroll`` (first enrollment of a
   device the claim's allow-list names), and refused by the broker and every other route.
+
+An operator certificate also carries its access role (:class:`OperatorRole`: viewer, operator,
+admin) in a dedicated non-critical extension (:data:`OPERATOR_ROLE_OID`, a UTF8String), so
+the name and the role travel together and other TLS stacks ignore it. An operator
+certificate without one (issued before roles existed) is read as ``operator``.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ from fleetcore.publication import leaf_publication_extensions
 
 __all__ = [
     "CLOCK_SKEW",
+    "DEFAULT_OPERATOR_ROLE",
     "ENROLLMENT_ONLY_KINDS",
     "HARDWARE_SERIAL_PATTERN",
+    "OPERATOR_ROLE_OID",
     "ClientCertificateTemplate",
     "NAME_PATTERN",
     "RESERVED_DEVICE_IDS",
     "TRUST_DOMAIN_PATTERN",
     "Identity",
     "IdentityKind",
+    "OperatorRole",
     "PrivateKey",
     "PublicKey",
     "build_ca_certificate",
@@ -54,6 +62,7 @@ __all__ = [
     "check_public_key",
     "new_serial",
     "read_identity",
+    "read_operator_role",
     "serial_hex",
 ]
 
@@ -106,6 +115,63 @@ class IdentityKind(StrEnum):
 
 #: The identity kinds the broker, the REST API and renewal never admit.
 ENROLLMENT_ONLY_KINDS = frozenset({IdentityKind.CLAIM})
+
+
+class OperatorRole(StrEnum):
+    """What an operator may do: each role may do what the ones before it may."""
+
+    #: read: devices, audit, expiry, stats, the console's pages.
+    VIEWER = "viewer"
+    #: and act on devices: decommission, re-enroll, renew now, register.
+    OPERATOR = "operator"
+    #: and run the CA and the registry's access: tokens, roles, CA operations.
+    ADMIN = "admin"
+
+    def allows(self, needed: OperatorRole) -> bool:
+        """Whether this role may do what ``needed`` may."""
+        order = list(OperatorRole)
+        return order.index(self) >= order.index(needed)
+
+    @classmethod
+    def parse(cls, value: str) -> OperatorRole:
+        """The role named ``value``, or IdentityError listing the roles."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise IdentityError(
+                f"role {value!r} is not one of {', '.join(role.value for role in cls)}"
+            ) from None
+
+
+#: What an operator certificate or token without a role is: everything they could do before
+#: roles existed. Narrow them by issuing a new certificate or token with a role.
+DEFAULT_OPERATOR_ROLE = OperatorRole.OPERATOR
+#: The operator-role extension: an OID under the UUID arc (X.667, no registration needed).
+OPERATOR_ROLE_OID = x509.ObjectIdentifier("2.25.301953863843281746986871593418950117633")
+_UTF8STRING = 0x0C
+
+
+def _role_extension(role: OperatorRole) -> x509.Extension[x509.UnrecognizedExtension]:
+    value = role.value.encode("ascii")
+    return x509.Extension(
+        OPERATOR_ROLE_OID,
+        False,
+        x509.UnrecognizedExtension(OPERATOR_ROLE_OID, bytes([_UTF8STRING, len(value)]) + value),
+    )
+
+
+def read_operator_role(certificate: x509.Certificate) -> OperatorRole:
+    """The role an operator certificate carries; :data:`DEFAULT_OPERATOR_ROLE` when it carries
+    none. IdentityError for a malformed or unknown role (never a guess)."""
+    try:
+        extension = certificate.extensions.get_extension_for_oid(OPERATOR_ROLE_OID)
+    except x509.ExtensionNotFound:
+        return DEFAULT_OPERATOR_ROLE
+    value = extension.value
+    der = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    if len(der) < 2 or der[0] != _UTF8STRING or der[1] != len(der) - 2:
+        raise IdentityError("the certificate's operator role extension is malformed")
+    return OperatorRole.parse(der[2:].decode("utf-8", errors="replace"))
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -354,10 +420,13 @@ class ClientCertificateTemplate:
         not_before: dt.datetime,
         not_after: dt.datetime,
         serial: int | None = None,
+        role: OperatorRole | None = None,
     ) -> x509.Certificate:
         """A client certificate (device, service, operator or claim): clientAuth, CN = name,
-        one SPIFFE URI SAN."""
+        one SPIFFE URI SAN; an operator's ``role`` in its extension."""
         public_key = check_public_key(public_key)
+        if role is not None and identity.kind is not IdentityKind.OPERATOR:
+            raise IdentityError(f"only an operator certificate carries a role, not {identity.uri}")
         not_before, not_after = naive_utc(not_before), naive_utc(not_after)
         if not_after <= not_before:
             raise IdentityError(
@@ -381,6 +450,7 @@ class ClientCertificateTemplate:
                 False,
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
             ),
+            *([_role_extension(role)] if role is not None else []),
         ]
         # The constructor takes the finished list; the chained setters would copy the
         # builder and re-check for duplicates once per extension.

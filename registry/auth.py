@@ -1,8 +1,11 @@
 """Who is calling: an mTLS client certificate or an operator bearer token.
 
-Rules (DESIGN.md): operator endpoints need an operator; services may read the feed and
-metrics, and ``service/factory`` may register devices; a device identity is refused (403);
-no identity is refused (401). When an ``Authorization`` header is present it is what counts
+Rules (DESIGN.md): operator endpoints need an operator with a role that allows them
+(:class:`fleetcore.profile.OperatorRole`: viewer reads, operator acts on devices, admin runs
+tokens and the CA; the role comes from the operator certificate's role extension or the
+token's row, ``operator`` when they carry none); services may read the feed and metrics, and
+``service/factory`` may register devices; a device identity is refused (403); no identity is
+refused (401). When an ``Authorization`` header is present it is what counts
 (a bad token is a 401 even over an mTLS connection); otherwise the client certificate does.
 """
 
@@ -17,7 +20,13 @@ from fastapi import HTTPException, Request, status
 from sqlmodel import Session
 
 from fleetcore.errors import IdentityError
-from fleetcore.profile import Identity, IdentityKind, read_identity
+from fleetcore.profile import (
+    Identity,
+    IdentityKind,
+    OperatorRole,
+    read_identity,
+    read_operator_role,
+)
 from registry.metrics import RegistryMetrics
 from registry.store import audit, tokens
 from registry.tls import peer_certificate_der
@@ -44,13 +53,23 @@ class Caller:
     uri: str
     #: the stored bearer token's id (``via == "token"``), so a session can follow its revocation.
     token_id: int | None = None
+    #: an operator's role (None for services and devices).
+    role: OperatorRole | None = None
 
     @property
     def who(self) -> str:
         return self.uri if self.via == "mtls" else f"token:operator/{self.name}"
 
+    def allows(self, needed: OperatorRole) -> bool:
+        """Whether this caller is an operator whose role allows ``needed``."""
+        return self.role is not None and self.role.allows(needed)
+
     def actor(self, request: Request) -> audit.Actor:
-        return audit.Actor(who=self.who, from_addr=client_addr(request))
+        return audit.Actor(
+            who=self.who,
+            from_addr=client_addr(request),
+            role=self.role.value if self.role is not None else None,
+        )
 
 
 def client_addr(request: Request) -> str | None:
@@ -106,13 +125,17 @@ def caller_from_token(session: Session, token: str, trust_domain: str) -> Caller
             f"token:operator/{match.operator}#{match.id}",
         )
     identity = Identity(trust_domain, IdentityKind.OPERATOR, match.operator)
-    return Caller(IdentityKind.OPERATOR, match.operator, "token", identity.uri, match.id)
+    return Caller(
+        IdentityKind.OPERATOR, match.operator, "token", identity.uri, match.id, match.role
+    )
 
 
 def caller_from_certificate(der: bytes, trust_domain: str) -> Caller:
     """The identity of a verified client certificate (DER), or raise Refused (403)."""
     try:
-        identity = read_identity(x509.load_der_x509_certificate(der))
+        certificate = x509.load_der_x509_certificate(der)
+        identity = read_identity(certificate)
+        role = read_operator_role(certificate) if identity.kind is IdentityKind.OPERATOR else None
     except (IdentityError, ValueError) as exc:
         raise Refused(403, "bad_identity", f"client certificate refused: {exc}") from None
     if identity.trust_domain != trust_domain:
@@ -122,7 +145,7 @@ def caller_from_certificate(der: bytes, trust_domain: str) -> Caller:
             f"identity {identity.uri} is outside trust domain {trust_domain}",
             identity.uri,
         )
-    return Caller(identity.kind, identity.name, "mtls", identity.uri)
+    return Caller(identity.kind, identity.name, "mtls", identity.uri, role=role)
 
 
 def authenticate(

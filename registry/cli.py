@@ -129,17 +129,25 @@ def import_manifest(
 @token_app.command("create")
 def token_create(
     operator: Annotated[str, typer.Option("--operator", help="operator name the token acts as")],
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role", help="viewer (read), operator (act on devices) or admin (tokens, CA)"
+        ),
+    ] = "operator",
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Create a bearer token for OPERATOR and print it once (only its hash is stored)."""
-    from fleetcore.profile import check_name
+    """Create a bearer token for OPERATOR with ROLE and print it once (only its hash is
+    stored)."""
+    from fleetcore.profile import OperatorRole, check_name
     from registry import operations
 
     check_name(operator, "operator name")
+    operator_role = OperatorRole.parse(role)
     engine = _open_engine(data_dir, database_url)
     try:
-        token = operations.create_token(engine, operator, _cli_actor())
+        token = operations.create_token(engine, operator, _cli_actor(), operator_role)
     finally:
         engine.dispose()
     typer.echo(token)
@@ -171,7 +179,7 @@ def _open_engine(data_dir: Path | None, database_url: str | None) -> Engine:
 def _token_line(token: TokenInfo) -> str:
     state = f"revoked {token.revoked_at.isoformat()}" if token.revoked_at else "revoked"
     return (
-        f"{token.id:>6}  {token.operator:<24}  {token.created_at.isoformat()}  "
+        f"{token.id:>6}  {token.operator:<24}  {token.role:<8}  {token.created_at.isoformat()}  "
         f"{state if token.revoked else 'active'}"
     )
 
@@ -199,7 +207,7 @@ def token_list(
     if as_json:
         typer.echo(json.dumps([token.model_dump(mode="json") for token in tokens]))
         return
-    typer.echo(f"{'ID':>6}  {'OPERATOR':<24}  {'CREATED_AT':<32}  STATUS")
+    typer.echo(f"{'ID':>6}  {'OPERATOR':<24}  {'ROLE':<8}  {'CREATED_AT':<32}  STATUS")
     for token in tokens:
         typer.echo(_token_line(token))
 

@@ -29,6 +29,7 @@ from registry.api.routes import (
     metrics,
     revocations,
     stats,
+    tokens,
 )
 from registry.console import install_console
 from registry.crl import CrlCache
@@ -229,7 +230,8 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     _install_error_handlers(app)
-    for module in (devices, audit, revocations, crl, stats, expiry, health, metrics, claims):
+    routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
+    for module in routers:
         app.include_router(module.router)
     install_est(app, state)
     install_console(app)

@@ -207,6 +207,9 @@ class ApiToken(SQLModel, table=True):
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     revoked: bool = Field(default=False)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: viewer, operator or admin (fleetcore.profile.OperatorRole); NULL (a token made before
+    #: roles existed) acts as operator.
+    role: str | None = Field(default=None, max_length=16)
 
 
 class ConsoleSession(SQLModel, table=True):
@@ -224,6 +227,8 @@ class ConsoleSession(SQLModel, table=True):
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     expires_at: dt.datetime = Field(sa_type=UTCDateTime, index=True)
     from_addr: str | None = Field(default=None, max_length=64)
+    #: the role of the certificate signed in with (a token session follows its token's role).
+    role: str | None = Field(default=None, max_length=16)
 
 
 class ConsoleSigninFailure(SQLModel, table=True):
@@ -333,6 +338,7 @@ class TokenInfo(BaseModel):
 
     id: int
     operator: str
+    role: str
     created_at: dt.datetime
     revoked: bool
     revoked_at: dt.datetime | None

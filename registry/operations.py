@@ -25,6 +25,7 @@ from sqlmodel import Session
 from factory.csr import load_csr, validate_device_csr
 from factory.errors import CSRError
 from fleetcore.clock import utcnow
+from fleetcore.profile import DEFAULT_OPERATOR_ROLE, OperatorRole
 from registry.errors import InvalidCSRError
 from registry.models import BatchResult, DecommissionRequest, DecommissionResult, ReenrollResult
 from registry.renewal import sign_next
@@ -205,12 +206,14 @@ def superseded_revoked(state: RegistryState, events: Sequence[SupersededRevocati
         )
 
 
-def create_token(engine: Engine, operator: str, actor: Actor) -> str:
-    """Create a bearer token for ``operator`` (with its audit entry) and log it (never the
-    token); returns the token, the only time it exists in clear."""
+def create_token(
+    engine: Engine, operator: str, actor: Actor, role: OperatorRole = DEFAULT_OPERATOR_ROLE
+) -> str:
+    """Create a bearer token for ``operator`` acting with ``role`` (with its audit entry) and
+    log it (never the token); returns the token, the only time it exists in clear."""
     with Session(engine) as session:
-        token = tokens.create_token(session, operator, actor)
-    log.info("token created operator=%s by=%s", operator, actor.who)
+        token = tokens.create_token(session, operator, actor, role)
+    log.info("token created operator=%s role=%s by=%s", operator, role, actor.who)
     return token
 
 

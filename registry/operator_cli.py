@@ -149,7 +149,7 @@ def _refusal_text(response: httpx.Response) -> str:
     hint = ""
     if response.status_code == 401:
         hint = " (check --token / --operator)"
-    elif response.status_code == 403:
+    elif response.status_code == 403 and " role" not in str(detail):
         hint = " (only operators may do this)"
     return f"registry refused (HTTP {response.status_code}): {detail}{hint}"
 

@@ -1,27 +1,31 @@
 """Typed dependencies every route declares: the session, the state, and who may call.
 
-An operator route declares ``CurrentOperator``; an unprotected route is visible in its
-signature by having none of these.
+A route declares who may call it: ``CurrentViewer`` (any operator: reads),
+``CurrentOperator`` (an operator whose role allows acting on devices), ``CurrentAdmin``
+(tokens, roles, CA operations); an unprotected route is visible in its signature by having
+none of these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from fleetcore.profile import IdentityKind
+from fleetcore.profile import IdentityKind, OperatorRole
 from registry.auth import Caller, authenticate, refuse
 from registry.state import RegistryState
 
 __all__ = [
+    "CurrentAdmin",
     "CurrentCaller",
     "CurrentOperator",
     "CurrentReader",
     "CurrentRegistrar",
+    "CurrentViewer",
     "SessionDep",
     "StateDep",
 ]
@@ -82,10 +86,35 @@ def _forbidden(request: Request, state: StateDep, caller: Caller, allowed: str) 
     )
 
 
-def get_operator(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
-    if caller.kind is not IdentityKind.OPERATOR:
-        raise _forbidden(request, state, caller, "an operator")
-    return caller
+def _role_refusal(
+    request: Request, state: StateDep, caller: Caller, needed: OperatorRole
+) -> Exception:
+    return refuse(
+        request,
+        state.metrics,
+        403,
+        "role_not_allowed",
+        f"{caller.uri} acts as {caller.role}; this needs the {needed} role or above "
+        "(an admin issues a certificate or token with it)",
+        caller.uri,
+    )
+
+
+def _operator_with(needed: OperatorRole) -> Callable[..., Caller]:
+    def dependency(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
+        if caller.kind is not IdentityKind.OPERATOR:
+            raise _forbidden(request, state, caller, f"an operator ({needed} or above)")
+        if not caller.allows(needed):
+            raise _role_refusal(request, state, caller, needed)
+        return caller
+
+    dependency.__name__ = f"get_{needed.value}"
+    return dependency
+
+
+get_viewer = _operator_with(OperatorRole.VIEWER)
+get_operator = _operator_with(OperatorRole.OPERATOR)
+get_admin = _operator_with(OperatorRole.ADMIN)
 
 
 def get_reader(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
@@ -95,6 +124,8 @@ def get_reader(request: Request, state: StateDep, caller: CurrentCaller) -> Call
 
 
 def get_registrar(request: Request, state: StateDep, caller: CurrentCaller) -> Caller:
+    if caller.kind is IdentityKind.OPERATOR and not caller.allows(OperatorRole.OPERATOR):
+        raise _role_refusal(request, state, caller, OperatorRole.OPERATOR)
     if caller.kind is IdentityKind.OPERATOR or (
         caller.kind is IdentityKind.SERVICE and caller.name == REGISTRAR_SERVICE
     ):
@@ -102,9 +133,13 @@ def get_registrar(request: Request, state: StateDep, caller: CurrentCaller) -> C
     raise _forbidden(request, state, caller, f"an operator or service/{REGISTRAR_SERVICE}")
 
 
-#: An operator (mTLS operator certificate or bearer token).
+#: Any operator, whatever the role (reads).
+CurrentViewer = Annotated[Caller, Depends(get_viewer)]
+#: An operator whose role allows acting on devices (operator or admin).
 CurrentOperator = Annotated[Caller, Depends(get_operator)]
+#: An operator with the admin role (tokens, roles, CA operations).
+CurrentAdmin = Annotated[Caller, Depends(get_admin)]
 #: An operator or any service (the feed and metrics).
 CurrentReader = Annotated[Caller, Depends(get_reader)]
-#: An operator or service/factory (registration).
+#: An operator (operator role or above) or service/factory (registration).
 CurrentRegistrar = Annotated[Caller, Depends(get_registrar)]

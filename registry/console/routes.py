@@ -55,7 +55,6 @@ from registry.models import (
     ReenrollResult,
 )
 from registry.state import RegistryState
-from registry.store.audit import Actor
 from registry.store.devices import get_device, list_devices
 from registry.tls import peer_certificate_der
 
@@ -109,6 +108,29 @@ def _current_user(request: Request, state: StateDep) -> ConsoleUser:
 
 
 CurrentUser = Annotated[ConsoleUser, Depends(_current_user)]
+
+
+def _acting_user(request: Request, state: StateDep, user: CurrentUser) -> ConsoleUser:
+    """The signed-in operator, if their role allows acting on devices; else a 403 page."""
+    if not user.may_act:
+        log.warning(
+            "console request refused reason=role path=%s operator=%s role=%s from=%s",
+            request.url.path,
+            user.operator,
+            user.role,
+            client_addr(request) or "-",
+        )
+        state.metrics.auth_refusals.labels("role_not_allowed").inc()
+        raise ConsoleRefusal(
+            403,
+            f"Your role, {user.role}, may read but not act on devices: decommission and "
+            "re-enroll need the operator role (an admin issues a certificate or token with it).",
+        )
+    return user
+
+
+#: A signed-in operator whose role allows decommission and re-enroll.
+ActingUser = Annotated[ConsoleUser, Depends(_acting_user)]
 
 
 def _check_origin(request: Request) -> None:
@@ -504,7 +526,7 @@ def _decommission_page(
 
 @router.get("/devices/{device_id}/decommission", response_class=HTMLResponse)
 def decommission_form(
-    request: Request, state: StateDep, user: CurrentUser, device_id: str
+    request: Request, state: StateDep, user: ActingUser, device_id: str
 ) -> HTMLResponse:
     return _decommission_page(request, state, user, device_id)
 
@@ -513,7 +535,7 @@ def decommission_form(
 def decommission(
     request: Request,
     state: StateDep,
-    user: CurrentUser,
+    user: ActingUser,
     device_id: str,
     reason: Annotated[str, Form()] = "",
     reason_code: Annotated[str, Form()] = DEFAULT_REASON_CODE,
@@ -537,7 +559,7 @@ def decommission(
         )
     if not _DEVICE_ID.fullmatch(device_id):
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
-    actor = Actor(who=user.who, from_addr=client_addr(request))
+    actor = user.actor(client_addr(request))
     try:
         result = operations.decommission_device(state, device_id, body, actor)
     except NotFoundError:
@@ -583,7 +605,7 @@ def _reenroll_page(
 
 @router.get("/devices/{device_id}/reenroll", response_class=HTMLResponse)
 def reenroll_form(
-    request: Request, state: StateDep, user: CurrentUser, device_id: str
+    request: Request, state: StateDep, user: ActingUser, device_id: str
 ) -> HTMLResponse:
     return _reenroll_page(request, state, user, device_id)
 
@@ -592,7 +614,7 @@ def reenroll_form(
 def reenroll(
     request: Request,
     state: StateDep,
-    user: CurrentUser,
+    user: ActingUser,
     device_id: str,
     csr_pem: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
@@ -612,7 +634,7 @@ def reenroll(
             status_code=400,
             error="Paste the CSR made on the device (PEM, '-----BEGIN CERTIFICATE REQUEST-----').",
         )
-    actor = Actor(who=user.who, from_addr=client_addr(request))
+    actor = user.actor(client_addr(request))
     try:
         result = operations.reenroll_device(state, device_id, body.csr_pem, actor)
     except NotFoundError:

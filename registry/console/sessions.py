@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
+from fleetcore.profile import DEFAULT_OPERATOR_ROLE, OperatorRole
 from registry.auth import Caller
 from registry.db import write_transaction
 from registry.models import ApiToken, ConsoleSession, ConsoleSigninFailure
 from registry.store import audit
+from registry.store.tokens import token_role
 
 __all__ = [
     "SESSION_COOKIE",
@@ -49,11 +51,21 @@ class ConsoleUser:
     via: str
     csrf_token: str
     expires_at: dt.datetime
+    role: OperatorRole = DEFAULT_OPERATOR_ROLE
 
     @property
     def who(self) -> str:
         """The audit log's actor for what this operator does through the console."""
         return f"console:operator/{self.operator}"
+
+    @property
+    def may_act(self) -> bool:
+        """Whether the role allows acting on devices (decommission, re-enroll)."""
+        return self.role.allows(OperatorRole.OPERATOR)
+
+    def actor(self, from_addr: str | None) -> audit.Actor:
+        """The audit log's actor, naming the role acted with."""
+        return audit.Actor(who=self.who, from_addr=from_addr, role=self.role.value)
 
 
 class RateLimited(Exception):
@@ -91,14 +103,17 @@ def create_session(
         created_at=now,
         expires_at=now + lifetime,
         from_addr=from_addr,
+        role=caller.role.value if caller.role is not None else None,
     )
-    user = ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at)
+    user = ConsoleUser(
+        row.operator, row.via, row.csrf_token, row.expires_at, caller.role or DEFAULT_OPERATOR_ROLE
+    )
     with write_transaction(db):
         db.execute(delete(ConsoleSession).where(col(ConsoleSession.expires_at) <= now))
         db.add(row)
         audit.add_entry(
             db,
-            audit.Actor(who=user.who, from_addr=from_addr),
+            user.actor(from_addr),
             "console_sign_in",
             f"operator/{caller.name}",
             {"via": caller.via},
@@ -107,18 +122,20 @@ def create_session(
 
 
 def find_session(db: Session, cookie: str, now: dt.datetime) -> ConsoleUser | None:
-    """The live session of a cookie value; None when unknown, expired, or its token revoked."""
+    """The live session of a cookie value; None when unknown, expired, or its token revoked.
+    A token session acts with its token's role now (narrowing a token narrows its sessions)."""
     found = db.exec(
-        select(ConsoleSession, ApiToken.revoked)
+        select(ConsoleSession, ApiToken.revoked, ApiToken.role)
         .join(ApiToken, col(ApiToken.id) == col(ConsoleSession.token_id), isouter=True)
         .where(ConsoleSession.id_sha256 == _digest(cookie))
     ).first()
     if found is None:
         return None
-    row, token_revoked = found
+    row, token_revoked, role_of_token = found
     if row.expires_at <= now or (row.token_id is not None and token_revoked is not False):
         return None
-    return ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at)
+    role = token_role(role_of_token) if row.token_id is not None else token_role(row.role)
+    return ConsoleUser(row.operator, row.via, row.csrf_token, row.expires_at, role)
 
 
 def end_session(db: Session, cookie: str) -> None:

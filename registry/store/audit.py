@@ -24,10 +24,12 @@ __all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit"]
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who does something, for the audit log: an identity URI or ``token:<operator>``."""
+    """Who does something, for the audit log: an identity URI or ``token:<operator>``, and
+    for an operator the role they acted with (recorded in the entry's detail as ``role``)."""
 
     who: str
     from_addr: str | None = None
+    role: str | None = None
 
 
 def add_entry(
@@ -38,6 +40,8 @@ def add_entry(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Add one audit entry to the session's (write) transaction."""
+    if actor.role is not None:
+        detail = {**(detail or {}), "role": actor.role}
     session.add(
         AuditLog(
             who=actor.who[:256],

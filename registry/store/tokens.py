@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, col, select
 
 from fleetcore.clock import utcnow
+from fleetcore.profile import DEFAULT_OPERATOR_ROLE, OperatorRole
 from registry.db import write_transaction
 from registry.errors import InvalidRequestError, NotFoundError
 from registry.models import ApiToken, TokenInfo
@@ -25,6 +26,7 @@ __all__ = [
     "operator_for_token",
     "revoke_tokens",
     "token_hash",
+    "token_role",
 ]
 
 TOKEN_PREFIX = "cfr_"  # noqa: S105  (a marker prefix, not a secret)
@@ -35,15 +37,31 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(session: Session, operator: str, actor: Actor) -> str:
-    """Create a bearer token for ``operator``; returns it (the only time it exists in clear)."""
+def create_token(
+    session: Session,
+    operator: str,
+    actor: Actor,
+    role: OperatorRole = DEFAULT_OPERATOR_ROLE,
+) -> str:
+    """Create a bearer token for ``operator`` acting with ``role``; returns it (the only time
+    it exists in clear)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with write_transaction(session):
         session.add(
-            ApiToken(operator=operator, token_sha256=token_hash(token), created_at=utcnow())
+            ApiToken(
+                operator=operator,
+                token_sha256=token_hash(token),
+                created_at=utcnow(),
+                role=role.value,
+            )
         )
-        add_entry(session, actor, "token_create", f"operator/{operator}")
+        add_entry(session, actor, "token_create", f"operator/{operator}", {"token_role": role})
     return token
+
+
+def token_role(stored: str | None) -> OperatorRole:
+    """A stored token's role; NULL (made before roles existed) acts as the default."""
+    return OperatorRole(stored) if stored else DEFAULT_OPERATOR_ROLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +71,7 @@ class TokenMatch:
     id: int
     operator: str
     revoked: bool
+    role: OperatorRole
 
 
 def find_token(session: Session, token: str) -> TokenMatch | None:
@@ -61,7 +80,7 @@ def find_token(session: Session, token: str) -> TokenMatch | None:
     row = session.exec(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
     if row is None or row.id is None or not hmac.compare_digest(row.token_sha256, digest):
         return None
-    return TokenMatch(row.id, row.operator, row.revoked)
+    return TokenMatch(row.id, row.operator, row.revoked, token_role(row.role))
 
 
 def operator_for_token(session: Session, token: str) -> str | None:
@@ -75,6 +94,7 @@ def _token_info(row: ApiToken) -> TokenInfo:
     return TokenInfo(
         id=row.id,
         operator=row.operator,
+        role=token_role(row.role).value,
         created_at=row.created_at,
         revoked=row.revoked,
         revoked_at=row.revoked_at,

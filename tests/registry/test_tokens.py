@@ -16,7 +16,7 @@ from tests.registry.test_cli import certfleet
 from tests.support.pki import TestPKI
 from tests.support.registry_fixtures import Clients
 
-TOKEN_FIELDS = {"id", "operator", "created_at", "revoked", "revoked_at"}
+TOKEN_FIELDS = {"id", "operator", "role", "created_at", "revoked", "revoked_at"}
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from registry.api.deps import CurrentOperator, SessionDep
+from registry.api.deps import CurrentViewer, SessionDep
 from registry.api.routes import API_PREFIX
 from registry.models import DEVICE_ID_PATTERN
 from registry.store.audit import AuditPage, device_audit
@@ -22,7 +22,7 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR, 404: _ER
 @router.get("/{device_id}/audit", response_model=AuditPage, responses=_REFUSALS)
 def get_device_audit(
     device_id: Annotated[str, Path(pattern=DEVICE_ID_PATTERN, max_length=64)],
-    caller: CurrentOperator,
+    caller: CurrentViewer,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=32)] = None,

@@ -8,7 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from registry import operations
-from registry.api.deps import CurrentOperator, CurrentRegistrar, SessionDep, StateDep
+from registry.api.deps import (
+    CurrentOperator,
+    CurrentRegistrar,
+    CurrentViewer,
+    SessionDep,
+    StateDep,
+)
 from registry.api.routes import API_PREFIX
 from registry.models import (
     DEVICE_ID_PATTERN,
@@ -80,7 +86,7 @@ def register_batch(
 
 @router.get("", response_model=DeviceList, responses={422: _ERROR, **_REFUSALS})
 def list_devices(
-    caller: CurrentOperator,
+    caller: CurrentViewer,
     session: SessionDep,
     status: Literal["active", "decommissioned"] | None = None,
     expiring_before: Annotated[
@@ -99,7 +105,7 @@ def list_devices(
 
 
 @router.get("/{device_id}", response_model=DevicePublic, responses={404: _ERROR, **_REFUSALS})
-def get_device(device_id: DeviceId, caller: CurrentOperator, session: SessionDep) -> DevicePublic:
+def get_device(device_id: DeviceId, caller: CurrentViewer, session: SessionDep) -> DevicePublic:
     """A device with its certificates and what it last reported."""
     return devices.get_device(session, device_id)
 

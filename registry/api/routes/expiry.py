@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from fleetcore.clock import utcnow
-from registry.api.deps import CurrentOperator, SessionDep
+from registry.api.deps import CurrentViewer, SessionDep
 from registry.api.routes import API_PREFIX
 from registry.models import ExpiryReport
 from registry.store.expiry import LIST_LIMIT, expiry_report
@@ -19,7 +19,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["stats"])
 
 @router.get("/expiry", response_model=ExpiryReport)
 def expiry(
-    caller: CurrentOperator,
+    caller: CurrentViewer,
     session: SessionDep,
     limit: Annotated[int, Query(ge=0, le=1000)] = LIST_LIMIT,
 ) -> ExpiryReport:

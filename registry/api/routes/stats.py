@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fleetcore.clock import utcnow
-from registry.api.deps import CurrentOperator, SessionDep
+from registry.api.deps import CurrentViewer, SessionDep
 from registry.api.routes import API_PREFIX
 from registry.models import Stats
 from registry.store.stats import stats as fleet_stats
@@ -16,5 +16,5 @@ router = APIRouter(prefix=API_PREFIX, tags=["stats"])
 
 
 @router.get("/stats", response_model=Stats)
-def stats(caller: CurrentOperator, session: SessionDep) -> Stats:
+def stats(caller: CurrentViewer, session: SessionDep) -> Stats:
     return fleet_stats(session, utcnow())
