@@ -36,10 +36,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two at a time (xdist) what can share the machine, then one at a time the tests marked `alone`
-# (their time bounds assume the cores to themselves); both halves always run.
+# First, in parallel (xdist, $(PYTEST_WORKERS) workers), every test not marked `alone`; then, one
+# at a time, the tests marked `alone` (they assert wall-clock bounds that assume the cores to
+# themselves; see docs/testing.md). Both phases always run.
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP) system-deps
-	@$(BIN)/pytest -n 2 -m 'not alone'; shared=$$?; \
+	@$(BIN)/pytest -n $(PYTEST_WORKERS) -m 'not alone'; shared=$$?; \
 	  $(BIN)/pytest -m alone; alone=$$?; \
 	  test $$shared -eq 0 && test $$alone -eq 0
 

@@ -46,6 +46,9 @@ from tests.support.pki import (
 from tests.support.ports import free_port
 from tests.support.servers import certfleet_broker_settings
 
+# The old name, for older imports (tests.support.pki has it now).
+_registry_data_dir = registry_data_dir
+
 PEM = serialization.Encoding.PEM
 MIN_INTERVAL_S = 120.0
 

@@ -16,6 +16,9 @@ from fleetcore.layout import DataLayout
 from tests.support.ports import free_port
 from tests.support.processes import alive, certfleet_up
 
+# The old names, for older imports (tests.support has them now).
+_up, _alive, _free_port = certfleet_up, alive, free_port
+
 
 def test_up_starts_registry_and_broker_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
     # The broker runs as node edge-1: its ready file is named by the node.
