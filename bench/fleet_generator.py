@@ -1,6 +1,6 @@
 """Fill a registry database with a synthetic fleet, by bulk insert (issue 23).
 
-    .venv/bin/python bench/fleet_generator.py --data-dir DIR --devices 100000 \
+    .venv/bin/python -m bench.fleet_generator --data-dir DIR --devices 100000 \
         [--database-url postgresql://postgres@127.0.0.1:5432/fleet] [--real-certificates]
 
 N devices, each with a live certificate (not_after staggered over a year); about half of
