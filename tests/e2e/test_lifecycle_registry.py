@@ -494,3 +494,80 @@ def test_an_expired_device_is_reenrolled_by_an_operator_and_publishes_again(
     again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 2, again.stdout
     assert "renews itself over MQTT" in again.stderr
+
+
+def test_a_device_enrolled_by_claim_over_est_reenrolls_and_its_old_certificate_goes(
+    stack: Lifecycle,
+) -> None:
+    """Zero-touch, end to end: a claim enrolls the device over EST (its key born on it), the
+    broker admits the certificate and refuses the claim; the device re-enrolls over EST
+    with that certificate, connects with the new one and confirms it; the old one is
+    revoked as superseded after the grace and refused by the broker."""
+    from factory.claims import AllowEntry
+    from tests.registry.est_client import csr_der, enroll, est_client, make_claim
+    from tests.registry.est_client import parse_certs_only as certs
+
+    device_id, serial = "dev-est-1", "SN-EST-1"
+    folder = stack.root / "est"
+    folder.mkdir()
+    claim = make_claim(
+        stack.pki, stack.operator, folder, "batch-est", allow=[AllowEntry(device_id, serial)]
+    )
+
+    def issued(name: str, certificate: x509.Certificate, key: object) -> ClientFiles:
+        cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+        cert_path.write_bytes(certificate.public_bytes(Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())  # type: ignore[attr-defined]
+        )
+        return ClientFiles(
+            cert_path, key_path, stack.pki.layout.root_cert, certificate.serial_number
+        )
+
+    first_csr, first_key = csr_der(hardware_serial=serial)  # it knows only its serial
+    with est_client(stack.pki, stack.registry.url, (claim.cert, claim.key)) as est:
+        (first_cert,) = certs(enroll(est, first_csr))
+    old = issued("first", first_cert, first_key)
+    refused = connect(
+        stack.broker.port,
+        ClientFiles(claim.cert, claim.key, stack.pki.layout.root_cert, claim.serial),
+        device_id,
+    )
+    try:
+        assert not refused.connected.is_set(), "the claim certificate was let in"
+    finally:
+        refused.close()
+    device = connect(stack.broker.port, old, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+    finally:
+        device.close()
+
+    time.sleep(1.1)  # "newest" is the latest not_before, which X.509 keeps to the second
+    second_csr, second_key = csr_der(device_id=device_id)
+    with est_client(stack.pki, stack.registry.url, (old.cert, old.key)) as est:
+        (second_cert,) = certs(enroll(est, second_csr, "/simplereenroll"))
+    new = issued("second", second_cert, second_key)
+    old_serial, new_serial = serial_hex(old.serial), serial_hex(new.serial)
+
+    device = connect(stack.broker.port, new, device_id)
+    try:
+        assert device.connected.is_set(), device.reason
+        _listens(device, device_id)
+        assert _confirm(device, device_id, new_serial, 0) == {"confirmed": new_serial}
+        revoked = stack.broker.app.revoked if stack.broker.app is not None else None
+        assert revoked is not None
+        assert wait_for(lambda: revoked.is_serial_revoked(old_serial), GRACE_S + 15)
+        assert not device.disconnected.is_set(), device.reason
+    finally:
+        device.close()
+    again = connect(stack.broker.port, old, device_id)
+    try:
+        assert not again.connected.is_set(), "the superseded certificate was let in"
+    finally:
+        again.close()
+    body = stack.operator.get(f"/devices/{device_id}").json()
+    by_serial = {c["serial"]: c for c in body["certificates"]}
+    assert by_serial[old_serial]["revocation_reason"] == "superseded"
+    assert by_serial[new_serial]["status"] == "live"
+    assert body["hardware_serial"] == serial
