@@ -18,8 +18,9 @@ import pytest
 
 from tests.support.lifecycle import RUN_KEYS
 
-# `alone`: certificates living 45 s renewed before they expire (time bounds).
-pytestmark = pytest.mark.alone
+# Not `alone`: the renewals fall at 2/3 of a 45 s lifetime (+-5 %), some 13 s before expiry, and
+# take milliseconds; the stagger comparison counts renewals in 10 s buckets. Run beside the
+# registry and console tests under `-n 2` it took 169 s against 167 s alone, and passed.
 
 DEVICES = 40
 LIFETIME_S = 45

@@ -21,6 +21,11 @@ from tests.support.mqtt import connect
 from tests.support.pki import TestPKI, issue_device
 from tests.support.waits import wait_for
 
+# `alone`: races between a publisher leaving (or being taken over) and routing, reproduced with
+# bursts of 2000 QoS 1 messages; under 4 xdist workers on 2 cores the takeover test once saw 112
+# PUBACKed messages not delivered within its 20 s (passed under 2 workers and alone).
+pytestmark = pytest.mark.alone
+
 COUNT = 2000
 
 
