@@ -117,11 +117,9 @@ def enroll_with_claim(
     """First enrollment authenticated by a claim certificate (module doc)."""
     identity = read_identity(claim_certificate)
     batch, serial = identity.name, serial_hex(claim_certificate.serial_number)
-    now = utcnow()
-    with Session(state.engine) as session:
-        claim = claims.active_claim(session, batch, serial, now)
     csr = _csr(csr_der, state.ca.trust_domain)
-    with Session(state.engine) as session:
+    with Session(state.engine) as session:  # one read session for both checks
+        claim = claims.active_claim(session, batch, serial, utcnow())
         device_id, hardware_serial = claims.resolve_allowed(
             session, claim, csr.device_id, csr.hardware_serial
         )
