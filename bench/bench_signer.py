@@ -4,9 +4,9 @@
         [--count 5000] [--rounds 2] [--crl-entries 10000] [--seconds 5]
 
 - minting: ``certfleet factory provision --count N`` as a subprocess (the default workers,
-  one per CPU, each with its own token session), alternating a file-key CA and a token-key
-  CA in fresh data folders, ``--rounds`` times each; devices/s from the command's own
-  summary;
+  one per CPU, each with its own token session), a file-key CA and a token-key CA taking
+  turns (which goes first alternates) in fresh data folders, ``--rounds`` times each;
+  devices/s from the command's own summary;
 - CRL: a CRL of ``--crl-entries`` revoked serials built and signed over and over for
   ``--seconds``, with the issuing key in the token and in a file;
 - OCSP: the registry's responder (:class:`registry.ocsp.OcspResponder`, SQLite) answering
@@ -136,10 +136,13 @@ def main() -> None:
             "fleet.bench",
             token=TokenInit(MODULE, "bench", PIN.encode(), pin_file),
         )
-        for _ in range(options.rounds):
-            for kind, layout in layouts.items():
-                shutil.rmtree(layout.devices_dir, ignore_errors=True)
-                layout.manifest.unlink(missing_ok=True)
+        # Fresh folders per run (a copy of the CA's folder), nothing deleted until the end:
+        # ext4 allocates inodes slowly next to ones freed minutes before (bench_factory.py).
+        for round_no in range(options.rounds):
+            order = ("token", "file") if round_no % 2 else ("file", "token")
+            for kind in order:
+                layout = DataLayout(scratch / f"{kind}-{round_no}")
+                shutil.copytree(layouts[kind].ca_dir, layout.ca_dir)
                 rates[kind].append(mint(layout, options.count, env))
         token_ca = CertificateAuthority.load(layouts["token"])
         file_ca = CertificateAuthority.load(layouts["file"])

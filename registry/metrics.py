@@ -268,7 +268,8 @@ class ExpiryCollector(Collector):
         counts = self.counts()
         within = GaugeMetricFamily(
             "certfleet_certificates_expiring",
-            "active devices whose current certificate expires within the window (not yet expired)",
+            "active devices whose current certificate expires within the window (not yet "
+            "expired)",
             labels=["within"],
         )
         for label, _ in WINDOWS:

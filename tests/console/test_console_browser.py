@@ -305,3 +305,27 @@ def test_operator_reenrolls_an_expired_device_and_it_connects_again(
     page.goto(f"{served.url}/ui/devices/{device_id}")
     expect(page.locator("#certificates tbody tr")).to_have_count(2)
     assert page.locator("#no-valid-certificate").count() == 0
+
+
+def test_a_viewer_sees_no_decommission_button_and_the_route_refuses_them(
+    served: RegistryServer, page: Page, operator_api: httpx.Client, pki: TestPKI, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+    from sqlmodel import Session
+
+    from fleetcore.profile import OperatorRole
+    from registry.store import audit, tokens
+
+    files = issue_device(pki, tmp_path, "dev-browser-view")
+    operator_api.post("/devices", json={"certificate_pem": files.cert.read_text()})
+    with Session(served.state.engine) as session:
+        token = tokens.create_token(session, "vicky", audit.Actor(who="test"), OperatorRole.VIEWER)
+    sign_in(page, served.url, token)
+    page.goto(f"{served.url}/ui/devices/dev-browser-view")
+    expect(page.get_by_role("heading", name="dev-browser-view")).to_be_visible()
+    expect(page.locator("#who-role")).to_have_text("role: viewer")
+    expect(page.get_by_role("button", name="Decommission")).to_have_count(0)
+    response = page.goto(f"{served.url}/ui/devices/dev-browser-view/decommission")
+    assert response is not None and response.status == 403
+    expect(page.get_by_text("Your role, viewer, may read but not act on devices")).to_be_visible()
+    assert operator_api.get("/devices/dev-browser-view").json()["status"] == "active"
