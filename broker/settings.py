@@ -72,6 +72,9 @@ class BrokerSettings(BaseSettings):
     broker_cluster_ca_file: Path | None = None
     #: Longest pause between reconnect attempts while NATS is unreachable.
     broker_cluster_max_backoff_s: float = Field(default=5.0, gt=0)
+    #: NATS not answering a probe within this on an open connection is a stall: /healthz
+    #: and /readyz 503, cluster_connected 0, until it answers again.
+    broker_cluster_stall_s: float = Field(default=1.5, gt=0, le=60)
 
     #: How long a persistent session whose client is away is kept (its subscriptions and
     #: queued messages; amqtt's session expiry, and in a cluster the JetStream consumers'
