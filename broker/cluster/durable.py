@@ -25,6 +25,11 @@
   still weighed; it belongs to one connection, so a claim left by a connection that ended
   never closes a newer one (issue 22).
 
+- **A stream or bucket deleted from outside** and made again (the link's watchdog sets the
+  node up again, :mod:`broker.cluster.link`): the node writes the persistent sessions
+  connected to it into it again (records, consumers, claims); what the deleted one held is
+  lost (docs/faults.md).
+
 KV keys are the SHA-256 of the session key (session keys hold ``:`` and ``/``).
 """
 

@@ -5,6 +5,7 @@ outside."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -46,6 +47,7 @@ def _connected_gauge(node: BrokerServer) -> float:
 def test_a_frozen_nats_server_is_reported_within_seconds_and_recovers(
     start_node: StartNode, nats_server: LocalNats, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="broker.cluster.link")
     nodes = [start_node("a"), start_node("b")]
     for node in nodes:  # set up (streams, buckets, watchers), not only connected
         link = node.app.cluster.link if node.app and node.app.cluster else None
