@@ -123,7 +123,17 @@ class BrokerMetrics:
         )
         self.cluster_connected = Gauge(
             "certfleet_broker_cluster_connected",
-            "1 while this node's NATS link is up (cluster mode), else 0",
+            "1 while this node's NATS link is up and NATS answers (cluster mode), else 0",
+            registry=r,
+        )
+        self.cluster_stalls = Counter(
+            "certfleet_broker_cluster_stalls",
+            "Times NATS stopped answering on an open connection (frozen, partitioned)",
+            registry=r,
+        )
+        self.cluster_streams_missing = Counter(
+            "certfleet_broker_cluster_streams_missing",
+            "Times a stream or bucket of the cluster was found deleted (then made again)",
             registry=r,
         )
         self.cluster_connects = Counter(

@@ -80,6 +80,9 @@ class BrokerSettings(BaseSettings):
     #: is one (no NATS hop); off: to any node's member, through NATS (the benchmark's
     #: comparison; docs/cluster.md, "Shared subscriptions").
     broker_shared_prefer_local: bool = True
+    #: NATS not answering a probe within this on an open connection is a stall: /healthz
+    #: and /readyz 503, cluster_connected 0, until it answers again.
+    broker_cluster_stall_s: float = Field(default=1.5, gt=0, le=60)
 
     #: How long a persistent session whose client is away is kept (its subscriptions and
     #: queued messages; amqtt's session expiry, and in a cluster the JetStream consumers'

@@ -25,6 +25,11 @@
   still weighed; it belongs to one connection, so a claim left by a connection that ended
   never closes a newer one (issue 22).
 
+- **A stream or bucket deleted from outside** and made again (the link's watchdog sets the
+  node up again, :mod:`broker.cluster.link`): the node writes the persistent sessions
+  connected to it into it again (records, consumers, claims); what the deleted one held is
+  lost (docs/faults.md).
+
 KV keys are the SHA-256 of the session key (session keys hold ``:`` and ``/``).
 """
 
@@ -86,6 +91,11 @@ _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 
 ReceiveCheck = Callable[[Session, str], bool]
 CloseConnection = Callable[[str], bool]
+
+
+def _kv_stream(bucket: str) -> str:
+    """The JetStream stream that holds a key-value bucket."""
+    return f"KV_{bucket}"
 
 
 def storage_key(session_key: str) -> str:
@@ -164,7 +174,11 @@ class DurableSessions:
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
         self.store = StorePipeline(link, on_stored=on_stored, on_retry=on_store_retry)
+        #: Each stream's creation time at the last setup: another one means it was deleted
+        #: (from outside) and made again, and what this node keeps in it is written again.
+        self._incarnations: dict[str, object] = {}
         link.add_setup(self._setup)
+        link.require_streams(STREAM, *(_kv_stream(b) for b in (SESSIONS_BUCKET, OWNERS_BUCKET)))
 
     def start(self) -> None:
         """Run the store's retry sweep and the session records' refresh (broker's loop)."""
@@ -187,11 +201,69 @@ class DurableSessions:
             await _open_bucket(js, bucket, self.session_expiry_s)
             for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET)
         ]
+        stream_new = await self._made_again(js, STREAM)
+        records_new = await self._made_again(js, _kv_stream(SESSIONS_BUCKET))
+        owners_new = await self._made_again(js, _kv_stream(OWNERS_BUCKET))
+        if stream_new or records_new:
+            await self._reinstate_sessions(js, records=records_new)
         await self.interest.watch(self._sessions_kv)
         await self._stop_watching()
+        if owners_new:  # the claims' revisions were in the old bucket: claim again
+            await self._claim_again()
         watcher = await self._owners_kv.watchall()
         self._kv_watcher = watcher
         self._watcher = asyncio.get_running_loop().create_task(self._watch_owners(watcher))
+
+    async def _made_again(self, js: JetStreamContext, stream: str) -> bool:
+        """Whether ``stream`` is not the one the last setup found (deleted and made again)."""
+        created = (await js.stream_info(stream)).created
+        before, self._incarnations[stream] = self._incarnations.get(stream), created
+        if before is None or before == created:
+            return False
+        log.error(
+            "cluster stream was deleted and made again stream=%s: what it held is lost; the "
+            "sessions connected here are written into it again (docs/faults.md)",
+            stream,
+        )
+        return True
+
+    def _connected_sessions(self) -> list[tuple[Session, BrokerProtocolHandler]]:
+        return [
+            (session, handler)
+            for session, handler in list(self.broker.sessions.values())
+            if session.client_id and handler is not None and self._live(session, handler)
+        ]
+
+    def _local_filters(self, session: Session) -> dict[str, int]:
+        return {
+            topic_filter: qos
+            for topic_filter, subscribers in list(self.broker.subscriptions.items())
+            for subscriber, qos in subscribers
+            if subscriber is session
+        }
+
+    async def _reinstate_sessions(self, js: JetStreamContext, *, records: bool) -> None:
+        """Write the persistent sessions connected here into a stream or bucket made again:
+        their records (``records``) from their subscriptions here, and their consumers."""
+        for session, _handler in self._connected_sessions():
+            key = session.client_id
+            if session.clean_session or key is None:
+                continue
+            filters = self._local_filters(session)
+            if records and filters:
+                bucket = self._bucket(self._sessions_kv)
+                value = json.dumps({"key": key, "filters": filters}).encode()
+                await bucket.put(storage_key(key), value)
+            for topic_filter, qos in filters.items():
+                for subject in filter_subjects(topic_filter) if qos >= 1 else ():
+                    await self._ensure_consumer(js, key, subject)
+
+    async def _claim_again(self) -> None:
+        for kv_key, claim in list(self._claims.items()):
+            if self._live(claim.session, claim.handler):
+                await self._claim(claim.session, claim.handler)
+            elif self._claims.get(kv_key) is claim:
+                del self._claims[kv_key]
 
     def _spawn(self, coroutine: Any) -> None:
         if self._closed:  # a task made now would outlive the node's loop
@@ -407,7 +479,10 @@ class DurableSessions:
     async def _resume(self, session: Session, handler: BrokerProtocolHandler) -> None:
         key = session.client_id
         assert key is not None
-        for attempt in range(50):
+        # Retried for as long as this connection lives: a connection left without a claim
+        # would never be taken over by a later one on another node.
+        attempt = 0
+        while True:
             try:
                 js = self.link.js
                 await self._claim(session, handler)
@@ -421,11 +496,10 @@ class DurableSessions:
                     log.warning(
                         "session resume waits for the cluster client_id=%s error=%r", key, exc
                     )
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(min(0.2 * 1.5**attempt, 2.0))
+                attempt += 1
                 if self.broker._handler_of(session) is not handler:
                     return
-        else:
-            return
         for topic_filter, qos in filters.items():
             subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
             if all(s.client_id != key for s, _ in subscribers):
@@ -442,21 +516,24 @@ class DurableSessions:
     ) -> None:
         assert session.client_id is not None
         for subject in filter_subjects(topic_filter):
-            name = _consumer_name(session.client_id, subject)
-            self._spawn(self._pull(session, handler, name))
+            self._spawn(self._pull(session, handler, subject))
 
     def _live(self, session: Session, handler: BrokerProtocolHandler) -> bool:
         return (
             self.broker._handler_of(session) is handler and session.transitions.state == "connected"
         )
 
-    async def _pull(self, session: Session, handler: BrokerProtocolHandler, consumer: str) -> None:
+    async def _pull(self, session: Session, handler: BrokerProtocolHandler, subject: str) -> None:
         """Deliver a persistent session's stored messages while it is connected here.
 
         Pipelined (:class:`~broker.cluster.pull.ConsumerPull`): requests go out while fewer
         than :data:`_DELIVERY_WINDOW` messages are being delivered or asked for, so the next
         batch arrives while the last one waits for its PUBACKs. When the client leaves,
-        what the requests still bring is handed back (NAK) until they have expired."""
+        what the requests still bring is handed back (NAK) until they have expired. A
+        consumer deleted while the subscription holds (its stream deleted from outside) is
+        made again."""
+        assert session.client_id is not None
+        consumer = _consumer_name(session.client_id, subject)
         loop = asyncio.get_running_loop()
         inflight = 0
         wake = asyncio.Event()
@@ -496,7 +573,17 @@ class DurableSessions:
                         )
                         await pull.start()
                     if pull.deleted:
-                        return  # unsubscribed (the consumer was deleted)
+                        if not self._still_wanted(session, subject):
+                            return  # unsubscribed (the consumer was deleted)
+                        deleted, pull = pull, None
+                        with contextlib.suppress(*_ERRORS):
+                            await deleted.close()
+                        await self._ensure_consumer(self.link.js, session.client_id, subject)
+                        log.warning(
+                            "stored deliveries' consumer was deleted: made again client_id=%s",
+                            session.client_id,
+                        )
+                        continue
                     if room() >= _FETCH_BATCH or (pull.outstanding == 0 and room() > 0):
                         await pull.request(room())
                 except _ERRORS:
@@ -516,6 +603,13 @@ class DurableSessions:
                     await self._drain_pull(pull, wake)
                 with contextlib.suppress(*_ERRORS):
                     await pull.close()
+
+    def _still_wanted(self, session: Session, subject: str) -> bool:
+        """Whether ``session`` still holds a QoS >= 1 subscription served by ``subject``."""
+        return any(
+            qos >= 1 and subject in filter_subjects(topic_filter)
+            for topic_filter, qos in self._local_filters(session).items()
+        )
 
     async def _drain_pull(self, pull: ConsumerPull, wake: asyncio.Event) -> None:
         """Wait until the requests sent can bring nothing more (``arrived`` hands back what

@@ -7,6 +7,15 @@ connection is lost it builds a new one with exponential backoff (0.2 s doubling 
 streams, consumers): one code path for the first connect and every reconnect, so nothing
 depends on what the old connection had set up.
 
+A connection can also stop answering without closing (nats-server frozen, a partition that
+drops packets, an overloaded server): a watchdog asks NATS for a cheap answer (JetStream's
+account info) several times per :attr:`ClusterOptions.stall_s`; none within it marks the link
+*stalled* (logged, ``/healthz`` and ``/readyz`` 503, ``cluster_connected`` 0) until NATS
+answers again. Every few probes it also checks that the streams the setups made
+(:meth:`ClusterLink.require_streams`) still exist: one deleted from outside makes the link
+drop the connection and set everything up again, which makes it anew (logged at error level:
+what it held is gone).
+
 Credentials (a password, an NKey seed) are never logged; the URL is refused when it holds
 them (``nats://user:pass@host``), so they cannot reach a log line through it either.
 """
@@ -42,6 +51,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 0.2
+#: Watchdog probes per stall bound, and the probes between two checks of the streams.
+_PROBES_PER_STALL = 3
+_STREAM_CHECK_EVERY = 4
 
 
 class ClusterError(BrokerError):
@@ -64,6 +76,8 @@ class ClusterOptions:
     ca_file: Path | None = None
     max_backoff_s: float = 5.0
     connect_timeout_s: float = 2.0
+    #: NATS not answering within this is a stall (the link is reported unhealthy).
+    stall_s: float = 1.5
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -97,9 +111,18 @@ class ClusterLink:
         options: ClusterOptions,
         *,
         on_state: Callable[[bool], None] = lambda _connected: None,
+        on_stall: Callable[[bool], None] = lambda _stalled: None,
+        on_missing: Callable[[], None] = lambda: None,
     ) -> None:
         self.options = options
         self._on_state = on_state
+        self._on_stall = on_stall
+        self._on_missing = on_missing
+        self._required: list[str] = []
+        self._created: dict[str, object] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        #: When NATS last answered before it stopped (monotonic); None while it answers.
+        self.stalled_since: float | None = None
         self._setups: list[Setup] = []
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -120,17 +143,25 @@ class ClusterLink:
         """Run ``setup`` on every connection (now, if connected, at the next one otherwise)."""
         self._setups.append(setup)
 
+    def require_streams(self, *names: str) -> None:
+        """JetStream streams the setups make (KV buckets: ``KV_<bucket>``): while connected,
+        one found missing makes the link set everything up again."""
+        self._required.extend(names)
+
     def start(self) -> None:
         """Connect in the background and keep connected until :meth:`close`."""
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-link")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="cluster-link")
+        self._watchdog = loop.create_task(self._watch(), name="cluster-link-watchdog")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._watchdog, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._watchdog = None
         await self._drop_client()
 
     # -- state ----------------------------------------------------------------------------
@@ -154,7 +185,14 @@ class ClusterLink:
         return self._js
 
     def problems(self) -> list[str]:
-        """For /healthz and /readyz: empty while connected."""
+        """For /healthz and /readyz: empty while connected and answering."""
+        stalled = self.stalled_since
+        if self.connected and stalled is not None:
+            return [
+                f"cluster: NATS at {self.options.display_url} has not answered for "
+                f"{time.monotonic() - stalled:.1f}s (stalled: frozen, partitioned or "
+                "overloaded); QoS 1 publishes are not acknowledged until it answers"
+            ]
         if self.connected:
             return []
         since = self.disconnected_since or time.monotonic()
@@ -178,6 +216,7 @@ class ClusterLink:
                 continue
             backoff = _FIRST_BACKOFF_S
             assert self._lost is not None and self._up is not None
+            self.stalled_since = None
             self._up.set()
             self._on_state(True)
             await self._lost.wait()
@@ -235,6 +274,7 @@ class ClusterLink:
         self._js = js
         for setup in self._setups:
             await setup(client, js)
+        self._created = await self._stream_creations(js)
         self.reconnects += 1
         self.last_error = None
         self.disconnected_since = None
@@ -244,6 +284,86 @@ class ClusterLink:
             self.options.node,
             self.reconnects,
         )
+
+    # -- the watchdog -----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Probe NATS while connected: a stall and a missing stream are seen within seconds
+        (nats-py's own pings take 10 to 15 s to give a frozen server up)."""
+        probes = 0
+        while True:
+            await asyncio.sleep(self.options.stall_s / _PROBES_PER_STALL)
+            js, up = self._js, self._up
+            if js is None or up is None or not self.connected:
+                continue
+            probes += 1
+            missing: list[str] = []
+            try:
+                async with asyncio.timeout(self.options.stall_s):
+                    await js.account_info()
+                    # Not while the setups run: they are making the streams.
+                    if up.is_set() and probes % _STREAM_CHECK_EVERY == 0:
+                        missing = await self._streams_replaced(js)
+            except TimeoutError:
+                self._stalled()
+                continue
+            except (nats.errors.Error, OSError):
+                continue  # the connection's own loop reports a lost connection
+            self._answered()
+            if missing:
+                self._set_up_again(missing)
+
+    async def _stream_creations(self, js: JetStreamContext) -> dict[str, object]:
+        """When each required stream was created (absent: missing)."""
+        created: dict[str, object] = {}
+        for name in self._required:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                created[name] = (await js.stream_info(name)).created
+        return created
+
+    async def _streams_replaced(self, js: JetStreamContext) -> list[str]:
+        """The required streams missing, or made again (by another node that found them
+        missing) since this connection's setups ran."""
+        now = await self._stream_creations(js)
+        return [
+            name
+            for name in self._required
+            if name not in now or now[name] != self._created.get(name)
+        ]
+
+    def _stalled(self) -> None:
+        if self.stalled_since is not None:
+            return
+        self.stalled_since = time.monotonic() - self.options.stall_s
+        log.warning(
+            "cluster link stalled url=%s no_answer_s=%.1f (NATS frozen, partitioned or "
+            "overloaded; QoS 1 PUBACKs wait)",
+            self.options.display_url,
+            self.options.stall_s,
+        )
+        self._on_stall(True)
+
+    def _answered(self) -> None:
+        if self.stalled_since is None:
+            return
+        log.info(
+            "cluster link answers again url=%s stalled_s=%.1f",
+            self.options.display_url,
+            time.monotonic() - self.stalled_since,
+        )
+        self.stalled_since = None
+        self._on_stall(False)
+
+    def _set_up_again(self, missing: list[str]) -> None:
+        self.last_error = f"streams missing: {', '.join(missing)} (made again)"
+        log.error(
+            "cluster streams missing or made again streams=%s (deleted from outside?): "
+            "setting the cluster up again; what they held is lost (docs/faults.md)",
+            ",".join(missing),
+        )
+        self._on_missing()
+        if self._lost is not None:
+            self._lost.set()
 
     async def _drop_client(self) -> None:
         client, self._client, self._js = self._client, None, None

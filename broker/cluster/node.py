@@ -41,6 +41,7 @@ def cluster_options(settings: BrokerSettings) -> ClusterOptions | None:
         nkey_seed_file=settings.broker_cluster_nkey_seed_file,
         ca_file=settings.broker_cluster_ca_file,
         max_backoff_s=settings.broker_cluster_max_backoff_s,
+        stall_s=settings.broker_cluster_stall_s,
     )
 
 
@@ -59,7 +60,12 @@ class ClusterNode:
         self.session_expiry_s = session_expiry_s
         self.shared_prefer_local = shared_prefer_local
         self.shared: ClusterShared | None = None
-        self.link = ClusterLink(options, on_state=self._link_state)
+        self.link = ClusterLink(
+            options,
+            on_state=self._link_state,
+            on_stall=self._link_stalled,
+            on_missing=metrics.cluster_streams_missing.inc,
+        )
         self.router: ClusterRouter | None = None
         self.durable: DurableSessions | None = None
 
@@ -67,6 +73,11 @@ class ClusterNode:
         self.metrics.cluster_connected.set(1 if connected else 0)
         if connected:
             self.metrics.cluster_connects.inc()
+
+    def _link_stalled(self, stalled: bool) -> None:
+        if stalled:
+            self.metrics.cluster_stalls.inc()
+        self.metrics.cluster_connected.set(0 if stalled or not self.link.connected else 1)
 
     def attach(self, broker: CertfleetBroker, close_session: Callable[[str], bool]) -> None:
         """Run ``broker`` as a node of the cluster (before its listener takes clients)."""

@@ -44,6 +44,7 @@ class RetainedSync:
         self.broker = broker
         self.node = link.options.node
         link.add_setup(self._setup)
+        link.require_streams(RETAINED_STREAM)
 
     async def _setup(self, client: NatsClient, js: JetStreamContext) -> None:
         await ensure_stream(

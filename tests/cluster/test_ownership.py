@@ -57,13 +57,22 @@ def test_a_persistent_service_reconnecting_to_the_node_it_left_gets_its_queued_m
             try:
                 assert resumed.connected.is_set(), resumed.reason
                 assert resumed.session_present
-                got = lambda r=resumed: {p for _t, p in r.messages}  # noqa: E731
-                assert wait_for(lambda: expected <= got(), 10), sorted(expected - got())[:3]
+                assert wait_for(lambda r=resumed, e=expected: e <= _payloads(r), 10), sorted(
+                    expected - _payloads(resumed)
+                )[:3]
                 assert not resumed.disconnected.is_set(), resumed.reason
             finally:
                 resumed.close()
     finally:
         device.close()
+
+
+def _payloads(probe: MqttProbe) -> set[bytes]:
+    return {payload for _topic, payload in probe.messages}
+
+
+def _live(probes: list[MqttProbe]) -> list[MqttProbe]:
+    return [probe for probe in probes if not probe.disconnected.is_set()]
 
 
 def _connect_at_once(ports: list[int], files: ClientFiles, client_id: str) -> list[MqttProbe]:
@@ -94,12 +103,13 @@ def test_the_same_identity_connecting_to_two_nodes_at_once_keeps_exactly_one(
         try:
             accepted = [p for p in probes if p.connected.is_set()]
             assert accepted, [p.reason for p in probes]
-            live = lambda: [p for p in accepted if not p.disconnected.is_set()]  # noqa: E731
             # The takeover promise holds for simultaneous connects too: one is gone within
             # the bound, and the survivor is not cut afterwards.
-            assert wait_for(lambda: len(live()) <= 1, _TAKEOVER_S), f"round {round_}: both live"
+            assert wait_for(lambda a=accepted: len(_live(a)) <= 1, _TAKEOVER_S), (
+                f"round {round_}: both live"
+            )
             time.sleep(0.5)
-            assert len(live()) == 1, f"round {round_}: {[p.reason for p in probes]}"
+            assert len(_live(accepted)) == 1, f"round {round_}: {[p.reason for p in probes]}"
         finally:
             for probe in probes:
                 probe.close()

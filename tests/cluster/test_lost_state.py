@@ -1,0 +1,184 @@
+"""Faults the cluster must report or repair (issue 22, item 9): nats-server frozen (a stall
+the connection does not show), the session bucket or the message stream deleted from
+outside."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nats
+import pytest
+
+from broker.cluster.durable import SESSIONS_BUCKET, STREAM
+from broker.cluster.natsd import LocalNats
+from broker.server import BrokerServer
+from fleetcore.profile import IdentityKind
+from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
+from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
+from tests.cluster.conftest import StartNode
+from tests.conftest import TestPKI
+
+#: The bound for seeing a stall: the default stall_s (1.5 s) plus a probe interval.
+_STALL_SEEN_S = 3.0
+
+
+def _health(node: BrokerServer) -> tuple[int, str]:
+    assert node.metrics_url is not None
+    url = node.metrics_url.removesuffix("/metrics") + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _connected_gauge(node: BrokerServer) -> float:
+    value: float = node.metrics.cluster_connected._value.get()
+    return value
+
+
+def test_a_frozen_nats_server_is_reported_within_seconds_and_recovers(
+    start_node: StartNode, nats_server: LocalNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker.cluster.link")
+    nodes = [start_node("a"), start_node("b")]
+    for node in nodes:  # set up (streams, buckets, watchers), not only connected
+        link = node.app.cluster.link if node.app and node.app.cluster else None
+        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
+    assert all(_health(node)[0] == 200 for node in nodes)
+    assert nats_server.process is not None
+    pid = nats_server.process.pid
+    os.kill(pid, signal.SIGSTOP)  # the connections stay open; nothing answers
+    frozen = time.monotonic()
+    try:
+        for node in nodes:
+            assert wait_for(lambda n=node: _health(n)[0] == 503, _STALL_SEEN_S), _health(node)
+        assert time.monotonic() - frozen < _STALL_SEEN_S + 0.5
+        for node in nodes:
+            status, body = _health(node)
+            assert status == 503 and "has not answered" in body, body
+            assert _connected_gauge(node) == 0
+            assert node.metrics.cluster_stalls._value.get() == 1
+        time.sleep(max(0.0, 8.0 - (time.monotonic() - frozen)))
+        for node in nodes:  # still reported for the whole freeze
+            assert _health(node)[0] == 503
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for node in nodes:
+        assert wait_for(lambda n=node: _health(n)[0] == 200, 5), _health(node)
+        assert _connected_gauge(node) == 1
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("cluster link stalled" in m for m in logged) == 2
+    # Cleared by NATS answering again, or by a new connection if nats-py's own pings gave
+    # the frozen one up meanwhile (on a loaded machine).
+    cleared = ("cluster link answers again", "cluster link up")
+    assert sum(any(c in m for c in cleared) for m in logged) >= 4  # 2 connects + 2 clearings
+
+
+def _delete(nats_server: LocalNats, stream: str) -> None:
+    async def run() -> None:
+        client = await nats.connect(
+            nats_server.url,
+            user=nats_server.credentials.user,
+            password=nats_server.credentials.password,
+        )
+        try:
+            await client.jetstream().delete_stream(stream)
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+def _exists(nats_server: LocalNats, stream: str) -> bool:
+    async def run() -> bool:
+        client = await nats.connect(
+            nats_server.url,
+            user=nats_server.credentials.user,
+            password=nats_server.credentials.password,
+        )
+        try:
+            await client.jetstream().stream_info(stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def _publish(device: MqttProbe, device_id: str, payloads: list[bytes]) -> None:
+    for payload in payloads:
+        info = device.client.publish(telemetry_topic(device_id), payload, qos=1)
+        info.wait_for_publish(15)
+        assert info.is_published(), payload
+
+
+@pytest.mark.parametrize("lost", ["sessions bucket", "message stream"])
+def test_a_deleted_bucket_or_stream_is_made_again_and_persistent_sessions_work(
+    lost: str,
+    pki: TestPKI,
+    start_node: StartNode,
+    nats_server: LocalNats,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deleted from outside while a persistent subscriber is connected: the nodes see it
+    within seconds, make it again (logged, counted) with the connected session written
+    into it; what is acknowledged afterwards reaches the subscriber, connected and after a
+    reconnect elsewhere, and a new persistent subscription is granted."""
+    stream = f"KV_{SESSIONS_BUCKET}" if lost == "sessions bucket" else STREAM
+    node_a, node_b = start_node("a"), start_node("b")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
+    assert subscriber.connected.is_set(), subscriber.reason
+    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
+    assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+    device = connect(node_b.port, issue_device(pki, tmp_path, "dev-lost"), "dev-lost")
+    assert device.connected.is_set(), device.reason
+    try:
+        _publish(device, "dev-lost", [b"before"])
+        assert wait_for(lambda: (telemetry_topic("dev-lost"), b"before") in subscriber.messages)
+        _delete(nats_server, stream)
+        deleted = time.monotonic()
+        assert wait_for(lambda: _exists(nats_server, stream), 6), f"{stream} not made again"
+        assert time.monotonic() - deleted < 6
+        nodes = (node_a, node_b)
+        assert wait_for(
+            lambda: sum(n.metrics.cluster_streams_missing._value.get() for n in nodes) >= 1, 5
+        )
+        assert wait_for(lambda: all(_health(n)[0] == 200 for n in nodes), 10)
+        live = [f"live{i}".encode() for i in range(10)]
+        _publish(device, "dev-lost", live)
+        got = lambda: {p for _t, p in subscriber.messages}  # noqa: E731
+        assert wait_for(lambda: set(live) <= got(), 10), sorted(set(live) - got())[:3]
+        subscriber.close()
+        offline = [f"off{i}".encode() for i in range(10)]
+        _publish(device, "dev-lost", offline)
+        resumed = connect(node_b.port, monitor, "monitor", clean_session=False)
+        try:
+            assert resumed.connected.is_set(), resumed.reason
+            assert resumed.session_present
+            again = lambda: {p for _t, p in resumed.messages}  # noqa: E731
+            assert wait_for(lambda: set(offline) <= again(), 10), sorted(set(offline) - again())
+        finally:
+            resumed.close()
+        other = connect(node_a.port, pki.client(IdentityKind.SERVICE, "auditor"), "auditor",
+                        clean_session=False)  # fmt: skip
+        try:
+            other.client.subscribe(TELEMETRY_FILTER, qos=1)
+            assert other.subscribed.wait(5) and other.suback == [1]
+        finally:
+            other.close()
+    finally:
+        device.close()
+        subscriber.close()
+    assert any("streams missing or made again" in r.getMessage() for r in caplog.records)
