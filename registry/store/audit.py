@@ -24,10 +24,12 @@ __all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit"]
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who does something, for the audit log: an identity URI or ``token:<operator>``."""
+    """Who does something, for the audit log: an identity URI or ``token:<operator>``;
+    ``from_addr`` is the socket peer, ``forwarded_for`` what a trusted proxy said."""
 
     who: str
     from_addr: str | None = None
+    forwarded_for: str | None = None
 
 
 def add_entry(
@@ -45,6 +47,7 @@ def add_entry(
             target=target[:256],
             at=utcnow(),
             from_addr=actor.from_addr,
+            forwarded_for=actor.forwarded_for,
             detail=detail,
         )
     )
@@ -57,6 +60,7 @@ class AuditEntry(BaseModel):
     action: str
     target: str
     from_addr: str | None
+    forwarded_for: str | None = None
     detail: dict[str, Any] | None
 
 
