@@ -11,6 +11,7 @@ refused (401). When an ``Authorization`` header is present it is what counts
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,7 @@ from fleetcore.profile import (
     read_operator_role,
 )
 from registry.metrics import RegistryMetrics
+from registry.settings import IPNetwork
 from registry.store import audit, tokens
 from registry.tls import peer_certificate_der
 
@@ -37,7 +39,11 @@ __all__ = [
     "authenticate",
     "caller_from_certificate",
     "caller_from_token",
+    "client_addr",
+    "client_host",
+    "forwarded_for",
     "refuse",
+    "request_actor",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,15 +71,62 @@ class Caller:
         return self.role is not None and self.role.allows(needed)
 
     def actor(self, request: Request) -> audit.Actor:
-        return audit.Actor(
-            who=self.who,
-            from_addr=client_addr(request),
-            role=self.role.value if self.role is not None else None,
+        return request_actor(
+            self.who, request, role=self.role.value if self.role is not None else None
         )
 
 
 def client_addr(request: Request) -> str | None:
+    """The socket peer, ``host:port`` (never a forwarded header)."""
     return f"{request.client.host}:{request.client.port}" if request.client else None
+
+
+def forwarded_for(request: Request) -> str | None:
+    """The client address a trusted proxy forwarded, None when the peer is no trusted proxy.
+
+    Only when the socket peer is in ``CERTFLEET_REGISTRY_TRUSTED_PROXIES``: then the
+    rightmost ``X-Forwarded-For`` entry that is not itself a trusted proxy (each proxy appends
+    the address it saw; what is left of it was written by the client and proves nothing).
+    A malformed entry ends the walk: nothing is believed.
+    """
+    settings = request.app.state.registry.settings
+    trusted = settings.trusted_proxies
+    if not trusted or request.client is None or not _is_in(request.client.host, trusted):
+        return None
+    hops = [
+        hop.strip()
+        for header in request.headers.getlist("x-forwarded-for")
+        for hop in header.split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return None
+        if not any(address in network for network in trusted):
+            return str(address)
+    return hops[0] if hops else None
+
+
+def _is_in(host: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def client_host(request: Request) -> str:
+    """The client's address for per-client limits: what a trusted proxy forwarded, else the
+    socket peer's host."""
+    return forwarded_for(request) or (request.client.host if request.client else "unknown")
+
+
+def request_actor(who: str, request: Request, *, role: str | None = None) -> audit.Actor:
+    """The audit log's actor ``who`` calling through ``request``: peer and forwarded address,
+    and an operator's ``role``."""
+    return audit.Actor(who, client_addr(request), forwarded_for(request), role=role)
 
 
 def refuse(

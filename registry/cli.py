@@ -75,6 +75,14 @@ def serve(
             help="CA key passphrase: first line of this file (CERTFLEET_CA_PASSPHRASE_FILE)",
         ),
     ] = None,
+    trusted_proxies: Annotated[
+        str | None,
+        typer.Option(
+            "--trusted-proxies",
+            help="reverse proxies whose X-Forwarded-For is believed, addresses or networks, "
+            "comma-separated (CERTFLEET_REGISTRY_TRUSTED_PROXIES; default none)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the registry over HTTPS (migrating the database first)."""
     from registry.server import serve as run
@@ -87,6 +95,7 @@ def serve(
         registry_publish_addr=publish_addr,
         telemetry_broker_addr=telemetry_broker,
         ca_passphrase_file=passphrase_file,
+        registry_trusted_proxies=trusted_proxies,
     )
     run(settings, ready_file)
 

@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from factory.ca import CertificateAuthority
 from fleetcore.clock import utcnow
@@ -64,6 +66,20 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Expected (a relying party timed out, a scanner): one counted info line, no traceback.
+        listener = "publication" if request.url.scheme == "http" else "https"
+        request.app.state.registry.metrics.client_disconnects.labels(listener).inc()
+        log.info(
+            "client hung up mid-request listener=%s method=%s path=%s from=%s",
+            listener,
+            request.method,
+            request.url.path,
+            f"{request.client.host}:{request.client.port}" if request.client else "-",
+        )
+        return Response(status_code=400)  # nobody reads it; the connection is closed
+
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
         log.info(
@@ -104,6 +120,32 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(
             503, "database_busy", "the registry has no free database connection; retry shortly"
         )
+
+
+#: HSTS on every answer of the HTTPS listener (not the plain-HTTP publication listener, where
+#: browsers ignore it anyway and relying parties must keep plain HTTP). No includeSubDomains:
+#: the registry does not own its parent domain's other hosts.
+HSTS = b"max-age=31536000"
+
+
+class StrictTransportSecurity:
+    """Adds ``Strict-Transport-Security`` to every HTTP answer of the app it wraps."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"strict-transport-security", HSTS)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self._app(scope, receive, send_with_hsts)
 
 
 def _supersede_worker(state: RegistryState, crashed: Callable[[str], None]) -> SupersedeWorker:
@@ -236,4 +278,5 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     install_est(app, state)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
+    app.add_middleware(StrictTransportSecurity)  # outermost: on error pages as well
     return app

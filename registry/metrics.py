@@ -111,6 +111,12 @@ class RegistryMetrics:
             "starts on a database restored from an older copy (feed head below the mark)",
             registry=self.registry,
         )
+        self.client_disconnects = Counter(
+            "certfleet_registry_client_disconnects",
+            "requests whose client hung up before the request was read, by listener",
+            ["listener"],
+            registry=self.registry,
+        )
         self.pool_exhausted = Counter(
             "certfleet_registry_db_pool_exhausted",
             "requests answered 503 because no pooled database connection was free in time",
@@ -268,8 +274,7 @@ class ExpiryCollector(Collector):
         counts = self.counts()
         within = GaugeMetricFamily(
             "certfleet_certificates_expiring",
-            "active devices whose current certificate expires within the window (not yet "
-            "expired)",
+            "active devices whose current certificate expires within the window (not yet expired)",
             labels=["within"],
         )
         for label, _ in WINDOWS:

@@ -193,6 +193,8 @@ class AuditLog(SQLModel, table=True):
     target: str = Field(max_length=256)
     at: dt.datetime = Field(sa_type=UTCDateTime, index=True)
     from_addr: str | None = Field(default=None, max_length=64)
+    #: the client address a trusted proxy forwarded (X-Forwarded-For); from_addr is the peer.
+    forwarded_for: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 

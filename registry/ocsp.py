@@ -6,6 +6,11 @@ issued on first use and re-issued when less than a third of its lifetime is left
 CA's keys are in a PKCS#11 token (:mod:`factory.signer`), the responder's key is the token's
 OCSP key: only the certificate is kept on disk, re-issued for the same key. The
 request's nonce is echoed. A request about another issuer is answered ``unknown``.
+
+A request may ask about several certificates at once (RFC 6960 4.1.1, ``openssl ocsp -cert a
+-cert b``): cryptography reads and builds one only, so such a request is read and its
+answer built with asn1crypto (:mod:`registry.ocsp_many`), each certificate answered in the
+order asked, up to :data:`MAX_CERTIFICATES`; more is ``malformedRequest``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,10 +38,13 @@ from factory.keys import load_private_key
 from fleetcore.clock import utcnow
 from fleetcore.profile import PrivateKey, PublicKey, serial_hex
 from fleetcore.reasons import reason_flag
+from registry import ocsp_many
+from registry.ocsp_many import CertId
 from registry.store import certificates
 
 __all__ = [
     "ANSWER_VALIDITY",
+    "MAX_CERTIFICATES",
     "RESPONDER_LIFETIME",
     "CertificateStatus",
     "OcspResponder",
@@ -44,6 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Certificates answered in one request at most: each is a lookup, and a relying party asks
+#: about one chain's worth (openssl, nginx, Mosquitto ask about one).
+MAX_CERTIFICATES = 100
 RESPONDER_NAME = "ocsp-responder"
 RESPONDER_LIFETIME = dt.timedelta(days=30)
 #: nextUpdate of an answer: how long a relying party may cache it.
@@ -179,35 +191,72 @@ class OcspResponder:
         """The DER response: malformedRequest for garbage, tryLater when the database is down."""
         try:
             request = ocsp.load_der_ocsp_request(request_der)
-            serial = request.serial_number
+            asked = [
+                CertId(
+                    request.hash_algorithm.name,
+                    request.issuer_name_hash,
+                    request.issuer_key_hash,
+                    request.serial_number,
+                )
+            ]
+        except NotImplementedError:  # several certificates in one request
+            return self._respond_many(request_der)
         except ValueError as exc:
-            log.info("ocsp request refused status=malformed error=%s", exc)
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+            return _malformed(str(exc))
         try:
-            status = self._status(request)
+            statuses = self._statuses(asked)
         except (OperationalError, PoolTimeoutError) as exc:
-            log.error("ocsp answer deferred status=try_later error=%s", type(exc).__name__)
-            return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
-        der = self._sign(request, status)
-        log.info(
-            "ocsp answered serial=%s status=%s reason=%s",
-            serial_hex(serial),
-            status.status,
-            status.reason.value if status.reason else "-",
+            return _try_later(exc)
+        _log_answers(asked, statuses)
+        return self._sign(request, statuses[0])
+
+    def _respond_many(self, request_der: bytes) -> bytes:
+        try:
+            parsed = ocsp_many.read_request(request_der)
+        except ValueError as exc:
+            return _malformed(str(exc))
+        if len(parsed.asked) > MAX_CERTIFICATES:
+            return _malformed(f"{len(parsed.asked)} certificates, at most {MAX_CERTIFICATES}")
+        try:
+            statuses = self._statuses(parsed.asked)
+        except (OperationalError, PoolTimeoutError) as exc:
+            return _try_later(exc)
+        responder_cert, responder_key = self._signer.get()
+        der = ocsp_many.build_response(
+            parsed,
+            statuses,
+            responder_cert,
+            responder_key,
+            responder_key_hash=_digest(
+                hashes.SHA1(),  # noqa: S303 - RFC 6960's KeyHash is SHA-1 by definition
+                _public_key_bits(responder_cert.public_key()),  # type: ignore[arg-type]
+            ),
+            produced_at=utcnow(),
+            backdate=_BACKDATE,
+            validity=self._answer_validity,
         )
+        _log_answers(parsed.asked, statuses)
         return der
 
-    def _status(self, request: ocsp.OCSPRequest) -> CertificateStatus:
-        algorithm_type = _HASHES.get(request.hash_algorithm.name)
-        if algorithm_type is None:
-            return CertificateStatus("unknown")
-        algorithm = algorithm_type()
-        if request.issuer_name_hash != _digest(
-            algorithm, self._issuer_name
-        ) or request.issuer_key_hash != _digest(algorithm, self._issuer_key_bits):
-            return CertificateStatus("unknown")
+    def _statuses(self, asked: Sequence[CertId]) -> list[CertificateStatus]:
+        """The status of each certificate asked about, in order (one database session)."""
         with Session(self._engine) as session:
-            return certificate_status(session, request.serial_number)
+            return [
+                certificate_status(session, cert.serial)
+                if self._ours(cert)
+                else CertificateStatus("unknown")
+                for cert in asked
+            ]
+
+    def _ours(self, cert: CertId) -> bool:
+        """Whether ``cert`` names our issuing CA (by the hashes of its name and key)."""
+        algorithm_type = _HASHES.get(cert.hash_name)
+        if algorithm_type is None:
+            return False
+        algorithm = algorithm_type()
+        return cert.issuer_name_hash == _digest(
+            algorithm, self._issuer_name
+        ) and cert.issuer_key_hash == _digest(algorithm, self._issuer_key_bits)
 
     def _sign(self, request: ocsp.OCSPRequest, status: CertificateStatus) -> bytes:
         responder_cert, responder_key = self._signer.get()
@@ -244,6 +293,26 @@ class OcspResponder:
         )
         response = builder.sign(responder_key, algorithm)
         return response.public_bytes(serialization.Encoding.DER)
+
+
+def _log_answers(asked: Sequence[CertId], statuses: Sequence[CertificateStatus]) -> None:
+    for cert, status in zip(asked, statuses, strict=True):
+        log.info(
+            "ocsp answered serial=%s status=%s reason=%s",
+            serial_hex(cert.serial),
+            status.status,
+            status.reason.value if status.reason else "-",
+        )
+
+
+def _malformed(error: str) -> bytes:
+    log.info("ocsp request refused status=malformed error=%s", error[:200])
+    return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+
+
+def _try_later(exc: Exception) -> bytes:
+    log.error("ocsp answer deferred status=try_later error=%s", type(exc).__name__)
+    return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

@@ -115,16 +115,17 @@ class PublicationServer:
             answer_validity=dt.timedelta(seconds=state.settings.registry_ocsp_next_update_s),
         )
         self.app = create_publication_app(state, self.responder)
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                lifespan="off",
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=2,
-                timeout_keep_alive=30,
-            )
+        self.config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            proxy_headers=False,  # the peer is the client (registry.server.uvicorn_config)
+            forwarded_allow_ips=[],
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            timeout_keep_alive=30,
         )
+        self._server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.url = ""

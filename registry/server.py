@@ -89,6 +89,10 @@ def uvicorn_config(settings: RegistrySettings, app: FastAPI) -> uvicorn.Config:
         http=PeerCertH11Protocol,
         ssl_context_factory=ssl_context,
         lifespan="on",
+        # X-Forwarded-For is read by registry.auth.forwarded_for, from the operator's trusted
+        # proxies only: uvicorn's default believes it from 127.0.0.1 (any local process).
+        proxy_headers=False,
+        forwarded_allow_ips=[],
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=3,

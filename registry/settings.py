@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetcore.address import AddressStr, parse_address
@@ -16,6 +17,8 @@ from fleetcore.config import passphrase_bytes, settings_from_env
 from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
 
 __all__ = ["RegistrySettings", "load_settings", "split_addr"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class RegistrySettings(BaseSettings):
@@ -101,6 +104,20 @@ class RegistrySettings(BaseSettings):
     console_signin_max_failures: int = Field(default=5, ge=1, le=1000)
     #: the window over which failed console sign-ins are counted, in seconds.
     console_signin_window_s: float = Field(default=300.0, gt=0, le=86400)
+    #: reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For is
+    #: believed; empty (the default): none, the socket peer is the client.
+    registry_trusted_proxies: str = ""
+
+    @property
+    def trusted_proxies(self) -> tuple[IPNetwork, ...]:
+        """``registry_trusted_proxies`` parsed (validated when the settings were made)."""
+        return _proxy_networks(self.registry_trusted_proxies)
+
+    @field_validator("registry_trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: str) -> str:
+        _proxy_networks(value)
+        return value
 
     @property
     def renewal_lifetime(self) -> dt.timedelta | None:
@@ -145,6 +162,21 @@ class RegistrySettings(BaseSettings):
     @property
     def ca_passphrase_bytes(self) -> bytes | None:
         return passphrase_bytes(self.ca_passphrase, self.ca_passphrase_file)
+
+
+def _proxy_networks(value: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"CERTFLEET_REGISTRY_TRUSTED_PROXIES: {item.strip()!r} is not an IP address or "
+                "network (like 10.0.0.5 or 10.0.0.0/24)"
+            ) from None
+    return tuple(networks)
 
 
 def split_addr(addr: str) -> tuple[str, int]:

@@ -26,7 +26,15 @@ from fleetcore.profile import IdentityKind
 from fleetcore.reasons import DEFAULT_REASON_CODE, REASON_CODES
 from registry import operations
 from registry.api.deps import StateDep
-from registry.auth import Caller, Refused, caller_from_certificate, caller_from_token, client_addr
+from registry.auth import (
+    Caller,
+    Refused,
+    caller_from_certificate,
+    caller_from_token,
+    client_addr,
+    client_host,
+    request_actor,
+)
 from registry.console import queries
 from registry.console.charts import weekly_histogram
 from registry.console.render import CONSOLE_PREFIX, render
@@ -35,12 +43,12 @@ from registry.console.sessions import (
     SIGNIN_COOKIE,
     ConsoleUser,
     RateLimited,
-    check_rate_limit,
     create_session,
     end_session,
     find_session,
-    record_failure,
+    forget_attempt,
     same_secret,
+    take_attempt,
 )
 from registry.errors import (
     AlreadyDecommissionedError,
@@ -50,9 +58,11 @@ from registry.errors import (
 )
 from registry.models import (
     DEVICE_ID_PATTERN,
+    Certificate,
     DecommissionRequest,
     ReenrollRequest,
     ReenrollResult,
+    Revocation,
 )
 from registry.state import RegistryState
 from registry.store.devices import get_device, list_devices
@@ -67,6 +77,7 @@ router = APIRouter(prefix=CONSOLE_PREFIX, include_in_schema=False)
 PAGE_SIZE = 50
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+_SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
 STATUSES = ("active", "decommissioned")
 
 
@@ -88,10 +99,6 @@ class ConsoleRefusal(Exception):
 
 
 # -- who is signed in ------------------------------------------------------------------------
-
-
-def _client_host(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 def _current_user(request: Request, state: StateDep) -> ConsoleUser:
@@ -246,7 +253,9 @@ def _start_session(
 ) -> RedirectResponse:
     lifetime = dt.timedelta(hours=state.settings.console_session_hours)
     with Session(state.engine) as db:
-        cookie, user = create_session(db, caller, lifetime, utcnow(), client_addr(request))
+        cookie, user = create_session(
+            db, caller, lifetime, utcnow(), request_actor(caller.who, request)
+        )
     log.info(
         "console sign-in operator=%s via=%s from=%s",
         caller.name,
@@ -303,18 +312,18 @@ def sign_in(
         )
     settings = state.settings
     window = dt.timedelta(seconds=settings.console_signin_window_s)
-    client = _client_host(request)
+    client = client_host(request)
     now = utcnow()
     with Session(state.engine) as db:
         try:
-            check_rate_limit(db, client, now, window, settings.console_signin_max_failures)
-            caller = caller_from_token(db, token, state.ca.trust_domain)
+            attempt = take_attempt(db, client, now, window, settings.console_signin_max_failures)
         except RateLimited as limited:
             response = _refuse_sign_in(request, state, "rate_limited", str(limited), next, 429)
             response.headers["Retry-After"] = str(limited.retry_after_s)
             return response
-        except Refused as refused:
-            record_failure(db, client, now, window)
+        try:
+            caller = caller_from_token(db, token, state.ca.trust_domain)
+        except Refused as refused:  # the attempt stays counted as a failure
             return _refuse_sign_in(
                 request,
                 state,
@@ -324,6 +333,7 @@ def sign_in(
                 next,
                 401,
             )
+        forget_attempt(db, attempt)
     return _start_session(request, state, caller, next)
 
 
@@ -485,16 +495,34 @@ def _device_context(state: RegistryState, device_id: str) -> dict[str, Any]:
     }
 
 
+def _decommission_notice(state: RegistryState, device_id: str, seq: str) -> str | None:
+    """The outcome of a decommission (Post/Redirect/Get): shown only for a revocation of this
+    device that exists, whatever the query says."""
+    if not seq.isdigit() or len(seq) > 18:
+        return None
+    with Session(state.engine) as db:
+        revocation = db.get(Revocation, int(seq))
+    if revocation is None or revocation.device_id != device_id or revocation.kind != "decommission":
+        return None
+    return (
+        f"{device_id} decommissioned: revocation #{revocation.seq} is in the feed, and the "
+        "broker drops its session."
+    )
+
+
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
-def device(request: Request, state: StateDep, user: CurrentUser, device_id: str) -> HTMLResponse:
+def device(
+    request: Request, state: StateDep, user: CurrentUser, device_id: str, decommissioned: str = ""
+) -> HTMLResponse:
+    context = _device_context(state, device_id)
     return render(
         request,
         "device.html",
         title=device_id,
         user=user,
         page="devices",
-        notice=None,
-        **_device_context(state, device_id),
+        notice=_decommission_notice(state, device_id, decommissioned) if decommissioned else None,
+        **context,
     )
 
 
@@ -531,7 +559,7 @@ def decommission_form(
     return _decommission_page(request, state, user, device_id)
 
 
-@router.post("/devices/{device_id}/decommission", response_class=HTMLResponse)
+@router.post("/devices/{device_id}/decommission", response_model=None)
 def decommission(
     request: Request,
     state: StateDep,
@@ -540,8 +568,9 @@ def decommission(
     reason: Annotated[str, Form()] = "",
     reason_code: Annotated[str, Form()] = DEFAULT_REASON_CODE,
     csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    """Decommission through ``registry.operations`` (the REST route's service function)."""
+) -> Response:
+    """Decommission through ``registry.operations`` (the REST route's service function);
+    done, 303 to the device's page showing the outcome (a reload does not post again)."""
     _require_csrf(request, state, user, csrf_token)
     reason = reason.strip()
     try:
@@ -559,22 +588,16 @@ def decommission(
         )
     if not _DEVICE_ID.fullmatch(device_id):
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
-    actor = user.actor(client_addr(request))
+    actor = user.actor(request)
     try:
         result = operations.decommission_device(state, device_id, body, actor)
     except NotFoundError:
         raise ConsoleRefusal(404, f"No device {device_id} is registered.") from None
     except AlreadyDecommissionedError as exc:
         return _decommission_page(request, state, user, device_id, status_code=409, error=str(exc))
-    return render(
-        request,
-        "device.html",
-        title=device_id,
-        user=user,
-        page="devices",
-        notice=f"{device_id} decommissioned: revocation #{result.revocation_seq} is in the "
-        "feed, and the broker drops its session.",
-        **_device_context(state, device_id),
+    return RedirectResponse(
+        f"{CONSOLE_PREFIX}/devices/{device_id}?decommissioned={result.revocation_seq}",
+        status_code=303,
     )
 
 
@@ -603,14 +626,45 @@ def _reenroll_page(
     )
 
 
+def _issued_result(
+    state: RegistryState, device_id: str, serial: str, repeated: bool
+) -> ReenrollResult:
+    """The certificate a re-enrollment issued, read back for the page after the redirect."""
+    if not _SERIAL.fullmatch(serial):
+        raise ConsoleRefusal(404, f"No certificate {serial!r}: that is not a serial number.")
+    with Session(state.engine) as db:
+        row = db.get(Certificate, serial)
+    if row is None or row.device_id != device_id:
+        raise ConsoleRefusal(404, f"No certificate {serial} of {device_id} is registered.")
+    return ReenrollResult(
+        device_id=device_id,
+        serial=row.serial,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        previous_serial=None,
+        repeated=repeated,
+        certificate_pem=row.certificate_pem,
+        chain_pem=state.ca.chain_pem.decode(),
+    )
+
+
 @router.get("/devices/{device_id}/reenroll", response_class=HTMLResponse)
 def reenroll_form(
-    request: Request, state: StateDep, user: ActingUser, device_id: str
+    request: Request,
+    state: StateDep,
+    user: ActingUser,
+    device_id: str,
+    issued: str = "",
+    repeated: bool = False,
 ) -> HTMLResponse:
-    return _reenroll_page(request, state, user, device_id)
+    """The re-enrollment form; with ``issued`` (after the POST's redirect), its outcome."""
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
+    result = _issued_result(state, device_id, issued, repeated) if issued else None
+    return _reenroll_page(request, state, user, device_id, result=result)
 
 
-@router.post("/devices/{device_id}/reenroll", response_class=HTMLResponse)
+@router.post("/devices/{device_id}/reenroll", response_model=None)
 def reenroll(
     request: Request,
     state: StateDep,
@@ -618,8 +672,9 @@ def reenroll(
     device_id: str,
     csr_pem: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    """Re-enroll through ``registry.operations`` (the REST route's service function)."""
+) -> Response:
+    """Re-enroll through ``registry.operations`` (the REST route's service function); done,
+    303 to the form's page showing the certificate (a reload does not post again)."""
     _require_csrf(request, state, user, csrf_token)
     if not _DEVICE_ID.fullmatch(device_id):
         raise ConsoleRefusal(404, f"No device {device_id!r}: that is not a device id.")
@@ -634,7 +689,7 @@ def reenroll(
             status_code=400,
             error="Paste the CSR made on the device (PEM, '-----BEGIN CERTIFICATE REQUEST-----').",
         )
-    actor = user.actor(client_addr(request))
+    actor = user.actor(request)
     try:
         result = operations.reenroll_device(state, device_id, body.csr_pem, actor)
     except NotFoundError:
@@ -644,4 +699,7 @@ def reenroll(
         return _reenroll_page(
             request, state, user, device_id, status_code=status, error=str(exc), csr_pem=csr_pem
         )
-    return _reenroll_page(request, state, user, device_id, result=result)
+    query = urlencode({"issued": result.serial, **({"repeated": "1"} if result.repeated else {})})
+    return RedirectResponse(
+        f"{CONSOLE_PREFIX}/devices/{device_id}/reenroll?{query}", status_code=303
+    )

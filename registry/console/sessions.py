@@ -3,7 +3,8 @@
 The cookie holds a random session id; the database holds only its SHA-256, the operator, how
 they signed in, the CSRF token of the session and its expiry. Kept in the database (not in a
 process), a session outlives a restart and is valid on every registry process of one
-database, and failed sign-ins are counted across all of them.
+database, and failed sign-ins are counted across all of them. A sign-in attempt is taken
+(counted) before its token is checked, atomically (:func:`take_attempt`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func
+from fastapi import Request
+from sqlalchemy import delete, func, text
 from sqlmodel import Session, col, select
 
 from fleetcore.profile import DEFAULT_OPERATOR_ROLE, OperatorRole
-from registry.auth import Caller
+from registry.auth import Caller, request_actor
 from registry.db import write_transaction
 from registry.models import ApiToken, ConsoleSession, ConsoleSigninFailure
 from registry.store import audit
@@ -29,11 +31,11 @@ __all__ = [
     "SIGNIN_COOKIE",
     "ConsoleUser",
     "RateLimited",
-    "check_rate_limit",
     "create_session",
     "end_session",
     "find_session",
-    "record_failure",
+    "forget_attempt",
+    "take_attempt",
     "same_secret",
 ]
 
@@ -63,9 +65,9 @@ class ConsoleUser:
         """Whether the role allows acting on devices (decommission, re-enroll)."""
         return self.role.allows(OperatorRole.OPERATOR)
 
-    def actor(self, from_addr: str | None) -> audit.Actor:
-        """The audit log's actor, naming the role acted with."""
-        return audit.Actor(who=self.who, from_addr=from_addr, role=self.role.value)
+    def actor(self, request: Request) -> audit.Actor:
+        """The audit log's actor for ``request``: peer, forwarded address, the role acted with."""
+        return request_actor(self.who, request, role=self.role.value)
 
 
 class RateLimited(Exception):
@@ -88,10 +90,11 @@ def same_secret(given: str | None, expected: str) -> bool:
 
 
 def create_session(
-    db: Session, caller: Caller, lifetime: dt.timedelta, now: dt.datetime, from_addr: str | None
+    db: Session, caller: Caller, lifetime: dt.timedelta, now: dt.datetime, origin: audit.Actor
 ) -> tuple[str, ConsoleUser]:
     """Store a new session for ``caller`` (an operator), with its audit entry; returns the
-    cookie value and the user. Sessions past their expiry are deleted in the same transaction.
+    cookie value and the user (``origin``: where the sign-in came from, its ``who`` unused).
+    Sessions past their expiry are deleted in the same transaction.
     """
     cookie = secrets.token_urlsafe(32)
     row = ConsoleSession(
@@ -102,7 +105,7 @@ def create_session(
         csrf_token=secrets.token_urlsafe(32),
         created_at=now,
         expires_at=now + lifetime,
-        from_addr=from_addr,
+        from_addr=origin.from_addr,
         role=caller.role.value if caller.role is not None else None,
     )
     user = ConsoleUser(
@@ -113,7 +116,7 @@ def create_session(
         db.add(row)
         audit.add_entry(
             db,
-            user.actor(from_addr),
+            audit.Actor(user.who, origin.from_addr, origin.forwarded_for, role=user.role.value),
             "console_sign_in",
             f"operator/{caller.name}",
             {"via": caller.via},
@@ -143,25 +146,56 @@ def end_session(db: Session, cookie: str) -> None:
         db.execute(delete(ConsoleSession).where(col(ConsoleSession.id_sha256) == _digest(cookie)))
 
 
-def check_rate_limit(
+def _lock_client(db: Session, client: str) -> None:
+    """Serialize the sign-in attempts of one client address until the transaction ends.
+
+    SQLite: the write transaction (BEGIN IMMEDIATE) already serializes every writer.
+    PostgreSQL: a transaction-scoped advisory lock on a key derived from the address, so
+    that counting and inserting are one step for that address across registry processes.
+    """
+    if db.get_bind().dialect.name == "postgresql":
+        digest = hashlib.sha256(f"console-signin\n{client}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def take_attempt(
     db: Session, client: str, now: dt.datetime, window: dt.timedelta, max_failures: int
-) -> None:
-    """Raise RateLimited when ``client`` failed ``max_failures`` times within ``window``."""
-    count, oldest = db.exec(
-        select(func.count(), func.min(ConsoleSigninFailure.at)).where(
-            ConsoleSigninFailure.client == client, col(ConsoleSigninFailure.at) > now - window
-        )
-    ).one()
-    if count >= max_failures and oldest is not None:
-        oldest_at = oldest if isinstance(oldest, dt.datetime) else dt.datetime.fromisoformat(oldest)
-        if oldest_at.tzinfo is None:
-            oldest_at = oldest_at.replace(tzinfo=dt.UTC)
-        retry = max(1, int((oldest_at + window - now).total_seconds()) + 1)
-        raise RateLimited(client, retry)
+) -> int:
+    """Take one sign-in attempt of ``client`` BEFORE its token is checked; returns its id.
 
-
-def record_failure(db: Session, client: str, now: dt.datetime, window: dt.timedelta) -> None:
-    """Count one failed sign-in of ``client``; forget failures older than the window."""
+    Counting the failures in the window and recording this attempt (as a failure until
+    :func:`forget_attempt` says it succeeded) are one transaction under a per-address lock:
+    however many requests arrive at once, at most ``max_failures`` tokens are checked per
+    window. Raises RateLimited when the window is full. Failures older than the window are
+    deleted on the way.
+    """
+    client = client[:64]
     with write_transaction(db):
+        _lock_client(db, client)
         db.execute(delete(ConsoleSigninFailure).where(col(ConsoleSigninFailure.at) <= now - window))
-        db.add(ConsoleSigninFailure(client=client[:64], at=now))
+        count, oldest = db.exec(
+            select(func.count(), func.min(ConsoleSigninFailure.at)).where(
+                ConsoleSigninFailure.client == client, col(ConsoleSigninFailure.at) > now - window
+            )
+        ).one()
+        if count >= max_failures and oldest is not None:
+            oldest_at = (
+                oldest if isinstance(oldest, dt.datetime) else dt.datetime.fromisoformat(oldest)
+            )
+            if oldest_at.tzinfo is None:
+                oldest_at = oldest_at.replace(tzinfo=dt.UTC)
+            retry = max(1, int((oldest_at + window - now).total_seconds()) + 1)
+            raise RateLimited(client, retry)
+        attempt = ConsoleSigninFailure(client=client, at=now)
+        db.add(attempt)
+        db.flush()
+        assert attempt.id is not None
+        attempt_id = attempt.id
+    return attempt_id
+
+
+def forget_attempt(db: Session, attempt_id: int) -> None:
+    """The attempt :func:`take_attempt` recorded succeeded: it no longer counts as a failure."""
+    with write_transaction(db):
+        db.execute(delete(ConsoleSigninFailure).where(col(ConsoleSigninFailure.id) == attempt_id))

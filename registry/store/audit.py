@@ -24,11 +24,13 @@ __all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit"]
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who does something, for the audit log: an identity URI or ``token:<operator>``, and
-    for an operator the role they acted with (recorded in the entry's detail as ``role``)."""
+    """Who does something, for the audit log: an identity URI or ``token:<operator>``;
+    ``from_addr`` is the socket peer, ``forwarded_for`` what a trusted proxy said; for an
+    operator the role they acted with (recorded in the entry's detail as ``role``)."""
 
     who: str
     from_addr: str | None = None
+    forwarded_for: str | None = None
     role: str | None = None
 
 
@@ -49,6 +51,7 @@ def add_entry(
             target=target[:256],
             at=utcnow(),
             from_addr=actor.from_addr,
+            forwarded_for=actor.forwarded_for,
             detail=detail,
         )
     )
@@ -61,6 +64,7 @@ class AuditEntry(BaseModel):
     action: str
     target: str
     from_addr: str | None
+    forwarded_for: str | None = None
     detail: dict[str, Any] | None
 
 

@@ -126,6 +126,12 @@ def test_operator_decommissions_a_device_and_the_broker_drops_it(
 
             expect(page.get_by_role("status")).to_contain_text(f"{device_id} decommissioned")
             expect(page.locator("#device-status")).to_have_text("decommissioned")
+            # Post/Redirect/Get: the outcome is a page of its own; reloading it posts nothing.
+            assert "?decommissioned=" in page.url, page.url
+            page.reload()
+            expect(page.get_by_role("status")).to_contain_text(f"{device_id} decommissioned")
+            events = operator_api.get("/revocations", params={"after": 0}).json()["events"]
+            assert [e["device_id"] for e in events].count(device_id) == 1
             expect(page.locator("#certificates .reason").first).to_have_text(
                 f"{reason} (keyCompromise)"
             )
@@ -285,6 +291,11 @@ def test_operator_reenrolls_an_expired_device_and_it_connects_again(
     page.get_by_role("button", name="Re-enroll device").click()
     expect(page.get_by_role("status")).to_contain_text(f"{device_id} re-enrolled: serial")
     certificate_pem = page.get_by_label("Certificate (device.crt)").input_value()
+    # Post/Redirect/Get: reloading the outcome shows the same certificate, issues none.
+    assert "/reenroll?issued=" in page.url, page.url
+    page.reload()
+    expect(page.get_by_label("Certificate (device.crt)")).to_have_value(certificate_pem)
+    assert len(operator_api.get(f"/devices/{device_id}").json()["certificates"]) == 2
 
     cert_path, key_path = tmp_path / "device.crt", tmp_path / "device.key"
     cert_path.write_text(certificate_pem)

@@ -350,13 +350,27 @@ def test_decommission_through_the_console_records_reason_and_code(
         "/ui/devices/dev-dec-1/decommission",
         data={"reason": reason, "reason_code": "keyCompromise", "csrf_token": csrf},
     )
-    assert response.status_code == 200
-    assert "dev-dec-1 decommissioned" in text_of(response.text)
+    # Post/Redirect/Get: the outcome is a page of its own, so a reload does not post again.
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/devices/dev-dec-1?decommissioned=1"
+    outcome = response.headers["location"]
+    for _reload in range(2):
+        response = console.http.get(outcome)
+        assert response.status_code == 200
+        assert "dev-dec-1 decommissioned: revocation #1 is in the feed" in text_of(response.text)
     assert "<script>alert" not in response.text and "<b>gone</b>" not in response.text
     assert (
         "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; stolen &amp; &lt;b&gt;gone&lt;/b&gt;"
         in response.text
     )
+    # The notice says only what the database says: no other device's or an unknown event.
+    register(operator, mint("dev-dec-2"))
+    for other in (
+        "/ui/devices/dev-dec-2?decommissioned=1",
+        "/ui/devices/dev-dec-1?decommissioned=9",
+    ):
+        page = console.http.get(other)
+        assert page.status_code == 200 and "decommissioned: revocation" not in page.text
     device = operator.get("/devices/dev-dec-1").json()
     assert device["status"] == "decommissioned"
     assert {c["status"] for c in device["certificates"]} == {"revoked"}
@@ -433,11 +447,22 @@ def test_reenroll_through_the_console_for_an_expired_device_only(
         assert 'role="alert"' in refused.text
     assert len(operator.get("/devices/dev-re-1").json()["certificates"]) == 1
 
-    done = console.http.post(
+    posted = console.http.post(
         "/ui/devices/dev-re-1/reenroll", data={"csr_pem": csr_pem, "csrf_token": csrf}
     )
+    # Post/Redirect/Get: the certificate is shown by a page of its own (a reload re-posts
+    # nothing); the same CSR posted again gets the same certificate, said so.
+    assert posted.status_code == 303, posted.text
+    assert posted.headers["location"].startswith("/ui/devices/dev-re-1/reenroll?issued=")
+    done = console.http.get(posted.headers["location"])
     assert done.status_code == 200, done.text
     assert "dev-re-1 re-enrolled: serial" in text_of(done.text)
+    again = console.http.post(
+        "/ui/devices/dev-re-1/reenroll", data={"csr_pem": csr_pem, "csrf_token": csrf}
+    )
+    assert again.status_code == 303
+    assert again.headers["location"] == posted.headers["location"] + "&repeated=1"
+    assert "(issued before for this CSR)" in console.http.get(again.headers["location"]).text
     shown = re.search(r'<textarea id="certificate"[^>]*>([^<]+)</textarea>', done.text)
     assert shown is not None
     certificate = x509.load_pem_x509_certificate(html_module.unescape(shown.group(1)).encode())
@@ -447,6 +472,11 @@ def test_reenroll_through_the_console_for_an_expired_device_only(
     entries = operator.get("/devices/dev-re-1/audit").json()["entries"]
     assert (entries[0]["action"], entries[0]["who"]) == ("reenroll", "console:operator/alice")
     assert "No valid certificate." not in text_of(console.http.get("/ui/devices/dev-re-1").text)
+    # The outcome page shows only a certificate of this device.
+    other_serial = device_serial(operator, "dev-re-2")
+    for bad_query in (f"issued={other_serial}", "issued=not-hex", "issued=abc123"):
+        shown_other = console.http.get(f"/ui/devices/dev-re-1/reenroll?{bad_query}")
+        assert shown_other.status_code == 404, bad_query
 
     # A device with a valid certificate renews itself: 409 and the reason, nothing written.
     conflict = console.http.post(
@@ -464,6 +494,11 @@ def test_reenroll_through_the_console_for_an_expired_device_only(
 
 
 _HOUR = dt.timedelta(hours=1)
+
+
+def device_serial(operator: httpx.Client, device_id: str) -> str:
+    serial: str = operator.get(f"/devices/{device_id}").json()["certificates"][-1]["serial"]
+    return serial
 
 
 def _csr_for(device_id: str) -> str:
@@ -527,6 +562,30 @@ def test_console_pages_carry_security_headers(registry: RegistryServer, console:
     assert response.headers["cache-control"] == "no-store"
     assert re.fullmatch(r"app;dur=\d+\.\d\d", response.headers["server-timing"])
     assert "<script>" not in response.text  # scripts are files, no inline code
+
+
+def test_every_https_answer_carries_strict_transport_security(
+    registry: RegistryServer, console: Console, operator: httpx.Client
+) -> None:
+    answers = [
+        console.http.get("/ui/sign-in"),  # a page
+        console.http.get("/ui/"),  # a redirect to the sign-in page
+        console.http.get("/ui/static/console.css"),  # an asset
+        console.http.post("/ui/sign-in", data={"token": "x"}),  # a refusal page (CSRF)
+        console.http.get("/docs"),
+        console.http.get("/api/v1/openapi.json"),
+        console.http.get("/api/v1/devices"),  # 401, JSON
+        operator.get("/devices"),  # 200, JSON
+        operator.get("/devices/dev-none"),  # 404, JSON
+        operator.get("/healthz"),
+        operator.get("/metrics"),
+        console.http.get("/no/such/path"),  # 404 of the framework
+    ]
+    for answer in answers:
+        assert answer.headers.get("strict-transport-security") == "max-age=31536000", (
+            answer.request.url,
+            answer.status_code,
+        )
 
 
 # -- /docs -----------------------------------------------------------------------------------

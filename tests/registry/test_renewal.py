@@ -291,3 +291,41 @@ def test_the_rate_limit_counts_requests_of_both_replicas_together(
         assert errors == ["invalid_csr"] * 3 + ["rate_limited"]
     finally:
         second.dispose()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_burst_of_renewal_requests_passes_the_limit_no_more_than_it_allows(
+    pki: TestPKI, engine: Engine, tmp_path: Path, database_url: str, processes: int
+) -> None:
+    """30 requests of one device released at once (issue 22, item 4), from one registry
+    process or split over two (two engines on one database): the attempt is counted under
+    the row's lock before any check, so exactly max_attempts get past the limit."""
+    _register(pki, engine, "dev-burst")
+    engines = [engine]
+    if processes == 2:
+        settings = RegistrySettings(data_dir=tmp_path, registry_database_url=database_url)
+        engines.append(make_engine(settings))
+    renewers = [CertificateRenewer(pki.ca, e, min_interval_s=60, max_attempts=5) for e in engines]
+    barrier = threading.Barrier(30)
+    codes: list[str] = []
+    lock = threading.Lock()
+
+    def request(index: int) -> None:
+        barrier.wait(timeout=30)
+        try:  # a bad CSR: checked only when the request got past the limit
+            renewers[index % len(renewers)].renew("dev-burst", b"not a CSR")
+            code = "renewed"
+        except RenewalRefused as refused:
+            code = refused.error.value
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for extra in engines[1:]:
+        extra.dispose()
+    assert len(codes) == 30
+    assert sorted(codes) == sorted(["invalid_csr"] * 5 + ["rate_limited"] * 25), codes
