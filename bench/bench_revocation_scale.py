@@ -164,14 +164,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     old = _old_module()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for size in (int(s) for s in args.sizes.split(",")):
         serials = _serials(size)
-        rows.append(
-            {"serials": size, "new": _new_figures(serials), "old": _old_figures(old, serials)}
-        )
+        new, was = _new_figures(serials), _old_figures(old, serials)
+        rows.append({"serials": size, "new": new, "old": was})
         if not args.json:
-            new, was = rows[-1]["new"], rows[-1]["old"]
             figures = " | ".join(f"{name} {new[name]:.2f} (main {was[name]:.2f})" for name in new)
             print(f"{size:>7} serials | {figures}", flush=True)
     if args.json:

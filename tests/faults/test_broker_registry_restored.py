@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
@@ -36,6 +37,8 @@ from tests.broker.conftest import (
     wait_for,
 )
 from tests.conftest import ClientFiles, TestPKI
+
+pytestmark = pytest.mark.alone  # the restore tests assert the 2 s revocation bound
 
 #: The bound asserted: the one-second revocation promise, plus a second for a loaded machine.
 PROMISE_S = 2.0
