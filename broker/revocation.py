@@ -14,7 +14,8 @@ set itself (compact, journaled) is :class:`broker.revoked_set.RevokedSet`.
   re-reads from 0, keeping every serial it has (the set never shrinks). Every ``resync_s``
   it also asks for the one event at its checkpoint and compares its fingerprint (kind,
   device, serials): a restored database that has already moved past the broker's position
-  shows neither sign above but answers a different event there.
+  shows neither sign above but answers a different event there. The check also runs before
+  the first read after a start or a failed read (the registry may come back restored).
 - It asks for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a
   ``superseded`` event revokes serials without decommissioning the device.
 """
@@ -77,7 +78,9 @@ class RevocationFollower:
         self.resyncs = 0
         self.checks = 0
         self._resync_s = resync_s
-        self._check_at = time.monotonic() + resync_s
+        # The checkpoint is checked before the first read (a resumed position), after any
+        # failed read (the registry may come back restored), and every ``resync_s``.
+        self._check_at = 0.0
         self.synced = asyncio.Event()  # set once the follower has caught up with the head
         self.last_success: float | None = None  # monotonic time of the last feed answer
         self.last_success_at = 0.0  # the same, POSIX time (a metric: alerts on feed silence)
@@ -93,12 +96,13 @@ class RevocationFollower:
         async with httpx.AsyncClient(verify=self._tls_context, timeout=timeout) as client:
             while True:
                 try:
-                    if self.synced.is_set() and time.monotonic() >= self._check_at:
+                    if time.monotonic() >= self._check_at:
                         await self._check_position(client)
                     await self._poll_once(client)
                     backoff = 0.2
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                     self.errors += 1
+                    self._check_at = 0.0
                     log.warning(
                         "revocation feed unavailable url=%s after=%d error=%s retry_in_s=%.1f",
                         self._url,
@@ -147,8 +151,9 @@ class RevocationFollower:
             self.synced.set()
 
     async def _check_position(self, client: httpx.AsyncClient) -> None:
-        """Ask for the event at the checkpoint and compare fingerprints (one small read,
-        every ``resync_s``): a different event there means another feed; start over."""
+        """Ask for the event at the checkpoint and compare fingerprints (one small read):
+        a different event there means another history of the feed; start over. Done before
+        anything after the checkpoint is applied, so the divergence is behind no new event."""
         self._check_at = time.monotonic() + self._resync_s
         self.checks += 1
         checkpoint = self._revoked.checkpoint

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
 import httpx
+import pytest
 
 from broker.auth import Refusal
 from broker.revoked_set import RevokedSet
@@ -130,3 +132,52 @@ def test_the_single_broker_revoked_file_is_migrated_to_the_node_file(
     migrated.load()
     assert migrated.hex_serials() == {serial_hex(files.serial)} and migrated.last_seq == 4
     assert legacy.exists()  # the shared file of earlier versions may serve other nodes
+
+
+@pytest.mark.alone
+def test_a_restarted_broker_resumes_from_its_position_and_checks_without_replaying(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23: no replay from 0 at every start and every resync_s; the position (and the
+    feed's epoch) persisted with the journal is where the follower resumes, and the periodic
+    check reads the one event at its checkpoint."""
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    devices = {f"dev-rs-{n}": issue_device(pki, tmp_path, f"dev-rs-{n}") for n in range(3)}
+    for device_id, files in devices.items():
+        register(operator, files, device_id)
+    settings = broker_settings(
+        layout,
+        registry_url=registry.url,
+        broker_feed_wait_s=1,
+        broker_feed_resync_s=0.3,
+    )
+    for device_id in ("dev-rs-0", "dev-rs-1"):
+        response = operator.post(f"/devices/{device_id}/decommission", json={"reason": "lost"})
+        assert response.status_code == 200, response.text
+    with BrokerServer(settings) as broker:
+        follower = broker.app.follower if broker.app else None
+        assert follower is not None
+        assert wait_for(lambda: follower.after == 2 and follower.synced.is_set())
+    response = operator.post("/devices/dev-rs-2/decommission", json={"reason": "lost"})
+    assert response.status_code == 200, response.text  # seq 3, while the broker is down
+    with (
+        caplog.at_level(logging.INFO, logger="broker.revocation"),
+        BrokerServer(settings) as broker,
+    ):
+        follower = broker.app.follower if broker.app else None
+        assert follower is not None
+        assert wait_for(lambda: follower.after == 3 and follower.synced.is_set())
+        assert wait_for(lambda: follower.checks >= 3, 10)  # three checks, no replay
+        assert follower.resyncs == 0 and follower.after == 3
+        for device_id, files in devices.items():
+            probe = connect(broker.port, files, device_id)
+            try:
+                assert not probe.connected.is_set(), device_id
+            finally:
+                probe.close()
+    started = [r.getMessage() for r in caplog.records if "feed following" in r.getMessage()]
+    assert started and "from=2 " in started[0], started

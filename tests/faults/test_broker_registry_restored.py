@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from broker.auth import Refusal
 from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
+from registry.feedmark import MARK_FILE
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.support.mqtt import MqttProbe, connect
@@ -29,6 +31,8 @@ from tests.support.pki import ClientFiles, TestPKI, issue_device
 from tests.support.servers import broker_settings, feed_broker_layout, register
 from tests.support.tls import tls_context
 from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.alone  # the restore tests assert the 2 s revocation bound
 
 #: The bound asserted: the one-second revocation promise, plus a second for a loaded machine.
 PROMISE_S = 2.0
@@ -173,5 +177,56 @@ def test_new_database_at_the_broker_position_is_noticed_by_its_epoch(
             assert _refused(broker, files, device_id), device_id
         for probe in live.values():
             probe.close()
+    finally:
+        broker.stop()
+
+
+def test_restored_database_past_the_broker_position_is_caught_by_the_checkpoint(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """A backup restored without the registry's feed mark (same epoch) that has moved past
+    the broker's position: neither the epoch nor the head shows it, but the event at the
+    broker's checkpoint is another one; the periodic check (one small read) finds it and the
+    resync applies the decommission the broker had not seen."""
+    devices = {f"dev-cp-{n}": issue_device(pki, tmp_path, f"dev-cp-{n}") for n in range(3)}
+    first_db, backup_db = tmp_path / "first.db", tmp_path / "backup.db"
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    with _registry(pki, first_db) as (registry, operator):
+        addr = urlsplit(registry.url).netloc
+        for device_id, files in devices.items():
+            register(operator, files, device_id)
+        assert operator.get("/revocations").status_code == 200  # the epoch is drawn
+        with sqlite3.connect(first_db) as source, sqlite3.connect(backup_db) as copy:
+            source.backup(copy)  # every device registered, no revocation yet
+        _decommission(operator, "dev-cp-0")  # seq 1 in this history
+        settings = broker_settings(
+            layout,
+            registry_url=registry.url,
+            broker_feed_wait_s=1,
+            broker_feed_max_backoff_s=0.2,
+            broker_feed_resync_s=1.0,
+        )
+        broker = BrokerServer(settings).start()
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        if not wait_for(lambda: follower.after == 1 and follower.synced.is_set()):
+            broker.stop()
+            raise AssertionError("the broker never caught up with the first registry")
+    try:
+        live = connect(broker.port, devices["dev-cp-1"], "dev-cp-1")
+        assert live.connected.is_set(), live.reason
+        # The restored copy moves on (elsewhere) before the broker reaches it: seq 1 is
+        # another event there, and its head (2) is past the broker's position (1).
+        (pki.layout.root / MARK_FILE).unlink(missing_ok=True)  # the mark did not survive
+        with _registry(pki, backup_db) as (_elsewhere, operator):
+            _decommission(operator, "dev-cp-1")
+            _decommission(operator, "dev-cp-2")
+        with _registry(pki, backup_db, addr):
+            assert live.disconnected.wait(10), "the event at the checkpoint was never re-read"
+            assert follower.checks >= 1 and follower.resyncs >= 1
+        for device_id, files in devices.items():
+            assert _refused(broker, files, device_id), device_id
+        live.close()
     finally:
         broker.stop()
