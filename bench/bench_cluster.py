@@ -12,8 +12,9 @@ Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`
   outside: one machine per node. JSON: ``shared_two_over_one``, ``shared_four_over_one``,
   ``shared_nolocal_two_over_one``, ``shared_nolocal_four_over_one``, ``lost``.
 
-- ``fanin`` (``--node-cpu`` as above, the single node under the same quota): QoS 1 fan-in to one subscriber (bench_broker_throughput.py's roles), one node
-  alone vs two cluster nodes (publishers spread over both, the subscriber on the first):
+- ``fanin`` (``--node-cpu`` as above, the single node under the same quota): QoS 1 fan-in
+  to one subscriber (bench_broker_throughput.py's roles), one node alone vs two cluster
+  nodes (publishers spread over both, the subscriber on the first):
   msg/s at the subscriber, messages lost, broker CPU per delivered message (utime + stime
   of every broker process from /proc/<pid>/stat; NATS's too, reported apart).
 - ``durable``: the same fan-in with a persistent (clean session off) subscriber: ours in
