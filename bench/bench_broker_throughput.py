@@ -53,7 +53,14 @@ class MqttStream:
 
 
 async def _subscriber(
-    data_dir: Path, port: int, expected: int, idle_s: float, *, clean: bool = True
+    data_dir: Path,
+    port: int,
+    expected: int,
+    idle_s: float,
+    *,
+    clean: bool = True,
+    topic_filter: str = "devices/+/telemetry",
+    client_id: str = "bench",
 ) -> None:
     layout = lib.DataLayout(data_dir)
     loop = asyncio.get_running_loop()
@@ -92,8 +99,8 @@ async def _subscriber(
         lambda: lib.TlsClient(context, on_plain), "127.0.0.1", port
     )
     client_ref.append(client)
-    client.send(lib.connect_packet("bench", clean=clean))
-    client.send(lib.subscribe_packet("devices/+/telemetry", 1))
+    client.send(lib.connect_packet(client_id, clean=clean))
+    client.send(lib.subscribe_packet(topic_filter, 1))
     body = await asyncio.wait_for(suback, 30)
     print(json.dumps({"subscribed": body[-1]}), flush=True)
     while len(received) < expected and time.monotonic() - last[0] < idle_s:
@@ -107,6 +114,8 @@ async def _subscriber(
         "msgs_per_s": round(len(times) / span, 0) if span else None,
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else None,
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None,
+        "first_ts": times[0] if times else None,
+        "last_ts": times[-1] if times else None,
     }
     print(json.dumps(result), flush=True)
 
@@ -280,12 +289,21 @@ def main() -> None:
     parser.add_argument("--expected", type=int)
     parser.add_argument("--first", type=int, default=0, help="pub: first device index")
     parser.add_argument("--persistent", action="store_true", help="sub: clean session off")
+    parser.add_argument("--filter", default="devices/+/telemetry", help="sub: what to subscribe")
+    parser.add_argument("--client-id", default="bench", help="sub: MQTT client id")
+    parser.add_argument("--idle", type=float, default=15.0, help="sub: stop after idle seconds")
     args = parser.parse_args()
     lib.raise_nofile()
     if args.role == "sub":
         asyncio.run(
             _subscriber(
-                args.data_dir, args.port, args.expected, idle_s=15.0, clean=not args.persistent
+                args.data_dir,
+                args.port,
+                args.expected,
+                idle_s=args.idle,
+                clean=not args.persistent,
+                topic_filter=args.filter,
+                client_id=args.client_id,
             )
         )
         return

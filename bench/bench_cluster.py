@@ -2,10 +2,19 @@
 
     flock /tmp/certfleet-bench.lock .venv/bin/python bench/bench_cluster.py --mode all
 
-Modes (``--mode fanin|durable|kill|memory|all``):
+Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`` out):
 
-- ``fanin``: QoS 1 fan-in to one subscriber (bench_broker_throughput.py's roles), one node
-  alone vs two cluster nodes (publishers spread over both, the subscriber on the first):
+- ``shared`` (issue 24): shared-subscription throughput with 1, 2 and 4 nodes, publishers
+  spread over every node, one ``$share/bench/devices/+/telemetry`` member per node; with
+  local preference and without (``--no-shared-prefer-local``), ``--repeat`` runs each
+  (medians). With ``--node-cpu C`` every node runs in its own CPU cgroup of C CPUs
+  (bench/cpu_cgroups.py, root; skipped visibly otherwise), the clients and nats-server
+  outside: one machine per node. JSON: ``shared_two_over_one``, ``shared_four_over_one``,
+  ``shared_nolocal_two_over_one``, ``shared_nolocal_four_over_one``, ``lost``.
+
+- ``fanin`` (``--node-cpu`` as above, the single node under the same quota): QoS 1 fan-in
+  to one subscriber (bench_broker_throughput.py's roles), one node alone vs two cluster
+  nodes (publishers spread over both, the subscriber on the first):
   msg/s at the subscriber, messages lost, broker CPU per delivered message (utime + stime
   of every broker process from /proc/<pid>/stat; NATS's too, reported apart).
 - ``durable``: the same fan-in with a persistent (clean session off) subscriber: ours in
@@ -44,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_broker_throughput as tput  # noqa: E402
 import broker_bench_lib as lib  # noqa: E402
 import c_clients  # noqa: E402
+import cpu_cgroups  # noqa: E402
 
 from broker.cluster.natsd import LocalNats  # noqa: E402
 
@@ -64,16 +74,43 @@ def _node_env(nats: LocalNats) -> dict[str, str]:
     }
 
 
-def start_nodes(layout: lib.DataLayout, nats: LocalNats, count: int) -> list[lib.BrokerProcess]:
-    """``count`` cluster nodes, each on its own ephemeral port."""
-    return [
+def start_nodes(
+    layout: lib.DataLayout,
+    nats: LocalNats,
+    count: int,
+    *,
+    extra_args: list[str] | None = None,
+    node_cpu: float | None = None,
+) -> list[lib.BrokerProcess]:
+    """``count`` cluster nodes, each on its own ephemeral port (and in its own CPU cgroup
+    of ``node_cpu`` CPUs when given)."""
+    nodes = [
         lib.start_ours(
             layout,
             extra_env=_node_env(nats),
-            extra_args=["--cluster", nats.url, "--node", f"bench-{index + 1}"],
+            extra_args=["--cluster", nats.url, "--node", f"bench-{index + 1}", *(extra_args or [])],
         )
         for index in range(count)
     ]
+    if node_cpu is not None:
+        for index, node in enumerate(nodes):
+            confine(node, f"node-{index + 1}", node_cpu)
+    return nodes
+
+
+_GROUPS: list[cpu_cgroups.CpuGroup] = []
+
+
+def confine(broker: lib.BrokerProcess, name: str, cpus: float) -> None:
+    """Run ``broker`` in its own CPU cgroup of ``cpus`` CPUs (one machine per node)."""
+    group = cpu_cgroups.CpuGroup(f"certfleet-bench-{os.getpid()}-{name}", cpus)
+    group.add(broker.pid)
+    _GROUPS.append(group)
+
+
+def release_groups() -> None:
+    while _GROUPS:
+        _GROUPS.pop().remove()
 
 
 def start_shared_port_nodes(
@@ -178,17 +215,20 @@ def measured(brokers: list[lib.BrokerProcess], extra_pids: list[int], run: Any) 
 
 
 def mode_fanin(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"node_cpu": args.node_cpu}
     single = lib.start_ours(layout)
+    if args.node_cpu is not None:
+        confine(single, "single", args.node_cpu)
     try:
         out["one_node"] = measured(
             [single], [], lambda: fan_in(layout, single.port, [single.port], args)
         )
     finally:
         single.stop()
+        release_groups()
     with LocalNats(root / "nats-fanin") as nats:
         assert nats.process is not None
-        nodes = start_nodes(layout, nats, 2)
+        nodes = start_nodes(layout, nats, 2, node_cpu=args.node_cpu)
         try:
             ports = [n.port for n in nodes]
             out["two_nodes"] = measured(
@@ -197,6 +237,7 @@ def mode_fanin(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> 
         finally:
             for node in nodes:
                 node.stop()
+            release_groups()
     one = out["one_node"]["msgs_per_s"] or 0
     out["ratio_two_over_one"] = (
         round((out["two_nodes"]["msgs_per_s"] or 0) / one, 2) if one else None
@@ -342,7 +383,115 @@ def mode_memory(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
     }
 
 
-MODES = {"fanin": mode_fanin, "durable": mode_durable, "kill": mode_kill, "memory": mode_memory}
+SHARE_FILTER = "$share/bench/devices/+/telemetry"
+
+
+def shared_fan_in(
+    layout: lib.DataLayout, ports: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One shared-group member per node (service ``bench``, instances ``bench/<n>``) and the
+    publishers spread over every node; delivered msg/s over all members together."""
+    expected = args.publishers * args.messages
+    script = tput.__file__
+    subs = []
+    for index, port in enumerate(ports):
+        argv = [
+            sys.executable, script, "--role", "sub", "--data-dir", str(layout.root),
+            "--port", str(port), "--expected", str(expected), "--filter", SHARE_FILTER,
+            "--client-id", f"bench/m{index + 1}", "--idle", "4",
+        ]  # fmt: skip
+        subs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+    for sub in subs:
+        assert sub.stdout is not None
+        assert json.loads(sub.stdout.readline())["subscribed"] == 1, "shared SUBACK refused"
+    time.sleep(1.0)  # every node learns the others' groups (KV watch)
+    share = args.publishers // len(ports)
+    pubs = []
+    for index, port in enumerate(ports):
+        count = share if index < len(ports) - 1 else args.publishers - share * index
+        argv = [
+            sys.executable, script, "--role", "pub", "--data-dir", str(layout.root),
+            "--port", str(port), "--first", str(share * index), "--publishers", str(count),
+            "--messages", str(args.messages), "--window", str(args.window),
+        ]  # fmt: skip
+        pubs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile)
+        )
+    acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
+    results = [json.loads(s.stdout.readline()) for s in subs]  # type: ignore[union-attr]
+    for process in (*pubs, *subs):
+        process.wait(timeout=60)
+    firsts = [r["first_ts"] for r in results if r["first_ts"] is not None]
+    lasts = [r["last_ts"] for r in results if r["last_ts"] is not None]
+    deliveries = sum(int(r["deliveries"]) for r in results)
+    unique = sum(int(r["received_unique"]) for r in results)
+    span = max(lasts) - min(firsts) if firsts else 0.0
+    return {
+        "acked": acked,
+        "deliveries": deliveries,
+        "duplicates": deliveries - unique,
+        "lost": acked - unique,
+        "msgs_per_s": round(deliveries / span, 0) if span else None,
+        "per_member": [int(r["deliveries"]) for r in results],
+        "p99_ms_max": max((r["p99_ms"] or 0) for r in results),
+    }
+
+
+def _shared_run(
+    layout: lib.DataLayout, root: Path, args: argparse.Namespace, count: int, prefer: bool
+) -> dict[str, Any]:
+    flag = "--shared-prefer-local" if prefer else "--no-shared-prefer-local"
+    with LocalNats(root / f"nats-shared-{count}-{prefer}-{time.monotonic_ns()}") as nats:
+        assert nats.process is not None
+        nodes = start_nodes(layout, nats, count, extra_args=[flag], node_cpu=args.node_cpu)
+        try:
+            ports = [n.port for n in nodes]
+            return measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+        finally:
+            for node in nodes:
+                node.stop()
+            release_groups()
+
+
+def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Shared-group throughput with 1, 2 and 4 nodes, with and without local preference,
+    each node in its own CPU cgroup of ``--node-cpu``; medians of ``--repeat`` runs."""
+    out: dict[str, Any] = {"node_cpu": args.node_cpu, "repeat": args.repeat}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeat):  # round robin, so outside load hits every shape alike
+        for prefer in (True, False):
+            for count in (1, 2, 4):
+                if count == 1 and not prefer:
+                    continue  # one node: nothing to prefer
+                name = f"{'shared' if prefer else 'shared_nolocal'}_{count}"
+                runs.setdefault(name, []).append(_shared_run(layout, root, args, count, prefer))
+                print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
+    for name, results in runs.items():
+        ordered = sorted(results, key=lambda r: float(r["msgs_per_s"] or 0))
+        out[name] = {
+            **ordered[len(ordered) // 2],
+            "all_msgs_per_s": [r["msgs_per_s"] for r in results],
+        }
+    one = out["shared_1"]["msgs_per_s"] or 0
+
+    def ratio(name: str) -> float | None:
+        return round((out[name]["msgs_per_s"] or 0) / one, 2) if one else None
+
+    out["shared_two_over_one"] = ratio("shared_2")
+    out["shared_four_over_one"] = ratio("shared_4")
+    out["shared_nolocal_two_over_one"] = ratio("shared_nolocal_2")
+    out["shared_nolocal_four_over_one"] = ratio("shared_nolocal_4")
+    out["lost"] = sum(int(r["lost"]) for results in runs.values() for r in results)
+    return out
+
+
+MODES = {
+    "shared": mode_shared,
+    "fanin": mode_fanin,
+    "durable": mode_durable,
+    "kill": mode_kill,
+    "memory": mode_memory,
+}
 
 
 def main() -> None:
@@ -354,20 +503,32 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=5000, help="kill and memory modes")
     parser.add_argument("--kill-timeout", type=float, default=60.0)
     parser.add_argument(
+        "--node-cpu",
+        type=float,
+        help="fanin, shared: each broker node in its own CPU cgroup of this many CPUs (root)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="shared: runs per shape")
+    parser.add_argument(
         "--load",
         choices=["python", "mosquitto-clients"],
         default="python",
         help="fan-in clients: ours (asyncio, one process per role) or mosquitto_pub/_sub",
     )
     args = parser.parse_args()
+    if args.node_cpu is not None and (why := cpu_cgroups.available()) is not None:
+        print(json.dumps({"skipped": f"--node-cpu needs CPU cgroups: {why}"}), flush=True)
+        return
     lib.raise_nofile()
     root = lib.tmp_root("certfleet-bench-cluster-")
     layout = lib.make_fleet(root, max(args.publishers + 1, args.devices))
-    modes = list(MODES) if args.mode == "all" else [args.mode]
+    modes = [m for m in MODES if m != "shared"] if args.mode == "all" else [args.mode]
     report: dict[str, Any] = {"machine": lib.lscpu_model(), "args": vars(args)}
-    for mode in modes:
-        report[mode] = MODES[mode](layout, root, args)
-        print(json.dumps({mode: report[mode]}), file=sys.stderr, flush=True)
+    try:
+        for mode in modes:
+            report[mode] = MODES[mode](layout, root, args)
+            print(json.dumps({mode: report[mode]}), file=sys.stderr, flush=True)
+    finally:
+        release_groups()
     print(json.dumps(report, indent=2))
 
 

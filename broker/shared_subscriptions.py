@@ -210,8 +210,11 @@ class SharedSubscriptions:
             group = self.groups[share] = SharedGroup(share)
             if self.remote is not None:
                 self.remote.joined(share)
+        known = any(s is session for s, _ in group.members)
         group.members = [(s, q) for s, q in group.members if s.client_id != session.client_id]
         group.members.append((session, granted))
+        if known:
+            return granted  # subscribed again (a client's watchdog): nothing to log
         log.info(
             "shared subscription joined client_id=%s group=%s filter=%r",
             session.client_id,

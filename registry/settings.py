@@ -77,6 +77,11 @@ class RegistrySettings(BaseSettings):
     registry_instance: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
     )
+    #: subscribe through the broker's shared subscriptions (``$share/registry-telemetry/...``
+    #: and ``$share/registry-renewal/...``): with several registry replicas each reading is
+    #: ingested, and each renewal request answered, by one of them. Off: every replica gets
+    #: every message (a broker without ``$share`` support).
+    registry_mqtt_shared: bool = True
     #: how often the MQTT watchdog re-subscribes and checks the SUBACK.
     registry_mqtt_watchdog_s: float = Field(default=30.0, gt=0, le=3600)
     #: answer CSRs on ``devices/+/cert/renew`` (needs the telemetry ingest's broker connection).

@@ -6,6 +6,13 @@ The registry connects to the broker as ``spiffe://<td>/service/registry`` (certi
 name, or ``CERTFLEET_REGISTRY_MQTT_CLIENT_ID``), subscribes to ``devices/+/telemetry`` at
 QoS 1 and keeps, per device, only the newest reading in memory.
 
+Replicas share the work: the filters are subscribed through the broker's shared
+subscriptions, one group each (:data:`TELEMETRY_GROUP`, :data:`RENEWAL_GROUP`;
+``CERTFLEET_REGISTRY_MQTT_SHARED=false`` subscribes plainly), so the broker gives each
+reading, and each renewal request, to one replica (docs/broker.md, "Shared subscriptions").
+The database's renewal claim stays the safety net for a request delivered twice (a
+replica that left before acknowledging it).
+
 The subscriptions are checked: every SUBACK must grant every filter, on each (re)connect and
 from a watchdog that re-subscribes every ``registry_mqtt_watchdog_s`` (SUBSCRIBE is
 idempotent, and a broker that silently dropped the session's subscriptions gives no other
@@ -72,6 +79,16 @@ CLIENT_NAME = "registry"
 SUBACK_TIMEOUT_S = 10.0
 #: Failed subscription checks in a row before the watchdog reconnects.
 FAILURES_BEFORE_RECONNECT = 3
+
+
+#: The shared-subscription groups of the registry's replicas.
+TELEMETRY_GROUP = "registry-telemetry"
+RENEWAL_GROUP = "registry-renewal"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``topic_filter`` as a member of the broker's shared group ``group``."""
+    return f"$share/{group}/{topic_filter}"
 
 
 class TelemetryRejected(ValueError):
@@ -152,6 +169,7 @@ class TelemetryIngest:
         self._instance = settings.instance_name
         self._on_crash = on_crash
         self._watchdog_s = settings.registry_mqtt_watchdog_s
+        self._shared = settings.registry_mqtt_shared
         #: SUBSCRIBE message ids waiting for their SUBACK -> set when it came and granted all.
         self._suback_waits: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._sub_lock = threading.Lock()
@@ -205,7 +223,14 @@ class TelemetryIngest:
 
     @property
     def filters(self) -> list[str]:
-        return [TELEMETRY_FILTER] + ([RENEW_FILTER] if self.renewal is not None else [])
+        """What the ingest subscribes to: telemetry, and renewal requests when it answers
+        them; each through its shared group unless ``registry_mqtt_shared`` is off."""
+        wanted = [(TELEMETRY_GROUP, TELEMETRY_FILTER)]
+        if self.renewal is not None:
+            wanted.append((RENEWAL_GROUP, RENEW_FILTER))
+        if not self._shared:
+            return [topic_filter for _group, topic_filter in wanted]
+        return [shared_filter(group, topic_filter) for group, topic_filter in wanted]
 
     def start(self) -> TelemetryIngest:
         self._flusher.start()

@@ -204,3 +204,45 @@ def test_ingest_refuses_to_start_without_a_broker_address(tmp_path: Path) -> Non
     settings = RegistrySettings(data_dir=tmp_path)
     with pytest.raises(ConfigError, match="TELEMETRY_BROKER_ADDR"):
         TelemetryIngest(settings, make_engine(settings))
+
+
+def test_two_registry_replicas_ingest_each_reading_once(
+    pki: TestPKI, fleet: Fleet, broker: BrokerServer, tmp_path: Path
+) -> None:
+    """Both replicas subscribe through the shared group: the broker gives each reading to
+    one of them, and both take part."""
+    settings = _registry_settings(pki, tmp_path / "registry", broker.port)
+    engine = _registered_engine(pki, fleet, settings)
+    replicas = [
+        TelemetryIngest(
+            settings.model_copy(update={"registry_instance": name}), engine, flush_interval=0.2
+        ).start()
+        for name in ("r1", "r2")
+    ]
+    try:
+        for replica in replicas:
+            assert replica.subscribed.wait(10), "a replica's shared subscription was refused"
+        readings = [
+            (
+                f"devices/{DEVICES[index % 2]}/telemetry",
+                json.dumps({"device_id": DEVICES[index % 2], "seq": index}).encode(),
+            )
+            for index in range(60)
+        ]
+        _publish_raw(fleet, broker.port, DEVICES[0], [r for r in readings if DEVICES[0] in r[0]])
+        _publish_raw(fleet, broker.port, DEVICES[1], [r for r in readings if DEVICES[1] in r[0]])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(r.counters.received for r in replicas) < 60:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a second copy would arrive by now
+        assert [r.counters.received for r in replicas] != [60, 60]
+        assert sum(r.counters.received for r in replicas) == 60
+        assert sum(r.counters.accepted for r in replicas) == 60
+        assert all(r.counters.received >= 15 for r in replicas)  # both share the work
+    finally:
+        for replica in replicas:
+            replica.stop_sync()
+    with Session(engine) as session:
+        for device_id in DEVICES[:2]:
+            assert devices.get_device(session, device_id).last_seen_at is not None
+    engine.dispose()
