@@ -4,8 +4,9 @@ For each size: bytes per revoked serial (tracemalloc, the set alone), the broker
 its own files (load), the cost of one event (add + append), and the longest event-loop stall
 a 1 ms ticker task sees while the set is filled as a feed replay does (batches of 1,000,
 one append each, the background writer compacting); beside the same figures of the code on
-``main`` (``git show main:broker/revocation.py``, imported under another name: one JSON
-file rewritten after every batch, on the loop), where it finishes.
+the code before issue 23 (``git show 67df084:broker/revocation.py``, ``--old-ref``, imported
+under another name: one JSON file rewritten after every batch, on the loop), where it
+finishes. (``main`` already holds the new code once this branch is merged.)
 
     python bench/bench_revocation_scale.py [--sizes 10000,100000,500000] [--json]
 """
@@ -41,10 +42,12 @@ def _serials(count: int) -> list[str]:
     return [serial_hex(rng.getrandbits(159) | 1) for _ in range(count)]
 
 
-def _old_module() -> ModuleType:
+def _old_module(ref: str) -> ModuleType:
     source = subprocess.run(
-        ["git", "show", "main:broker/revocation.py"], capture_output=True, text=True, check=True
+        ["git", "show", f"{ref}:broker/revocation.py"], capture_output=True, text=True, check=True
     ).stdout
+    if "class RevokedSet" not in source:
+        raise SystemExit(f"{ref}:broker/revocation.py is not the old RevokedSet; pass --old-ref")
     path = Path(tempfile.mkdtemp()) / "old_revocation.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_revocation", path)
@@ -162,15 +165,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,500000")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--old-ref", default="67df084", help="commit with the old RevokedSet")
     args = parser.parse_args()
-    old = _old_module()
+    old = _old_module(args.old_ref)
     rows: list[dict[str, Any]] = []
     for size in (int(s) for s in args.sizes.split(",")):
         serials = _serials(size)
         new, was = _new_figures(serials), _old_figures(old, serials)
         rows.append({"serials": size, "new": new, "old": was})
         if not args.json:
-            figures = " | ".join(f"{name} {new[name]:.2f} (main {was[name]:.2f})" for name in new)
+            figures = " | ".join(f"{name} {new[name]:.2f} (old {was[name]:.2f})" for name in new)
             print(f"{size:>7} serials | {figures}", flush=True)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
