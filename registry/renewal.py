@@ -193,9 +193,15 @@ class CertificateRenewer:
         stagger: dt.timedelta = dt.timedelta(0),
         clock: Callable[[], dt.datetime] = utcnow,
         instance: str = "local",
+        shared_group: bool = False,
     ) -> None:
         self.ca = ca
         self.instance = instance
+        # Requests come through a shared group (one replica each): a retry whose claim another
+        # replica holds is answered here after SHARED_CLAIM_TAKE_OVER, not left unanswered.
+        self._claim_take_over = (
+            renewals.SHARED_CLAIM_TAKE_OVER if shared_group else renewals.CLAIM_TTL
+        )
         self.engine = engine
         self.min_interval_s = min_interval_s
         self.max_attempts = max_attempts
@@ -212,7 +218,9 @@ class CertificateRenewer:
         """Whether this replica answers this request (:func:`registry.store.renewals.
         claim_request`); False: another replica sharing the database claimed it first."""
         with Session(self.engine) as session:
-            return renewals.claim_request(session, device_id, payload, self.instance, utcnow())
+            return renewals.claim_request(
+                session, device_id, payload, self.instance, utcnow(), self._claim_take_over
+            )
 
     def renew(self, device_id: str, payload: bytes) -> RenewedCertificate:
         """The new certificate for ``device_id``'s CSR ``payload``, or RenewalRefused."""
@@ -412,7 +420,7 @@ class RenewalService:
             return
         try:
             if not self.renewer.claim(device_id, payload):
-                # Every replica receives the request; the one that claimed it answers.
+                # Another replica claimed this request first (both received it): it answers.
                 self._count("claimed_elsewhere")
                 log.debug("renewal left to another replica device_id=%s", device_id)
                 return

@@ -188,6 +188,7 @@ class TelemetryIngest:
                 lifetime=settings.renewal_lifetime,
                 stagger=settings.renewal_stagger,
                 instance=self._instance,
+                shared_group=self._shared,
             )
             self.renewal = RenewalService(
                 renewer,

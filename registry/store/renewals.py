@@ -28,6 +28,7 @@ from registry.store.audit import Actor, add_entry
 __all__ = [
     "CLAIM_RETENTION",
     "CLAIM_TTL",
+    "SHARED_CLAIM_TAKE_OVER",
     "RenewalBasis",
     "RenewalWindow",
     "StoredCertificate",
@@ -43,6 +44,10 @@ __all__ = [
 #: A claim another replica holds is left to it this long; after that (it died before it
 #: answered) a re-delivered request is taken over.
 CLAIM_TTL = dt.timedelta(seconds=30)
+#: Through a shared group each delivery reaches one replica, so a request whose claim another
+#: replica took more than this long ago is the device's retry (its answer was lost), not the
+#: same delivery racing: the replica that got it answers (the same certificate, ``repeated``).
+SHARED_CLAIM_TAKE_OVER = dt.timedelta(seconds=1)
 #: A device's claims older than this are deleted when it next asks.
 CLAIM_RETENTION = dt.timedelta(days=1)
 
@@ -80,12 +85,17 @@ class RenewalBasis:
 
 
 def claim_request(
-    session: Session, device_id: str, payload: bytes, instance: str, now: dt.datetime
+    session: Session,
+    device_id: str,
+    payload: bytes,
+    instance: str,
+    now: dt.datetime,
+    take_over_after: dt.timedelta = CLAIM_TTL,
 ) -> bool:
     """Claim the answer to one renewal request for replica ``instance``; commits.
 
     True: this replica answers (it inserted the claim first, or holds it already: a
-    re-delivery, or the claim of another replica is older than :data:`CLAIM_TTL`). False:
+    re-delivery, or the claim of another replica is older than ``take_over_after``). False:
     another replica claimed it and answers; stay silent.
     """
     digest = hashlib.sha256(payload).hexdigest()
@@ -109,7 +119,7 @@ def claim_request(
             update(table)
             .where(
                 table.c.fingerprint == fingerprint,
-                (table.c.instance == instance) | (table.c.claimed_at < now - CLAIM_TTL),
+                (table.c.instance == instance) | (table.c.claimed_at < now - take_over_after),
             )
             .values(instance=instance, claimed_at=now)
         )

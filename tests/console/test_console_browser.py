@@ -239,7 +239,8 @@ def test_operator_certificate_signs_in_in_the_browser(
         expect(page.get_by_text("spiffe://fleet.test/operator/browser-operator")).to_be_visible()
         page.get_by_role("button", name="Sign in with this certificate").click()
         page.get_by_role("heading", name="Fleet").wait_for()
-        expect(page.locator(".who")).to_have_text("operator/browser-operator (certificate)")
+        expect(page.locator(".who")).to_contain_text("operator/browser-operator (certificate)")
+        expect(page.locator("#who-role")).to_have_text("role: operator")
     finally:
         page.context.close()
 

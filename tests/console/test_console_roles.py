@@ -96,7 +96,8 @@ def test_an_operator_certificate_acts_and_the_audit_names_its_role(
     done = console.http.post(
         "/ui/devices/dev-act-1/decommission", data={"reason": "retired", "csrf_token": csrf}
     )
-    assert done.status_code == 200
+    assert done.status_code == 303  # Post/Redirect/Get
+    assert done.headers["location"].startswith("/ui/devices/dev-act-1?decommissioned=")
     with Session(registry.state.engine) as session:
         entry = session.exec(
             select(AuditLog).where(

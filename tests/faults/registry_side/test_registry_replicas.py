@@ -95,9 +95,15 @@ def scratch_database(postgres_database: str) -> str:
 
 
 def _pair(
-    pki: TestPKI, database_url: str, root: Path, broker: BrokerServer | None
+    pki: TestPKI,
+    database_url: str,
+    root: Path,
+    broker: BrokerServer | None,
+    *,
+    shared_groups: bool = True,
 ) -> Iterator[Pair]:
     env = {
+        "CERTFLEET_REGISTRY_MQTT_SHARED": "true" if shared_groups else "false",
         "CERTFLEET_REGISTRY_FEED_POLL_SECONDS": str(FEED_POLL_S),
         "CERTFLEET_REGISTRY_RENEWAL_MIN_INTERVAL_S": "120",
         "CERTFLEET_REGISTRY_RENEWAL_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
@@ -131,14 +137,28 @@ def pair(pki: TestPKI, scratch_database: str, tmp_path: Path) -> Iterator[Pair]:
     yield from _pair(pki, scratch_database, tmp_path, None)
 
 
-@pytest.fixture
-def pair_with_broker(pki: TestPKI, scratch_database: str, tmp_path: Path) -> Iterator[Pair]:
-    """Two replicas, both subscribed to our broker for renewal requests."""
-    with BrokerServer(certfleet_broker_settings(pki, tmp_path / "broker-data")) as broker:
-        for made in _pair(pki, scratch_database, tmp_path, broker):
+def _pair_with_broker(
+    pki: TestPKI, database_url: str, root: Path, *, shared_groups: bool
+) -> Iterator[Pair]:
+    with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
+        for made in _pair(pki, database_url, root, broker, shared_groups=shared_groups):
             for replica in (made.a, made.b):
                 _wait_for_metric(replica, "certfleet_registry_telemetry_subscribed", 1)
             yield made
+
+
+@pytest.fixture
+def pair_with_broker(pki: TestPKI, scratch_database: str, tmp_path: Path) -> Iterator[Pair]:
+    """Two replicas subscribed to our broker through the shared groups (the default): each
+    renewal request reaches one of them."""
+    yield from _pair_with_broker(pki, scratch_database, tmp_path, shared_groups=True)
+
+
+@pytest.fixture
+def pair_both_subscribed(pki: TestPKI, scratch_database: str, tmp_path: Path) -> Iterator[Pair]:
+    """Two replicas with plain subscriptions (``CERTFLEET_REGISTRY_MQTT_SHARED=false``): both
+    receive every renewal request, and the database claim lets one answer (the safety net)."""
+    yield from _pair_with_broker(pki, scratch_database, tmp_path, shared_groups=False)
 
 
 class LongPoll:
@@ -308,8 +328,8 @@ def _claimed_elsewhere(pair: Pair) -> float:
     return pair.a.metric(name) + pair.b.metric(name)
 
 
-def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pair) -> None:
-    pair = pair_with_broker
+def test_a_renewal_request_is_answered_once_by_two_replicas(pair_both_subscribed: Pair) -> None:
+    pair = pair_both_subscribed
     probe, issued = _device(pair, "dev-renew-rep")
     csr = _csr(pair, "dev-renew-rep")
     try:
@@ -340,9 +360,9 @@ def test_a_renewal_request_is_answered_once_by_two_replicas(pair_with_broker: Pa
 
 
 def test_the_renewal_rate_limit_counts_each_request_once_across_replicas(
-    pair_with_broker: Pair,
+    pair_both_subscribed: Pair,
 ) -> None:
-    pair = pair_with_broker
+    pair = pair_both_subscribed
     probe, issued = _device(pair, "dev-limit-rep")
     try:
         for attempt in range(MAX_ATTEMPTS + 1):
@@ -354,5 +374,54 @@ def test_the_renewal_rate_limit_counts_each_request_once_across_replicas(
         answers = _answers(probe, issued)
         errors = [json.loads(answer)["error"] for answer in answers]
         assert errors == ["invalid_csr"] * MAX_ATTEMPTS + ["rate_limited"], errors
+    finally:
+        probe.close()
+
+
+def _issued_total(pair: Pair) -> float:
+    name = 'certfleet_registry_renewals_total{outcome="issued"}'
+    return pair.a.metric(name) + pair.b.metric(name)
+
+
+def test_through_the_shared_group_a_renewal_request_reaches_one_replica(
+    pair_with_broker: Pair,
+) -> None:
+    """The default: one delivery per request across the replicas (no claim race at all), and
+    the same request again is still answered with the same certificate by whichever gets it."""
+    pair = pair_with_broker
+    probe, issued = _device(pair, "dev-renew-shared")
+    csr = _csr(pair, "dev-renew-shared")
+    try:
+        probe.client.publish("devices/dev-renew-shared/cert/renew", csr, 1)
+        must_wait_for(lambda: len(_answers(probe, issued)) >= 1, "the renewal answer")
+        time.sleep(1.0)  # room for a second answer or a claim race, were one coming
+        [answer] = _answers(probe, issued)
+        assert answer.startswith(b"-----BEGIN CERTIFICATE-----"), answer[:200]
+        assert _issued_total(pair) == 1, _renewal_outcomes(pair)
+        assert _claimed_elsewhere(pair) == 0, _renewal_outcomes(pair)
+        probe.client.publish("devices/dev-renew-shared/cert/renew", csr, 1)
+        must_wait_for(lambda: len(_answers(probe, issued)) >= 2, "the second answer")
+        time.sleep(1.0)
+        assert _answers(probe, issued) == [answer, answer]
+        assert _claimed_elsewhere(pair) == 0, _renewal_outcomes(pair)
+    finally:
+        probe.close()
+
+
+def test_through_the_shared_group_the_rate_limit_holds_across_replicas(
+    pair_with_broker: Pair,
+) -> None:
+    """Requests spread over the replicas by the group still count against one limit."""
+    pair = pair_with_broker
+    probe, issued = _device(pair, "dev-limit-shared")
+    try:
+        for attempt in range(MAX_ATTEMPTS + 1):
+            payload = f"not a CSR, attempt {attempt}".encode()
+            probe.client.publish("devices/dev-limit-shared/cert/renew", payload, 1)
+            must_wait_for(lambda: len(_answers(probe, issued)) > attempt, "an answer")  # noqa: B023
+        time.sleep(1.0)
+        errors = [json.loads(answer)["error"] for answer in _answers(probe, issued)]
+        assert errors == ["invalid_csr"] * MAX_ATTEMPTS + ["rate_limited"], errors
+        assert _claimed_elsewhere(pair) == 0, _renewal_outcomes(pair)
     finally:
         probe.close()
