@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import Refusal
+from broker.revoked_set import RevokedSet
 from broker.server import BrokerServer
 from device_sim.renew import renew_bundle
 from factory.ca import write_issued
@@ -285,10 +286,14 @@ def test_a_session_still_presenting_the_superseded_certificate_is_dropped_after_
 
 
 def _expired_serial_in_file(stack: Lifecycle, serial: str) -> bool:
+    """Whether a broker starting from this broker's files (snapshot + journal) would enforce
+    ``serial``."""
     assert stack.broker.app is not None
-    path = stack.broker.app.revoked.path
-    assert path is not None
-    return serial in json.loads(path.read_text())["serials"]
+    live = stack.broker.app.revoked
+    assert live.folder is not None
+    persisted = RevokedSet(live.folder, stack.broker.app.settings.broker_node)
+    persisted.load()
+    return persisted.is_serial_revoked(serial)
 
 
 def test_expired_certificate_leaves_the_crl_and_the_revoked_set_not_before_skew(
