@@ -281,8 +281,9 @@ class _Demo:
                 f"fleet publishing: {before.connected} connected, {before.acked:,} messages "
                 "acknowledged so far"
             )
-            victim = bundles[len(bundles) // 2].device_id
-            witness = bundles[0].device_id
+            minted = [bundle for bundle in bundles if bundle.device_id not in enrolled]
+            victim = minted[len(minted) // 2].device_id  # dev-000501 of 1,000, as before
+            witness = minted[0].device_id
             self._decommission_and_prove(run, http, victim, count)
             self._registry_view(http, victim, witness, count)
             self._enrolled_view(http, enrolled)
