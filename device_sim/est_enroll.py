@@ -6,8 +6,8 @@ builds a CSR naming only that serial (subject serialNumber: the registry decides
 id from the claim's allow-list, never from the CSR alone), and POSTs it base64 DER to
 ``<registry>/.well-known/est/simpleenroll`` on a new TLS connection authenticated by the
 claim (client auth). The answer (certs-only PKCS#7, base64) holds its certificate; the device
-writes its bundle (:func:`factory.bundle.write_bundle`, the one bundle format) and from there
-on is an ordinary simulated device (:class:`device_sim.runner.SimRun`).
+writes its bundle in the factory's layout (:func:`device_sim.bundle.write_enrolled_bundle`)
+and from there on is an ordinary simulated device (:class:`device_sim.runner.SimRun`).
 
 Enrollments run with bounded concurrency. A refusal (quota, allow-list, expired or revoked
 claim) is one line per device and counted, never an exception for the run.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import shutil
 import ssl
 import time
 from collections import Counter
@@ -35,9 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from device_sim.bundle import DeviceBundle
+from device_sim.bundle import DeviceBundle, write_enrolled_bundle
 from device_sim.errors import BundleError, SimError
-from factory.bundle import SharedCAFiles, bundle_info, write_bundle
 from fleetcore.errors import IdentityError
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.profile import (
@@ -63,8 +61,6 @@ EST_PATH: Final = "/.well-known/est/simpleenroll"
 _CLAIM_FILES: Final = ("claim.crt", "claim.key", "chain.pem", "root.crt")
 #: Largest answer a device reads (a certs-only PKCS#7 of one certificate is ~1 KiB).
 _MAX_ANSWER: Final = 64 * 1024
-#: Temporary folder for half-written bundles (beside ``devices/``, never inside it).
-_TMP: Final = ".est-enroll-tmp"
 
 
 class EstEnrollmentError(SimError):
@@ -225,7 +221,8 @@ class _Target:
     context: ssl.SSLContext
     data_dir: Path
     broker: str
-    ca_files: SharedCAFiles
+    chain_pem: bytes
+    root_pem: bytes
     key_algorithm: str
 
 
@@ -239,24 +236,23 @@ def _enroll_one(target: _Target, serial: str) -> DeviceBundle:
         raise EstEnrollmentError(
             f"device {serial}: {final} exists already; use another --data-dir", "bundle_exists"
         )
-    write_bundle(
-        target.data_dir / _TMP / device_id,
+    return write_enrolled_bundle(
         final,
         certificate_pem=certificate.public_bytes(serialization.Encoding.PEM),
         key_pem=private_key_pem(key),
-        ca_files=target.ca_files,
-        info_json=bundle_info(
-            device_id=device_id,
-            hardware_serial=serial,
-            serial=serial_hex(certificate.serial_number),
-            identity=identity.uri,
-            trust_domain=identity.trust_domain,
-            not_before=certificate.not_valid_before_utc.isoformat(),
-            not_after=certificate.not_valid_after_utc.isoformat(),
-            broker=target.broker,
-        ),
+        chain_pem=target.chain_pem,
+        root_pem=target.root_pem,
+        info={
+            "device_id": device_id,
+            "hardware_serial": serial,
+            "serial": serial_hex(certificate.serial_number),
+            "identity": identity.uri,
+            "trust_domain": identity.trust_domain,
+            "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+            "broker": target.broker,
+        },
     )
-    return DeviceBundle.load(final)
 
 
 def enroll_fleet(
@@ -274,15 +270,14 @@ def enroll_fleet(
     ``data_dir/devices/<device id>/``. At most ``concurrency`` enrollments in flight."""
     if not est_url.startswith("https://"):
         raise SimError(f"EST URL {est_url!r} must be https:// (the registry's HTTPS listener)")
-    tmp = data_dir / _TMP
-    tmp.mkdir(parents=True, exist_ok=True)
     (data_dir / "devices").mkdir(parents=True, exist_ok=True)
     target = _Target(
         est_url,
         claim.tls_context(),
         data_dir,
         broker,
-        SharedCAFiles(tmp, chain_pem=claim.chain.read_bytes(), root_pem=claim.root.read_bytes()),
+        claim.chain.read_bytes(),
+        claim.root.read_bytes(),
         key_algorithm,
     )
     report = EnrollmentReport()
@@ -298,11 +293,8 @@ def enroll_fleet(
             if on_refused is not None:  # the one line a person reads; the log keeps it quiet
                 on_refused(str(exc))
 
-    try:
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="est") as pool:
-            list(pool.map(one, serials))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="est") as pool:
+        list(pool.map(one, serials))
     report.elapsed_s = time.monotonic() - started
     report.enrolled.sort(key=lambda bundle: bundle.device_id)
     log.info(
