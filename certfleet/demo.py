@@ -7,8 +7,11 @@
    provisioned and registered with it (``certfleet factory provision --registry``);
 4. the broker started as a subprocess (``certfleet broker serve``) following the registry's
    revocation feed;
-5. the simulator publishing from every device;
-6. one device decommissioned over REST with the operator's certificate, and the proof:
+5. a production batch's claim minted (``certfleet factory claim create``) and a few devices
+   that hold only that claim and their hardware serial enrolling over EST (their keys born
+   on them), plus one serial outside the batch's allow-list refused;
+6. the simulator publishing from every device, factory-minted and enrolled alike;
+7. one device decommissioned over REST with the operator's certificate, and the proof:
    its live connection dropped within a second of the call returning, its reconnect refused,
    every other device still publishing, and the registry's last-seen view.
 
@@ -36,24 +39,29 @@ from certfleet.procs import (
     ISOLATED_ENV,
     OrchestrationError,
     ProcessGroup,
+    create_claim,
     free_port,
     provision_fleet,
 )
 from certfleet.settings import OrchestrateSettings
 from device_sim.bundle import discover_bundles
 from device_sim.device import DeviceConfig, DeviceEvent
+from device_sim.est_enroll import ClaimCredentials, enroll_fleet
 from device_sim.runner import SimRun
 from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from fleetcore.tls import service_client_context
 
-__all__ = ["DEMO_MARKER", "Check", "DemoResult", "prepare_demo_folder", "run_demo"]
+__all__ = ["DEMO_MARKER", "ZERO_TOUCH", "Check", "DemoResult", "prepare_demo_folder", "run_demo"]
 
 log = logging.getLogger(__name__)
 
 DEMO_MARKER = ".certfleet-demo"
 OPERATOR = "demo-operator"
+#: Devices the demo enrolls by claim over EST (zero-touch), beside the factory-minted ones.
+ZERO_TOUCH = 3
+CLAIM_BATCH = "demo-batch"
 #: Reasons a device stops for when its identity is refused (TLS alert or CONNACK).
 REFUSAL_REASONS = {
     "certificate_revoked",
@@ -189,8 +197,46 @@ class _Demo:
 
             with operator_client(layout, url) as http:
                 self._check_registered(http, count)
-                self._simulate(layout, http, broker_port, count)
+                enrolled = self._enroll_by_claim(root, url, broker_addr)
+                self._simulate(layout, http, broker_port, count + len(enrolled), enrolled)
         return self.result
+
+    def _enroll_by_claim(self, root: Path, url: str, broker_addr: str) -> list[str]:
+        """Zero-touch: mint a batch's claim, enroll ZERO_TOUCH devices with it over EST
+        (each knowing only its hardware serial), and see a stranger's serial refused."""
+        serials = [f"SN-DEMO-{index:04d}" for index in range(1, ZERO_TOUCH + 1)]
+        allow = root / "claims" / f"{CLAIM_BATCH}.allow"
+        allow.parent.mkdir(parents=True, exist_ok=True)
+        allow.write_text("".join(f"zt-{s[-4:]},{s}\n" for s in serials))
+        create_claim(
+            root, CLAIM_BATCH, quota=ZERO_TOUCH, allow_file=allow, registry_url=url,
+            env=ISOLATED_ENV,
+        )  # fmt: skip
+        refusals: list[str] = []
+        report = enroll_fleet(
+            ClaimCredentials.load(root / "claims" / CLAIM_BATCH),
+            url,
+            [*serials, "SN-STRANGER"],
+            root,
+            broker_addr,
+            concurrency=ZERO_TOUCH + 1,
+            on_refused=refusals.append,
+        )
+        enrolled = [bundle.device_id for bundle in report.enrolled]
+        self.result.facts["est_enrollment"] = report.as_dict()
+        self.check(
+            "devices enrolled by claim over EST",
+            len(enrolled) == ZERO_TOUCH,
+            f"{', '.join(enrolled)} enrolled with claim {CLAIM_BATCH} in "
+            f"{report.elapsed_s * 1000:.0f} ms (key made on the device, CSR naming only its "
+            "hardware serial)",
+        )
+        self.check(
+            "serial outside the allow-list refused",
+            list(report.refused) == ["SN-STRANGER"],
+            refusals[0] if refusals else "SN-STRANGER was enrolled",
+        )
+        return enrolled
 
     def _provision(self, root: Path, url: str, broker_addr: str, count: int) -> None:
         started = time.monotonic()
@@ -210,7 +256,12 @@ class _Demo:
         self.check("devices registered", active == count, f"{active} active in the registry")
 
     def _simulate(
-        self, layout: DataLayout, http: httpx.Client, broker_port: int, count: int
+        self,
+        layout: DataLayout,
+        http: httpx.Client,
+        broker_port: int,
+        count: int,
+        enrolled: list[str],
     ) -> None:
         settings = self.settings
         bundles = discover_bundles(layout.root)
@@ -230,10 +281,12 @@ class _Demo:
                 f"fleet publishing: {before.connected} connected, {before.acked:,} messages "
                 "acknowledged so far"
             )
-            victim = bundles[len(bundles) // 2].device_id
-            witness = bundles[0].device_id
+            minted = [bundle for bundle in bundles if bundle.device_id not in enrolled]
+            victim = minted[len(minted) // 2].device_id  # dev-000501 of 1,000, as before
+            witness = minted[0].device_id
             self._decommission_and_prove(run, http, victim, count)
             self._registry_view(http, victim, witness, count)
+            self._enrolled_view(http, enrolled)
             run.stop()
             run.wait(30)
             self.result.facts["simulator"] = run.summary()
@@ -347,6 +400,20 @@ class _Demo:
             "registry stats seen in the last minute",
             seen >= count - 1,
             f"seen_last_minute={seen} (fleet of {count})",
+        )
+
+    def _enrolled_view(self, http: httpx.Client, enrolled: list[str]) -> None:
+        views = [http.get(f"/api/v1/devices/{device_id}").json() for device_id in enrolled]
+        publishing = [
+            f"{view.get('device_id')} ({view.get('hardware_serial')}, seq "
+            f"{(view.get('last_telemetry') or {}).get('seq')})"
+            for view in views
+            if view.get("last_seen_at") and view.get("status") == "active"
+        ]
+        self.check(
+            "devices enrolled by claim publishing",
+            bool(enrolled) and len(publishing) == len(enrolled),
+            f"registry last seen: {', '.join(publishing) or 'none'}",
         )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "OrchestrationError",
     "ProcessGroup",
     "certfleet_argv",
+    "create_claim",
     "free_port",
     "provision_fleet",
     "terminate_on_sigterm",
@@ -90,6 +91,33 @@ def provision_fleet(
         argv += ["--lifetime", lifetime]
     if stagger is not None:
         argv += ["--stagger", stagger]
+    return _certfleet_json(argv, "provisioning", env, timeout)
+
+
+def create_claim(
+    data_dir: Path,
+    batch: str,
+    *,
+    quota: int,
+    allow_file: Path,
+    registry_url: str,
+    expires: str = "1d",
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    """``certfleet factory claim create`` for ``batch`` into ``data_dir/claims/<batch>/``,
+    recorded in the registry at ``registry_url``; its JSON summary."""
+    argv = certfleet_argv(
+        "factory", "claim", "create", "--batch", batch, "--quota", str(quota),
+        "--expires", expires, "--allow-file", str(allow_file), "--registry", registry_url,
+        "--data-dir", str(data_dir), "--json",
+    )  # fmt: skip
+    return _certfleet_json(argv, "claim creation", env, timeout)
+
+
+def _certfleet_json(
+    argv: list[str], what: str, env: dict[str, str] | None, timeout: float
+) -> dict[str, Any]:
     completed = subprocess.run(  # noqa: S603  (our own CLI, fixed arguments)
         argv,
         capture_output=True,
@@ -100,13 +128,13 @@ def provision_fleet(
     )
     if completed.returncode != 0:
         raise OrchestrationError(
-            f"provisioning failed (exit {completed.returncode}): {completed.stderr.strip()[-2000:]}"
+            f"{what} failed (exit {completed.returncode}): {completed.stderr.strip()[-2000:]}"
         )
     try:
         summary: dict[str, Any] = json.loads(completed.stdout)
     except ValueError:
         raise OrchestrationError(
-            f"provisioning printed no JSON summary: {completed.stdout[-500:]}"
+            f"{what} printed no JSON summary: {completed.stdout[-500:]}"
         ) from None
     return summary
 

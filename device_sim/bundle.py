@@ -7,14 +7,17 @@ its private key, the root it trusts, and ``device.json`` (the device id and brok
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from device_sim.errors import BundleError
+from fleetcore.layout import write_private, write_public
 from fleetcore.tls import TlsSetupError, client_context
 
-__all__ = ["DeviceBundle", "discover_bundles", "tls_context"]
+__all__ = ["DeviceBundle", "discover_bundles", "tls_context", "write_enrolled_bundle"]
 
 _REQUIRED_FILES = ("device.crt", "device.key", "root.crt", "device.json")
 
@@ -84,3 +87,27 @@ def tls_context(
             f"device {bundle.device_id}: {exc}: re-provision it ('certfleet factory provision') "
             "or pass the right --data-dir"
         ) from None
+
+
+def write_enrolled_bundle(
+    directory: Path,
+    *,
+    certificate_pem: bytes,
+    key_pem: bytes,
+    chain_pem: bytes,
+    root_pem: bytes,
+    info: dict[str, str | None],
+) -> DeviceBundle:
+    """Write the bundle of a device that enrolled itself (EST), in the factory's layout
+    (device.crt, device.key 0600, chain.pem, root.crt, device.json): into a hidden sibling
+    folder, renamed into place, so it exists complete or not at all. device_sim may not
+    import the factory (tests/architecture), so the device writes its own flash here."""
+    temporary = directory.with_name(f".{directory.name}.enroll-tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write_private(temporary / "device.key", key_pem)
+    write_public(temporary / "device.crt", certificate_pem)
+    write_public(temporary / "chain.pem", chain_pem)
+    write_public(temporary / "root.crt", root_pem)
+    write_public(temporary / "device.json", (json.dumps(info, indent=2) + "\n").encode())
+    os.rename(temporary, directory)
+    return DeviceBundle.load(directory)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,10 +16,22 @@ from rich.console import Console
 from device_sim.bundle import DeviceBundle, discover_bundles
 from device_sim.device import DeviceConfig
 from device_sim.errors import SimError
+from device_sim.est_enroll import (
+    ClaimCredentials,
+    EnrollmentReport,
+    enroll_fleet,
+    hardware_serials,
+)
 from device_sim.progress import watch
 from device_sim.renew import renew_bundle
 from device_sim.runner import SimRun
-from device_sim.settings import broker_list, build_settings, parse_addr, renewal_policy
+from device_sim.settings import (
+    SimSettings,
+    broker_list,
+    build_settings,
+    parse_addr,
+    renewal_policy,
+)
 from fleetcore.keys import KEY_ALGORITHMS
 
 app = typer.Typer(help="Simulated devices publishing telemetry over mTLS.", no_args_is_help=True)
@@ -38,6 +51,13 @@ BrokersOption = Annotated[
         "(default: CERTFLEET_SIM_BROKERS, CERTFLEET_BROKER_ADDR or device.json)",
     ),
 ]
+
+
+class EnrollMode(enum.StrEnum):
+    """How the simulated devices get their identity."""
+
+    BUNDLES = "bundles"
+    EST = "est"
 
 
 @app.command("run")
@@ -86,10 +106,40 @@ def run(
     as_json: Annotated[
         bool, typer.Option("--json", help="print only the JSON summary on stdout")
     ] = False,
+    enroll: Annotated[
+        EnrollMode,
+        typer.Option(
+            "--enroll",
+            help="bundles: run the factory's bundles; est: devices first enroll by claim",
+        ),
+    ] = EnrollMode.BUNDLES,
+    claim: Annotated[
+        Path | None,
+        typer.Option("--claim", help="claims/<batch>/ folder (with --enroll est)"),
+    ] = None,
+    serials: Annotated[
+        Path | None,
+        typer.Option("--serials", help="hardware serials, one a line (with --enroll est)"),
+    ] = None,
+    serial_prefix: Annotated[
+        str | None,
+        typer.Option("--serial-prefix", help="serials <prefix><index> when no --serials file"),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option("--registry-url", help="registry https URL, its EST server (--enroll est)"),
+    ] = None,
+    enroll_concurrency: Annotated[
+        int | None,
+        typer.Option("--enroll-concurrency", help="EST enrollments in flight (default 16)"),
+    ] = None,
 ) -> None:
-    """Run simulated devices from their bundles and print a summary at the end."""
+    """Run simulated devices (from their bundles, or enrolled by claim over EST first) and
+    print a summary at the end."""
     if devices is not None and all_devices:
         raise SimError("pass either --devices N or --all, not both")
+    if enroll is EnrollMode.BUNDLES and (claim or serials or serial_prefix):
+        raise SimError("--claim, --serials and --serial-prefix go with --enroll est")
     settings = build_settings(
         data_dir=data_dir,
         sim_brokers=broker,
@@ -103,9 +153,20 @@ def run(
         sim_renew=renew,
         sim_renew_at=renew_at,
         sim_renewal_log=renewal_log,
+        registry_url=registry_url,
+        sim_enroll_concurrency=enroll_concurrency,
+        sim_serial_prefix=serial_prefix,
     )
-    limit = None if all_devices else settings.sim_devices
-    bundles = discover_bundles(settings.data_dir, limit)
+    enrollment: EnrollmentReport | None = None
+    if enroll is EnrollMode.EST:
+        enrollment = _enroll_by_claim(settings, claim, serials, all_devices, as_json)
+        bundles = enrollment.enrolled
+        if not bundles:
+            _print_summary({"enrollment": enrollment.as_dict()}, as_json)
+            raise typer.Exit(1)
+    else:
+        limit = None if all_devices else settings.sim_devices
+        bundles = discover_bundles(settings.data_dir, limit)
     address = settings.sim_brokers or settings.broker_addr or bundles[0].broker
     if address is None:
         raise SimError("no broker address: pass --broker host:port")
@@ -150,12 +211,57 @@ def run(
     finally:
         signal.signal(signal.SIGINT, previous)
     summary = sim.summary()
+    if enrollment is not None:
+        summary["enrollment"] = enrollment.as_dict()
+    _print_summary(summary, as_json)
+    if summary["errors"] or summary["devices_connected_ever"] == 0:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         Console().print_json(json.dumps(summary))
-    if summary["errors"] or summary["devices_connected_ever"] == 0:
-        raise typer.Exit(1)
+
+
+def _enroll_by_claim(
+    settings: SimSettings,
+    claim: Path | None,
+    serials_file: Path | None,
+    all_devices: bool,
+    as_json: bool,
+) -> EnrollmentReport:
+    """Enroll the devices over EST with the claim; their bundles go into the data folder."""
+    if claim is None:
+        raise SimError("--enroll est needs --claim claims/<batch>/")
+    if settings.registry_url is None:
+        raise SimError(
+            "--enroll est needs the registry's URL: --registry-url or CERTFLEET_REGISTRY_URL"
+        )
+    broker = settings.sim_brokers or settings.broker_addr
+    if broker is None:
+        raise SimError("--enroll est needs --broker host:port (devices have no device.json yet)")
+    if serials_file is None and (all_devices or settings.sim_devices is None):
+        raise SimError("--enroll est needs --devices N or a --serials file")
+    count = 0 if all_devices else settings.sim_devices or 0
+    serials = hardware_serials(settings.sim_serial_prefix, count, serials_file)
+    console = Console(stderr=True)
+    report = enroll_fleet(
+        ClaimCredentials.load(claim),
+        settings.registry_url,
+        serials,
+        settings.data_dir,
+        str(broker_list(broker)[0]),
+        concurrency=settings.sim_enroll_concurrency,
+        on_refused=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if not as_json:
+        console.print(
+            f"enrolled {len(report.enrolled)} of {len(serials)} devices by claim over EST "
+            f"in {report.elapsed_s:.1f} s ({len(report.refused)} refused)"
+        )
+    return report
 
 
 @app.command("renew")

@@ -94,6 +94,12 @@ class SimSettings(BaseSettings):
     sim_renew_key_algorithm: str = "p256"
     #: Append one JSON line per renewal event to this file.
     sim_renewal_log: Path | None = None
+    #: The registry's HTTPS URL (CERTFLEET_REGISTRY_URL): its EST server for ``--enroll est``.
+    registry_url: str | None = None
+    #: EST enrollments in flight at once (``--enroll est``).
+    sim_enroll_concurrency: int = Field(default=16, ge=1, le=1000)
+    #: Hardware serials ``<prefix><index>`` when no serials file is given (``--enroll est``).
+    sim_serial_prefix: str = Field(default="SN-", pattern=r"^[\x21-\x7e]{0,100}$")
 
 
 def build_settings(**overrides: Any) -> SimSettings:

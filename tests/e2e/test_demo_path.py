@@ -15,13 +15,22 @@ from click.testing import Result
 from rich.console import Console
 from typer.testing import CliRunner
 
-from certfleet.demo import DEMO_MARKER, Check, DemoResult, prepare_demo_folder, run_demo
+from certfleet.demo import (
+    DEMO_MARKER,
+    ZERO_TOUCH,
+    Check,
+    DemoResult,
+    prepare_demo_folder,
+    run_demo,
+)
 from certfleet.orchestrate import register
 from certfleet.procs import OrchestrationError
 from certfleet.settings import OrchestrateSettings
 
 EXPECTED_CHECKS = [
     "devices registered",
+    "devices enrolled by claim over EST",
+    "serial outside the allow-list refused",
     "every device connected",
     "decommission accepted",
     "live session dropped within 1 s",
@@ -30,6 +39,7 @@ EXPECTED_CHECKS = [
     "registry shows the device decommissioned",
     "registry shows last seen",
     "registry stats seen in the last minute",
+    "devices enrolled by claim publishing",
 ]
 
 
@@ -60,7 +70,9 @@ def test_demo_path_with_a_few_hundred_devices(tmp_path: Path) -> None:
     assert result.facts["drop_after_return_s"] <= 1.0
     assert result.facts["provision"]["registry"]["created"] == 300
     simulator = result.facts["simulator"]
-    assert simulator["devices_connected_ever"] == 300
+    assert result.facts["est_enrollment"]["enrolled"] == ZERO_TOUCH
+    assert result.facts["est_enrollment"]["refused_by_reason"] == {"forbidden": 1}
+    assert simulator["devices_connected_ever"] == 300 + ZERO_TOUCH
     assert simulator["stopped_by_reason"] in (
         {"connack_not_authorized": 1},
         {"certificate_revoked": 1},

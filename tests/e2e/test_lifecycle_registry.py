@@ -576,3 +576,62 @@ def test_a_device_enrolled_by_claim_over_est_reenrolls_and_its_old_certificate_g
     assert by_serial[old_serial]["revocation_reason"] == "superseded"
     assert by_serial[new_serial]["status"] == "live"
     assert body["hardware_serial"] == serial
+
+
+def test_sim_devices_enroll_by_claim_over_est_publish_and_a_stranger_is_refused(
+    stack: Lifecycle, tmp_path: Path
+) -> None:
+    """`certfleet sim run --enroll est`: five devices knowing only their hardware serial and
+    the batch's claim enroll over EST, connect with their new certificates and their
+    telemetry reaches the registry (last seen); a sixth serial outside the allow-list is
+    refused with one line and counted, and the run goes on."""
+    from factory.claims import AllowEntry
+    from tests.registry.est_client import make_claim
+
+    allowed = [AllowEntry(f"zt-{index}", f"SN-ZT-{index}") for index in range(1, 6)]
+    claim = make_claim(stack.pki, stack.operator, tmp_path, "batch-sim", allow=allowed)
+    claim_dir = tmp_path / "claims" / "batch-sim"  # as factory.claims.write_claim lays it out
+    claim_dir.mkdir(parents=True)
+    shutil.copy(claim.cert, claim_dir / "claim.crt")
+    shutil.copy(claim.key, claim_dir / "claim.key")
+    shutil.copy(stack.pki.layout.chain, claim_dir / "chain.pem")
+    shutil.copy(stack.pki.layout.root_cert, claim_dir / "root.crt")
+    serials = tmp_path / "serials.txt"
+    serials.write_text(
+        "# the line's serials\n"
+        + "".join(f"{e.hardware_serial}\n" for e in allowed)
+        + "SN-STRANGER\n"
+    )
+
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "certfleet.cli", "sim", "run", "--enroll", "est",
+            "--claim", str(claim_dir), "--serials", str(serials),
+            "--data-dir", str(tmp_path / "fleet"), "--registry-url", stack.registry.url,
+            "--broker", f"127.0.0.1:{stack.broker.port}", "--workers", "0",
+            "--duration", "3", "--rate", "2", "--no-renew", "--json",
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["enrollment"]["enrolled"] == 5, summary["enrollment"]
+    assert summary["enrollment"]["refused"] == 1
+    assert summary["enrollment"]["refused_by_reason"] == {"forbidden": 1}
+    refusals = [line for line in result.stderr.splitlines() if "enrollment refused" in line]
+    assert len(refusals) == 1, result.stderr
+    assert refusals[0].startswith("device SN-STRANGER: enrollment refused (403)"), refusals
+    assert summary["devices_connected_ever"] == 5, summary
+    assert summary["messages_acknowledged"] >= 5, summary
+    for entry in allowed:
+        bundle = tmp_path / "fleet" / "devices" / entry.device_id
+        assert (bundle / "device.key").stat().st_mode & 0o777 == 0o600
+        info = json.loads((bundle / "device.json").read_text())
+        assert info["hardware_serial"] == entry.hardware_serial
+
+        def seen(device_id: str = entry.device_id) -> bool:
+            body = stack.operator.get(f"/devices/{device_id}").json()
+            return body["last_seen_at"] is not None and body["hardware_serial"] is not None
+
+        assert wait_for(seen, 15), f"{entry.device_id}'s telemetry did not reach the registry"
+    assert stack.operator.get("/devices/SN-STRANGER").status_code == 404
