@@ -635,6 +635,14 @@ class DurableSessions:
             return
         try:
             await handler.mqtt_publish(topic, msg.data, 1, retain=False)
+        except asyncio.CancelledError:
+            # amqtt cancels the PUBACK waiters of a connection that ends: handed back at
+            # once, not after the ack wait (the client may resume on another node now).
+            self._spawn(self._hand_back(msg))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the node shuts down
+            return
         except Exception:  # noqa: BLE001 - the client went away: redeliver elsewhere/later
             with contextlib.suppress(*_ERRORS):
                 await msg.nak()

@@ -88,6 +88,37 @@ def test_live_persistent_subscriber_gets_each_message_once(
             probe.close()
 
 
+def test_a_message_delivered_but_not_acknowledged_when_the_client_leaves_is_handed_back_at_once(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """A persistent subscriber leaves with a stored message sent to it but not PUBACKed:
+    the node hands it back at once, so the session resumed on the other node gets it well
+    before JetStream's ack wait (10 s) would redeliver it."""
+    node_a, node_b = start_node("a"), start_node("b")
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    holder = connect(node_a.port, monitor, "monitor", clean_session=False, manual_ack=True)
+    device = connect(node_b.port, issue_device(pki, tmp_path, "dev-h"), "dev-h")
+    try:
+        assert holder.connected.is_set() and device.connected.is_set()
+        holder.client.subscribe(TELEMETRY_FILTER, qos=1)
+        assert holder.subscribed.wait(5) and holder.suback == [1]
+        info = device.client.publish(telemetry_topic("dev-h"), b"held", qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        assert wait_for(lambda: (telemetry_topic("dev-h"), b"held") in holder.messages, 10)
+    finally:
+        holder.close()  # leaves without the PUBACK
+        device.close()
+    left = time.monotonic()
+    resumed = connect(node_b.port, monitor, "monitor", clean_session=False)
+    try:
+        assert resumed.connected.is_set(), resumed.reason
+        assert wait_for(lambda: (telemetry_topic("dev-h"), b"held") in resumed.messages, 8)
+        assert time.monotonic() - left < 4, "redelivered only after the ack wait"
+    finally:
+        resumed.close()
+
+
 def test_clean_session_discards_the_stored_session(
     pki: TestPKI, start_node: StartNode, tmp_path: Path
 ) -> None:

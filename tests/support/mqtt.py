@@ -62,11 +62,13 @@ def connect(
     protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
     keepalive: int = 30,
     max_inflight: int = 20,
+    manual_ack: bool = False,
 ) -> MqttProbe:
     """Connect a paho client over mTLS; returns the probe once connected, refused or failed.
 
     ``will`` is (topic, payload, qos, retain); ``max_inflight`` is paho's window of
-    unacknowledged QoS 1/2 messages (its default 20).
+    unacknowledged QoS 1/2 messages (its default 20); ``manual_ack`` keeps paho from
+    acknowledging what it receives (a client that leaves before its PUBACK).
     """
     cert, key = (files.cert, files.key) if isinstance(files, ClientFiles) else files
     ca_file = root or (files.root if isinstance(files, ClientFiles) else None)
@@ -88,6 +90,7 @@ def connect(
     )
     client.reconnect_delay_set(60, 120)  # never reconnect inside a test
     client.max_inflight_messages_set(max_inflight)
+    client.manual_ack_set(manual_ack)
     probe = MqttProbe(client)
 
     def on_connect(_c: mqtt.Client, _u: object, flags: object, rc: object, _p: object) -> None:
