@@ -52,6 +52,8 @@ __all__ = ["BrokerApp", "BrokerServer", "serve"]
 
 log = logging.getLogger(__name__)
 
+_STOP_TIMEOUT_S = 30.0
+
 T = TypeVar("T")
 
 
@@ -451,10 +453,17 @@ class BrokerServer:
         return self.call(lambda: app.revoke(serials, device_id))
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread is not None:
+        """Stop the broker and wait for its loop to end (raises if it does not in 30 s)."""
+        thread = self._thread
+        if self._loop is not None and self._stop is not None and thread is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=30)
+            thread.join(timeout=_STOP_TIMEOUT_S)
         self._thread = None
+        if thread is not None and thread.is_alive():
+            raise BrokerError(
+                f"the broker did not stop within {_STOP_TIMEOUT_S:.0f} s: a task of its loop "
+                "ignores cancellation (a bug: report it with the log)"
+            )
 
     def __enter__(self) -> BrokerServer:
         return self.start()
