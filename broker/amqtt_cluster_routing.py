@@ -50,6 +50,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker.amqtt_adapter import CertfleetBroker, never_retained
+from broker.amqtt_session import is_connected, publish
 from broker.broker_port import ClusterHooks, LocalClient, ShareRetained
 from broker.errors import BrokerError
 from fleetcore.topics import topic_matches
@@ -109,7 +110,7 @@ class AmqttClient:
 
     @property
     def connected(self) -> bool:
-        return bool(self._session.transitions.state == "connected")
+        return is_connected(self._session)
 
     @property
     def attached(self) -> bool:
@@ -144,7 +145,7 @@ class AmqttClient:
     async def deliver(self, topic: str, data: bytes, qos: int) -> None:
         if self._handler is None:
             raise BrokerError(f"client_id={self._session.client_id} has no connection here")
-        await self._handler.mqtt_publish(topic, data, qos, retain=False)
+        await publish(self._handler, topic, data, qos)
 
 
 class ClusterBroker(CertfleetBroker):
