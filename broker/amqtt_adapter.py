@@ -1,11 +1,15 @@
-"""amqtt, adapted: the one module that knows amqtt 0.12's insides (pinned ``amqtt<0.13``).
+"""amqtt, adapted for a single node: the plugins and the broker's overrides (amqtt 0.12,
+pinned ``amqtt<0.13``).
 
-Everything else in :mod:`broker` uses amqtt's public surface only (``Broker.start``,
-``shutdown``, ``external_connected``, ``retain_message``, the ``sessions``/``subscriptions``
-/``retained_messages`` properties, plugins with a ``Config`` dataclass, the reader/writer
-adapters, ``ConnectPacket``, ``Action``). What this module relies on beyond that is listed
-here, and each item is pinned by ``tests/broker/test_amqtt_adapter_pins.py``, so that an
-amqtt upgrade that moves it fails those tests loudly rather than the broker quietly:
+The adapter is this module, :mod:`broker.amqtt_cluster_routing` (a cluster node's broker,
+items 10-15) and :mod:`broker.amqtt_session` (session reads); they alone know amqtt's
+insides (``tests/architecture/test_amqtt_boundary.py``). Everything else in :mod:`broker`
+uses amqtt's public surface only (``Broker.start``, ``shutdown``, ``external_connected``,
+plugins with a ``Config`` dataclass, the reader/writer adapters, ``ConnectPacket``,
+``Action``) and the cluster the seam of :mod:`broker.broker_port`. What the adapter relies
+on beyond that is listed here, and each item is pinned by
+``tests/broker/test_amqtt_adapter_pins.py``, so that an amqtt upgrade that moves it fails
+those tests loudly rather than the broker quietly:
 
 1. ``Broker._topic_filtering(session, topic, action)`` — amqtt asks it for every PUBLISH,
    every SUBSCRIBE filter and every RECEIVE (each routed copy). Its own body asks topic

@@ -159,3 +159,48 @@ def test_the_rule_catches_a_planted_offender(tmp_path: Path) -> None:
         "bad.py:12 reads self.broker.subscriptions",
         "bad.py:13 reads broker.retained_messages",
     ]
+
+
+def _crossings(path: Path, forbidden: str) -> list[str]:
+    """The imports in ``path`` of a module under ``forbidden`` (a dotted prefix)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for module in _imported(node)
+        if module == forbidden or module.startswith(f"{forbidden}.")
+    ]
+
+
+def test_the_cluster_and_the_adapter_meet_only_at_the_port() -> None:
+    """No mutual holding: the cluster imports no adapter module (it holds the
+    :class:`~broker.broker_port.BrokerPort`), the adapter nothing of the cluster (it holds
+    the :class:`~broker.broker_port.ClusterHooks`)."""
+    cluster = sorted((ROOT / "broker" / "cluster").glob("*.py"))
+    assert cluster
+    adapter_names = [label[: -len(".py")].replace("/", ".") for label in sorted(ADAPTER_MODULES)]
+    assert [
+        (path.name, module)
+        for path in cluster
+        for name in adapter_names
+        for module in _crossings(path, name)
+    ] == []
+    assert [
+        (label, module)
+        for label in sorted(ADAPTER_MODULES)
+        for module in _crossings(ROOT / label, "broker.cluster")
+    ] == []
+
+
+def test_the_crossing_rule_catches_a_planted_import(tmp_path: Path) -> None:
+    offending = tmp_path / "bad.py"
+    offending.write_text(
+        "from broker.amqtt_adapter import CertfleetBroker\n"
+        "import broker.cluster.durable\n"
+        "from broker.broker_port import BrokerPort\n"
+        "from broker.clusterx import Y\n"
+    )
+    assert _crossings(offending, "broker.amqtt_adapter") == ["broker.amqtt_adapter"]
+    assert _crossings(offending, "broker.cluster") == ["broker.cluster.durable"]
+    assert _crossings(offending, "broker.broker_port") == ["broker.broker_port"]
