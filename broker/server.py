@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from broker.acl import TopicAcl
 from broker.amqtt_adapter import CertfleetBroker
+from broker.amqtt_cluster_routing import ClusterBroker
 from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
@@ -135,7 +136,9 @@ class BrokerApp:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
-        self.broker = CertfleetBroker(
+        # A cluster node's broker routes through the cluster (broker/amqtt_cluster_routing.py).
+        clustered = ClusterBroker if self.cluster is not None else CertfleetBroker
+        self.broker = broker = clustered(
             gate=self.gate,
             acl=self.acl,
             session_expiry_s=self.settings.broker_session_expiry_s,
@@ -157,8 +160,8 @@ class BrokerApp:
         await self.broker.start()
         if self.state_store is not None:
             await self._restore_state(self.state_store)
-        if self.cluster is not None:
-            self.cluster.attach(self.broker, self._close_session)
+        if self.cluster is not None and isinstance(broker, ClusterBroker):
+            self.cluster.attach(broker, self._close_session)
             self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
