@@ -13,6 +13,7 @@ CertfleetError
       ├── InvalidCSRError           422  a CSR the factory's checks refuse, or for another device
       ├── InvalidRequestError       422  a cursor or filter that cannot be used
       ├── RenewedTooSoonError       429  a device renewed again within the renewal interval
+      ├── SigninRateLimitedError    429  too many failed console sign-ins from one address
       └── UnavailableError          503  a dependency (database, CRL signer) is not ready; retry
 ConfigError
  └── RegistryTlsError               a TLS certificate, key or CA file of the registry is unusable
@@ -35,6 +36,7 @@ __all__ = [
     "RegistryError",
     "RegistryTlsError",
     "RenewedTooSoonError",
+    "SigninRateLimitedError",
     "UnavailableError",
 ]
 
@@ -103,6 +105,19 @@ class RenewedTooSoonError(RegistryError):
     def __init__(self, message: str, since_s: float) -> None:
         super().__init__(message)
         self.since_s = since_s
+
+
+class SigninRateLimitedError(RegistryError):
+    """Too many failed console sign-ins from one client address in the window."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, client: str, retry_after_s: int) -> None:
+        minutes, seconds = divmod(retry_after_s, 60)
+        wait = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+        super().__init__(f"Too many failed sign-ins from {client}. Try again in {wait}.")
+        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(RegistryError):

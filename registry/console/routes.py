@@ -35,14 +35,12 @@ from registry.auth import (
     client_host,
     request_actor,
 )
-from registry.console import queries
 from registry.console.charts import weekly_histogram
 from registry.console.render import CONSOLE_PREFIX, render
 from registry.console.sessions import (
     SESSION_COOKIE,
     SIGNIN_COOKIE,
     ConsoleUser,
-    RateLimited,
     create_session,
     end_session,
     find_session,
@@ -55,16 +53,18 @@ from registry.errors import (
     ConflictError,
     InvalidCSRError,
     NotFoundError,
+    SigninRateLimitedError,
 )
 from registry.models import (
     DEVICE_ID_PATTERN,
-    Certificate,
     DecommissionRequest,
     ReenrollRequest,
     ReenrollResult,
     Revocation,
 )
 from registry.state import RegistryState
+from registry.store import console as queries
+from registry.store.certificates import device_certificate
 from registry.store.devices import get_device, list_devices
 from registry.tls import peer_certificate_der
 
@@ -317,7 +317,7 @@ def sign_in(
     with Session(state.engine) as db:
         try:
             attempt = take_attempt(db, client, now, window, settings.console_signin_max_failures)
-        except RateLimited as limited:
+        except SigninRateLimitedError as limited:
             response = _refuse_sign_in(request, state, "rate_limited", str(limited), next, 429)
             response.headers["Retry-After"] = str(limited.retry_after_s)
             return response
@@ -633,8 +633,8 @@ def _issued_result(
     if not _SERIAL.fullmatch(serial):
         raise ConsoleRefusal(404, f"No certificate {serial!r}: that is not a serial number.")
     with Session(state.engine) as db:
-        row = db.get(Certificate, serial)
-    if row is None or row.device_id != device_id:
+        row = device_certificate(db, device_id, serial)
+    if row is None:
         raise ConsoleRefusal(404, f"No certificate {serial} of {device_id} is registered.")
     return ReenrollResult(
         device_id=device_id,
