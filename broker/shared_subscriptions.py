@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from amqtt.broker import RetainedApplicationMessage
 from amqtt.session import Session
 
-from broker.errors import BrokerError
+from broker.errors import SharedSubscriptionError
 from fleetcore.topics import topic_matches
 
 __all__ = [
@@ -61,10 +61,6 @@ GROUP_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SHARED_QOS = 1
 #: How often one message is handed to another member before it counts as lost.
 MAX_HANDOVERS = 8
-
-
-class SharedSubscriptionError(BrokerError):
-    """A ``$share`` filter is malformed (refused with SUBACK 0x80)."""
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,11 @@ from registry.console.sessions import (
 from registry.errors import (
     AlreadyDecommissionedError,
     ConflictError,
+    ConsoleRefusal,
     InvalidCSRError,
     NotFoundError,
     SigninRateLimitedError,
+    SignInRequired,
 )
 from registry.models import (
     DEVICE_ID_PATTERN,
@@ -79,23 +81,6 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
 STATUSES = ("active", "decommissioned")
-
-
-class SignInRequired(Exception):
-    """No live console session: pages redirect to the sign-in page, fragments get a 401."""
-
-    def __init__(self, next_url: str) -> None:
-        super().__init__(next_url)
-        self.next_url = next_url
-
-
-class ConsoleRefusal(Exception):
-    """A refused console request, shown as a page with a status and one clear message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # -- who is signed in ------------------------------------------------------------------------
