@@ -41,7 +41,7 @@ from broker.amqtt_session import (
     publish,
     queue_while_away,
 )
-from broker.errors import BrokerError
+from broker.errors import SharedSubscriptionError
 from fleetcore.topics import topic_matches
 
 __all__ = [
@@ -65,10 +65,6 @@ GROUP_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SHARED_QOS = 1
 #: How often one message is handed to another member before it counts as lost.
 MAX_HANDOVERS = 8
-
-
-class SharedSubscriptionError(BrokerError):
-    """A ``$share`` filter is malformed (refused with SUBACK 0x80)."""
 
 
 @dataclass(frozen=True)
