@@ -333,6 +333,25 @@ def test_cluster_hooks_wrap_amqtt_methods_with_the_signatures_they_expect() -> N
     assert source.index("delivered_message_queue.put") < source.index("PubackPacket.build")
 
 
+def test_the_retained_store_is_the_broker_s_own_mapping_of_retained_messages() -> None:
+    """Item 15: a cluster node puts the cluster's retained messages into this mapping
+    (``ClusterBroker.put_retained``), as amqtt's own ``retain_message`` does."""
+    from amqtt.broker import RetainedApplicationMessage
+
+    async def stored() -> tuple[bool, object, tuple[object, object, object]]:
+        broker = Broker()
+        await broker.retain_message(None, "a/b", b"x", 1)
+        message = broker.retained_messages["a/b"]
+        same = broker.retained_messages is broker._retained_messages
+        return same, type(message), (message.topic, message.data, message.qos)
+
+    same, kind, fields = _on_loop(stored)
+    assert same and kind is RetainedApplicationMessage and fields == ("a/b", b"x", 1)
+    assert _parameters(RetainedApplicationMessage.__init__) == [
+        "self", "source_session", "topic", "data", "qos",
+    ]  # fmt: skip
+
+
 # -- 17. shared subscriptions (broker/shared_subscriptions.py) -------------------------------
 
 
