@@ -20,8 +20,8 @@ from factory.signer import (
     KeySource,
     TokenKey,
     TokenKeyRecord,
+    build_key_settings,
     generate_token_keys,
-    load_key_settings,
 )
 from fleetcore.clock import utcnow
 from fleetcore.keys import generate_key, private_key_pem
@@ -213,7 +213,7 @@ class CertificateAuthority:
             issuing_cert=issuing_cert,
             issuing_key=issuing_key,
             publish_url=publish_url,
-            keys=CaKeys(record, load_key_settings()) if record is not None else None,
+            keys=CaKeys(record, build_key_settings()) if record is not None else None,
         )
 
     @classmethod
@@ -241,7 +241,7 @@ class CertificateAuthority:
             issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
         except (OSError, ValueError, KeyError) as exc:
             raise CAError(f"CA files in {layout.ca_dir} are incomplete or corrupt: {exc}") from None
-        keys = CaKeys(record, key_settings or load_key_settings())
+        keys = CaKeys(record, key_settings or build_key_settings())
         issuing_key, source = keys.open_issuing(
             layout.issuing_key, check_public_key(issuing_cert.public_key()), passphrase
         )

@@ -16,7 +16,7 @@ import typer
 
 from factory.ca import CertificateAuthority, TokenInit, write_issued
 from factory.errors import CAError, ProvisionError
-from factory.settings import FactorySettings, load_settings
+from factory.settings import FactorySettings, build_settings
 from fleetcore.duration import parse_duration
 from fleetcore.errors import ConfigError
 from fleetcore.keys import KEY_ALGORITHMS
@@ -110,7 +110,7 @@ def ca_init(
 
     Refuses to overwrite an existing CA.
     """
-    settings = load_settings(
+    settings = build_settings(
         data_dir=data_dir,
         trust_domain=trust_domain,
         key_algorithm=key_algorithm,
@@ -162,9 +162,9 @@ def _token_init(
     module: str | None, token_label: str | None, pin_file: Path | None
 ) -> TokenInit | None:
     """The token ``ca init`` generates keys in, or None (file keys)."""
-    from factory.signer import load_key_settings, token_pin
+    from factory.signer import build_key_settings, token_pin
 
-    key_settings = load_key_settings(ca_pkcs11_module=module, ca_pin_file=pin_file)
+    key_settings = build_key_settings(ca_pkcs11_module=module, ca_pin_file=pin_file)
     if token_label is None:
         if module is not None or pin_file is not None:
             raise ConfigError("--pkcs11-module and --pin-file go with --pkcs11-token LABEL")
@@ -198,7 +198,7 @@ def ca_issue_server(
     as_json: JsonOption = False,
 ) -> None:
     """Issue a TLS server certificate into tls/<name>.crt (leaf + issuing CA) and .key (0600)."""
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     check_name(name, "server name")
     layout = settings.layout
     cert_path, key_path = layout.server_cert(name), layout.server_key(name)
@@ -253,7 +253,7 @@ def ca_issue_client(
     kind = IdentityKind.OPERATOR if operator is not None else IdentityKind.SERVICE
     name = operator if operator is not None else service
     assert name is not None
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     check_name(name, f"{kind.value} name")
     layout = settings.layout
     cert_path, key_path = layout.client_cert(name), layout.client_key(name)
@@ -354,7 +354,7 @@ def factory_provision(
 
     if (count is None) == (serials is None):
         raise ProvisionError("give exactly one of --count N or --serials FILE.csv")
-    settings = load_settings(
+    settings = build_settings(
         data_dir=data_dir,
         device_lifetime=lifetime,
         device_stagger=stagger,
@@ -503,7 +503,7 @@ def factory_sign_csr(
     """
     from factory.csr_signing import read_csr_file, sign_csr
 
-    settings = load_settings(data_dir=data_dir, device_lifetime=lifetime, device_stagger=stagger)
+    settings = build_settings(data_dir=data_dir, device_lifetime=lifetime, device_stagger=stagger)
     lifetime_td = parse_duration(settings.device_lifetime, what="--lifetime")
     stagger_td = parse_duration(settings.device_stagger, what="--stagger", allow_zero=True)
     csr_bytes = read_csr_file(csr_path)
@@ -550,7 +550,7 @@ def factory_expiry_report(
     from factory.manifest import Manifest
     from factory.report import expiries_per_week, render_png
 
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     layout = settings.layout
     if not layout.manifest.exists():
         raise ProvisionError(
@@ -621,7 +621,7 @@ def factory_export(
         raise ConfigError("--p12 needs --password-file FILE (a PKCS#12 always has a password)")
     if p12 is None and password_file is not None:
         raise ConfigError("--password-file is for --p12; give --p12 FILE as well")
-    layout = load_settings(data_dir=data_dir).layout
+    layout = build_settings(data_dir=data_dir).layout
     written: dict[str, str] = {}
     if p12 is not None:
         assert password_file is not None
@@ -671,7 +671,7 @@ def factory_claim_create(
     (simpleenroll) and nothing else: the broker refuses it."""
     from factory.claims import claim_dir, mint_claim, read_allow_file, register_claim, write_claim
 
-    settings = load_settings(data_dir=data_dir, registry_url=registry)
+    settings = build_settings(data_dir=data_dir, registry_url=registry)
     layout = settings.layout
     check_name(batch, "batch name")
     folder = claim_dir(layout, batch)

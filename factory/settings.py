@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fleetcore.config import passphrase_bytes, settings_from_env
 from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
 
-__all__ = ["FactorySettings", "load_settings"]
+__all__ = ["FactorySettings", "build_settings"]
 
 
 class FactorySettings(BaseSettings):
@@ -60,6 +60,6 @@ class FactorySettings(BaseSettings):
         return self.factory_workers or os.cpu_count() or 1
 
 
-def load_settings(**overrides: Any) -> FactorySettings:
+def build_settings(**overrides: Any) -> FactorySettings:
     """Build settings from the environment; keyword overrides (CLI flags) win when not None."""
     return settings_from_env(FactorySettings, "factory", overrides)

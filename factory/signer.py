@@ -45,8 +45,8 @@ __all__ = [
     "Signer",
     "TokenKey",
     "TokenKeyRecord",
+    "build_key_settings",
     "generate_token_keys",
-    "load_key_settings",
     "open_token_key",
 ]
 
@@ -369,7 +369,7 @@ class CaKeySettings(BaseSettings):
     ca_pin: SecretStr | None = None
 
 
-def load_key_settings(**overrides: Any) -> CaKeySettings:
+def build_key_settings(**overrides: Any) -> CaKeySettings:
     """The key settings from the environment (and flags as keyword overrides)."""
     return settings_from_env(CaKeySettings, "CA key", overrides)
 

@@ -16,7 +16,9 @@ The policy, for every context:
   see :data:`REGISTRY_CLIENT_CERT`);
 - clients trust only our root, verify the server's certificate (``CERT_REQUIRED``) and check
   its host name: every server certificate carries the DNS names and IP addresses it is
-  reached at (``certfleet ca issue-server --dns/--ip``).
+  reached at (``certfleet ca issue-server --dns/--ip``). The one exception is the broker's
+  link to NATS (:func:`nats_client_context`): NATS is not ours, so it trusts the CA file the
+  operator names for it, or the system's trust store.
 
 A file that is missing, unreadable or not what it should be raises :class:`TlsSetupError`
 naming the file; each part turns it into its own error with the fix that fits it.
@@ -38,6 +40,7 @@ __all__ = [
     "ClientCert",
     "TlsSetupError",
     "client_context",
+    "nats_client_context",
     "server_context",
     "service_client_context",
 ]
@@ -137,3 +140,19 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
 def service_client_context(layout: DataLayout, name: str) -> ssl.SSLContext:
     """The client context of a service or operator whose files are in ``layout``'s clients/."""
     return client_context(layout.root_cert, layout.client_cert(name), layout.client_key(name))
+
+
+def nats_client_context(url: str, ca: Path | None) -> ssl.SSLContext | None:
+    """The broker's client context for its NATS link (the same policy, NATS's own trust).
+
+    With ``ca`` (``CERTFLEET_BROKER_CLUSTER_CA_FILE``): trust that file. Without it, a
+    ``tls://`` URL trusts the system's store, and a ``nats://`` URL gets None (plain TCP, for
+    a NATS server on loopback).
+    """
+    if ca is None:
+        return _hardened(ssl.create_default_context()) if url.startswith("tls://") else None
+    context = _hardened(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    _load_trust(context, "NATS CA file", ca)
+    return context

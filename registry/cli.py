@@ -86,9 +86,9 @@ def serve(
 ) -> None:
     """Serve the registry over HTTPS (migrating the database first)."""
     from registry.server import serve as run
-    from registry.settings import load_settings
+    from registry.settings import build_settings
 
-    settings = load_settings(
+    settings = build_settings(
         data_dir=data_dir,
         registry_database_url=database_url,
         registry_addr=addr,
@@ -105,9 +105,9 @@ def migrate(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the registry database schema."""
     from registry.db import make_engine
     from registry.db import migrate as run_migrations
-    from registry.settings import load_settings
+    from registry.settings import build_settings
 
-    settings = load_settings(data_dir=data_dir, registry_database_url=database_url)
+    settings = build_settings(data_dir=data_dir, registry_database_url=database_url)
     engine = make_engine(settings)
     try:
         run_migrations(engine)
@@ -125,9 +125,9 @@ def import_manifest(
 ) -> None:
     """Register every certificate of a factory manifest (idempotent)."""
     from registry.importer import import_manifest as run_import
-    from registry.settings import load_settings
+    from registry.settings import build_settings
 
-    settings = load_settings(data_dir=data_dir, registry_database_url=database_url)
+    settings = build_settings(data_dir=data_dir, registry_database_url=database_url)
     result = run_import(settings, manifest, who=f"cli:{getpass.getuser()}")
     if as_json:
         typer.echo(json.dumps(result.model_dump()))
@@ -173,9 +173,9 @@ def _open_engine(data_dir: Path | None, database_url: str | None) -> Engine:
     """The registry database's engine, migrated (the caller disposes of it)."""
     from registry.db import make_engine
     from registry.db import migrate as run_migrations
-    from registry.settings import load_settings
+    from registry.settings import build_settings
 
-    settings = load_settings(data_dir=data_dir, registry_database_url=database_url)
+    settings = build_settings(data_dir=data_dir, registry_database_url=database_url)
     engine = make_engine(settings)
     try:
         run_migrations(engine)

@@ -16,13 +16,13 @@ from fleetcore.address import AddressStr, parse_address
 from fleetcore.config import passphrase_bytes, settings_from_env
 from fleetcore.layout import DEFAULT_DATA_DIR, DataLayout
 
-__all__ = ["RegistrySettings", "load_settings", "split_addr"]
+__all__ = ["RegistrySettings", "build_settings", "split_addr"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class RegistrySettings(BaseSettings):
-    """Everything the registry needs; build it with :func:`load_settings`, never at import."""
+    """Everything the registry needs; build it with :func:`build_settings`, never at import."""
 
     model_config = SettingsConfigDict(env_prefix="CERTFLEET_", extra="ignore")
 
@@ -190,6 +190,6 @@ def split_addr(addr: str) -> tuple[str, int]:
     return address.host, address.port
 
 
-def load_settings(**overrides: object) -> RegistrySettings:
+def build_settings(**overrides: object) -> RegistrySettings:
     """Settings from the environment, with non-None ``overrides`` (CLI flags) on top."""
     return settings_from_env(RegistrySettings, "registry", overrides)

@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 
 from broker.errors import BrokerError
 from fleetcore.config import read_secret_file
+from fleetcore.tls import nats_client_context
 
 __all__ = [
     "ClusterError",
@@ -133,7 +134,7 @@ class ClusterLink:
         self.last_error: str | None = None
         self.disconnected_since: float | None = time.monotonic()
         self.reconnects = 0
-        self._tls = _tls_context(options.ca_file, options.url)
+        self._tls = nats_client_context(options.url, options.ca_file)
         self._seed: str | None = None
         if options.nkey_seed_file is not None:
             self._seed = read_secret_file(options.nkey_seed_file, "NKey seed file").decode()

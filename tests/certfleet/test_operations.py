@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from fleetcore.config import unknown_settings
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
-from registry.settings import RegistrySettings, load_settings
+from registry.settings import RegistrySettings, build_settings
 
 PASSPHRASE = "a long CA passphrase"
 
@@ -68,21 +68,21 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_flags_win_over_environment_over_file_over_defaults(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from_file = load_settings()
+    from_file = build_settings()
     assert from_file.registry_addr == "127.0.0.1:7001"
     assert from_file.registry_feed_max_wait == 30  # from the [registry] table
     assert from_file.registry_database_url == "sqlite:///from-file.db"
     assert from_file.registry_feed_poll_seconds == 1.0  # default: in neither
     monkeypatch.setenv("CERTFLEET_REGISTRY_ADDR", "127.0.0.1:7002")
-    assert load_settings().registry_addr == "127.0.0.1:7002"
-    assert load_settings(registry_addr="127.0.0.1:7003").registry_addr == "127.0.0.1:7003"
-    assert load_settings().registry_feed_max_wait == 30  # the file still fills the rest
+    assert build_settings().registry_addr == "127.0.0.1:7002"
+    assert build_settings(registry_addr="127.0.0.1:7003").registry_addr == "127.0.0.1:7003"
+    assert build_settings().registry_feed_max_wait == 30  # the file still fills the rest
 
 
 def test_a_bad_value_in_the_file_names_the_key_and_the_file(config: Path) -> None:
     config.write_text("[registry]\nfeed_max_wait = 600\n")
     with pytest.raises(ConfigError, match=f"registry_feed_max_wait in config file {config}"):
-        load_settings()
+        build_settings()
 
 
 def test_a_file_that_is_not_toml_is_one_line_from_the_console_script(tmp_path: Path) -> None:

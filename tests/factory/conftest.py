@@ -54,7 +54,7 @@ def run_factory(args: Sequence[str], env: dict[str, str] | None = None) -> Resul
 def registry_url(ca: CertificateAuthority, layout: DataLayout) -> Iterator[str]:
     """A real registry on the factory's data folder, with factory and operator clients."""
     from registry.server import RegistryServer
-    from registry.settings import load_settings
+    from registry.settings import build_settings
 
     for name, kind in (("factory", IdentityKind.SERVICE), ("ops", IdentityKind.OPERATOR)):
         write_issued(
@@ -69,6 +69,6 @@ def registry_url(ca: CertificateAuthority, layout: DataLayout) -> Iterator[str]:
         layout.server_key("registry"),
         intermediate=ca.issuing_cert,
     )
-    settings = load_settings(data_dir=layout.root, registry_addr="127.0.0.1:0")
+    settings = build_settings(data_dir=layout.root, registry_addr="127.0.0.1:0")
     with RegistryServer(settings) as running:
         yield running.url

@@ -10,7 +10,7 @@ from device_sim.settings import build_settings as sim_settings
 from device_sim.settings import parse_addr
 from fleetcore.address import Address, parse_address
 from fleetcore.errors import ConfigError
-from registry.settings import load_settings as registry_settings
+from registry.settings import build_settings as registry_settings
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from fleetcore.tls import (
     ClientCert,
     TlsSetupError,
     client_context,
+    nats_client_context,
     server_context,
     service_client_context,
 )
@@ -155,6 +156,34 @@ def test_the_broker_and_the_registry_build_their_outgoing_contexts_from_the_layo
     ):
         _assert_hardened(context)
         assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_the_nats_link_context_follows_the_policy_and_trusts_only_the_named_ca(
+    pki: TestPKI, broker_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    context = nats_client_context("tls://127.0.0.1:4222", pki.layout.root_cert)
+    assert context is not None
+    _assert_hardened(context)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    handshake(_server(pki, broker_files, ClientCert.OPTIONAL), context)
+
+    foreign = CertificateAuthority.init(DataLayout(tmp_path / "foreign"), "other.test")
+    issued = foreign.issue_server("nats", dns_names=["localhost"], ip_addresses=[])
+    write_issued(issued, tmp_path / "nats.crt", tmp_path / "nats.key")
+    impostor = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    impostor.load_cert_chain(tmp_path / "nats.crt", tmp_path / "nats.key")
+    with pytest.raises(_HandshakeFailed, match="certificate verify failed"):
+        handshake(impostor, context)
+
+    # Without a CA file: the system's store for tls://, plain TCP for nats:// (loopback).
+    system = nats_client_context("tls://nats.example:4222", None)
+    assert system is not None
+    _assert_hardened(system)
+    assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
+    assert nats_client_context("nats://127.0.0.1:4222", None) is None
+    missing = tmp_path / "nats-ca.pem"
+    with pytest.raises(TlsSetupError, match=f"NATS CA file {missing} is missing"):
+        nats_client_context("tls://127.0.0.1:4222", missing)
 
 
 def test_mtls_server_accepts_our_device_and_refuses_a_client_without_certificate(

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from fleetcore.errors import ConfigError
 from registry.renewal import CertificateRenewer
-from registry.settings import load_settings
+from registry.settings import build_settings
 from tests.registry.test_renewal import _csr, _register, engine  # noqa: F401
 from tests.support.pki import TestPKI
 
@@ -63,6 +63,6 @@ def test_the_default_copy_keeps_each_devices_minted_length(
 
 def test_a_renewal_stagger_without_a_fixed_lifetime_is_refused() -> None:
     with pytest.raises(ConfigError, match="RENEWAL_LIFETIME_DAYS"):
-        load_settings(registry_renewal_stagger_s=3600)
-    settings = load_settings(registry_renewal_stagger_s=3600, registry_renewal_lifetime_days=30)
+        build_settings(registry_renewal_stagger_s=3600)
+    settings = build_settings(registry_renewal_stagger_s=3600, registry_renewal_lifetime_days=30)
     assert settings.registry_renewal_stagger_s == 3600

@@ -12,7 +12,7 @@ from factory.errors import CAError
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
 from registry.main import create_app
-from registry.settings import load_settings, split_addr
+from registry.settings import build_settings, split_addr
 
 
 def test_encrypted_ca_key_needs_the_passphrase_to_sign_crls(
@@ -23,12 +23,12 @@ def test_encrypted_ca_key_needs_the_passphrase_to_sign_crls(
     monkeypatch.setenv("CERTFLEET_DATA_DIR", str(layout.root))
     monkeypatch.delenv("CERTFLEET_CA_PASSPHRASE", raising=False)
     with pytest.raises(CAError, match="CERTFLEET_CA_PASSPHRASE"):
-        create_app(load_settings())
+        create_app(build_settings())
     monkeypatch.setenv("CERTFLEET_CA_PASSPHRASE", "wrong")
     with pytest.raises(CAError, match="wrong passphrase"):
-        create_app(load_settings())
+        create_app(build_settings())
     monkeypatch.setenv("CERTFLEET_CA_PASSPHRASE", "correct horse")
-    app = create_app(load_settings())
+    app = create_app(build_settings())
     state = app.state.registry
     try:
         crl = x509.load_pem_x509_crl(state.crl.current().pem)
@@ -44,12 +44,12 @@ def test_settings_come_from_the_environment_and_flags_win(
     monkeypatch.setenv("CERTFLEET_REGISTRY_ADDR", "127.0.0.1:9443")
     monkeypatch.setenv("CERTFLEET_REGISTRY_DATABASE_URL", "postgresql://db/x")
     monkeypatch.setenv("CERTFLEET_DATA_DIR", str(tmp_path))
-    settings = load_settings()
+    settings = build_settings()
     assert settings.registry_addr == "127.0.0.1:9443"
     assert settings.database_url == "postgresql://db/x"
-    assert load_settings(registry_addr="127.0.0.1:0").registry_addr == "127.0.0.1:0"
+    assert build_settings(registry_addr="127.0.0.1:0").registry_addr == "127.0.0.1:0"
     monkeypatch.delenv("CERTFLEET_REGISTRY_DATABASE_URL")
-    assert load_settings().database_url == f"sqlite:///{(tmp_path / 'registry.db').resolve()}"
+    assert build_settings().database_url == f"sqlite:///{(tmp_path / 'registry.db').resolve()}"
 
 
 def test_bad_addresses_and_database_urls_are_refused(tmp_path: Path) -> None:
@@ -60,4 +60,4 @@ def test_bad_addresses_and_database_urls_are_refused(tmp_path: Path) -> None:
     from registry.db import make_engine
 
     with pytest.raises(ConfigError, match="unsupported CERTFLEET_REGISTRY_DATABASE_URL scheme"):
-        make_engine(load_settings(data_dir=tmp_path, registry_database_url="mysql://x/y"))
+        make_engine(build_settings(data_dir=tmp_path, registry_database_url="mysql://x/y"))
