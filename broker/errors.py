@@ -8,7 +8,9 @@ CertfleetError
       ├── PacketTooLargeError    a client announced a packet over the limit (also a
       │                          ConnectionError: amqtt closes the connection on it)
       ├── StateFileError         a broker state file cannot be used (also a ValueError)
-      └── SharedSubscriptionError  a ``$share`` filter is malformed
+      ├── SharedSubscriptionError  a ``$share`` filter is malformed
+      ├── ClusterError           the cluster is configured wrongly (URL, credentials)
+      └── NotConnectedError      NATS cannot be reached right now (reconnecting)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = [
     "CONNACK_NOT_AUTHORIZED",
     "BrokerError",
     "BrokerTlsError",
+    "ClusterError",
+    "NotConnectedError",
     "PacketTooLargeError",
     "RefusedError",
     "RevocationStateError",
@@ -71,3 +75,11 @@ class StateFileError(BrokerError, ValueError):
 
 class SharedSubscriptionError(BrokerError):
     """A ``$share`` filter is malformed (refused with SUBACK 0x80)."""
+
+
+class ClusterError(BrokerError):
+    """The cluster is configured wrongly (bad URL, unreadable credentials)."""
+
+
+class NotConnectedError(BrokerError):
+    """NATS cannot be reached right now (the link is reconnecting)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ClusterError, NotConnectedError
 from fleetcore.config import read_secret_file
 from fleetcore.tls import nats_client_context
 
@@ -55,14 +54,6 @@ _FIRST_BACKOFF_S = 0.2
 #: Watchdog probes per stall bound, and the probes between two checks of the streams.
 _PROBES_PER_STALL = 3
 _STREAM_CHECK_EVERY = 4
-
-
-class ClusterError(BrokerError):
-    """The cluster is configured wrongly (bad URL, unreadable credentials)."""
-
-
-class NotConnectedError(BrokerError):
-    """NATS cannot be reached right now (the link is reconnecting)."""
 
 
 @dataclass(frozen=True)
@@ -392,16 +383,3 @@ async def ensure_stream(js: JetStreamContext, **config: Any) -> None:
         await js.add_stream(**config)
     except nats.js.errors.BadRequestError:
         await js.update_stream(**config)
-
-
-def _tls_context(ca_file: Path | None, url: str) -> ssl.SSLContext | None:
-    if ca_file is None:
-        if url.startswith("tls://"):
-            return ssl.create_default_context()
-        return None
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ClusterError(f"cannot read the NATS CA file {ca_file}: {exc}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context

@@ -24,15 +24,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["ConsumerDeletedError", "ConsumerPull"]
+__all__ = ["ConsumerPull"]
 
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
 _DESCRIPTION = "Description"
-
-
-class ConsumerDeletedError(Exception):
-    """The consumer was deleted (its subscription was removed)."""
 
 
 class ConsumerPull:

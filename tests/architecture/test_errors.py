@@ -38,15 +38,8 @@ ALLOWED_FOREIGN: dict[type[BaseException], str] = {
     NoDataError: "amqtt's signal that a client's stream ended (broker/gate.py)",
 }
 
-#: Exception classes still outside their part's errors.py, each for a reason.
-PENDING = {
-    # broker/cluster/ is being reshaped behind the broker's interface (issue 27, cluster
-    # seam); its errors move to broker/errors.py with it. ClusterError and NotConnectedError
-    # are BrokerErrors already.
-    "broker.cluster.link.ClusterError",
-    "broker.cluster.link.NotConnectedError",
-    "broker.cluster.pull.ConsumerDeletedError",
-}
+#: Exception classes still outside their part's errors.py, each for a reason (none now).
+PENDING: set[str] = set()
 
 
 def _module_name(path: Path) -> str:
