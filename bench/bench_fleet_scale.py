@@ -296,17 +296,24 @@ def broker_metrics(url: str) -> dict[str, float]:
 
 
 def start_broker(
-    layout: DataLayout, registry_url: str, *, seq: int, serials: int, probe: int | None
+    layout: DataLayout,
+    registry_url: str,
+    *,
+    seq: int,
+    serials: int,
+    probe: int | None,
+    code: Path = lib.REPO,
 ) -> tuple[lib.BrokerProcess, float, float | None, dict[str, float]]:
-    """Start our broker (node ``scale``) and wait until its metrics show feed position
-    ``seq`` and ``serials`` revoked serials; (broker, seconds, longest stall seen by device
-    ``probe`` connected as soon as it listens, its metrics then)."""
+    """Start our broker (``code``'s; node ``scale`` or ``scale-old``) and wait until its
+    metrics show feed position ``seq`` and ``serials`` revoked serials; (broker, seconds,
+    longest stall seen by device ``probe`` connected as soon as it listens, its metrics)."""
     t0, started = time.time(), time.perf_counter()
     broker = lib.start_ours(
         layout,
         registry_url=registry_url,
-        extra_env={"CERTFLEET_BROKER_NODE": "scale"},
+        extra_env={"CERTFLEET_BROKER_NODE": "scale" if code == lib.REPO else "scale-old"},
         extra_args=["--metrics-addr", "127.0.0.1:0"],
+        repo=code,
     )
     assert broker.metrics_url is not None
     stall_probe = None if probe is None else lib.StallProbe(layout.root, broker.port, probe)
@@ -459,9 +466,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lib.issue_operator(layout)
         ca = CertificateAuthority.load(layout)
         with databases(args.backend, root) as (url, import_url):
-            note('generating the fleet')
+            note("generating the fleet")
             fleet = generate_fleet(ca, url, FleetSpec(args.devices))
-            note('registering the connected devices')
+            note("registering the connected devices")
             register_connected(layout, url, args.connected)
             result: dict[str, Any] = {
                 "devices": args.devices,
@@ -473,7 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             engine = make_engine(settings_for(layout, url))
             try:
-                note('CRL and OCSP in process')
+                note("CRL and OCSP in process")
                 if "crl" not in skip:
                     result.update(measure_crl(ca, engine, args.changes))
                 if "ocsp" not in skip:
@@ -485,7 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     token = tokens.create_token(session, "bench", Actor("bench"))
             finally:
                 engine.dispose()
-            note('import')
+            note("import")
             if "import" not in skip:
                 result.update(measure_import(layout, import_url, args.import_lines or args.devices))
             result.update(measure_live(layout, url, token, args, skip))
@@ -498,27 +505,58 @@ def measure_live(
     layout: DataLayout, url: str, token: str, args: argparse.Namespace, skip: set[str]
 ) -> dict[str, Any]:
     """Everything measured over the registry's and the broker's processes."""
-    result: dict[str, Any] = {}
     env = {"CERTFLEET_REGISTRY_EXPIRY_METRICS_CACHE_S": "0"}
+    per_code = args.drops + args.storm
+    picked = random.Random(3).sample(range(args.connected - 1), 2 * per_code + 1)
+    names = [lib.device_id(i) for i in picked]
+    result = broker_phases(layout, url, env, args, names[:per_code], lib.REPO)
+    if args.old_code is not None:
+        old = broker_phases(layout, url, env, args, names[per_code:-1], args.old_code)
+        result.update({f"{key}_before": value for key, value in old.items()})
+    with registry_process(layout.root, url, extra_env=env, start_timeout=900) as registry_url:
+        if "followers" not in skip:
+            note("followers")
+            result.update(measure_followers(registry_url, layout, args.followers, names[-1]))
+        if "console" not in skip:
+            note("console")
+            result.update(measure_console(registry_url, layout, token, args.devices, args.reads))
+        note("expiry scrape")
+        with api(registry_url, layout) as http:
+            result["expiry_scrape_ms"] = measure_expiry_scrape(http)
+    return result
+
+
+def broker_phases(
+    layout: DataLayout,
+    url: str,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    names: list[str],
+    code: Path,
+) -> dict[str, Any]:
+    """A broker of ``code`` against the registry: its start with the registry up (from
+    nothing) and down (from its own files), then ``args.connected`` devices, drops of
+    ``names[:drops]`` one by one and a storm of the rest, stalls seen by a probe device."""
+    result: dict[str, Any] = {}
     probe_device = args.connected - 1  # never decommissioned
-    victims = random.Random(3).sample(range(args.connected - 1), args.drops + args.storm + 1)
-    note('registry up; broker from nothing')
+    note(f"{code}: registry up; broker from nothing")
     with registry_process(layout.root, url, extra_env=env, start_timeout=900) as registry_url:
         with api(registry_url, layout) as http:
             head = head_seq(http)
         broker, seconds, stall, values = start_broker(
-            layout, registry_url, seq=head, serials=0, probe=probe_device
+            layout, registry_url, seq=head, serials=0, probe=probe_device, code=code
         )
         broker.stop()
         result["broker_start_registry_up_s"] = round(seconds, 2)
         result["replay_stall_ms"] = stall
         serials = int(values["certfleet_broker_revoked_serials"])
         result["broker_revoked_serials"] = serials
-    note('memory; broker with the registry down')
-    per_serial, loaded = revoked_set_bytes(layout)
-    result["broker_bytes_per_revoked_serial"] = round(per_serial, 1)
+    if code == lib.REPO:
+        per_serial, _ = revoked_set_bytes(layout)
+        result["broker_bytes_per_revoked_serial"] = round(per_serial, 1)
+    note(f"{code}: broker with the registry down")
     broker, seconds, _, _ = start_broker(
-        layout, registry_url, seq=head, serials=serials, probe=None
+        layout, registry_url, seq=head, serials=serials, probe=None, code=code
     )  # the registry is down: its URL answers nothing now
     broker.stop()
     result["broker_start_registry_down_s"] = round(seconds, 2)
@@ -526,26 +564,25 @@ def measure_live(
         http = api(registry_url, layout)
         head = head_seq(http)
         broker, seconds, _, _ = start_broker(
-            layout, registry_url, seq=head, serials=serials, probe=None
+            layout, registry_url, seq=head, serials=serials, probe=None, code=code
         )
         result["broker_resume_registry_up_s"] = round(seconds, 2)
         workers: list[Any] = []
         try:
+            note(f"{code}: connecting devices")
             workers = lib.spawn_device_workers(
                 lib.__file__, layout.root, broker.port, args.connected - 1, 2
             )
-            note('connecting devices')
             watcher = lib.DropWatcher(workers)
             result["connected_sessions"] = watcher.connected
             probe = lib.StallProbe(layout.root, broker.port, probe_device)
-            names = [lib.device_id(i) for i in victims]
-            note('drops')
+            note(f"{code}: drops")
             drops, missed = lib.time_drops(http, watcher, names[: args.drops])
             result["decommission_drop_p99_ms"] = p99_ms(drops)
             result["decommission_drop_p50_ms"] = round(statistics.median(drops) * 1000, 1)
             result["decommission_drop_missed"] = missed
-            storm = names[args.drops : args.drops + args.storm]
-            note('storm')
+            storm = names[args.drops :]
+            note(f"{code}: storm")
             t0 = time.time()
             latencies, statuses = decommission_concurrently(registry_url, layout, storm, 20)
             deadline = time.monotonic() + 30
@@ -556,21 +593,11 @@ def measure_live(
             result["storm_statuses"] = dict(statuses)
             result["storm_decommission_p99_ms"] = p99_ms(latencies)
             probe.stop()
-            result["max_loop_stall_ms"] = max(
-                result["replay_stall_ms"] or 0, result["storm_stall_ms"]
-            )
+            result["max_loop_stall_ms"] = max(stall or 0, result["storm_stall_ms"])
         finally:
             lib.stop_workers(workers)
             broker.stop()
-        note('followers')
-        if "followers" not in skip:
-            result.update(measure_followers(registry_url, layout, args.followers, names[-1]))
-        note('console')
-        if "console" not in skip:
-            result.update(measure_console(registry_url, layout, token, args.devices, args.reads))
-        note('expiry scrape')
-        result["expiry_scrape_ms"] = measure_expiry_scrape(http)
-        http.close()
+            http.close()
     return result
 
 
@@ -590,6 +617,12 @@ def main() -> int:
         "--skip", action="append", default=[],
         choices=("crl", "ocsp", "import", "followers", "console"),
     )  # fmt: skip
+    parser.add_argument(
+        "--old-code",
+        type=Path,
+        help="a worktree of the code before issue 23 (git worktree add /tmp/old67 67df084): "
+        "its broker is measured the same way, keys with _before",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     result = run(args)

@@ -126,7 +126,10 @@ def start_ours(
     registry_url: str | None = None,
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    repo: Path = REPO,
 ) -> BrokerProcess:
+    """Our broker, as a process; ``repo``: the checkout whose code runs (another commit's
+    worktree runs that commit's broker)."""
     ready = layout.root / f"broker-ready-{time.monotonic_ns()}.json"
     command = [
         PYTHON,
@@ -147,7 +150,7 @@ def start_ours(
         command += ["--registry-url", registry_url]
     command += extra_args or []
     env = dict(os.environ, **(extra_env or {}))
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
