@@ -64,7 +64,10 @@ def seed(engine: Engine, devices: int) -> float:
             ids = [f"bench-{i:07d}" for i in range(start, min(start + CHUNK, devices))]
             connection.execute(
                 Device.__table__.insert(),  # type: ignore[attr-defined]
-                [{"device_id": d, "status": "active", "created_at": now} for d in ids],
+                [
+                    {"device_id": d, "status": "active", "created_at": now}
+                    for d in ids
+                ],
             )
             rows = []
             for i, device_id in enumerate(ids, start):

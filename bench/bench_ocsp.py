@@ -50,21 +50,9 @@ def start_registry(layout: DataLayout, publish_port: int) -> tuple[subprocess.Po
     ready = layout.root / "ready.json"
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "certfleet.cli",
-            "--log-level",
-            "warning",
-            "registry",
-            "serve",
-            "--data-dir",
-            str(layout.root),
-            "--addr",
-            "127.0.0.1:0",
-            "--publish-addr",
-            f"127.0.0.1:{publish_port}",
-            "--ready-file",
-            str(ready),
+            sys.executable, "-m", "certfleet.cli", "--log-level", "warning", "registry", "serve",
+            "--data-dir", str(layout.root), "--addr", "127.0.0.1:0",
+            "--publish-addr", f"127.0.0.1:{publish_port}", "--ready-file", str(ready),
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
     )
