@@ -64,6 +64,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -281,9 +282,7 @@ def broker_metrics(url: str) -> dict[str, float]:
     text = httpx.get(url, timeout=10).text
     values = {}
     for line in text.splitlines():
-        if line.startswith("certfleet_broker_revoc") or line.startswith(
-            "certfleet_broker_revoked_serials "
-        ):
+        if line.startswith(("certfleet_broker_revoc", "certfleet_broker_revoked_serials")):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
@@ -314,10 +313,11 @@ def start_broker(
     deadline = time.monotonic() + 900
     while True:
         values = broker_metrics(broker.metrics_url)
-        if (
-            values.get("certfleet_broker_revocation_seq", 0) >= seq
-            and values.get("certfleet_broker_revoked_serials", 0) >= serials
-        ):
+        # Serials expired since the last run leave the set (pruned at load): counted back.
+        held = values.get("certfleet_broker_revoked_serials", 0) + values.get(
+            "certfleet_broker_revoked_serials_expired_total", 0
+        )
+        if values.get("certfleet_broker_revocation_seq", 0) >= seq and held >= serials:
             break
         if time.monotonic() > deadline:
             broker.stop()
@@ -451,7 +451,8 @@ def p99_ms(seconds: list[float]) -> float:
     return round(percentile(seconds, 99) * 1000, 1)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Fill ``result`` as the figures come (a failure leaves what was measured)."""
     skip = set(args.skip)
     lib.raise_nofile()
     root = lib.tmp_root("certfleet-scale-")
@@ -464,14 +465,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fleet = generate_fleet(ca, url, FleetSpec(args.devices))
             note("registering the connected devices")
             register_connected(layout, url, args.connected)
-            result: dict[str, Any] = {
-                "devices": args.devices,
-                "backend": args.backend,
-                "revoked": len(fleet.revoked_serials),
-                "connected": args.connected,
-                "generate_s": round(fleet.seconds, 1),
-                "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
-            }
+            result.update(
+                {
+                    "devices": args.devices,
+                    "backend": args.backend,
+                    "revoked": len(fleet.revoked_serials),
+                    "connected": args.connected,
+                    "generate_s": round(fleet.seconds, 1),
+                    "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
+                }
+            )
             engine = make_engine(settings_for(layout, url))
             try:
                 note("CRL and OCSP in process")
@@ -492,23 +495,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             note("import")
             if "import" not in skip:
                 result.update(measure_import(layout, import_url, args.import_lines or args.devices))
-            result.update(measure_live(layout, url, token, args, skip))
-            return result
+            measure_live(layout, url, token, args, skip, result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 def measure_live(
-    layout: DataLayout, url: str, token: str, args: argparse.Namespace, skip: set[str]
-) -> dict[str, Any]:
-    """Everything measured over the registry's and the broker's processes."""
+    layout: DataLayout,
+    url: str,
+    token: str,
+    args: argparse.Namespace,
+    skip: set[str],
+    result: dict[str, Any],
+) -> None:
+    """Everything measured over the registry's and the broker's processes, into ``result``."""
     env = {"CERTFLEET_REGISTRY_EXPIRY_METRICS_CACHE_S": "0"}
     per_code = args.drops + args.storm
     picked = random.Random(3).sample(range(args.connected - 1), 2 * per_code + 1)
     names = [lib.device_id(i) for i in picked]
-    result = broker_phases(layout, url, env, args, names[:per_code], lib.REPO)
+    broker_phases(layout, url, env, args, names[:per_code], lib.REPO, result)
     if args.old_code is not None:
-        old = broker_phases(layout, url, env, args, names[per_code:-1], args.old_code)
+        old: dict[str, Any] = {}
+        broker_phases(layout, url, env, args, names[per_code:-1], args.old_code, old)
         result.update({f"{key}_before": value for key, value in old.items()})
     with registry_process(layout.root, url, extra_env=env, start_timeout=900) as registry_url:
         if "followers" not in skip:
@@ -520,7 +528,6 @@ def measure_live(
         note("expiry scrape")
         with api(registry_url, layout) as http:
             result["expiry_scrape_ms"] = measure_expiry_scrape(http)
-    return result
 
 
 def broker_phases(
@@ -530,11 +537,12 @@ def broker_phases(
     args: argparse.Namespace,
     names: list[str],
     code: Path,
-) -> dict[str, Any]:
+    result: dict[str, Any],
+) -> None:
     """A broker of ``code`` against the registry: its start with the registry up (from
     nothing) and down (from its own files), then ``args.connected`` devices, drops of
-    ``names[:drops]`` one by one and a storm of the rest, stalls seen by a probe device."""
-    result: dict[str, Any] = {}
+    ``names[:drops]`` one by one and a storm of the rest, stalls seen by a probe device;
+    the figures go into ``result`` as they come."""
     probe_device = args.connected - 1  # never decommissioned
     note(f"{code}: registry up; broker from nothing")
     with registry_process(layout.root, url, extra_env=env, start_timeout=900) as registry_url:
@@ -595,7 +603,6 @@ def broker_phases(
             lib.stop_workers(workers)
             broker.stop()
             http.close()
-    return result
 
 
 def main() -> int:
@@ -622,13 +629,20 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
-    result = run(args)
+    result: dict[str, Any] = {}
+    failed = False
+    try:
+        run(args, result)
+    except Exception as exc:  # print what was measured before the failure, then fail
+        result["error"] = repr(exc)
+        failed = True
+        traceback.print_exc()
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:32} {value}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
