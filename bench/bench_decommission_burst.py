@@ -19,18 +19,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_registry import (  # noqa: E402
     client,
+    decommission_concurrently,
+    healthz_probe,
     mint,
     registry_process,
     scratch_postgres,
@@ -42,15 +41,6 @@ from fleetcore.layout import DataLayout  # noqa: E402
 from fleetcore.profile import IdentityKind  # noqa: E402
 
 
-def _probe(url: str, layout: DataLayout, stop: threading.Event, out: list[float]) -> None:
-    with client(url, layout) as http:
-        while not stop.is_set():
-            started = time.perf_counter()
-            response = http.get("/healthz")
-            out.append(time.perf_counter() - started if response.status_code == 200 else 999.0)
-            stop.wait(0.05)
-
-
 def run(label: str, url: str, layout: DataLayout, pems: list[str], clients: int) -> dict[str, Any]:
     with client(url, layout) as operator:
         for start in range(0, len(pems), 1000):
@@ -59,33 +49,12 @@ def run(label: str, url: str, layout: DataLayout, pems: list[str], clients: int)
         head = int(operator.get("/healthz").json()["head_seq"])
     certificates = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
     ids = [c.subject.rfc4514_string().split("=", 1)[1] for c in certificates]
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def worker(index: int) -> None:
-        with client(url, layout) as http:  # its own TLS connection
-            for device_id in ids[index::clients]:
-                started = time.perf_counter()
-                try:
-                    status = str(
-                        http.post(
-                            f"/devices/{device_id}/decommission", json={"reason": "bench burst"}
-                        ).status_code
-                    )
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-                    statuses[status] += 1
-
     health: list[float] = []
     stop = threading.Event()
-    probe = threading.Thread(target=_probe, args=(url, layout, stop, health), daemon=True)
+    probe = threading.Thread(target=healthz_probe, args=(url, layout, stop, health), daemon=True)
     probe.start()
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
+    latencies, statuses = decommission_concurrently(url, layout, ids, clients)
     wall = time.perf_counter() - started
     stop.set()
     probe.join(30)

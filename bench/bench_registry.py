@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,10 +80,16 @@ def mint(data_dir: Path, count: int) -> list[str]:
 
 
 @contextmanager
-def registry_process(data_dir: Path, database_url: str | None) -> Iterator[str]:
+def registry_process(
+    data_dir: Path,
+    database_url: str | None,
+    *,
+    extra_env: dict[str, str] | None = None,
+    start_timeout: float = 60.0,
+) -> Iterator[str]:
     ready = data_dir / "registry.ready"
     ready.unlink(missing_ok=True)
-    env = {**os.environ, "CERTFLEET_LOG_LEVEL": "warning"}
+    env = {**os.environ, "CERTFLEET_LOG_LEVEL": "warning", **(extra_env or {})}
     if database_url:
         env["CERTFLEET_REGISTRY_DATABASE_URL"] = database_url
     else:
@@ -105,7 +112,7 @@ def registry_process(data_dir: Path, database_url: str | None) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while not ready.exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("registry did not start")
@@ -144,6 +151,46 @@ def scratch_postgres() -> Iterator[str | None]:
 def client(url: str, layout: DataLayout) -> httpx.Client:
     context = service_client_context(layout, "bench-op")
     return httpx.Client(base_url=url + "/api/v1", verify=context, timeout=120)
+
+
+def healthz_probe(url: str, layout: DataLayout, stop: threading.Event, out: list[float]) -> None:
+    """GET /healthz every 50 ms until ``stop``; each latency (s) into ``out`` (999 if not 200)."""
+    with client(url, layout) as http:
+        while not stop.is_set():
+            started = time.perf_counter()
+            response = http.get("/healthz")
+            out.append(time.perf_counter() - started if response.status_code == 200 else 999.0)
+            stop.wait(0.05)
+
+
+def decommission_concurrently(
+    url: str, layout: DataLayout, ids: list[str], clients: int
+) -> tuple[list[float], Counter[str]]:
+    """Decommission ``ids`` from ``clients`` threads, each its own TLS connection; returns
+    every call's latency (s) and the count of each status (or exception name)."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        with client(url, layout) as http:  # its own TLS connection
+            for device_id in ids[index::clients]:
+                started = time.perf_counter()
+                try:
+                    status = str(
+                        http.post(
+                            f"/devices/{device_id}/decommission", json={"reason": "bench burst"}
+                        ).status_code
+                    )
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    statuses[status] += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return latencies, statuses
 
 
 def percentile(values: list[float], q: float) -> float:

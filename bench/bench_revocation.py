@@ -14,12 +14,10 @@ returned. Mosquitto and stock amqtt are not run: neither ever drops such a sessi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,35 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import broker_bench_lib as lib  # noqa: E402
 
-from factory.ca import CertificateAuthority, write_issued  # noqa: E402
-from fleetcore.profile import IdentityKind  # noqa: E402
 from fleetcore.tls import service_client_context
-
-
-async def _hold(data_dir: Path, port: int, start: int, end: int, concurrency: int) -> None:
-    layout = lib.DataLayout(data_dir)
-    semaphore = asyncio.Semaphore(concurrency)
-    loop = asyncio.get_running_loop()
-    ok = failed = 0
-
-    async def one(index: int) -> None:
-        nonlocal ok, failed
-        async with semaphore:
-            try:
-                client = await lib.connect_device(layout, port, index)
-            except (OSError, TimeoutError, ConnectionError):
-                failed += 1
-                return
-            ok += 1
-
-            def report(_: asyncio.Future[None]) -> None:
-                print(json.dumps({"closed": lib.device_id(index), "at": time.time()}), flush=True)
-
-            client.closed.add_done_callback(report)
-
-    await asyncio.gather(*(one(i) for i in range(start, end)))
-    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)
 
 
 def start_registry(layout: lib.DataLayout) -> tuple[subprocess.Popen[bytes], str]:
@@ -94,22 +64,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=5000)
     parser.add_argument("--revoke", type=int, default=100)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--start", type=int)
-    parser.add_argument("--end", type=int)
     args = parser.parse_args()
     lib.raise_nofile()
-    if args.worker:
-        asyncio.run(_hold(args.data_dir, args.port, args.start, args.end, 200))
-        return
 
     root = lib.tmp_root("certfleet-bench-revoke-")
     layout = lib.make_fleet(root, args.devices, services=("broker",))
-    ca = CertificateAuthority.load(layout)
-    operator = ca.issue_client(ca.identity(IdentityKind.OPERATOR, "bench-op"))
-    write_issued(operator, layout.client_cert("bench-op"), layout.client_key("bench-op"))
+    lib.issue_operator(layout)
     registry, url = start_registry(layout)
     broker = None
     workers: list[subprocess.Popen[str]] = []
@@ -127,46 +87,16 @@ def main() -> None:
             response = http.post("/devices/batch", json={"devices": devices})
             response.raise_for_status()
         broker = lib.start_ours(layout, registry_url=url)
-        closed: dict[str, float] = {}
-        lock = threading.Lock()
-        workers = lib.spawn_device_workers(__file__, root, broker.port, args.devices, args.procs)
-        connected = 0
-        for w in workers:
-            line = json.loads(w.stdout.readline())  # type: ignore[union-attr]
-            connected += int(line["ok"])
-
-        def pump(w: subprocess.Popen[str]) -> None:
-            for raw in w.stdout:  # type: ignore[union-attr]
-                event = json.loads(raw)
-                if "closed" in event:
-                    with lock:
-                        closed[event["closed"]] = float(event["at"])
-
-        for w in workers:
-            threading.Thread(target=pump, args=(w,), daemon=True).start()
+        workers = lib.spawn_device_workers(
+            lib.__file__, root, broker.port, args.devices, args.procs
+        )
+        watcher = lib.DropWatcher(workers)
+        connected = watcher.connected
         print(f"# {connected}/{args.devices} devices connected; revoking {args.revoke}", flush=True)
         victims = random.Random(4).sample(range(args.devices), args.revoke)
-        latencies: list[float] = []
-        missed = 0
-        for index in victims:
-            name = lib.device_id(index)
-            response = http.post(f"/devices/{name}/decommission", json={"reason": "bench"})
-            returned = time.time()
-            response.raise_for_status()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                with lock:
-                    at = closed.get(name)
-                if at is not None:
-                    break
-                time.sleep(0.001)
-            if at is None:
-                missed += 1
-            else:
-                latencies.append(at - returned)
+        latencies, missed = lib.time_drops(http, watcher, [lib.device_id(i) for i in victims])
         latencies.sort()
-        with lock:
-            collateral = len(set(closed) - {lib.device_id(i) for i in victims})
+        collateral = len(watcher.closed_names() - {lib.device_id(i) for i in victims})
 
         def pct(q: float) -> float:
             return round(latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000, 1)
@@ -186,10 +116,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         http.close()
     finally:
-        for w in workers:
-            if w.stdin:
-                w.stdin.close()
-            w.wait(timeout=60)
+        lib.stop_workers(workers)
         if broker is not None:
             broker.stop()
         registry.terminate()

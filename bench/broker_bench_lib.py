@@ -12,6 +12,7 @@ not need 256 KiB per connection themselves) and writing MQTT packets as bytes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -23,10 +24,12 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -123,7 +126,10 @@ def start_ours(
     registry_url: str | None = None,
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    repo: Path = REPO,
 ) -> BrokerProcess:
+    """Our broker, as a process; ``repo``: the checkout whose code runs (another commit's
+    worktree runs that commit's broker)."""
     ready = layout.root / f"broker-ready-{time.monotonic_ns()}.json"
     command = [
         PYTHON,
@@ -144,7 +150,7 @@ def start_ours(
         command += ["--registry-url", registry_url]
     command += extra_args or []
     env = dict(os.environ, **(extra_env or {}))
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -365,7 +371,8 @@ def spawn_device_workers(
 ) -> list[subprocess.Popen[str]]:
     """Start ``procs`` copies of ``script --worker``, splitting device indexes 0..devices.
 
-    Each worker holds its share of connections until its stdin is closed.
+    Each worker holds its share of connections until its stdin is closed. ``script`` may be
+    this module's own file (``__file__``): its ``--worker`` is :func:`hold_devices`.
     """
     per_proc = devices // procs
     workers = []
@@ -385,3 +392,197 @@ def spawn_device_workers(
             )
         )
     return workers
+
+
+def issue_operator(layout: DataLayout, name: str = "bench-op") -> None:
+    """An operator client certificate in ``layout``'s clients/ (registry API over mTLS)."""
+    ca = CertificateAuthority.load(layout)
+    operator = ca.issue_client(ca.identity(IdentityKind.OPERATOR, name))
+    write_issued(operator, layout.client_cert(name), layout.client_key(name))
+
+
+async def hold_devices(data_dir: Path, port: int, start: int, end: int, concurrency: int) -> None:
+    """Connect devices ``start..end``; print ``{"ok", "failed"}``, then one
+    ``{"closed": device, "at": POSIX time}`` line per session the broker closes, until
+    stdin closes."""
+    layout = DataLayout(data_dir)
+    semaphore = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    ok = failed = 0
+
+    async def one(index: int) -> None:
+        nonlocal ok, failed
+        async with semaphore:
+            try:
+                client = await connect_device(layout, port, index)
+            except (OSError, TimeoutError, ConnectionError):
+                failed += 1
+                return
+            ok += 1
+
+            def report(_: asyncio.Future[None]) -> None:
+                print(json.dumps({"closed": device_id(index), "at": time.time()}), flush=True)
+
+            client.closed.add_done_callback(report)
+
+    await asyncio.gather(*(one(i) for i in range(start, end)))
+    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+
+
+PINGREQ = b"\xc0\x00"
+PINGRESP = b"\xd0\x00"
+
+
+async def ping_probe(data_dir: Path, port: int, index: int, gap_s: float = 0.002) -> None:
+    """One connected device sending PINGREQ after PINGRESP without pause (``gap_s``): print
+    ``{"at": POSIX time sent, "rtt_ms": round trip}`` for each round trip of 5 ms or more, and
+    ``{"pings": n}`` every second; the broker's event-loop stalls are the long round trips."""
+    layout = DataLayout(data_dir)
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] | None = None
+
+    def on_plain(data: bytes) -> None:
+        if PINGRESP in data and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    cert, key = device_files(layout, index)
+    _, client = await loop.create_connection(
+        lambda: TlsClient(client_context(layout, cert, key), on_plain), "127.0.0.1", port
+    )
+    client.send(connect_packet(device_id(index)))
+    await asyncio.wait_for(client.ready, 60)
+    await asyncio.sleep(0.2)  # the CONNACK
+    print(json.dumps({"ready": True}), flush=True)
+    pings, reported = 0, time.monotonic()
+    while not client.closed.done():
+        waiter = loop.create_future()
+        sent, started = time.time(), time.perf_counter()
+        client.send(PINGREQ)
+        await asyncio.wait([waiter, client.closed], return_when=asyncio.FIRST_COMPLETED)
+        rtt = (time.perf_counter() - started) * 1000
+        pings += 1
+        if rtt >= 5:
+            print(json.dumps({"at": sent, "rtt_ms": round(rtt, 2)}), flush=True)
+        if time.monotonic() - reported >= 1:
+            print(json.dumps({"pings": pings}), flush=True)
+            reported = time.monotonic()
+        await asyncio.sleep(gap_s)
+
+
+class StallProbe:
+    """:func:`ping_probe` in its own process; :meth:`longest` is the longest round trip sent
+    within a window of POSIX times."""
+
+    def __init__(self, data_dir: Path, port: int, index: int) -> None:
+        argv = [PYTHON, __file__, "--probe", "--data-dir", str(data_dir), "--port", str(port),
+                "--start", str(index)]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.stalls: list[tuple[float, float]] = []
+        self.pings = 0
+        self._lock = threading.Lock()
+        first = self.process.stdout.readline()  # type: ignore[union-attr]
+        if not first:
+            raise RuntimeError("the stall probe did not connect")
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:  # type: ignore[union-attr]
+            event = json.loads(line)
+            with self._lock:
+                if "rtt_ms" in event:
+                    self.stalls.append((float(event["at"]), float(event["rtt_ms"])))
+                elif "pings" in event:
+                    self.pings = int(event["pings"])
+
+    def longest(self, start: float, end: float) -> float:
+        time.sleep(0.3)  # the last lines in flight
+        with self._lock:
+            inside = [rtt for at, rtt in self.stalls if start <= at <= end]
+        return max(inside, default=0.0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class DropWatcher:
+    """Reads the ``closed`` lines of :func:`hold_devices` workers: when each session closed."""
+
+    def __init__(self, workers: list[subprocess.Popen[str]]) -> None:
+        self.closed: dict[str, float] = {}
+        self.connected = 0
+        self._lock = threading.Lock()
+        for worker in workers:
+            self.connected += int(json.loads(worker.stdout.readline())["ok"])  # type: ignore[union-attr]
+        for worker in workers:
+            threading.Thread(target=self._pump, args=(worker,), daemon=True).start()
+
+    def _pump(self, worker: subprocess.Popen[str]) -> None:
+        for raw in worker.stdout:  # type: ignore[union-attr]
+            event = json.loads(raw)
+            if "closed" in event:
+                with self._lock:
+                    self.closed[event["closed"]] = float(event["at"])
+
+    def wait_closed(self, name: str, timeout: float = 5.0) -> float | None:
+        """When ``name``'s session closed (POSIX time), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                at = self.closed.get(name)
+            if at is not None:
+                return at
+            time.sleep(0.001)
+        return None
+
+    def closed_names(self) -> set[str]:
+        with self._lock:
+            return set(self.closed)
+
+
+def time_drops(
+    http: Any, watcher: DropWatcher, names: list[str], timeout: float = 5.0
+) -> tuple[list[float], int]:
+    """Decommission each device in turn over the registry API (``http``: an operator's
+    client on ``/api/v1``); returns the seconds from each call's answer to its session's
+    close, and how many sessions were still open after ``timeout``."""
+    latencies: list[float] = []
+    missed = 0
+    for name in names:
+        response = http.post(f"/devices/{name}/decommission", json={"reason": "bench"})
+        returned = time.time()
+        response.raise_for_status()
+        at = watcher.wait_closed(name, timeout)
+        if at is None:
+            missed += 1
+        else:
+            latencies.append(at - returned)
+    return latencies, missed
+
+
+def stop_workers(workers: list[subprocess.Popen[str]]) -> None:
+    for worker in workers:
+        if worker.stdin:
+            worker.stdin.close()
+        worker.wait(timeout=60)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="device workers of the broker benchmarks")
+    parser.add_argument("--worker", action="store_true", help="hold_devices")
+    parser.add_argument("--probe", action="store_true", help="ping_probe device --start")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--start", type=int, required=True)
+    parser.add_argument("--end", type=int)
+    args = parser.parse_args()
+    raise_nofile()
+    if args.probe:
+        asyncio.run(ping_probe(args.data_dir, args.port, args.start))
+    else:
+        asyncio.run(hold_devices(args.data_dir, args.port, args.start, args.end, 200))
+
+
+if __name__ == "__main__":
+    _main()

@@ -19,8 +19,10 @@ import httpx
 import pytest
 
 from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
+from fleetcore.keys import generate_key
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind, serial_hex
+from registry import importer
 from tests.support.processes import certfleet_in_process
 
 TRUST_DOMAIN = "cli.test"
@@ -131,6 +133,32 @@ def test_import_names_the_bad_line(ca: CertificateAuthority, tmp_path: Path) -> 
     )
     assert result.returncode == 2
     assert f"{manifest}:2: not a manifest record" in result.stderr
+
+
+def test_a_large_manifest_is_parsed_by_workers_in_order(
+    ca: CertificateAuthority, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above PARALLEL_MIN_BYTES (0 here) worker processes parse the lines: a bad line is
+    named with its number, the batches before it are registered and the rest are not."""
+    monkeypatch.setattr(importer, "PARALLEL_MIN_BYTES", 0)
+    key = generate_key().public_key()
+    lines = [
+        manifest_line(
+            ca.issue_client(ca.identity(IdentityKind.DEVICE, f"par-{i}"), public_key=key),
+            f"par-{i}",
+            f"HW-{i}",
+        )
+        for i in range(2100)
+    ]
+    manifest = ca.layout.root / "large.jsonl"
+    manifest.write_text("\n".join([*lines[:1500], "{not json", *lines[1500:]]) + "\n")
+    args = ["registry", "import", str(manifest), "--data-dir", str(ca.layout.root),
+            "--database-url", database_url, "--json"]  # fmt: skip
+    result = certfleet(*args, check=False)
+    assert result.returncode == 2
+    assert f"{manifest}:1501: not a manifest record" in result.stderr
+    manifest.write_text("\n".join(lines) + "\n")
+    assert json.loads(certfleet(*args).stdout) == {"created": 1100, "existing": 1000}
 
 
 def test_token_create_prints_a_token_that_works_and_migrate_is_repeatable(
