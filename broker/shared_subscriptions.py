@@ -118,15 +118,30 @@ class SharedGroup:
         """The members whose client is connected now."""
         return [(s, q) for s, q in self.members if _connected(s)]
 
+    def any_connected(self) -> bool:
+        """Whether a member's client is connected now (per message: no list built)."""
+        return any(_connected(s) for s, _ in self.members)
+
     def pick(self, exclude: Session | None = None) -> tuple[Session, int] | None:
-        """The next connected member (round robin), another than ``exclude`` when there
-        is one; None when no member is connected."""
-        live = self.connected()
-        if not live:
-            return None
-        others = [m for m in live if m[0] is not exclude] or live
-        self._next = (self._next + 1) % len(others)
-        return others[self._next]
+        """The next connected member (round robin over the members), another than
+        ``exclude`` when there is one; None when no member is connected.
+
+        Called for every message: it walks the members from the last one picked and
+        builds no list (the benchmark's profile, issue 24)."""
+        members = self.members
+        count = len(members)
+        fallback: tuple[Session, int] | None = None
+        for step in range(1, count + 1):
+            index = (self._next + step) % count
+            member = members[index]
+            if not _connected(member[0]):
+                continue
+            if member[0] is exclude:
+                fallback = member
+                continue
+            self._next = index
+            return member
+        return fallback
 
     def away(self) -> tuple[Session, int] | None:
         """A persistent member whose client is away (it queues QoS 1 messages)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -72,8 +73,10 @@ _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 _DELETES = ("DEL", "PURGE")
 
 
+@functools.lru_cache(maxsize=4096)
 def share_token(share: ShareFilter) -> str:
-    """The NATS token (subject level, queue group, KV key part) of a group of a filter."""
+    """The NATS token (subject level, queue group, KV key part) of a group of a filter
+    (cached: it is needed for every message sent to another node)."""
     return hashlib.sha256(f"{share.group}\0{share.topic_filter}".encode()).hexdigest()[:20]
 
 
@@ -112,7 +115,7 @@ class ClusterShared:
     # -- RemoteGroups ---------------------------------------------------------------------
 
     def serve_here(self, group: SharedGroup | None, share: ShareFilter) -> bool:
-        if group is None or not group.connected():
+        if group is None or not group.any_connected():
             return False
         return self.prefer_local or not self.elsewhere(share)
 
@@ -132,9 +135,14 @@ class ClusterShared:
     ) -> bool:
         if hops >= MAX_HANDOVERS or not self.link.connected or not self.elsewhere(share):
             return False
-        headers = {HOPS_HEADER: str(hops)}
-        if qos is not None:
-            headers[QOS_HEADER] = str(qos)
+        # A first send with the publisher's own QoS carries no headers (a missing hop
+        # count is 0): NATS headers cost an encode here and a parse on the receiver, per
+        # message (the benchmark's profile, issue 24).
+        headers: dict[str, str] | None = None
+        if hops or qos is not None:
+            headers = {HOPS_HEADER: str(hops)}
+            if qos is not None:
+                headers[QOS_HEADER] = str(qos)
         prefix = f"{SHARED_PREFIX}.{share_token(share)}"
         try:
             await self.link.client.publish(subject_of_topic(topic, prefix), data, headers=headers)
