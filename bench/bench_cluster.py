@@ -454,7 +454,10 @@ def _shared_run(
         )
         try:
             ports = [n.port for n in nodes]
-            return measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            # How often each node used up its quota: the machine gave it what it may use.
+            result["throttled_fraction"] = [g.throttled_fraction() for g in _GROUPS]
+            return result
         finally:
             for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)

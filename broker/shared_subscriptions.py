@@ -287,24 +287,25 @@ class SharedSubscriptions:
         gone: Session | None = None,
         left: bool = False,
         hops: int = 0,
+        remote: bool = True,
     ) -> None:
         """Give the message to one member of this node's group ``share`` (another node's,
-        through :attr:`remote`, when none is connected here). ``gone``: the member that
-        just failed to acknowledge it, tried last, and not at all when it ``left`` (its
-        connection closed rather than being slow to acknowledge)."""
+        through :attr:`remote`, when none is connected here and ``remote``). ``gone``: the
+        member that just failed to acknowledge it, tried last, and not at all when it
+        ``left`` (its connection closed rather than being slow to acknowledge)."""
         group = self.groups.get(share)
         picked = group.pick(gone) if group is not None else None
         if picked is not None and picked[0] is gone and left:
             picked = None
         if picked is None:
-            await self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone, remote)
             return
         session, sub_qos = picked
         if not self._may_receive(session, topic):
             return
         handler = self._handler_of(session)
         if handler is None:
-            await self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone, remote)
             return
         qos = min(force_qos if force_qos is not None else sub_qos, MAX_SHARED_QOS)
         self._spawn(
@@ -320,9 +321,15 @@ class SharedSubscriptions:
         force_qos: int | None,
         hops: int,
         gone: Session | None,
+        remote: bool = True,
     ) -> None:
-        """No member connected here: another node's, else a persistent member's queue."""
-        if self.remote is not None and await self.remote.send(share, topic, data, force_qos, hops):
+        """No member connected here: another node's (when ``remote``), else a persistent
+        member's queue."""
+        if (
+            remote
+            and self.remote is not None
+            and await self.remote.send(share, topic, data, force_qos, hops)
+        ):
             return
         away = group.away() if group is not None else None
         if gone is not None and gone.clean_session is False and group is not None:

@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from broker.cluster.natsd import LocalNats
-from broker.cluster.shared import SHARED_PREFIX
+from broker.cluster.shared import SHARED_PREFIX, decode_batch, encode_batch
 from broker.server import BrokerServer
 from broker.shared_subscriptions import ShareFilter
 from fleetcore.profile import IdentityKind
@@ -221,3 +221,17 @@ def test_a_persistent_member_s_unacknowledged_messages_go_to_the_other_node_s_me
     finally:
         for probe in (member_b, dev):
             probe.close()
+
+
+def test_a_batch_of_shared_messages_decodes_to_what_was_encoded() -> None:
+    records = [
+        ("devices/dev-a/telemetry", b'{"t": 1}', None, 0),
+        ("devices/dév-b/telemetry", b"", 1, 3),  # a non-ASCII level, an empty payload
+        ("devices/dev-c/telemetry", bytes(range(256)) * 40, 0, 7),
+    ]
+    assert decode_batch(encode_batch(records)) == records
+    assert decode_batch(b"") == []
+    whole = encode_batch(records)
+    for cut in (1, 8, len(whole) - 1):  # a torn batch is refused, not half delivered
+        with pytest.raises(ValueError):
+            decode_batch(whole[:cut])
