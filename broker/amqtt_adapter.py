@@ -1,11 +1,15 @@
-"""amqtt, adapted: the one module that knows amqtt 0.12's insides (pinned ``amqtt<0.13``).
+"""amqtt, adapted for a single node: the plugins and the broker's overrides (amqtt 0.12,
+pinned ``amqtt<0.13``).
 
-Everything else in :mod:`broker` uses amqtt's public surface only (``Broker.start``,
-``shutdown``, ``external_connected``, ``retain_message``, the ``sessions``/``subscriptions``
-/``retained_messages`` properties, plugins with a ``Config`` dataclass, the reader/writer
-adapters, ``ConnectPacket``, ``Action``). What this module relies on beyond that is listed
-here, and each item is pinned by ``tests/broker/test_amqtt_adapter_pins.py``, so that an
-amqtt upgrade that moves it fails those tests loudly rather than the broker quietly:
+The adapter is this module, :mod:`broker.amqtt_cluster_routing` (a cluster node's broker,
+items 10-15) and :mod:`broker.amqtt_session` (session reads); they alone know amqtt's
+insides (``tests/architecture/test_amqtt_boundary.py``). Everything else in :mod:`broker`
+uses amqtt's public surface only (``Broker.start``, ``shutdown``, ``external_connected``,
+plugins with a ``Config`` dataclass, the reader/writer adapters, ``ConnectPacket``,
+``Action``) and the cluster the seam of :mod:`broker.broker_port`. What the adapter relies
+on beyond that is listed here, and each item is pinned by
+``tests/broker/test_amqtt_adapter_pins.py``, so that an amqtt upgrade that moves it fails
+those tests loudly rather than the broker quietly:
 
 1. ``Broker._topic_filtering(session, topic, action)`` — amqtt asks it for every PUBLISH,
    every SUBSCRIBE filter and every RECEIVE (each routed copy). Its own body asks topic
@@ -64,32 +68,9 @@ own, for a session whose client is away), an entry in the public ``sessions`` ma
 amqtt's ``BrokerContext.add_subscription`` does), ``add_subscription`` (which applies our
 ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
 
-In cluster mode (:meth:`CertfleetBroker.use_cluster`, :mod:`broker.cluster`) six more (and
-item 16 after them, on every node):
-
-10. ``Broker._initialize_client_session`` returns amqtt's ``BrokerProtocolHandler``, and
-   the session whose ``parent`` is CONNACK's session-present flag (set to 1 when the
-   cluster holds the client's persistent session from another node); the handler's
-   class is swapped to :class:`StoreAckHandler`, whose only change is
-   ``_handle_qos1_message_flow`` for incoming messages: the PUBACK waits until the cluster
-   stored the message (amqtt sends it when the message is queued).
-11. ``Broker._handle_message_delivery(session, handler, waiter)`` — routes one message a
-   client sent (``waiter.result()`` is the ``IncomingApplicationMessage``); wrapped to hand
-   the message's store future to the cluster, resolved at once if the ACL refused it.
-12. ``Broker._broadcast_message(session, topic, data, force_qos)`` — queues a message for
-   routing (a client's publish or a will) as a ``{"session", "topic", "data"[, "qos"]}``
-   dict on ``_broadcast_queue``; in cluster mode its four lines are ours, adding
-   ``"stored"`` (the message goes to JetStream), then the message is forwarded to the
-   other nodes.
-13. ``Broker.add_subscription((filter, qos), session)`` / ``_del_subscription(filter,
-     session)`` — wrapped to tell the cluster which filters this node's clients hold
-     (the NATS interest) and to keep a persistent session's subscriptions in the cluster.
-14. ``Broker._run_broadcast(running)`` — in cluster mode replaced by the same routing with
-    two more rules: a persistent session's QoS 1 subscription gets a stored message from
-    JetStream only (any other live), and another node's message, which arrives for one
-    local filter (``"filter"``), goes only to that filter's subscribers.
-15. ``Broker.subscriptions`` is mutated (a persistent session resumed on this node gets its
-    filters back) and ``Broker.retained_messages`` is filled from the cluster's store.
+Items 10-15, what a cluster node relies on beyond these, are listed in
+:mod:`broker.amqtt_cluster_routing` (:class:`~broker.amqtt_cluster_routing.ClusterBroker`,
+the cluster's side of the broker seam, :mod:`broker.broker_port`); 16 and 17 hold on every node:
 
 16. ``BrokerProtocolHandler._pending_subscriptions`` / ``_pending_unsubscriptions`` — the
     queues of SUBSCRIBE and UNSUBSCRIBE packets the client loop has not handled yet. amqtt's
@@ -122,19 +103,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BaseContext
-from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.session import Session
 
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
@@ -148,9 +126,8 @@ __all__ = [
     "SESSION_EXPIRY_S",
     "AclTopicPlugin",
     "CertfleetBroker",
-    "ClusterHooks",
     "GateAuthPlugin",
-    "StoreAckHandler",
+    "never_retained",
     "tune_session",
 ]
 
@@ -243,68 +220,10 @@ def amqtt_config(
     }
 
 
-#: The store future of the QoS 1 message being routed (set per client task).
-_STORED: ContextVar[asyncio.Future[bool] | None] = ContextVar("certfleet_stored", default=None)
-
-
-class ClusterHooks(Protocol):
-    """What a cluster node (:mod:`broker.cluster`) adds to the broker's message paths."""
-
-    def needs_store(self, topic: str) -> bool:
-        """Whether a QoS 1 message on ``topic`` must be stored before its PUBACK."""
-
-    async def forward(
-        self,
-        topic: str,
-        data: bytes,
-        force_qos: int | None,
-        stored: asyncio.Future[bool] | None,
-        durable: bool,
-    ) -> None:
-        """A local client's admitted message, stored first when ``durable``; a QoS 1 one
-        resolves ``stored`` once its PUBACK may go."""
-
-    def served_from_store(self, session: Session, sub_qos: int) -> bool:
-        """Whether this subscription gets its messages from the cluster's store only."""
-
-    async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
-        """A subscription was granted; False refuses it (SUBACK 0x80)."""
-
-    def unsubscribed(self, session: Session, topic_filter: str) -> None:
-        """A subscription was removed."""
-
-    def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
-        """A client's session is connected on this node and its handler runs."""
-
-    async def stored_session(self, session_key: str) -> bool:
-        """Whether the cluster holds a persistent session for ``session_key``."""
-
-
-class StoreAckHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no hints
-    """amqtt's handler, with the PUBACK of an incoming QoS 1 message sent only once the
-    cluster stored it (amqtt sends it when the message is queued). No state of its own:
-    the broker swaps an amqtt handler's class to this one."""
-
-    async def _handle_qos1_message_flow(
-        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
-    ) -> None:
-        if app_message.direction != INCOMING or app_message.qos != QOS_1 or self.session is None:
-            await super()._handle_qos1_message_flow(app_message)
-            return
-        if app_message.packet_id is None or app_message.puback_packet:
-            await super()._handle_qos1_message_flow(app_message)
-            return
-        waiters: dict[int, asyncio.Future[bool]] = self.__dict__.setdefault("store_waiters", {})
-        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        waiters[id(app_message)] = stored
-        try:
-            await self.session.delivered_message_queue.put(app_message)
-            await stored
-        finally:
-            waiters.pop(id(app_message), None)
-        puback = PubackPacket.build(app_message.packet_id)
-        await self._send_packet(puback)
-        app_message.puback_packet = puback
+def never_retained(topic_name: str | None, data: bytes | bytearray | None) -> bool:
+    """Whether a retained message is refused: renewal messages are routed, never stored
+    (a stored CSR would be replayed to the registry at every resubscribe)."""
+    return bool(data) and topic_name is not None and is_renewal_topic(topic_name)
 
 
 def _ignore_error(_exc: BaseException) -> None:
@@ -356,51 +275,16 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         data: bytes | bytearray | None,
         qos: int | None = None,
     ) -> None:
-        if data and topic_name is not None and is_renewal_topic(topic_name):
+        if never_retained(topic_name, data):
             client_id = source_session.client_id if source_session is not None else None
             log.warning(
                 "retain refused client_id=%s topic=%r (renewal messages are never retained)",
                 client_id,
-                topic_name[:200],
+                (topic_name or "")[:200],
             )
             self._on_retain_refused()
             return
         await super().retain_message(source_session, topic_name, data, qos)
-        if self._share_retained is not None and source_session is not None and topic_name:
-            await self._share_retained(topic_name, bytes(data or b""), qos)
-
-    _share_retained: Callable[[str, bytes, int | None], Awaitable[None]] | None = None
-
-    def share_retained_with(
-        self, share: Callable[[str, bytes, int | None], Awaitable[None]]
-    ) -> None:
-        """Hand every retained message a local client set (or cleared) to ``share``: the
-        cluster's retained store (:mod:`broker.cluster.retained`)."""
-        self._share_retained = share
-
-    _cluster: ClusterHooks | None = None
-
-    def use_cluster(self, hooks: ClusterHooks) -> None:
-        """Run as a cluster node (:mod:`broker.cluster`): every locally admitted message is
-        handed to ``hooks.forward`` too, a QoS 1 PUBACK waits for ``hooks`` to store it,
-        and persistent sessions' QoS 1 subscriptions are served from the cluster's store."""
-        self._cluster = hooks
-
-    async def _initialize_client_session(
-        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
-        )
-        if self._cluster is not None:
-            # amqtt builds its handler by class name; ours only changes when PUBACK is sent.
-            handler.__class__ = StoreAckHandler
-            # A persistent session made on another node: CONNACK's session present
-            # (amqtt's ``parent``) says so; its filters are restored as it starts.
-            resumable = not session.clean_session and not session.parent and session.client_id
-            if resumable and await self._cluster.stored_session(session.client_id):
-                session.parent = 1
-        return handler, session
 
     async def _handle_message_delivery(
         self,
@@ -425,21 +309,9 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         handler: BrokerProtocolHandler,
         wait_deliver: asyncio.Future[Any],
     ) -> bool:
-        """amqtt's routing of one message a client sent, with its store future (item 11)."""
-        waiters: dict[int, asyncio.Future[bool]] = getattr(handler, "store_waiters", {})
-        message = wait_deliver.result()
-        stored = waiters.get(id(message)) if message is not None else None
-        token = _STORED.set(stored)
-        try:
-            delivered = await super()._handle_message_delivery(
-                client_session, handler, wait_deliver
-            )
-            return bool(delivered)
-        finally:
-            taken = _STORED.get() is None
-            _STORED.reset(token)
-            if stored is not None and not taken and not stored.done():
-                stored.set_result(True)  # refused by the ACL (acknowledged, never routed)
+        """amqtt's routing of one message a client sent."""
+        delivered = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return bool(delivered)
 
     async def _broadcast_message(
         self,
@@ -450,22 +322,17 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
     ) -> None:
         if topic and data is not None and self.shared.groups_or_remote:
             await self.shared.route(topic, bytes(data), force_qos)  # item 17
-        cluster = self._cluster
-        if cluster is None or session is None or not topic or data is None:
-            await super()._broadcast_message(session, topic, data, force_qos)
-            return
-        stored = _STORED.get()
-        _STORED.set(None)  # taken: the cluster resolves it once the PUBACK may go
-        qos1 = stored is not None or (force_qos or 0) >= 1
-        durable = qos1 and cluster.needs_store(topic)
-        # amqtt's own _broadcast_message, plus whether the message goes to the store: a
-        # persistent QoS 1 subscription then gets it from there, and live otherwise.
-        broadcast: dict[str, object] = {"session": session, "topic": topic, "data": data}
-        if force_qos is not None:
-            broadcast["qos"] = force_qos
-        broadcast["stored"] = durable
-        await self._broadcast_queue.put(broadcast)
-        await cluster.forward(topic, bytes(data), force_qos, stored, durable)
+        await self._queue_broadcast(session, topic, data, force_qos)
+
+    async def _queue_broadcast(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None,
+    ) -> None:
+        """amqtt's own: queue the message for routing (a cluster node's adds to it)."""
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         try:
@@ -477,15 +344,11 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             if not self.acl.check(session.client_id, share.topic_filter, Action.SUBSCRIBE):
                 return 0x80
             return self.shared.join(share, session, subscription[1])
-        granted = int(await super().add_subscription(subscription, session))
-        if (
-            self._cluster is not None
-            and granted != 0x80
-            and not await self._cluster.subscribed(session, subscription[0], granted)
-        ):
-            super()._del_subscription(subscription[0], session)
-            return 0x80
-        return granted
+        return await self._add_plain_subscription(subscription, session)
+
+    async def _add_plain_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's own subscription (a cluster node's tells the cluster)."""
+        return int(await super().add_subscription(subscription, session))
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         await super()._del_all_subscriptions(session)
@@ -498,62 +361,11 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             return 0
         if share is not None:
             return int(self.shared.leave(share, session))
-        deleted = int(super()._del_subscription(a_filter, session))
-        if deleted and self._cluster is not None:
-            self._cluster.unsubscribed(session, a_filter)
-        return deleted
+        return self._del_plain_subscription(a_filter, session)
 
-    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[object]]) -> None:
-        cluster = self._cluster
-        if cluster is None:
-            await super()._run_broadcast(running_tasks)
-            return
-        # amqtt's own loop body, plus one rule: a persistent session's QoS 1 subscription is
-        # served from the cluster's store (JetStream) only, connected or not, so it never
-        # gets a message twice and nothing waits in this process's memory for it.
-        broadcast = await self._broadcast_queue.get()
-        topic = broadcast["topic"]
-        from_store = broadcast.get("stored", True)
-        only = broadcast.get("filter")  # another node's message, for one local filter
-        if only is not None:
-            candidates = [(only, self.subscriptions.get(only, []))]
-        else:
-            candidates = list(self.subscriptions.items())
-        for topic_filter, subscriptions in candidates:
-            if not topic_matches(topic, topic_filter):
-                continue
-            for target, sub_qos in list(subscriptions):
-                if from_store and cluster.served_from_store(target, sub_qos):
-                    continue
-                if not self.acl.check(target.client_id, topic, Action.RECEIVE):
-                    continue
-                if target.transitions.state != "connected":
-                    continue
-                handler = self._handler_of(target)
-                if handler is not None:
-                    qos = broadcast.get("qos", sub_qos)
-                    running_tasks.append(
-                        asyncio.ensure_future(
-                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
-                        )
-                    )
-
-    def deliver_remote(
-        self, topic: str, data: bytes, force_qos: int | None, topic_filter: str, stored: bool
-    ) -> None:
-        """Route a message another node admitted to this node's subscribers of
-        ``topic_filter`` (each one's RECEIVE check applies); it is not forwarded again.
-        ``stored``: it is in JetStream too, so persistent QoS 1 subscriptions get it there."""
-        broadcast: dict[str, object] = {
-            "session": None,
-            "topic": topic,
-            "data": data,
-            "filter": topic_filter,
-            "stored": stored,
-        }
-        if force_qos is not None:
-            broadcast["qos"] = force_qos
-        self._broadcast_queue.put_nowait(broadcast)
+    def _del_plain_subscription(self, a_filter: str, session: Session) -> int:
+        """amqtt's own unsubscription (a cluster node's tells the cluster)."""
+        return int(super()._del_subscription(a_filter, session))
 
     # -- persistent state (broker.state) --------------------------------------------------
 
@@ -685,8 +497,6 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         handler = self._handler_of(session)
         if handler is None:
             return
-        if self._cluster is not None:
-            self._cluster.session_started(session, handler)
         queued = []
         while not session.retained_messages.empty():
             message = session.retained_messages.get_nowait()

@@ -16,6 +16,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from broker.errors import CONNACK_NOT_AUTHORIZED, RefusedError
 from broker.sessions import service_instance, session_key
 from fleetcore.errors import IdentityError
 from fleetcore.profile import (
@@ -40,7 +41,6 @@ __all__ = [
 #: CONNACK return codes of MQTT 3.1.1 (section 3.2.2.3) the gate answers with.
 CONNACK_UNACCEPTABLE_PROTOCOL = 0x01
 CONNACK_IDENTIFIER_REJECTED = 0x02
-CONNACK_NOT_AUTHORIZED = 0x05
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,6 @@ class ClientIdMode(StrEnum):
     #: Whatever the client sends is replaced by the certificate's id (EMQX's
     #: ``peer_cert_as_clientid``).
     FROM_CERTIFICATE = "from-certificate"
-
-
-class RefusedError(Exception):
-    """A client is refused; ``reason`` is counted, ``detail`` is logged, ``connack`` is the
-    CONNACK return code answered when the refusal happens at CONNECT."""
-
-    def __init__(
-        self, reason: Refusal, detail: str, *, connack: int = CONNACK_NOT_AUTHORIZED
-    ) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.connack = connack
 
 
 @dataclass(frozen=True, slots=True)

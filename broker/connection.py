@@ -24,6 +24,7 @@ from typing import Protocol
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 
 from broker.auth import Refusal
+from broker.errors import PacketTooLargeError
 
 __all__ = [
     "ConnectionEvents",
@@ -47,10 +48,6 @@ _BACKLOG_LOW = 16
 #: is told the connection ended (amqtt drops a session's unrouted messages at disconnect).
 _EOF_DRAIN_S = 5.0
 _BACKLOG_POLL_S = 0.002
-
-
-class PacketTooLargeError(ConnectionError):
-    """A client announced a packet larger than the broker accepts."""
 
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) that map to a counted reason.

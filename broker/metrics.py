@@ -37,7 +37,17 @@ class BrokerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._client_metrics(self.registry)
+        self._revocation_metrics(self.registry)
+        self._failure_metrics(self.registry)
+        self._cluster_metrics(self.registry)
+        self._shared_metrics(self.registry)
+        self._state_metrics(self.registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _client_metrics(self, r: CollectorRegistry) -> None:
+        """Connections, admissions, refusals, messages and ACL decisions."""
         self.connections = Gauge(
             "certfleet_broker_connections", "Admitted MQTT sessions currently open", registry=r
         )
@@ -67,6 +77,9 @@ class BrokerMetrics:
             ["action"],
             registry=r,
         )
+
+    def _revocation_metrics(self, r: CollectorRegistry) -> None:
+        """The revoked set, the revocation feed and its lag."""
         self.sessions_dropped = Counter(
             "certfleet_broker_revoked_sessions_dropped",
             "Live sessions dropped because their certificate was revoked",
@@ -105,6 +118,9 @@ class BrokerMetrics:
             "Failed writes of the revoked set file (enforcement goes on in memory)",
             registry=r,
         )
+
+    def _failure_metrics(self, r: CollectorRegistry) -> None:
+        """Background tasks restarted, connections and routes that raised."""
         self.task_restarts = Counter(
             "certfleet_broker_task_restarts",
             "Background tasks that failed and were restarted, by task",
@@ -121,6 +137,9 @@ class BrokerMetrics:
             "Messages whose routing raised (logged; routing goes on)",
             registry=r,
         )
+
+    def _cluster_metrics(self, r: CollectorRegistry) -> None:
+        """The NATS link and the messages it carries."""
         self.cluster_connected = Gauge(
             "certfleet_broker_cluster_connected",
             "1 while this node's NATS link is up and NATS answers (cluster mode), else 0",
@@ -166,6 +185,9 @@ class BrokerMetrics:
             "Failed JetStream stores retried (their PUBACK withheld meanwhile)",
             registry=r,
         )
+
+    def _shared_metrics(self, r: CollectorRegistry) -> None:
+        """Shared subscriptions across members and nodes."""
         self.shared_handed_over = Counter(
             "certfleet_broker_shared_handed_over",
             "Shared-subscription QoS 1 messages a member left unacknowledged, given to another",
@@ -181,6 +203,9 @@ class BrokerMetrics:
             "Shared-subscription messages sent through NATS to another node's member",
             registry=r,
         )
+
+    def _state_metrics(self, r: CollectorRegistry) -> None:
+        """The saved broker state (persistent sessions, retained messages)."""
         self.state_persisted = Gauge(
             "certfleet_broker_state_persisted",
             "1 when the persistent sessions and retained messages on disk are current, else 0",
@@ -206,8 +231,6 @@ class BrokerMetrics:
             "Messages queued for persistent sessions in the last saved state",
             registry=r,
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def count_acl(self, action: str, allowed: bool) -> None:
         """One topic ACL decision: a refusal by action, or a message in (publish) or out

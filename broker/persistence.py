@@ -46,6 +46,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from broker.errors import StateFileError
 from broker.state import BrokerState, SessionState, StoredMessage
 from fleetcore.clock import utcnow
 from fleetcore.layout import write_durable
@@ -100,10 +101,6 @@ class _StateFileBody(BaseModel):
     saved_at: float
     sessions: list[_Session]
     retained: list[_Message]
-
-
-class StateFileError(ValueError):
-    """A state file that cannot be used (the reason says why)."""
 
 
 def _message_out(message: StoredMessage) -> dict[str, object]:

@@ -273,7 +273,7 @@ def _apply_line(body: dict[str, Any], state: LoadedState, recent: dict[bytes, in
         state.position, state.checkpoint = 0, None
         state.epoch = None if body["reset"] is None else int(body["reset"])
     else:
-        raise KeyError("unknown journal line")
+        raise ValueError("unknown journal line")
 
 
 def encode_serials(serials: list[str], not_after: dict[str, float]) -> list[tuple[str, int]]:

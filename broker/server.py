@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from broker.acl import TopicAcl
 from broker.amqtt_adapter import CertfleetBroker
+from broker.amqtt_cluster_routing import ClusterBroker
 from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
@@ -51,6 +52,8 @@ from fleetcore.revocation_feed import RevocationEvent
 __all__ = ["BrokerApp", "BrokerServer", "serve"]
 
 log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -133,7 +136,9 @@ class BrokerApp:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
-        self.broker = CertfleetBroker(
+        # A cluster node's broker routes through the cluster (broker/amqtt_cluster_routing.py).
+        clustered = ClusterBroker if self.cluster is not None else CertfleetBroker
+        self.broker = broker = clustered(
             gate=self.gate,
             acl=self.acl,
             session_expiry_s=self.settings.broker_session_expiry_s,
@@ -155,8 +160,8 @@ class BrokerApp:
         await self.broker.start()
         if self.state_store is not None:
             await self._restore_state(self.state_store)
-        if self.cluster is not None:
-            self.cluster.attach(self.broker, self._close_session)
+        if self.cluster is not None and isinstance(broker, ClusterBroker):
+            self.cluster.attach(broker, self._close_session)
             self.cluster.start()
         address = parse_address(self.settings.broker_addr)
         host, port = address.host, address.port
@@ -451,10 +456,17 @@ class BrokerServer:
         return self.call(lambda: app.revoke(serials, device_id))
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread is not None:
+        """Stop the broker and wait for its loop to end (raises if it does not in 30 s)."""
+        thread = self._thread
+        if self._loop is not None and self._stop is not None and thread is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=30)
+            thread.join(timeout=_STOP_TIMEOUT_S)
         self._thread = None
+        if thread is not None and thread.is_alive():
+            raise BrokerError(
+                f"the broker did not stop within {_STOP_TIMEOUT_S:.0f} s: a task of its loop "
+                "ignores cancellation (a bug: report it with the log)"
+            )
 
     def __enter__(self) -> BrokerServer:
         return self.start()

@@ -34,10 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from amqtt.broker import RetainedApplicationMessage
-from amqtt.session import Session
-
-from broker.errors import BrokerError
+from broker.amqtt_session import (
+    Session,
+    is_connected,
+    keeps_session,
+    publish,
+    queue_while_away,
+)
+from broker.errors import SharedSubscriptionError
 from fleetcore.topics import topic_matches
 
 __all__ = [
@@ -61,10 +65,6 @@ GROUP_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SHARED_QOS = 1
 #: How often one message is handed to another member before it counts as lost.
 MAX_HANDOVERS = 8
-
-
-class SharedSubscriptionError(BrokerError):
-    """A ``$share`` filter is malformed (refused with SUBACK 0x80)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def parse_share(topic_filter: str) -> ShareFilter | None:
 
 
 def _connected(session: Session) -> bool:
-    return bool(session.transitions.state == "connected")
+    return is_connected(session)
 
 
 @dataclass
@@ -146,7 +146,7 @@ class SharedGroup:
     def away(self) -> tuple[Session, int] | None:
         """A persistent member whose client is away (it queues QoS 1 messages)."""
         for session, qos in self.members:
-            if session.clean_session is False and not _connected(session):
+            if keeps_session(session) and not _connected(session):
                 return session, qos
         return None
 
@@ -332,12 +332,11 @@ class SharedSubscriptions:
         ):
             return
         away = group.away() if group is not None else None
-        if gone is not None and gone.clean_session is False and group is not None:
+        if gone is not None and keeps_session(gone) and group is not None:
             away = next(((s, q) for s, q in group.members if s is gone), away)
         qos = min(force_qos if force_qos is not None else (away[1] if away else 0), 1)
         if away is not None and qos >= 1 and self._may_receive(away[0], topic):
-            message = RetainedApplicationMessage(None, topic, data, qos)
-            away[0].retained_messages.put_nowait(message)  # sent when it reconnects
+            queue_while_away(away[0], topic, data, qos)  # sent when it reconnects
             return
         if qos >= 1:
             self._on_lost()
@@ -359,7 +358,7 @@ class SharedSubscriptions:
     ) -> None:
         left = True
         try:
-            await handler.mqtt_publish(topic, data, qos, retain=False)
+            await publish(handler, topic, data, qos)
             self._on_delivered()
             return
         except asyncio.CancelledError:

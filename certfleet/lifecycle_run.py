@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from certfleet.credentials import ensure_service_certs
 from certfleet.lifecycle_stats import (
@@ -52,8 +52,8 @@ from factory.ca import CertificateAuthority
 from fleetcore.layout import DataLayout
 from fleetcore.profile import CLOCK_SKEW
 from registry.db import make_engine
-from registry.models import Certificate
 from registry.settings import RegistrySettings
+from registry.store.certificates import all_certificates
 
 __all__ = [
     "LifecyclePlan",
@@ -191,7 +191,7 @@ def _registry_certificates(
     started = dt.datetime.fromtimestamp(started_wall, dt.UTC)
     try:
         with Session(engine) as session:
-            rows = session.exec(select(Certificate)).all()
+            rows = all_certificates(session)
     finally:
         engine.dispose()
     issued = [

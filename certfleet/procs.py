@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from certfleet.errors import OrchestrationError
 from fleetcore.children import exit_with_parent
-from fleetcore.errors import CertfleetError
 
 __all__ = [
     "ISOLATED_ENV",
@@ -52,10 +52,6 @@ ISOLATED_ENV = {
     "CERTFLEET_REGISTRY_TOKEN": "",
     "CERTFLEET_REGISTRY_URL": "",
 }
-
-
-class OrchestrationError(CertfleetError):
-    """A step of `certfleet demo` / `certfleet up` failed."""
 
 
 def certfleet_argv(*args: str) -> list[str]:

@@ -32,9 +32,9 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -47,7 +47,7 @@ from device_sim.renewal_events import RenewalEvent, RenewalOutcome
 from device_sim.stats import WorkerStats
 from fleetcore.errors import IdentityError
 from fleetcore.keys import KEY_ALGORITHMS, build_csr, generate_key, private_key_pem
-from fleetcore.profile import CLOCK_SKEW, read_identity, serial_hex
+from fleetcore.profile import CLOCK_SKEW, PrivateKey, read_identity, serial_hex
 from fleetcore.renewal_wire import (
     RETRYABLE_REFUSALS,
     AnswerError,
@@ -116,6 +116,25 @@ class RenewalLink(Protocol):
     async def switch(self, credentials: Credentials) -> bool:
         """Reconnect with ``credentials``; True once connected with them."""
         ...
+
+
+@dataclass(slots=True)
+class _Tries:
+    """The requests of one renewal so far."""
+
+    started: float  # time.monotonic() of the first request
+    attempts: int = 0
+    timeouts: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, Any]:
+        """The counting fields of a RenewalEvent."""
+        return {
+            "attempts": self.attempts,
+            "retried": max(0, self.attempts - 1),
+            "timeouts": self.timeouts,
+            "refused": tuple(self.refused),
+        }
 
 
 class Renewer:
@@ -191,9 +210,7 @@ class Renewer:
         identity = read_identity(current)
         issuing = x509.load_pem_x509_certificates(self._chain.read_bytes())[0]
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, self.rng)
-        attempts = timeouts = 0
-        refused: list[str] = []
-        started = time.monotonic()
+        tries = _Tries(started=time.monotonic())
         key = generate_key(self.policy.key_algorithm)
         csr_pem = build_csr(key, identity).public_bytes(PEM)
         while True:
@@ -203,93 +220,97 @@ class Renewer:
                     return False  # the run ended while waiting: not an expiry
                 if time.time() < not_after:
                     continue
-                return self._expired(
-                    current,
-                    previous_serial,
-                    attempts=attempts,
-                    retried=max(0, attempts - 1),
-                    timeouts=timeouts,
-                    refused=tuple(refused),
-                )
-            attempts += 1
+                return self._expired(current, previous_serial, **tries.counts())
+            tries.attempts += 1
             self.stats.renewal_attempts += 1
-            if attempts > 1:
+            if tries.attempts > 1:
                 self.stats.renewal_retried += 1
             sent = time.monotonic()
             answer = await self.link.exchange(csr_pem, self.policy.timeout)
             latency = time.monotonic() - sent
             certificate, code = self._read(answer, identity, key.public_key(), issuing)
             if certificate is None:
-                if code is None:
-                    timeouts += 1
-                    self.stats.renewal_timeouts += 1
-                else:
-                    refused.append(code)
-                    self.stats.renewal_refused[code] += 1
-                    if code not in RETRYABLE_REFUSALS and code != BAD_ANSWER:
-                        log.warning(
-                            "renewal refused device_id=%s error=%s: renewing stops",
-                            self.device_id,
-                            code,
-                        )
-                        self._emit(
-                            RenewalEvent(
-                                self.device_id,
-                                RenewalOutcome.REFUSED,
-                                time.time(),
-                                previous_serial,
-                                attempts=attempts,
-                                retried=attempts - 1,
-                                timeouts=timeouts,
-                                refused=tuple(refused),
-                            )
-                        )
-                        return False
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            received_at = time.time()
-            staged = self.store.stage(private_key_pem(key), certificate.public_bytes(PEM))
-            if not await self.link.switch(staged):
-                self.store.discard()
-                self.stats.renewal_switch_failed += 1
-                log.warning(
-                    "renewed certificate did not connect device_id=%s serial=%s: kept the old",
-                    self.device_id,
-                    serial_hex(certificate.serial_number),
-                )
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            self.store.promote()
-            self.stats.renewals += 1
-            self.stats.renewal_latency.record(latency)
-            serial = serial_hex(certificate.serial_number)
-            total_ms = (time.monotonic() - started) * 1000
-            log.info(
-                "certificate renewed device_id=%s serial=%s previous_serial=%s not_after=%s",
-                self.device_id,
-                serial,
-                previous_serial,
-                certificate.not_valid_after_utc.isoformat(),
-            )
-            confirmed = await self._confirm(serial)
-            self._emit(
-                RenewalEvent(
-                    self.device_id,
-                    RenewalOutcome.RENEWED,
-                    received_at,
-                    previous_serial,
-                    serial=serial,
-                    not_after=certificate.not_valid_after_utc.isoformat(),
-                    latency_ms=round(latency * 1000, 2),
-                    total_ms=round(total_ms, 2),
-                    attempts=attempts,
-                    retried=attempts - 1,
-                    timeouts=timeouts,
-                    refused=tuple(refused),
-                    confirmed=confirmed,
-                )
-            )
+                if not self._unanswered(code, previous_serial, tries):
+                    return False
+            else:
+                received_at = time.time()
+                if await self._switch(key, certificate):
+                    await self._renewed(certificate, previous_serial, received_at, latency, tries)
+                    return True
+            await asyncio.sleep(backoff.next_delay())
+
+    def _unanswered(self, code: str | None, previous_serial: str, tries: _Tries) -> bool:
+        """Count a request without a certificate; False when the refusal ends renewing."""
+        if code is None:
+            tries.timeouts += 1
+            self.stats.renewal_timeouts += 1
             return True
+        tries.refused.append(code)
+        self.stats.renewal_refused[code] += 1
+        if code in RETRYABLE_REFUSALS or code == BAD_ANSWER:
+            return True
+        log.warning("renewal refused device_id=%s error=%s: renewing stops", self.device_id, code)
+        self._emit(
+            RenewalEvent(
+                self.device_id,
+                RenewalOutcome.REFUSED,
+                time.time(),
+                previous_serial,
+                **tries.counts(),
+            )
+        )
+        return False
+
+    async def _switch(self, key: PrivateKey, certificate: x509.Certificate) -> bool:
+        """Stage the new credentials and reconnect with them; True once they are in use."""
+        staged = self.store.stage(private_key_pem(key), certificate.public_bytes(PEM))
+        if await self.link.switch(staged):
+            self.store.promote()
+            return True
+        self.store.discard()
+        self.stats.renewal_switch_failed += 1
+        log.warning(
+            "renewed certificate did not connect device_id=%s serial=%s: kept the old",
+            self.device_id,
+            serial_hex(certificate.serial_number),
+        )
+        return False
+
+    async def _renewed(
+        self,
+        certificate: x509.Certificate,
+        previous_serial: str,
+        received_at: float,
+        latency: float,
+        tries: _Tries,
+    ) -> None:
+        """Count, log, confirm and report a renewal whose certificate is now in use."""
+        self.stats.renewals += 1
+        self.stats.renewal_latency.record(latency)
+        serial = serial_hex(certificate.serial_number)
+        total_ms = (time.monotonic() - tries.started) * 1000
+        log.info(
+            "certificate renewed device_id=%s serial=%s previous_serial=%s not_after=%s",
+            self.device_id,
+            serial,
+            previous_serial,
+            certificate.not_valid_after_utc.isoformat(),
+        )
+        confirmed = await self._confirm(serial)
+        self._emit(
+            RenewalEvent(
+                self.device_id,
+                RenewalOutcome.RENEWED,
+                received_at,
+                previous_serial,
+                serial=serial,
+                not_after=certificate.not_valid_after_utc.isoformat(),
+                latency_ms=round(latency * 1000, 2),
+                total_ms=round(total_ms, 2),
+                confirmed=confirmed,
+                **tries.counts(),
+            )
+        )
 
     def _read(
         self, answer: bytes | None, identity: object, public_key: object, issuing: x509.Certificate

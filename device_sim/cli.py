@@ -60,79 +60,88 @@ class EnrollMode(enum.StrEnum):
     EST = "est"
 
 
+DevicesOption = Annotated[
+    int | None, typer.Option("--devices", min=1, help="run the first N bundles")
+]
+AllOption = Annotated[bool, typer.Option("--all", help="run every bundle in the data folder")]
+RateOption = Annotated[float | None, typer.Option("--rate", help="readings per second per device")]
+DurationOption = Annotated[float | None, typer.Option("--duration", help="seconds to publish")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", help="worker processes (0 = in this process; default 1 per 2,500)"),
+]
+QosOption = Annotated[int | None, typer.Option("--qos", help="0 or 1 (default 1)")]
+ConnectConcurrencyOption = Annotated[
+    int | None,
+    typer.Option("--connect-concurrency", help="connection attempts in flight per worker"),
+]
+WindowOption = Annotated[
+    int | None, typer.Option("--window", help="unacked readings kept per device")
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="seed for jitter and sensor values")]
+RenewOption = Annotated[
+    bool | None,
+    typer.Option("--renew/--no-renew", help="renew certificates automatically (default on)"),
+]
+RenewAtOption = Annotated[
+    float | None,
+    typer.Option("--renew-at", help="renew at this fraction of the lifetime (default 2/3)"),
+]
+RenewalLogOption = Annotated[
+    Path | None,
+    typer.Option("--renewal-log", help="append one JSON line per renewal event to this file"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print only the JSON summary on stdout")]
+EnrollOption = Annotated[
+    EnrollMode,
+    typer.Option(
+        "--enroll", help="bundles: run the factory's bundles; est: devices first enroll by claim"
+    ),
+]
+ClaimOption = Annotated[
+    Path | None, typer.Option("--claim", help="claims/<batch>/ folder (with --enroll est)")
+]
+SerialsOption = Annotated[
+    Path | None,
+    typer.Option("--serials", help="hardware serials, one a line (with --enroll est)"),
+]
+SerialPrefixOption = Annotated[
+    str | None,
+    typer.Option("--serial-prefix", help="serials <prefix><index> when no --serials file"),
+]
+RegistryUrlOption = Annotated[
+    str | None,
+    typer.Option("--registry-url", help="registry https URL, its EST server (--enroll est)"),
+]
+EnrollConcurrencyOption = Annotated[
+    int | None,
+    typer.Option("--enroll-concurrency", help="EST enrollments in flight (default 16)"),
+]
+
+
 @app.command("run")
 def run(
     data_dir: DataDirOption = None,
     broker: BrokersOption = None,
-    devices: Annotated[
-        int | None, typer.Option("--devices", min=1, help="run the first N bundles")
-    ] = None,
-    all_devices: Annotated[
-        bool, typer.Option("--all", help="run every bundle in the data folder")
-    ] = False,
-    rate: Annotated[
-        float | None, typer.Option("--rate", help="readings per second per device")
-    ] = None,
-    duration: Annotated[float | None, typer.Option("--duration", help="seconds to publish")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", help="worker processes (0 = in this process; default 1 per 2,500)"
-        ),
-    ] = None,
-    qos: Annotated[int | None, typer.Option("--qos", help="0 or 1 (default 1)")] = None,
-    connect_concurrency: Annotated[
-        int | None,
-        typer.Option("--connect-concurrency", help="connection attempts in flight per worker"),
-    ] = None,
-    window: Annotated[
-        int | None, typer.Option("--window", help="unacked readings kept per device")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="seed for jitter and sensor values")
-    ] = None,
-    renew: Annotated[
-        bool | None,
-        typer.Option("--renew/--no-renew", help="renew certificates automatically (default on)"),
-    ] = None,
-    renew_at: Annotated[
-        float | None,
-        typer.Option("--renew-at", help="renew at this fraction of the lifetime (default 2/3)"),
-    ] = None,
-    renewal_log: Annotated[
-        Path | None,
-        typer.Option("--renewal-log", help="append one JSON line per renewal event to this file"),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print only the JSON summary on stdout")
-    ] = False,
-    enroll: Annotated[
-        EnrollMode,
-        typer.Option(
-            "--enroll",
-            help="bundles: run the factory's bundles; est: devices first enroll by claim",
-        ),
-    ] = EnrollMode.BUNDLES,
-    claim: Annotated[
-        Path | None,
-        typer.Option("--claim", help="claims/<batch>/ folder (with --enroll est)"),
-    ] = None,
-    serials: Annotated[
-        Path | None,
-        typer.Option("--serials", help="hardware serials, one a line (with --enroll est)"),
-    ] = None,
-    serial_prefix: Annotated[
-        str | None,
-        typer.Option("--serial-prefix", help="serials <prefix><index> when no --serials file"),
-    ] = None,
-    registry_url: Annotated[
-        str | None,
-        typer.Option("--registry-url", help="registry https URL, its EST server (--enroll est)"),
-    ] = None,
-    enroll_concurrency: Annotated[
-        int | None,
-        typer.Option("--enroll-concurrency", help="EST enrollments in flight (default 16)"),
-    ] = None,
+    devices: DevicesOption = None,
+    all_devices: AllOption = False,
+    rate: RateOption = None,
+    duration: DurationOption = None,
+    workers: WorkersOption = None,
+    qos: QosOption = None,
+    connect_concurrency: ConnectConcurrencyOption = None,
+    window: WindowOption = None,
+    seed: SeedOption = None,
+    renew: RenewOption = None,
+    renew_at: RenewAtOption = None,
+    renewal_log: RenewalLogOption = None,
+    as_json: JsonOption = False,
+    enroll: EnrollOption = EnrollMode.BUNDLES,
+    claim: ClaimOption = None,
+    serials: SerialsOption = None,
+    serial_prefix: SerialPrefixOption = None,
+    registry_url: RegistryUrlOption = None,
+    enroll_concurrency: EnrollConcurrencyOption = None,
 ) -> None:
     """Run simulated devices (from their bundles, or enrolled by claim over EST first) and
     print a summary at the end."""
@@ -165,13 +174,22 @@ def run(
             _print_summary({"enrollment": enrollment.as_dict()}, as_json)
             raise typer.Exit(1)
     else:
-        limit = None if all_devices else settings.sim_devices
-        bundles = discover_bundles(settings.data_dir, limit)
+        bundles = discover_bundles(settings.data_dir, None if all_devices else settings.sim_devices)
+    summary = _run_devices(settings, bundles, seed, as_json)
+    if enrollment is not None:
+        summary["enrollment"] = enrollment.as_dict()
+    _print_summary(summary, as_json)
+    if summary["errors"] or summary["devices_connected_ever"] == 0:
+        raise typer.Exit(1)
+
+
+def _device_config(settings: SimSettings, bundles: list[DeviceBundle]) -> DeviceConfig:
+    """How each device connects and publishes: brokers (with failover), rate, QoS, renewal."""
     address = settings.sim_brokers or settings.broker_addr or bundles[0].broker
     if address is None:
         raise SimError("no broker address: pass --broker host:port")
     first, *failover = broker_list(address)
-    config = DeviceConfig(
+    return DeviceConfig(
         first.host,
         first.port,
         failover=tuple(failover),
@@ -184,10 +202,16 @@ def run(
         window=settings.sim_window,
         renewal=renewal_policy(settings),
     )
+
+
+def _run_devices(
+    settings: SimSettings, bundles: list[DeviceBundle], seed: int | None, as_json: bool
+) -> dict[str, Any]:
+    """Run the devices until their duration ends or Ctrl-C; their summary."""
     console = Console(stderr=True)
     sim = SimRun(
         bundles,
-        config,
+        _device_config(settings, bundles),
         duration=settings.sim_duration,
         workers=settings.sim_workers,
         connect_concurrency=settings.sim_connect_concurrency,
@@ -210,12 +234,7 @@ def run(
                 watch(sim, console)
     finally:
         signal.signal(signal.SIGINT, previous)
-    summary = sim.summary()
-    if enrollment is not None:
-        summary["enrollment"] = enrollment.as_dict()
-    _print_summary(summary, as_json)
-    if summary["errors"] or summary["devices_connected_ever"] == 0:
-        raise typer.Exit(1)
+    return sim.summary()
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:

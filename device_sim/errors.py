@@ -2,7 +2,11 @@
 
     CertfleetError
      └── SimError               the simulator cannot run as asked
-          └── BundleError       a device bundle is missing, incomplete or unreadable
+          ├── BundleError       a device bundle is missing, incomplete or unreadable
+          ├── EstEnrollmentError       one device's EST enrollment was refused or failed
+          ├── RenewalRefusedError      the registry refused a renewal CSR (its code)
+          ├── CertificateExpiredError  the certificate expired: no renewal over MQTT
+          └── RenewalFailedError       no answer to a renewal (broker or registry)
 
 A failed connection is not an exception: it is a :class:`Failure` with a reason (a short
 snake_case word counted in the summary) and whether it is permanent (the device stops) or
@@ -19,7 +23,11 @@ from fleetcore.errors import CertfleetError
 
 __all__ = [
     "BundleError",
+    "CertificateExpiredError",
+    "EstEnrollmentError",
     "Failure",
+    "RenewalFailedError",
+    "RenewalRefusedError",
     "SimError",
     "classify_connack",
     "classify_os_error",
@@ -101,3 +109,28 @@ def classify_os_error(exc: BaseException) -> Failure:
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
         return Failure("too_many_open_files", permanent=False, detail=str(exc))
     return Failure("connection_error", permanent=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+class EstEnrollmentError(SimError):
+    """One device's enrollment was refused or failed; the message is its one line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RenewalRefusedError(SimError):
+    """The registry refused the CSR; ``error`` is its code (e.g. ``rate_limited``)."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class CertificateExpiredError(SimError):
+    """The device's certificate has expired: it cannot renew over MQTT any more."""
+
+
+class RenewalFailedError(SimError):
+    """No answer: the broker could not be reached or used, or the registry did not answer
+    in time (the bundle is left as it was)."""

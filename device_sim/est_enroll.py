@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from device_sim.bundle import DeviceBundle, write_enrolled_bundle
-from device_sim.errors import BundleError, SimError
+from device_sim.errors import BundleError, EstEnrollmentError, SimError
 from fleetcore.errors import IdentityError
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.profile import (
@@ -61,14 +61,6 @@ EST_PATH: Final = "/.well-known/est/simpleenroll"
 _CLAIM_FILES: Final = ("claim.crt", "claim.key", "chain.pem", "root.crt")
 #: Largest answer a device reads (a certs-only PKCS#7 of one certificate is ~1 KiB).
 _MAX_ANSWER: Final = 64 * 1024
-
-
-class EstEnrollmentError(SimError):
-    """One device's enrollment was refused or failed; the message is its one line."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.credentials import Credentials, CredentialStore
-from device_sim.errors import SimError
+from device_sim.errors import (
+    CertificateExpiredError,
+    RenewalFailedError,
+    RenewalRefusedError,
+    SimError,
+)
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
@@ -59,23 +64,6 @@ log = logging.getLogger(__name__)
 PEM = serialization.Encoding.PEM
 #: The device's own code for an answer it cannot use (never sent by the registry).
 BAD_ANSWER = "bad_answer"
-
-
-class RenewalRefusedError(SimError):
-    """The registry refused the CSR; ``error`` is its code (e.g. ``rate_limited``)."""
-
-    def __init__(self, error: str, message: str) -> None:
-        super().__init__(message)
-        self.error = error
-
-
-class CertificateExpiredError(SimError):
-    """The device's certificate has expired: it cannot renew over MQTT any more."""
-
-
-class RenewalFailedError(SimError):
-    """No answer: the broker could not be reached or used, or the registry did not answer
-    in time (the bundle is left as it was)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,6 +28,9 @@ from fleetcore.profile import (
     check_name,
     serial_hex,
 )
+
+if TYPE_CHECKING:
+    from factory.provision import ProvisionSummary
 
 __all__ = ["ca_app", "factory_app"]
 
@@ -393,6 +396,14 @@ def factory_provision(
     finally:
         if registrar is not None:
             registrar.close()
+    _report_batch(as_json, summary, settings, registrar)
+
+
+def _report_batch(
+    as_json: bool, summary: ProvisionSummary, settings: FactorySettings, registrar: Any
+) -> None:
+    """Print a provisioned batch: counts, rate, where the bundles and manifest are, and what
+    the registry took."""
     body = summary.as_dict()
     if registrar is not None:
         body["registry"] = {

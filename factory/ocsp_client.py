@@ -19,13 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fleetcore.errors import CertfleetError
+from factory.errors import OcspCheckError
 
 __all__ = ["OcspAnswer", "OcspCheckError", "ask_ocsp"]
-
-
-class OcspCheckError(CertfleetError):
-    """The responder could not be asked, or its answer is not to be believed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,9 @@
      ├── ConfigError            bad settings, flags or paths
      │    └── TlsSetupError     a TLS certificate, key or CA file is missing or unusable
      ├── IdentityError          a certificate does not carry exactly one valid certfleet identity
-     └── RegistryCallError      an operator call to the registry failed or was refused
+     ├── RegistryCallError      an operator call to the registry failed or was refused
+     ├── AnswerError            a renewal answer that is neither a certificate nor a refusal
+     └── ConfirmError           a renewal confirm payload that is not {"confirm": "<serial>"}
 
 Each part subclasses ``CertfleetError`` for what only it refuses (``factory.errors``,
 for instance). Messages say what is wrong and what to do about it; the CLI prints them as
@@ -14,8 +16,10 @@ one line.
 from __future__ import annotations
 
 __all__ = [
+    "AnswerError",
     "CertfleetError",
     "ConfigError",
+    "ConfirmError",
     "IdentityError",
     "RegistryCallError",
     "TlsSetupError",
@@ -40,3 +44,11 @@ class IdentityError(CertfleetError):
 
 class RegistryCallError(CertfleetError):
     """An operator command's call to the registry could not be made or was refused."""
+
+
+class AnswerError(CertfleetError):
+    """An answer on ``cert/issued`` is neither a readable certificate nor a refusal."""
+
+
+class ConfirmError(CertfleetError):
+    """A confirm payload that is not ``{"confirm": "<serial, lower-case hex>"}``."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from fleetcore.errors import CertfleetError
+from fleetcore.errors import AnswerError, ConfirmError
 
 __all__ = [
     "MAX_CONFIRM_BYTES",
@@ -74,10 +74,6 @@ RETRYABLE_REFUSALS = frozenset(
 )
 
 
-class AnswerError(CertfleetError):
-    """An answer on ``cert/issued`` is neither a readable certificate nor a refusal."""
-
-
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A refusal as the device receives it."""
@@ -112,10 +108,6 @@ def parse_answer(payload: bytes) -> x509.Certificate | Confirmed | Refusal:
 #: Largest confirm payload the registry reads.
 MAX_CONFIRM_BYTES = 256
 _SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
-
-
-class ConfirmError(CertfleetError):
-    """A confirm payload that is not ``{"confirm": "<serial, lower-case hex>"}``."""
 
 
 @dataclass(frozen=True, slots=True)

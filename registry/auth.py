@@ -28,6 +28,7 @@ from fleetcore.profile import (
     read_identity,
     read_operator_role,
 )
+from registry.errors import Refused
 from registry.metrics import RegistryMetrics
 from registry.settings import IPNetwork
 from registry.store import audit, tokens
@@ -151,17 +152,6 @@ def refuse(
     headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
     error = "unauthenticated" if code == status.HTTP_401_UNAUTHORIZED else "forbidden"
     return HTTPException(code, detail={"error": error, "message": message}, headers=headers)
-
-
-class Refused(Exception):
-    """Why a credential is refused: the HTTP status, the counted reason, a message to act on."""
-
-    def __init__(self, status: int, reason: str, message: str, identity: str = "-") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.identity = identity
 
 
 def caller_from_token(session: Session, token: str, trust_domain: str) -> Caller:

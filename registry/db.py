@@ -23,7 +23,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from fleetcore.errors import CertfleetError, ConfigError
+from fleetcore.errors import ConfigError
+from registry.errors import DatabaseUnreachableError
 from registry.settings import RegistrySettings
 
 __all__ = [
@@ -45,10 +46,6 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: Pooled connections beyond the worker threads: CRL signer, renewal worker, telemetry
 #: flusher, planner, /healthz (each holds at most one at a time).
 POOL_RESERVE = 12
-
-
-class DatabaseUnreachableError(CertfleetError):
-    """The registry database cannot be opened (server down, wrong URL, missing folder)."""
 
 
 #: PostgreSQL advisory lock key held while migrating ("cfmigrat" as a number).

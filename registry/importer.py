@@ -38,10 +38,12 @@ def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[devices.Regi
                 record = json.loads(line)
                 pem = record["certificate_pem"]
                 hardware_serial = record.get("hardware_serial")
-                if not isinstance(pem, str):
-                    raise TypeError("certificate_pem is not a string")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ConfigError(f"{path}:{number}: not a manifest record ({exc})") from None
+            if not isinstance(pem, str):
+                raise ConfigError(
+                    f"{path}:{number}: not a manifest record (certificate_pem is not a string)"
+                )
             try:
                 parsed = parse_device_certificate(
                     pem, issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain

@@ -6,11 +6,13 @@ import datetime as dt
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import ClientDisconnect
@@ -48,6 +50,9 @@ from registry.store.audit import Actor
 from registry.store.supersede import SupersededRevocation
 from registry.supersede import Confirmer, SupersedeWorker
 from registry.verify import BatchVerifier
+
+if TYPE_CHECKING:
+    from registry.telemetry import TelemetryIngest
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -169,15 +174,49 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     engine = make_engine(settings)
     if migrate_schema:
         migrate(engine)
-    registry_metrics = RegistryMetrics()
-    registry_metrics.registry.register(
-        ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
+    state = _registry_state(settings, engine, ca)
+    if state.mark is not None and state.mark.check(engine):
+        state.metrics.feed_restores.inc()
+    app = FastAPI(
+        title="certfleet registry",
+        version="1",
+        summary="Devices, certificates, revocation feed and CRL of a certfleet fleet.",
+        lifespan=_lifespan(state, _supersede_worker(state, _crash_counter(state.metrics))),
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=None,  # /docs: registry.console.docs, from local assets
+        redoc_url=None,
     )
+    app.state.registry = state
+    _install_error_handlers(app)
+    routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
+    for module in routers:
+        app.include_router(module.router)
+    install_est(app, state)
+    install_console(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(StrictTransportSecurity)  # outermost: on error pages as well
+    return app
+
+
+def _crash_counter(registry_metrics: RegistryMetrics) -> Callable[[str], None]:
+    """What a background task calls when it crashed (it is then restarted): a count by task."""
 
     def crashed(task: str) -> None:
         registry_metrics.task_crashes.labels(task).inc()
 
-    state = RegistryState(
+    return crashed
+
+
+def _registry_state(
+    settings: RegistrySettings, engine: Engine, ca: CertificateAuthority
+) -> RegistryState:
+    """The app's shared state: metrics, CRL cache, feed, planner statistics, verifier."""
+    registry_metrics = RegistryMetrics()
+    registry_metrics.registry.register(
+        ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
+    )
+    crashed = _crash_counter(registry_metrics)
+    return RegistryState(
         settings=settings,
         engine=engine,
         ca=ca,
@@ -203,7 +242,15 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         ),
     )
 
-    supersede = _supersede_worker(state, crashed)
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def _lifespan(state: RegistryState, supersede: SupersedeWorker) -> Lifespan:
+    """Start the background parts with the app (feed listener, telemetry ingest, supersede
+    worker) and stop them, then the state and the engine, when it stops."""
+    settings, engine = state.settings, state.engine
+    crashed = _crash_counter(state.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -218,33 +265,15 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             listener = FeedListener(
                 engine,
                 state.feed,
-                registry_metrics,
+                state.metrics,
                 instance=settings.instance_name,
                 on_crash=crashed,
             )
             listener.start()
         ingest = None
         if settings.telemetry_broker_addr:
-            from registry.telemetry import start_ingest
-
-            started = start_ingest(
-                settings,
-                engine,
-                ca,
-                on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
-                on_crash=crashed,
-                confirm=Confirmer(
-                    engine,
-                    supersede.actor,
-                    grace=dt.timedelta(seconds=settings.registry_supersede_grace_s),
-                    on_scheduled=supersede.wake,
-                ),
-                on_confirm_outcome=lambda outcome: registry_metrics.confirms.labels(outcome).inc(),
-            )
-            ingest = await started if inspect.isawaitable(started) else started
+            ingest = await _start_ingest(state, supersede, crashed)
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
-            registry_metrics.telemetry.attach(ingest)
-            log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
         supersede.start()
         try:
             yield
@@ -258,25 +287,31 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
             state.close()
             engine.dispose()
 
-    if state.mark is not None and state.mark.check(engine):
-        registry_metrics.feed_restores.inc()
+    return lifespan
 
-    app = FastAPI(
-        title="certfleet registry",
-        version="1",
-        summary="Devices, certificates, revocation feed and CRL of a certfleet fleet.",
-        lifespan=lifespan,
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=None,  # /docs: registry.console.docs, from local assets
-        redoc_url=None,
+
+async def _start_ingest(
+    state: RegistryState, supersede: SupersedeWorker, crashed: Callable[[str], None]
+) -> TelemetryIngest:
+    """The telemetry ingest (MQTT client of the broker), renewals and confirms included."""
+    from registry.telemetry import start_ingest
+
+    settings, registry_metrics = state.settings, state.metrics
+    started = start_ingest(
+        settings,
+        state.engine,
+        state.ca,
+        on_renewal_outcome=lambda outcome: registry_metrics.renewals.labels(outcome).inc(),
+        on_crash=crashed,
+        confirm=Confirmer(
+            state.engine,
+            supersede.actor,
+            grace=dt.timedelta(seconds=settings.registry_supersede_grace_s),
+            on_scheduled=supersede.wake,
+        ),
+        on_confirm_outcome=lambda outcome: registry_metrics.confirms.labels(outcome).inc(),
     )
-    app.state.registry = state
-    _install_error_handlers(app)
-    routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
-    for module in routers:
-        app.include_router(module.router)
-    install_est(app, state)
-    install_console(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=registry_metrics)
-    app.add_middleware(StrictTransportSecurity)  # outermost: on error pages as well
-    return app
+    ingest = await started if inspect.isawaitable(started) else started
+    registry_metrics.telemetry.attach(ingest)
+    log.info("telemetry ingest started broker=%s", settings.telemetry_broker_addr)
+    return ingest

@@ -44,8 +44,20 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class RegistryMetrics:
+    """Requests, device lifecycle, renewals, CRL signing, the feed, the database pool."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_metrics()
+        self._lifecycle_metrics()
+        self._crl_metrics()
+        self._feed_metrics()
+        self._failure_metrics()
+        self.telemetry = TelemetryCollector()
+        self.registry.register(self.telemetry)
+
+    def _request_metrics(self) -> None:
+        """HTTP requests answered, their time and the authentication refusals."""
         self.requests = Counter(
             "certfleet_registry_requests",
             "HTTP requests answered, by method, route template and status",
@@ -64,6 +76,9 @@ class RegistryMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def _lifecycle_metrics(self) -> None:
+        """Registrations, re-enrollments, decommissions, renewals and their confirms."""
         self.registrations = Counter(
             "certfleet_registry_registrations",
             "device certificates newly registered",
@@ -79,11 +94,6 @@ class RegistryMetrics:
             "devices decommissioned",
             registry=self.registry,
         )
-        self.feed_waiters = Gauge(
-            "certfleet_registry_feed_waiters",
-            "long-poll requests currently waiting on the revocation feed",
-            registry=self.registry,
-        )
         self.renewals = Counter(
             "certfleet_registry_renewals",
             "certificate renewals over MQTT, by outcome (issued, repeated, claimed_elsewhere, "
@@ -91,6 +101,20 @@ class RegistryMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.superseded = Counter(
+            "certfleet_registry_superseded_revocations",
+            "older certificates of renewed devices revoked with reason superseded",
+            registry=self.registry,
+        )
+        self.confirms = Counter(
+            "certfleet_registry_renewal_confirms",
+            "renewal confirms over MQTT, by outcome (confirmed, or the refusal code)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def _crl_metrics(self) -> None:
+        """CRL signings and their failures."""
         self.crl_resigns = Counter(
             "certfleet_registry_crl_resigns",
             "times the (base) CRL was signed",
@@ -106,20 +130,17 @@ class RegistryMetrics:
             "CRL signings that failed (database unreachable); the signer retries",
             registry=self.registry,
         )
+
+    def _feed_metrics(self) -> None:
+        """The revocation feed: long-poll waiters, restores, its PostgreSQL listener."""
+        self.feed_waiters = Gauge(
+            "certfleet_registry_feed_waiters",
+            "long-poll requests currently waiting on the revocation feed",
+            registry=self.registry,
+        )
         self.feed_restores = Counter(
             "certfleet_registry_feed_restores",
             "starts on a database restored from an older copy (feed head below the mark)",
-            registry=self.registry,
-        )
-        self.client_disconnects = Counter(
-            "certfleet_registry_client_disconnects",
-            "requests whose client hung up before the request was read, by listener",
-            ["listener"],
-            registry=self.registry,
-        )
-        self.pool_exhausted = Counter(
-            "certfleet_registry_db_pool_exhausted",
-            "requests answered 503 because no pooled database connection was free in time",
             registry=self.registry,
         )
         self.feed_notifications = Counter(
@@ -137,25 +158,26 @@ class RegistryMetrics:
             "1 while the feed's PostgreSQL LISTEN connection is open (0 on SQLite or while lost)",
             registry=self.registry,
         )
+
+    def _failure_metrics(self) -> None:
+        """Clients that hung up, a full database pool, crashed background tasks."""
+        self.client_disconnects = Counter(
+            "certfleet_registry_client_disconnects",
+            "requests whose client hung up before the request was read, by listener",
+            ["listener"],
+            registry=self.registry,
+        )
+        self.pool_exhausted = Counter(
+            "certfleet_registry_db_pool_exhausted",
+            "requests answered 503 because no pooled database connection was free in time",
+            registry=self.registry,
+        )
         self.task_crashes = Counter(
             "certfleet_registry_task_crashes",
             "background task crashes (each logged with its traceback and restarted), by task",
             ["task"],
             registry=self.registry,
         )
-        self.superseded = Counter(
-            "certfleet_registry_superseded_revocations",
-            "older certificates of renewed devices revoked with reason superseded",
-            registry=self.registry,
-        )
-        self.confirms = Counter(
-            "certfleet_registry_renewal_confirms",
-            "renewal confirms over MQTT, by outcome (confirmed, or the refusal code)",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.telemetry = TelemetryCollector()
-        self.registry.register(self.telemetry)
 
 
 class TelemetryCollector(Collector):

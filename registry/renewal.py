@@ -63,13 +63,17 @@ from factory.ca import CertificateAuthority
 from factory.csr import ValidatedCSR, load_csr, validate_device_csr
 from factory.errors import CSRError
 from fleetcore.clock import utcnow
-from fleetcore.errors import CertfleetError
 from fleetcore.profile import NAME_PATTERN, IdentityKind, serial_hex
 from fleetcore.renewal_wire import RefusalCode, is_confirm, refusal_payload
 from fleetcore.stagger import stagger_fraction_for_id
 from fleetcore.topics import RENEW, device_of, issued_topic, renew_topic
 from fleetcore.validity import renewal_validity
-from registry.errors import DecommissionedDeviceError, NotFoundError, RenewedTooSoonError
+from registry.errors import (
+    DecommissionedDeviceError,
+    NotFoundError,
+    RenewalRefused,
+    RenewedTooSoonError,
+)
 from registry.store import renewals
 from registry.store.audit import Actor
 from registry.supervise import SupervisedThread
@@ -96,17 +100,6 @@ MAX_PENDING = 1000
 PER_DEVICE_PENDING = 2
 #: Requests (good or bad) per device per interval before ``rate_limited``.
 DEFAULT_MAX_ATTEMPTS = 5
-
-
-class RenewalRefused(CertfleetError):
-    """A renewal request the registry refuses; ``error`` is the code sent to the device."""
-
-    def __init__(self, error: RefusalCode, message: str) -> None:
-        super().__init__(message)
-        self.error = error
-
-    def payload(self) -> bytes:
-        return refusal_payload(self.error, str(self))
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ from fleetcore.clock import utcnow
 from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
+from registry.errors import TelemetryRejected
 from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
 from registry.store.telemetry import TelemetryUpdate, record_telemetry
@@ -89,14 +90,6 @@ RENEWAL_GROUP = "registry-renewal"
 def shared_filter(group: str, topic_filter: str) -> str:
     """``topic_filter`` as a member of the broker's shared group ``group``."""
     return f"$share/{group}/{topic_filter}"
-
-
-class TelemetryRejected(ValueError):
-    """A telemetry message that is dropped; ``reason`` is the counter it goes to."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def parse_telemetry(topic: str, payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:

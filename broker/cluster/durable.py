@@ -46,8 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -55,7 +53,7 @@ from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, DeliverPolicy, RetentionPolicy, StorageType
 from nats.js.kv import KeyValue
 
-from broker.amqtt_adapter import CertfleetBroker
+from broker.broker_port import BrokerPort, LocalClient
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
 from broker.cluster.pull import ConsumerPull
 from broker.cluster.router import QOS_HEADER, STORED_HEADER, ClusterRouter
@@ -89,7 +87,6 @@ _LOOKUP_S = 1.0
 _ACK_WAIT_S = 10.0
 _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 
-ReceiveCheck = Callable[[Session, str], bool]
 CloseConnection = Callable[[str], bool]
 
 
@@ -130,8 +127,7 @@ class _Claim:
 
     token: str
     session_key: str
-    session: Session
-    handler: BrokerProtocolHandler
+    client: LocalClient
     #: Its revision in the owners bucket; 0 while the write is in flight.
     revision: int = 0
     #: The highest revision of another claim seen while ours was in flight, and its node.
@@ -140,15 +136,15 @@ class _Claim:
 
 
 class DurableSessions:
-    """The cluster hooks of one node (:class:`broker.amqtt_adapter.ClusterHooks`)."""
+    """The cluster hooks of one node (:class:`broker.broker_port.ClusterHooks`); it reaches
+    the broker through its :class:`~broker.broker_port.BrokerPort` only."""
 
     def __init__(
         self,
         link: ClusterLink,
         router: ClusterRouter,
-        broker: CertfleetBroker,
+        broker: BrokerPort,
         *,
-        may_receive: ReceiveCheck,
         close_connection: CloseConnection,
         on_stored: Callable[[], None] = lambda: None,
         on_store_retry: Callable[[], None] = lambda: None,
@@ -159,7 +155,6 @@ class DurableSessions:
         self.router = router
         self.broker = broker
         self.node = link.options.node
-        self._may_receive = may_receive
         self._close_connection = close_connection
         self._on_stored = on_stored
         self._on_store_retry = on_store_retry
@@ -227,29 +222,14 @@ class DurableSessions:
         )
         return True
 
-    def _connected_sessions(self) -> list[tuple[Session, BrokerProtocolHandler]]:
-        return [
-            (session, handler)
-            for session, handler in list(self.broker.sessions.values())
-            if session.client_id and handler is not None and self._live(session, handler)
-        ]
-
-    def _local_filters(self, session: Session) -> dict[str, int]:
-        return {
-            topic_filter: qos
-            for topic_filter, subscribers in list(self.broker.subscriptions.items())
-            for subscriber, qos in subscribers
-            if subscriber is session
-        }
-
     async def _reinstate_sessions(self, js: JetStreamContext, *, records: bool) -> None:
         """Write the persistent sessions connected here into a stream or bucket made again:
         their records (``records``) from their subscriptions here, and their consumers."""
-        for session, _handler in self._connected_sessions():
-            key = session.client_id
-            if session.clean_session or key is None:
+        for client in self.broker.connected_clients():
+            key = client.key
+            if not client.persistent or key is None:
                 continue
-            filters = self._local_filters(session)
+            filters = client.filters()
             if records and filters:
                 bucket = self._bucket(self._sessions_kv)
                 value = json.dumps({"key": key, "filters": filters}).encode()
@@ -260,8 +240,8 @@ class DurableSessions:
 
     async def _claim_again(self) -> None:
         for kv_key, claim in list(self._claims.items()):
-            if self._live(claim.session, claim.handler):
-                await self._claim(claim.session, claim.handler)
+            if claim.client.live:
+                await self._claim(claim.client)
             elif self._claims.get(kv_key) is claim:
                 del self._claims[kv_key]
 
@@ -337,49 +317,51 @@ class DurableSessions:
 
     # -- the broadcast's view -------------------------------------------------------------
 
-    def served_from_store(self, session: Session, sub_qos: int) -> bool:
-        return not session.clean_session and sub_qos >= 1
+    def served_from_store(self, persistent: bool, sub_qos: int) -> bool:
+        return persistent and sub_qos >= 1
 
     # -- subscriptions of persistent sessions ---------------------------------------------
 
-    async def subscribed(self, session: Session, topic_filter: str, qos: int) -> bool:
+    async def subscribed(self, client: LocalClient, topic_filter: str, qos: int) -> bool:
         try:
             await self.router.want(topic_filter)
         except _ERRORS as exc:  # wanted still: subscribed again on the next connection
             log.warning("cluster interest not sent filter=%r error=%r", topic_filter[:200], exc)
-        if session.clean_session or session.client_id is None:
+        key = client.key
+        if not client.persistent or key is None:
             return True
         try:
             js = self.link.js
             if qos >= 1:
                 for subject in filter_subjects(topic_filter):
-                    await self._ensure_consumer(js, session.client_id, subject)
-            await self._update_record(js, session.client_id, topic_filter, qos)
+                    await self._ensure_consumer(js, key, subject)
+            await self._update_record(js, key, topic_filter, qos)
         except _ERRORS as exc:
             log.warning(
                 "persistent subscription refused client_id=%s filter=%r error=%s "
                 "(the cluster store is unreachable)",
-                session.client_id,
+                key,
                 topic_filter[:200],
                 f"{exc!r}"[:200],
             )
             return False
-        handler = self.broker._handler_of(session)
-        if qos >= 1 and handler is not None:
-            self._pull_filter(session, handler, topic_filter)
+        current = client.current()
+        if qos >= 1 and current is not None:
+            self._pull_filter(current, topic_filter)
         return True
 
-    def unsubscribed(self, session: Session, topic_filter: str) -> None:
-        if not self.broker.subscriptions.get(topic_filter):
+    def unsubscribed(self, client: LocalClient, topic_filter: str) -> None:
+        if not self.broker.has_subscribers(topic_filter):
             self._spawn(self._release(topic_filter))
-        if session.clean_session or session.client_id is None:
+        key = client.key
+        if not client.persistent or key is None:
             return
-        if session.transitions.state != "connected":
+        if not client.connected:
             return  # amqtt expiring its copy of a session that may live on another node
-        self._spawn(self._forget_filter(session.client_id, topic_filter))
+        self._spawn(self._forget_filter(key, topic_filter))
 
     async def _release(self, topic_filter: str) -> None:
-        if not self.broker.subscriptions.get(topic_filter):  # still no local subscriber
+        if not self.broker.has_subscribers(topic_filter):  # still no local subscriber
             await self.router.unwant(topic_filter)
 
     async def _forget_filter(self, session_key: str, topic_filter: str) -> None:
@@ -433,9 +415,9 @@ class DurableSessions:
         while True:
             await asyncio.sleep(self.session_expiry_s / 4)
             self._forget_ended_claims()
-            for session, _handler in list(self.broker.sessions.values()):
-                key = session.client_id
-                if session.clean_session or not key or session.transitions.state != "connected":
+            for client in self.broker.connected_clients():
+                key = client.key
+                if not client.persistent or not key:
                     continue
                 try:
                     bucket = self._bucket(self._sessions_kv)
@@ -472,12 +454,12 @@ class DurableSessions:
             return False
         return bool(entry.value)
 
-    def session_started(self, session: Session, handler: BrokerProtocolHandler) -> None:
-        if session.client_id is not None:
-            self._spawn(self._resume(session, handler))
+    def session_started(self, client: LocalClient) -> None:
+        if client.key is not None:
+            self._spawn(self._resume(client))
 
-    async def _resume(self, session: Session, handler: BrokerProtocolHandler) -> None:
-        key = session.client_id
+    async def _resume(self, client: LocalClient) -> None:
+        key = client.key
         assert key is not None
         # Retried for as long as this connection lives: a connection left without a claim
         # would never be taken over by a later one on another node.
@@ -485,8 +467,8 @@ class DurableSessions:
         while True:
             try:
                 js = self.link.js
-                await self._claim(session, handler)
-                if session.clean_session:
+                await self._claim(client)
+                if not client.persistent:
                     await self._drop_record(js, key)
                     return
                 filters = await self._record(js, key)
@@ -498,32 +480,23 @@ class DurableSessions:
                     )
                 await asyncio.sleep(min(0.2 * 1.5**attempt, 2.0))
                 attempt += 1
-                if self.broker._handler_of(session) is not handler:
+                if not client.attached:
                     return
         for topic_filter, qos in filters.items():
-            subscribers = self.broker.subscriptions.setdefault(topic_filter, [])
-            if all(s.client_id != key for s, _ in subscribers):
-                subscribers.append((session, qos))
+            client.restore_filter(topic_filter, qos)
             with contextlib.suppress(*_ERRORS):  # still wanted: made on the next connection
                 await self.router.want(topic_filter)
             if qos >= 1:
                 for subject in filter_subjects(topic_filter):
                     await self._ensure_consumer(js, key, subject)
-                self._pull_filter(session, handler, topic_filter)
+                self._pull_filter(client, topic_filter)
 
-    def _pull_filter(
-        self, session: Session, handler: BrokerProtocolHandler, topic_filter: str
-    ) -> None:
-        assert session.client_id is not None
+    def _pull_filter(self, client: LocalClient, topic_filter: str) -> None:
+        assert client.key is not None
         for subject in filter_subjects(topic_filter):
-            self._spawn(self._pull(session, handler, subject))
+            self._spawn(self._pull(client, subject))
 
-    def _live(self, session: Session, handler: BrokerProtocolHandler) -> bool:
-        return (
-            self.broker._handler_of(session) is handler and session.transitions.state == "connected"
-        )
-
-    async def _pull(self, session: Session, handler: BrokerProtocolHandler, subject: str) -> None:
+    async def _pull(self, client: LocalClient, subject: str) -> None:
         """Deliver a persistent session's stored messages while it is connected here.
 
         Pipelined (:class:`~broker.cluster.pull.ConsumerPull`): requests go out while fewer
@@ -532,8 +505,9 @@ class DurableSessions:
         what the requests still bring is handed back (NAK) until they have expired. A
         consumer deleted while the subscription holds (its stream deleted from outside) is
         made again."""
-        assert session.client_id is not None
-        consumer = _consumer_name(session.client_id, subject)
+        key = client.key
+        assert key is not None
+        consumer = _consumer_name(key, subject)
         loop = asyncio.get_running_loop()
         inflight = 0
         wake = asyncio.Event()
@@ -550,38 +524,43 @@ class DurableSessions:
 
         def arrived(message: Msg) -> None:
             nonlocal inflight
-            if not self._live(session, handler):
+            if not client.live:
                 self._spawn(self._hand_back(message))
                 wake.set()
                 return
             inflight += 1
-            task = loop.create_task(self._deliver(session, handler, message))
+            task = loop.create_task(self._deliver(client, message))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
             task.add_done_callback(delivered)
 
         try:
-            while self._live(session, handler):
+            while client.live:
                 try:
-                    client = self.link.client
-                    if pull is None or pull.client is not client:
+                    nats_client = self.link.client
+                    if pull is None or pull.client is not nats_client:
                         if pull is not None:
                             with contextlib.suppress(*_ERRORS):
                                 await pull.close()
                         pull = ConsumerPull(
-                            client, STREAM, consumer, arrived, wake.set, expires_s=_FETCH_WAIT_S
+                            nats_client,
+                            STREAM,
+                            consumer,
+                            arrived,
+                            wake.set,
+                            expires_s=_FETCH_WAIT_S,
                         )
                         await pull.start()
                     if pull.deleted:
-                        if not self._still_wanted(session, subject):
+                        if not self._still_wanted(client, subject):
                             return  # unsubscribed (the consumer was deleted)
                         deleted, pull = pull, None
                         with contextlib.suppress(*_ERRORS):
                             await deleted.close()
-                        await self._ensure_consumer(self.link.js, session.client_id, subject)
+                        await self._ensure_consumer(self.link.js, key, subject)
                         log.warning(
                             "stored deliveries' consumer was deleted: made again client_id=%s",
-                            session.client_id,
+                            key,
                         )
                         continue
                     if room() >= _FETCH_BATCH or (pull.outstanding == 0 and room() > 0):
@@ -604,11 +583,11 @@ class DurableSessions:
                 with contextlib.suppress(*_ERRORS):
                     await pull.close()
 
-    def _still_wanted(self, session: Session, subject: str) -> bool:
-        """Whether ``session`` still holds a QoS >= 1 subscription served by ``subject``."""
+    def _still_wanted(self, client: LocalClient, subject: str) -> bool:
+        """Whether ``client`` still holds a QoS >= 1 subscription served by ``subject``."""
         return any(
             qos >= 1 and subject in filter_subjects(topic_filter)
-            for topic_filter, qos in self._local_filters(session).items()
+            for topic_filter, qos in client.filters().items()
         )
 
     async def _drain_pull(self, pull: ConsumerPull, wake: asyncio.Event) -> None:
@@ -624,17 +603,17 @@ class DurableSessions:
         with contextlib.suppress(*_ERRORS):
             await message.nak()
 
-    async def _deliver(self, session: Session, handler: BrokerProtocolHandler, msg: Msg) -> None:
+    async def _deliver(self, client: LocalClient, msg: Msg) -> None:
         try:
             topic = topic_of_subject(msg.subject)
         except ValueError:
             await msg.term()
             return
-        if not self._may_receive(session, topic):
+        if not client.may_receive(topic):
             await msg.ack()
             return
         try:
-            await handler.mqtt_publish(topic, msg.data, 1, retain=False)
+            await client.deliver(topic, msg.data, 1)
         except asyncio.CancelledError:
             # amqtt cancels the PUBACK waiters of a connection that ends: handed back at
             # once, not after the ack wait (the client may resume on another node now).
@@ -652,17 +631,17 @@ class DurableSessions:
 
     # -- ownership ------------------------------------------------------------------------
 
-    async def _claim(self, session: Session, handler: BrokerProtocolHandler) -> None:
+    async def _claim(self, client: LocalClient) -> None:
         """Write this connection's claim on its session key. Registered before the write is
         sent, so that every other claim the watcher sees for the key from then on is
         weighed against it: one that the stream ordered after ours closes this connection,
         also when the watcher brings it before our write has returned."""
-        session_key = session.client_id
+        session_key = client.key
         assert session_key is not None
         owners = self._bucket(self._owners_kv)
         kv_key = storage_key(session_key)
         token = f"{self.node} {self._nonce}-{secrets.token_hex(4)}"
-        claim = _Claim(token, session_key, session, handler)
+        claim = _Claim(token, session_key, client)
         self._claims[kv_key] = claim  # replaces this node's claim of an older connection
         try:
             revision = await owners.put(kv_key, token.encode())
@@ -679,7 +658,7 @@ class DurableSessions:
     def _taken_over(self, kv_key: str, claim: _Claim, owner: str) -> None:
         if self._claims.get(kv_key) is claim:
             del self._claims[kv_key]
-        if not self._live(claim.session, claim.handler):
+        if not claim.client.live:
             return  # that connection has ended already: nothing of a newer one is touched
         if self._close_connection(claim.session_key):
             log.info(
@@ -690,7 +669,7 @@ class DurableSessions:
 
     def _forget_ended_claims(self) -> None:
         for kv_key, claim in list(self._claims.items()):
-            if claim.revision and not self._live(claim.session, claim.handler):
+            if claim.revision and not claim.client.live:
                 del self._claims[kv_key]
 
     async def _watch_owners(self, watcher: Any) -> None:

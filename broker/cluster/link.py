@@ -127,6 +127,7 @@ class ClusterLink:
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._lost: asyncio.Event | None = None
         self._up: asyncio.Event | None = None
         self.last_error: str | None = None
@@ -157,6 +158,11 @@ class ClusterLink:
         self._watchdog = loop.create_task(self._watch(), name="cluster-link-watchdog")
 
     async def close(self) -> None:
+        # The flag and the event as well as the cancel: a cancel that lands while a setup
+        # runs can be swallowed inside nats-py, and the loop must still end.
+        self._closing = True
+        if self._lost is not None:
+            self._lost.set()
         for task in (self._watchdog, self._task):
             if task is not None:
                 task.cancel()
@@ -206,7 +212,7 @@ class ClusterLink:
 
     async def _run(self) -> None:
         backoff = _FIRST_BACKOFF_S
-        while True:
+        while not self._closing:
             try:
                 await self._connect_once()
             except (OSError, nats.errors.Error, TimeoutError, BrokerError) as exc:
@@ -214,12 +220,16 @@ class ClusterLink:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.options.max_backoff_s)
                 continue
+            if self._closing:
+                return
             backoff = _FIRST_BACKOFF_S
             assert self._lost is not None and self._up is not None
             self.stalled_since = None
             self._up.set()
             self._on_state(True)
             await self._lost.wait()
+            if self._closing:
+                return
             self._lost.clear()
             self._up.clear()
             self.disconnected_since = time.monotonic()
@@ -247,7 +257,10 @@ class ClusterLink:
         lost = self._lost
 
         async def on_closed() -> None:
-            lost.set()
+            # Only this connection's end: closing it ourselves (``_drop_client``, which
+            # forgets it first) must not mark the next connection lost at once.
+            if self._client is client:
+                lost.set()
 
         async def on_error(exc: Exception) -> None:
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]

@@ -2,8 +2,9 @@
 
 :func:`cluster_options` turns ``CERTFLEET_BROKER_CLUSTER_*`` settings into
 :class:`~broker.cluster.link.ClusterOptions` (None without ``--cluster``: a single node);
-:class:`ClusterNode` wires the link and the router into one :class:`CertfleetBroker` and
-reports the link's state to the metrics, ``/healthz`` and ``/readyz``.
+:class:`ClusterNode` wires the link and the router into one broker, through its
+:class:`~broker.broker_port.BrokerPort` (docs/cluster.md, "The broker seam"), and reports
+the link's state to the metrics, ``/healthz`` and ``/readyz``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from amqtt.contexts import Action
-from amqtt.session import Session
-
-from broker.amqtt_adapter import CertfleetBroker
+from broker.broker_port import BrokerPort
 from broker.cluster.durable import DurableSessions
 from broker.cluster.link import ClusterLink, ClusterOptions
 from broker.cluster.retained import RetainedSync
@@ -79,7 +77,7 @@ class ClusterNode:
             self.metrics.cluster_stalls.inc()
         self.metrics.cluster_connected.set(0 if stalled or not self.link.connected else 1)
 
-    def attach(self, broker: CertfleetBroker, close_session: Callable[[str], bool]) -> None:
+    def attach(self, broker: BrokerPort, close_session: Callable[[str], bool]) -> None:
         """Run ``broker`` as a node of the cluster (before its listener takes clients)."""
         metrics = self.metrics
         self.router = ClusterRouter(
@@ -89,15 +87,10 @@ class ClusterNode:
             on_not_forwarded=metrics.cluster_not_forwarded.inc,
             on_received=metrics.cluster_received.inc,
         )
-
-        def may_receive(session: Session, topic: str) -> bool:
-            return broker.acl.check(session.client_id, topic, Action.RECEIVE)
-
         self.durable = DurableSessions(
             self.link,
             self.router,
             broker,
-            may_receive=may_receive,
             close_connection=close_session,
             session_expiry_s=self.session_expiry_s,
             on_stored=metrics.cluster_stored.inc,

@@ -6,8 +6,9 @@ One stream (:data:`RETAINED_STREAM`, subjects under
 retained message its client sent (after the publish ACL, and never for a renewal topic:
 :meth:`broker.amqtt_adapter.CertfleetBroker.retain_message` refuses those before anything is
 stored), follows the other nodes' ones live, and on every NATS connection loads the last
-message of every subject into amqtt's retained store. Delivery then stays amqtt's path with
-our receive check (:mod:`broker.amqtt_adapter`): a client gets a retained message only for a filter
+message of every subject into the broker's retained store (its
+:class:`~broker.broker_port.BrokerPort`). Delivery then stays amqtt's path with our receive
+check (:mod:`broker.amqtt_adapter`): a client gets a retained message only for a filter
 it holds and only if the ACL lets it receive the topic.
 """
 
@@ -17,13 +18,12 @@ import contextlib
 import logging
 
 import nats
-from amqtt.broker import RetainedApplicationMessage
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType
 
-from broker.amqtt_adapter import CertfleetBroker
+from broker.broker_port import BrokerPort
 from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
 from broker.cluster.router import NODE_HEADER, QOS_HEADER
 from broker.cluster.subjects import RETAINED_PREFIX, subject_of_topic, topic_of_subject
@@ -39,7 +39,7 @@ _LOAD_IDLE_S = 0.5
 class RetainedSync:
     """Keeps one node's retained messages equal to the cluster's."""
 
-    def __init__(self, link: ClusterLink, broker: CertfleetBroker) -> None:
+    def __init__(self, link: ClusterLink, broker: BrokerPort) -> None:
         self.link = link
         self.broker = broker
         self.node = link.options.node
@@ -76,12 +76,8 @@ class RetainedSync:
             topic = topic_of_subject(msg.subject, RETAINED_PREFIX)
         except ValueError:
             return
-        store = self.broker.retained_messages
-        if not msg.data:
-            store.pop(topic, None)
-            return
-        qos = int((msg.headers or {}).get(QOS_HEADER, "0"))
-        store[topic] = RetainedApplicationMessage(None, topic, msg.data, qos)
+        qos = int((msg.headers or {}).get(QOS_HEADER, "0")) if msg.data else 0
+        self.broker.put_retained(topic, msg.data, qos)
 
     async def publish(self, topic: str, data: bytes, qos: int | None) -> None:
         """Store a local client's retained message (empty ``data``: clear the topic)."""

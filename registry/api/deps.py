@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
@@ -75,7 +75,7 @@ def get_caller(request: Request, state: StateDep, _bearer: BearerDeclared) -> Ca
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
 
 
-def _forbidden(request: Request, state: StateDep, caller: Caller, allowed: str) -> Exception:
+def _forbidden(request: Request, state: StateDep, caller: Caller, allowed: str) -> HTTPException:
     return refuse(
         request,
         state.metrics,
@@ -88,7 +88,7 @@ def _forbidden(request: Request, state: StateDep, caller: Caller, allowed: str) 
 
 def _role_refusal(
     request: Request, state: StateDep, caller: Caller, needed: OperatorRole
-) -> Exception:
+) -> HTTPException:
     return refuse(
         request,
         state.metrics,

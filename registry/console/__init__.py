@@ -18,7 +18,8 @@ from fastapi.staticfiles import StaticFiles
 
 from registry.console.docs import install_docs
 from registry.console.render import CONSOLE_PREFIX, STATIC_DIR, ConsoleHeadersMiddleware, render
-from registry.console.routes import ConsoleRefusal, SignInRequired, router
+from registry.console.routes import router
+from registry.errors import ConsoleRefusal, SignInRequired
 
 __all__ = ["install_console"]
 

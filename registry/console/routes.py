@@ -35,14 +35,12 @@ from registry.auth import (
     client_host,
     request_actor,
 )
-from registry.console import queries
 from registry.console.charts import weekly_histogram
 from registry.console.render import CONSOLE_PREFIX, render
 from registry.console.sessions import (
     SESSION_COOKIE,
     SIGNIN_COOKIE,
     ConsoleUser,
-    RateLimited,
     create_session,
     end_session,
     find_session,
@@ -53,18 +51,22 @@ from registry.console.sessions import (
 from registry.errors import (
     AlreadyDecommissionedError,
     ConflictError,
+    ConsoleRefusal,
     InvalidCSRError,
     NotFoundError,
+    SigninRateLimitedError,
+    SignInRequired,
 )
 from registry.models import (
     DEVICE_ID_PATTERN,
-    Certificate,
     DecommissionRequest,
     ReenrollRequest,
     ReenrollResult,
     Revocation,
 )
 from registry.state import RegistryState
+from registry.store import console as queries
+from registry.store.certificates import device_certificate
 from registry.store.devices import get_device, list_devices
 from registry.tls import peer_certificate_der
 
@@ -79,23 +81,6 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _SERIAL = re.compile(r"^[0-9a-f]{1,48}$")
 STATUSES = ("active", "decommissioned")
-
-
-class SignInRequired(Exception):
-    """No live console session: pages redirect to the sign-in page, fragments get a 401."""
-
-    def __init__(self, next_url: str) -> None:
-        super().__init__(next_url)
-        self.next_url = next_url
-
-
-class ConsoleRefusal(Exception):
-    """A refused console request, shown as a page with a status and one clear message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # -- who is signed in ------------------------------------------------------------------------
@@ -317,7 +302,7 @@ def sign_in(
     with Session(state.engine) as db:
         try:
             attempt = take_attempt(db, client, now, window, settings.console_signin_max_failures)
-        except RateLimited as limited:
+        except SigninRateLimitedError as limited:
             response = _refuse_sign_in(request, state, "rate_limited", str(limited), next, 429)
             response.headers["Retry-After"] = str(limited.retry_after_s)
             return response
@@ -633,8 +618,8 @@ def _issued_result(
     if not _SERIAL.fullmatch(serial):
         raise ConsoleRefusal(404, f"No certificate {serial!r}: that is not a serial number.")
     with Session(state.engine) as db:
-        row = db.get(Certificate, serial)
-    if row is None or row.device_id != device_id:
+        row = device_certificate(db, device_id, serial)
+    if row is None:
         raise ConsoleRefusal(404, f"No certificate {serial} of {device_id} is registered.")
     return ReenrollResult(
         device_id=device_id,

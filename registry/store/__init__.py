@@ -12,7 +12,9 @@
 - :mod:`registry.store.stats` — counts and expiries per week;
 - :mod:`registry.store.telemetry` — last-seen and last telemetry of devices;
 - :mod:`registry.store.tokens` — operators' bearer tokens;
-- :mod:`registry.store.counters` — the database counters (feed sequence, CRL number, epoch).
+- :mod:`registry.store.counters` — the database counters (feed sequence, CRL number, epoch);
+- :mod:`registry.store.console` — what the console's pages read (overview, a device's history);
+- :mod:`registry.store.console_sessions` — console sessions and failed sign-ins.
 
 Functions take an open :class:`sqlmodel.Session`; the writing ones run in
 :func:`registry.db.write_transaction` and commit, so each is atomic. What must happen after

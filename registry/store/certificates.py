@@ -21,10 +21,12 @@ from registry.store import counters
 __all__ = [
     "CertificateStatusInfo",
     "CrlContents",
+    "all_certificates",
     "aware",
     "certificate_status",
     "crl_contents",
     "delta_contents",
+    "device_certificate",
     "next_crl_expiry",
     "revoked_entries",
 ]
@@ -170,3 +172,14 @@ def delta_contents(session: Session, now: dt.datetime, base_head: int) -> CrlCon
                 first = not_after if first is None else min(first, not_after)
     next_expiry = None if first is None else aware(first) + CLOCK_SKEW
     return CrlContents(number, head, _entries(rows, now), next_expiry)
+
+
+def device_certificate(session: Session, device_id: str, serial: str) -> Certificate | None:
+    """The certificate ``serial`` of ``device_id``; None when unknown or another device's."""
+    row = session.get(Certificate, serial)
+    return row if row is not None and row.device_id == device_id else None
+
+
+def all_certificates(session: Session) -> list[Certificate]:
+    """Every certificate registered, issued or re-enrolled (a run's report; not for a fleet)."""
+    return list(session.exec(select(Certificate)).all())

@@ -7,7 +7,7 @@ import binascii
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, update
@@ -71,7 +71,37 @@ def register_devices(
         return _register(session, registrations, actor)
 
 
+@dataclass(slots=True)
+class _Known:
+    """What the database already holds about a batch (updated as the batch is planned)."""
+
+    cert_owner: dict[str, str]  # serial -> device id
+    devices: dict[str, tuple[str, str | None]]  # device id -> (status, hardware serial)
+    hardware_owner: dict[str, str]  # hardware serial -> device id
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The rows a batch writes."""
+
+    new_devices: list[dict[str, Any]] = field(default_factory=list)
+    new_certificates: list[dict[str, Any]] = field(default_factory=list)
+    hardware_updates: list[dict[str, Any]] = field(default_factory=list)
+    existing: int = 0
+
+
 def _register(session: Session, registrations: Sequence[Registration], actor: Actor) -> BatchResult:
+    known = _load_known(session, registrations)
+    plan = _Plan()
+    now = utcnow()
+    for index, registration in enumerate(registrations):
+        _plan_one(known, plan, index, registration, now)
+    _write(session, plan, registrations, actor)
+    return BatchResult(created=len(plan.new_certificates), existing=plan.existing)
+
+
+def _load_known(session: Session, registrations: Sequence[Registration]) -> _Known:
+    """The owners of the batch's serials and hardware serials, and its known devices."""
     serials = list({r.certificate.serial for r in registrations})
     device_ids = list({r.certificate.device_id for r in registrations})
     hardware_serials = list({r.hardware_serial for r in registrations if r.hardware_serial})
@@ -103,94 +133,97 @@ def _register(session: Session, registrations: Sequence[Registration], actor: Ac
         ).all():
             if hardware_serial is not None:
                 hardware_owner[hardware_serial] = device_id
+    return _Known(cert_owner, devices, hardware_owner)
 
-    now = utcnow()
-    new_devices: list[dict[str, Any]] = []
-    new_certificates: list[dict[str, Any]] = []
-    hardware_updates: list[dict[str, Any]] = []
-    existing = 0
-    for index, registration in enumerate(registrations):
-        parsed = registration.certificate
-        where = f"devices[{index}] (device {parsed.device_id}, serial {parsed.serial})"
-        hardware_serial = registration.hardware_serial
-        if hardware_serial is not None:
-            owner = hardware_owner.get(hardware_serial)
-            if owner is not None and owner != parsed.device_id:
-                raise ConflictError(
-                    f"{where}: hardware serial {hardware_serial!r} is already bound to "
-                    f"device {owner}"
-                )
-        known = devices.get(parsed.device_id)
-        if known is not None and hardware_serial is not None:
-            known_hardware = known[1]
-            if known_hardware is not None and known_hardware != hardware_serial:
-                raise ConflictError(
-                    f"{where}: device is registered with hardware serial {known_hardware!r}, "
-                    f"not {hardware_serial!r}"
-                )
-        owner_of_serial = cert_owner.get(parsed.serial)
-        if owner_of_serial is not None:
-            if owner_of_serial != parsed.device_id:
-                raise ConflictError(
-                    f"{where}: serial is already registered to device {owner_of_serial}"
-                )
-            existing += 1
-        elif known is not None and known[0] == "decommissioned":
+
+def _plan_one(
+    known: _Known, plan: _Plan, index: int, registration: Registration, now: dt.datetime
+) -> None:
+    """Check one registration against what is known (ConflictError) and plan its rows."""
+    parsed = registration.certificate
+    where = f"devices[{index}] (device {parsed.device_id}, serial {parsed.serial})"
+    hardware_serial = registration.hardware_serial
+    if hardware_serial is not None:
+        owner = known.hardware_owner.get(hardware_serial)
+        if owner is not None and owner != parsed.device_id:
             raise ConflictError(
-                f"{where}: device is decommissioned; it cannot be given new certificates"
+                f"{where}: hardware serial {hardware_serial!r} is already bound to device {owner}"
             )
-        else:
-            cert_owner[parsed.serial] = parsed.device_id
-            new_certificates.append(
-                {
-                    "serial": parsed.serial,
-                    "device_id": parsed.device_id,
-                    "not_before": parsed.not_before,
-                    "not_after": parsed.not_after,
-                    "status": "live",
-                    "revoked_at": None,
-                    "certificate_pem": parsed.certificate_pem,
-                }
+    device = known.devices.get(parsed.device_id)
+    if device is not None and hardware_serial is not None:
+        known_hardware = device[1]
+        if known_hardware is not None and known_hardware != hardware_serial:
+            raise ConflictError(
+                f"{where}: device is registered with hardware serial {known_hardware!r}, "
+                f"not {hardware_serial!r}"
             )
-        if known is None:
-            devices[parsed.device_id] = ("active", hardware_serial)
-            new_devices.append(
-                {
-                    "device_id": parsed.device_id,
-                    "status": "active",
-                    "hardware_serial": hardware_serial,
-                    "created_at": now,
-                }
+    owner_of_serial = known.cert_owner.get(parsed.serial)
+    if owner_of_serial is not None:
+        if owner_of_serial != parsed.device_id:
+            raise ConflictError(
+                f"{where}: serial is already registered to device {owner_of_serial}"
             )
-        elif known[1] is None and hardware_serial is not None:
-            devices[parsed.device_id] = (known[0], hardware_serial)
-            hardware_updates.append({"b_id": parsed.device_id, "b_hw": hardware_serial})
-        if hardware_serial is not None:
-            hardware_owner[hardware_serial] = parsed.device_id
+        plan.existing += 1
+    elif device is not None and device[0] == "decommissioned":
+        raise ConflictError(
+            f"{where}: device is decommissioned; it cannot be given new certificates"
+        )
+    else:
+        known.cert_owner[parsed.serial] = parsed.device_id
+        plan.new_certificates.append(
+            {
+                "serial": parsed.serial,
+                "device_id": parsed.device_id,
+                "not_before": parsed.not_before,
+                "not_after": parsed.not_after,
+                "status": "live",
+                "revoked_at": None,
+                "certificate_pem": parsed.certificate_pem,
+            }
+        )
+    if device is None:
+        known.devices[parsed.device_id] = ("active", hardware_serial)
+        plan.new_devices.append(
+            {
+                "device_id": parsed.device_id,
+                "status": "active",
+                "hardware_serial": hardware_serial,
+                "created_at": now,
+            }
+        )
+    elif device[1] is None and hardware_serial is not None:
+        known.devices[parsed.device_id] = (device[0], hardware_serial)
+        plan.hardware_updates.append({"b_id": parsed.device_id, "b_hw": hardware_serial})
+    if hardware_serial is not None:
+        known.hardware_owner[hardware_serial] = parsed.device_id
 
-    if new_devices:
-        session.execute(Device.__table__.insert(), new_devices)  # type: ignore[attr-defined]
-    if hardware_updates:
+
+def _write(
+    session: Session, plan: _Plan, registrations: Sequence[Registration], actor: Actor
+) -> None:
+    """Insert the planned devices and certificates, bind hardware serials, audit the batch."""
+    if plan.new_devices:
+        session.execute(Device.__table__.insert(), plan.new_devices)  # type: ignore[attr-defined]
+    if plan.hardware_updates:
         table = Device.__table__  # type: ignore[attr-defined]
         session.execute(
             update(table)
             .where(table.c.device_id == bindparam("b_id"))
             .values(hardware_serial=bindparam("b_hw")),
-            hardware_updates,
+            plan.hardware_updates,
         )
-    if new_certificates:
-        session.execute(Certificate.__table__.insert(), new_certificates)  # type: ignore[attr-defined]
-    if new_certificates or hardware_updates:
+    if plan.new_certificates:
+        session.execute(Certificate.__table__.insert(), plan.new_certificates)  # type: ignore[attr-defined]
+    if plan.new_certificates or plan.hardware_updates:
         add_entry(
             session,
             actor,
             "register",
-            new_certificates[0]["device_id"]
-            if len(registrations) == 1 and new_certificates
+            plan.new_certificates[0]["device_id"]
+            if len(registrations) == 1 and plan.new_certificates
             else f"{len(registrations)} devices",
-            {"created": len(new_certificates), "existing": existing},
+            {"created": len(plan.new_certificates), "existing": plan.existing},
         )
-    return BatchResult(created=len(new_certificates), existing=existing)
 
 
 def _summary(device: Device) -> dict[str, Any]:

@@ -70,10 +70,14 @@ def test_the_rule_catches_a_forbidden_import(tmp_path: Path) -> None:
         "from fleetcore.topics import RENEW\n"
     )
     assert _imports(offending) == [
-        "registry.models", "broker.server", "factory.ca", "fleetcore.topics"
+        "registry.models",
+        "broker.server",
+        "factory.ca",
+        "fleetcore.topics",
     ]
     assert _violations("broker", [offending]) == [
-        "bad.py imports registry.models", "bad.py imports factory.ca"
+        "bad.py imports registry.models",
+        "bad.py imports factory.ca",
     ]
     assert _violations("fleetcore", [offending]) == [
         "bad.py imports registry.models",

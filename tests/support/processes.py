@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -19,14 +20,22 @@ Completed = subprocess.CompletedProcess[str]
 def certfleet_up(
     data_dir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """`certfleet up --data-dir DATA_DIR ARGS...` started, stdout and stderr merged."""
+    """`certfleet up --data-dir DATA_DIR ARGS...` started, stdout and stderr merged.
+
+    SIGINT is restored to its default in the child: a test run started in the background
+    by a shell inherits SIGINT ignored, and the tests stop `up` with SIGINT (Ctrl-C)."""
     return subprocess.Popen(
         [*CERTFLEET, "up", "--data-dir", str(data_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - only a signal disposition, no locks
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def alive(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""What the console's pages read, beyond what the REST API already answers (``registry.store``).
+"""What the console's pages read, beyond what the rest of ``registry.store`` already answers.
 
 Each function is one or two indexed queries, so a page stays fast at 100,000 devices.
 """
