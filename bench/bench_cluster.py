@@ -444,13 +444,35 @@ def _shared_run(
     with LocalNats(root / f"nats-shared-{count}-{prefer}-{time.monotonic_ns()}") as nats:
         assert nats.process is not None
         nodes = start_nodes(layout, nats, count, extra_args=[flag], node_cpu=args.node_cpu)
+        profilers = (
+            [
+                _profile(node, f"{args.profile}-{count}-{prefer}-{i + 1}")
+                for i, node in enumerate(nodes)
+            ]
+            if args.profile
+            else []
+        )
         try:
             ports = [n.port for n in nodes]
-            return measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            # How often each node used up its quota: the machine gave it what it may use.
+            result["throttled_fraction"] = [g.throttled_fraction() for g in _GROUPS]
+            return result
         finally:
+            for profiler in profilers:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
             for node in nodes:
                 node.stop()
             release_groups()
+
+
+def _profile(node: lib.BrokerProcess, prefix: str) -> subprocess.Popen[bytes]:
+    """py-spy (raw, 200 Hz, non-blocking) on one node, into ``<prefix>.txt``."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    argv = [str(py_spy), "record", "--pid", str(node.pid), "--format", "raw", "--rate", "200"]
+    argv += ["--nonblocking", "-o", f"{prefix}.txt"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -464,6 +486,8 @@ def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
                 if count == 1 and not prefer:
                     continue  # one node: nothing to prefer
                 name = f"{'shared' if prefer else 'shared_nolocal'}_{count}"
+                if args.shapes and name not in args.shapes.split(","):
+                    continue
                 runs.setdefault(name, []).append(_shared_run(layout, root, args, count, prefer))
                 print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
     for name, results in runs.items():
@@ -472,10 +496,10 @@ def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
             **ordered[len(ordered) // 2],
             "all_msgs_per_s": [r["msgs_per_s"] for r in results],
         }
-    one = out["shared_1"]["msgs_per_s"] or 0
+    one = out["shared_1"]["msgs_per_s"] or 0 if "shared_1" in out else 0
 
     def ratio(name: str) -> float | None:
-        return round((out[name]["msgs_per_s"] or 0) / one, 2) if one else None
+        return round((out[name]["msgs_per_s"] or 0) / one, 2) if one and name in out else None
 
     out["shared_two_over_one"] = ratio("shared_2")
     out["shared_four_over_one"] = ratio("shared_4")
@@ -508,6 +532,10 @@ def main() -> None:
         help="fanin, shared: each broker node in its own CPU cgroup of this many CPUs (root)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="shared: runs per shape")
+    parser.add_argument(
+        "--shapes", help="shared: only these, e.g. shared_1,shared_nolocal_4 (default: all)"
+    )
+    parser.add_argument("--profile", help="shared: py-spy raw profile of each node to PREFIX-*")
     parser.add_argument(
         "--load",
         choices=["python", "mosquitto-clients"],

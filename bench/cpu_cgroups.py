@@ -56,6 +56,18 @@ class CpuGroup:
         """Move process ``pid`` (all its threads) into the group."""
         (self.path / "cgroup.procs").write_text(str(pid))
 
+    def throttled_fraction(self) -> float | None:
+        """Of the scheduler periods in which the group ran, the fraction that used up its
+        quota (cpu.stat ``nr_throttled / nr_periods``): near 1 for a node bound by its
+        quota, lower for one the machine could not give its quota (or that waited on I/O)."""
+        with contextlib.suppress(OSError, ValueError):
+            stat = dict(
+                line.split()[:2] for line in (self.path / "cpu.stat").read_text().splitlines()
+            )
+            periods = int(stat["nr_periods"])
+            return round(int(stat["nr_throttled"]) / periods, 3) if periods else None
+        return None
+
     def remove(self) -> None:
         """Delete the group (its processes have ended, or are moved back to the root)."""
         procs = self.path / "cgroup.procs"

@@ -118,15 +118,30 @@ class SharedGroup:
         """The members whose client is connected now."""
         return [(s, q) for s, q in self.members if _connected(s)]
 
+    def any_connected(self) -> bool:
+        """Whether a member's client is connected now (per message: no list built)."""
+        return any(_connected(s) for s, _ in self.members)
+
     def pick(self, exclude: Session | None = None) -> tuple[Session, int] | None:
-        """The next connected member (round robin), another than ``exclude`` when there
-        is one; None when no member is connected."""
-        live = self.connected()
-        if not live:
-            return None
-        others = [m for m in live if m[0] is not exclude] or live
-        self._next = (self._next + 1) % len(others)
-        return others[self._next]
+        """The next connected member (round robin over the members), another than
+        ``exclude`` when there is one; None when no member is connected.
+
+        Called for every message: it walks the members from the last one picked and
+        builds no list (the benchmark's profile, issue 24)."""
+        members = self.members
+        count = len(members)
+        fallback: tuple[Session, int] | None = None
+        for step in range(1, count + 1):
+            index = (self._next + step) % count
+            member = members[index]
+            if not _connected(member[0]):
+                continue
+            if member[0] is exclude:
+                fallback = member
+                continue
+            self._next = index
+            return member
+        return fallback
 
     def away(self) -> tuple[Session, int] | None:
         """A persistent member whose client is away (it queues QoS 1 messages)."""
@@ -272,24 +287,25 @@ class SharedSubscriptions:
         gone: Session | None = None,
         left: bool = False,
         hops: int = 0,
+        remote: bool = True,
     ) -> None:
         """Give the message to one member of this node's group ``share`` (another node's,
-        through :attr:`remote`, when none is connected here). ``gone``: the member that
-        just failed to acknowledge it, tried last, and not at all when it ``left`` (its
-        connection closed rather than being slow to acknowledge)."""
+        through :attr:`remote`, when none is connected here and ``remote``). ``gone``: the
+        member that just failed to acknowledge it, tried last, and not at all when it
+        ``left`` (its connection closed rather than being slow to acknowledge)."""
         group = self.groups.get(share)
         picked = group.pick(gone) if group is not None else None
         if picked is not None and picked[0] is gone and left:
             picked = None
         if picked is None:
-            await self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone, remote)
             return
         session, sub_qos = picked
         if not self._may_receive(session, topic):
             return
         handler = self._handler_of(session)
         if handler is None:
-            await self._no_member(share, group, topic, data, force_qos, hops, gone)
+            await self._no_member(share, group, topic, data, force_qos, hops, gone, remote)
             return
         qos = min(force_qos if force_qos is not None else sub_qos, MAX_SHARED_QOS)
         self._spawn(
@@ -305,9 +321,15 @@ class SharedSubscriptions:
         force_qos: int | None,
         hops: int,
         gone: Session | None,
+        remote: bool = True,
     ) -> None:
-        """No member connected here: another node's, else a persistent member's queue."""
-        if self.remote is not None and await self.remote.send(share, topic, data, force_qos, hops):
+        """No member connected here: another node's (when ``remote``), else a persistent
+        member's queue."""
+        if (
+            remote
+            and self.remote is not None
+            and await self.remote.send(share, topic, data, force_qos, hops)
+        ):
             return
         away = group.away() if group is not None else None
         if gone is not None and keeps_session(gone) and group is not None:

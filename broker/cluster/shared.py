@@ -10,15 +10,20 @@ Choice (docs/cluster.md, "Shared subscriptions"):
   node that died) no longer counts.
 - **Local preference** (default): a local publisher's message for a group with a connected
   member on this node is delivered here, with no NATS traffic. Otherwise, when another node
-  holds the group, it is published once on ``certfleet.shared.<group token>.<topic>``; every
-  node with members subscribes there in the NATS queue group ``<group token>``, so NATS
-  hands it to exactly one of them. The link's ``no_echo`` keeps it from coming back to the
-  publishing node. Switched off (``--no-shared-prefer-local``), a message goes to another
-  node's member whenever there is one (the benchmark's comparison).
+  holds the group, it is published on ``certfleet.shared.<group token>.batch``; every node
+  with members subscribes to ``certfleet.shared.<group token>.>`` in the NATS queue group
+  ``<group token>``, so NATS hands it to exactly one of them. **Batched**: what one
+  event-loop turn sends to a group goes out as one NATS message (records of topic, payload,
+  forced QoS and hand-over count, :func:`encode_batch`), so the NATS publish, its parse on
+  the receiving node and the subscription's callback are paid once per batch, not per
+  message (the scale-out benchmark's profile, issue 24); a batch goes to one node. The
+  link's ``no_echo`` keeps it from coming back to the publishing node. Switched off
+  (``--no-shared-prefer-local``), a message goes to another node's member whenever there
+  is one (the benchmark's comparison).
 - **Hand-over**: a member that leaves with unacknowledged QoS 1 messages hands them to
-  another member here, else to another node through the same subject
-  (:data:`HOPS_HEADER` counts the hand-overs, at most
-  :data:`~broker.shared_subscriptions.MAX_HANDOVERS`).
+  another member here, else to another node through the same subject (each record counts
+  its hand-overs, at most :data:`~broker.shared_subscriptions.MAX_HANDOVERS`). A batch NATS
+  refuses is delivered here instead (or queued, or counted lost, as with no member).
 - **Persistent sessions**: a shared subscription is live state of the node its client is
   connected to. It is not in the cluster's session record nor served from JetStream (a
   group has other members to take the messages); a client that reconnects to another node
@@ -32,9 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +55,6 @@ from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from broker.cluster.link import ClusterLink, NotConnectedError
-from broker.cluster.router import QOS_HEADER
-from broker.cluster.subjects import subject_of_topic, topic_of_subject
 from broker.shared_subscriptions import (
     MAX_HANDOVERS,
     SharedGroup,
@@ -58,13 +63,26 @@ from broker.shared_subscriptions import (
 )
 from fleetcore.topics import topic_matches
 
-__all__ = ["GROUPS_BUCKET", "HOPS_HEADER", "SHARED_PREFIX", "ClusterShared", "share_token"]
+__all__ = [
+    "GROUPS_BUCKET",
+    "MAX_BATCH_BYTES",
+    "SHARED_PREFIX",
+    "ClusterShared",
+    "decode_batch",
+    "encode_batch",
+    "share_token",
+]
 
 log = logging.getLogger(__name__)
 
 SHARED_PREFIX = "certfleet.shared"
 GROUPS_BUCKET = "certfleet_shared_groups"
-HOPS_HEADER = "Certfleet-Hops"
+#: A batch's NATS payload stays under this (nats-server's default max_payload is 1 MiB).
+MAX_BATCH_BYTES = 512 * 1024
+#: One record's head: topic length, payload length, forced QoS (-1: none), hand-overs.
+_RECORD = struct.Struct(">HIbB")
+#: (topic, payload, forced qos, hand-overs) of one message in a batch.
+Record = tuple[str, bytes, int | None, int]
 #: How often a node rewrites its groups' entries, and when an entry counts as stale.
 REFRESH_S = 10.0
 STALE_S = 35.0
@@ -72,9 +90,55 @@ _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
 _DELETES = ("DEL", "PURGE")
 
 
+@functools.lru_cache(maxsize=4096)
 def share_token(share: ShareFilter) -> str:
-    """The NATS token (subject level, queue group, KV key part) of a group of a filter."""
+    """The NATS token (subject level, queue group, KV key part) of a group of a filter
+    (cached: it is needed for every message sent to another node)."""
     return hashlib.sha256(f"{share.group}\0{share.topic_filter}".encode()).hexdigest()[:20]
+
+
+def encode_batch(records: list[Record]) -> bytes:
+    """One NATS payload holding ``records``, in order."""
+    parts: list[bytes] = []
+    for topic, data, qos, hops in records:
+        name = topic.encode()
+        parts.append(_RECORD.pack(len(name), len(data), -1 if qos is None else qos, hops))
+        parts.append(name)
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_batch(payload: bytes) -> list[Record]:
+    """The records of a payload from :func:`encode_batch`; ValueError if malformed."""
+    records: list[Record] = []
+    head, size, pos = _RECORD.size, len(payload), 0
+    while pos < size:
+        if pos + head > size:
+            raise ValueError(f"shared batch truncated at byte {pos}")
+        topic_len, data_len, qos, hops = _RECORD.unpack_from(payload, pos)
+        pos += head
+        end = pos + topic_len + data_len
+        if end > size or qos > 1:
+            raise ValueError(f"shared batch record at byte {pos - head} is malformed")
+        topic = payload[pos : pos + topic_len].decode()
+        records.append((topic, payload[pos + topic_len : end], None if qos < 0 else qos, hops))
+        pos = end
+    return records
+
+
+def _chunks(records: list[Record]) -> list[list[Record]]:
+    """``records`` cut into runs of at most :data:`MAX_BATCH_BYTES` each (a bigger single
+    message alone)."""
+    chunks: list[list[Record]] = [[]]
+    size = 0
+    for record in records:
+        length = _RECORD.size + len(record[0]) * 4 + len(record[1])
+        if chunks[-1] and size + length > MAX_BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(record)
+        size += length
+    return chunks
 
 
 def _node_token(node: str) -> str:
@@ -106,13 +170,16 @@ class ClusterShared:
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        #: what this event-loop turn sends, per group, until :meth:`_flush` runs
+        self._outbox: dict[ShareFilter, list[Record]] = {}
+        self._flushing = False
         shared.remote = self
         link.add_setup(self._setup)
 
     # -- RemoteGroups ---------------------------------------------------------------------
 
     def serve_here(self, group: SharedGroup | None, share: ShareFilter) -> bool:
-        if group is None or not group.connected():
+        if group is None or not group.any_connected():
             return False
         return self.prefer_local or not self.elsewhere(share)
 
@@ -132,17 +199,34 @@ class ClusterShared:
     ) -> bool:
         if hops >= MAX_HANDOVERS or not self.link.connected or not self.elsewhere(share):
             return False
-        headers = {HOPS_HEADER: str(hops)}
-        if qos is not None:
-            headers[QOS_HEADER] = str(qos)
-        prefix = f"{SHARED_PREFIX}.{share_token(share)}"
-        try:
-            await self.link.client.publish(subject_of_topic(topic, prefix), data, headers=headers)
-        except _ERRORS as exc:
-            log.warning("shared message not sent group=%s error=%r", share.group, exc)
+        if self._closed:
             return False
+        self._outbox.setdefault(share, []).append((topic, data, qos, hops))
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())  # runs on the loop's next turn: one batch per group
         self._on_sent()
         return True
+
+    async def _flush(self) -> None:
+        """Publish what was sent since the last flush, one NATS message per group (per
+        :data:`MAX_BATCH_BYTES`); a batch NATS refuses is delivered on this node."""
+        self._flushing = False
+        outbox, self._outbox = self._outbox, {}
+        for share, records in outbox.items():
+            subject = f"{SHARED_PREFIX}.{share_token(share)}.batch"
+            for chunk in _chunks(records):
+                try:
+                    await self.link.client.publish(subject, encode_batch(chunk))
+                except _ERRORS as exc:
+                    log.warning(
+                        "shared batch not sent group=%s messages=%d error=%r (delivered here)",
+                        share.group,
+                        len(chunk),
+                        exc,
+                    )
+                    for topic, data, qos, hops in chunk:
+                        await self.shared.deliver(share, topic, data, qos, hops=hops, remote=False)
 
     def joined(self, share: ShareFilter) -> None:
         self._mine.add(share)
@@ -242,27 +326,22 @@ class ClusterShared:
         if share in self._subscriptions:
             return
         token = share_token(share)
-        prefix = f"{SHARED_PREFIX}.{token}"
 
         async def on_message(msg: Msg) -> None:
-            await self._on_message(share, prefix, msg)
+            await self._on_message(share, msg)
 
         self._subscriptions[share] = await client.subscribe(
-            f"{prefix}.>", queue=token, cb=on_message
+            f"{SHARED_PREFIX}.{token}.>", queue=token, cb=on_message
         )
 
-    async def _on_message(self, share: ShareFilter, prefix: str, msg: Msg) -> None:
+    async def _on_message(self, share: ShareFilter, msg: Msg) -> None:
         try:
-            topic = topic_of_subject(msg.subject, prefix)
+            records = decode_batch(msg.data)
         except ValueError as exc:
-            log.warning("shared message dropped subject=%r error=%s", msg.subject[:200], exc)
+            log.warning("shared batch dropped subject=%r error=%s", msg.subject[:200], exc)
             return
-        headers = msg.headers or {}
-        forced = headers.get(QOS_HEADER)
-        hops = int(headers.get(HOPS_HEADER, "0")) + 1
-        await self.shared.deliver(
-            share, topic, msg.data, int(forced) if forced is not None else None, hops=hops
-        )
+        for topic, data, qos, hops in records:
+            await self.shared.deliver(share, topic, data, qos, hops=hops + 1)
 
     # -- lifecycle ------------------------------------------------------------------------
 

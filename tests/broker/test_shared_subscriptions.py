@@ -96,6 +96,45 @@ def test_unacknowledged_messages_go_to_another_member_when_one_leaves(
             probe.close()
 
 
+def test_a_persistent_member_s_unacknowledged_messages_go_to_another_member_when_it_leaves(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    # "a" has a persistent session (clean session off): its group membership outlives the
+    # connection, yet what it took and never acknowledged goes to "b" when it vanishes,
+    # not into a's queue until it comes back.
+    a = connect(
+        broker.port,
+        pki.client(IdentityKind.SERVICE, "registry"),
+        "registry/a",
+        clean_session=False,
+        manual_ack=True,
+    )
+    assert a.connected.is_set(), a.reason
+    a.client.subscribe(f"$share/ingest/{TELEMETRY}", qos=1)
+    assert a.subscribed.wait(5) and a.suback == [1]
+    b = _member(broker, pki, "registry/b", f"$share/ingest/{TELEMETRY}")
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
+    try:
+        sent = [f"m{i}".encode() for i in range(20)]
+        for payload in sent:
+            device.client.publish("devices/dev-1/telemetry", payload, qos=1).wait_for_publish(5)
+        assert wait_for(lambda: len(_payloads(a, b)) >= len(sent), 3)
+        held = set(_payloads(a))
+        assert held, "round robin gave the silent member nothing"
+        assert not held & set(_payloads(b))
+        left_at = time.monotonic()
+        a.drop()  # gone without acknowledging
+        assert wait_for(lambda: held <= set(_payloads(b)), 3), held - set(_payloads(b))
+        assert time.monotonic() - left_at < 3  # at the disconnect, not amqtt's 5 s timeout
+        assert sorted(set(_payloads(b))) == sorted(sent)  # nothing lost
+        assert max(Counter(_payloads(b)).values()) == 1
+        # Still a member while away: its session keeps the group.
+        assert broker.call(lambda: _members(broker)) == 2
+    finally:
+        for probe in (b, device):
+            probe.close()
+
+
 def test_the_acl_checks_the_filter_inside_share(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:

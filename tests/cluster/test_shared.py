@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from broker.cluster.natsd import LocalNats
-from broker.cluster.shared import SHARED_PREFIX
+from broker.cluster.shared import SHARED_PREFIX, decode_batch, encode_batch
 from broker.server import BrokerServer
 from broker.shared_subscriptions import ShareFilter
 from fleetcore.profile import IdentityKind
@@ -187,3 +187,51 @@ def test_a_leaving_member_s_unacknowledged_messages_go_to_the_other_node_s_membe
     finally:
         for probe in (member_b, dev):
             probe.close()
+
+
+def test_a_persistent_member_s_unacknowledged_messages_go_to_the_other_node_s_member(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    node_a, node_b = start_node("a"), start_node("b")
+    # A persistent member (clean session off) on the publisher's node takes every message
+    # and acknowledges none; it vanishes, and the member on the other node gets them all.
+    silent = connect(
+        node_a.port,
+        pki.client(IdentityKind.SERVICE, "registry"),
+        "registry/a",
+        clean_session=False,
+        manual_ack=True,
+    )
+    assert silent.connected.is_set(), silent.reason
+    silent.client.subscribe(f"$share/{SHARE.group}/{FILTER}", qos=1)
+    assert silent.subscribed.wait(5) and silent.suback == [1]
+    member_b = _member(node_b, pki, "registry/b")
+    dev = connect(node_a.port, issue_device(pki, tmp_path, "dev-a"), "dev-a")
+    try:
+        assert wait_for(lambda: _knows_the_other(node_a, node_b))
+        sent = _publish(dev, "dev-a", 20)
+        assert wait_for(lambda: len(silent.messages) >= 20, 3)
+        assert member_b.messages == []  # local preference: all went to the silent member
+        left_at = time.monotonic()
+        silent.drop()
+        assert wait_for(lambda: len(set(_payloads(member_b))) >= 20, 4)
+        assert time.monotonic() - left_at < 4  # at the disconnect, not amqtt's 5 s timeout
+        assert sorted(set(_payloads(member_b))) == sorted(sent)  # nothing lost
+        assert max(Counter(_payloads(member_b)).values()) == 1
+    finally:
+        for probe in (member_b, dev):
+            probe.close()
+
+
+def test_a_batch_of_shared_messages_decodes_to_what_was_encoded() -> None:
+    records = [
+        ("devices/dev-a/telemetry", b'{"t": 1}', None, 0),
+        ("devices/dév-b/telemetry", b"", 1, 3),  # a non-ASCII level, an empty payload
+        ("devices/dev-c/telemetry", bytes(range(256)) * 40, 0, 7),
+    ]
+    assert decode_batch(encode_batch(records)) == records
+    assert decode_batch(b"") == []
+    whole = encode_batch(records)
+    for cut in (1, 8, len(whole) - 1):  # a torn batch is refused, not half delivered
+        with pytest.raises(ValueError):
+            decode_batch(whole[:cut])
