@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import RevocationStateError
-from broker.serial_table import RECORD, Merge, SerialTable, expiry_code, serial_key
+from broker.serial_table import RECORD, Merge, Records, SerialTable, expiry_code, serial_key
 from fleetcore.layout import write_durable
 
 __all__ = [
@@ -65,7 +65,7 @@ class SnapshotState:
     """Everything a snapshot holds, captured on the loop, written on a thread."""
 
     generation: int
-    buffer: bytes
+    buffer: Records
     recent: dict[bytes, int]
     earliest: int
     oversize: list[str]
@@ -155,7 +155,7 @@ class JournalFiles:
             state.generation = generation
         state.table.recent.update(recent)
         if recent or state.table.may_have_expired(now_limit):  # else the snapshot is as merged
-            buffer, fresh, earliest = state.table.snapshot()
+            buffer, fresh, earliest = state.table.freeze()
             state.table.adopt(SerialTable.merged(buffer, fresh, now_limit, earliest))
         return state
 
@@ -222,11 +222,12 @@ class JournalFiles:
 
     # -- write -----------------------------------------------------------------------------
 
-    def write_snapshot(self, snapshot: SnapshotState, merge: Merge) -> None:
-        """Write a snapshot of ``snapshot`` whose serials are ``merge`` (a worker thread:
-        the write, fsync and rename). Raises OSError when the disk refuses."""
-        devices = json.dumps(sorted(snapshot.device_ids), separators=(",", ":")).encode()
-        body = merge.buffer + devices + b"\n"
+    def write_snapshot(self, snapshot: SnapshotState, merge: Merge) -> int:
+        """Write a snapshot of ``snapshot`` whose serials are ``merge``, then remove the
+        journals it holds; returns its size. On a worker thread: the write, fsync, rename
+        and unlinks, and no copy of the records (written as they are, the checksum
+        computed piecewise). Raises OSError when the disk refuses."""
+        devices = _json_list(snapshot.device_ids).encode() + b"\n"
         check = snapshot.checkpoint
         header = {
             "generation": snapshot.generation,
@@ -238,18 +239,28 @@ class JournalFiles:
             "earliest": merge.earliest,
             "device_ids": len(snapshot.device_ids),
             "oversize": sorted(snapshot.oversize),
-            "crc32": zlib.crc32(body),
+            "crc32": zlib.crc32(devices, zlib.crc32(merge.buffer)),
         }
-        write_durable(
-            self.snapshot_path,
-            MAGIC + json.dumps(header, separators=(",", ":")).encode() + b"\n" + body,
-            0o644,
-        )
+        parts: list[bytes | bytearray] = [
+            MAGIC + json.dumps(header, separators=(",", ":")).encode() + b"\n",
+            merge.buffer,
+            devices,
+        ]
+        write_durable(self.snapshot_path, parts, 0o644)
+        self.remove_journals_before(snapshot.generation)
+        return sum(len(part) for part in parts)
 
     def remove_journals_before(self, generation: int) -> None:
         for number, path in self.journals():
             if number < generation:
                 path.unlink(missing_ok=True)
+
+
+def _json_list(items: list[str], chunk: int = 4096) -> str:
+    """``items`` as one JSON array, encoded ``chunk`` at a time (each ``json.dumps`` holds
+    the GIL; 30,000 device ids in one call would hold it for milliseconds)."""
+    parts = [json.dumps(items[i : i + chunk])[1:-1] for i in range(0, len(items), chunk)]
+    return "[" + ",".join(parts) + "]"
 
 
 def _apply_line(body: dict[str, Any], state: LoadedState, recent: dict[bytes, int]) -> None:

@@ -14,10 +14,12 @@
   (``BrokerServer.revoke``) could be lost for good, and it is fsynced at once.
 - **Compaction** runs in the background (``revoked-set-writer`` task): when the journal has
   outgrown the snapshot (or 1 MiB), a new snapshot is captured on the loop (the immutable
-  buffer, a copy of the recent additions, the device ids: O(recent + devices)), the journal
-  moves to a new generation at once, and the merge, the pruning of expired serials and the
-  snapshot's write, fsync and rename run on a worker thread; the loop then adopts the merged
-  buffer and removes the old journals. The loop is never blocked by more than the copies.
+  buffer, the recent additions' dict handed over whole, a list copy of the device ids), the
+  journal moves to a new generation at once, and the merge, the pruning of expired serials,
+  the snapshot's write, fsync and rename and the removal of the journals it holds run on a
+  worker thread; the loop then adopts the merged buffer (O(1)). The merge never holds the
+  GIL in one C call that grows with the set (:meth:`SerialTable.merged`), so the loop's
+  thread gets it back within the switch interval (5 ms).
 - A write that fails (disk full, folder read-only or replaced) never stops enforcement: the
   set is already changed in memory, the failure is logged and counted, appends stop (a
   journal with a hole must not carry a later position), and the writer retries a whole
@@ -175,7 +177,7 @@ class RevokedSet:
         on the calling thread: load and tests; the running broker prunes off the loop)."""
         limit = _limit(now)
         expired = self.table.drop_recent_expired(limit)
-        buffer, recent, earliest = self.table.snapshot()
+        buffer, recent, earliest = self.table.freeze()
         expired += self.table.adopt(SerialTable.merged(buffer, recent, limit, earliest))
         found = sorted(key_hex(key) for key in expired)
         if found:
@@ -310,8 +312,7 @@ class RevokedSet:
         assert self.files is not None
         snapshot = self._capture()
         merge = SerialTable.merged(snapshot.buffer, snapshot.recent, None, snapshot.earliest)
-        self.files.write_snapshot(snapshot, merge)
-        self._adopted(snapshot, merge)
+        self._adopted(merge, self.files.write_snapshot(snapshot, merge))
 
     # -- disk: compaction (background) ------------------------------------------------------
 
@@ -319,26 +320,24 @@ class RevokedSet:
         """What the next snapshot holds; the journal moves to a new generation now."""
         self._close_journal()
         self._generation += 1
-        buffer, recent, earliest = self.table.snapshot()
+        buffer, recent, earliest = self.table.freeze()
         return SnapshotState(
             generation=self._generation,
             buffer=buffer,
             recent=recent,
             earliest=earliest,
             oversize=sorted(self.table.oversize),
-            device_ids=sorted(self.device_ids),
+            device_ids=list(self.device_ids),  # sorted by the writer, off the loop
             epoch=self.epoch,
             position=self.position,
             last_seq=self.last_seq,
             checkpoint=self.checkpoint,
         )
 
-    def _adopted(self, snapshot: SnapshotState, merge: Merge) -> list[bytes]:
-        """A snapshot is on disk: swap its buffer in, drop the journals it holds."""
-        assert self.files is not None
+    def _adopted(self, merge: Merge, snapshot_bytes: int) -> list[bytes]:
+        """A snapshot is on disk (and the journals it holds removed): swap its buffer in."""
         expired = self.table.adopt(merge)
-        self.files.remove_journals_before(snapshot.generation)
-        self._snapshot_bytes = self.files.snapshot_path.stat().st_size
+        self._snapshot_bytes = snapshot_bytes
         self._journal_bytes = 0
         self.compactions += 1
         if self.dirty:
@@ -364,19 +363,18 @@ class RevokedSet:
             limit = _limit() if prune else None
             files = self.files
             if files is None or not snapshot:
-                buffer, recent, earliest = self.table.snapshot()
+                buffer, recent, earliest = self.table.freeze()
                 merge = await asyncio.to_thread(SerialTable.merged, buffer, recent, limit, earliest)
                 expired = self.table.adopt(merge)
             else:
                 state = self._capture()
 
-                def work() -> Merge:
+                def work() -> tuple[Merge, int]:
                     merge = SerialTable.merged(state.buffer, state.recent, limit, state.earliest)
-                    files.write_snapshot(state, merge)
-                    return merge
+                    return merge, files.write_snapshot(state, merge)
 
-                merge = await asyncio.to_thread(work)
-                expired = self._adopted(state, merge)
+                merge, size = await asyncio.to_thread(work)
+                expired = self._adopted(merge, size)
             if limit is not None:
                 expired += self.table.drop_recent_expired(limit)
             return sorted(key_hex(key) for key in expired)

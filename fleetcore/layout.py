@@ -109,17 +109,19 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def write_durable(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_durable(path: Path, data: bytes | list[bytes | bytearray], mode: int = 0o600) -> None:
     """Write state that must survive a crash: a temporary file written in full and
     fsynced, renamed over ``path``, then the folder fsynced (the rename itself is durable).
-    A crash leaves either the old file or the new one, never a mix."""
+    A crash leaves either the old file or the new one, never a mix. ``data`` may be a list
+    of parts, written one after the other (no copy of large ones into one buffer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for part in [data] if isinstance(data, bytes) else data:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
