@@ -42,7 +42,7 @@ from broker.sessions import session_key
 from broker.settings import BrokerSettings
 from broker.state import BrokerState, StateStore, StoredMessage
 from broker.supervisor import Supervisor
-from broker.tls import broker_server_context, feed_client_context
+from broker.tls import TrustReloader, broker_server_context, feed_client_context
 from fleetcore.address import Address, parse_address
 from fleetcore.layout import write_public
 from fleetcore.profile import Identity, IdentityKind
@@ -79,6 +79,7 @@ class BrokerApp:
         layout = settings.layout
         self.trust_domain = _trust_domain(settings)
         self.ssl_context = broker_server_context(layout, settings.broker_name)
+        self.trust_reloader = TrustReloader(layout, self.ssl_context)
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(
             layout.broker_dir,
@@ -178,6 +179,7 @@ class BrokerApp:
         self.metrics.revoked_serials.set(self.revoked.serial_count)
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
+        self.supervisor.start("trust-reloader", self.trust_reloader.run)
         self.supervisor.start(
             "revoked-set-pruner",
             lambda: self.revoked.keep_pruned(self.settings.broker_prune_s, self._pruned),

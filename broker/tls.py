@@ -11,20 +11,24 @@ then hands the decrypted byte stream to ``Broker.external_connected``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 
 from broker.errors import BrokerTlsError
 from fleetcore.layout import DataLayout
 from fleetcore.tls import TlsSetupError, server_context, service_client_context
 
-__all__ = ["broker_server_context", "feed_client_context"]
+__all__ = ["TrustReloader", "broker_server_context", "feed_client_context"]
+
+log = logging.getLogger(__name__)
 
 
 def broker_server_context(layout: DataLayout, broker_name: str) -> ssl.SSLContext:
     """The MQTT listener's context: mTLS, a client certificate chaining to our CA required."""
     try:
         return server_context(
-            layout.server_cert(broker_name), layout.server_key(broker_name), layout.chain
+            layout.server_cert(broker_name), layout.server_key(broker_name), layout.server_trust
         )
     except TlsSetupError as exc:
         raise BrokerTlsError(
@@ -42,3 +46,45 @@ def feed_client_context(layout: DataLayout, service: str) -> ssl.SSLContext:
             f"{exc}: run 'certfleet ca issue-client --service {service}' (or pass the right "
             "--data-dir), or run without --registry-url"
         ) from None
+
+
+class TrustReloader:
+    """Follows ``ca/trust.pem`` (issue 26): after ``certfleet ca rollover`` writes a new
+    issuing CA there, the running listener trusts it within ``interval_s``, with no restart.
+    Certificates are added to the live context's store (a retired issuing CA stays in it
+    until a restart: it has no live certificate left; a *revoked* one is refused at CONNECT
+    by :class:`broker.auth.AdmissionPolicy`)."""
+
+    def __init__(
+        self, layout: DataLayout, context: ssl.SSLContext, interval_s: float = 1.0
+    ) -> None:
+        self._layout = layout
+        self._context = context
+        self._interval_s = interval_s
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._layout.server_trust.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    def check(self) -> bool:
+        """Load the trust file again when it changed; True when it did."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            self._context.load_verify_locations(cafile=str(self._layout.server_trust))
+        except (OSError, ssl.SSLError) as exc:
+            log.error("trust file not reloaded path=%s error=%s", self._layout.server_trust, exc)
+            return False
+        self._stamp = stamp
+        log.info("trust file reloaded path=%s", self._layout.server_trust)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check()

@@ -42,7 +42,13 @@ from cryptography.hazmat.primitives import serialization
 from device_sim.backoff import Backoff
 from device_sim.credentials import Credentials, CredentialStore
 from device_sim.errors import SimError
-from device_sim.renew import BAD_ANSWER, RenewalRefusedError, check_certificate
+from device_sim.renew import (
+    BAD_ANSWER,
+    RenewalRefusedError,
+    adopt_issuing,
+    check_certificate,
+    issuing_of_answer,
+)
 from device_sim.renewal_events import RenewalEvent, RenewalOutcome
 from device_sim.stats import WorkerStats
 from fleetcore.errors import IdentityError
@@ -139,6 +145,7 @@ class Renewer:
         self.rng = rng
         self.sink = sink
         self._chain = directory / "chain.pem"
+        self._root = directory / "root.crt"
 
     async def run(self) -> None:
         """Renew whenever due, until the run ends (cancelled) or renewing cannot go on."""
@@ -218,7 +225,8 @@ class Renewer:
             sent = time.monotonic()
             answer = await self.link.exchange(csr_pem, self.policy.timeout)
             latency = time.monotonic() - sent
-            certificate, code = self._read(answer, identity, key.public_key(), issuing)
+            signer = issuing if answer is None else issuing_of_answer(answer, issuing, self._root)
+            certificate, code = self._read(answer, identity, key.public_key(), signer)
             if certificate is None:
                 if code is None:
                     timeouts += 1
@@ -260,6 +268,12 @@ class Renewer:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self.store.promote()
+            if adopt_issuing(self._chain.parent, signer):
+                log.info(
+                    "device moved to a new issuing CA device_id=%s issuer=%s",
+                    self.device_id,
+                    signer.subject.rfc4514_string(),
+                )
             self.stats.renewals += 1
             self.stats.renewal_latency.record(latency)
             serial = serial_hex(certificate.serial_number)

@@ -1,12 +1,12 @@
 """What the factory refuses: subclasses of the root error (``fleetcore.errors``).
 
-    CertfleetError (fleetcore)
-     └── FactoryError           anything the factory refuses
-          ├── CAError           CA missing, already present, unreadable or wrong passphrase
-          ├── CSRError          a certificate signing request is refused
-          ├── ProvisionError    a provisioning batch input is refused
-          ├── RegistrationError the registry refused or could not take a batch
-          └── ExportError       a bundle cannot be exported (missing, damaged, bad password file)
+CertfleetError (fleetcore)
+ └── FactoryError           anything the factory refuses
+      ├── CAError           CA missing, already present, unreadable or wrong passphrase
+      ├── CSRError          a certificate signing request is refused
+      ├── ProvisionError    a provisioning batch input is refused
+      ├── RegistrationError the registry refused or could not take a batch
+      └── ExportError       a bundle cannot be exported (missing, damaged, bad password file)
 """
 
 from __future__ import annotations

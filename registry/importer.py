@@ -44,7 +44,7 @@ def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[devices.Regi
                 raise ConfigError(f"{path}:{number}: not a manifest record ({exc})") from None
             try:
                 parsed = parse_device_certificate(
-                    pem, issuing_cert=ca.issuing_cert, trust_domain=ca.trust_domain
+                    pem, issuing_cert=ca.trusted_issuer_certs(), trust_domain=ca.trust_domain
                 )
             except InvalidCertificateError as exc:
                 raise ConfigError(f"{path}:{number}: {exc}") from None

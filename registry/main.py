@@ -199,7 +199,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         planner=PlannerStatistics(engine, on_crash=crashed),
         mark=FeedMark(settings.layout.root / MARK_FILE),
         verifier=BatchVerifier(
-            ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes, crashed
+            ca.trusted_issuer_certs, ca.trust_domain, settings.registry_verify_processes, crashed
         ),
     )
 

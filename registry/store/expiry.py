@@ -178,5 +178,3 @@ def expiry_report(session: Session, now: dt.datetime, limit: int = LIST_LIMIT) -
         expired=_devices(session, current, or_(expires.is_(None), expires <= now), limit),
         soonest=_devices(session, current, expires > now, limit),
     )
-
-
