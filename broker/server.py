@@ -33,6 +33,7 @@ from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
 from broker.gate import ConnectGate
+from broker.issuers import RevokedIssuers
 from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
 from broker.persistence import StateFile, state_path
@@ -90,6 +91,8 @@ class BrokerApp:
         self.revoked.load()
         self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
         self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
+        self.revoked_issuers = RevokedIssuers(layout.broker_dir)
+        self.policy.revoked_issuers = self.revoked_issuers.load()
         self.gate = ConnectGate(
             self.policy,
             self.metrics,
@@ -329,6 +332,10 @@ class BrokerApp:
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
+        if event.kind == "issuer_revoked" and event.issuer:
+            if self.revoked_issuers.add(event.issuer):
+                log.warning("issuing CA revoked key_id=%s seq=%d", event.issuer, event.seq)
+            self.policy.revoked_issuers = self.revoked_issuers.ids
         # A superseded event revokes serials only: the device's new-certificate session stays.
         device_id = event.device_id if event.kind == "decommission" else None
         dropped = self._drop(new_serials, device_id)

@@ -157,8 +157,68 @@ def ca_retire(
     )
 
 
+def ca_revoke_issuing(
+    issuer: Annotated[str, typer.Option(help="Key id (or its first 8+ hex digits).")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = (
+        "issuing CA compromised"
+    ),
+    registry: Annotated[
+        str | None,
+        typer.Option("--registry", help="registry URL (CERTFLEET_REGISTRY_URL)"),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="admin bearer token (CERTFLEET_REGISTRY_TOKEN)")
+    ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option("--operator", help="admin operator certificate clients/NAME.crt|.key"),
+    ] = None,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke an earlier issuing CA with the root (compromise): the root signs a CRL listing
+    it (ca/revoked-issuers.crl), it leaves trust.pem, and the registry (admin role) revokes
+    its live certificates and tells every broker, which refuse them and drop their sessions
+    within a second. Roll over first: the current issuing CA cannot be revoked."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from factory.issuers import apply_revocation, prepare_revocation
+    from factory.keys import load_private_key
+    from registry.operator_cli import _call, operator_client
+
+    settings = load_settings(data_dir=data_dir)
+    layout = settings.layout
+    root_key = load_private_key(layout.root_key, settings.passphrase)
+    client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
+    cert_path, issuing, arl = prepare_revocation(layout, issuer, root_key)
+    key_id = issuer_key_id(issuing)
+    # The registry first: if it refuses or cannot be reached nothing changed here, and the
+    # same command can run again.
+    result = _call(
+        client,
+        "POST",
+        "/issuers/revoke",
+        json={
+            "issuer_pem": issuing.public_bytes(Encoding.PEM).decode(),
+            "arl_pem": arl.public_bytes(Encoding.PEM).decode(),
+            "reason": reason,
+        },
+    )
+    apply_revocation(layout, cert_path, arl)
+    log.warning("issuing CA revoked by the root key_id=%s", key_id)
+    _emit(
+        as_json,
+        {**result, "arl": str(layout.revoked_issuers)},
+        f"issuing CA {key_id[:16]} revoked: {result['revoked_certificates']} certificates "
+        f"(feed seq {result['revocation_seq']}); root CRL {layout.revoked_issuers}\n"
+        "  its devices get a new certificate only by re-enrollment (certfleet registry "
+        "devices reenroll) or a claim (EST), docs/factory.md",
+    )
+
+
 def register(ca_app: typer.Typer) -> None:
     """Add the commands to ``certfleet ca``."""
     ca_app.command("rollover")(ca_rollover)
     ca_app.command("issuers")(ca_issuers)
     ca_app.command("retire")(ca_retire)
+    ca_app.command("revoke-issuing")(ca_revoke_issuing)

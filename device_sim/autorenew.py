@@ -123,6 +123,10 @@ class RenewalLink(Protocol):
         """Reconnect with ``credentials``; True once connected with them."""
         ...
 
+    async def wait_renew_request(self, within: float) -> bool:
+        """True when an operator's renew-now notice came within ``within`` seconds."""
+        ...
+
 
 class Renewer:
     """One device's renewal loop; run as a task next to its connection."""
@@ -164,7 +168,8 @@ class Renewer:
                 log.warning("renewal off device_id=%s reason=%s", self.device_id, exc)
                 return
             due = renewal_due(certificate, self.policy, self.rng)
-            await asyncio.sleep(max(0.0, due - time.time()))
+            if await self.link.wait_renew_request(max(0.0, due - time.time())):
+                log.info("renewal asked by an operator device_id=%s", self.device_id)
             if not await self._renew(certificate):
                 return
 

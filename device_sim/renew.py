@@ -39,8 +39,8 @@ from device_sim.errors import SimError
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
-from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
 from fleetcore.layout import write_public
+from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
 from fleetcore.renewal_wire import (
     AnswerError,
     Confirmed,

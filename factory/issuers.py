@@ -12,6 +12,7 @@ Subject Key Identifier, which every certificate it signed carries as Authority K
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Sequence
@@ -19,14 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from factory.errors import CAError
+from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import PrivateKey
 
 __all__ = [
     "Issuer",
+    "build_arl",
+    "check_issuer_revocation",
+    "apply_revocation",
+    "prepare_revocation",
     "authority_key_id",
     "issuer_key_id",
     "previous_issuer_paths",
@@ -156,3 +164,112 @@ def read_meta(layout: DataLayout) -> dict[str, object]:
 
 def pem_bundle(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(cert.public_bytes(PEM) for cert in certs)
+
+
+# -- revoking an issuing CA (ca revoke-issuing) ------------------------------------------
+
+#: How long the root's CRL of revoked issuing CAs (ARL) is valid; re-run the command (or
+#: ``ca revoke-issuing --resign``) before it lapses.
+ARL_NEXT_UPDATE = dt.timedelta(days=365)
+
+
+def revoked_issuer_serials(layout: DataLayout) -> list[x509.RevokedCertificate]:
+    """The entries of the ARL on disk (none when there is none)."""
+    if not layout.revoked_issuers.exists():
+        return []
+    try:
+        arl = x509.load_der_x509_crl(layout.revoked_issuers.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CAError(f"{layout.revoked_issuers} cannot be read: {exc}") from None
+    return list(arl)
+
+
+def build_arl(
+    root_cert: x509.Certificate,
+    root_key: PrivateKey,
+    entries: Sequence[x509.RevokedCertificate],
+    crl_number: int,
+) -> x509.CertificateRevocationList:
+    """The root's CRL listing revoked issuing CAs (an ARL: onlyContainsCACerts)."""
+    now = utcnow()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(root_cert.subject)
+        .last_update(now - dt.timedelta(minutes=1))
+        .next_update(now + ARL_NEXT_UPDATE)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .add_extension(
+            x509.IssuingDistributionPoint(
+                full_name=None,
+                relative_name=None,
+                only_contains_user_certs=False,
+                only_contains_ca_certs=True,
+                only_some_reasons=None,
+                indirect_crl=False,
+                only_contains_attribute_certs=False,
+            ),
+            critical=True,
+        )
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    algorithm = None if isinstance(root_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(root_key, algorithm)  # type: ignore[arg-type]
+
+
+def prepare_revocation(
+    layout: DataLayout, key_id: str, root_key: PrivateKey
+) -> tuple[Path, x509.Certificate, x509.CertificateRevocationList]:
+    """The root-signed ARL listing the earlier issuing CA ``key_id`` (and every one revoked
+    before); nothing is written. The current issuing CA cannot be revoked: roll over first.
+    Returns the CA's certificate file, the CA and the ARL (for :func:`apply_revocation`)."""
+    cert_path = find_previous(layout, key_id)
+    issuing = read_certificate(cert_path)
+    root = read_certificate(layout.root_cert)
+    entries = [
+        e for e in revoked_issuer_serials(layout) if e.serial_number != issuing.serial_number
+    ]
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(issuing.serial_number)
+        .revocation_date(utcnow())
+        .add_extension(x509.CRLReason(x509.ReasonFlags.ca_compromise), critical=False)
+        .build()
+    )
+    arl = build_arl(root, root_key, [*entries, entry], crl_number=len(entries) + 1)
+    return cert_path, issuing, arl
+
+
+def apply_revocation(
+    layout: DataLayout, cert_path: Path, arl: x509.CertificateRevocationList
+) -> None:
+    """Write the ARL (``ca/revoked-issuers.crl``), move the revoked CA to ``retired/``
+    (``<key id>.revoked.crt``) and rewrite ``trust.pem`` without it."""
+    write_public(layout.revoked_issuers, arl.public_bytes(serialization.Encoding.DER))
+    layout.retired_dir.mkdir(parents=True, exist_ok=True)
+    moved = layout.retired_dir / f"{cert_path.stem}.revoked.crt"
+    os.replace(cert_path, moved)
+    key_path = cert_path.with_suffix(".key")
+    if key_path.exists():
+        os.replace(key_path, moved.with_suffix(".key"))
+    write_trust(layout)
+
+
+def check_issuer_revocation(
+    root: x509.Certificate, issuing: x509.Certificate, arl: x509.CertificateRevocationList
+) -> str:
+    """The key id of ``issuing`` when ``arl`` is the root's signed CRL listing it (what the
+    registry asks before it acts on a revoke-issuing); CAError otherwise."""
+    try:
+        issuing.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CAError("the issuing CA certificate was not signed by this root") from None
+    if arl.issuer != root.subject or not arl.is_signature_valid(root.public_key()):  # type: ignore[arg-type]
+        raise CAError("the revocation list was not signed by this root")
+    if arl.get_revoked_certificate_by_serial_number(issuing.serial_number) is None:
+        raise CAError("the root's revocation list does not list this issuing CA")
+    return issuer_key_id(issuing)

@@ -36,6 +36,8 @@ __all__ = [
     "confirm_payload",
     "confirmed_payload",
     "is_confirm",
+    "is_renew_now",
+    "renew_now_payload",
     "answer_issuers",
     "parse_answer",
     "parse_confirm",
@@ -108,6 +110,21 @@ def parse_answer(payload: bytes) -> x509.Certificate | Confirmed | Refusal:
         return Refusal(str(body["error"]), str(body["message"]))
     except (ValueError, KeyError, TypeError):
         raise AnswerError("unreadable answer on cert/issued") from None
+
+
+#: An operator's "renew now" (issue 26), published by the registry on a device's
+#: ``cert/issued`` topic: the device renews at once instead of at its due time (after an
+#: issuing CA rollover, to move a set of devices to the new one).
+_RENEW_NOW = b'{"renew": "now"}'
+
+
+def renew_now_payload() -> bytes:
+    return _RENEW_NOW
+
+
+def is_renew_now(payload: bytes) -> bool:
+    """A payload on ``cert/issued`` is a renew-now notice (not an answer to a request)."""
+    return payload.strip() == _RENEW_NOW
 
 
 def answer_issuers(payload: bytes) -> list[x509.Certificate]:

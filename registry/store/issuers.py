@@ -14,12 +14,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from factory.issuers import authority_key_id
-from registry.models import Certificate, Device
+from fleetcore.clock import utcnow
+from registry.db import write_transaction
+from registry.models import Certificate, Device, Revocation
+from registry.store import counters
+from registry.store.audit import Actor, add_entry
+from registry.store.revocations import FEED_CHANNEL
 
-__all__ = ["IssuerUse", "issuer_use"]
+__all__ = ["IssuerUse", "issuer_use", "revoke_issuer_certificates"]
 
 
 @dataclass
@@ -29,6 +35,13 @@ class IssuerUse:
 
     certificates: Counter[str] = field(default_factory=Counter)
     devices: Counter[str] = field(default_factory=Counter)
+    #: device id -> key id of the issuing CA of its newest live certificate
+    device_issuer: dict[str, str] = field(default_factory=dict)
+
+    def devices_on(self, key_id: str) -> list[str]:
+        """The active devices on the issuing CA ``key_id`` (or a prefix of it), sorted."""
+        wanted = key_id.lower().replace(":", "")
+        return sorted(d for d, k in self.device_issuer.items() if k.startswith(wanted))
 
 
 def issuer_use(session: Session, now: dt.datetime) -> IssuerUse:
@@ -51,5 +64,57 @@ def issuer_use(session: Session, now: dt.datetime) -> IssuerUse:
         seen = newest.get(device_id)
         if seen is None or not_after > seen[0]:
             newest[device_id] = (not_after, key_id)
-    use.devices.update(key_id for _, key_id in newest.values())
+    use.device_issuer = {device_id: key_id for device_id, (_, key_id) in newest.items()}
+    use.devices.update(use.device_issuer.values())
     return use
+
+
+def revoke_issuer_certificates(
+    session: Session, key_id: str, actor: Actor, reason: str
+) -> tuple[int, list[str]]:
+    """Revoke every live certificate the issuing CA ``key_id`` signed and append one
+    ``issuer_revoked`` feed event (one transaction); (its seq, the serials). The devices stay
+    active: they get a new certificate only by re-enrollment or a claim (docs/factory.md)."""
+    with write_transaction(session):
+        now = utcnow()
+        live = session.exec(select(Certificate).where(col(Certificate.status) == "live")).all()
+        revoked = []
+        for certificate in live:
+            try:
+                parsed = x509.load_pem_x509_certificate(certificate.certificate_pem.encode())
+            except ValueError:
+                continue
+            if authority_key_id(parsed) != key_id:
+                continue
+            certificate.status = "revoked"
+            certificate.revoked_at = now
+            certificate.revocation_reason = "unspecified"
+            session.add(certificate)
+            revoked.append(certificate.serial)
+        session.flush()
+        seq = counters.bump(session, counters.REVOCATION_SEQ)
+        session.add(
+            Revocation(
+                seq=seq,
+                device_id=key_id,
+                serials=sorted(revoked),
+                reason=reason,
+                reason_code="unspecified",
+                revoked_at=now,
+                operator=actor.who[:256],
+                kind="issuer_revoked",
+            )
+        )
+        add_entry(
+            session,
+            actor,
+            "revoke_issuing",
+            key_id,
+            {"reason": reason, "certificates": len(revoked), "seq": seq},
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                text("SELECT pg_notify(:channel, :seq)"),
+                {"channel": FEED_CHANNEL, "seq": str(seq)},
+            )
+    return seq, sorted(revoked)
