@@ -217,7 +217,9 @@ def ca_revoke_issuing(
 
 
 def register(ca_app: typer.Typer) -> None:
-    """Add the commands to ``certfleet ca``."""
+    """Add the commands to ``certfleet ca`` (once)."""
+    if any(command.name == "rollover" for command in ca_app.registered_commands):
+        return
     ca_app.command("rollover")(ca_rollover)
     ca_app.command("issuers")(ca_issuers)
     ca_app.command("retire")(ca_retire)
