@@ -17,7 +17,7 @@ import ssl
 
 from broker.errors import BrokerTlsError
 from fleetcore.layout import DataLayout
-from fleetcore.tls import TlsSetupError, server_context, service_client_context
+from fleetcore.tls import TlsSetupError, TrustFile, server_context, service_client_context
 
 __all__ = ["TrustReloader", "broker_server_context", "feed_client_context"]
 
@@ -49,40 +49,19 @@ def feed_client_context(layout: DataLayout, service: str) -> ssl.SSLContext:
 
 
 class TrustReloader:
-    """Follows ``ca/trust.pem`` (issue 26): after ``certfleet ca rollover`` writes a new
-    issuing CA there, the running listener trusts it within ``interval_s``, with no restart.
-    Certificates are added to the live context's store (a retired issuing CA stays in it
-    until a restart: it has no live certificate left; a *revoked* one is refused at CONNECT
-    by :class:`broker.auth.AdmissionPolicy`)."""
+    """Follows ``ca/trust.pem`` (issue 26, :class:`fleetcore.tls.TrustFile`): after
+    ``certfleet ca rollover`` writes a new issuing CA there, the running listener trusts it
+    within ``interval_s``, with no restart. A *revoked* issuing CA is refused at CONNECT by
+    :class:`broker.auth.AdmissionPolicy`."""
 
     def __init__(
         self, layout: DataLayout, context: ssl.SSLContext, interval_s: float = 1.0
     ) -> None:
-        self._layout = layout
-        self._context = context
+        self._trust = TrustFile(lambda: layout.server_trust, context)
         self._interval_s = interval_s
-        self._stamp = self._read_stamp()
-
-    def _read_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self._layout.server_trust.stat()
-        except OSError:
-            return None
-        return stat.st_ino, stat.st_mtime_ns
 
     def check(self) -> bool:
-        """Load the trust file again when it changed; True when it did."""
-        stamp = self._read_stamp()
-        if stamp is None or stamp == self._stamp:
-            return False
-        try:
-            self._context.load_verify_locations(cafile=str(self._layout.server_trust))
-        except (OSError, ssl.SSLError) as exc:
-            log.error("trust file not reloaded path=%s error=%s", self._layout.server_trust, exc)
-            return False
-        self._stamp = stamp
-        log.info("trust file reloaded path=%s", self._layout.server_trust)
-        return True
+        return self._trust.check()
 
     async def run(self) -> None:
         while True:

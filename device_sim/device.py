@@ -308,7 +308,7 @@ class SimDevice:
             suback.set_result(not any(getattr(code, "is_failure", False) for code in codes))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if is_renew_now(message.payload):
+        if is_renew_now(bytes(message.payload)):
             self._renew_requested.set()
             return
         if self._answer is not None and not self._answer.done():

@@ -218,7 +218,7 @@ def build_arl(
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
     algorithm = None if isinstance(root_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(root_key, algorithm)  # type: ignore[arg-type]
+    return builder.sign(root_key, algorithm)
 
 
 def prepare_revocation(

@@ -25,8 +25,10 @@ naming the file; each part turns it into its own error with the fix that fits it
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetcore.errors import TlsSetupError
@@ -36,6 +38,7 @@ __all__ = [
     "REGISTRY_CLIENT_CERT",
     "TLS12_CIPHERS",
     "ClientCert",
+    "TrustFile",
     "TlsSetupError",
     "client_context",
     "server_context",
@@ -137,3 +140,41 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
 def service_client_context(layout: DataLayout, name: str) -> ssl.SSLContext:
     """The client context of a service or operator whose files are in ``layout``'s clients/."""
     return client_context(layout.root_cert, layout.client_cert(name), layout.client_key(name))
+
+
+class TrustFile:
+    """Follows a server's CA file (``ca/trust.pem``, issue 26): when it changes (``certfleet
+    ca rollover`` added an issuing CA) :meth:`check` adds its certificates to the live
+    context's store, so the next handshakes trust the new issuing CA with no restart. A
+    certificate removed from the file stays in the store until a restart (a retired issuing
+    CA has no live certificate left; a revoked one is refused by the servers' own checks)."""
+
+    def __init__(self, path: Callable[[], Path], context: ssl.SSLContext) -> None:
+        self._path = path
+        self._context = context
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[str, int, int] | None:
+        path = self._path()
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return str(path), stat.st_ino, stat.st_mtime_ns
+
+    def check(self) -> bool:
+        """Load the file again when it changed; True when it did."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            self._context.load_verify_locations(cafile=stamp[0])
+        except (OSError, ssl.SSLError) as exc:
+            _log.error("trust file not reloaded path=%s error=%s", stamp[0], exc)
+            return False
+        self._stamp = stamp
+        _log.info("trust file reloaded path=%s", stamp[0])
+        return True
+
+
+_log = logging.getLogger(__name__)

@@ -70,8 +70,8 @@ class IssuerCrls:
     def _get(self, key_id: str) -> tuple[bytes, bytes]:
         issuers = self._ca.issuers
         if key_id.lower() == issuers[0].key_id:
-            signed = self._current.current()
-            return signed.der, signed.pem
+            current = self._current.current()
+            return current.der, current.pem
         issuer = self._ca.issuer_by_key_id(key_id)
         if issuer is None:
             raise NotFoundError(

@@ -274,8 +274,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     app.state.registry = state
     _install_error_handlers(app)
     routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
-    routers += (issuers,)  # issue 26
-    for module in routers:
+    for module in (*routers, issuers):  # issuers: issue 26
         app.include_router(module.router)
     install_est(app, state)
     install_console(app)
