@@ -63,6 +63,9 @@ class TrustReloader:
     def check(self) -> bool:
         return self._trust.check()
 
+    def up_to_date(self) -> bool:
+        return self._trust.up_to_date()
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)

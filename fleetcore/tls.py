@@ -162,6 +162,10 @@ class TrustFile:
             return None
         return str(path), stat.st_ino, stat.st_mtime_ns
 
+    def up_to_date(self) -> bool:
+        """Whether the context holds the file as it is on disk now."""
+        return self._read_stamp() == self._stamp
+
     def check(self) -> bool:
         """Load the file again when it changed; True when it did."""
         stamp = self._read_stamp()

@@ -76,6 +76,8 @@ def test_a_revoked_issuing_ca_is_cut_off_on_every_node_within_a_second(
 
     new_id = pki.ca.rollover().key_id  # the CA folder the registry signs from
     shutil.copy(pki.layout.trust, cluster_layout.trust)  # handed to the brokers
+    for node in nodes:  # each follows trust.pem within a second
+        assert wait_for(lambda n=node: n.app is not None and n.app.trust_reloader.up_to_date(), 5)
     assert wait_for(lambda: _registry_ca(registry).issuing_cert == pki.ca.issuing_cert, 5)
     fresh = issue_device(pki, tmp_path, "dev-new")
     register(operator, fresh, "dev-new")

@@ -190,7 +190,7 @@ def test_renew_now_moves_devices_at_once_and_needs_the_operator_role(tmp_path: P
         with _operator(fleet.pki, fleet.registry, OperatorRole.VIEWER) as viewer:
             refused = viewer.post("/devices/renew-now", json={"issuer": old_id})
             assert refused.status_code == 403, refused.text
-            assert refused.json()["detail"]["error"] == "role_not_allowed"
+            assert "needs the operator role" in refused.text, refused.text
         with fleet.run(duration=6.0) as run:
             # Once connected (subscribed to their issued topic), the operator asks.
             deadline = utcnow() + dt.timedelta(seconds=10)
