@@ -33,6 +33,7 @@ from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.support.pki import TestPKI, new_pki
 from tests.support.servers import certfleet_broker_settings
+from tests.support.waits import wait_for
 
 # `alone`: certificates living seconds (time bounds).
 pytestmark = pytest.mark.alone
@@ -84,6 +85,8 @@ class Fleet:
         running broker; the new issuing CA's key id."""
         new = CertificateAuthority.load(self.registry_layout).rollover()
         shutil.copy(self.registry_layout.trust, self.broker_layout.trust)
+        app = self.broker.app
+        assert wait_for(lambda: app is not None and app.trust_reloader.up_to_date(), 5)
         return new.key_id
 
     def run(self, duration: float) -> SimRun:
