@@ -274,7 +274,21 @@ def open_token_key(
 
     session = _session(module, uri.token, pin)
     try:
-        handle = session.get_key(ObjectClass.PRIVATE_KEY, label=uri.object)
+        # The token object only (CKA_TOKEN): this process's session copies share its label.
+        found = list(
+            session.get_objects(
+                {
+                    Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                    Attribute.LABEL: uri.object,
+                    Attribute.TOKEN: True,
+                }
+            )
+        )
+        if not found:
+            raise NoSuchKey
+        if len(found) > 1:
+            raise MultipleObjectsReturned
+        handle = found[0]
         if expected_public_key is None:
             public = session.get_key(ObjectClass.PUBLIC_KEY, label=uri.object)
             expected_public_key = serialization.load_der_public_key(  # type: ignore[assignment]
