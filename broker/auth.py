@@ -101,6 +101,14 @@ class RevocationView(Protocol):
     def is_device_decommissioned(self, device_id: str) -> bool: ...
 
 
+def _authority_key_id(certificate: x509.Certificate) -> str | None:
+    try:
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier.hex() if aki.key_identifier is not None else None
+
+
 class AdmissionPolicy:
     """Decide whether a verified client certificate may connect with a given client id."""
 
@@ -113,6 +121,9 @@ class AdmissionPolicy:
         self.trust_domain = trust_domain
         self.revocations = revocations
         self.client_id_mode = client_id_mode
+        #: key ids of issuing CAs revoked by the root (``certfleet ca revoke-issuing``): every
+        #: certificate they signed is refused, registered or not (:mod:`broker.issuers`).
+        self.revoked_issuers: frozenset[str] = frozenset()
 
     def identify(self, certificate_der: bytes) -> Admission:
         """The identity and serial of a client certificate, or RefusedError."""
@@ -121,6 +132,10 @@ class AdmissionPolicy:
         except ValueError as exc:
             raise RefusedError(Refusal.BAD_IDENTITY, f"unparseable certificate: {exc}") from None
         serial = serial_hex(certificate.serial_number)
+        if self.revoked_issuers and _authority_key_id(certificate) in self.revoked_issuers:
+            raise RefusedError(
+                Refusal.REVOKED, f"serial={serial} was issued by a revoked issuing CA"
+            )
         # Classify the two profile violations that have their own counted reason; everything
         # else about the identity is read_identity's call.
         try:

@@ -34,6 +34,7 @@ from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
 from broker.gate import ConnectGate
+from broker.issuers import RevokedIssuers
 from broker.listener import MqttTlsListener
 from broker.metrics import BrokerMetrics
 from broker.persistence import StateFile, state_path
@@ -43,7 +44,7 @@ from broker.sessions import session_key
 from broker.settings import BrokerSettings
 from broker.state import BrokerState, StateStore, StoredMessage
 from broker.supervisor import Supervisor
-from broker.tls import broker_server_context, feed_client_context
+from broker.tls import TrustReloader, broker_server_context, feed_client_context
 from fleetcore.address import Address, parse_address
 from fleetcore.layout import write_public
 from fleetcore.profile import Identity, IdentityKind
@@ -82,6 +83,7 @@ class BrokerApp:
         layout = settings.layout
         self.trust_domain = _trust_domain(settings)
         self.ssl_context = broker_server_context(layout, settings.broker_name)
+        self.trust_reloader = TrustReloader(layout, self.ssl_context)
         self.metrics = BrokerMetrics()
         self.revoked = RevokedSet(
             layout.broker_dir,
@@ -92,6 +94,8 @@ class BrokerApp:
         self.revoked.load()
         self.supervisor = Supervisor(lambda name: self.metrics.task_restarts.labels(name).inc())
         self.policy = AdmissionPolicy(self.trust_domain, self.revoked, settings.broker_client_id)
+        self.revoked_issuers = RevokedIssuers(layout.broker_dir)
+        self.policy.revoked_issuers = self.revoked_issuers.load()
         self.gate = ConnectGate(
             self.policy,
             self.metrics,
@@ -183,6 +187,7 @@ class BrokerApp:
         self.metrics.revoked_serials.set(self.revoked.serial_count)
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
+        self.supervisor.start("trust-reloader", self.trust_reloader.run)
         self.supervisor.start(
             "revoked-set-pruner",
             lambda: self.revoked.keep_pruned(self.settings.broker_prune_s, self._pruned),
@@ -332,6 +337,10 @@ class BrokerApp:
         log.info("broker stopped")
 
     def _on_revoked(self, event: RevocationEvent, new_serials: list[str]) -> None:
+        if event.kind == "issuer_revoked" and event.issuer:
+            if self.revoked_issuers.add(event.issuer):
+                log.warning("issuing CA revoked key_id=%s seq=%d", event.issuer, event.seq)
+            self.policy.revoked_issuers = self.revoked_issuers.ids
         # A superseded event revokes serials only: the device's new-certificate session stays.
         device_id = event.device_id if event.kind == "decommission" else None
         dropped = self._drop(new_serials, device_id)

@@ -11,20 +11,24 @@ then hands the decrypted byte stream to ``Broker.external_connected``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 
 from broker.errors import BrokerTlsError
 from fleetcore.layout import DataLayout
-from fleetcore.tls import TlsSetupError, server_context, service_client_context
+from fleetcore.tls import TlsSetupError, TrustFile, server_context, service_client_context
 
-__all__ = ["broker_server_context", "feed_client_context"]
+__all__ = ["TrustReloader", "broker_server_context", "feed_client_context"]
+
+log = logging.getLogger(__name__)
 
 
 def broker_server_context(layout: DataLayout, broker_name: str) -> ssl.SSLContext:
     """The MQTT listener's context: mTLS, a client certificate chaining to our CA required."""
     try:
         return server_context(
-            layout.server_cert(broker_name), layout.server_key(broker_name), layout.chain
+            layout.server_cert(broker_name), layout.server_key(broker_name), layout.server_trust
         )
     except TlsSetupError as exc:
         raise BrokerTlsError(
@@ -42,3 +46,27 @@ def feed_client_context(layout: DataLayout, service: str) -> ssl.SSLContext:
             f"{exc}: run 'certfleet ca issue-client --service {service}' (or pass the right "
             "--data-dir), or run without --registry-url"
         ) from None
+
+
+class TrustReloader:
+    """Follows ``ca/trust.pem`` (issue 26, :class:`fleetcore.tls.TrustFile`): after
+    ``certfleet ca rollover`` writes a new issuing CA there, the running listener trusts it
+    within ``interval_s``, with no restart. A *revoked* issuing CA is refused at CONNECT by
+    :class:`broker.auth.AdmissionPolicy`."""
+
+    def __init__(
+        self, layout: DataLayout, context: ssl.SSLContext, interval_s: float = 1.0
+    ) -> None:
+        self._trust = TrustFile(lambda: layout.server_trust, context)
+        self._interval_s = interval_s
+
+    def check(self) -> bool:
+        return self._trust.check()
+
+    def up_to_date(self) -> bool:
+        return self._trust.up_to_date()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check()

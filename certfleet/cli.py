@@ -32,6 +32,7 @@ app = typer.Typer(
 
 def _register_groups() -> None:
     from broker.cli import app as broker_app
+    from certfleet.ca_issuers_cli import register as register_issuer_commands
     from certfleet.certificate_cli import certificate_app
     from certfleet.lifecycle_cli import lifecycle
     from certfleet.orchestrate import register as register_orchestration
@@ -39,6 +40,7 @@ def _register_groups() -> None:
     from factory.cli import ca_app, factory_app
     from registry.cli import app as registry_app
 
+    register_issuer_commands(ca_app)  # they read the registry's database: certfleet/
     app.add_typer(ca_app, name="ca")
     app.add_typer(factory_app, name="factory")
     app.add_typer(registry_app, name="registry")

@@ -42,7 +42,13 @@ from cryptography.hazmat.primitives import serialization
 from device_sim.backoff import Backoff
 from device_sim.credentials import Credentials, CredentialStore
 from device_sim.errors import SimError
-from device_sim.renew import BAD_ANSWER, RenewalRefusedError, check_certificate
+from device_sim.renew import (
+    BAD_ANSWER,
+    RenewalRefusedError,
+    adopt_issuing,
+    check_certificate,
+    issuing_of_answer,
+)
 from device_sim.renewal_events import RenewalEvent, RenewalOutcome
 from device_sim.stats import WorkerStats
 from fleetcore.errors import IdentityError
@@ -117,6 +123,10 @@ class RenewalLink(Protocol):
         """Reconnect with ``credentials``; True once connected with them."""
         ...
 
+    async def wait_renew_request(self, within: float) -> bool:
+        """True when an operator's renew-now notice came within ``within`` seconds."""
+        ...
+
 
 @dataclass(slots=True)
 class _Tries:
@@ -158,6 +168,7 @@ class Renewer:
         self.rng = rng
         self.sink = sink
         self._chain = directory / "chain.pem"
+        self._root = directory / "root.crt"
 
     async def run(self) -> None:
         """Renew whenever due, until the run ends (cancelled) or renewing cannot go on."""
@@ -176,7 +187,8 @@ class Renewer:
                 log.warning("renewal off device_id=%s reason=%s", self.device_id, exc)
                 return
             due = renewal_due(certificate, self.policy, self.rng)
-            await asyncio.sleep(max(0.0, due - time.time()))
+            if await self.link.wait_renew_request(max(0.0, due - time.time())):
+                log.info("renewal asked by an operator device_id=%s", self.device_id)
             if not await self._renew(certificate):
                 return
 
@@ -228,16 +240,27 @@ class Renewer:
             sent = time.monotonic()
             answer = await self.link.exchange(csr_pem, self.policy.timeout)
             latency = time.monotonic() - sent
-            certificate, code = self._read(answer, identity, key.public_key(), issuing)
+            signer = issuing if answer is None else issuing_of_answer(answer, issuing, self._root)
+            certificate, code = self._read(answer, identity, key.public_key(), signer)
             if certificate is None:
                 if not self._unanswered(code, previous_serial, tries):
                     return False
             else:
                 received_at = time.time()
                 if await self._switch(key, certificate):
+                    self._adopt(signer)
                     await self._renewed(certificate, previous_serial, received_at, latency, tries)
                     return True
             await asyncio.sleep(backoff.next_delay())
+
+    def _adopt(self, signer: x509.Certificate) -> None:
+        """Trust the issuing CA that signed the renewed certificate (after a rollover)."""
+        if adopt_issuing(self._chain.parent, signer):
+            log.info(
+                "device moved to a new issuing CA device_id=%s issuer=%s",
+                self.device_id,
+                signer.subject.rfc4514_string(),
+            )
 
     def _unanswered(self, code: str | None, previous_serial: str, tries: _Tries) -> bool:
         """Count a request without a certificate; False when the refusal ends renewing."""

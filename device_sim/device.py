@@ -44,6 +44,7 @@ from device_sim.telemetry import SensorModel
 from device_sim.transport import open_tls
 from device_sim.waits import completes_within, set_within
 from fleetcore.address import Address
+from fleetcore.renewal_wire import is_renew_now
 from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 
 __all__ = ["DeviceConfig", "DeviceEvent", "DeviceState", "SimDevice"]
@@ -168,7 +169,10 @@ class SimDevice:
         self._finished = False
         self._answer: asyncio.Future[bytes] | None = None
         self._suback: dict[int, asyncio.Future[bool]] = {}
-        self._issued_subscribed: PreparedSocketClient | None = None
+        #: the client subscribed to our issued topic, and its SUBACK (True: granted).
+        self._issued_sub: tuple[PreparedSocketClient, asyncio.Future[bool]] | None = None
+        #: set by a renew-now notice of an operator (fleetcore.renewal_wire.RenewNow).
+        self._renew_requested = asyncio.Event()
         self._switch_to: Credentials | None = None
         self._switch_requested = asyncio.Event()
         self._switched: asyncio.Future[bool] | None = None
@@ -254,14 +258,9 @@ class SimDevice:
             return None
         try:
             async with asyncio.timeout(within):
-                if self._issued_subscribed is not client:
-                    result, mid = client.subscribe(issued_topic(self.device_id), qos=1)
-                    if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                        return None
-                    suback = self._suback[mid] = self._loop.create_future()
-                    if not await suback:
-                        return None
-                    self._issued_subscribed = client
+                suback = self._subscribe_issued(client)
+                if suback is None or not await suback:
+                    return None
                 self._answer = self._loop.create_future()
                 info = client.publish(renew_topic(self.device_id), payload, qos=1)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -271,6 +270,26 @@ class SimDevice:
             return None
         finally:
             self._answer = None
+
+    def _subscribe_issued(self, client: PreparedSocketClient) -> asyncio.Future[bool] | None:
+        """Subscribe ``client`` to our issued topic once per connection (renewal answers and
+        renew-now notices); the SUBACK's future, None when the subscribe failed."""
+        assert self._loop is not None
+        if self._issued_sub is not None and self._issued_sub[0] is client:
+            return self._issued_sub[1]
+        result, mid = client.subscribe(issued_topic(self.device_id), qos=1)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        suback = self._suback[mid] = self._loop.create_future()
+        self._issued_sub = (client, suback)
+        return suback
+
+    async def wait_renew_request(self, within: float) -> bool:
+        """True when an operator asked this device to renew now (a notice on its issued
+        topic, :func:`fleetcore.renewal_wire.renew_now_payload`) within ``within`` s."""
+        requested = await set_within(self._renew_requested, within)
+        self._renew_requested.clear()
+        return requested
 
     async def switch(self, credentials: Credentials) -> bool:
         """End the session and reconnect with ``credentials``; True once connected."""
@@ -289,6 +308,9 @@ class SimDevice:
             suback.set_result(not any(getattr(code, "is_failure", False) for code in codes))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if is_renew_now(bytes(message.payload)):
+            self._renew_requested.set()
+            return
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(bytes(message.payload))
 
@@ -456,6 +478,9 @@ class SimDevice:
         assert session_end is not None
         self._up.set()
         self._switch_requested.clear()
+        if self.config.renewal is not None and self._client is not None:
+            # Listen for renew-now notices from the first moment of the session.
+            self._subscribe_issued(self._client)
         switch = asyncio.ensure_future(self._switch_requested.wait())
         try:
             self._resend_window()

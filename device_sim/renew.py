@@ -44,8 +44,16 @@ from device_sim.errors import (
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import build_csr, generate_key, private_key_pem
+from fleetcore.layout import write_public
 from fleetcore.profile import Identity, IdentityKind, PublicKey, read_identity, serial_hex
-from fleetcore.renewal_wire import AnswerError, Confirmed, Refusal, confirm_payload, parse_answer
+from fleetcore.renewal_wire import (
+    AnswerError,
+    Confirmed,
+    Refusal,
+    answer_issuers,
+    confirm_payload,
+    parse_answer,
+)
 from fleetcore.topics import issued_topic, renew_topic
 
 __all__ = [
@@ -54,7 +62,9 @@ __all__ = [
     "RenewalRefusedError",
     "RenewalResult",
     "RenewalFailedError",
+    "adopt_issuing",
     "check_certificate",
+    "issuing_of_answer",
     "renew_bundle",
     "request_certificate",
 ]
@@ -227,6 +237,38 @@ def check_certificate(
             BAD_ANSWER,
             f"device {identity.name}: the issued certificate is for {found.uri} or another key",
         )
+
+
+def issuing_of_answer(
+    answer: bytes, issuing: x509.Certificate, root_path: Path
+) -> x509.Certificate:
+    """The issuing CA to check a renewal answer against: the bundle's (``issuing``), or,
+    after the fleet's CA rolled over (docs/factory.md), the new one the answer carries, once
+    it is shown to be a CA signed by the bundle's root. Anything else: the bundle's, and the
+    answer's leaf then fails :func:`check_certificate`."""
+    for candidate in answer_issuers(answer):
+        if candidate == issuing:
+            return issuing
+        try:
+            root = x509.load_pem_x509_certificate(root_path.read_bytes())
+            candidate.verify_directly_issued_by(root)
+            is_ca = candidate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+            continue
+        if is_ca:
+            return candidate
+    return issuing
+
+
+def adopt_issuing(directory: Path, issuing: x509.Certificate) -> bool:
+    """After a renewal by a new issuing CA: ``chain.pem`` becomes it + the root (replaced by
+    rename: a hard-linked chain of other bundles is never changed). True when it changed."""
+    chain = directory / "chain.pem"
+    if x509.load_pem_x509_certificates(chain.read_bytes())[0] == issuing:
+        return False
+    root = (directory / "root.crt").read_bytes()
+    write_public(chain, issuing.public_bytes(PEM) + root)
+    return True
 
 
 def _prove_and_confirm(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,14 @@ from cryptography.hazmat.primitives import serialization
 
 from factory.crl import RevokedEntry, build_crl
 from factory.errors import CAError
+from factory.issuers import (
+    Issuer,
+    authority_key_id,
+    issuer_key_id,
+    previous_issuer_paths,
+    read_meta,
+    write_trust,
+)
 from factory.signer import (
     CaKeys,
     CaKeySettings,
@@ -49,6 +61,12 @@ __all__ = [
     "TokenInit",
     "write_issued",
 ]
+
+log = logging.getLogger(__name__)
+
+#: A loaded CA looks at ``issuing.crt`` at most this often to follow a rollover made by
+#: another process (``certfleet ca rollover`` while the registry runs).
+REFRESH_S = 1.0
 
 ROOT_LIFETIME = dt.timedelta(days=20 * 365)
 ISSUING_LIFETIME = dt.timedelta(days=10 * 365)
@@ -101,14 +119,114 @@ class CertificateAuthority:
         self.layout = layout
         self.trust_domain = trust_domain
         self.root_cert = root_cert
-        self.issuing_cert = issuing_cert
-        self.issuing_key = issuing_key
+        self._current = Issuer(issuing_cert, issuing_key)
+        #: earlier issuing CAs still trusted after a rollover (:mod:`factory.issuers`).
+        self.previous: tuple[Issuer, ...] = ()
+        self._passphrase: bytes | None = None
+        self._key_settings: CaKeySettings | None = None
+        self._stamp: tuple[int, int] | None = None  # issuing.crt (inode, mtime) when watched
+        self._issuers_stamp = 0
+        self._checked_at = 0.0
+        self._refresh_lock = threading.Lock()
         #: base URL of the CRL and OCSP responder written into every new certificate.
         self.publish_url = publish_url
         self._client_template: ClientCertificateTemplate | None = None
         self._issuing_source = issuing_source
         #: where the keys are (None: created here, or PEM files).
         self.keys = keys
+
+    # -- the current issuing CA, and earlier ones after a rollover -------------------------
+
+    @property
+    def issuing_cert(self) -> x509.Certificate:
+        """The current issuing CA's certificate: every new certificate is signed by it."""
+        return self._issuer().certificate
+
+    @property
+    def issuing_key(self) -> PrivateKey:
+        return self._issuer().key
+
+    @property
+    def issuers(self) -> tuple[Issuer, ...]:
+        """The current issuing CA first, then the earlier ones still trusted."""
+        current = self._issuer()
+        return (current, *self.previous)
+
+    def trusted_issuer_certs(self) -> list[x509.Certificate]:
+        """The certificates of :attr:`issuers`: what a device certificate may be signed by."""
+        return [issuer.certificate for issuer in self.issuers]
+
+    def issuer_of(self, certificate: x509.Certificate) -> Issuer | None:
+        """The trusted issuing CA that signed ``certificate`` (by its AKI), or None."""
+        key_id = authority_key_id(certificate)
+        for issuer in self.issuers:
+            if issuer.key_id == key_id:
+                return issuer
+        return None
+
+    def issuer_by_key_id(self, key_id: str) -> Issuer | None:
+        for issuer in self.issuers:
+            if issuer.key_id == key_id.lower():
+                return issuer
+        return None
+
+    def _issuer(self) -> Issuer:
+        if self._stamp is not None and time.monotonic() - self._checked_at >= REFRESH_S:
+            self.refresh()
+        return self._current
+
+    def _disk_stamp(self) -> tuple[int, int]:
+        stat = os.stat(self.layout.issuing_cert)
+        return stat.st_ino, stat.st_mtime_ns
+
+    def refresh(self) -> bool:
+        """Follow a rollover or retirement made by another process: when ``issuing.crt`` or
+        the earlier issuing CAs changed, load them again. True when something changed."""
+        with self._refresh_lock:
+            self._checked_at = time.monotonic()
+            try:
+                stamp = self._disk_stamp()
+                issuers_stamp = (
+                    self.layout.issuers_dir.stat().st_mtime_ns
+                    if self.layout.issuers_dir.exists()
+                    else 0
+                )
+            except OSError:
+                return False
+            if (stamp, issuers_stamp) == (self._stamp, self._issuers_stamp):
+                return False
+            try:
+                fresh = CertificateAuthority.load(
+                    self.layout, passphrase=self._passphrase, key_settings=self._key_settings
+                )
+            except CAError as exc:
+                log.error("issuing CA not reloaded after a change on disk: %s", exc)
+                self._stamp, self._issuers_stamp = stamp, issuers_stamp
+                return False
+            changed = issuer_key_id(fresh._current.certificate) != issuer_key_id(
+                self._current.certificate
+            )
+            self._current = fresh._current
+            self.previous = fresh.previous
+            self._client_template = None
+            self._issuing_source = fresh._issuing_source
+            self._stamp, self._issuers_stamp = fresh._stamp, fresh._issuers_stamp
+            log.info(
+                "issuing CA reloaded key_id=%s previous=%s new_issuer=%s",
+                self._current.key_id[:16],
+                ",".join(issuer.key_id[:16] for issuer in self.previous) or "-",
+                changed,
+            )
+            return True
+
+    def _watch(self, passphrase: bytes | None, key_settings: CaKeySettings | None) -> None:
+        self._passphrase = passphrase
+        self._key_settings = key_settings
+        self._stamp = self._disk_stamp()
+        self._issuers_stamp = (
+            self.layout.issuers_dir.stat().st_mtime_ns if self.layout.issuers_dir.exists() else 0
+        )
+        self._checked_at = time.monotonic()
 
     @property
     def issuing_source(self) -> KeySource:
@@ -190,6 +308,7 @@ class CertificateAuthority:
         pem = serialization.Encoding.PEM
         write_public(layout.issuing_cert, issuing_cert.public_bytes(pem))
         write_public(layout.chain, issuing_cert.public_bytes(pem) + root_cert.public_bytes(pem))
+        write_public(layout.trust, issuing_cert.public_bytes(pem) + root_cert.public_bytes(pem))
         write_public(
             layout.ca_meta,
             json.dumps(
@@ -245,7 +364,7 @@ class CertificateAuthority:
         issuing_key, source = keys.open_issuing(
             layout.issuing_key, check_public_key(issuing_cert.public_key()), passphrase
         )
-        return cls(
+        ca = cls(
             layout=layout,
             trust_domain=trust_domain,
             root_cert=root_cert,
@@ -255,6 +374,58 @@ class CertificateAuthority:
             issuing_source=source,
             keys=keys,
         )
+        ca.previous = _load_previous(layout, issuer_key_id(issuing_cert), passphrase)
+        ca._watch(passphrase, key_settings)
+        return ca
+
+    # -- rollover -------------------------------------------------------------------------
+
+    def rollover(self, *, passphrase: bytes | None = None) -> Issuer:
+        """Make a new issuing CA under the same root and make it current (``certfleet ca
+        rollover``). The one it replaces moves to ``issuers/`` and stays trusted (its CRL and
+        OCSP go on) until retired. Needs the root key (``root.key``)."""
+        from factory.keys import load_private_key
+
+        if self.keys is not None and self.keys.record is not None:
+            raise CAError(
+                "rollover of an issuing CA whose keys are in a PKCS#11 token is not supported "
+                "yet: the new key must be generated in the token (see docs/factory.md)"
+            )
+        root_key = load_private_key(self.layout.root_key, passphrase)
+        meta = read_meta(self.layout)
+        generation = int(str(meta.get("issuing_generation", 1))) + 1
+        key_algorithm = str(meta.get("key_algorithm", "p256"))
+        now = utcnow()
+        new_key = generate_key(key_algorithm)
+        new_cert = build_ca_certificate(
+            common_name=f"certfleet issuing CA {generation} ({self.trust_domain})",
+            public_key=new_key.public_key(),
+            issuer_key=root_key,
+            issuer=self.root_cert,
+            not_before=now - CLOCK_SKEW,
+            not_after=min(now + ISSUING_LIFETIME, self.root_cert.not_valid_after_utc),
+            path_length=0,
+        )
+        old = self._current
+        pem = serialization.Encoding.PEM
+        # The old issuing CA is copied to issuers/ first: a crash before issuing.crt is
+        # replaced leaves a copy of the current CA there, which load() skips.
+        old_path = self.layout.issuers_dir / f"{old.key_id}.crt"
+        write_private(old_path.with_suffix(".key"), self.layout.issuing_key.read_bytes())
+        write_public(old_path, old.certificate.public_bytes(pem))
+        write_private(self.layout.issuing_key, private_key_pem(new_key, passphrase))
+        write_public(self.layout.issuing_cert, new_cert.public_bytes(pem))
+        write_public(self.layout.chain, new_cert.public_bytes(pem) + self.root_pem)
+        write_trust(self.layout)
+        meta["issuing_generation"] = generation
+        write_public(self.layout.ca_meta, json.dumps(meta, indent=2).encode())
+        self._current = Issuer(new_cert, new_key)
+        self.previous = (old, *self.previous)
+        self._client_template = None
+        self._issuing_source = None
+        if self._stamp is not None:
+            self._watch(passphrase, self._key_settings)
+        return self._current
 
     # -- issuing --------------------------------------------------------------------------
 
@@ -372,6 +543,27 @@ class CertificateAuthority:
             publish_url=self.publish_url,
             delta_of=delta_of,
         )
+
+
+def _load_previous(
+    layout: DataLayout, current_key_id: str, passphrase: bytes | None
+) -> tuple[Issuer, ...]:
+    """The earlier issuing CAs of ``issuers/`` with their keys (file keys)."""
+    from factory.keys import load_private_key
+
+    previous: list[Issuer] = []
+    for cert_path, key_path in previous_issuer_paths(layout):
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CAError(f"earlier issuing CA {cert_path} cannot be read: {exc}") from None
+        if issuer_key_id(certificate) == current_key_id:
+            continue  # a rollover interrupted before issuing.crt was replaced
+        key = load_private_key(key_path, passphrase)
+        if key.public_key() != certificate.public_key():
+            raise CAError(f"{key_path} does not belong to {cert_path}")
+        previous.append(Issuer(certificate, key))
+    return tuple(previous)
 
 
 def write_issued(

@@ -18,6 +18,7 @@ URI or a PEM file) and ``CERTFLEET_CA_OCSP_KEY`` override the record. The PIN co
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections.abc import Mapping
@@ -49,6 +50,8 @@ __all__ = [
     "generate_token_keys",
     "open_token_key",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The token object labels ``ca init --pkcs11-token`` creates.
 TOKEN_LABELS = {"root": "certfleet-root", "issuing": "certfleet-issuing", "ocsp": "certfleet-ocsp"}
@@ -271,7 +274,21 @@ def open_token_key(
 
     session = _session(module, uri.token, pin)
     try:
-        handle = session.get_key(ObjectClass.PRIVATE_KEY, label=uri.object)
+        # The token object only (CKA_TOKEN): this process's session copies share its label.
+        found = list(
+            session.get_objects(
+                {
+                    Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                    Attribute.LABEL: uri.object,
+                    Attribute.TOKEN: True,
+                }
+            )
+        )
+        if not found:
+            raise NoSuchKey
+        if len(found) > 1:
+            raise MultipleObjectsReturned
+        handle = found[0]
         if expected_public_key is None:
             public = session.get_key(ObjectClass.PUBLIC_KEY, label=uri.object)
             expected_public_key = serialization.load_der_public_key(  # type: ignore[assignment]
@@ -290,7 +307,7 @@ def open_token_key(
         raise CAError(f"{uri} is not an EC key: certfleet's token keys are P-256 or P-384")
     if handle[Attribute.EXTRACTABLE] or not handle[Attribute.SENSITIVE]:
         raise CAError(f"{uri} is extractable or not sensitive: a CA key must stay in its token")
-    key = TokenKey(uri, handle, expected_public_key)
+    key = TokenKey(uri, _session_copy(handle, uri), expected_public_key)
     probe = secrets.token_bytes(32)
     try:
         expected_public_key.verify(
@@ -301,6 +318,29 @@ def open_token_key(
             f"{uri} does not belong to the CA certificate it is meant to sign for"
         ) from None
     return key
+
+
+def _session_copy(handle: Any, uri: Pkcs11Uri) -> Any:
+    """The key to sign with: a copy of the token object as a *session object* of this
+    process's session (C_CopyObject with CKA_TOKEN false), inside the token, as sensitive and
+    non-extractable as the original (PKCS#11 never lets a copy loosen them; checked). SoftHSM2's
+    file store re-reads a token object's files on every C_SignInit (2 openat + locks per
+    signature); a session object lives in the module's memory. A module that refuses the copy
+    (CKA_COPYABLE false) signs with the token object itself."""
+    from pkcs11 import Attribute
+    from pkcs11.exceptions import PKCS11Error
+
+    try:
+        copy = handle.copy({Attribute.TOKEN: False})
+    except PKCS11Error as exc:
+        log.info(
+            "pkcs11 key not copied to a session object uri=%s error=%s", uri, type(exc).__name__
+        )
+        return handle
+    if copy[Attribute.EXTRACTABLE] or not copy[Attribute.SENSITIVE]:
+        copy.destroy()
+        return handle
+    return copy
 
 
 def generate_token_keys(
@@ -346,7 +386,8 @@ def generate_token_keys(
         )
         public_key = serialization.load_der_public_key(encode_ec_public_key(public))
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        keys[role] = TokenKey(Pkcs11Uri(token_label, label, module), private, public_key)
+        uri = Pkcs11Uri(token_label, label, module)
+        keys[role] = TokenKey(uri, _session_copy(private, uri), public_key)
     return keys
 
 

@@ -47,6 +47,33 @@ class DataLayout:
         return self.ca_dir / "ca.json"
 
     @property
+    def issuers_dir(self) -> Path:
+        """Earlier issuing CAs still trusted after a rollover: ``<key id>.crt`` and ``.key``."""
+        return self.ca_dir / "issuers"
+
+    @property
+    def retired_dir(self) -> Path:
+        """Issuing CAs retired (no live certificate left) or revoked: kept, no longer trusted."""
+        return self.ca_dir / "retired"
+
+    @property
+    def trust(self) -> Path:
+        """Every trusted issuing CA (current first) followed by the root, PEM: what servers
+        verify client certificates against (written by ``ca init`` and ``ca rollover``)."""
+        return self.ca_dir / "trust.pem"
+
+    @property
+    def server_trust(self) -> Path:
+        """The CA file a server verifies clients with: ``trust.pem``, else ``chain.pem`` (a
+        data folder made before rollovers existed)."""
+        return self.trust if self.trust.exists() else self.chain
+
+    @property
+    def revoked_issuers(self) -> Path:
+        """The root-signed CRL listing revoked issuing CAs (``ca revoke-issuing``), DER."""
+        return self.ca_dir / "revoked-issuers.crl"
+
+    @property
     def devices_dir(self) -> Path:
         return self.root / "devices"
 

@@ -1,6 +1,8 @@
 """The renewal answer's wire format on ``devices/<id>/cert/issued`` (DESIGN.md, "MQTT topics").
 
-The registry answers a device's CSR with either the new leaf certificate (PEM) or a JSON
+The registry answers a device's CSR with either the new leaf certificate (PEM, followed by the
+certificate of the issuing CA that signed it: after a rollover the device learns the new
+issuing CA from it, :func:`answer_issuers`) or a JSON
 refusal ``{"error": "<code>", "message": "<why>"}`` whose code is one of
 :class:`RefusalCode`. The registry builds answers with :func:`refusal_payload`; a device reads
 every answer (certificate, confirmation, refusal) with :func:`parse_answer`; the codes in
@@ -34,6 +36,9 @@ __all__ = [
     "confirm_payload",
     "confirmed_payload",
     "is_confirm",
+    "is_renew_now",
+    "renew_now_payload",
+    "answer_issuers",
     "parse_answer",
     "parse_confirm",
     "refusal_payload",
@@ -101,6 +106,32 @@ def parse_answer(payload: bytes) -> x509.Certificate | Confirmed | Refusal:
         return Refusal(str(body["error"]), str(body["message"]))
     except (ValueError, KeyError, TypeError):
         raise AnswerError("unreadable answer on cert/issued") from None
+
+
+#: An operator's "renew now" (issue 26), published by the registry on a device's
+#: ``cert/issued`` topic: the device renews at once instead of at its due time (after an
+#: issuing CA rollover, to move a set of devices to the new one).
+_RENEW_NOW = b'{"renew": "now"}'
+
+
+def renew_now_payload() -> bytes:
+    return _RENEW_NOW
+
+
+def is_renew_now(payload: bytes) -> bool:
+    """A payload on ``cert/issued`` is a renew-now notice (not an answer to a request)."""
+    return payload.strip() == _RENEW_NOW
+
+
+def answer_issuers(payload: bytes) -> list[x509.Certificate]:
+    """The certificates after the leaf in a certificate answer (the issuing CA); [] when
+    there are none or the answer is no certificate."""
+    if not payload.lstrip().startswith(_PEM_CERTIFICATE):
+        return []
+    try:
+        return x509.load_pem_x509_certificates(payload)[1:]
+    except ValueError:
+        return []
 
 
 # -- the confirm: a renewed device says it connected with its new certificate ---------------

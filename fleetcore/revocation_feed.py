@@ -17,6 +17,12 @@ never checked. A follower that understands kinds asks ``kinds=decommission,super
 with it, a follower may forget a revoked serial once it has expired (plus the clock-skew
 margin, :data:`fleetcore.profile.CLOCK_SKEW`); a serial without it is kept for good.
 Followers ignore fields they do not know (pydantic's default), so both fields are additive.
+
+``issuer_revoked`` (issue 26, ``certfleet ca revoke-issuing``): an issuing CA was revoked by
+the root; ``issuer`` is its key id (hex of its Subject Key Identifier), ``serials`` every
+certificate of it that was live (now revoked), ``device_id`` the key id again. A follower
+refuses every certificate whose Authority Key Identifier is that key id, registered or not,
+and drops the sessions of those serials.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ __all__ = [
 FEED_BATCH_DEFAULT: Final = 1000
 FEED_BATCH_MAX: Final = 5000
 
-EventKind = Literal["decommission", "superseded"]
+EventKind = Literal["decommission", "superseded", "issuer_revoked"]
 FEED_KINDS: Final[tuple[str, ...]] = get_args(EventKind)
 #: What a follower that does not send ``kinds`` gets (followers older than kinds).
 DEFAULT_KINDS: Final[tuple[str, ...]] = ("decommission",)
@@ -97,6 +103,8 @@ class RevocationEvent(BaseModel):
     not_after: Annotated[dict[str, dt.datetime], AfterValidator(_aware_map)] = Field(
         default_factory=dict
     )
+    #: ``issuer_revoked`` only: the revoked issuing CA's key id (lower-case hex).
+    issuer: str | None = None
 
 
 class RevocationFeed(BaseModel):

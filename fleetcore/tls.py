@@ -27,8 +27,10 @@ naming the file; each part turns it into its own error with the fix that fits it
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetcore.errors import TlsSetupError
@@ -38,6 +40,7 @@ __all__ = [
     "REGISTRY_CLIENT_CERT",
     "TLS12_CIPHERS",
     "ClientCert",
+    "TrustFile",
     "TlsSetupError",
     "client_context",
     "nats_client_context",
@@ -156,3 +159,43 @@ def nats_client_context(url: str, ca: Path | None) -> ssl.SSLContext | None:
     context.check_hostname = True
     _load_trust(context, "NATS CA file", ca)
     return context
+class TrustFile:
+    """Follows a server's CA file (``ca/trust.pem``, issue 26): when it changes (``certfleet
+    ca rollover`` added an issuing CA) :meth:`check` adds its certificates to the live
+    context's store, so the next handshakes trust the new issuing CA with no restart. A
+    certificate removed from the file stays in the store until a restart (a retired issuing
+    CA has no live certificate left; a revoked one is refused by the servers' own checks)."""
+
+    def __init__(self, path: Callable[[], Path], context: ssl.SSLContext) -> None:
+        self._path = path
+        self._context = context
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[str, int, int] | None:
+        path = self._path()
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return str(path), stat.st_ino, stat.st_mtime_ns
+
+    def up_to_date(self) -> bool:
+        """Whether the context holds the file as it is on disk now."""
+        return self._read_stamp() == self._stamp
+
+    def check(self) -> bool:
+        """Load the file again when it changed; True when it did."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            self._context.load_verify_locations(cafile=stamp[0])
+        except (OSError, ssl.SSLError) as exc:
+            _log.error("trust file not reloaded path=%s error=%s", stamp[0], exc)
+            return False
+        self._stamp = stamp
+        _log.info("trust file reloaded path=%s", stamp[0])
+        return True
+
+
+_log = logging.getLogger(__name__)

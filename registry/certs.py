@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -30,13 +31,18 @@ class ParsedCertificate:
 
 
 def parse_device_certificate(
-    certificate_pem: str, *, issuing_cert: x509.Certificate, trust_domain: str
+    certificate_pem: str,
+    *,
+    issuing_cert: x509.Certificate | Sequence[x509.Certificate],
+    trust_domain: str,
 ) -> ParsedCertificate:
     """Parse and check one device leaf; raise InvalidCertificateError saying what is wrong.
 
     The certificate must be exactly one PEM certificate, signed by ``issuing_cert`` (checked
-    with the issuing public key), and carry one device identity in ``trust_domain``.
+    with the issuing public key; after a rollover, by any of the trusted issuing CAs given,
+    matched by name), and carry one device identity in ``trust_domain``.
     """
+    issuers = [issuing_cert] if isinstance(issuing_cert, x509.Certificate) else issuing_cert
     if certificate_pem.count(_PEM_BEGIN) != 1:
         raise InvalidCertificateError(
             "certificate_pem must hold exactly one PEM certificate (the device leaf, "
@@ -48,12 +54,13 @@ def parse_device_certificate(
         raise InvalidCertificateError(
             "certificate_pem is not a readable PEM X.509 certificate"
         ) from None
+    issuer = next((i for i in issuers if i.subject == certificate.issuer), issuers[0])
     try:
-        certificate.verify_directly_issued_by(issuing_cert)
+        certificate.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
+        names = "; ".join(i.subject.rfc4514_string() for i in issuers)
         raise InvalidCertificateError(
-            "certificate was not issued by this registry's issuing CA "
-            f"({issuing_cert.subject.rfc4514_string()})"
+            f"certificate was not issued by this registry's issuing CA ({names})"
         ) from None
     try:
         identity = read_identity(certificate)

@@ -95,6 +95,11 @@ def expiry_report(
         buckets.add_row(name, str(count))
     print_table(buckets)
     typer.echo(f"next expiry: {format_when(report['next_expiry'])}")
+    if report.get("by_issuer"):
+        issuers = Table("ISSUING CA (KEY ID)", "DEVICES", title="devices by issuing CA")
+        for key_id, count in sorted(report["by_issuer"].items()):
+            issuers.add_row(key_id, str(count))
+        print_table(issuers)
     for title, rows in (("expired", report["expired"]), ("expiring soonest", report["soonest"])):
         if not rows:
             continue

@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,11 +39,15 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 #: a worker's issuing certificate and trust domain (set by :func:`_start_worker`)
-_worker_issuer: tuple[x509.Certificate, str] | None = None
+_worker_issuer: tuple[list[x509.Certificate], str] | None = None
 
 
 def _parse_line(
-    path: Path, number: int, line: str, issuing_cert: x509.Certificate, trust_domain: str
+    path: Path,
+    number: int,
+    line: str,
+    issuers: Sequence[x509.Certificate],
+    trust_domain: str,
 ) -> devices.Registration:
     """One manifest record as a registration; raise ConfigError naming the bad line."""
     try:
@@ -57,7 +61,7 @@ def _parse_line(
             f"{path}:{number}: not a manifest record (certificate_pem is not a string)"
         )
     try:
-        parsed = parse_device_certificate(pem, issuing_cert=issuing_cert, trust_domain=trust_domain)
+        parsed = parse_device_certificate(pem, issuing_cert=issuers, trust_domain=trust_domain)
     except InvalidCertificateError as exc:
         raise ConfigError(f"{path}:{number}: {exc}") from None
     return devices.Registration(parsed, hardware_serial or None)
@@ -85,18 +89,18 @@ def read_manifest(path: Path, ca: CertificateAuthority) -> Iterator[devices.Regi
     """Parse each manifest line into a registration; raise ConfigError naming the bad line."""
     for chunk in _numbered_lines(path):
         for number, line in chunk:
-            yield _parse_line(path, number, line, ca.issuing_cert, ca.trust_domain)
+            yield _parse_line(path, number, line, ca.trusted_issuer_certs(), ca.trust_domain)
 
 
-def _start_worker(issuing_pem: bytes, trust_domain: str) -> None:
+def _start_worker(issuers_pem: bytes, trust_domain: str) -> None:
     global _worker_issuer
-    _worker_issuer = (x509.load_pem_x509_certificate(issuing_pem), trust_domain)
+    _worker_issuer = (x509.load_pem_x509_certificates(issuers_pem), trust_domain)
 
 
 def _parse_chunk(path: Path, chunk: list[tuple[int, str]]) -> list[devices.Registration]:
     assert _worker_issuer is not None, "worker started without _start_worker"
-    issuing_cert, trust_domain = _worker_issuer
-    return [_parse_line(path, n, line, issuing_cert, trust_domain) for n, line in chunk]
+    issuers, trust_domain = _worker_issuer
+    return [_parse_line(path, n, line, issuers, trust_domain) for n, line in chunk]
 
 
 def _batches(path: Path, ca: CertificateAuthority) -> Iterator[list[devices.Registration]]:
@@ -106,17 +110,16 @@ def _batches(path: Path, ca: CertificateAuthority) -> Iterator[list[devices.Regi
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {path}: {exc.strerror}") from None
     workers = os.cpu_count() or 1
+    issuers = ca.trusted_issuer_certs()
     if not large or workers < 2:
         for chunk in _numbered_lines(path):
-            yield [
-                _parse_line(path, n, line, ca.issuing_cert, ca.trust_domain) for n, line in chunk
-            ]
+            yield [_parse_line(path, n, line, issuers, ca.trust_domain) for n, line in chunk]
         return
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded caller
         initializer=_start_worker,
-        initargs=(ca.issuing_cert.public_bytes(Encoding.PEM), ca.trust_domain),
+        initargs=(b"".join(c.public_bytes(Encoding.PEM) for c in issuers), ca.trust_domain),
     )
     try:
         pending: deque[Future[list[devices.Registration]]] = deque()

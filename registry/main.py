@@ -30,6 +30,7 @@ from registry.api.routes import (
     devices,
     expiry,
     health,
+    issuers,
     metrics,
     revocations,
     stats,
@@ -189,7 +190,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     app.state.registry = state
     _install_error_handlers(app)
     routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
-    for module in routers:
+    for module in (*routers, issuers):  # issuers: issue 26
         app.include_router(module.router)
     install_est(app, state)
     install_console(app)
@@ -238,7 +239,7 @@ def _registry_state(
         planner=PlannerStatistics(engine, on_crash=crashed),
         mark=FeedMark(settings.layout.root / MARK_FILE),
         verifier=BatchVerifier(
-            ca.issuing_cert, ca.trust_domain, settings.registry_verify_processes, crashed
+            ca.trusted_issuer_certs, ca.trust_domain, settings.registry_verify_processes, crashed
         ),
     )
 

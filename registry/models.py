@@ -7,7 +7,7 @@ by the registry, the feed, the broker and the manifest. Times are timezone-aware
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
@@ -375,6 +375,29 @@ class ExpiryReport(BaseModel):
     histogram: list[HistogramBin]
     expired: list[ExpiringDevice]
     soonest: list[ExpiringDevice]
+    #: active devices per issuing CA (key id of the CA that signed their newest live
+    #: certificate): after a rollover, who is still on the old one (issue 26).
+    by_issuer: dict[str, int] = PydanticField(default_factory=dict)
+
+
+class RenewNowRequest(BaseModel):
+    """``POST /api/v1/devices/renew-now``: the devices to renew at once, by id, or all the
+    active devices on one issuing CA (its key id, or 8+ hex digits of it)."""
+
+    device_ids: list[Annotated[str, PydanticField(pattern=DEVICE_ID_PATTERN, max_length=64)]] = (
+        PydanticField(default_factory=list, max_length=100_000)
+    )
+    issuer: str | None = PydanticField(
+        default=None, pattern=r"^[0-9A-Fa-f:]{8,95}$", description="issuing CA key id (prefix)"
+    )
+
+
+class RenewNowResult(BaseModel):
+    requested: int
+    #: the device ids asked (at most 1,000 listed)
+    device_ids: list[str]
+    #: ids given that are no active device (not asked)
+    not_active: list[str]
 
 
 class Stats(BaseModel):

@@ -34,6 +34,7 @@ from sqlmodel import Session
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.errors import CAError
+from factory.issuers import Issuer
 from factory.keys import load_private_key
 from fleetcore.clock import utcnow
 from fleetcore.profile import PrivateKey, PublicKey, serial_hex
@@ -123,7 +124,11 @@ class _Signer:
 
     def get(self) -> tuple[x509.Certificate, PrivateKey]:
         with self._lock:
-            if self._current is None or self._due(self._current[0]):
+            if (
+                self._current is None
+                or self._due(self._current[0])
+                or self._current[0].issuer != self._ca.issuing_cert.subject  # a rollover
+            ):
                 self._current = self._load() or self._issue()
             return self._current
 
@@ -140,7 +145,7 @@ class _Signer:
         try:
             certificate = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
             key = self._token_key or load_private_key(self._key_path, None)
-            certificate.verify_directly_issued_by(self._ca.issuing_cert)
+            certificate.verify_directly_issued_by(self._ca.issuing_cert)  # the current CA's
         except (OSError, ValueError, TypeError, CAError, InvalidSignature) as exc:
             log.warning("ocsp responder certificate unusable, re-issuing error=%s", exc)
             return None
@@ -180,8 +185,7 @@ class OcspResponder:
         self._engine = engine
         self._signer = _Signer(ca, responder_lifetime)
         self._answer_validity = answer_validity
-        self._issuer_name = ca.issuing_cert.subject.public_bytes()
-        self._issuer_key_bits = _public_key_bits(ca.issuing_cert.public_key())  # type: ignore[arg-type]
+        self._ca = ca
 
     @property
     def responder_certificate(self) -> x509.Certificate:
@@ -208,7 +212,7 @@ class OcspResponder:
         except (OperationalError, PoolTimeoutError) as exc:
             return _try_later(exc)
         _log_answers(asked, statuses)
-        return self._sign(request, statuses[0])
+        return self._sign(request, statuses[0], self._issuer_of(asked[0]))
 
     def _respond_many(self, request_der: bytes) -> bytes:
         try:
@@ -243,23 +247,38 @@ class OcspResponder:
         with Session(self._engine) as session:
             return [
                 certificate_status(session, cert.serial)
-                if self._ours(cert)
+                if self._issuer_of(cert) is not None
                 else CertificateStatus("unknown")
                 for cert in asked
             ]
 
-    def _ours(self, cert: CertId) -> bool:
-        """Whether ``cert`` names our issuing CA (by the hashes of its name and key)."""
+    def _issuer_of(self, cert: CertId) -> Issuer | None:
+        """The trusted issuing CA ``cert`` names (by the hashes of its name and key): the
+        current one, or after a rollover an earlier one; None when it is none of ours."""
         algorithm_type = _HASHES.get(cert.hash_name)
         if algorithm_type is None:
-            return False
-        algorithm = algorithm_type()
-        return cert.issuer_name_hash == _digest(
-            algorithm, self._issuer_name
-        ) and cert.issuer_key_hash == _digest(algorithm, self._issuer_key_bits)
+            return None
+        for issuer in self._ca.issuers:
+            algorithm = algorithm_type()
+            name = issuer.certificate.subject.public_bytes()
+            key_bits = _public_key_bits(issuer.certificate.public_key())  # type: ignore[arg-type]
+            if cert.issuer_name_hash == _digest(
+                algorithm, name
+            ) and cert.issuer_key_hash == _digest(algorithm, key_bits):
+                return issuer
+        return None
 
-    def _sign(self, request: ocsp.OCSPRequest, status: CertificateStatus) -> bytes:
-        responder_cert, responder_key = self._signer.get()
+    def _responder(self, issuer: Issuer | None) -> tuple[x509.Certificate, PrivateKey]:
+        """Who signs an answer: the delegated responder of the current issuing CA; for an
+        earlier issuing CA (after a rollover) that CA itself (RFC 6960 4.2.2.2)."""
+        if issuer is None or issuer.key_id == self._ca.issuers[0].key_id:
+            return self._signer.get()
+        return issuer.certificate, issuer.key
+
+    def _sign(
+        self, request: ocsp.OCSPRequest, status: CertificateStatus, issuer: Issuer | None
+    ) -> bytes:
+        responder_cert, responder_key = self._responder(issuer)
         now = utcnow()
         cert_status = {
             "good": ocsp.OCSPCertStatus.GOOD,

@@ -296,6 +296,42 @@ def decommission_device(
     )
 
 
+@devices_app.command("renew-now")
+def renew_now(
+    device_ids: Annotated[
+        list[str] | None, typer.Argument(help="devices to renew at once (or --issuer)")
+    ] = None,
+    issuer: Annotated[
+        str | None,
+        typer.Option(
+            help="every active device on this issuing CA (key id, 8+ hex digits; "
+            "'certfleet ca issuers' lists them)"
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    registry: RegistryUrl = None,
+    token: Token = None,
+    operator: Operator = None,
+    as_json: AsJson = False,
+) -> None:
+    """Ask devices to renew now (operator role): after 'certfleet ca rollover' they move to
+    the new issuing CA at once instead of at their next renewal."""
+    ids = list(device_ids or [])
+    if bool(ids) == (issuer is not None):
+        raise ConfigError("give device ids or --issuer KEY_ID (exactly one)")
+    for device_id in ids:
+        check_name(device_id, "device id")
+    body: dict[str, Any] = {"issuer": issuer} if issuer is not None else {"device_ids": ids}
+    client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
+    result = _call(client, "POST", "/devices/renew-now", json=body)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"asked {result['requested']} devices to renew now")
+    if result["not_active"]:
+        typer.echo(f"not active (not asked): {', '.join(result['not_active'])}")
+
+
 @devices_app.command("reenroll")
 def reenroll_device(
     device_id: DeviceIdArg,

@@ -32,6 +32,7 @@ from fleetcore.publication import (
     DELTA_CRL_PEM_PATH,
     OCSP_PATH,
 )
+from registry.issuer_crl import IssuerCrls
 from registry.main import _install_error_handlers
 from registry.ocsp import OcspResponder
 from registry.settings import split_addr
@@ -63,6 +64,25 @@ def create_publication_app(state: RegistryState, responder: OcspResponder) -> Fa
     @app.get(CRL_PEM_PATH)
     def crl_pem() -> Response:
         return Response(state.crl.current().pem, media_type="application/x-pem-file")
+
+    issuer_crls = IssuerCrls(
+        state.ca,
+        state.engine,
+        state.crl,
+        dt.timedelta(hours=state.settings.registry_crl_next_update_hours),
+    )
+
+    @app.get("/crl/{key_id}.der")
+    def issuer_crl_der(key_id: str) -> Response:
+        return Response(issuer_crls.der(key_id), media_type="application/pkix-crl")
+
+    @app.get("/crl/{key_id}.pem")
+    def issuer_crl_pem(key_id: str) -> Response:
+        return Response(issuer_crls.pem(key_id), media_type="application/x-pem-file")
+
+    @app.get("/crls.pem")
+    def all_crls_pem() -> Response:
+        return Response(issuer_crls.all_pem(), media_type="application/x-pem-file")
 
     @app.get(DELTA_CRL_PATH)
     def delta_crl_der() -> Response:

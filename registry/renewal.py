@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -170,6 +171,17 @@ def sign_next(
         not_after=certificate.not_valid_after_utc,
         certificate_pem=issued.certificate_pem.decode(),
     )
+
+
+def answer_pem(ca: CertificateAuthority, certificate_pem: str) -> bytes:
+    """A renewal's answer: the leaf, then the issuing CA that signed it, so that a device
+    renewed by a new issuing CA (after ``certfleet ca rollover``) learns it (its ``chain.pem``);
+    :func:`fleetcore.renewal_wire.parse_answer` reads the leaf, ``answer_issuers`` the rest."""
+    leaf = certificate_pem.encode()
+    issuer = ca.issuer_of(x509.load_pem_x509_certificate(leaf))
+    if issuer is None:
+        return leaf
+    return leaf + issuer.certificate.public_bytes(serialization.Encoding.PEM)
 
 
 class CertificateRenewer:
@@ -449,7 +461,7 @@ class RenewalService:
                 renewed.serial,
                 renewed.not_after.isoformat(),
             )
-        self._publish(issued_topic(device_id), renewed.certificate_pem.encode())
+        self._publish(issued_topic(device_id), answer_pem(self.renewer.ca, renewed.certificate_pem))
 
     def _handle_confirm(
         self, confirm: Callable[[str, bytes], bytes], device_id: str, payload: bytes

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from factory.ca import CertificateAuthority, write_issued
 from fleetcore.errors import ConfigError
 from fleetcore.layout import write_public
+from fleetcore.tls import TrustFile
 from registry.main import create_app
 from registry.publication import PublicationServer
 from registry.settings import RegistrySettings, split_addr
@@ -82,7 +83,12 @@ def uvicorn_config(settings: RegistrySettings, app: FastAPI) -> uvicorn.Config:
     def ssl_context(
         _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
     ) -> ssl.SSLContext:
-        return registry_server_context(layout, settings.registry_tls_name)
+        context = registry_server_context(layout, settings.registry_tls_name)
+        # After a rollover (trust.pem changed) the next handshake trusts the new issuing CA:
+        # the check runs at the ClientHello, before the client certificate is verified.
+        trust = TrustFile(lambda: layout.server_trust, context)
+        context.sni_callback = lambda _sock, _name, _ctx: (trust.check(), None)[1]
+        return context
 
     return uvicorn.Config(
         app,

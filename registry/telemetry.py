@@ -64,6 +64,7 @@ from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
 from registry.errors import TelemetryRejected
+from registry.renew_now import RenewNowNotices
 from registry.renewal import CertificateRenewer, RenewalService
 from registry.settings import RegistrySettings, split_addr
 from registry.store.telemetry import TelemetryUpdate, record_telemetry
@@ -172,6 +173,8 @@ class TelemetryIngest:
         self._stopping = threading.Event()
         self._client = self._build_client()
         self.renewal: RenewalService | None = None
+        #: devices an operator asked to renew now (``POST /api/v1/devices/renew-now``).
+        self.renew_now = RenewNowNotices(self._publish_qos1)
         if ca is not None and settings.registry_renewal_enabled:
             renewer = CertificateRenewer(
                 ca,
@@ -372,6 +375,9 @@ class TelemetryIngest:
                 self.counters.rejected["retained_renewal"] += 1
                 log.warning("renewal request ignored topic=%s reason=retained", message.topic)
                 return
+            renewing = device_of(message.topic, RENEW)
+            if renewing is not None:
+                self.renew_now.renewing(renewing)
             self.renewal.submit(message.topic, message.payload)
             return
         self.counters.received += 1
@@ -382,6 +388,7 @@ class TelemetryIngest:
             log.debug("telemetry dropped topic=%s reason=%s", message.topic, exc.reason)
             return
         self.counters.accepted += 1
+        self.renew_now.seen(device_id)
         update = TelemetryUpdate(device_id, utcnow(), telemetry)
         with self._lock:
             self._buffer[device_id] = update

@@ -45,7 +45,7 @@ def registry_server_context(layout: DataLayout, name: str) -> ssl.SSLContext:
         return server_context(
             layout.server_cert(name),
             layout.server_key(name),
-            layout.chain,
+            layout.server_trust,
             client_cert=REGISTRY_CLIENT_CERT,
         )
     except TlsSetupError as exc:

@@ -30,20 +30,23 @@ log = logging.getLogger(__name__)
 #: Batches at least this large go to the worker processes.
 PARALLEL_MIN = 64
 
-_worker_issuing: x509.Certificate | None = None
+_worker_issuing: list[x509.Certificate] | None = None
 _worker_trust_domain = ""
+
+#: The trusted issuing CAs (current first): after a rollover, more than one.
+Issuers = x509.Certificate | Callable[[], Sequence[x509.Certificate]]
 
 
 def _init_worker(issuing_pem: bytes, trust_domain: str) -> None:
     global _worker_issuing, _worker_trust_domain
-    _worker_issuing = x509.load_pem_x509_certificate(issuing_pem)
+    _worker_issuing = x509.load_pem_x509_certificates(issuing_pem)
     _worker_trust_domain = trust_domain
 
 
 def _parse_chunk(
     pems: Sequence[str],
     offset: int,
-    issuing: x509.Certificate | None = None,
+    issuing: Sequence[x509.Certificate] | None = None,
     trust_domain: str | None = None,
 ) -> list[ParsedCertificate]:
     issuing = issuing if issuing is not None else _worker_issuing
@@ -59,25 +62,38 @@ def _parse_chunk(
 
 
 class BatchVerifier:
-    """Parse and verify device certificates against one issuing CA."""
+    """Parse and verify device certificates against the trusted issuing CAs (a certificate,
+    or a callable giving the current list: the pool is restarted when it changes)."""
 
     def __init__(
         self,
-        issuing_cert: x509.Certificate,
+        issuing_cert: Issuers,
         trust_domain: str,
         processes: int | None = None,
         on_crash: Callable[[str], None] | None = None,
     ) -> None:
         self._on_crash = on_crash
         self._issuing = issuing_cert
+        self._pool_issuers: tuple[x509.Certificate, ...] = ()
         self._trust_domain = trust_domain
         self._processes = (os.cpu_count() or 1) if processes is None else processes
         self._pool: Executor | None = None
         self._lock = threading.Lock()
 
+    def _issuers(self) -> tuple[x509.Certificate, ...]:
+        if isinstance(self._issuing, x509.Certificate):
+            return (self._issuing,)
+        return tuple(self._issuing())
+
     def _executor(self) -> Executor:
+        issuers = self._issuers()
         with self._lock:
+            if self._pool is not None and self._pool_issuers != issuers:
+                # A rollover: the workers hold the old list.
+                self._pool.shutdown(wait=False)
+                self._pool = None
             if self._pool is None:
+                self._pool_issuers = issuers
                 self._pool = ProcessPoolExecutor(
                     max_workers=self._processes,
                     # spawn: the registry runs threads (uvicorn, the DB pool); fork would copy
@@ -85,7 +101,7 @@ class BatchVerifier:
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init_worker,
                     initargs=(
-                        self._issuing.public_bytes(serialization.Encoding.PEM),
+                        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuers),
                         self._trust_domain,
                     ),
                 )
@@ -96,7 +112,7 @@ class BatchVerifier:
         """Parsed certificates in input order; raise InvalidCertificateError naming the
         first bad one by its index (``devices[i]: ...``)."""
         if len(pems) < PARALLEL_MIN or self._processes < 2:
-            return _parse_chunk(pems, 0, self._issuing, self._trust_domain)
+            return _parse_chunk(pems, 0, self._issuers(), self._trust_domain)
         try:
             return self._parse_parallel(pems)
         except BrokenProcessPool:

@@ -32,6 +32,7 @@ from registry.models import (
     ExpiryReport,
     HistogramBin,
 )
+from registry.store.issuers import issuer_use
 
 __all__ = ["LIST_LIMIT", "WINDOWS", "ExpiryCounts", "expiry_counts", "expiry_report"]
 
@@ -177,4 +178,5 @@ def expiry_report(session: Session, now: dt.datetime, limit: int = LIST_LIMIT) -
         histogram=_histogram(session, current),
         expired=_devices(session, current, or_(expires.is_(None), expires <= now), limit),
         soonest=_devices(session, current, expires > now, limit),
+        by_issuer=dict(issuer_use(session, now).devices),
     )

@@ -189,6 +189,7 @@ def revocations_after(
             revoked_at=r.revoked_at,
             kind=r.kind,  # type: ignore[arg-type]
             not_after={s: expiry[s] for s in r.serials if s in expiry},
+            issuer=r.device_id if r.kind == "issuer_revoked" else None,
         )
         for r in rows
     ]

@@ -18,7 +18,7 @@ from factory.errors import CAError
 from factory.signer import Pkcs11Uri, TokenKey
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
-from fleetcore.profile import Identity
+from fleetcore.profile import Identity, IdentityKind
 from tests.factory.conftest import TRUST_DOMAIN, run_certfleet
 from tests.softhsm import SoftHsm, make_softhsm
 
@@ -233,3 +233,25 @@ def test_ca_init_refuses_a_missing_token_and_a_token_already_used(
     )
     _one_line_refusal(missing, "no PKCS#11 token labelled 'no-such-token'")
     assert not DataLayout(tmp_path / "third").root_cert.exists()
+
+
+def test_a_process_signs_through_a_session_copy_as_guarded_as_the_token_key(
+    softhsm: SoftHsm, token_ca: DataLayout
+) -> None:
+    """Issue 26: the token object is copied once per process into a session object (SoftHSM2
+    re-reads a token object's files at every signature); the copy stays in the token,
+    sensitive and never extractable, and signs for the issuing certificate."""
+    from pkcs11 import Attribute
+    from pkcs11.exceptions import AttributeSensitive
+
+    ca = CertificateAuthority.load(token_ca)
+    key = ca.issuing_key
+    assert isinstance(key, TokenKey)
+    signing = key._handle
+    assert signing[Attribute.TOKEN] is False  # a session object, not the token object
+    assert signing[Attribute.SENSITIVE] is True
+    assert signing[Attribute.EXTRACTABLE] is False
+    with pytest.raises(AttributeSensitive):  # noqa: PT011 (no message to match)
+        signing[Attribute.VALUE]
+    issued = ca.issue_client(ca.identity(IdentityKind.DEVICE, "dev-copy"))
+    issued.certificate.verify_directly_issued_by(ca.issuing_cert)

@@ -27,7 +27,10 @@ from registry.models import (
     DeviceRegistration,
     ReenrollRequest,
     ReenrollResult,
+    RenewNowRequest,
+    RenewNowResult,
 )
+from registry.renew_now import renew_now as ask_renew_now
 from registry.state import RegistryState
 from registry.store import devices
 
@@ -82,6 +85,22 @@ def register_batch(
 ) -> BatchResult:
     """Register up to 1000 device certificates in one transaction (all or nothing)."""
     return operations.register_devices(state, _parse(state, body.devices), caller.actor(request))
+
+
+@router.post(
+    "/renew-now",
+    response_model=RenewNowResult,
+    responses={422: _ERROR, 503: _ERROR, **_REFUSALS},
+)
+def renew_now(
+    body: RenewNowRequest, caller: CurrentOperator, state: StateDep, request: Request
+) -> RenewNowResult:
+    """Ask devices to renew at once (operator role): by id, or every active device on one
+    issuing CA (``issuer``: its key id), e.g. to move them to a new issuing CA after a
+    rollover. The notice goes over MQTT on each device's ``cert/issued`` topic."""
+    ingest = getattr(request.app.state, "telemetry_ingest", None)
+    notices = ingest.renew_now if ingest is not None and ingest.renewal is not None else None
+    return ask_renew_now(state, notices, body, caller.actor(request))
 
 
 @router.get("", response_model=DeviceList, responses={422: _ERROR, **_REFUSALS})
