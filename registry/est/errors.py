@@ -10,7 +10,11 @@ RegistryError (registry.errors)
  │    └── ClaimQuotaError      403  the claim's quota is used up
  ├── AlreadyEnrolledError      409  the device id or hardware serial is enrolled already
  ├── EstRateLimitedError       429  a re-enrollment within the renewal interval (Retry-After)
- └── PayloadTooLargeError      413  a body over the limit
+ ├── PayloadTooLargeError      413  a body over the limit
+ ├── EnrollmentPendingError    202  the pre-enrollment webhook has not approved it yet
+ │                                  (Retry-After; RFC 7030 4.2.3): not a refusal, not issued
+ └── EnrollmentWebhookError    503  the pre-enrollment webhook did not answer in time or
+                                    answered something else than a decision (fails closed)
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from registry.errors import RegistryError
 __all__ = [
     "AlreadyEnrolledError",
     "ClaimQuotaError",
+    "EnrollmentPendingError",
     "EnrollmentRefusedError",
+    "EnrollmentWebhookError",
     "EstBadRequestError",
     "EstRateLimitedError",
     "EstUnauthorizedError",
@@ -62,6 +68,28 @@ class EstRateLimitedError(RegistryError):
 
     status = 429
     code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EnrollmentPendingError(RegistryError):
+    """The enrollment awaits approval; ask again after ``retry_after_s`` (RFC 7030 4.2.3)."""
+
+    status = 202
+    code = "pending"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EnrollmentWebhookError(RegistryError):
+    """The pre-enrollment webhook gave no decision: the enrollment is refused (fails closed)."""
+
+    status = 503
+    code = "webhook_failed"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
