@@ -11,9 +11,9 @@ The listener asks for a client certificate without requiring one (operator route
 request without an identity themselves, :mod:`registry.api.deps`); the peer certificate
 reaches the route through :class:`registry.tls.PeerCertH11Protocol`. Errors are
 ``text/plain`` with the status of :mod:`registry.est.errors`, as RFC 7030 4.2.3 describes.
-``serverkeygen`` is not offered (the key is born on the device). With a pre-enrollment
-webhook (:mod:`registry.est.webhook`) a claim enrollment may also answer 202 with
-Retry-After (awaiting approval) or 503 (the webhook gave no decision: fails closed).
+``serverkeygen`` is not offered (the key is born on the device): it answers 501. With a
+pre-enrollment webhook (:mod:`registry.est.webhook`) a claim enrollment may also answer 202
+with Retry-After (awaiting approval) or 503 (the webhook gave no decision: fails closed).
 """
 
 from __future__ import annotations
@@ -319,6 +319,19 @@ async def simplereenroll(request: Request) -> Response:
 async def simplereenroll_labelled(label: Label, request: Request) -> Response:
     """``simplereenroll`` under a label."""
     return await _simplereenroll(request)
+
+
+_NO_SERVERKEYGEN: Final = (
+    "serverkeygen is not offered here (RFC 7030 4.4 makes it optional): the device makes its "
+    "own key and sends a CSR to simpleenroll\n"
+)
+
+
+@router.post("/serverkeygen", response_class=PlainTextResponse, status_code=501)
+@router.post("/{label}/serverkeygen", response_class=PlainTextResponse, status_code=501)
+def serverkeygen(request: Request) -> PlainTextResponse:
+    """Not offered: the private key is born on the device (501, RFC 7030 4.4 is optional)."""
+    return PlainTextResponse(_NO_SERVERKEYGEN, status_code=501)
 
 
 def install_est(app: FastAPI, state: RegistryState) -> None:

@@ -196,3 +196,12 @@ def test_the_allow_list_refuses_before_the_webhook_is_asked(
     response = _enroll(pki, hooked, claim, unique_id(), None)
     assert response.status_code == 403 and "allow-list" in response.text
     assert webhook.received == []
+
+
+def test_serverkeygen_is_not_offered_and_says_so(pki: TestPKI, hooked: RegistryServer) -> None:
+    with est_client(pki, hooked.url) as est:
+        plain = est.post("/serverkeygen", content=b"")
+        labelled = est.post("/line-7/serverkeygen", content=b"")
+    for response in (plain, labelled):
+        assert response.status_code == 501, response.text
+        assert "the device makes its own key" in response.text
