@@ -119,10 +119,10 @@ class PreEnrollmentWebhook:
         if decision == "allow":
             return
         if decision == "deny":
-            reason = str(answer.get("reason") or "no reason given")[:300]  # type: ignore[union-attr]
+            reason = str(answer.get("reason") or "no reason given")[:300]
             raise EnrollmentRefusedError(f"the pre-enrollment webhook refused {who}: {reason}")
         if decision == "pending":
-            retry = answer.get("retry_after_s")  # type: ignore[union-attr]
+            retry = answer.get("retry_after_s")
             raise self._pending(who, retry if isinstance(retry, int) and retry > 0 else None)
         raise self._failed(
             question,
