@@ -1,4 +1,5 @@
-"""A device's credentials as the factory wrote them: ``<data>/devices/<device-id>/``.
+"""A device's credentials as the factory wrote them: ``<data>/devices/<device-id>/``, in the
+format of :mod:`fleetcore.bundle_format`.
 
 The simulator reads bundles the way a device would read its flash: the leaf certificate,
 its private key, the root it trusts, and ``device.json`` (the device id and broker address).
@@ -14,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_sim.errors import BundleError
+from fleetcore.bundle_format import (
+    CERT_FILE,
+    CHAIN_FILE,
+    INFO_FILE,
+    KEY_FILE,
+    ROOT_FILE,
+    is_bundle_dir,
+    staging_dir,
+)
 from fleetcore.layout import write_private, write_public
 from fleetcore.tls import TlsSetupError, client_context
 
 __all__ = ["DeviceBundle", "discover_bundles", "tls_context", "write_enrolled_bundle"]
 
-_REQUIRED_FILES = ("device.crt", "device.key", "root.crt", "device.json")
+_REQUIRED_FILES = (CERT_FILE, KEY_FILE, ROOT_FILE, INFO_FILE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,29 +51,30 @@ class DeviceBundle:
                 "re-run 'certfleet factory provision' for it"
             )
         try:
-            meta = json.loads((directory / "device.json").read_text())
+            meta = json.loads((directory / INFO_FILE).read_text())
             device_id = str(meta["device_id"])
         except (OSError, ValueError, KeyError) as exc:
-            raise BundleError(f"{directory / 'device.json'} is unreadable: {exc}") from None
+            raise BundleError(f"{directory / INFO_FILE} is unreadable: {exc}") from None
         broker = meta.get("broker")
         return cls(
             device_id=device_id,
-            cert=directory / "device.crt",
-            key=directory / "device.key",
-            root=directory / "root.crt",
+            cert=directory / CERT_FILE,
+            key=directory / KEY_FILE,
+            root=directory / ROOT_FILE,
             broker=str(broker) if broker else None,
         )
 
 
 def discover_bundles(data_dir: Path, limit: int | None = None) -> list[DeviceBundle]:
-    """Device bundles under ``data_dir/devices``, sorted by directory name; the first ``limit``."""
+    """Device bundles under ``data_dir/devices``, sorted by directory name; the first ``limit``.
+    Hidden folders (bundles being written, or left by a writer that died) are not bundles."""
     devices_dir = data_dir / "devices"
     if not devices_dir.is_dir():
         raise BundleError(
             f"no device bundles in {devices_dir}: provision devices first "
             "('certfleet factory provision') or pass --data-dir"
         )
-    directories = sorted(p for p in devices_dir.iterdir() if p.is_dir())
+    directories = sorted(p for p in devices_dir.iterdir() if is_bundle_dir(p))
     if limit is not None:
         if limit > len(directories):
             raise BundleError(
@@ -96,18 +107,17 @@ def write_enrolled_bundle(
     key_pem: bytes,
     chain_pem: bytes,
     root_pem: bytes,
-    info: dict[str, str | None],
+    info_json: bytes,
 ) -> DeviceBundle:
-    """Write the bundle of a device that enrolled itself (EST), in the factory's layout
-    (device.crt, device.key 0600, chain.pem, root.crt, device.json): into a hidden sibling
-    folder, renamed into place, so it exists complete or not at all. device_sim may not
-    import the factory (tests/architecture), so the device writes its own flash here."""
-    temporary = directory.with_name(f".{directory.name}.enroll-tmp")
+    """Write the bundle of a device that enrolled itself (EST) in the one bundle format
+    (:mod:`fleetcore.bundle_format`; ``info_json`` from its ``bundle_info``): into a hidden
+    sibling folder, renamed into place, so it exists complete or not at all."""
+    temporary = staging_dir(directory, "enroll")
     shutil.rmtree(temporary, ignore_errors=True)
-    write_private(temporary / "device.key", key_pem)
-    write_public(temporary / "device.crt", certificate_pem)
-    write_public(temporary / "chain.pem", chain_pem)
-    write_public(temporary / "root.crt", root_pem)
-    write_public(temporary / "device.json", (json.dumps(info, indent=2) + "\n").encode())
+    write_private(temporary / KEY_FILE, key_pem)
+    write_public(temporary / CERT_FILE, certificate_pem)
+    write_public(temporary / CHAIN_FILE, chain_pem)
+    write_public(temporary / ROOT_FILE, root_pem)
+    write_public(temporary / INFO_FILE, info_json)
     os.rename(temporary, directory)
     return DeviceBundle.load(directory)

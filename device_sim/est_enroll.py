@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from device_sim.bundle import DeviceBundle, write_enrolled_bundle
 from device_sim.errors import BundleError, EstEnrollmentError, SimError
+from fleetcore.bundle_format import bundle_info
 from fleetcore.errors import IdentityError
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.profile import (
@@ -234,16 +235,16 @@ def _enroll_one(target: _Target, serial: str) -> DeviceBundle:
         key_pem=private_key_pem(key),
         chain_pem=target.chain_pem,
         root_pem=target.root_pem,
-        info={
-            "device_id": device_id,
-            "hardware_serial": serial,
-            "serial": serial_hex(certificate.serial_number),
-            "identity": identity.uri,
-            "trust_domain": identity.trust_domain,
-            "not_before": certificate.not_valid_before_utc.isoformat(),
-            "not_after": certificate.not_valid_after_utc.isoformat(),
-            "broker": target.broker,
-        },
+        info_json=bundle_info(
+            device_id=device_id,
+            hardware_serial=serial,
+            serial=serial_hex(certificate.serial_number),
+            identity=identity.uri,
+            trust_domain=identity.trust_domain,
+            not_before=certificate.not_valid_before_utc.isoformat(),
+            not_after=certificate.not_valid_after_utc.isoformat(),
+            broker=target.broker,
+        ),
     )
 
 

@@ -1,6 +1,7 @@
-"""A device bundle: ``devices/<id>/`` with device.crt, device.key, chain.pem, root.crt,
-device.json. Written into a temporary folder and renamed into place, so a bundle either
-exists complete or not at all.
+"""Writing device bundles fast: ``devices/<id>/`` in the one format of
+:mod:`fleetcore.bundle_format` (also written by devices that enroll themselves over EST).
+Written into a temporary folder and renamed into place, so a bundle either exists complete
+or not at all.
 
 chain.pem and root.crt are the same in every bundle a CA issues. A provisioning run writes
 them once per worker (:class:`SharedCAFiles`) and hard-links them into each bundle: two
@@ -24,18 +25,21 @@ from typing import Any
 from cryptography import x509
 
 from factory.errors import ProvisionError
+from fleetcore.bundle_format import (
+    CERT_FILE,
+    CHAIN_FILE,
+    INFO_FILE,
+    KEY_FILE,
+    ROOT_FILE,
+)
 
 __all__ = [
-    "BUNDLE_FILES",
     "BundleContents",
     "SharedCAFiles",
-    "bundle_info",
     "clear_temp_bundles",
     "read_bundle",
     "write_bundle",
 ]
-
-BUNDLE_FILES = ("device.crt", "device.key", "chain.pem", "root.crt", "device.json")
 
 #: Links made to one shared pair before a new pair is written. ext4 refuses a 65,001st link
 #: to one inode (EMLINK); staying well under it means the limit is never met in practice.
@@ -54,39 +58,6 @@ class BundleContents:
     certificate: x509.Certificate
     certificate_pem: str
     info: dict[str, Any]
-
-
-def bundle_info(
-    *,
-    device_id: str,
-    hardware_serial: str | None,
-    serial: str,
-    identity: str,
-    trust_domain: str,
-    not_before: str,
-    not_after: str,
-    broker: str,
-) -> bytes:
-    """device.json, as the device reads it (indented; built with the C encoder per value)."""
-    fields = (
-        ("device_id", device_id),
-        ("hardware_serial", hardware_serial),
-        ("serial", serial),
-        ("identity", identity),
-        ("trust_domain", trust_domain),
-        ("not_before", not_before),
-        ("not_after", not_after),
-        ("broker", broker),
-    )
-    body = ",\n".join(f'  "{name}": {_dumps(value)}' for name, value in fields)
-    return f"{{\n{body}\n}}\n".encode()
-
-
-_encode = json.JSONEncoder(ensure_ascii=True).encode
-
-
-def _dumps(value: str | None) -> str:
-    return "null" if value is None else _encode(value)
 
 
 def _write(path: str, data: bytes, mode: int) -> None:
@@ -125,37 +96,37 @@ class SharedCAFiles:
                 self.linking = False
                 log.info("no hard links on this filesystem (%s); writing copies", exc.strerror)
                 _remove_ca_files(bundle_dir)  # a link made before the failure: start clean
-        _write(f"{bundle_dir}/chain.pem", self.chain_pem, 0o644)
-        _write(f"{bundle_dir}/root.crt", self.root_pem, 0o644)
+        _write(f"{bundle_dir}/{CHAIN_FILE}", self.chain_pem, 0o644)
+        _write(f"{bundle_dir}/{ROOT_FILE}", self.root_pem, 0o644)
 
     def _link(self, bundle_dir: str) -> None:
         if self._links_left <= 0:
             self._new_pair()
         assert self._pair_dir is not None
         try:
-            os.link(f"{self._pair_dir}/chain.pem", f"{bundle_dir}/chain.pem")
-            os.link(f"{self._pair_dir}/root.crt", f"{bundle_dir}/root.crt")
+            os.link(f"{self._pair_dir}/{CHAIN_FILE}", f"{bundle_dir}/{CHAIN_FILE}")
+            os.link(f"{self._pair_dir}/{ROOT_FILE}", f"{bundle_dir}/{ROOT_FILE}")
         except OSError as exc:
             if exc.errno != errno.EMLINK:  # a filesystem with a lower link limit than ext4
                 raise
             _remove_ca_files(bundle_dir)
             self._new_pair()
-            os.link(f"{self._pair_dir}/chain.pem", f"{bundle_dir}/chain.pem")
-            os.link(f"{self._pair_dir}/root.crt", f"{bundle_dir}/root.crt")
+            os.link(f"{self._pair_dir}/{CHAIN_FILE}", f"{bundle_dir}/{CHAIN_FILE}")
+            os.link(f"{self._pair_dir}/{ROOT_FILE}", f"{bundle_dir}/{ROOT_FILE}")
         self._links_left -= 1
 
     def _new_pair(self) -> None:
         self._pairs_made += 1
         pair_dir = f"{self.temp_root}/{SHARED_PREFIX}{os.getpid()}-{self._pairs_made}"
         os.mkdir(pair_dir, 0o755)
-        _write(f"{pair_dir}/chain.pem", self.chain_pem, 0o644)
-        _write(f"{pair_dir}/root.crt", self.root_pem, 0o644)
+        _write(f"{pair_dir}/{CHAIN_FILE}", self.chain_pem, 0o644)
+        _write(f"{pair_dir}/{ROOT_FILE}", self.root_pem, 0o644)
         self._pair_dir = pair_dir
         self._links_left = LINKS_PER_SHARED_PAIR
 
 
 def _remove_ca_files(bundle_dir: str) -> None:
-    for name in ("chain.pem", "root.crt"):
+    for name in (CHAIN_FILE, ROOT_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{bundle_dir}/{name}")
 
@@ -176,18 +147,18 @@ def write_bundle(
     except FileExistsError:  # left by a worker that died; the run start normally clears these
         shutil.rmtree(base)
         os.mkdir(base, 0o755)
-    _write(f"{base}/device.key", key_pem, 0o600)
-    _write(f"{base}/device.crt", certificate_pem, 0o644)
+    _write(f"{base}/{KEY_FILE}", key_pem, 0o600)
+    _write(f"{base}/{CERT_FILE}", certificate_pem, 0o644)
     ca_files.place(base)
-    _write(f"{base}/device.json", info_json, 0o644)
+    _write(f"{base}/{INFO_FILE}", info_json, 0o644)
     os.rename(base, final_dir)
 
 
 def read_bundle(device_dir: Path) -> BundleContents:
     """Load a finished bundle's certificate and device.json; ProvisionError if unusable."""
     try:
-        certificate_pem = (device_dir / "device.crt").read_bytes()
-        info = json.loads((device_dir / "device.json").read_bytes())
+        certificate_pem = (device_dir / CERT_FILE).read_bytes()
+        info = json.loads((device_dir / INFO_FILE).read_bytes())
         certificate = x509.load_pem_x509_certificate(certificate_pem)
     except (OSError, ValueError) as exc:
         raise ProvisionError(
@@ -195,7 +166,7 @@ def read_bundle(device_dir: Path) -> BundleContents:
             "factory or was damaged: move it away and run again"
         ) from None
     if not isinstance(info, dict):
-        raise ProvisionError(f"bundle {device_dir}/device.json is not a JSON object")
+        raise ProvisionError(f"bundle {device_dir}/{INFO_FILE} is not a JSON object")
     return BundleContents(certificate, certificate_pem.decode(), info)
 
 

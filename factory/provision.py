@@ -43,7 +43,6 @@ from cryptography.hazmat.primitives import serialization
 from factory.batch import DeviceSpec, counted_devices
 from factory.bundle import (
     SharedCAFiles,
-    bundle_info,
     clear_temp_bundles,
     read_bundle,
     write_bundle,
@@ -52,6 +51,7 @@ from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
 from factory.manifest import Manifest, ManifestRecord, ManifestWriter
 from factory.signer import KeySource
+from fleetcore.bundle_format import bundle_info
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.keys import KEY_ALGORITHMS, private_key_pem

@@ -26,7 +26,11 @@ CertfleetError
  │    │    │                             certificate where a claim is due and the reverse
  │    │    └── ClaimQuotaError      403  the claim's quota is used up
  │    ├── AlreadyEnrolledError      409  the device id or hardware serial is enrolled already
- │    └── PayloadTooLargeError      413  a body over the limit
+ │    ├── PayloadTooLargeError      413  a body over the limit
+ │    ├── EnrollmentPendingError    202  the pre-enrollment webhook has not approved it yet
+ │    │                                  (Retry-After; RFC 7030 4.2.3): not a refusal, not issued
+ │    └── EnrollmentWebhookError    503  the pre-enrollment webhook did not answer in time or
+ │                                       answered something else than a decision (fails closed)
  ├── Refused                        a credential refused (status, counted reason, message)
  ├── SignInRequired                 no live console session (the console redirects)
  ├── ConsoleRefusal                 a console request refused, shown as a page
@@ -52,6 +56,8 @@ __all__ = [
     "DatabaseUnreachableError",
     "DecommissionedDeviceError",
     "EnrollmentRefusedError",
+    "EnrollmentPendingError",
+    "EnrollmentWebhookError",
     "EstBadRequestError",
     "EstRateLimitedError",
     "EstUnauthorizedError",
@@ -254,3 +260,25 @@ class AlreadyEnrolledError(RegistryError):
 class PayloadTooLargeError(RegistryError):
     status = 413
     code = "too_large"
+
+
+class EnrollmentPendingError(RegistryError):
+    """The enrollment awaits approval; ask again after ``retry_after_s`` (RFC 7030 4.2.3)."""
+
+    status = 202
+    code = "pending"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EnrollmentWebhookError(RegistryError):
+    """The pre-enrollment webhook gave no decision: the enrollment is refused (fails closed)."""
+
+    status = 503
+    code = "webhook_failed"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

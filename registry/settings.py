@@ -112,6 +112,15 @@ class RegistrySettings(BaseSettings):
     #: reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For is
     #: believed; empty (the default): none, the socket peer is the client.
     registry_trusted_proxies: str = ""
+    #: the pre-enrollment webhook (http:// or https:// URL), asked before every EST first
+    #: enrollment with a claim whether the device may enroll: allow, deny or pending (202
+    #: with Retry-After); no answer within the timeout, or any other answer, refuses the
+    #: enrollment (fails closed; docs/registry.md). Empty: the claim's allow-list decides.
+    registry_est_webhook_url: str = Field(default="", pattern=r"^(https?://\S+)?$", max_length=2048)
+    #: the webhook's whole time bound (connect, send, answer), in seconds.
+    registry_est_webhook_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    #: Retry-After of a 202 when the webhook says "pending" without one of its own.
+    registry_est_webhook_retry_after_s: int = Field(default=60, ge=1, le=86400)
 
     @property
     def trusted_proxies(self) -> tuple[IPNetwork, ...]:

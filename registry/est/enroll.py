@@ -46,10 +46,13 @@ from registry.store.audit import Actor
 from registry.store.renewals import StoredCertificate
 
 __all__ = [
+    "ClaimEnrollment",
     "Enrolled",
+    "check_claim_enrollment",
     "client_identity",
     "enroll_with_claim",
     "enroll_with_secret",
+    "issue_claim_enrollment",
     "reenroll",
 ]
 
@@ -111,10 +114,24 @@ def _enrolled(stored: StoredCertificate, issued: StoredCertificate) -> Enrolled:
     )
 
 
-def enroll_with_claim(
-    state: RegistryState, claim_certificate: x509.Certificate, csr_der: bytes, from_addr: str | None
-) -> Enrolled:
-    """First enrollment authenticated by a claim certificate (module doc)."""
+@dataclass(frozen=True, slots=True)
+class ClaimEnrollment:
+    """A claim enrollment its claim and allow-list let through, not yet issued."""
+
+    batch: str
+    claim_serial: str
+    claim_uri: str
+    device_id: str
+    hardware_serial: str | None
+    csr: EnrollmentCSR
+
+
+def check_claim_enrollment(
+    state: RegistryState, claim_certificate: x509.Certificate, csr_der: bytes
+) -> ClaimEnrollment:
+    """The claim's checks of a first enrollment (recorded, unrevoked, unexpired, under its
+    quota; the CSR valid; the device on its allow-list); EnrollmentRefusedError or
+    EstBadRequestError otherwise."""
     identity = read_identity(claim_certificate)
     batch, serial = identity.name, serial_hex(claim_certificate.serial_number)
     csr = _csr(csr_der, state.ca.trust_domain)
@@ -123,20 +140,37 @@ def enroll_with_claim(
         device_id, hardware_serial = claims.resolve_allowed(
             session, claim, csr.device_id, csr.hardware_serial
         )
-    issued = _sign(state, device_id, csr)
+    return ClaimEnrollment(batch, serial, identity.uri, device_id, hardware_serial, csr)
+
+
+def issue_claim_enrollment(
+    state: RegistryState, checked: ClaimEnrollment, from_addr: str | None
+) -> Enrolled:
+    """Sign and record an enrollment :func:`check_claim_enrollment` let through (the quota
+    spent in the recording transaction, which checks the claim again)."""
+    issued = _sign(state, checked.device_id, checked.csr)
     with Session(state.engine) as session:
         stored = claims.record_claim_enrollment(
             session,
-            batch,
+            checked.batch,
             issued,
-            hardware_serial=hardware_serial,
-            key_der=_key_der(csr),
-            actor=Actor(identity.uri, from_addr),
+            hardware_serial=checked.hardware_serial,
+            key_der=_key_der(checked.csr),
+            actor=Actor(checked.claim_uri, from_addr),
             now=utcnow(),
         )
     enrolled = _enrolled(stored, issued)
-    _log("claim " + batch, enrolled, hardware_serial)
+    _log("claim " + checked.batch, enrolled, checked.hardware_serial)
     return enrolled
+
+
+def enroll_with_claim(
+    state: RegistryState, claim_certificate: x509.Certificate, csr_der: bytes, from_addr: str | None
+) -> Enrolled:
+    """First enrollment authenticated by a claim certificate (module doc), without a
+    pre-enrollment webhook."""
+    checked = check_claim_enrollment(state, claim_certificate, csr_der)
+    return issue_claim_enrollment(state, checked, from_addr)
 
 
 def enroll_with_secret(

@@ -6,7 +6,9 @@ from __future__ import annotations
 from registry.errors import (
     AlreadyEnrolledError,
     ClaimQuotaError,
+    EnrollmentPendingError,
     EnrollmentRefusedError,
+    EnrollmentWebhookError,
     EstBadRequestError,
     EstRateLimitedError,
     EstUnauthorizedError,
@@ -16,7 +18,9 @@ from registry.errors import (
 __all__ = [
     "AlreadyEnrolledError",
     "ClaimQuotaError",
+    "EnrollmentPendingError",
     "EnrollmentRefusedError",
+    "EnrollmentWebhookError",
     "EstBadRequestError",
     "EstRateLimitedError",
     "EstUnauthorizedError",

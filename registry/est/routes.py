@@ -11,7 +11,9 @@ The listener asks for a client certificate without requiring one (operator route
 request without an identity themselves, :mod:`registry.api.deps`); the peer certificate
 reaches the route through :class:`registry.tls.PeerCertH11Protocol`. Errors are
 ``text/plain`` with the status of :mod:`registry.est.errors`, as RFC 7030 4.2.3 describes.
-``serverkeygen`` is not offered (the key is born on the device).
+``serverkeygen`` is not offered (the key is born on the device): it answers 501. With a
+pre-enrollment webhook (:mod:`registry.est.webhook`) a claim enrollment may also answer 202
+with Retry-After (awaiting approval) or 503 (the webhook gave no decision: fails closed).
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from registry.auth import client_addr
 from registry.errors import RegistryError
 from registry.est import enroll
 from registry.est.errors import (
+    EnrollmentPendingError,
     EnrollmentRefusedError,
+    EnrollmentWebhookError,
     EstRateLimitedError,
     EstUnauthorizedError,
     PayloadTooLargeError,
 )
+from registry.est.webhook import EnrollmentQuestion, PreEnrollmentWebhook
 from registry.est.wire import (
     CSRATTRS_TYPE,
     MAX_BODY_BYTES,
@@ -68,13 +73,18 @@ _ENROLL_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "the certificate, certs-only PKCS#7, base64",
         "content": {PKCS7_CERTS_ONLY_TYPE: {}},
     },
+    202: {"description": "awaiting approval (pre-enrollment webhook); Retry-After", **_TEXT},
     400: {"description": "not base64 DER, or a CSR refused", **_TEXT},
     401: {"description": "no credential", **_TEXT},
     403: {"description": "the credential does not allow it", **_TEXT},
     409: {"description": "enrolled already, or decommissioned", **_TEXT},
     413: {"description": "body too large", **_TEXT},
     429: {"description": "re-enrolled within the renewal interval", **_TEXT},
-    503: {"description": "the database is unavailable; retry", **_TEXT},
+    503: {
+        "description": "the database is unavailable, or the pre-enrollment webhook gave no "
+        "decision (fails closed); retry after Retry-After",
+        **_TEXT,
+    },
 }
 
 
@@ -87,12 +97,13 @@ def _error(request: Request, exc: RegistryError) -> PlainTextResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, EstUnauthorizedError):
         headers["WWW-Authenticate"] = _REALM
-    if isinstance(exc, EstRateLimitedError):
-        headers["Retry-After"] = str(exc.retry_after_s)
     if exc.status == 503:
         headers["Retry-After"] = "1"
+    if isinstance(exc, EstRateLimitedError | EnrollmentPendingError | EnrollmentWebhookError):
+        headers["Retry-After"] = str(exc.retry_after_s)
     log.warning(
-        "est refused status=%d error=%s path=%s from=%s message=%s",
+        "est %s status=%d error=%s path=%s from=%s message=%s",
+        "pending" if exc.status == 202 else "refused",
         exc.status,
         exc.code,
         request.url.path,
@@ -151,6 +162,36 @@ async def _answer(request: Request, work: Callable[[], enroll.Enrolled]) -> Resp
     return _enrolled_response(enrolled)
 
 
+async def _claim_enroll(
+    request: Request,
+    state: RegistryState,
+    claim_certificate: x509.Certificate,
+    csr_der: bytes,
+    from_addr: str | None,
+) -> Response:
+    """A claim enrollment: checked, then (with a pre-enrollment webhook) decided by the
+    webhook, then issued; without a webhook in one worker thread."""
+    webhook: PreEnrollmentWebhook | None = request.app.state.est_webhook
+    if webhook is None:
+        return await _answer(
+            request,
+            lambda: enroll.enroll_with_claim(state, claim_certificate, csr_der, from_addr),
+        )
+    try:
+        checked = await anyio.to_thread.run_sync(
+            lambda: enroll.check_claim_enrollment(state, claim_certificate, csr_der)
+        )
+        await webhook.decide(
+            EnrollmentQuestion(
+                checked.device_id, checked.hardware_serial, checked.batch,
+                checked.claim_serial, from_addr,
+            )
+        )  # fmt: skip
+    except RegistryError as exc:
+        return _error(request, exc)
+    return await _answer(request, lambda: enroll.issue_claim_enrollment(state, checked, from_addr))
+
+
 def _peer(request: Request, state: RegistryState) -> tuple[Identity, x509.Certificate] | None:
     der = peer_certificate_der(request.scope)
     return None if der is None else enroll.client_identity(der, state.ca.trust_domain)
@@ -167,11 +208,7 @@ async def _simpleenroll(request: Request) -> Response:
         return _error(request, exc)
     from_addr = client_addr(request)
     if peer is not None and peer[0].kind is IdentityKind.CLAIM:
-        claim_certificate = peer[1]
-        return await _answer(
-            request,
-            lambda: enroll.enroll_with_claim(state, claim_certificate, csr_der, from_addr),
-        )
+        return await _claim_enroll(request, state, peer[1], csr_der, from_addr)
     if basic is not None:
         device_id, secret = basic
         return await _answer(
@@ -284,6 +321,19 @@ async def simplereenroll_labelled(label: Label, request: Request) -> Response:
     return await _simplereenroll(request)
 
 
+_NO_SERVERKEYGEN: Final = (
+    "serverkeygen is not offered here (RFC 7030 4.4 makes it optional): the device makes its "
+    "own key and sends a CSR to simpleenroll\n"
+)
+
+
+@router.post("/serverkeygen", response_class=PlainTextResponse, status_code=501)
+@router.post("/{label}/serverkeygen", response_class=PlainTextResponse, status_code=501)
+def serverkeygen(request: Request) -> PlainTextResponse:
+    """Not offered: the private key is born on the device (501, RFC 7030 4.4 is optional)."""
+    return PlainTextResponse(_NO_SERVERKEYGEN, status_code=501)
+
+
 def install_est(app: FastAPI, state: RegistryState) -> None:
     """Mount the EST routes, with the renewer applying the renewal rules to re-enrollments."""
     settings = state.settings
@@ -295,5 +345,14 @@ def install_est(app: FastAPI, state: RegistryState) -> None:
         lifetime=settings.renewal_lifetime,
         stagger=settings.renewal_stagger,
         instance=settings.instance_name,
+    )
+    app.state.est_webhook = (
+        PreEnrollmentWebhook(
+            settings.registry_est_webhook_url,
+            timeout_s=settings.registry_est_webhook_timeout_s,
+            pending_retry_after_s=settings.registry_est_webhook_retry_after_s,
+        )
+        if settings.registry_est_webhook_url
+        else None
     )
     app.include_router(router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,19 @@ from pathlib import Path
 import pytest
 
 from broker.server import BrokerServer
-from device_sim.bundle import discover_bundles
+from device_sim.bundle import discover_bundles, write_enrolled_bundle
 from device_sim.device import DeviceConfig, DeviceEvent
 from device_sim.errors import BundleError, SimError
 from device_sim.runner import SimRun, default_workers
+from fleetcore.bundle_format import (
+    BUNDLE_FILES,
+    CERT_FILE,
+    CHAIN_FILE,
+    INFO_FILE,
+    KEY_FILE,
+    ROOT_FILE,
+    bundle_info,
+)
 from fleetcore.profile import serial_hex
 from tests.support.pki import Fleet
 
@@ -165,3 +175,39 @@ def test_a_worker_that_dies_is_reported_and_the_run_still_ends(
     assert run.errors == ["worker 0 exited with code -9 without its final report"]
     summary = run.summary()
     assert summary["errors"] == run.errors
+
+
+def test_discover_skips_hidden_folders_of_bundles_being_written(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    devices = tmp_path / "devices"
+    shutil.copytree(fleet.data_dir / "devices" / "dev-0000", devices / "dev-0000")
+    half_written = devices / ".dev-0001.enroll-tmp"  # an EST enrollment interrupted
+    half_written.mkdir()
+    (half_written / "device.key").write_text("")
+    bundles = discover_bundles(tmp_path)
+    assert [bundle.device_id for bundle in bundles] == ["dev-0000"]
+    with pytest.raises(BundleError, match="asked for 2 devices but .* holds 1 bundles"):
+        discover_bundles(tmp_path, limit=2)
+
+
+def test_an_enrolled_bundle_has_the_factorys_format(fleet: Fleet, tmp_path: Path) -> None:
+    minted = fleet.data_dir / "devices" / "dev-0000"
+    info = json.loads((minted / INFO_FILE).read_text())
+    final = tmp_path / "devices" / "dev-0000"
+    final.parent.mkdir()
+    bundle = write_enrolled_bundle(
+        final,
+        certificate_pem=(minted / CERT_FILE).read_bytes(),
+        key_pem=(minted / KEY_FILE).read_bytes(),
+        chain_pem=(minted / CHAIN_FILE).read_bytes(),
+        root_pem=(minted / ROOT_FILE).read_bytes(),
+        info_json=bundle_info(**{name: info[name] for name in info}),
+    )
+    assert sorted(path.name for path in final.iterdir()) == sorted(BUNDLE_FILES)
+    assert sorted(path.name for path in minted.iterdir()) == sorted(BUNDLE_FILES)
+    assert json.loads((final / INFO_FILE).read_bytes()) == info
+    assert (final / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert bundle.device_id == "dev-0000" and list(tmp_path.joinpath("devices").iterdir()) == [
+        final
+    ]
