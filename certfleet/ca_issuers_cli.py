@@ -20,7 +20,7 @@ import typer
 from factory.ca import CertificateAuthority
 from factory.errors import CAError
 from factory.issuers import find_previous, issuer_key_id, read_certificate, retire_issuer
-from factory.settings import load_settings
+from factory.settings import build_settings
 from fleetcore.clock import utcnow
 
 __all__ = ["register"]
@@ -46,7 +46,7 @@ def _live_by_issuer(data_dir: Path | None) -> dict[str, int] | None:
     from sqlmodel import Session
 
     from registry.db import make_engine
-    from registry.settings import load_settings as registry_settings
+    from registry.settings import build_settings as registry_settings
     from registry.store.issuers import issuer_use
 
     settings = registry_settings(data_dir=data_dir)
@@ -64,7 +64,7 @@ def ca_rollover(data_dir: DataDirOption = None, as_json: JsonOption = False) -> 
     """Make a new issuing CA under the same root and make it current. The old one stays
     trusted (broker, registry, CRL, OCSP) until 'certfleet ca retire'; devices move to the
     new one at their next renewal, or at once with 'certfleet registry devices renew-now'."""
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     ca = CertificateAuthority.load(settings.layout, passphrase=settings.passphrase)
     old = ca.issuing_cert
     new = ca.rollover(passphrase=settings.passphrase)
@@ -91,7 +91,7 @@ def ca_rollover(data_dir: DataDirOption = None, as_json: JsonOption = False) -> 
 def ca_issuers(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
     """List the issuing CAs: current, earlier (still trusted), retired; with the count of
     live certificates of each when the registry's database is here."""
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     layout = settings.layout
     live = _live_by_issuer(data_dir)
     rows: list[dict[str, Any]] = []
@@ -130,7 +130,7 @@ def ca_retire(
     as_json: JsonOption = False,
 ) -> None:
     """Stop trusting an earlier issuing CA once no live certificate of it remains."""
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     cert_path = find_previous(settings.layout, issuer)
     key_id = issuer_key_id(read_certificate(cert_path))
     live = _live_by_issuer(data_dir)
@@ -186,7 +186,7 @@ def ca_revoke_issuing(
     from factory.keys import load_private_key
     from registry.operator_cli import _call, operator_client
 
-    settings = load_settings(data_dir=data_dir)
+    settings = build_settings(data_dir=data_dir)
     layout = settings.layout
     root_key = load_private_key(layout.root_key, settings.passphrase)
     client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
