@@ -97,6 +97,16 @@ class TokenInit:
     pin_file: Path | None = None
 
 
+@dataclass(frozen=True)
+class LoadedIssuing:
+    """The issuing CA as one load read it: the issuer, its key's source and file stamps."""
+
+    current: Issuer
+    source: KeySource | None
+    stamp: tuple[int, int] | None
+    issuers_stamp: int
+
+
 class CertificateAuthority:
     """Root + issuing CA loaded in memory. Create with :meth:`init`, open with :meth:`load`.
 
@@ -203,14 +213,15 @@ class CertificateAuthority:
                 log.error("issuing CA not reloaded after a change on disk: %s", exc)
                 self._stamp, self._issuers_stamp = stamp, issuers_stamp
                 return False
-            changed = issuer_key_id(fresh._current.certificate) != issuer_key_id(
+            loaded = fresh.loaded_issuing()
+            changed = issuer_key_id(loaded.current.certificate) != issuer_key_id(
                 self._current.certificate
             )
-            self._current = fresh._current
+            self._current = loaded.current
             self.previous = fresh.previous
             self._client_template = None
-            self._issuing_source = fresh._issuing_source
-            self._stamp, self._issuers_stamp = fresh._stamp, fresh._issuers_stamp
+            self._issuing_source = loaded.source
+            self._stamp, self._issuers_stamp = loaded.stamp, loaded.issuers_stamp
             log.info(
                 "issuing CA reloaded key_id=%s previous=%s new_issuer=%s",
                 self._current.key_id[:16],
@@ -219,7 +230,13 @@ class CertificateAuthority:
             )
             return True
 
-    def _watch(self, passphrase: bytes | None, key_settings: CaKeySettings | None) -> None:
+    def loaded_issuing(self) -> LoadedIssuing:
+        """What this CA read of its issuing CA from disk (a running CA takes it over when
+        the files changed)."""
+        return LoadedIssuing(self._current, self._issuing_source, self._stamp, self._issuers_stamp)
+
+    def watch_files(self, passphrase: bytes | None, key_settings: CaKeySettings | None) -> None:
+        """Reload the issuing CA when its files change on disk (checked at most once a second)."""
         self._passphrase = passphrase
         self._key_settings = key_settings
         self._stamp = self._disk_stamp()
@@ -375,7 +392,7 @@ class CertificateAuthority:
             keys=keys,
         )
         ca.previous = _load_previous(layout, issuer_key_id(issuing_cert), passphrase)
-        ca._watch(passphrase, key_settings)
+        ca.watch_files(passphrase, key_settings)
         return ca
 
     # -- rollover -------------------------------------------------------------------------
@@ -424,7 +441,7 @@ class CertificateAuthority:
         self._client_template = None
         self._issuing_source = None
         if self._stamp is not None:
-            self._watch(passphrase, self._key_settings)
+            self.watch_files(passphrase, self._key_settings)
         return self._current
 
     # -- issuing --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,15 @@ class DataLayout:
         return self.root / "broker"
 
 
+def _temporary_beside(path: Path) -> Path:
+    # Per process and thread: two writers of one file (broker nodes in one process, a
+    # writer thread beside the loop) must not share a temporary file.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
@@ -142,7 +149,7 @@ def write_durable(path: Path, data: bytes | list[bytes | bytearray], mode: int =
     A crash leaves either the old file or the new one, never a mix. ``data`` may be a list
     of parts, written one after the other (no copy of large ones into one buffer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         for part in [data] if isinstance(data, bytes) else data:

@@ -16,16 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from fleetcore.clock import utcnow
 from fleetcore.renewal_wire import renew_now_payload
 from fleetcore.topics import issued_topic
 from registry.db import write_transaction
 from registry.errors import InvalidRequestError, UnavailableError
-from registry.models import Device, RenewNowRequest, RenewNowResult
+from registry.models import RenewNowRequest, RenewNowResult
 from registry.state import RegistryState
 from registry.store.audit import Actor, add_entry
+from registry.store.devices import active_device_ids
 from registry.store.issuers import issuer_use
 
 __all__ = ["RenewNowNotices", "renew_now"]
@@ -102,13 +103,7 @@ def renew_now(
             chosen = use.devices_on(request.issuer)
             not_active: list[str] = []
         else:
-            active = set(
-                session.exec(
-                    select(Device.device_id)
-                    .where(col(Device.device_id).in_(request.device_ids))
-                    .where(col(Device.status) == "active")
-                ).all()
-            )
+            active = active_device_ids(session, request.device_ids)
             chosen = sorted(active)
             not_active = sorted(set(request.device_ids) - active)
         notices.request(chosen)

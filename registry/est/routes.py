@@ -327,8 +327,16 @@ _NO_SERVERKEYGEN: Final = (
 )
 
 
-@router.post("/serverkeygen", response_class=PlainTextResponse, status_code=501)
-@router.post("/{label}/serverkeygen", response_class=PlainTextResponse, status_code=501)
+# Not in the OpenAPI schema: an operation that is not offered is not part of the API.
+@router.post(
+    "/serverkeygen", response_class=PlainTextResponse, status_code=501, include_in_schema=False
+)
+@router.post(
+    "/{label}/serverkeygen",
+    response_class=PlainTextResponse,
+    status_code=501,
+    include_in_schema=False,
+)
 def serverkeygen(request: Request) -> PlainTextResponse:
     """Not offered: the private key is born on the device (501, RFC 7030 4.4 is optional)."""
     return PlainTextResponse(_NO_SERVERKEYGEN, status_code=501)

@@ -6,7 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,4 +325,15 @@ def list_devices(
     return DeviceList(
         devices=[DeviceSummary(**_summary(d)) for d in page],
         next_cursor=next_cursor,
+    )
+
+
+def active_device_ids(session: Session, device_ids: Iterable[str]) -> set[str]:
+    """Which of ``device_ids`` are registered and active."""
+    return set(
+        session.exec(
+            select(Device.device_id)
+            .where(col(Device.device_id).in_(list(device_ids)))
+            .where(col(Device.status) == "active")
+        ).all()
     )

@@ -21,6 +21,13 @@ from registry.store import audit, tokens
 from tests.support.pki import TestPKI
 
 
+#: Operations that answer 503 "unavailable" by design on this test's registry, which runs
+#: without an MQTT link to a broker: the 503 names what to configure; never a 500.
+NEEDS_WHAT_THIS_REGISTRY_LACKS = {
+    ("POST", "/api/v1/devices/renew-now"): "renew-now notices go to devices over MQTT",
+}
+
+
 @pytest.fixture
 def api_app(pki: TestPKI, database_url: str) -> Iterator[FastAPI]:
     app = create_app(
@@ -67,6 +74,11 @@ def test_no_input_makes_a_server_error(
         )
         def no_server_error(case: schemathesis.Case) -> None:  # type: ignore[type-arg]
             response = case.call(headers=headers)
+            if (case.method, case.path) in NEEDS_WHAT_THIS_REGISTRY_LACKS:
+                assert response.status_code != 500, response.text
+                if response.status_code == 503:
+                    assert response.json()["detail"]["error"] == "unavailable", response.text
+                    return
             assert response.status_code < 500, (
                 f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text}"
             )
