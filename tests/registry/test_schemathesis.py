@@ -20,7 +20,6 @@ from registry.settings import RegistrySettings
 from registry.store import audit, tokens
 from tests.support.pki import TestPKI
 
-
 #: Operations that answer 503 "unavailable" by design on this test's registry, which runs
 #: without an MQTT link to a broker: the 503 names what to configure; never a 500.
 NEEDS_WHAT_THIS_REGISTRY_LACKS = {
