@@ -10,9 +10,17 @@ group (round robin), not to all of them. Rules (docs/broker.md, "Shared subscrip
 - retained messages are not sent when a member joins (MQTT 5, 4.8.2);
 - a QoS 1 message a member received but did not acknowledge goes to another member when
   the member disconnects (or does not acknowledge it within amqtt's 5 s): at least once,
-  nothing acknowledged lost. With no member connected, a QoS 1 message is queued for a
-  persistent (clean session off) member while it is away, and dropped otherwise (as for a
-  plain subscription with nobody connected);
+  nothing acknowledged lost;
+- each member has at most :data:`MAX_INFLIGHT` QoS 1 messages in flight (sent, not yet
+  acknowledged; Mosquitto's ``max_inflight_messages`` has the same job). When every
+  connected member is at its window, messages wait in the group's backlog, in order, and go
+  out as acknowledgements free the windows. A slow member thus never holds more than its
+  window, so it does not miss amqtt's 5 s acknowledgement bound merely for being behind,
+  and its messages are not handed over (and sent twice) while it works through them. A
+  backlog over :data:`MAX_BACKLOG` sends past the windows rather than lose anything;
+- with no member connected, a QoS 1 message is queued for a persistent (clean session off)
+  member while it is away, and dropped otherwise (as for a plain subscription with nobody
+  connected);
 - a membership is part of its session: kept while a persistent session is away (the
   client gets messages again when it reconnects), gone with a clean session. It is not
   saved across restarts: clients subscribe again (paho's ``on_connect`` does).
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,7 +55,9 @@ from fleetcore.topics import topic_matches
 
 __all__ = [
     "GROUP_PATTERN",
+    "MAX_BACKLOG",
     "MAX_HANDOVERS",
+    "MAX_INFLIGHT",
     "MAX_SHARED_QOS",
     "SHARE_PREFIX",
     "RemoteGroups",
@@ -65,6 +76,10 @@ GROUP_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SHARED_QOS = 1
 #: How often one message is handed to another member before it counts as lost.
 MAX_HANDOVERS = 8
+#: QoS 1 messages in flight to one member at most (module doc).
+MAX_INFLIGHT = 100
+#: Messages waiting for a free window, per group, before sending goes past the windows.
+MAX_BACKLOG = 100_000
 
 
 @dataclass(frozen=True)
@@ -106,13 +121,46 @@ def _connected(session: Session) -> bool:
     return is_connected(session)
 
 
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A message in a group's backlog (every member's window full)."""
+
+    topic: str
+    data: bytes
+    force_qos: int | None
+    hops: int
+    gone: Session | None
+    left: bool
+    remote: bool
+
+
 @dataclass
 class SharedGroup:
-    """The members of one group of one filter, in the order they joined."""
+    """The members of one group of one filter, in the order they joined, with each
+    member's QoS 1 messages in flight and the messages waiting for a window."""
 
     share: ShareFilter
     members: list[tuple[Session, int]] = field(default_factory=list)
     _next: int = 0
+    #: client id -> QoS 1 messages sent to it and not yet acknowledged (or failed).
+    inflight: dict[str, int] = field(default_factory=dict)
+    backlog: deque[_Waiting] = field(default_factory=deque)
+
+    def window_open(self, session: Session, window: int) -> bool:
+        """Whether ``session`` may take one more QoS 1 message."""
+        return self.inflight.get(session.client_id, 0) < window
+
+    def sent(self, session: Session) -> None:
+        """A QoS 1 message went to ``session``: it occupies one place of its window."""
+        self.inflight[session.client_id] = self.inflight.get(session.client_id, 0) + 1
+
+    def settled(self, session: Session) -> None:
+        """A QoS 1 message to ``session`` was acknowledged, or its delivery failed."""
+        left = self.inflight.get(session.client_id, 0) - 1
+        if left > 0:
+            self.inflight[session.client_id] = left
+        else:
+            self.inflight.pop(session.client_id, None)
 
     def connected(self) -> list[tuple[Session, int]]:
         """The members whose client is connected now."""
@@ -122,19 +170,25 @@ class SharedGroup:
         """Whether a member's client is connected now (per message: no list built)."""
         return any(_connected(s) for s, _ in self.members)
 
-    def pick(self, exclude: Session | None = None) -> tuple[Session, int] | None:
+    def pick(
+        self, exclude: Session | None = None, window: int | None = None
+    ) -> tuple[Session, int] | None:
         """The next connected member (round robin over the members), another than
-        ``exclude`` when there is one; None when no member is connected.
+        ``exclude`` when there is one; None when no member is connected. With ``window``,
+        only members with fewer than that many QoS 1 messages in flight count.
 
         Called for every message: it walks the members from the last one picked and
         builds no list (the benchmark's profile, issue 24)."""
         members = self.members
         count = len(members)
         fallback: tuple[Session, int] | None = None
+        inflight = self.inflight
         for step in range(1, count + 1):
             index = (self._next + step) % count
             member = members[index]
             if not _connected(member[0]):
+                continue
+            if window is not None and inflight.get(member[0].client_id, 0) >= window:
                 continue
             if member[0] is exclude:
                 fallback = member
@@ -142,6 +196,10 @@ class SharedGroup:
             self._next = index
             return member
         return fallback
+
+    def others_connected(self, gone: Session | None, left: bool) -> bool:
+        """Whether a member is connected, ``gone`` not counted when it ``left``."""
+        return any(_connected(s) and not (left and s is gone) for s, _ in self.members)
 
     def away(self) -> tuple[Session, int] | None:
         """A persistent member whose client is away (it queues QoS 1 messages)."""
@@ -195,8 +253,11 @@ class SharedSubscriptions:
         on_delivered: Callable[[], None] = lambda: None,
         on_handed_over: Callable[[], None] = lambda: None,
         on_lost: Callable[[], None] = lambda: None,
+        window: int = MAX_INFLIGHT,
     ) -> None:
         self._handler_of = handler_of
+        #: QoS 1 messages in flight to one member at most (module doc).
+        self.window = window
         self._may_receive = may_receive
         self._spawn = spawn
         self._on_delivered = on_delivered
@@ -249,6 +310,9 @@ class SharedSubscriptions:
             del self.groups[share]
             if self.remote is not None:
                 self.remote.left(share)
+            if group.backlog:  # no member left to wait for: route what waited afresh
+                waiting, group.backlog = list(group.backlog), deque()
+                self._spawn(asyncio.ensure_future(self._reroute(share, waiting)))
         return len(group.members) != before
 
     def leave_all(self, session: Session) -> None:
@@ -292,9 +356,39 @@ class SharedSubscriptions:
         """Give the message to one member of this node's group ``share`` (another node's,
         through :attr:`remote`, when none is connected here and ``remote``). ``gone``: the
         member that just failed to acknowledge it, tried last, and not at all when it
-        ``left`` (its connection closed rather than being slow to acknowledge)."""
+        ``left`` (its connection closed rather than being slow to acknowledge). When every
+        connected member's window is full, the message waits in the group's backlog."""
         group = self.groups.get(share)
-        picked = group.pick(gone) if group is not None else None
+        if group is None:
+            await self._no_member(share, None, topic, data, force_qos, hops, gone, remote)
+            return
+        windowed = force_qos != 0
+        if windowed and group.backlog and len(group.backlog) < MAX_BACKLOG:
+            # behind what already waits (order kept); the next acknowledgement drains it
+            group.backlog.append(_Waiting(topic, data, force_qos, hops, gone, left, remote))
+            return
+        picked = group.pick(gone, self.window if windowed else None)
+        if windowed and picked is None and group.others_connected(gone, left):
+            if len(group.backlog) < MAX_BACKLOG:
+                group.backlog.append(_Waiting(topic, data, force_qos, hops, gone, left, remote))
+                return
+            picked = group.pick(gone)  # backlog full: past the windows, nothing lost
+        await self._dispatch(share, group, picked, topic, data, force_qos, hops, gone, left, remote)
+
+    async def _dispatch(
+        self,
+        share: ShareFilter,
+        group: SharedGroup,
+        picked: tuple[Session, int] | None,
+        topic: str,
+        data: bytes,
+        force_qos: int | None,
+        hops: int,
+        gone: Session | None,
+        left: bool,
+        remote: bool,
+    ) -> None:
+        """Send to the member picked, or to no member here (:meth:`_no_member`)."""
         if picked is not None and picked[0] is gone and left:
             picked = None
         if picked is None:
@@ -308,9 +402,50 @@ class SharedSubscriptions:
             await self._no_member(share, group, topic, data, force_qos, hops, gone, remote)
             return
         qos = min(force_qos if force_qos is not None else sub_qos, MAX_SHARED_QOS)
+        if qos >= 1:
+            group.sent(session)
         self._spawn(
-            asyncio.ensure_future(self._send(share, session, handler, topic, data, qos, hops))
+            asyncio.ensure_future(
+                self._send(share, group, session, handler, topic, data, qos, hops)
+            )
         )
+
+    async def _drain(self, share: ShareFilter) -> None:
+        """Send what waits in the group's backlog while a member's window is open."""
+        group = self.groups.get(share)
+        while group is not None and group.backlog:
+            first = group.backlog[0]
+            picked = group.pick(first.gone, self.window)
+            if picked is None and group.others_connected(first.gone, first.left):
+                return  # every window full again: the next acknowledgement drains on
+            group.backlog.popleft()
+            await self._dispatch(
+                share,
+                group,
+                picked,
+                first.topic,
+                first.data,
+                first.force_qos,
+                first.hops,
+                first.gone,
+                first.left,
+                first.remote,
+            )
+            group = self.groups.get(share)
+
+    async def _reroute(self, share: ShareFilter, waiting: list[_Waiting]) -> None:
+        """Route the backlog of a group whose last member left (it may have a new one)."""
+        for w in waiting:
+            await self.deliver(
+                share,
+                w.topic,
+                w.data,
+                w.force_qos,
+                gone=w.gone,
+                left=w.left,
+                hops=w.hops,
+                remote=w.remote,
+            )
 
     async def _no_member(
         self,
@@ -349,6 +484,7 @@ class SharedSubscriptions:
     async def _send(
         self,
         share: ShareFilter,
+        group: SharedGroup,
         session: Session,
         handler: Any,
         topic: str,
@@ -359,19 +495,24 @@ class SharedSubscriptions:
         left = True
         try:
             await publish(handler, topic, data, qos)
-            self._on_delivered()
-            return
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the broker shuts down
             # amqtt cancels the PUBACK waiters of a connection that closed
         except TimeoutError:
-            left = False  # no PUBACK within amqtt's 5 s: slow, still connected
+            left = False  # no PUBACK within amqtt's 5 s with a window's worth: stuck
         except Exception as exc:  # noqa: BLE001 - the write failed: the connection is gone
             log.debug("shared delivery failed client_id=%s error=%r", session.client_id, exc)
+        else:
+            self._on_delivered()
+            if qos >= 1:
+                group.settled(session)
+                await self._drain(share)
+            return
         if qos == 0:
             return  # at most once
+        group.settled(session)
         if hops >= MAX_HANDOVERS:
             self._on_lost()
             log.warning(
@@ -380,12 +521,13 @@ class SharedSubscriptions:
                 topic[:200],
                 hops,
             )
-            return
-        self._on_handed_over()
-        log.info(
-            "shared message handed over group=%s from_client_id=%s topic=%r",
-            share.group,
-            session.client_id,
-            topic[:200],
-        )
-        await self.deliver(share, topic, data, qos, gone=session, left=left, hops=hops + 1)
+        else:
+            self._on_handed_over()
+            log.info(
+                "shared message handed over group=%s from_client_id=%s topic=%r",
+                share.group,
+                session.client_id,
+                topic[:200],
+            )
+            await self.deliver(share, topic, data, qos, gone=session, left=left, hops=hops + 1)
+        await self._drain(share)

@@ -212,3 +212,40 @@ def test_a_clean_session_leaves_its_groups_when_it_ends(pki: TestPKI, broker: Br
         assert broker.call(lambda: _members(broker)) == 0
     finally:
         again.close()
+
+
+def test_a_slow_member_gets_each_message_once_through_its_window(
+    pki: TestPKI, broker: BrokerServer, tmp_path: Path
+) -> None:
+    # The only member acknowledges one message every 20 ms: 300 messages take it 6 s, more
+    # than amqtt's 5 s acknowledgement bound. Sent all at once (before the window), the last
+    # ones missed that bound and were handed over, i.e. sent to it a second time; with a
+    # window of 10 in flight the rest wait in the broker and each arrives exactly once.
+    assert broker.app is not None and broker.app.broker is not None
+    shared = broker.app.broker.shared
+    handed_over = broker.app.metrics.shared_handed_over
+    before = handed_over._value.get()
+    window, shared.window = shared.window, 10
+    slow = _member(broker, pki, "registry/slow", f"$share/ingest/{TELEMETRY}")
+    record = slow.client.on_message
+
+    def on_message(client: object, userdata: object, message: object) -> None:
+        time.sleep(0.02)  # paho acknowledges when the callback returns
+        record(client, userdata, message)  # type: ignore[misc]
+
+    slow.client.on_message = on_message
+    device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
+    try:
+        sent = [f"m{i}".encode() for i in range(300)]
+        infos = [device.client.publish("devices/dev-1/telemetry", p, qos=1) for p in sent]
+        for info in infos:
+            info.wait_for_publish(10)
+        assert wait_for(lambda: len(slow.messages) >= len(sent), 20), len(slow.messages)
+        time.sleep(0.3)  # a duplicate would arrive by now
+        assert sorted(_payloads(slow)) == sorted(sent)  # each exactly once
+        assert handed_over._value.get() == before  # nothing timed out and went again
+        assert broker.call(lambda: sum(len(g.backlog) for g in shared.groups.values())) == 0
+    finally:
+        shared.window = window
+        for probe in (slow, device):
+            probe.close()
