@@ -30,3 +30,9 @@ os.environ.setdefault("CERTFLEET_BROKER_METRICS_ADDR", "127.0.0.1:0")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPKI]:
     """A CA (root + issuing) in a temporary data folder, shared by the whole session."""
     yield new_pki(tmp_path_factory.mktemp("certfleet-data"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `slow` first: under xdist they then start at once and run beside the
+    rest, instead of starting late and holding the parallel phase open on their own."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

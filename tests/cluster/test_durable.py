@@ -199,11 +199,14 @@ def test_buckets_made_without_an_expiry_get_the_nodes_expiry(
             await client.close()
 
     assert not any(asyncio.run(bucket_ttls(create=True)).values())  # 0: records never age out
+    # A node sets its buckets up once its NATS link is up, which may be after it listens.
     node = start_node("a", broker_session_expiry_s=90)
-    assert asyncio.run(bucket_ttls(create=False)) == {SESSIONS_BUCKET: 90, OWNERS_BUCKET: 90}
+    expect = {SESSIONS_BUCKET: 90, OWNERS_BUCKET: 90}
+    assert wait_for(lambda: asyncio.run(bucket_ttls(create=False)) == expect, 10)
     node.stop()
     start_node("b", broker_session_expiry_s=600)
-    assert asyncio.run(bucket_ttls(create=False)) == {SESSIONS_BUCKET: 600, OWNERS_BUCKET: 600}
+    expect = {SESSIONS_BUCKET: 600, OWNERS_BUCKET: 600}
+    assert wait_for(lambda: asyncio.run(bucket_ttls(create=False)) == expect, 10, poll=0.1)
 
 
 def test_nodes_stopped_while_they_set_up_their_connection_leave_no_task_behind(

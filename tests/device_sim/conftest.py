@@ -58,6 +58,14 @@ class Mosquitto:
     port: int
     process: subprocess.Popen[bytes]
     config: Path
+    log: Path
+
+    def connections(self) -> int:
+        """How many client connections it has accepted so far (from its log)."""
+        try:
+            return self.log.read_text(errors="replace").count("New client connected")
+        except FileNotFoundError:
+            return 0
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,7 +104,8 @@ def mosquitto(pki: TestPKI, tmp_path: Path) -> Iterator[MosquittoFactory]:
             "persistence false",
             "max_inflight_messages 0",
             "max_queued_messages 100000",
-            "log_dest none",
+            f"log_dest file {tmp_path / f'mosquitto-{port}.log'}",
+            "log_type notice",
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to 'mosquitto', who cannot read tmp_path
@@ -110,7 +119,7 @@ def mosquitto(pki: TestPKI, tmp_path: Path) -> Iterator[MosquittoFactory]:
         process = subprocess.Popen(
             ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        broker = Mosquitto(port, process, config)
+        broker = Mosquitto(port, process, config, tmp_path / f"mosquitto-{port}.log")
         started.append(broker)
         wait_listening(port, process)
         return broker

@@ -19,6 +19,7 @@ from fleetcore.address import Address
 from fleetcore.errors import ConfigError
 from tests.device_sim.conftest import MosquittoFactory
 from tests.support.pki import Fleet
+from tests.support.waits import wait_for
 
 
 def test_broker_list_is_validated_like_every_address() -> None:
@@ -116,7 +117,8 @@ def test_sim_run_takes_a_broker_list(fleet: Fleet, mosquitto: MosquittoFactory) 
         },
     )
     try:
-        time.sleep(3.0)  # the run lasts 8 s; every device has connected by now
+        # The run lasts 8 s; its devices are spread over both brokers.
+        assert wait_for(lambda: second.connections() >= 3, 8), second.connections()
         second.stop()
         stdout, stderr = process.communicate(timeout=60)
     finally:
