@@ -43,7 +43,7 @@ typecheck: $(STAMP)
 # First, in parallel (xdist, $(PYTEST_WORKERS) workers), every test not marked `alone`; then, one
 # at a time, the tests marked `alone` (they assert wall-clock bounds that assume the cores to
 # themselves; see docs/testing.md). Both phases always run.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 6
 pytest: $(STAMP) system-deps
 	@$(BIN)/pytest -n $(PYTEST_WORKERS) -m 'not alone'; shared=$$?; \
 	  $(BIN)/pytest -m alone; alone=$$?; \
