@@ -31,7 +31,8 @@ from device_sim.renew import (
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.profile import Identity, IdentityKind, serial_hex
 from registry.models import AuditLog
-from registry.renewal import RenewalRefused, RenewalService, device_of_renew_topic
+from registry.renewal import RenewalRefused, device_of_renew_topic
+from registry.renewal_service import RenewalService
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
