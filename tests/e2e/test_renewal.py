@@ -34,7 +34,6 @@ from registry.models import AuditLog
 from registry.renewal import RenewalRefused, device_of_renew_topic
 from registry.renewal_service import RenewalService
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
 from tests.support.mqtt import connect
 from tests.support.pki import (
@@ -45,7 +44,7 @@ from tests.support.pki import (
     write_device_bundle,
 )
 from tests.support.ports import free_port
-from tests.support.servers import certfleet_broker_settings
+from tests.support.servers import certfleet_broker_settings, mqtt_registry_settings
 
 # The old name, for older imports (tests.support.pki has it now).
 _registry_data_dir = registry_data_dir
@@ -100,13 +99,8 @@ def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     root = tmp_path_factory.mktemp("renewal")
     with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
         data_dir = registry_data_dir(pki, root / "registry-data")
-        settings = RegistrySettings(
-            data_dir=data_dir,
-            registry_addr="127.0.0.1:0",
-            registry_database_url=f"sqlite:///{data_dir / 'registry.db'}",
-            registry_verify_processes=0,
-            telemetry_broker_addr=f"127.0.0.1:{broker.port}",
-            registry_renewal_min_interval_s=MIN_INTERVAL_S,
+        settings = mqtt_registry_settings(
+            data_dir, broker.port, registry_renewal_min_interval_s=MIN_INTERVAL_S
         )
         with RegistryServer(settings) as registry:
             operator_files = pki.client(IdentityKind.OPERATOR, "alice")
