@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleetcore", "factory", "registry", "broker", "device_sim", "certfleet")
+from tests.support.source_tree import PACKAGES, ROOT
 
 #: The modules that know amqtt's insides, each item listed in its docstring and pinned by
 #: tests/broker/test_amqtt_adapter_pins.py.
