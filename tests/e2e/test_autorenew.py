@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import json
 import random
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,11 @@ from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
 from registry.server import RegistryServer
 from tests.support.pki import TestPKI
-from tests.support.servers import certfleet_broker_settings, mqtt_registry_settings
+from tests.support.servers import (
+    certfleet_broker_settings,
+    mqtt_registry_settings,
+    operator_client,
+)
 
 # `alone`: certificates living seconds, a 4 s rate limit (time bounds).
 pytestmark = pytest.mark.alone
@@ -79,15 +82,9 @@ def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         settings = mqtt_registry_settings(
             layout.root, broker.port, registry_renewal_min_interval_s=RATE_LIMIT_S
         )
-        with RegistryServer(settings) as registry:
-            operator_files = pki.client(IdentityKind.OPERATOR, "alice")
-            context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
-            context.load_cert_chain(str(operator_files.cert), str(operator_files.key))
-            with httpx.Client(
-                base_url=f"{registry.url}/api/v1", verify=context, timeout=30
-            ) as operator:
-                assert registry.app.state.telemetry_ingest.subscribed.wait(15)
-                yield Stack(pki, root / "fleet", broker, operator)
+        with RegistryServer(settings) as registry, operator_client(pki, registry.url) as operator:
+            assert registry.app.state.telemetry_ingest.subscribed.wait(15)
+            yield Stack(pki, root / "fleet", broker, operator)
 
 
 def _run(

@@ -14,6 +14,7 @@ from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from registry.settings import RegistrySettings
 from tests.support.pki import ClientFiles, TestPKI
+from tests.support.tls import tls_context
 from tests.support.waits import wait_for
 
 
@@ -111,3 +112,11 @@ def mqtt_registry_settings(
     }
     values.update(overrides)
     return RegistrySettings(**values)  # type: ignore[arg-type]
+
+
+def operator_client(pki: TestPKI, registry_url: str, name: str = "alice") -> httpx.Client:
+    """Operator ``name``'s mTLS REST client of the registry at ``registry_url`` (close it)."""
+    files = pki.client(IdentityKind.OPERATOR, name)
+    return httpx.Client(
+        base_url=f"{registry_url}/api/v1", verify=tls_context(pki, files), timeout=30
+    )
