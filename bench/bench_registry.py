@@ -37,9 +37,10 @@ from cryptography.hazmat.primitives import serialization
 
 from factory.ca import CertificateAuthority, write_issued
 from factory.keys import load_private_key
+from fleetcore.cert_builders import build_leaf_certificate
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.layout import DataLayout
-from fleetcore.profile import IdentityKind, build_leaf_certificate
+from fleetcore.profile import IdentityKind
 from fleetcore.tls import service_client_context
 
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -2,7 +2,8 @@
 pinned ``amqtt<0.13``).
 
 The adapter is this module, :mod:`broker.amqtt_cluster_routing` (a cluster node's broker,
-items 10-15) and :mod:`broker.amqtt_session` (session reads); they alone know amqtt's
+items 10-15), :mod:`broker.amqtt_session` (session reads) and :mod:`broker.amqtt_state`
+(persistent state: save and restore, items 7-8); they alone know amqtt's
 insides (``tests/architecture/test_amqtt_boundary.py``). Everything else in :mod:`broker`
 uses amqtt's public surface only (``Broker.start``, ``shutdown``, ``external_connected``,
 plugins with a ``Config`` dataclass, the reader/writer adapters, ``ConnectPacket``,
@@ -53,7 +54,8 @@ those tests loudly rather than the broker quietly:
 
 7. ``Session.inflight_out`` — the QoS 1/2 messages sent to a client and not yet acknowledged
    (an ``OrderedDict`` of messages with ``topic``, ``data``, ``qos``). amqtt drops them when
-   the connection ends; :meth:`CertfleetBroker.capture_inflight` reads them just before a
+   the connection ends; :meth:`CertfleetBroker.capture_inflight`
+   (:func:`broker.amqtt_state.capture_inflight`) reads them just before a
    shutdown closes the connections, so the saved state keeps them (redelivered after the
    restart: at least once).
 8. ``Session.clean_session`` / ``is_anonymous`` / ``last_disconnect_time`` and
@@ -63,10 +65,8 @@ those tests loudly rather than the broker quietly:
 9. ``Broker._broadcast_queue`` empty and every session's ``delivered_message_queue`` empty
    means every accepted message is routed (:meth:`CertfleetBroker.wait_routed`).
 
-A persistent session is restored with public calls: ``create_offline_session`` (amqtt's
-own, for a session whose client is away), an entry in the public ``sessions`` mapping (what
-amqtt's ``BrokerContext.add_subscription`` does), ``add_subscription`` (which applies our
-ACL again) and a ``RetainedApplicationMessage`` per queued message on its queue.
+A persistent session is restored with public calls (:mod:`broker.amqtt_state`, the
+adapter's persistence, says which).
 
 Items 10-15, what a cluster node relies on beyond these, are listed in
 :mod:`broker.amqtt_cluster_routing` (:class:`~broker.amqtt_cluster_routing.ClusterBroker`,
@@ -101,24 +101,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from broker import amqtt_state
 from broker.acl import TopicAcl
 from broker.connection import TlsConnection
 from broker.gate import ConnectGate
 from broker.shared_subscriptions import SharedSubscriptionError, SharedSubscriptions, parse_share
-from broker.state import BrokerState, SessionState, StoredMessage
+from broker.state import BrokerState, StoredMessage
 from fleetcore.topics import is_renewal_topic, topic_matches
 
 __all__ = [
@@ -367,105 +367,29 @@ class CertfleetBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         """amqtt's own unsubscription (a cluster node's tells the cluster)."""
         return int(super()._del_subscription(a_filter, session))
 
-    # -- persistent state (broker.state) --------------------------------------------------
-
-    def _persistent_sessions(self) -> list[Session]:
-        return [
-            session
-            for session, _handler in self.sessions.values()
-            if session.clean_session is False and not session.is_anonymous and session.client_id
-        ]
+    # -- persistent state (broker.state; the work is broker.amqtt_state's) -----------------
 
     def capture_inflight(self) -> dict[str, list[StoredMessage]]:
         """The messages sent to persistent sessions' clients and not yet acknowledged, by
         session key (amqtt forgets them when the connection ends: take them first)."""
-        return {
-            session.client_id: [
-                StoredMessage(m.topic, bytes(m.data), m.qos or 0)
-                for m in session.inflight_out.values()
-            ]
-            for session in self._persistent_sessions()
-            if session.inflight_out
-        }
+        return amqtt_state.capture_inflight(self)
 
     def persistent_state(
         self, inflight: Mapping[str, Sequence[StoredMessage]] | None = None
     ) -> BrokerState:
-        """Every persistent session (subscriptions; messages in flight to its client, then
-        those queued while it is away) and every retained message, as plain values.
-        ``inflight`` replaces what is in flight now (:meth:`capture_inflight`, taken before
-        the connections were closed). Loop thread only; does not yield."""
-        if inflight is None:
-            inflight = self.capture_inflight()
-        filters: dict[str, list[tuple[str, int]]] = {}
-        for topic_filter, subscribers in self.subscriptions.items():
-            for subscriber, qos in subscribers:
-                if subscriber.client_id:
-                    filters.setdefault(subscriber.client_id, []).append((topic_filter, qos))
-        sessions = []
-        for session in self._persistent_sessions():
-            key = session.client_id
-            queued = list(inflight.get(key, ()))
-            queue = session.retained_messages
-            waiting = [queue.get_nowait() for _ in range(queue.qsize())]
-            for message in waiting:  # put back, same order, before anything can run
-                queue.put_nowait(message)
-            queued += [StoredMessage(m.topic, bytes(m.data), m.qos or 0) for m in waiting]
-            connected = session.transitions.state == "connected"
-            sessions.append(
-                SessionState(
-                    key=key,
-                    subscriptions=tuple(sorted(filters.get(key, ()))),
-                    queued=tuple(queued),
-                    disconnected_at=None if connected else _disconnected_at(session),
-                )
-            )
-        retained = tuple(
-            StoredMessage(topic, bytes(message.data), message.qos or 0)
-            for topic, message in sorted(self.retained_messages.items())
-            if message.data
-        )
-        return BrokerState(sessions=tuple(sorted(sessions, key=lambda s: s.key)), retained=retained)
+        """Every persistent session and every retained message, as plain values
+        (:func:`broker.amqtt_state.persistent_state`). Loop thread only; does not yield."""
+        return amqtt_state.persistent_state(self, inflight)
 
     async def restore_state(self, state: BrokerState) -> int:
-        """Recreate the persistent sessions (offline, as after their client left) and the
-        retained messages of ``state``; before the listener starts. Returns the sessions
-        restored. A subscription the ACL refuses now is not restored."""
-        for message in state.retained:
-            await self.retain_message(None, message.topic, message.payload, message.qos)
-        restored = 0
-        for saved in state.sessions:
-            if saved.key in self.sessions:
-                continue
-            handler, session = self.create_offline_session(saved.key)
-            session.clean_session = False
-            if saved.disconnected_at is not None:
-                session.last_disconnect_time = int(saved.disconnected_at)
-            self.sessions[saved.key] = (session, handler)
-            for subscription in saved.subscriptions:
-                await self.add_subscription(subscription, session)
-            for message in saved.queued:
-                session.retained_messages.put_nowait(
-                    RetainedApplicationMessage(None, message.topic, message.payload, message.qos)
-                )
-            restored += 1
-        return restored
+        """Recreate the persistent sessions (offline) and the retained messages of ``state``;
+        before the listener starts. Returns the sessions restored."""
+        return await amqtt_state.restore_state(self, state)
 
     def discard_session(self, key: str) -> bool:
         """Forget a session that is not connected: its subscriptions and queued messages
         (a decommissioned device's). False when there is none or its client is connected."""
-        entry = self.sessions.get(key)
-        if entry is None or entry[0].transitions.state == "connected":
-            return False
-        session = entry[0]
-        for topic_filter in list(self.subscriptions):
-            subscribers = self.subscriptions[topic_filter]
-            subscribers[:] = [(s, qos) for s, qos in subscribers if s is not session]
-            if not subscribers:
-                del self.subscriptions[topic_filter]
-        del self.sessions[key]
-        session.clear_queues()
-        return True
+        return amqtt_state.discard_session(self, key)
 
     async def wait_routed(self, timeout_s: float = 5.0) -> bool:
         """Wait until every message amqtt accepted is routed (queued for an offline
@@ -614,10 +538,6 @@ def _take_all(queue: asyncio.Queue[Any]) -> list[Any]:
     while not queue.empty():
         taken.append(queue.get_nowait())
     return taken
-
-
-def _disconnected_at(session: Session) -> float:
-    return float(session.last_disconnect_time or time.time())
 
 
 def _log_failed(task: asyncio.Task[object]) -> None:

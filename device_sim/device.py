@@ -11,7 +11,8 @@ reconnect); a refused identity (a TLS alert about its certificate, or CONNACK "n
 
 Every connection gets a fresh paho client (MQTT 3.1.1, clean session, client id = device id)
 whose socket is driven by the process's one asyncio loop (``add_reader``/``add_writer`` fed by
-paho's socket callbacks, ``loop_read``/``loop_write``/``loop_misc``), never by paho threads.
+paho's socket callbacks, ``loop_read``/``loop_write``/``loop_misc``; the plumbing is
+:mod:`device_sim.paho_loop`), never by paho threads.
 The TLS handshake itself is stepped by the loop too (:func:`device_sim.transport.open_tls`).
 """
 
@@ -38,6 +39,7 @@ from device_sim.bundle import DeviceBundle, tls_context
 from device_sim.credentials import Credentials
 from device_sim.errors import BundleError, Failure, classify_connack, classify_os_error
 from device_sim.paho_adapter import DeviceSocket, PreparedSocketClient
+from device_sim.paho_loop import PahoOnLoop
 from device_sim.renewal_events import RenewalEvent
 from device_sim.stats import WorkerStats
 from device_sim.telemetry import SensorModel
@@ -151,9 +153,8 @@ class SimDevice:
         self._seq = 0
         self._pending: OrderedDict[int, _Pending] = OrderedDict()  # seq -> unacked reading
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent monotonic)
-        self._client: PreparedSocketClient | None = None
-        self._socket: DeviceSocket | None = None
-        self._fd = -1
+        #: the current paho client and its socket, driven by the loop (device_sim.paho_loop).
+        self._wire = PahoOnLoop(self.device_id)
         self._connack: asyncio.Future[Failure | None] | None = None
         self._session_end: asyncio.Future[Failure] | None = None
         self._closing = False
@@ -222,7 +223,7 @@ class SimDevice:
 
     def misc(self) -> None:
         """Keepalive bookkeeping; the worker calls it about once a second."""
-        client = self._client
+        client = self._wire.client
         if client is not None and self.state is DeviceState.CONNECTED:
             client.loop_misc()
 
@@ -253,7 +254,7 @@ class SimDevice:
     async def exchange(self, payload: bytes, within: float) -> bytes | None:
         """Publish on our renew topic; the next message on our issued topic, or None."""
         assert self._loop is not None
-        client = self._client
+        client = self._wire.client
         if client is None or not self._up.is_set():
             return None
         try:
@@ -440,17 +441,12 @@ class SimDevice:
         client = PreparedSocketClient(self.device_id, sock)
         client.max_inflight_messages_set(0)  # the device's own window bounds what is unacked
         client.max_queued_messages_set(0)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        self._client = client
-        self._socket = sock
+        self._wire.attach(client, sock)
         self._closing = False
         self._session_end = None
         client.connect_async(self.broker.host, self.broker.port, self.config.keepalive)
@@ -478,9 +474,9 @@ class SimDevice:
         assert session_end is not None
         self._up.set()
         self._switch_requested.clear()
-        if self.config.renewal is not None and self._client is not None:
+        if self.config.renewal is not None and self._wire.client is not None:
             # Listen for renew-now notices from the first moment of the session.
-            self._subscribe_issued(self._client)
+            self._subscribe_issued(self._wire.client)
         switch = asyncio.ensure_future(self._switch_requested.wait())
         try:
             self._resend_window()
@@ -525,7 +521,7 @@ class SimDevice:
 
     async def _disconnect(self, session_end: asyncio.Future[Failure]) -> None:
         """A clean DISCONNECT, waiting (bounded) for the broker to close."""
-        client = self._client
+        client = self._wire.client
         if client is not None and not session_end.done():
             self._closing = True
             client.disconnect()
@@ -556,7 +552,7 @@ class SimDevice:
             self._send(self._seq, entry)
 
     def _send(self, seq: int, entry: _Pending) -> None:
-        client = self._client
+        client = self._wire.client
         if client is None:
             return
         sent_at = time.monotonic()
@@ -594,9 +590,9 @@ class SimDevice:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if client is not self._client:
+        if client is not self._wire.client:
             return
-        socket_error = self._socket.error if self._socket is not None else None
+        socket_error = self._wire.socket.error if self._wire.socket is not None else None
         if socket_error is not None:
             failure = classify_os_error(socket_error)
         elif self._closing:
@@ -626,62 +622,13 @@ class SimDevice:
             if not self._pending and self._window_empty is not None:
                 self._window_empty.set()
 
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._fd = sock.fileno()
-        self._loop.add_reader(self._fd, self._on_readable)
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if client is self._client:  # not a dropped client being garbage-collected
-            self._unregister_fd()
-
-    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if client is self._client and self._fd >= 0 and self._loop is not None:
-            self._loop.add_writer(self._fd, self._on_writable)
-
-    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if client is self._client and self._fd >= 0 and self._loop is not None:
-            self._loop.remove_writer(self._fd)
-
-    def _on_readable(self) -> None:
-        client, sock = self._client, self._socket
-        if client is None or sock is None:
-            return
-        # TLS may hold decrypted bytes the kernel no longer reports as readable: keep reading
-        # while the TLS layer has some (bounded).
-        for _ in range(64):
-            if client.loop_read(max_packets=64) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
-            if self._client is not client or sock.pending() == 0:
-                return
-
-    def _on_writable(self) -> None:
-        client = self._client
-        if client is not None:
-            client.loop_write()
-
     # -- helpers --------------------------------------------------------------------------
-
-    def _unregister_fd(self) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-        self._fd = -1
 
     def _close_client(self) -> None:
         """Drop the connection at once (no DISCONNECT): the socket is ours, we close it."""
-        client, self._client = self._client, None
-        sock, self._socket = self._socket, None
         self._inflight.clear()
-        if client is None:
-            return
-        self._closing = True
-        self._unregister_fd()
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                log.debug("socket close failed device_id=%s", self.device_id)
+        if self._wire.close():
+            self._closing = True
 
     def _emit(self, kind: str, reason: str = "") -> None:
         if self._events is not None:

@@ -35,20 +35,22 @@ from factory.signer import (
     build_key_settings,
     generate_token_keys,
 )
+from fleetcore.cert_builders import (
+    ClientCertificateTemplate,
+    build_ca_certificate,
+    build_ocsp_responder_certificate,
+    build_server_certificate,
+)
 from fleetcore.clock import utcnow
 from fleetcore.keys import generate_key, private_key_pem
 from fleetcore.layout import DataLayout, write_private, write_public
 from fleetcore.profile import (
     CLOCK_SKEW,
-    ClientCertificateTemplate,
     Identity,
     IdentityKind,
     OperatorRole,
     PrivateKey,
     PublicKey,
-    build_ca_certificate,
-    build_ocsp_responder_certificate,
-    build_server_certificate,
     certificate_pem,
     check_public_key,
 )

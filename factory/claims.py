@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
 from factory.errors import ProvisionError, RegistrationError
-from factory.registration import RegistryClient
+from factory.registration import RegistryClient, refusal_detail
 from fleetcore.clock import utcnow
 from fleetcore.errors import IdentityError
 from fleetcore.layout import DataLayout, write_public
@@ -199,12 +199,7 @@ def register_claim(client: RegistryClient, record: ClaimRecord) -> bool:
     response = client.send("POST", "/claims", json=record.as_json())
     if response.status_code in (200, 201):
         return response.status_code == 201
-    try:
-        detail: Any = response.json().get("detail")
-    except ValueError:
-        detail = response.text[:200]
-    if isinstance(detail, dict):
-        detail = detail.get("message") or detail
+    detail = refusal_detail(response)
     raise RegistrationError(
         f"registry refused claim {record.batch} (HTTP {response.status_code}): {detail}; "
         "nothing was written"

@@ -26,7 +26,7 @@ from fleetcore.layout import DataLayout
 from fleetcore.registration_wire import MAX_BATCH
 from fleetcore.tls import TlsSetupError, client_context
 
-__all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "tls_context"]
+__all__ = ["MAX_BATCH", "BatchRegistrar", "RegistryClient", "refusal_detail", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,20 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _refusal(response: httpx.Response) -> RegistrationError:
+def refusal_detail(response: httpx.Response) -> Any:
+    """What a refusing registry answer says: its ``detail``'s message (or the whole
+    ``detail``), or the start of a body that is not JSON."""
     try:
         detail: Any = response.json().get("detail")
     except ValueError:
         detail = response.text[:200]
     if isinstance(detail, dict):
         detail = detail.get("message") or detail
+    return detail
+
+
+def _refusal(response: httpx.Response) -> RegistrationError:
+    detail = refusal_detail(response)
     status = response.status_code
     if status == 409:
         return RegistrationError(

@@ -1,5 +1,7 @@
-"""The certificate profile: what device, service, operator, claim and server certificates
-contain, and how an identity is read back out of one. Nobody else parses SANs by hand.
+"""The identity model: what a certfleet identity is (kind, name, trust domain, an operator's
+role), the checks on names, keys and serials, and how an identity is read back out of a
+certificate. Nobody else parses SANs by hand. The certificates themselves (CA, client, server,
+OCSP responder) are built by :mod:`fleetcore.cert_builders`, to this profile.
 
 Identities are SPIFFE URIs (DESIGN.md): ``spiffe://<trust-domain>/<kind>/<name>`` with kind
 one of ``device``, ``service``, ``operator``, ``claim``. Every client certificate has the same
@@ -20,7 +22,6 @@ certificate without one (issued before roles existed) is read as ``operator``.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import re
 import secrets
 import ssl
@@ -28,14 +29,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleetcore.clock import naive_utc
 from fleetcore.errors import IdentityError
-from fleetcore.publication import leaf_publication_extensions
 
 __all__ = [
     "CLOCK_SKEW",
@@ -43,19 +41,15 @@ __all__ = [
     "ENROLLMENT_ONLY_KINDS",
     "HARDWARE_SERIAL_PATTERN",
     "OPERATOR_ROLE_OID",
-    "ClientCertificateTemplate",
     "NAME_PATTERN",
     "RESERVED_DEVICE_IDS",
     "TRUST_DOMAIN_PATTERN",
+    "UTF8STRING_TAG",
     "Identity",
     "IdentityKind",
     "OperatorRole",
     "PrivateKey",
     "PublicKey",
-    "build_ca_certificate",
-    "build_leaf_certificate",
-    "build_ocsp_responder_certificate",
-    "build_server_certificate",
     "certificate_pem",
     "check_device_id",
     "check_name",
@@ -148,16 +142,8 @@ class OperatorRole(StrEnum):
 DEFAULT_OPERATOR_ROLE = OperatorRole.OPERATOR
 #: The operator-role extension: an OID under the UUID arc (X.667, no registration needed).
 OPERATOR_ROLE_OID = x509.ObjectIdentifier("2.25.301953863843281746986871593418950117633")
-_UTF8STRING = 0x0C
-
-
-def _role_extension(role: OperatorRole) -> x509.Extension[x509.UnrecognizedExtension]:
-    value = role.value.encode("ascii")
-    return x509.Extension(
-        OPERATOR_ROLE_OID,
-        False,
-        x509.UnrecognizedExtension(OPERATOR_ROLE_OID, bytes([_UTF8STRING, len(value)]) + value),
-    )
+#: The DER tag of the role extension's value (a UTF8String).
+UTF8STRING_TAG = 0x0C
 
 
 def read_operator_role(certificate: x509.Certificate) -> OperatorRole:
@@ -169,7 +155,7 @@ def read_operator_role(certificate: x509.Certificate) -> OperatorRole:
         return DEFAULT_OPERATOR_ROLE
     value = extension.value
     der = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
-    if len(der) < 2 or der[0] != _UTF8STRING or der[1] != len(der) - 2:
+    if len(der) < 2 or der[0] != UTF8STRING_TAG or der[1] != len(der) - 2:
         raise IdentityError("the certificate's operator role extension is malformed")
     return OperatorRole.parse(der[2:].decode("utf-8", errors="replace"))
 
@@ -280,293 +266,6 @@ def check_public_key(public_key: object) -> PublicKey:
     raise IdentityError(
         f"key type {type(public_key).__name__} is not supported; use EC P-256, Ed25519 or RSA"
     )
-
-
-def _signing_hash(issuer_key: PrivateKey) -> hashes.SHA256 | None:
-    return None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-
-
-def build_ca_certificate(
-    *,
-    common_name: str,
-    public_key: PublicKey,
-    issuer_key: PrivateKey,
-    issuer: x509.Certificate | None,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-    path_length: int | None,
-) -> x509.Certificate:
-    """A CA certificate: self-signed when ``issuer`` is None (the root)."""
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "certfleet"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer is not None else subject)
-        .public_key(public_key)
-        .serial_number(new_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-    )
-    if issuer is not None:
-        issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-            critical=False,
-        )
-    return builder.sign(issuer_key, _signing_hash(issuer_key))
-
-
-def _leaf_builder(
-    *,
-    subject_cn: str,
-    public_key: PublicKey,
-    issuer_cert: x509.Certificate,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-    serial: int,
-    eku: list[x509.ObjectIdentifier],
-    key_usage_encipherment: bool,
-) -> x509.CertificateBuilder:
-    issuer_ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(key_usage_encipherment), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-            critical=False,
-        )
-    )
-
-
-class ClientCertificateTemplate:
-    """Client certificates (device, service, operator) from one issuer, minted fast.
-
-    The extensions every such certificate shares (basicConstraints, keyUsage, extKeyUsage,
-    authorityKeyIdentifier) are DER-encoded once and kept as pre-encoded values, and the
-    builder is made in one call with the whole extension list, so each certificate costs
-    one signature and its own fields only. The DER produced is the same as with the
-    extension objects added one by one (a test compares them).
-    """
-
-    def __init__(
-        self,
-        issuer_cert: x509.Certificate,
-        issuer_key: PrivateKey,
-        *,
-        publish_url: str | None = None,
-    ) -> None:
-        self.issuer_cert = issuer_cert
-        self.issuer_key = issuer_key
-        self._issuer_name = issuer_cert.subject
-        self._hash = _signing_hash(issuer_key)
-        issuer_ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        self._constant = {
-            encipherment: [
-                _pre_encoded(x509.BasicConstraints(ca=False, path_length=None), critical=True),
-                _pre_encoded(_leaf_key_usage(encipherment), critical=True),
-                _pre_encoded(
-                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-                ),
-            ]
-            for encipherment in (False, True)
-        }
-        # CRL Distribution Point, Freshest CRL (the delta) and AIA OCSP URL when the CA
-        # publishes (ca init --publish-url).
-        self._publication = [
-            _pre_encoded(extension.value, critical=False)
-            for extension in (leaf_publication_extensions(publish_url) if publish_url else [])
-        ]
-        self._aki = _pre_encoded(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
-            critical=False,
-        )
-
-    def build(
-        self,
-        *,
-        identity: Identity,
-        public_key: PublicKey,
-        not_before: dt.datetime,
-        not_after: dt.datetime,
-        serial: int | None = None,
-        role: OperatorRole | None = None,
-    ) -> x509.Certificate:
-        """A client certificate (device, service, operator or claim): clientAuth, CN = name,
-        one SPIFFE URI SAN; an operator's ``role`` in its extension."""
-        public_key = check_public_key(public_key)
-        if role is not None and identity.kind is not IdentityKind.OPERATOR:
-            raise IdentityError(f"only an operator certificate carries a role, not {identity.uri}")
-        not_before, not_after = naive_utc(not_before), naive_utc(not_after)
-        if not_after <= not_before:
-            raise IdentityError(
-                f"not_after {not_after.isoformat()} is not after not_before "
-                f"{not_before.isoformat()}"
-            )
-        serial_number = serial if serial is not None else new_serial()
-        if not 0 < serial_number < 1 << 159:
-            raise IdentityError("a certificate serial must be positive and at most 159 bits")
-        extensions = [
-            *self._constant[isinstance(public_key, rsa.RSAPublicKey)],
-            x509.Extension(
-                x509.SubjectKeyIdentifier.oid,
-                False,
-                x509.SubjectKeyIdentifier.from_public_key(public_key),
-            ),
-            self._aki,
-            *self._publication,
-            x509.Extension(
-                x509.SubjectAlternativeName.oid,
-                False,
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-            ),
-            *([_role_extension(role)] if role is not None else []),
-        ]
-        # The constructor takes the finished list; the chained setters would copy the
-        # builder and re-check for duplicates once per extension.
-        builder = x509.CertificateBuilder(
-            issuer_name=self._issuer_name,
-            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]),
-            public_key=public_key,
-            serial_number=serial_number,
-            not_valid_before=not_before,
-            not_valid_after=not_after,
-            extensions=extensions,
-        )
-        return builder.sign(self.issuer_key, self._hash)
-
-
-def _pre_encoded(
-    extension: x509.ExtensionType, *, critical: bool
-) -> x509.Extension[x509.UnrecognizedExtension]:
-    return x509.Extension(
-        extension.oid, critical, x509.UnrecognizedExtension(extension.oid, extension.public_bytes())
-    )
-
-
-def _leaf_key_usage(key_encipherment: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=key_encipherment,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def build_leaf_certificate(
-    *,
-    identity: Identity,
-    public_key: PublicKey,
-    issuer_cert: x509.Certificate,
-    issuer_key: PrivateKey,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-    serial: int | None = None,
-) -> x509.Certificate:
-    """A device, service or operator client certificate (clientAuth, one SPIFFE URI SAN)."""
-    return ClientCertificateTemplate(issuer_cert, issuer_key).build(
-        identity=identity,
-        public_key=public_key,
-        not_before=not_before,
-        not_after=not_after,
-        serial=serial,
-    )
-
-
-def build_server_certificate(
-    *,
-    name: str,
-    dns_names: list[str],
-    ip_addresses: list[str],
-    public_key: PublicKey,
-    issuer_cert: x509.Certificate,
-    issuer_key: PrivateKey,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-    publish_url: str | None = None,
-) -> x509.Certificate:
-    """A TLS server certificate (serverAuth only) for the broker or the registry."""
-    if not dns_names and not ip_addresses:
-        raise IdentityError(f"server certificate {name!r} needs at least one --dns or --ip")
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
-    for ip in ip_addresses:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
-        except ValueError:
-            raise IdentityError(f"{ip!r} is not an IP address") from None
-    builder = _leaf_builder(
-        subject_cn=check_name(name, "server name"),
-        public_key=check_public_key(public_key),
-        issuer_cert=issuer_cert,
-        not_before=not_before,
-        not_after=not_after,
-        serial=new_serial(),
-        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-        key_usage_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-    ).add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    for extension in leaf_publication_extensions(publish_url) if publish_url else []:
-        builder = builder.add_extension(extension.value, critical=False)
-    return builder.sign(issuer_key, _signing_hash(issuer_key))
-
-
-def build_ocsp_responder_certificate(
-    *,
-    name: str,
-    public_key: PublicKey,
-    issuer_cert: x509.Certificate,
-    issuer_key: PrivateKey,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-) -> x509.Certificate:
-    """A delegated OCSP responder certificate (RFC 6960 4.2.2.2): OCSPSigning only, issued
-    by the CA whose certificates it answers for, with id-pkix-ocsp-nocheck (a relying party
-    does not ask about the responder itself)."""
-    builder = _leaf_builder(
-        subject_cn=check_name(name, "OCSP responder name"),
-        public_key=check_public_key(public_key),
-        issuer_cert=issuer_cert,
-        not_before=not_before,
-        not_after=not_after,
-        serial=new_serial(),
-        eku=[ExtendedKeyUsageOID.OCSP_SIGNING],
-        key_usage_encipherment=False,
-    ).add_extension(x509.OCSPNoCheck(), critical=False)
-    return builder.sign(issuer_key, _signing_hash(issuer_key))
 
 
 def read_identity(certificate: x509.Certificate) -> Identity:

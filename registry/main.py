@@ -10,18 +10,15 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from factory.ca import CertificateAuthority
 from fleetcore.clock import utcnow
 from fleetcore.profile import IdentityKind
 from registry import operations
+from registry.api.error_handlers import install_error_handlers
 from registry.api.routes import (
     API_PREFIX,
     audit,
@@ -39,7 +36,6 @@ from registry.api.routes import (
 from registry.console import install_console
 from registry.crl import CrlCache
 from registry.db import make_engine, migrate
-from registry.errors import RegistryError
 from registry.est.routes import install_est
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
@@ -58,74 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["API_PREFIX", "create_app"]
 
 log = logging.getLogger(__name__)
-
-
-#: Retry-After of every 503: the causes (pool, database, CRL signer) pass in about a second.
-RETRY_AFTER_S = "1"
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return JSONResponse(
-        {"detail": {"error": code, "message": message}}, status_code=status, headers=headers
-    )
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        # Expected (a relying party timed out, a scanner): one counted info line, no traceback.
-        listener = "publication" if request.url.scheme == "http" else "https"
-        request.app.state.registry.metrics.client_disconnects.labels(listener).inc()
-        log.info(
-            "client hung up mid-request listener=%s method=%s path=%s from=%s",
-            listener,
-            request.method,
-            request.url.path,
-            f"{request.client.host}:{request.client.port}" if request.client else "-",
-        )
-        return Response(status_code=400)  # nobody reads it; the connection is closed
-
-    @app.exception_handler(RegistryError)
-    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
-        log.info(
-            "request refused status=%d error=%s method=%s path=%s message=%s",
-            exc.status,
-            exc.code,
-            request.method,
-            request.url.path,
-            exc,
-        )
-        return _error(exc.status, exc.code, str(exc))
-
-    @app.exception_handler(IntegrityError)
-    async def integrity_error(request: Request, exc: IntegrityError) -> JSONResponse:
-        log.warning("write conflict method=%s path=%s", request.method, request.url.path)
-        return _error(
-            409,
-            "conflict",
-            "a concurrent request registered the same device, serial or hardware serial; "
-            "retry to see the outcome",
-        )
-
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
-        log.error(
-            "database unavailable method=%s path=%s error=%s",
-            request.method,
-            request.url.path,
-            type(exc.orig).__name__,
-        )
-        return _error(503, "database_unavailable", "the registry database is unavailable; retry")
-
-    @app.exception_handler(PoolTimeoutError)
-    async def pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
-        # Not an OperationalError: the pool had no free connection within its short timeout.
-        log.error("database pool exhausted method=%s path=%s", request.method, request.url.path)
-        request.app.state.registry.metrics.pool_exhausted.inc()
-        return _error(
-            503, "database_busy", "the registry has no free database connection; retry shortly"
-        )
 
 
 #: HSTS on every answer of the HTTPS listener (not the plain-HTTP publication listener, where
@@ -188,7 +116,7 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
         redoc_url=None,
     )
     app.state.registry = state
-    _install_error_handlers(app)
+    install_error_handlers(app)
     routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
     for module in (*routers, issuers):  # issuers: issue 26
         app.include_router(module.router)

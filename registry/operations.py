@@ -5,7 +5,7 @@ The REST routes and every other entry point (the web console, the token CLI) cal
 functions, so an operation's effects (feed wake-up, metrics, planner, log line, CRL re-sign)
 happen the same way whoever asks. Each function opens and closes its own database session:
 no connection is held once it returns, and nothing after the commit waits on the database.
-Renewal over MQTT has its own service (:class:`registry.renewal.RenewalService`: answer,
+Renewal over MQTT has its own service (:class:`registry.renewal_service.RenewalService`: answer,
 count, log), on the same data layer (:mod:`registry.store.renewals`).
 
 Operations that need the running app's parts (metrics, feed, CRL) take its

@@ -32,8 +32,8 @@ from fleetcore.publication import (
     DELTA_CRL_PEM_PATH,
     OCSP_PATH,
 )
+from registry.api.error_handlers import install_error_handlers
 from registry.issuer_crl import IssuerCrls
-from registry.main import _install_error_handlers
 from registry.ocsp import OcspResponder
 from registry.settings import split_addr
 from registry.state import RegistryState
@@ -55,7 +55,7 @@ def create_publication_app(state: RegistryState, responder: OcspResponder) -> Fa
     # The same answers as the HTTPS app when the CRL cannot be signed or the database is down
     # (the handlers count on app.state.registry).
     app.state.registry = state
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get(CRL_PATH)
     def crl_der() -> Response:

@@ -3,7 +3,7 @@ revoked (reason ``superseded``) after a grace.
 
 The device publishes ``{"confirm": "<serial of the new certificate, lower-case hex>"}`` on
 ``devices/<id>/cert/renew`` once it has connected with that certificate; the registry's
-renewal worker (:class:`registry.renewal.RenewalService`) hands JSON payloads there to
+renewal worker (:class:`registry.renewal_service.RenewalService`) hands JSON payloads there to
 :class:`Confirmer` and answers on ``devices/<id>/cert/issued`` with ``{"confirmed":
 "<serial>"}`` or a refusal ``{"error": "<code>", "message": "<why>"}``:
 

@@ -33,8 +33,9 @@ exports them on the registry's ``/api/v1/metrics`` when it is scraped.
 
 Given the CA (``start_ingest(settings, engine, ca)``, as the app does) and with
 ``registry_renewal_enabled``, the same connection also subscribes to ``devices/+/cert/renew``
-(QoS 1) and hands each CSR to :class:`registry.renewal.RenewalService`, which signs on its own
-worker thread and answers on ``devices/<id>/cert/issued``.
+(QoS 1) and hands each CSR to :class:`registry.renewal_service.RenewalService` (built by
+:func:`registry.renewal_service.build_renewal_service`), which signs on its own worker thread
+and answers on ``devices/<id>/cert/issued``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from fleetcore.profile import NAME_PATTERN, read_identity
 from fleetcore.topics import RENEW, RENEW_FILTER, TELEMETRY, TELEMETRY_FILTER, device_of
 from registry.errors import TelemetryRejected
 from registry.renew_now import RenewNowNotices
-from registry.renewal import CertificateRenewer, RenewalService
+from registry.renewal_service import RenewalService, build_renewal_service
 from registry.settings import RegistrySettings, split_addr
 from registry.store.telemetry import TelemetryUpdate, record_telemetry
 from registry.supervise import SupervisedThread
@@ -176,18 +177,10 @@ class TelemetryIngest:
         #: devices an operator asked to renew now (``POST /api/v1/devices/renew-now``).
         self.renew_now = RenewNowNotices(self._publish_qos1)
         if ca is not None and settings.registry_renewal_enabled:
-            renewer = CertificateRenewer(
-                ca,
+            self.renewal = build_renewal_service(
+                settings,
                 engine,
-                min_interval_s=settings.registry_renewal_min_interval_s,
-                max_attempts=settings.registry_renewal_max_attempts,
-                lifetime=settings.renewal_lifetime,
-                stagger=settings.renewal_stagger,
-                instance=self._instance,
-                shared_group=self._shared,
-            )
-            self.renewal = RenewalService(
-                renewer,
+                ca,
                 self._publish_qos1,
                 on_outcome=on_renewal_outcome,
                 on_crash=on_crash,

@@ -18,7 +18,8 @@ from fastapi.staticfiles import StaticFiles
 
 from registry.console.docs import install_docs
 from registry.console.render import CONSOLE_PREFIX, STATIC_DIR, ConsoleHeadersMiddleware, render
-from registry.console.routes import router
+from registry.console.routes import router as pages
+from registry.console.signin import router as signin
 from registry.errors import ConsoleRefusal, SignInRequired
 
 __all__ = ["install_console"]
@@ -30,7 +31,8 @@ def install_console(app: FastAPI) -> None:
     Call it before the app's own ``docs_url`` would be set: create the app with
     ``docs_url=None``.
     """
-    app.include_router(router)
+    app.include_router(signin)
+    app.include_router(pages)
     app.mount(f"{CONSOLE_PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     install_docs(app)
 

@@ -14,16 +14,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from factory.issuers import authority_key_id
 from fleetcore.clock import utcnow
 from registry.db import write_transaction
-from registry.models import Certificate, Device, Revocation
-from registry.store import counters
+from registry.models import Certificate, Device
 from registry.store.audit import Actor, add_entry
-from registry.store.revocations import FEED_CHANNEL
+from registry.store.revocations import announce, append_feed_event, mark_revoked
 
 __all__ = ["IssuerUse", "issuer_use", "revoke_issuer_certificates"]
 
@@ -86,24 +84,18 @@ def revoke_issuer_certificates(
                 continue
             if authority_key_id(parsed) != key_id:
                 continue
-            certificate.status = "revoked"
-            certificate.revoked_at = now
-            certificate.revocation_reason = "unspecified"
-            session.add(certificate)
+            mark_revoked(session, [certificate], now, "unspecified")
             revoked.append(certificate.serial)
         session.flush()
-        seq = counters.bump(session, counters.REVOCATION_SEQ)
-        session.add(
-            Revocation(
-                seq=seq,
-                device_id=key_id,
-                serials=sorted(revoked),
-                reason=reason,
-                reason_code="unspecified",
-                revoked_at=now,
-                operator=actor.who[:256],
-                kind="issuer_revoked",
-            )
+        seq = append_feed_event(
+            session,
+            subject=key_id,
+            serials=sorted(revoked),
+            reason=reason,
+            reason_code="unspecified",
+            now=now,
+            actor=actor,
+            kind="issuer_revoked",
         )
         add_entry(
             session,
@@ -112,9 +104,5 @@ def revoke_issuer_certificates(
             key_id,
             {"reason": reason, "certificates": len(revoked), "seq": seq},
         )
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(
-                text("SELECT pg_notify(:channel, :seq)"),
-                {"channel": FEED_CHANNEL, "seq": str(seq)},
-            )
+        announce(session, seq)
     return seq, sorted(revoked)

@@ -27,6 +27,8 @@ from registry.store.devices import device_public
 
 __all__ = [
     "FEED_CHANNEL",
+    "announce",
+    "append_feed_event",
     "decommission_device",
     "feed_epoch",
     "head_seq",
@@ -73,11 +75,7 @@ def decommission_device(
             if c.status == "live"
         ]
         serials = sorted(c.serial for c in live)
-        for certificate in live:
-            certificate.status = "revoked"
-            certificate.revoked_at = now
-            certificate.revocation_reason = reason_code
-            session.add(certificate)
+        mark_revoked(session, live, now, reason_code)
         device.status = "decommissioned"
         device.decommissioned_at = now
         session.add(device)
@@ -85,17 +83,14 @@ def decommission_device(
         # until commit, so only what needs the number runs while it is held (the
         # certificate and device updates are written first).
         session.flush()
-        seq = counters.bump(session, counters.REVOCATION_SEQ)
-        session.add(
-            Revocation(
-                seq=seq,
-                device_id=device_id,
-                serials=serials,
-                reason=reason,
-                reason_code=reason_code,
-                revoked_at=now,
-                operator=actor.who[:256],
-            )
+        seq = append_feed_event(
+            session,
+            subject=device_id,
+            serials=serials,
+            reason=reason,
+            reason_code=reason_code,
+            now=now,
+            actor=actor,
         )
         add_entry(
             session,
@@ -104,14 +99,60 @@ def decommission_device(
             device_id,
             {"reason": reason, "reason_code": reason_code, "serials": serials, "seq": seq},
         )
-        if session.get_bind().dialect.name == "postgresql":
-            # Sent when (and only if) this transaction commits.
-            session.execute(
-                text("SELECT pg_notify(:channel, :seq)"),
-                {"channel": FEED_CHANNEL, "seq": str(seq)},
-            )
+        announce(session, seq)
     public = device_public(session, device)
     return DecommissionResult(**public.model_dump(), revocation_seq=seq)
+
+
+def mark_revoked(
+    session: Session, certificates: Sequence[Certificate], now: dt.datetime, reason_code: str
+) -> None:
+    """Mark ``certificates`` revoked at ``now`` for ``reason_code`` (in the caller's
+    transaction; the feed event is :func:`append_feed_event`)."""
+    for certificate in certificates:
+        certificate.status = "revoked"
+        certificate.revoked_at = now
+        certificate.revocation_reason = reason_code
+        session.add(certificate)
+
+
+def append_feed_event(
+    session: Session,
+    *,
+    subject: str,
+    serials: list[str],
+    reason: str,
+    reason_code: str,
+    now: dt.datetime,
+    actor: Actor,
+    kind: str = "decommission",
+) -> int:
+    """Append the next event of the revocation feed in the caller's transaction; its seq.
+    ``subject`` is the device id (an issuing CA's key id for ``issuer_revoked``). The
+    counter's row lock is held until commit: take it last."""
+    seq = counters.bump(session, counters.REVOCATION_SEQ)
+    session.add(
+        Revocation(
+            seq=seq,
+            device_id=subject,
+            serials=serials,
+            reason=reason,
+            reason_code=reason_code,
+            revoked_at=now,
+            operator=actor.who[:256],
+            kind=kind,
+        )
+    )
+    return seq
+
+
+def announce(session: Session, seq: int) -> None:
+    """Tell every replica's feed listener of event ``seq`` (PostgreSQL NOTIFY, sent when and
+    only if the transaction commits; nothing on SQLite, where there is one process)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_notify(:channel, :seq)"), {"channel": FEED_CHANNEL, "seq": str(seq)}
+        )
 
 
 def _draw_epoch() -> int:

@@ -20,9 +20,9 @@ from fleetcore.clock import utcnow
 from fleetcore.renewal_wire import RefusalCode
 from registry.db import write_transaction
 from registry.errors import ConfirmRefusedError, DecommissionedDeviceError, NotFoundError
-from registry.models import Certificate, Device, Revocation
-from registry.store import counters
+from registry.models import Certificate, Device
 from registry.store.audit import Actor, add_entry
+from registry.store.revocations import append_feed_event
 
 __all__ = [
     "BATCH",
@@ -174,18 +174,15 @@ def _revoke_due(
             continue
         serials = sorted(c.serial for c in live)
         by = sorted({c.superseded_by or "?" for c in live})
-        seq = counters.bump(session, counters.REVOCATION_SEQ)
-        session.add(
-            Revocation(
-                seq=seq,
-                device_id=device_id,
-                serials=serials,
-                reason=f"superseded by {','.join(by)}",
-                reason_code=SUPERSEDED,
-                revoked_at=now,
-                operator=actor.who[:256],
-                kind=SUPERSEDED,
-            )
+        seq = append_feed_event(
+            session,
+            subject=device_id,
+            serials=serials,
+            reason=f"superseded by {','.join(by)}",
+            reason_code=SUPERSEDED,
+            now=now,
+            actor=actor,
+            kind=SUPERSEDED,
         )
         add_entry(
             session, actor, "supersede", device_id, {"serials": serials, "by": by, "seq": seq}

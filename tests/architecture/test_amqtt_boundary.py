@@ -20,13 +20,17 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleetcore", "factory", "registry", "broker", "device_sim", "certfleet")
+from tests.support.source_tree import PACKAGES, ROOT
 
 #: The modules that know amqtt's insides, each item listed in its docstring and pinned by
 #: tests/broker/test_amqtt_adapter_pins.py.
 ADAPTER_MODULES = frozenset(
-    {"broker/amqtt_adapter.py", "broker/amqtt_cluster_routing.py", "broker/amqtt_session.py"}
+    {
+        "broker/amqtt_adapter.py",
+        "broker/amqtt_cluster_routing.py",
+        "broker/amqtt_session.py",
+        "broker/amqtt_state.py",
+    }
 )
 
 #: What of amqtt the rest of the broker may import: the stream adapters our connections

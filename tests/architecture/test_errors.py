@@ -18,9 +18,7 @@ from amqtt.errors import MQTTError, NoDataError
 from fastapi import HTTPException
 
 from fleetcore.errors import CertfleetError
-
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleetcore", "factory", "registry", "broker", "device_sim", "certfleet")
+from tests.support.source_tree import PACKAGES, ROOT
 
 #: Foreign exceptions a raise may name (or a function return, to be raised), each for a reason.
 ALLOWED_FOREIGN: dict[type[BaseException], str] = {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleetcore", "factory", "registry", "broker", "device_sim", "certfleet")
+from tests.support.source_tree import PACKAGES, ROOT
+
 MAX_LINES = 100
 
 

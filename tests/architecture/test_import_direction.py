@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-OURS = {"fleetcore", "factory", "registry", "broker", "device_sim", "certfleet"}
+from tests.support.source_tree import PACKAGES, ROOT
+
+OURS = set(PACKAGES)
 
 ALLOWED: dict[str, set[str]] = {
     "fleetcore": {"fleetcore"},

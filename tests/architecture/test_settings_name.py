@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.source_tree import ROOT
+
 PARTS = ("factory", "registry", "broker", "device_sim", "certfleet")
 PACKAGES = ("fleetcore", *PARTS)
 

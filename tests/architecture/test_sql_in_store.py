@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleetcore", "factory", "registry", "broker", "device_sim", "certfleet")
+from tests.support.source_tree import PACKAGES, ROOT
 
 #: Names of sqlalchemy/sqlmodel that build or run SQL statements.
 QUERY_NAMES = frozenset(

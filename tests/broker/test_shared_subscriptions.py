@@ -13,6 +13,7 @@ from broker.shared_subscriptions import SharedSubscriptionError, parse_share
 from fleetcore.profile import IdentityKind
 from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.conftest import TestPKI
+from tests.support.mqtt import payloads, subscribed
 
 TELEMETRY = "devices/+/telemetry"
 
@@ -21,16 +22,25 @@ def _member(
     broker: BrokerServer, pki: TestPKI, client_id: str, sub: str, **kw: object
 ) -> MqttProbe:
     probe = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), client_id, **kw)  # type: ignore[arg-type]
-    assert probe.connected.is_set(), probe.reason
-    probe.subscribed.clear()
-    probe.client.subscribe(sub, qos=1)
-    assert probe.subscribed.wait(5)
-    assert probe.suback == [1], probe.suback
-    return probe
+    return subscribed(probe, sub)
 
 
-def _payloads(*probes: MqttProbe) -> list[bytes]:
-    return [payload for probe in probes for _topic, payload in list(probe.messages)]
+def _unacknowledged_go_to_b(a: MqttProbe, b: MqttProbe, device: MqttProbe) -> None:
+    """``device`` publishes 20 readings to the group of ``a`` (which acknowledges nothing)
+    and ``b``; ``a`` vanishes: what it held reaches ``b``, at once, each message once."""
+    sent = [f"m{i}".encode() for i in range(20)]
+    for payload in sent:
+        device.client.publish("devices/dev-1/telemetry", payload, qos=1).wait_for_publish(5)
+    assert wait_for(lambda: len(payloads(a, b)) >= len(sent), 3)
+    held = set(payloads(a))
+    assert held, "round robin gave the silent member nothing"
+    assert not held & set(payloads(b))
+    left_at = time.monotonic()
+    a.drop()  # gone without acknowledging
+    assert wait_for(lambda: held <= set(payloads(b)), 3), held - set(payloads(b))
+    assert time.monotonic() - left_at < 3  # at the disconnect, not amqtt's 5 s timeout
+    assert sorted(set(payloads(b))) == sorted(sent)  # nothing lost
+    assert max(Counter(payloads(b)).values()) == 1
 
 
 def test_parse_share_refuses_malformed_groups_and_filters() -> None:
@@ -55,11 +65,11 @@ def test_each_message_goes_to_one_member_of_each_group(
         for payload in sent:
             device.client.publish("devices/dev-1/telemetry", payload, qos=1).wait_for_publish(5)
         assert wait_for(lambda: len(plain.messages) == len(sent) and len(other.messages) == 60)
-        assert wait_for(lambda: len(_payloads(a, b)) >= len(sent))
+        assert wait_for(lambda: len(payloads(a, b)) >= len(sent))
         time.sleep(0.3)  # a duplicate would arrive by now
-        assert sorted(_payloads(a, b)) == sorted(sent)  # each once, across the group
+        assert sorted(payloads(a, b)) == sorted(sent)  # each once, across the group
         assert len(a.messages) >= 20 and len(b.messages) >= 20  # both members serve
-        assert sorted(_payloads(other)) == sorted(sent)  # another group: all of them
+        assert sorted(payloads(other)) == sorted(sent)  # another group: all of them
         assert [p for _t, p in plain.messages] == sent  # plain subscribers unchanged
     finally:
         for probe in (a, b, other, plain, device):
@@ -70,27 +80,11 @@ def test_unacknowledged_messages_go_to_another_member_when_one_leaves(
     pki: TestPKI, broker: BrokerServer, tmp_path: Path
 ) -> None:
     # "a" takes messages and never acknowledges them (paho's manual ack, never called).
-    a = connect(broker.port, pki.client(IdentityKind.SERVICE, "registry"), "registry/a")
-    a.client.manual_ack_set(True)
-    a.client.subscribe(f"$share/ingest/{TELEMETRY}", qos=1)
-    assert a.subscribed.wait(5) and a.suback == [1]
+    a = _member(broker, pki, "registry/a", f"$share/ingest/{TELEMETRY}", manual_ack=True)
     b = _member(broker, pki, "registry/b", f"$share/ingest/{TELEMETRY}")
     device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
     try:
-        sent = [f"m{i}".encode() for i in range(20)]
-        for payload in sent:
-            device.client.publish("devices/dev-1/telemetry", payload, qos=1).wait_for_publish(5)
-        assert wait_for(lambda: len(_payloads(a, b)) >= len(sent), 3)
-        held = set(_payloads(a))
-        assert held, "round robin gave the silent member nothing"
-        assert not held & set(_payloads(b))
-        left_at = time.monotonic()
-        a.drop()  # gone without acknowledging
-        assert wait_for(lambda: held <= set(_payloads(b)), 3), held - set(_payloads(b))
-        assert time.monotonic() - left_at < 3  # at the disconnect, not amqtt's 5 s timeout
-        assert sorted(set(_payloads(b))) == sorted(sent)  # nothing lost
-        counts = Counter(_payloads(b))
-        assert max(counts.values()) == 1
+        _unacknowledged_go_to_b(a, b, device)
     finally:
         for probe in (b, device):
             probe.close()
@@ -102,32 +96,18 @@ def test_a_persistent_member_s_unacknowledged_messages_go_to_another_member_when
     # "a" has a persistent session (clean session off): its group membership outlives the
     # connection, yet what it took and never acknowledged goes to "b" when it vanishes,
     # not into a's queue until it comes back.
-    a = connect(
-        broker.port,
-        pki.client(IdentityKind.SERVICE, "registry"),
+    a = _member(
+        broker,
+        pki,
         "registry/a",
+        f"$share/ingest/{TELEMETRY}",
         clean_session=False,
         manual_ack=True,
     )
-    assert a.connected.is_set(), a.reason
-    a.client.subscribe(f"$share/ingest/{TELEMETRY}", qos=1)
-    assert a.subscribed.wait(5) and a.suback == [1]
     b = _member(broker, pki, "registry/b", f"$share/ingest/{TELEMETRY}")
     device = connect(broker.port, issue_device(pki, tmp_path, "dev-1"), "dev-1")
     try:
-        sent = [f"m{i}".encode() for i in range(20)]
-        for payload in sent:
-            device.client.publish("devices/dev-1/telemetry", payload, qos=1).wait_for_publish(5)
-        assert wait_for(lambda: len(_payloads(a, b)) >= len(sent), 3)
-        held = set(_payloads(a))
-        assert held, "round robin gave the silent member nothing"
-        assert not held & set(_payloads(b))
-        left_at = time.monotonic()
-        a.drop()  # gone without acknowledging
-        assert wait_for(lambda: held <= set(_payloads(b)), 3), held - set(_payloads(b))
-        assert time.monotonic() - left_at < 3  # at the disconnect, not amqtt's 5 s timeout
-        assert sorted(set(_payloads(b))) == sorted(sent)  # nothing lost
-        assert max(Counter(_payloads(b)).values()) == 1
+        _unacknowledged_go_to_b(a, b, device)
         # Still a member while away: its session keeps the group.
         assert broker.call(lambda: _members(broker)) == 2
     finally:

@@ -28,7 +28,7 @@ from tests.cluster.conftest import StartNode
 from tests.support.mqtt import connect
 from tests.support.pki import TestPKI, issue_device, new_pki
 from tests.support.processes import certfleet_in_process
-from tests.support.servers import register
+from tests.support.servers import following_nodes, register
 from tests.support.waits import wait_for
 
 
@@ -63,11 +63,7 @@ def test_a_revoked_issuing_ca_is_cut_off_on_every_node_within_a_second(
     cluster_layout: DataLayout,
     tmp_path: Path,
 ) -> None:
-    nodes = [start_node(name, registry_url=registry.url, broker_feed_wait_s=30) for name in "ab"]
-    for node in nodes:
-        app = node.app
-        assert app is not None and app.follower is not None
-        assert wait_for(lambda app=app: not app.not_ready(), 15), app.not_ready()
+    nodes = following_nodes(start_node, registry.url)
     old = [issue_device(pki, tmp_path, f"dev-old-{i}") for i in range(2)]
     for i, files in enumerate(old):
         register(operator, files, f"dev-old-{i}")

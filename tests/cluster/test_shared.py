@@ -24,6 +24,7 @@ from fleetcore.topics import telemetry_topic
 from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
 from tests.cluster.conftest import StartNode
 from tests.conftest import TestPKI
+from tests.support.mqtt import payloads, subscribed
 
 FILTER = "devices/+/telemetry"
 SHARE = ShareFilter("ingest", FILTER)
@@ -67,12 +68,9 @@ def raw_nats(nats_server: LocalNats) -> Iterator[RawNats]:
     raw.close()
 
 
-def _member(node: BrokerServer, pki: TestPKI, client_id: str) -> MqttProbe:
-    probe = connect(node.port, pki.client(IdentityKind.SERVICE, "registry"), client_id)
-    assert probe.connected.is_set(), probe.reason
-    probe.client.subscribe(f"$share/{SHARE.group}/{FILTER}", qos=1)
-    assert probe.subscribed.wait(5) and probe.suback == [1]
-    return probe
+def _member(node: BrokerServer, pki: TestPKI, client_id: str, **kw: bool) -> MqttProbe:
+    probe = connect(node.port, pki.client(IdentityKind.SERVICE, "registry"), client_id, **kw)
+    return subscribed(probe, f"$share/{SHARE.group}/{FILTER}")
 
 
 def _knows_the_other(*nodes: BrokerServer) -> bool:
@@ -81,10 +79,6 @@ def _knows_the_other(*nodes: BrokerServer) -> bool:
         return shared is not None and shared.elsewhere(SHARE)
 
     return all(knows(node) for node in nodes)
-
-
-def _payloads(*probes: MqttProbe) -> list[bytes]:
-    return [payload for probe in probes for _t, payload in list(probe.messages)]
 
 
 def _publish(device: MqttProbe, device_id: str, count: int) -> list[bytes]:
@@ -108,12 +102,12 @@ def test_one_delivery_per_message_across_two_nodes_and_the_local_member_first(
     try:
         assert wait_for(lambda: _knows_the_other(node_a, node_b))
         sent_a, sent_b = _publish(dev_a, "dev-a", 30), _publish(dev_b, "dev-b", 30)
-        assert wait_for(lambda: len(_payloads(member_a, member_b)) >= 60)
+        assert wait_for(lambda: len(payloads(member_a, member_b)) >= 60)
         time.sleep(0.3)  # a duplicate would arrive by now
-        assert sorted(_payloads(member_a, member_b)) == sorted(sent_a + sent_b)
+        assert sorted(payloads(member_a, member_b)) == sorted(sent_a + sent_b)
         # Each node's member took its own node's publishers: nothing crossed NATS.
-        assert sorted(_payloads(member_a)) == sorted(sent_a)
-        assert sorted(_payloads(member_b)) == sorted(sent_b)
+        assert sorted(payloads(member_a)) == sorted(sent_a)
+        assert sorted(payloads(member_b)) == sorted(sent_b)
         assert raw_nats.count == 0
         assert _remote_sent(node_a) == 0 and _remote_sent(node_b) == 0
     finally:
@@ -130,9 +124,9 @@ def test_a_group_with_members_on_another_node_only_is_served_through_nats_once(
     try:
         assert wait_for(lambda: _knows_the_other(node_a, node_b, node_c))
         sent = _publish(dev, "dev-a", 40)
-        assert wait_for(lambda: len(_payloads(member_b, member_c)) >= 40)
+        assert wait_for(lambda: len(payloads(member_b, member_c)) >= 40)
         time.sleep(0.3)
-        assert sorted(_payloads(member_b, member_c)) == sorted(sent)  # each once
+        assert sorted(payloads(member_b, member_c)) == sorted(sent)  # each once
         assert member_b.messages and member_c.messages  # NATS's queue group spreads them
         assert raw_nats.count == 40 and _remote_sent(node_a) == 40
     finally:
@@ -150,14 +144,37 @@ def test_without_local_preference_messages_go_to_the_other_node(
     try:
         assert wait_for(lambda: _knows_the_other(node_a, node_b))
         sent = _publish(dev, "dev-a", 20)
-        assert wait_for(lambda: len(_payloads(member_a, member_b)) >= 20)
+        assert wait_for(lambda: len(payloads(member_a, member_b)) >= 20)
         time.sleep(0.3)
-        assert sorted(_payloads(member_a, member_b)) == sorted(sent)
-        assert sorted(_payloads(member_b)) == sorted(sent)  # all crossed NATS
+        assert sorted(payloads(member_a, member_b)) == sorted(sent)
+        assert sorted(payloads(member_b)) == sorted(sent)  # all crossed NATS
         assert raw_nats.count == 20
     finally:
         for probe in (member_a, member_b, dev):
             probe.close()
+
+
+def _silent_member_leaves(
+    node_a: BrokerServer,
+    node_b: BrokerServer,
+    silent: MqttProbe,
+    member_b: MqttProbe,
+    dev: MqttProbe,
+) -> float:
+    """``dev`` (on ``node_a``) publishes 20 readings; ``silent`` (on ``node_a``, acknowledging
+    none) takes them all (local preference) and vanishes; ``member_b`` (on ``node_b``) gets
+    each once. Returns the seconds from the drop until ``member_b`` had them all."""
+    assert wait_for(lambda: _knows_the_other(node_a, node_b))
+    sent = _publish(dev, "dev-a", 20)
+    assert wait_for(lambda: len(silent.messages) >= 20, 3)
+    assert member_b.messages == []  # local preference: all went to the silent member
+    left_at = time.monotonic()
+    silent.drop()
+    assert wait_for(lambda: len(set(payloads(member_b))) >= 20, 4)
+    took = time.monotonic() - left_at
+    assert sorted(set(payloads(member_b))) == sorted(sent)  # nothing lost
+    assert max(Counter(payloads(member_b)).values()) == 1
+    return took
 
 
 def test_a_leaving_member_s_unacknowledged_messages_go_to_the_other_node_s_member(
@@ -165,21 +182,11 @@ def test_a_leaving_member_s_unacknowledged_messages_go_to_the_other_node_s_membe
 ) -> None:
     node_a, node_b = start_node("a"), start_node("b")
     # The member on the publisher's node takes every message and acknowledges none.
-    silent = connect(node_a.port, pki.client(IdentityKind.SERVICE, "registry"), "registry/a")
-    silent.client.manual_ack_set(True)
-    silent.client.subscribe(f"$share/{SHARE.group}/{FILTER}", qos=1)
-    assert silent.subscribed.wait(5) and silent.suback == [1]
+    silent = _member(node_a, pki, "registry/a", manual_ack=True)
     member_b = _member(node_b, pki, "registry/b")
     dev = connect(node_a.port, issue_device(pki, tmp_path, "dev-a"), "dev-a")
     try:
-        assert wait_for(lambda: _knows_the_other(node_a, node_b))
-        sent = _publish(dev, "dev-a", 20)
-        assert wait_for(lambda: len(silent.messages) >= 20, 3)
-        assert member_b.messages == []  # local preference: all went to the silent member
-        silent.drop()
-        assert wait_for(lambda: len(set(_payloads(member_b))) >= 20, 4)
-        assert sorted(set(_payloads(member_b))) == sorted(sent)  # nothing lost
-        assert max(Counter(_payloads(member_b)).values()) == 1
+        _silent_member_leaves(node_a, node_b, silent, member_b, dev)
         handed = node_a.metrics.registry.get_sample_value(
             "certfleet_broker_shared_handed_over_total"
         )
@@ -195,29 +202,12 @@ def test_a_persistent_member_s_unacknowledged_messages_go_to_the_other_node_s_me
     node_a, node_b = start_node("a"), start_node("b")
     # A persistent member (clean session off) on the publisher's node takes every message
     # and acknowledges none; it vanishes, and the member on the other node gets them all.
-    silent = connect(
-        node_a.port,
-        pki.client(IdentityKind.SERVICE, "registry"),
-        "registry/a",
-        clean_session=False,
-        manual_ack=True,
-    )
-    assert silent.connected.is_set(), silent.reason
-    silent.client.subscribe(f"$share/{SHARE.group}/{FILTER}", qos=1)
-    assert silent.subscribed.wait(5) and silent.suback == [1]
+    silent = _member(node_a, pki, "registry/a", clean_session=False, manual_ack=True)
     member_b = _member(node_b, pki, "registry/b")
     dev = connect(node_a.port, issue_device(pki, tmp_path, "dev-a"), "dev-a")
     try:
-        assert wait_for(lambda: _knows_the_other(node_a, node_b))
-        sent = _publish(dev, "dev-a", 20)
-        assert wait_for(lambda: len(silent.messages) >= 20, 3)
-        assert member_b.messages == []  # local preference: all went to the silent member
-        left_at = time.monotonic()
-        silent.drop()
-        assert wait_for(lambda: len(set(_payloads(member_b))) >= 20, 4)
-        assert time.monotonic() - left_at < 4  # at the disconnect, not amqtt's 5 s timeout
-        assert sorted(set(_payloads(member_b))) == sorted(sent)  # nothing lost
-        assert max(Counter(_payloads(member_b)).values()) == 1
+        took = _silent_member_leaves(node_a, node_b, silent, member_b, dev)
+        assert took < 4  # at the disconnect, not amqtt's 5 s timeout
     finally:
         for probe in (member_b, dev):
             probe.close()

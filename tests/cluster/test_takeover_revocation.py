@@ -13,7 +13,7 @@ from registry.server import RegistryServer
 from tests.cluster.conftest import StartNode
 from tests.support.mqtt import connect
 from tests.support.pki import TestPKI, issue_device
-from tests.support.servers import register
+from tests.support.servers import following_nodes, register
 from tests.support.waits import wait_for
 
 
@@ -44,11 +44,7 @@ def test_decommission_drops_the_device_on_its_node_and_every_node_refuses_it(
     start_node: StartNode,
     tmp_path: Path,
 ) -> None:
-    nodes = [start_node(name, registry_url=registry.url, broker_feed_wait_s=30) for name in "ab"]
-    for node in nodes:
-        app = node.app
-        assert app is not None and app.follower is not None
-        assert wait_for(lambda app=app: not app.not_ready(), 15), app.not_ready()
+    nodes = following_nodes(start_node, registry.url)
     files = issue_device(pki, tmp_path, "dev-rv")
     register(operator, files, "dev-rv")
     device = connect(nodes[1].port, files, "dev-rv")

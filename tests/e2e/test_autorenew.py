@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import json
 import random
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,12 @@ from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import CLOCK_SKEW, IdentityKind, serial_hex
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from tests.support.pki import TestPKI
-from tests.support.servers import certfleet_broker_settings
+from tests.support.servers import (
+    certfleet_broker_settings,
+    mqtt_registry_settings,
+    operator_client,
+)
 
 # `alone`: certificates living seconds, a 4 s rate limit (time bounds).
 pytestmark = pytest.mark.alone
@@ -77,23 +79,12 @@ def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     root = tmp_path_factory.mktemp("autorenew")
     with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
         layout = pki.registry_data_dir(root / "registry-data")
-        settings = RegistrySettings(
-            data_dir=layout.root,
-            registry_addr="127.0.0.1:0",
-            registry_database_url=f"sqlite:///{layout.root / 'registry.db'}",
-            registry_verify_processes=0,
-            telemetry_broker_addr=f"127.0.0.1:{broker.port}",
-            registry_renewal_min_interval_s=RATE_LIMIT_S,
+        settings = mqtt_registry_settings(
+            layout.root, broker.port, registry_renewal_min_interval_s=RATE_LIMIT_S
         )
-        with RegistryServer(settings) as registry:
-            operator_files = pki.client(IdentityKind.OPERATOR, "alice")
-            context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
-            context.load_cert_chain(str(operator_files.cert), str(operator_files.key))
-            with httpx.Client(
-                base_url=f"{registry.url}/api/v1", verify=context, timeout=30
-            ) as operator:
-                assert registry.app.state.telemetry_ingest.subscribed.wait(15)
-                yield Stack(pki, root / "fleet", broker, operator)
+        with RegistryServer(settings) as registry, operator_client(pki, registry.url) as operator:
+            assert registry.app.state.telemetry_ingest.subscribed.wait(15)
+            yield Stack(pki, root / "fleet", broker, operator)
 
 
 def _run(

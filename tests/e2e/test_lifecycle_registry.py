@@ -40,12 +40,11 @@ from fleetcore.layout import DataLayout
 from fleetcore.profile import CLOCK_SKEW, Identity, IdentityKind, serial_hex
 from fleetcore.topics import issued_topic, renew_topic, telemetry_topic
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from tests.support.mqtt import MqttProbe, connect
 from tests.support.pki import ClientFiles, TestPKI, write_device_bundle
 from tests.support.pki import registry_data_dir as renewal_data_dir
 from tests.support.ports import free_port
-from tests.support.servers import broker_settings, feed_broker_layout
+from tests.support.servers import broker_settings, feed_broker_layout, mqtt_registry_settings
 from tests.support.waits import wait_for
 
 # `alone`: graces of 3 s and certificates expiring in seconds (time bounds).
@@ -120,13 +119,10 @@ def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Li
     root = tmp_path_factory.mktemp("lifecycle")
     broker_port = free_port()
     data_dir = _registry_data_dir(pki, root / "registry-data")
-    settings = RegistrySettings(
-        data_dir=data_dir,
-        registry_addr="127.0.0.1:0",
-        registry_database_url=f"sqlite:///{data_dir / 'registry.db'}",
-        registry_verify_processes=0,
+    settings = mqtt_registry_settings(
+        data_dir,
+        broker_port,
         registry_feed_poll_seconds=0.2,
-        telemetry_broker_addr=f"127.0.0.1:{broker_port}",
         registry_renewal_min_interval_s=0,
         registry_renewal_lifetime_days=120,
         registry_supersede_grace_s=GRACE_S,

@@ -5,7 +5,6 @@ its MQTT service client) and real paho devices. Every refusal is answered on
 from __future__ import annotations
 
 import json
-import ssl
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ from device_sim.renew import (
     request_certificate,
 )
 from fleetcore.keys import build_csr, generate_key
-from fleetcore.profile import Identity, IdentityKind, serial_hex
+from fleetcore.profile import Identity, serial_hex
 from registry.models import AuditLog
-from registry.renewal import RenewalRefused, RenewalService, device_of_renew_topic
+from registry.renewal import RenewalRefused, device_of_renew_topic
+from registry.renewal_service import RenewalService
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
 from tests.support.mqtt import connect
 from tests.support.pki import (
@@ -44,7 +43,11 @@ from tests.support.pki import (
     write_device_bundle,
 )
 from tests.support.ports import free_port
-from tests.support.servers import certfleet_broker_settings
+from tests.support.servers import (
+    certfleet_broker_settings,
+    mqtt_registry_settings,
+    operator_client,
+)
 
 # The old name, for older imports (tests.support.pki has it now).
 _registry_data_dir = registry_data_dir
@@ -99,24 +102,13 @@ def stack(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     root = tmp_path_factory.mktemp("renewal")
     with BrokerServer(certfleet_broker_settings(pki, root / "broker-data")) as broker:
         data_dir = registry_data_dir(pki, root / "registry-data")
-        settings = RegistrySettings(
-            data_dir=data_dir,
-            registry_addr="127.0.0.1:0",
-            registry_database_url=f"sqlite:///{data_dir / 'registry.db'}",
-            registry_verify_processes=0,
-            telemetry_broker_addr=f"127.0.0.1:{broker.port}",
-            registry_renewal_min_interval_s=MIN_INTERVAL_S,
+        settings = mqtt_registry_settings(
+            data_dir, broker.port, registry_renewal_min_interval_s=MIN_INTERVAL_S
         )
-        with RegistryServer(settings) as registry:
-            operator_files = pki.client(IdentityKind.OPERATOR, "alice")
-            context = ssl.create_default_context(cafile=str(pki.layout.root_cert))
-            context.load_cert_chain(str(operator_files.cert), str(operator_files.key))
-            with httpx.Client(
-                base_url=f"{registry.url}/api/v1", verify=context, timeout=30
-            ) as operator:
-                made = Stack(pki, root / "fleet", broker, registry, operator)
-                assert made.ingest.subscribed.wait(15), "registry did not subscribe to the broker"
-                yield made
+        with RegistryServer(settings) as registry, operator_client(pki, registry.url) as operator:
+            made = Stack(pki, root / "fleet", broker, registry, operator)
+            assert made.ingest.subscribed.wait(15), "registry did not subscribe to the broker"
+            yield made
 
 
 def _serial(certificate: x509.Certificate) -> str:

@@ -30,9 +30,8 @@ from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import CLOCK_SKEW, IdentityKind, OperatorRole, serial_hex
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from tests.support.pki import TestPKI, new_pki
-from tests.support.servers import certfleet_broker_settings
+from tests.support.servers import certfleet_broker_settings, mqtt_registry_settings
 from tests.support.waits import wait_for
 
 # `alone`: certificates living seconds (time bounds).
@@ -116,13 +115,8 @@ def fleet_stack(tmp_path: Path, *, devices: int, lifetime_s: float) -> Iterator[
     broker_settings = certfleet_broker_settings(pki, tmp_path / "broker-data")
     with BrokerServer(broker_settings) as broker:
         layout = pki.registry_data_dir(tmp_path / "registry-data")
-        settings = RegistrySettings(
-            data_dir=layout.root,
-            registry_addr="127.0.0.1:0",
-            registry_database_url=f"sqlite:///{layout.root / 'registry.db'}",
-            registry_verify_processes=0,
-            telemetry_broker_addr=f"127.0.0.1:{broker.port}",
-            registry_renewal_min_interval_s=1.0,
+        settings = mqtt_registry_settings(
+            layout.root, broker.port, registry_renewal_min_interval_s=1.0
         )
         with RegistryServer(settings) as registry, _operator(pki, registry) as operator:
             assert registry.app.state.telemetry_ingest.subscribed.wait(15)

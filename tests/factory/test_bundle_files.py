@@ -19,15 +19,10 @@ from factory import bundle
 from factory.ca import CertificateAuthority
 from factory.errors import ProvisionError
 from factory.provision import provision_batch
+from fleetcore.cert_builders import ClientCertificateTemplate, _leaf_builder
 from fleetcore.errors import IdentityError
 from fleetcore.layout import DataLayout
-from fleetcore.profile import (
-    ClientCertificateTemplate,
-    Identity,
-    IdentityKind,
-    _leaf_builder,
-    certificate_pem,
-)
+from fleetcore.profile import Identity, IdentityKind, certificate_pem
 
 
 def _ca_file_inodes(layout: DataLayout) -> tuple[set[int], int]:

@@ -4,8 +4,10 @@ the publication listener and of ``certificate inspect``)."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,25 @@ from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.support.ports import free_port
 
-__all__ = ["Published", "free_port", "published", "publishing_registry", "serve_published"]
+__all__ = [
+    "Published",
+    "free_port",
+    "need_openssl",
+    "openssl_ocsp",
+    "published",
+    "publishing_registry",
+    "serve_published",
+]
 
 TRUST_DOMAIN = "fleet.pub"
+OPENSSL = shutil.which("openssl")
+
+
+def need_openssl() -> str:
+    """The openssl binary; skips the test (visibly) where it is not installed."""
+    if OPENSSL is None:
+        pytest.skip("openssl not installed (apt-get install openssl)")
+    return OPENSSL
 
 
 @dataclass
@@ -105,3 +123,17 @@ def serve_published(
 def published(tmp_path: Path) -> Iterator[Published]:
     with publishing_registry(tmp_path) as made:
         yield made
+
+
+def openssl_ocsp(
+    published: Published, *certs: Path, issuer: Path | None = None, extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``openssl ocsp`` against the responder (POST, with a nonce): one request for ``certs``
+    (one ``-cert`` each) issued by ``issuer`` (default: the current issuing CA), the answer
+    verified against the root."""
+    command = [need_openssl(), "ocsp", "-issuer", str(issuer or published.layout.issuing_cert)]
+    for cert in certs:
+        command += ["-cert", str(cert)]
+    command += ["-url", f"{published.publish_url}/ocsp", "-CAfile", str(published.layout.root_cert)]
+    command += ["-timeout", "10", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)

@@ -9,21 +9,16 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 from cryptography import x509
 
 from factory.ca import CertificateAuthority
 from factory.issuers import issuer_key_id
-from tests.registry.publishing import Published
+from tests.registry.publishing import Published, need_openssl, openssl_ocsp
 from tests.support.waits import wait_for
-
-OPENSSL = shutil.which("openssl")
 
 
 def _openssl(*args: str) -> subprocess.CompletedProcess[str]:
-    if OPENSSL is None:
-        pytest.skip("openssl not installed (apt-get install openssl)")
-    return subprocess.run([OPENSSL, *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([need_openssl(), *args], capture_output=True, text=True, timeout=30)
 
 
 def _rolled_over(published: Published) -> tuple[Path, str, str]:
@@ -84,19 +79,7 @@ def test_ocsp_answers_for_both_issuing_cas(published: Published) -> None:
         (revoked, old_file, "revoked"),
         (fresh, published.layout.issuing_cert, "good"),
     ):
-        result = _openssl(
-            "ocsp",
-            "-issuer",
-            str(issuer),
-            "-cert",
-            str(cert),
-            "-url",
-            f"{published.publish_url}/ocsp",
-            "-CAfile",
-            str(published.layout.root_cert),
-            "-timeout",
-            "10",
-        )
+        result = openssl_ocsp(published, cert, issuer=issuer)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
         assert "Response verify OK" in output, output

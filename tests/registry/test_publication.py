@@ -36,40 +36,15 @@ from registry.ocsp import RESPONDER_NAME, OcspResponder
 from registry.publication import MAX_OCSP_REQUEST
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
-from tests.registry.publishing import Published
+from tests.registry.publishing import Published, need_openssl, openssl_ocsp
 from tests.support.ports import free_port
 
-OPENSSL = shutil.which("openssl")
 TRUST_DOMAIN = "fleet.pub"
 
 
-def need_openssl() -> str:
-    if OPENSSL is None:
-        pytest.skip("openssl not installed (apt-get install openssl)")
-    return OPENSSL
-
-
-def openssl_ocsp(published: Published, cert: Path) -> str:
-    """``openssl ocsp`` against our responder (POST, with a nonce), verified against root."""
-    result = subprocess.run(
-        [
-            need_openssl(),
-            "ocsp",
-            "-issuer",
-            str(published.layout.issuing_cert),
-            "-cert",
-            str(cert),
-            "-url",
-            f"{published.publish_url}/ocsp",
-            "-CAfile",
-            str(published.layout.root_cert),
-            "-timeout",
-            "10",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def ocsp_output(published: Published, cert: Path) -> str:
+    """What ``openssl ocsp`` says of ``cert`` (it must succeed)."""
+    result = openssl_ocsp(published, cert)
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
@@ -137,13 +112,13 @@ def test_publish_url_survives_loading_the_ca(published: Published) -> None:
 
 def test_openssl_ocsp_says_good_then_revoked_after_decommission(published: Published) -> None:
     cert, _ = published.device("dev-ocsp")
-    before = openssl_ocsp(published, cert)
+    before = ocsp_output(published, cert)
     assert "Response verify OK" in before
     assert f"{cert}: good" in before
     assert "nonce" not in before.lower()  # openssl warns when a nonce is missing or wrong
 
     published.decommission("dev-ocsp", reason_code="keyCompromise")
-    after = openssl_ocsp(published, cert)
+    after = ocsp_output(published, cert)
     assert "Response verify OK" in after
     assert f"{cert}: revoked" in after
     assert "Revocation Time:" in after
@@ -154,7 +129,7 @@ def test_openssl_ocsp_says_unknown_for_a_certificate_never_registered(
     published: Published,
 ) -> None:
     cert, _ = published.device("dev-unregistered", register=False)
-    output = openssl_ocsp(published, cert)
+    output = ocsp_output(published, cert)
     assert "Response verify OK" in output
     assert f"{cert}: unknown" in output
 

@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from registry.publication import MAX_OCSP_REQUEST
-from tests.registry.publishing import Published
-from tests.registry.test_publication import need_openssl
+from tests.registry.publishing import Published, need_openssl, openssl_ocsp
 
 
 def _url(published: Published) -> str:
@@ -30,12 +29,7 @@ def _url(published: Published) -> str:
 
 def _openssl_ocsp(published: Published, *certs: Path) -> subprocess.CompletedProcess[str]:
     """``openssl ocsp`` with one ``-cert`` per certificate: one request for all of them."""
-    command = [need_openssl(), "ocsp", "-issuer", str(published.layout.issuing_cert)]
-    for cert in certs:
-        command += ["-cert", str(cert)]
-    command += ["-url", _url(published), "-CAfile", str(published.layout.root_cert)]
-    command += ["-timeout", "10", "-resp_text"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    return openssl_ocsp(published, *certs, extra=("-resp_text",))
 
 
 def test_openssl_asks_for_several_certificates_in_one_request_and_gets_each(

@@ -19,7 +19,8 @@ from fleetcore.keys import build_csr, generate_key
 from fleetcore.profile import Identity, IdentityKind
 from registry.certs import parse_device_certificate
 from registry.db import make_engine, migrate
-from registry.renewal import CertificateRenewer, RenewalRefused, RenewalService
+from registry.renewal import CertificateRenewer, RenewalRefused
+from registry.renewal_service import RenewalService
 from registry.settings import RegistrySettings
 from registry.store import audit, devices, renewals, revocations
 from tests.support.pki import TRUST_DOMAIN, TestPKI

@@ -18,11 +18,10 @@ from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
 from registry.metrics import TELEMETRY_DROP_REASONS
 from registry.server import RegistryServer
-from registry.settings import RegistrySettings
 from registry.telemetry import TelemetryIngest
 from tests.registry.test_telemetry import _publish_raw
 from tests.support.pki import Fleet, TestPKI, write_device_bundle
-from tests.support.servers import certfleet_broker_settings
+from tests.support.servers import certfleet_broker_settings, mqtt_registry_settings
 
 DEVICES = ["dev-0030", "dev-0031"]
 
@@ -47,13 +46,7 @@ def ingesting_registry(
 ) -> Iterator[RegistryServer]:
     """A registry whose lifespan runs the telemetry ingest against ``broker``."""
     layout = pki.registry_data_dir(tmp_path / "registry-data")
-    settings = RegistrySettings(
-        data_dir=layout.root,
-        registry_addr="127.0.0.1:0",
-        registry_database_url=database_url,
-        registry_verify_processes=0,
-        telemetry_broker_addr=f"127.0.0.1:{broker.port}",
-    )
+    settings = mqtt_registry_settings(layout.root, broker.port, registry_database_url=database_url)
     with RegistryServer(settings) as server:
         ingest: TelemetryIngest = server.app.state.telemetry_ingest
         assert ingest.subscribed.wait(15), "registry did not subscribe to the broker"

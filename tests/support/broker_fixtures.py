@@ -10,13 +10,11 @@ import httpx
 import pytest
 
 from broker.server import BrokerServer
-from fleetcore.profile import IdentityKind
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
 from tests.support.pki import TestPKI
-from tests.support.servers import broker_data_dir, broker_settings
+from tests.support.servers import broker_data_dir, broker_settings, operator_client
 from tests.support.sqlite import migrated_sqlite_url
-from tests.support.tls import tls_context
 
 __all__ = ["broker", "operator", "registry"]
 
@@ -46,10 +44,5 @@ def registry(pki: TestPKI, tmp_path: Path) -> Iterator[RegistryServer]:
 @pytest.fixture
 def operator(pki: TestPKI, registry: RegistryServer) -> Iterator[httpx.Client]:
     """Operator alice's mTLS REST client of ``registry``."""
-    files = pki.client(IdentityKind.OPERATOR, "alice")
-    with httpx.Client(
-        base_url=f"{registry.url}/api/v1",
-        verify=tls_context(pki, files),
-        timeout=30,
-    ) as client:
+    with operator_client(pki, registry.url) as client:
         yield client

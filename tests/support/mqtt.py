@@ -132,3 +132,18 @@ def connect(
             break
         time.sleep(0.01)
     return probe
+
+
+def subscribed(probe: MqttProbe, topic_filter: str, qos: int = 1) -> MqttProbe:
+    """``probe`` (connected) once the broker granted its SUBSCRIBE to ``topic_filter``."""
+    assert probe.connected.is_set(), probe.reason
+    probe.subscribed.clear()
+    probe.client.subscribe(topic_filter, qos=qos)
+    assert probe.subscribed.wait(5)
+    assert probe.suback == [qos], probe.suback
+    return probe
+
+
+def payloads(*probes: MqttProbe) -> list[bytes]:
+    """Every payload the probes received so far, probe by probe, in arrival order."""
+    return [payload for probe in probes for _topic, payload in list(probe.messages)]

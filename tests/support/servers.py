@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
+from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
+from registry.settings import RegistrySettings
 from tests.support.pki import ClientFiles, TestPKI
+from tests.support.tls import tls_context
+from tests.support.waits import wait_for
 
 
 def broker_data_dir(pki: TestPKI, root: Path) -> DataLayout:
@@ -77,3 +82,41 @@ def register(operator: httpx.Client, files: ClientFiles, device_id: str) -> None
         json={"certificate_pem": files.cert.read_text(), "hardware_serial": f"hw-{device_id}"},
     )
     assert response.status_code in (200, 201), response.text
+
+
+def following_nodes(
+    start_node: Callable[..., BrokerServer], registry_url: str, names: str = "ab"
+) -> list[BrokerServer]:
+    """Broker nodes (one per letter of ``names``) following the registry's feed, each ready
+    (``not_ready()`` empty) within 15 s."""
+    nodes = [start_node(name, registry_url=registry_url, broker_feed_wait_s=30) for name in names]
+    for node in nodes:
+        app = node.app
+        assert app is not None and app.follower is not None
+        assert wait_for(lambda app=app: not app.not_ready(), 15), app.not_ready()
+    return nodes
+
+
+def mqtt_registry_settings(
+    data_dir: Path, broker_port: int, **overrides: object
+) -> RegistrySettings:
+    """Settings of a test registry whose MQTT client (telemetry, renewals) uses the broker on
+    ``broker_port``: an ephemeral port, SQLite in ``data_dir``, no verify processes;
+    ``overrides`` win."""
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "registry_addr": "127.0.0.1:0",
+        "registry_database_url": f"sqlite:///{data_dir / 'registry.db'}",
+        "registry_verify_processes": 0,
+        "telemetry_broker_addr": f"127.0.0.1:{broker_port}",
+    }
+    values.update(overrides)
+    return RegistrySettings(**values)  # type: ignore[arg-type]
+
+
+def operator_client(pki: TestPKI, registry_url: str, name: str = "alice") -> httpx.Client:
+    """Operator ``name``'s mTLS REST client of the registry at ``registry_url`` (close it)."""
+    files = pki.client(IdentityKind.OPERATOR, name)
+    return httpx.Client(
+        base_url=f"{registry_url}/api/v1", verify=tls_context(pki, files), timeout=30
+    )
