@@ -222,7 +222,7 @@ def test_a_slow_member_gets_each_message_once_through_its_window(
             info.wait_for_publish(10)
         assert wait_for(lambda: len(slow.messages) >= len(sent), 20), len(slow.messages)
         time.sleep(0.3)  # a duplicate would arrive by now
-        assert sorted(_payloads(slow)) == sorted(sent)  # each exactly once
+        assert sorted(payloads(slow)) == sorted(sent)  # each exactly once
         assert handed_over._value.get() == before  # nothing timed out and went again
         assert broker.call(lambda: sum(len(g.backlog) for g in shared.groups.values())) == 0
     finally:
