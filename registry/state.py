@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -14,6 +15,7 @@ from registry.feedmark import FeedMark
 from registry.metrics import RegistryMetrics
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
+from registry.stale_while_revalidate import StaleWhileRevalidate
 from registry.verify import BatchVerifier
 
 __all__ = ["RegistryState"]
@@ -36,6 +38,9 @@ class RegistryState:
     )
     #: The feed's high-water mark in the data folder (None: not kept, e.g. a bare state).
     mark: FeedMark | None = None
+    #: The console's fleet overview (:mod:`registry.stale_while_revalidate`), made by the
+    #: console at its first fleet page.
+    fleet_overview: StaleWhileRevalidate[Any] | None = None
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""

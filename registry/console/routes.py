@@ -43,6 +43,7 @@ from registry.models import (
     ReenrollResult,
     Revocation,
 )
+from registry.stale_while_revalidate import StaleWhileRevalidate
 from registry.state import RegistryState
 from registry.store import console as queries
 from registry.store.certificates import device_certificate
@@ -64,9 +65,18 @@ STATUSES = ("active", "decommissioned")
 # -- fleet ----------------------------------------------------------------------------------
 
 
-def _fleet_context(state: RegistryState) -> dict[str, Any]:
+def _overview(state: RegistryState) -> queries.FleetOverview:
     with Session(state.engine) as db:
-        overview = queries.fleet_overview(db, utcnow())
+        return queries.fleet_overview(db, utcnow())
+
+
+def _fleet_context(state: RegistryState) -> dict[str, Any]:
+    """The fleet page's figures: computed per request while that is cheap; once it is not
+    (a large fleet), the last ones, refreshed in the background when older than 5 s
+    (:mod:`registry.stale_while_revalidate`)."""
+    if state.fleet_overview is None:
+        state.fleet_overview = StaleWhileRevalidate(lambda: _overview(state))
+    overview = state.fleet_overview.get()
     return {
         "overview": overview,
         "histogram": weekly_histogram(overview.stats.expiries_per_week),

@@ -1,0 +1,81 @@
+"""A value computed at most once per ``max_age_s`` however many readers ask, and never on a
+reader's time once it has become expensive: the console's fleet overview (issue 23).
+
+The fleet overview (counts by status, seen in the last minute, expiries per week and per horizon,
+latest revocations) is a handful of aggregate queries over every device and certificate: a
+few milliseconds at 10,000 devices, hundreds at 1,000,000. Every open console polls it every
+5 s (``console.js``). So:
+
+- while computing it is cheap (its last computation took under :data:`CHEAP_S`), every
+  request computes it: small fleets always see it fresh, as before;
+- once it is expensive, the last overview is answered at once and, when it is older than
+  ``max_age_s``, recomputed in the background (one computation at a time: *stale while
+  revalidate*). The page stays fast and is at most ``max_age_s`` plus one computation old;
+  a decommission shows on the device's own page at once (never cached) and on the fleet
+  page within that bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["CHEAP_S", "StaleWhileRevalidate"]
+
+log = logging.getLogger(__name__)
+
+#: A computation shorter than this is done on the request's time when the value is stale.
+CHEAP_S = 0.05
+
+T = TypeVar("T")
+
+
+class StaleWhileRevalidate(Generic[T]):
+    """One value computed by ``compute``, at most ``max_age_s`` old when cheap (module doc)."""
+
+    def __init__(self, compute: Callable[[], T], max_age_s: float = 5.0) -> None:
+        self._compute = compute
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._at = 0.0
+        self._cost_s = 0.0
+        self._refreshing = False
+
+    def get(self) -> T:
+        """The value: computed now while that is cheap; once it is expensive, the last one
+        (recomputed in the background when older than ``max_age_s``)."""
+        with self._lock:
+            value = self._value
+            if value is not None and self._cost_s >= CHEAP_S:
+                if not self._refreshing and time.monotonic() - self._at >= self._max_age_s:
+                    self._refreshing = True
+                    threading.Thread(
+                        target=self._refresh, name="certfleet-stale-refresh", daemon=True
+                    ).start()
+                return value
+        return self._store(self._timed())
+
+    def _timed(self) -> tuple[T, float, float]:
+        started = time.monotonic()
+        value = self._compute()
+        return value, started, time.monotonic() - started
+
+    def _store(self, computed: tuple[T, float, float]) -> T:
+        value, started, cost = computed
+        with self._lock:
+            if started >= self._at:
+                self._value, self._at, self._cost_s = value, started, cost
+            return value
+
+    def _refresh(self) -> None:
+        try:
+            self._store(self._timed())
+        except Exception:  # the next request tries again; the stale value stays
+            log.exception("fleet overview not refreshed")
+        finally:
+            with self._lock:
+                self._refreshing = False
