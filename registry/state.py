@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 
 from factory.ca import CertificateAuthority
 from registry.crl import CrlCache
-from registry.feed import FeedNotifier
+from registry.feed import FeedAnswer, FeedKey, FeedNotifier, SharedReads
 from registry.feedmark import FeedMark
 from registry.metrics import RegistryMetrics
 from registry.planner import PlannerStatistics
@@ -36,6 +36,8 @@ class RegistryState:
     )
     #: The feed's high-water mark in the data folder (None: not kept, e.g. a bare state).
     mark: FeedMark | None = None
+    #: One read of the feed shared by the long-polls a publication wakes together.
+    feed_reads: SharedReads[FeedKey, FeedAnswer] = field(default_factory=SharedReads)
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""
