@@ -7,19 +7,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FEED_BATCH_MAX,
     KINDS_PATTERN,
     RevocationFeed,
+    RevocationSnapshot,
     parse_kinds,
 )
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
 from registry.feed import FeedAnswer
 from registry.state import RegistryState
-from registry.store.revocations import revocations_after
+from registry.store.revocations import revocation_snapshot, revocations_after
 
 __all__ = ["router"]
 
@@ -69,7 +71,8 @@ async def revocations(
 
     A follower whose position is not in this feed (``after`` above the head: a database
     restored from an older copy; or ``epoch`` not this feed's: a new database) is answered
-    at once, without waiting: its resync must start now, not when the long-poll ends.
+    at once, without waiting: its resync must start now, not when the long-poll ends. So is
+    a follower below the feed's floor (events compacted away): ``snapshot_required``.
 
     The long-polls one publication wakes share one read and one encoded body
     (:class:`registry.feed.SharedReads`): waking a hundred followers costs one query.
@@ -84,10 +87,31 @@ async def revocations(
         )
         feed = answer.feed
         remaining = deadline - time.monotonic()
-        if feed.events or remaining <= 0 or state.feed.closed or _diverged(feed, after, epoch):
+        if (
+            feed.events
+            or remaining <= 0
+            or state.feed.closed
+            or feed.snapshot_required
+            or _diverged(feed, after, epoch)
+        ):
             return Response(answer.body, media_type="application/json")
         state.metrics.feed_waiters.inc()
         try:
             await state.feed.wait(generation, min(remaining, poll))
         finally:
             state.metrics.feed_waiters.dec()
+
+
+def _snapshot(state: RegistryState) -> bytes:
+    with Session(state.engine) as session:
+        return revocation_snapshot(session).model_dump_json().encode()
+
+
+@router.get("/revocations/snapshot", response_model=RevocationSnapshot)
+async def snapshot(caller: CurrentReader, state: StateDep) -> Response:
+    """The live revoked state and the feed head it covers, for a follower whose position is
+    below the feed's floor (answered ``snapshot_required``): it adds all of it, then follows
+    the feed from ``head_seq``. Read and encoded in a worker thread (it grows with the
+    revoked set: about 70 bytes a live revoked serial)."""
+    body = await run_in_threadpool(_snapshot, state)
+    return Response(body, media_type="application/json")
