@@ -32,7 +32,7 @@ def test_empty_feed_answers_at_once(clients: Clients) -> None:
     broker = clients.of(IdentityKind.SERVICE, "broker")
     body = broker.get("/revocations").json()
     epoch = body.pop("epoch")
-    assert body == {"events": [], "last_seq": 0, "head_seq": 0}
+    assert body == {"events": [], "last_seq": 0, "head_seq": 0, "snapshot_required": False}
     again = broker.get("/revocations", params={"after": 7}).json()
     assert again["last_seq"] == 7
     # The feed's epoch is drawn once per database and stays.
