@@ -61,7 +61,7 @@ def test_compaction_keeps_the_sequence_and_sends_followers_below_the_floor_to_th
     below = RevocationFeed.model_validate(
         broker.get("/revocations", params={"after": 0, "wait": 30, **kinds}).json()
     )
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # not the 30 s long poll waited out
     assert below.snapshot_required and below.events == [] and below.last_seq == 0
     assert below.head_seq == 5
 
