@@ -46,7 +46,10 @@ broker serve --registry-url`` following its feed, lightweight TLS clients from
 - ``expiry_scrape_ms``: ``/api/v1/metrics`` with the expiry gauges recomputed at each scrape
   (their cache off), the slowest of 5.
 
-Only what was measured is printed; nothing is a placeholder (``--skip`` leaves keys out).
+Only what was measured is printed; nothing is a placeholder (``--skip`` leaves keys out;
+``--phases followers`` runs only the phases named: crl, ocsp, import, broker, followers,
+console, expiry). ``--registry-code DIR`` runs the registry process of the followers,
+console and expiry phases from another checkout (``git worktree add DIR main``: "before").
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import asyncio
 import datetime as dt
 import gc
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -114,6 +118,8 @@ POSTGRES_ADMIN = os.environ.get(
 DATABASE = os.environ.get("CERTFLEET_BENCH_DATABASE", "certfleet_bench23")
 #: the quadratic builder is only run while its entries take under about a minute
 BEFORE_MAX_ENTRIES = 70_000
+#: What ``--phases`` and ``--skip`` name.
+PHASES = ("crl", "ocsp", "import", "broker", "followers", "console", "expiry")
 NEXT_UPDATE = dt.timedelta(hours=24)
 
 
@@ -385,21 +391,51 @@ async def _followers(url: str, layout: DataLayout, count: int, victim: str) -> f
         return max(answered) - started
 
 
+def _healthz_apart(url: str, root: str, stop: Any, out: Any) -> None:
+    """The /healthz probe in a process of its own (no GIL shared with the followers)."""
+    health: list[float] = []
+    done = threading.Event()
+    probe = threading.Thread(
+        target=healthz_probe, args=(url, DataLayout(Path(root)), done, health), daemon=True
+    )
+    probe.start()
+    stop.wait()
+    done.set()
+    probe.join(30)
+    out.put(health)
+
+
 def measure_followers(url: str, layout: DataLayout, count: int, victim: str) -> dict[str, Any]:
+    """``healthz_max_ms``: probed from this process, as the followers' client (it shares
+    their GIL: its figure includes the client's own work as they are answered);
+    ``healthz_apart_max_ms``: probed from a process of its own (the registry's part; its
+    first probe, which opens the connection, left out)."""
     health: list[float] = []
     stop = threading.Event()
     probe = threading.Thread(target=healthz_probe, args=(url, layout, stop, health), daemon=True)
+    spawn = multiprocessing.get_context("spawn")
+    apart_stop, apart_out = spawn.Event(), spawn.Queue()
+    apart = spawn.Process(
+        target=_healthz_apart, args=(url, str(layout.root), apart_stop, apart_out)
+    )
+    apart.start()
     probe.start()
     try:
+        time.sleep(1)  # the other process's probe is running
         reach = asyncio.run(_followers(url, layout, count, victim))
     finally:
         stop.set()
+        apart_stop.set()
         probe.join(30)
+    apart_health: list[float] = apart_out.get(timeout=60)
+    apart.join(30)
     return {
         "followers": count,
         "followers_reach_all_s": round(reach, 3),
         "healthz_max_ms": round(max(health) * 1000, 1),
         "healthz_probes": len(health),
+        "healthz_apart_max_ms": round(max(apart_health[1:]) * 1000, 1),
+        "healthz_apart_probes": len(apart_health),
     }
 
 
@@ -453,7 +489,7 @@ def p99_ms(seconds: list[float]) -> float:
 
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """Fill ``result`` as the figures come (a failure leaves what was measured)."""
-    skip = set(args.skip)
+    skip = set(args.skip) | (set(PHASES) - set(args.phases.split(",")))
     lib.raise_nofile()
     root = lib.tmp_root("certfleet-scale-")
     try:
@@ -510,24 +546,30 @@ def measure_live(
 ) -> None:
     """Everything measured over the registry's and the broker's processes, into ``result``."""
     env = {"CERTFLEET_REGISTRY_EXPIRY_METRICS_CACHE_S": "0"}
-    per_code = args.drops + args.storm
+    per_code = 0 if "broker" in skip else args.drops + args.storm
     picked = random.Random(3).sample(range(args.connected - 1), 2 * per_code + 1)
     names = [lib.device_id(i) for i in picked]
-    broker_phases(layout, url, env, args, names[:per_code], lib.REPO, result)
-    if args.old_code is not None:
+    if "broker" not in skip:
+        broker_phases(layout, url, env, args, names[:per_code], lib.REPO, result)
+    if args.old_code is not None and "broker" not in skip:
         old: dict[str, Any] = {}
         broker_phases(layout, url, env, args, names[per_code:-1], args.old_code, old)
         result.update({f"{key}_before": value for key, value in old.items()})
-    with registry_process(layout.root, url, extra_env=env, start_timeout=900) as registry_url:
+    if args.registry_code is not None:
+        result["registry_code"] = str(args.registry_code)
+    with registry_process(
+        layout.root, url, extra_env=env, start_timeout=900, code=args.registry_code
+    ) as registry_url:
         if "followers" not in skip:
             note("followers")
             result.update(measure_followers(registry_url, layout, args.followers, names[-1]))
         if "console" not in skip:
             note("console")
             result.update(measure_console(registry_url, layout, token, args.devices, args.reads))
-        note("expiry scrape")
-        with api(registry_url, layout) as http:
-            result["expiry_scrape_ms"] = measure_expiry_scrape(http)
+        if "expiry" not in skip:
+            note("expiry scrape")
+            with api(registry_url, layout) as http:
+                result["expiry_scrape_ms"] = measure_expiry_scrape(http)
 
 
 def broker_phases(
@@ -617,10 +659,18 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=20, help="decommissions, one delta each")
     parser.add_argument("--ocsp-requests", type=int, default=2000)
     parser.add_argument("--import-lines", type=int, default=0, help="default: --devices")
+    parser.add_argument("--skip", action="append", default=[], choices=PHASES)
     parser.add_argument(
-        "--skip", action="append", default=[],
-        choices=("crl", "ocsp", "import", "followers", "console"),
-    )  # fmt: skip
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )
+    parser.add_argument(
+        "--registry-code",
+        type=Path,
+        help="a checkout whose registry serves the followers, console and expiry phases "
+        "(git worktree add /tmp/old main): the registry's 'before'",
+    )
     parser.add_argument(
         "--old-code",
         type=Path,
@@ -629,6 +679,9 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     result: dict[str, Any] = {}
     failed = False
     try:

@@ -87,7 +87,10 @@ def registry_process(
     *,
     extra_env: dict[str, str] | None = None,
     start_timeout: float = 60.0,
+    code: Path | None = None,
 ) -> Iterator[str]:
+    """``certfleet registry serve`` as a process; ``code``: the checkout whose registry runs
+    (another commit's worktree runs that commit's code; default: this one)."""
     ready = data_dir / "registry.ready"
     ready.unlink(missing_ok=True)
     env = {**os.environ, "CERTFLEET_LOG_LEVEL": "warning", **(extra_env or {})}
@@ -111,6 +114,7 @@ def registry_process(
         ],
         env=env,
         stdout=subprocess.DEVNULL,
+        cwd=code,
     )
     try:
         deadline = time.monotonic() + start_timeout

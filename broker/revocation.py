@@ -18,6 +18,10 @@ set itself (compact, journaled) is :class:`broker.revoked_set.RevokedSet`.
   the first read after a start or a failed read (the registry may come back restored).
 - It asks for every event kind (:data:`fleetcore.revocation_feed.FOLLOWER_KINDS`): a
   ``superseded`` event revokes serials without decommissioning the device.
+- **Below the feed's floor** (the registry compacted away events after its position): the
+  answer says ``snapshot_required``; it reads the registry's snapshot of the live revoked
+  state, applies it as events (parsed off the loop, applied in slices) and follows the tail
+  from the snapshot's head.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fleetcore.revocation_feed import (
     FOLLOWER_KINDS,
     RevocationEvent,
     RevocationFeed,
+    RevocationSnapshot,
 )
 
 __all__ = ["RevocationFollower", "RevokedSet", "fingerprint"]
@@ -77,6 +82,7 @@ class RevocationFollower:
         self.head_seq = 0
         self.resyncs = 0
         self.checks = 0
+        self.snapshots = 0
         self._resync_s = resync_s
         # The checkpoint is checked before the first read (a resumed position), after any
         # failed read (the registry may come back restored), and every ``resync_s``.
@@ -137,6 +143,9 @@ class RevocationFollower:
         feed = await self._get(client, self.after, wait, self._batch_limit)
         if self._must_resync(feed.head_seq, feed.epoch):
             return
+        if feed.snapshot_required:
+            await self._catch_up_from_snapshot(client)
+            return
         await self.apply(feed.events)
         self.after = max(self.after, feed.last_seq)
         self.head_seq = feed.head_seq
@@ -170,6 +179,32 @@ class RevocationFollower:
                 f"the feed's event {checkpoint.seq} is not the one applied (another history)",
                 feed.epoch,
             )
+
+    async def _catch_up_from_snapshot(self, client: httpx.AsyncClient) -> None:
+        """Events after the position were compacted away: apply the registry's snapshot of
+        the live revoked state, then follow from its head (the set only grows)."""
+        response = await client.get(self._url + "/snapshot")
+        response.raise_for_status()
+        snapshot, events = await asyncio.to_thread(_snapshot_events, response.content)
+        self.last_success = time.monotonic()
+        self.last_success_at = time.time()
+        if self._must_resync(snapshot.head_seq, snapshot.epoch):
+            return
+        log.warning(
+            "revocation feed compacted past position=%d floor=%d: applying its snapshot "
+            "head_seq=%d serials=%d devices=%d",
+            self.after,
+            snapshot.floor,
+            snapshot.head_seq,
+            len(snapshot.not_after),
+            len(snapshot.devices),
+        )
+        await self.apply(events)
+        self.snapshots += 1
+        self.after = max(self.after, snapshot.head_seq)
+        self.head_seq = max(self.head_seq, snapshot.head_seq)
+        self._revoked.advance(self.after, self.epoch, None)  # no event to check there
+        self._revoked.save()
 
     def not_following(self) -> list[str]:
         """Why the broker is not following the feed right now (for /readyz); empty when it
@@ -237,6 +272,12 @@ class RevocationFollower:
                 f"{lag:.3f}",
             )
         self._on_revoked(event, new_serials)
+
+
+def _snapshot_events(body: bytes) -> tuple[RevocationSnapshot, list[RevocationEvent]]:
+    """The snapshot and its events (a worker thread's job: it grows with the revoked set)."""
+    snapshot = RevocationSnapshot.model_validate_json(body)
+    return snapshot, snapshot.as_events()
 
 
 #: Events applied between two returns to the event loop.

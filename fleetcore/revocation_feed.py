@@ -23,6 +23,13 @@ the root; ``issuer`` is its key id (hex of its Subject Key Identifier), ``serial
 certificate of it that was live (now revoked), ``device_id`` the key id again. A follower
 refuses every certificate whose Authority Key Identifier is that key id, registered or not,
 and drops the sessions of those serials.
+
+Compaction (``certfleet registry feed-compact``). Events whose certificates all expired long
+ago leave the feed; the other events keep their sequence numbers, and the feed's ``floor``
+is the highest number removed. A follower whose position is below the floor cannot tell
+what it missed: the feed answers it at once with ``snapshot_required`` (no events); it then
+reads ``GET /api/v1/revocations/snapshot`` (:class:`RevocationSnapshot`: the live revoked
+state, read at or after ``head_seq``), adds all of it, and follows the tail from that head.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ __all__ = [
     "EventKind",
     "RevocationEvent",
     "RevocationFeed",
+    "RevocationSnapshot",
     "parse_kinds",
 ]
 
@@ -115,3 +123,57 @@ class RevocationFeed(BaseModel):
     head_seq: int
     #: Random per database: changes when the database is replaced (the broker re-reads).
     epoch: int
+    #: The follower's position is below the feed's floor (events compacted away): no events;
+    #: read the snapshot, then follow from its head (module doc).
+    snapshot_required: bool = False
+
+
+#: The ``reason`` of the events a follower applies from a snapshot.
+SNAPSHOT_REASON: Final = "snapshot of the compacted feed"
+
+
+class RevocationSnapshot(BaseModel):
+    """``GET /api/v1/revocations/snapshot``: what a follower that applied every event up to
+    ``head_seq`` holds (its expired serials left out). Read after the head: it may already
+    hold some events above it, which the follower reads again from the tail (harmless: the
+    revoked set only grows)."""
+
+    head_seq: int
+    epoch: int
+    #: The highest sequence number compacted away (0: none).
+    floor: int
+    read_at: Annotated[dt.datetime, AfterValidator(_aware)]
+    #: Every revoked serial whose certificate has not expired (plus the clock-skew margin)
+    #: -> its not_after.
+    not_after: Annotated[dict[str, dt.datetime], AfterValidator(_aware_map)]
+    #: Every decommissioned device.
+    devices: list[str]
+    #: Every revoked issuing CA's key id (lower-case hex).
+    issuers: list[str]
+
+    def as_events(self, chunk: int = FEED_BATCH_DEFAULT) -> list[RevocationEvent]:
+        """The snapshot as events a follower applies the usual way, all at ``head_seq``:
+        ``superseded`` events of ``chunk`` serials (they revoke serials, drop those
+        sessions), one ``decommission`` (no serials) per device, one ``issuer_revoked`` per
+        issuing CA."""
+        serials = sorted(self.not_after)
+
+        def event(kind: EventKind, device_id: str, batch: list[str]) -> RevocationEvent:
+            return RevocationEvent(
+                seq=self.head_seq,
+                device_id=device_id,
+                serials=batch,
+                reason=SNAPSHOT_REASON,
+                revoked_at=self.read_at,
+                kind=kind,
+                not_after={s: self.not_after[s] for s in batch},
+                issuer=device_id if kind == "issuer_revoked" else None,
+            )
+
+        events = [
+            event("superseded", "snapshot", serials[start : start + chunk])
+            for start in range(0, len(serials), chunk)
+        ]
+        events += [event("decommission", device_id, []) for device_id in self.devices]
+        events += [event("issuer_revoked", key_id, []) for key_id in self.issuers]
+        return events

@@ -1,9 +1,10 @@
-"""`certfleet registry` commands: serve, migrate, import, token create|list|revoke, and
-the operator's devices list|show|decommission|audit (registry/operator_cli.py) and
-expiry-report (registry/expiry_cli.py)."""
+"""`certfleet registry` commands: serve, migrate, import, feed-compact, token
+create|list|revoke, and the operator's devices list|show|decommission|audit
+(registry/operator_cli.py) and expiry-report (registry/expiry_cli.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import logging
@@ -133,6 +134,71 @@ def import_manifest(
         typer.echo(json.dumps(result.model_dump()))
     else:
         typer.echo(f"imported {manifest}: created={result.created} existing={result.existing}")
+
+
+@app.command("feed-compact")
+def feed_compact(
+    grace_days: Annotated[
+        float,
+        typer.Option(
+            "--grace-days",
+            min=0,
+            help="remove events whose certificates all expired (and that were revoked) "
+            "more than this long ago",
+        ),
+    ] = 30.0,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Compact the revocation feed: events of certificates long expired leave it, the others
+    keep their sequence numbers; a follower below the new floor catches up from the feed's
+    snapshot (upgrade brokers to a version that reads it first)."""
+    import datetime as dt
+
+    from sqlmodel import Session
+
+    from fleetcore.clock import utcnow
+    from fleetcore.profile import CLOCK_SKEW
+    from registry.db import make_engine, write_transaction
+    from registry.settings import build_settings
+    from registry.store.audit import Actor, add_entry
+    from registry.store.revocations import compact_feed
+
+    settings = build_settings(data_dir=data_dir, registry_database_url=database_url)
+    engine = make_engine(settings)
+    older_than = utcnow() - CLOCK_SKEW - dt.timedelta(days=grace_days)
+    try:
+        with Session(engine) as session:
+            result = compact_feed(session, older_than)
+            with write_transaction(session):
+                add_entry(
+                    session,
+                    Actor(f"cli:{getpass.getuser()}"),
+                    "feed_compact",
+                    "revocation-feed",
+                    {
+                        "removed": result.removed,
+                        "floor": result.floor,
+                        "older_than": str(older_than),
+                    },
+                )
+    finally:
+        engine.dispose()
+    log.info(
+        "revocation feed compacted removed=%d floor=%d head_seq=%d older_than=%s",
+        result.removed,
+        result.floor,
+        result.head_seq,
+        older_than.isoformat(),
+    )
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result)))
+    else:
+        typer.echo(
+            f"feed compacted: removed={result.removed} floor={result.floor} "
+            f"head_seq={result.head_seq}"
+        )
 
 
 @token_app.command("create")

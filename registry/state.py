@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from factory.ca import CertificateAuthority
 from registry.crl import CrlCache
-from registry.feed import FeedNotifier
+from registry.feed import FeedAnswer, FeedKey, FeedNotifier, SharedReads
 from registry.feedmark import FeedMark
 from registry.metrics import RegistryMetrics
 from registry.planner import PlannerStatistics
@@ -41,6 +41,8 @@ class RegistryState:
     #: The console's fleet overview (:mod:`registry.stale_while_revalidate`), made by the
     #: console at its first fleet page.
     fleet_overview: StaleWhileRevalidate[Any] | None = None
+    #: One read of the feed shared by the long-polls a publication wakes together.
+    feed_reads: SharedReads[FeedKey, FeedAnswer] = field(default_factory=SharedReads)
 
     def close(self) -> None:
         """Stop what the state started (long-poll waiters, verify workers)."""

@@ -10,13 +10,16 @@ from sqlmodel import Session, col, select, update
 
 from registry.models import Counter
 
-__all__ = ["CRL_NUMBER", "FEED_EPOCH", "REVOCATION_SEQ", "bump", "read"]
+__all__ = ["CRL_NUMBER", "FEED_EPOCH", "FEED_FLOOR", "REVOCATION_SEQ", "bump", "read"]
 
 REVOCATION_SEQ = "revocation_seq"
 CRL_NUMBER = "crl_number"
 #: A random number drawn once per database (no migration): a broker that sees it change
 #: knows the feed's sequence numbers start over, and re-reads from 0.
 FEED_EPOCH = "feed_epoch"
+#: The highest feed sequence number compacted away (no row: nothing was); followers below it
+#: catch up from a snapshot (:func:`registry.store.revocations.compact_feed`).
+FEED_FLOOR = "feed_floor"
 
 
 def bump(session: Session, name: str) -> int:

@@ -2,7 +2,9 @@
 
 The feed's sequence numbers come from the ``revocation_seq`` counter, incremented in the
 decommission's own transaction; its epoch (:func:`feed_epoch`) tells readers when the
-numbers start over (a database restored from an older copy).
+numbers start over (a database restored from an older copy). :func:`compact_feed` removes
+the events of certificates long expired and raises the feed's floor; a reader below the
+floor is told to catch up from :func:`revocation_snapshot`.
 """
 
 from __future__ import annotations
@@ -10,14 +12,22 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import delete, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleetcore.clock import utcnow
+from fleetcore.profile import CLOCK_SKEW
 from fleetcore.reasons import DEFAULT_REASON_CODE
-from fleetcore.revocation_feed import DEFAULT_KINDS, FEED_KINDS, RevocationEvent, RevocationFeed
+from fleetcore.revocation_feed import (
+    DEFAULT_KINDS,
+    FEED_KINDS,
+    RevocationEvent,
+    RevocationFeed,
+    RevocationSnapshot,
+)
 from registry.db import write_transaction
 from registry.errors import AlreadyDecommissionedError, NotFoundError
 from registry.models import Certificate, Counter, DecommissionResult, Device, Revocation
@@ -27,12 +37,16 @@ from registry.store.devices import device_public
 
 __all__ = [
     "FEED_CHANNEL",
+    "FeedCompaction",
     "announce",
     "append_feed_event",
+    "compact_feed",
     "decommission_device",
     "feed_epoch",
+    "feed_floor",
     "head_seq",
     "redraw_feed_epoch",
+    "revocation_snapshot",
     "revocations_after",
 ]
 
@@ -196,6 +210,11 @@ def head_seq(session: Session) -> int:
     return counters.read(session, counters.REVOCATION_SEQ) or 0
 
 
+def feed_floor(session: Session) -> int:
+    """The highest sequence number compacted away (0 when none)."""
+    return counters.read(session, counters.FEED_FLOOR) or 0
+
+
 def revocations_after(
     session: Session,
     after: int,
@@ -207,7 +226,9 @@ def revocations_after(
     The head is read first (every event up to it is committed: the counter and the event
     commit together): when fewer than ``limit`` events match, every event up to the head
     has been scanned and ``last_seq`` is at least the head (an answer of filtered kinds
-    moves the cursor past the events it left out).
+    moves the cursor past the events it left out). A reader whose ``after`` is below the
+    feed's floor gets no events and ``snapshot_required``: the floor is read after the
+    events, so a compaction that removed some of them is always seen.
     """
     head = head_seq(session)
     query = (
@@ -219,6 +240,14 @@ def revocations_after(
     if set(kinds) != set(FEED_KINDS):
         query = query.where(col(Revocation.kind).in_(list(kinds)))
     rows = session.exec(query).all()
+    if after < feed_floor(session):
+        return RevocationFeed(
+            events=[],
+            last_seq=after,
+            head_seq=head,
+            epoch=feed_epoch(session),
+            snapshot_required=True,
+        )
     expiry = _not_after_of(session, [s for r in rows for s in r.serials])
     events = [
         RevocationEvent(
@@ -260,3 +289,103 @@ def _not_after_of(session: Session, serials: Sequence[str]) -> dict[str, dt.date
             ).all()
         )
     return found
+
+
+@dataclass(frozen=True)
+class FeedCompaction:
+    """What :func:`compact_feed` did: events removed, the floor and head after it."""
+
+    removed: int
+    floor: int
+    head_seq: int
+
+
+def compact_feed(session: Session, older_than: dt.datetime, batch: int = 2000) -> FeedCompaction:
+    """Remove the feed events revoked before ``older_than`` whose certificates all expired
+    before it (``issuer_revoked`` events stay: an issuing CA outlives its certificates).
+
+    The other events keep their sequence numbers; the floor (the highest number removed)
+    is raised in the same transaction as each batch's removal, so no reader ever misses an
+    event without being told (:func:`revocations_after`). One write transaction per
+    ``batch`` events read, never one over the whole feed.
+    """
+    removed, last = 0, 0
+    head = head_seq(session)
+    while True:
+        rows = session.exec(
+            select(Revocation.seq, Revocation.serials, Revocation.kind, Revocation.revoked_at)
+            .where(col(Revocation.seq) > last, col(Revocation.seq) <= head)
+            .order_by(col(Revocation.seq))
+            .limit(batch)
+        ).all()
+        if not rows:
+            break
+        last = rows[-1][0]
+        expiry = _not_after_of(session, [s for r in rows for s in r[1]])
+        doomed = [
+            seq
+            for seq, serials, kind, revoked_at in rows
+            if kind != "issuer_revoked"
+            and revoked_at < older_than
+            and all(s in expiry and expiry[s] < older_than for s in serials)
+        ]
+        if not doomed:
+            continue
+        with write_transaction(session):
+            for start in range(0, len(doomed), _IN_CHUNK):
+                chunk = doomed[start : start + _IN_CHUNK]
+                session.execute(delete(Revocation).where(col(Revocation.seq).in_(chunk)))
+            _raise_floor(session, doomed[-1])
+        removed += len(doomed)
+    return FeedCompaction(removed=removed, floor=feed_floor(session), head_seq=head)
+
+
+def _raise_floor(session: Session, seq: int) -> None:
+    counter = session.exec(
+        select(Counter).where(Counter.name == counters.FEED_FLOOR).with_for_update()
+    ).one_or_none()
+    if counter is None:
+        session.add(Counter(name=counters.FEED_FLOOR, value=seq))
+    elif counter.value < seq:
+        counter.value = seq
+        session.add(counter)
+
+
+def revocation_snapshot(session: Session, now: dt.datetime | None = None) -> RevocationSnapshot:
+    """The live revoked state for a follower below the floor: every revoked serial whose
+    certificate has not expired (plus :data:`CLOCK_SKEW`) with its not_after, every
+    decommissioned device, every revoked issuing CA; and the head it covers.
+
+    The head is read first: what is read after it includes every event up to it (and maybe
+    some above, which the follower applies again from the tail: harmless).
+    """
+    now = now or utcnow()
+    head = head_seq(session)
+    epoch = feed_epoch(session)
+    floor = feed_floor(session)
+    serials = session.exec(
+        select(Certificate.serial, Certificate.not_after).where(
+            col(Certificate.status) == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW
+        )
+    ).all()
+    devices = session.exec(
+        select(Device.device_id)
+        .where(col(Device.status) == "decommissioned")
+        .order_by(col(Device.device_id))
+    ).all()
+    issuers = session.exec(
+        select(Revocation.device_id)
+        .where(col(Revocation.kind) == "issuer_revoked")
+        .order_by(col(Revocation.seq))
+    ).all()
+    # Built without validation (the values come from the database as the model has them):
+    # at a million devices the snapshot holds hundreds of thousands of serials.
+    return RevocationSnapshot.model_construct(
+        head_seq=head,
+        epoch=epoch,
+        floor=floor,
+        read_at=now,
+        not_after={serial.lower(): when for serial, when in serials},
+        devices=list(devices),
+        issuers=[key_id.lower() for key_id in dict.fromkeys(issuers)],
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -11,9 +12,11 @@ import httpx
 
 from factory.ca import IssuedCertificate
 from fleetcore.profile import IdentityKind
+from fleetcore.revocation_feed import RevocationFeed
 from registry.server import RegistryServer
 from tests.support.pki import pem
 from tests.support.registry_fixtures import Clients
+from tests.support.tls import tls_context
 
 Mint = Callable[..., IssuedCertificate]
 
@@ -29,7 +32,7 @@ def test_empty_feed_answers_at_once(clients: Clients) -> None:
     broker = clients.of(IdentityKind.SERVICE, "broker")
     body = broker.get("/revocations").json()
     epoch = body.pop("epoch")
-    assert body == {"events": [], "last_seq": 0, "head_seq": 0}
+    assert body == {"events": [], "last_seq": 0, "head_seq": 0, "snapshot_required": False}
     again = broker.get("/revocations", params={"after": 7}).json()
     assert again["last_seq"] == 7
     # The feed's epoch is drawn once per database and stays.
@@ -118,8 +121,6 @@ def test_long_poll_sees_revocations_written_by_another_process(
     (device_id,) = register_many(operator, mint, "other", 1)
     with RegistryServer(registry.settings) as second:
         other = clients.pki.client(IdentityKind.OPERATOR, "alice")
-        from tests.support.tls import tls_context
-
         with httpx.Client(
             base_url=f"{second.url}/api/v1", verify=tls_context(clients.pki, other)
         ) as http:
@@ -150,3 +151,56 @@ def test_feed_parameters_are_validated(clients: Clients) -> None:
     assert broker.get("/revocations", params={"after": -1}).status_code == 422
     assert broker.get("/revocations", params={"limit": 5001}).status_code == 422
     assert broker.get("/revocations", params={"limit": 0}).status_code == 422
+
+
+def test_many_parked_long_polls_share_one_read_and_healthz_answers_meanwhile(
+    operator: httpx.Client, mint: Mint, clients: Clients, registry: RegistryServer
+) -> None:
+    """Followers parked on the feed (real HTTPS long-polls) all get the decommission; the
+    publication that wakes them costs one read of the feed, not one each; ``/healthz``
+    answers while they are parked."""
+    (device_id,) = register_many(operator, mint, "many", 1)
+    followers = 40
+    files = clients.pki.client(IdentityKind.SERVICE, "broker")
+    limits = httpx.Limits(max_connections=followers + 1, max_keepalive_connections=followers + 1)
+    head = operator.get("/healthz").json()["head_seq"]
+    params = {"after": head, "wait": 30, "kinds": "decommission,superseded"}
+    reads_before = 0
+
+    async def follow_all() -> list[httpx.Response]:
+        nonlocal reads_before
+        async with httpx.AsyncClient(
+            base_url=f"{registry.url}/api/v1",
+            verify=tls_context(clients.pki, files),
+            limits=limits,
+            timeout=30,
+        ) as http:
+            polls = [
+                asyncio.create_task(http.get("/revocations", params=params))
+                for _ in range(followers)
+            ]
+            deadline = time.monotonic() + 20
+            while registry.state.feed.waiting < followers:
+                assert time.monotonic() < deadline, f"{registry.state.feed.waiting} parked"
+                await asyncio.sleep(0.01)
+            health = await http.get("/healthz")
+            assert health.status_code == 200 and health.json()["head_seq"] == head
+            assert not any(poll.done() for poll in polls)
+            reads_before = registry.state.feed_reads.reads
+            decommissioned = await asyncio.to_thread(
+                operator.post, f"/devices/{device_id}/decommission", json={"reason": "many"}
+            )
+            assert decommissioned.status_code == 200, decommissioned.text
+            return await asyncio.gather(*polls)
+
+    answers = asyncio.run(follow_all())
+    # One read for the publication (two on PostgreSQL, whose LISTEN publishes it again),
+    # however many followers it woke.
+    assert registry.state.feed_reads.reads - reads_before <= 2
+    expected = operator.get("/revocations", params={"after": head, "kinds": params["kinds"]})
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/json"
+        feed = RevocationFeed.model_validate_json(answer.content)
+        assert [(e.seq, e.device_id) for e in feed.events] == [(head + 1, device_id)]
+        assert answer.json() == expected.json()  # the same answer as a plain read

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -14,12 +14,14 @@ from fleetcore.revocation_feed import (
     FEED_BATCH_MAX,
     KINDS_PATTERN,
     RevocationFeed,
+    RevocationSnapshot,
     parse_kinds,
 )
 from registry.api.deps import CurrentReader, StateDep
 from registry.api.routes import API_PREFIX
+from registry.feed import FeedAnswer
 from registry.state import RegistryState
-from registry.store.revocations import revocations_after
+from registry.store.revocations import revocation_snapshot, revocations_after
 
 __all__ = ["router"]
 
@@ -29,9 +31,9 @@ MAX_SEQ = 2**31 - 1
 router = APIRouter(prefix=API_PREFIX, tags=["revocations"])
 
 
-def _read(state: RegistryState, after: int, limit: int, kinds: tuple[str, ...]) -> RevocationFeed:
+def _read(state: RegistryState, after: int, limit: int, kinds: tuple[str, ...]) -> FeedAnswer:
     with Session(state.engine) as session:
-        return revocations_after(session, after, limit, kinds)
+        return FeedAnswer.of(revocations_after(session, after, limit, kinds))
 
 
 def _diverged(feed: RevocationFeed, after: int, epoch: int | None) -> bool:
@@ -64,24 +66,52 @@ async def revocations(
             "not this feed's epoch the answer comes at once (the follower must resync)",
         ),
     ] = None,
-) -> RevocationFeed:
+) -> Response:
     """Events with ``seq > after``; when there are none, wait up to ``wait`` seconds.
 
     A follower whose position is not in this feed (``after`` above the head: a database
     restored from an older copy; or ``epoch`` not this feed's: a new database) is answered
-    at once, without waiting: its resync must start now, not when the long-poll ends.
+    at once, without waiting: its resync must start now, not when the long-poll ends. So is
+    a follower below the feed's floor (events compacted away): ``snapshot_required``.
+
+    The long-polls one publication wakes share one read and one encoded body
+    (:class:`registry.feed.SharedReads`): waking a hundred followers costs one query.
     """
     wanted = parse_kinds(kinds)  # the pattern admitted only known kinds
     deadline = time.monotonic() + min(wait, state.settings.registry_feed_max_wait)
     poll = state.settings.registry_feed_poll_seconds
     while True:
         generation = state.feed.generation
-        feed = await run_in_threadpool(_read, state, after, limit, wanted)
+        answer = await state.feed_reads.get(
+            generation, (after, limit, wanted), lambda: _read(state, after, limit, wanted)
+        )
+        feed = answer.feed
         remaining = deadline - time.monotonic()
-        if feed.events or remaining <= 0 or state.feed.closed or _diverged(feed, after, epoch):
-            return feed
+        if (
+            feed.events
+            or remaining <= 0
+            or state.feed.closed
+            or feed.snapshot_required
+            or _diverged(feed, after, epoch)
+        ):
+            return Response(answer.body, media_type="application/json")
         state.metrics.feed_waiters.inc()
         try:
             await state.feed.wait(generation, min(remaining, poll))
         finally:
             state.metrics.feed_waiters.dec()
+
+
+def _snapshot(state: RegistryState) -> bytes:
+    with Session(state.engine) as session:
+        return revocation_snapshot(session).model_dump_json().encode()
+
+
+@router.get("/revocations/snapshot", response_model=RevocationSnapshot)
+async def snapshot(caller: CurrentReader, state: StateDep) -> Response:
+    """The live revoked state and the feed head it covers, for a follower whose position is
+    below the feed's floor (answered ``snapshot_required``): it adds all of it, then follows
+    the feed from ``head_seq``. Read and encoded in a worker thread (it grows with the
+    revoked set: about 70 bytes a live revoked serial)."""
+    body = await run_in_threadpool(_snapshot, state)
+    return Response(body, media_type="application/json")

@@ -1,0 +1,80 @@
+"""A broker far behind a compacted feed catches up from the registry's snapshot plus the
+tail, and ends with exactly the live revoked set (a real registry and a real broker)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import httpx
+from sqlmodel import Session, col, select
+
+from broker.server import BrokerServer
+from factory.ca import IssuedCertificate
+from fleetcore.clock import utcnow
+from fleetcore.profile import CLOCK_SKEW, IdentityKind
+from registry.models import Certificate, Device
+from registry.server import RegistryServer
+from registry.store.revocations import compact_feed
+from tests.support.feed import age, decommissioned
+from tests.support.pki import TestPKI
+from tests.support.servers import broker_settings, feed_broker_layout
+from tests.support.waits import wait_for
+
+
+def live_state(registry: RegistryServer) -> tuple[set[str], set[str]]:
+    """The registry's revoked serials not yet expired, and its decommissioned devices."""
+    limit = utcnow() - CLOCK_SKEW
+    with Session(registry.state.engine) as session:
+        serials = session.exec(
+            select(Certificate.serial).where(
+                col(Certificate.status) == "revoked", col(Certificate.not_after) > limit
+            )
+        ).all()
+        devices = session.exec(
+            select(Device.device_id).where(col(Device.status) == "decommissioned")
+        ).all()
+    return {s.lower() for s in serials}, set(devices)
+
+
+def test_broker_below_the_floor_catches_up_from_the_snapshot_and_the_tail(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    def mint(device_id: str) -> IssuedCertificate:
+        return pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id))
+
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=30)
+    serials = decommissioned(operator, mint, ["far-1", "far-2"])  # events 1, 2
+    age(registry, ["far-1", "far-2"])  # expired long ago: the broker keeps the devices only
+    with BrokerServer(settings) as broker:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.after == 2 and follower.synced.is_set())
+        assert app.revoked.hex_serials() == set()
+        assert app.revoked.is_device_decommissioned("far-2")
+    # While the broker is away: more events, then a compaction past its position (2).
+    serials |= decommissioned(operator, mint, ["far-3", "far-4", "far-5"])  # events 3, 4, 5
+    age(registry, ["far-3"])
+    with Session(registry.state.engine) as session:
+        compacted = compact_feed(session, utcnow() - dt.timedelta(days=30))
+    assert (compacted.removed, compacted.floor) == (3, 3)
+
+    with BrokerServer(settings) as broker:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.after == 5 and follower.synced.is_set())
+        assert follower.snapshots == 1 and follower.resyncs == 0
+        # and the tail after the snapshot's head, as usual
+        serials |= decommissioned(operator, mint, ["far-6"])  # event 6
+        assert wait_for(lambda: follower.after == 6)
+        live_serials, live_devices = live_state(registry)
+        assert live_serials == {serials[d] for d in ("far-4", "far-5", "far-6")}
+        assert app.revoked.hex_serials() == live_serials  # exactly the live set
+        assert {f"far-{i}" for i in range(1, 7)} == live_devices
+        assert all(app.revoked.is_device_decommissioned(d) for d in live_devices)
