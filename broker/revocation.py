@@ -49,6 +49,15 @@ __all__ = ["RevocationFollower", "RevokedSet", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
+#: The longest the follower applies events before it hands the loop back.
+APPLY_SLICE_S = 0.005
+#: Events behind the head at which a catching-up follower reads the snapshot instead.
+SNAPSHOT_GAP = 50_000
+#: Serials per snapshot page: parsing one holds the GIL for a few milliseconds.
+SNAPSHOT_PAGE = 5_000
+#: Serials per event a snapshot page is applied as (each event is applied in one go).
+SNAPSHOT_EVENT_SERIALS = 100
+
 
 #: Called with each newly applied event and the serials in it that were not yet revoked.
 OnRevoked = Callable[[RevocationEvent, list[str]], None]
@@ -68,7 +77,11 @@ class RevocationFollower:
         max_backoff_s: float = 10.0,
         batch_limit: int = FEED_BATCH_DEFAULT,
         resync_s: float = 300.0,
+        snapshot_gap: int | None = None,
+        snapshot_page: int | None = None,
     ) -> None:
+        self._snapshot_gap = SNAPSHOT_GAP if snapshot_gap is None else snapshot_gap
+        self._snapshot_page = SNAPSHOT_PAGE if snapshot_page is None else snapshot_page
         self._url = registry_url.rstrip("/") + "/api/v1/revocations"
         self._revoked = revoked
         self._on_revoked = on_revoked
@@ -143,7 +156,11 @@ class RevocationFollower:
         feed = await self._get(client, self.after, wait, self._batch_limit)
         if self._must_resync(feed.head_seq, feed.epoch):
             return
-        if feed.snapshot_required:
+        if feed.snapshot_required or (
+            catching_up and feed.head_seq - self.after > self._snapshot_gap
+        ):
+            # Below the floor, or so far behind that replaying would take longer than
+            # reading the live state (a first start at a million devices: 530,000 events).
             await self._catch_up_from_snapshot(client)
             return
         await self.apply(feed.events)
@@ -181,28 +198,46 @@ class RevocationFollower:
             )
 
     async def _catch_up_from_snapshot(self, client: httpx.AsyncClient) -> None:
-        """Events after the position were compacted away: apply the registry's snapshot of
-        the live revoked state, then follow from its head (the set only grows)."""
-        response = await client.get(self._url + "/snapshot")
-        response.raise_for_status()
-        snapshot, events = await asyncio.to_thread(_snapshot_events, response.content)
-        self.last_success = time.monotonic()
-        self.last_success_at = time.time()
-        if self._must_resync(snapshot.head_seq, snapshot.epoch):
-            return
-        log.warning(
-            "revocation feed compacted past position=%d floor=%d: applying its snapshot "
-            "head_seq=%d serials=%d devices=%d",
-            self.after,
-            snapshot.floor,
-            snapshot.head_seq,
-            len(snapshot.not_after),
-            len(snapshot.devices),
-        )
-        await self.apply(events)
+        """Apply the registry's snapshot of the live revoked state, page by page (each
+        parsed off the loop, applied in slices), then follow from the first page's head
+        (the set only grows: what a later page holds beyond that head is applied again
+        from the tail, harmlessly)."""
+        first: RevocationSnapshot | None = None
+        after_serial = ""
+        serials = 0
+        while True:
+            params: dict[str, str | int] = {"limit": self._snapshot_page}
+            if after_serial:
+                params["after_serial"] = after_serial
+            response = await client.get(self._url + "/snapshot", params=params)
+            response.raise_for_status()
+            page, events = await asyncio.to_thread(_snapshot_events, response.content)
+            self.last_success = time.monotonic()
+            self.last_success_at = time.time()
+            if first is None:
+                if self._must_resync(page.head_seq, page.epoch):
+                    return
+                first = page
+                log.warning(
+                    "revocation feed: applying the registry's snapshot position=%d floor=%d "
+                    "head_seq=%d devices=%d",
+                    self.after,
+                    page.floor,
+                    page.head_seq,
+                    len(page.devices),
+                )
+            elif page.epoch != first.epoch:
+                self._start_over("feed epoch changed during the snapshot", page.epoch)
+                return
+            await self.apply(events)
+            serials += len(page.not_after)
+            if page.next_after is None:
+                break
+            after_serial = page.next_after
+        log.info("revocation feed snapshot applied head_seq=%d serials=%d", first.head_seq, serials)
         self.snapshots += 1
-        self.after = max(self.after, snapshot.head_seq)
-        self.head_seq = max(self.head_seq, snapshot.head_seq)
+        self.after = max(self.after, first.head_seq)
+        self.head_seq = max(self.head_seq, first.head_seq)
         self._revoked.advance(self.after, self.epoch, None)  # no event to check there
         self._revoked.save()
 
@@ -244,11 +279,13 @@ class RevocationFollower:
         self.synced.clear()  # catch up with wait=0 again
 
     async def apply(self, events: list[RevocationEvent]) -> None:
-        """Apply events in order and drop affected sessions, handing the loop back every
-        :data:`APPLY_SLICE` events (a batch of a replay never stalls the connections)."""
-        for index, event in enumerate(events):
-            if index and index % APPLY_SLICE == 0:
+        """Apply events in order and drop affected sessions, handing the loop back at least
+        every :data:`APPLY_SLICE_S` (a batch of a replay never stalls the connections)."""
+        slice_ends = time.perf_counter() + APPLY_SLICE_S
+        for event in events:
+            if time.perf_counter() >= slice_ends:
                 await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + APPLY_SLICE_S
             self._apply_one(event)
 
     def _apply_one(self, event: RevocationEvent) -> None:
@@ -275,13 +312,9 @@ class RevocationFollower:
 
 
 def _snapshot_events(body: bytes) -> tuple[RevocationSnapshot, list[RevocationEvent]]:
-    """The snapshot and its events (a worker thread's job: it grows with the revoked set)."""
+    """A snapshot page and its events (a worker thread's job)."""
     snapshot = RevocationSnapshot.model_validate_json(body)
-    return snapshot, snapshot.as_events()
-
-
-#: Events applied between two returns to the event loop.
-APPLY_SLICE = 100
+    return snapshot, snapshot.as_events(SNAPSHOT_EVENT_SERIALS)
 
 
 def fingerprint(event: RevocationEvent) -> Checkpoint:

@@ -150,6 +150,10 @@ class RevocationSnapshot(BaseModel):
     devices: list[str]
     #: Every revoked issuing CA's key id (lower-case hex).
     issuers: list[str]
+    #: A page of a paged snapshot (``?after_serial=&limit=``) that has more serials after it:
+    #: ask again with ``after_serial`` set to this. None: the last page (or not paged).
+    #: Devices and issuing CAs come with the first page only.
+    next_after: str | None = None
 
     def as_events(self, chunk: int = FEED_BATCH_DEFAULT) -> list[RevocationEvent]:
         """The snapshot as events a follower applies the usual way, all at ``head_seq``:

@@ -351,33 +351,72 @@ def _raise_floor(session: Session, seq: int) -> None:
         session.add(counter)
 
 
-def revocation_snapshot(session: Session, now: dt.datetime | None = None) -> RevocationSnapshot:
-    """The live revoked state for a follower below the floor: every revoked serial whose
-    certificate has not expired (plus :data:`CLOCK_SKEW`) with its not_after, every
-    decommissioned device, every revoked issuing CA; and the head it covers.
+def revocation_snapshot(
+    session: Session,
+    now: dt.datetime | None = None,
+    *,
+    after_serial: str = "",
+    limit: int | None = None,
+) -> RevocationSnapshot:
+    """The live revoked state for a follower below the floor (or far behind): every revoked
+    serial whose certificate has not expired (plus :data:`CLOCK_SKEW`) with its not_after,
+    every decommissioned device, every revoked issuing CA; and the head it covers.
 
     The head is read first: what is read after it includes every event up to it (and maybe
-    some above, which the follower applies again from the tail: harmless).
+    some above, which the follower applies again from the tail: harmless). Paged with
+    ``limit``: the serials above ``after_serial`` in serial order, ``limit`` at most, and
+    ``next_after`` set when more follow; devices and issuing CAs on the first page only.
     """
     now = now or utcnow()
     head = head_seq(session)
     epoch = feed_epoch(session)
     floor = feed_floor(session)
-    serials = session.exec(
-        select(Certificate.serial, Certificate.not_after).where(
-            col(Certificate.status) == "revoked", col(Certificate.not_after) > now - CLOCK_SKEW
+    expired_before = now - CLOCK_SKEW
+    next_after = None
+    if limit is None:
+        serials = list(
+            session.exec(
+                select(Certificate.serial, Certificate.not_after).where(
+                    col(Certificate.status) == "revoked",
+                    col(Certificate.not_after) > expired_before,
+                )
+            ).all()
         )
-    ).all()
-    devices = session.exec(
-        select(Device.device_id)
-        .where(col(Device.status) == "decommissioned")
-        .order_by(col(Device.device_id))
-    ).all()
-    issuers = session.exec(
-        select(Revocation.device_id)
-        .where(col(Revocation.kind) == "issuer_revoked")
-        .order_by(col(Revocation.seq))
-    ).all()
+    else:
+        # A page walks the primary key from ``after_serial``: the status test is an
+        # expression so that no planner takes the (status, not_after) index and sorts every
+        # revoked certificate for each page; expired ones are left out here.
+        page = session.exec(
+            select(Certificate.serial, Certificate.not_after)
+            .where(
+                col(Certificate.status).concat("") == "revoked",
+                col(Certificate.serial) > after_serial,
+            )
+            .order_by(col(Certificate.serial))
+            .limit(limit)
+        ).all()
+        if len(page) == limit:
+            next_after = page[-1][0]
+        serials = [(serial, when) for serial, when in page if when > expired_before]
+    first_page = not after_serial
+    devices = (
+        session.exec(
+            select(Device.device_id)
+            .where(col(Device.status) == "decommissioned")
+            .order_by(col(Device.device_id))
+        ).all()
+        if first_page
+        else []
+    )
+    issuers = (
+        session.exec(
+            select(Revocation.device_id)
+            .where(col(Revocation.kind) == "issuer_revoked")
+            .order_by(col(Revocation.seq))
+        ).all()
+        if first_page
+        else []
+    )
     # Built without validation (the values come from the database as the model has them):
     # at a million devices the snapshot holds hundreds of thousands of serials.
     return RevocationSnapshot.model_construct(
@@ -388,4 +427,5 @@ def revocation_snapshot(session: Session, now: dt.datetime | None = None) -> Rev
         not_after={serial.lower(): when for serial, when in serials},
         devices=list(devices),
         issuers=[key_id.lower() for key_id in dict.fromkeys(issuers)],
+        next_after=next_after,
     )

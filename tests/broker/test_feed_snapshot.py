@@ -7,8 +7,10 @@ import datetime as dt
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlmodel import Session, col, select
 
+from broker import revocation
 from broker.server import BrokerServer
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
@@ -78,3 +80,42 @@ def test_broker_below_the_floor_catches_up_from_the_snapshot_and_the_tail(
         assert app.revoked.hex_serials() == live_serials  # exactly the live set
         assert {f"far-{i}" for i in range(1, 7)} == live_devices
         assert all(app.revoked.is_device_decommissioned(d) for d in live_devices)
+
+
+def test_a_broker_far_behind_reads_the_snapshot_in_pages_instead_of_replaying(
+    pki: TestPKI,
+    registry: RegistryServer,
+    operator: httpx.Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At a million devices a first start would replay some 530,000 events; past
+    # SNAPSHOT_GAP events behind, a catching-up broker reads the live state in pages of
+    # SNAPSHOT_PAGE serials instead (here 3 events and pages of 2 serials).
+    monkeypatch.setattr(revocation, "SNAPSHOT_GAP", 3)
+    monkeypatch.setattr(revocation, "SNAPSHOT_PAGE", 2)
+
+    def mint(device_id: str) -> IssuedCertificate:
+        return pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id))
+
+    names = [f"gap-{i}" for i in range(1, 8)]
+    serials = decommissioned(operator, mint, names)  # events 1..7, nothing compacted
+    age(registry, ["gap-1"])  # expired: not in the snapshot, the device is
+    layout = feed_broker_layout(pki, tmp_path / "broker-data")
+    settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=30)
+    with BrokerServer(settings) as broker:
+        app = broker.app
+        assert app is not None and app.follower is not None
+        follower = app.follower
+        assert wait_for(lambda: follower.after == 7 and follower.synced.is_set())
+        assert follower.snapshots == 1 and follower.resyncs == 0
+        live_serials, live_devices = live_state(registry)
+        assert live_serials == {serials[n] for n in names[1:]}  # six serials: three pages
+        assert app.revoked.hex_serials() == live_serials
+        assert all(app.revoked.is_device_decommissioned(d) for d in live_devices)
+        assert set(names) == live_devices
+        # then the tail, one event at a time as usual (1 behind: no snapshot)
+        serials |= decommissioned(operator, mint, ["gap-8"])
+        assert wait_for(lambda: follower.after == 8)
+        assert follower.snapshots == 1
+        assert serials["gap-8"] in app.revoked.hex_serials()

@@ -88,3 +88,35 @@ def test_snapshot_needs_a_reader(clients: Clients) -> None:
     device = clients.of(IdentityKind.DEVICE, "dev-snoop")
     assert device.get("/revocations/snapshot").status_code == 403
     assert clients.make().get("/revocations/snapshot").status_code == 401
+
+
+def test_the_snapshot_in_pages_is_the_whole_snapshot(
+    operator: httpx.Client, mint: Mint, clients: Clients, registry: RegistryServer
+) -> None:
+    ids = [f"page-{i}" for i in range(1, 8)]
+    serials = decommissioned(operator, mint, ids)
+    age(registry, ["page-4"])  # expired: in no page, though the walk passes its serial
+    broker = clients.of(IdentityKind.SERVICE, "broker")
+    whole = RevocationSnapshot.model_validate(broker.get("/revocations/snapshot").json())
+    assert whole.next_after is None
+    pages: list[RevocationSnapshot] = []
+    params: dict[str, str | int] = {"limit": 2}
+    while len(pages) < 20:
+        pages.append(
+            RevocationSnapshot.model_validate(
+                broker.get("/revocations/snapshot", params=params).json()
+            )
+        )
+        if pages[-1].next_after is None:
+            break
+        params["after_serial"] = pages[-1].next_after
+    assert pages[-1].next_after is None
+    paged = {s: when for page in pages for s, when in page.not_after.items()}
+    assert paged == whole.not_after  # every live serial once, none expired
+    assert set(paged) == {serials[i] for i in ids if i != "page-4"}
+    assert sum(len(page.not_after) for page in pages) == len(paged)
+    assert pages[0].devices == whole.devices and sorted(whole.devices) == ids
+    assert all(page.devices == [] for page in pages[1:])  # devices with the first page only
+    assert {page.head_seq for page in pages} == {whole.head_seq}
+    for bad in ({"after_serial": "XYZ"}, {"limit": 0}, {"limit": 10**6}):
+        assert broker.get("/revocations/snapshot", params=bad).status_code == 422, bad

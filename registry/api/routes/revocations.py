@@ -23,6 +23,9 @@ from registry.feed import FeedAnswer
 from registry.state import RegistryState
 from registry.store.revocations import revocation_snapshot, revocations_after
 
+#: The largest page of the snapshot a follower may ask for.
+SNAPSHOT_PAGE_MAX = 100_000
+
 __all__ = ["router"]
 
 #: Sequence numbers are 32-bit signed integers in the database.
@@ -102,16 +105,24 @@ async def revocations(
             state.metrics.feed_waiters.dec()
 
 
-def _snapshot(state: RegistryState) -> bytes:
+def _snapshot(state: RegistryState, after_serial: str, limit: int | None) -> bytes:
     with Session(state.engine) as session:
-        return revocation_snapshot(session).model_dump_json().encode()
+        snapshot = revocation_snapshot(session, after_serial=after_serial, limit=limit)
+        return snapshot.model_dump_json().encode()
 
 
 @router.get("/revocations/snapshot", response_model=RevocationSnapshot)
-async def snapshot(caller: CurrentReader, state: StateDep) -> Response:
+async def snapshot(
+    caller: CurrentReader,
+    state: StateDep,
+    after_serial: Annotated[str, Query(pattern=r"^[0-9a-f]{0,48}$")] = "",
+    limit: Annotated[int | None, Query(ge=1, le=SNAPSHOT_PAGE_MAX)] = None,
+) -> Response:
     """The live revoked state and the feed head it covers, for a follower whose position is
-    below the feed's floor (answered ``snapshot_required``): it adds all of it, then follows
-    the feed from ``head_seq``. Read and encoded in a worker thread (it grows with the
-    revoked set: about 70 bytes a live revoked serial)."""
-    body = await run_in_threadpool(_snapshot, state)
+    below the feed's floor (answered ``snapshot_required``) or far behind the head: it adds
+    all of it, then follows the feed from ``head_seq``. With ``limit``, one page: the
+    serials above ``after_serial`` (lower-case hex), and ``next_after`` naming where the
+    next page starts (devices and issuing CAs on the first page). Read and encoded in a
+    worker thread (it grows with the revoked set: about 70 bytes a live revoked serial)."""
+    body = await run_in_threadpool(_snapshot, state, after_serial, limit)
     return Response(body, media_type="application/json")
