@@ -33,6 +33,8 @@ __all__ = [
     "RenewalWindow",
     "StoredCertificate",
     "add_certificate",
+    "certificate_audit_detail",
+    "certificate_row",
     "claim_request",
     "count_attempt",
     "newest_certificate",
@@ -212,29 +214,39 @@ def add_certificate(
 ) -> None:
     """Add a device's new live certificate and its audit entry (``action``: how it came;
     ``detail``: more for the entry, e.g. the claim a device enrolled with)."""
-    session.add(
-        Certificate(
-            serial=certificate.serial,
-            device_id=certificate.device_id,
-            not_before=certificate.not_before,
-            not_after=certificate.not_after,
-            status="live",
-            revoked_at=None,
-            certificate_pem=certificate.certificate_pem,
-        )
-    )
+    session.add(Certificate(**certificate_row(certificate)))
     add_entry(
         session,
         actor,
         action,
         certificate.device_id,
-        {
-            "serial": certificate.serial,
-            "previous_serial": previous_serial,
-            "not_after": certificate.not_after.isoformat(),
-            **(detail or {}),
-        },
+        certificate_audit_detail(certificate, previous_serial, detail),
     )
+
+
+def certificate_row(certificate: StoredCertificate) -> dict[str, Any]:
+    """The column values of a new live certificate (an ORM row or a Core INSERT)."""
+    return {
+        "serial": certificate.serial,
+        "device_id": certificate.device_id,
+        "not_before": certificate.not_before,
+        "not_after": certificate.not_after,
+        "status": "live",
+        "revoked_at": None,
+        "certificate_pem": certificate.certificate_pem,
+    }
+
+
+def certificate_audit_detail(
+    certificate: StoredCertificate, previous_serial: str | None, detail: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The audit detail of a new certificate (serial, previous serial, not_after, more)."""
+    return {
+        "serial": certificate.serial,
+        "previous_serial": previous_serial,
+        "not_after": certificate.not_after.isoformat(),
+        **(detail or {}),
+    }
 
 
 def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:
