@@ -106,7 +106,7 @@ def _sign(state: RegistryState, device_id: str, csr: EnrollmentCSR) -> StoredCer
 
 def _enrolled(stored: StoredCertificate, issued: StoredCertificate) -> Enrolled:
     return Enrolled(
-        x509.load_pem_x509_certificate(stored.certificate_pem.encode()),
+        stored.loaded(),
         stored.device_id,
         stored.serial,
         repeated=stored is not issued,

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, or_, update
+from sqlalchemy import Engine, bindparam, func, insert, or_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -78,6 +78,42 @@ _CLAIM_STATE = (
     _CLAIM.c.revoked_at,
     _CLAIM.c.webhook_url,
 )
+
+
+# The hot path's statements, built once (each execution only binds its values).
+_SELECT_CLAIM = core_select(*_CLAIM_STATE).where(_CLAIM.c.batch == bindparam("q_batch"))
+_ALLOW_ENTRY = core_select(_ALLOW.c.device_id, _ALLOW.c.hardware_serial)
+_SELECT_ALLOW_BY_SERIAL = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.hardware_serial == bindparam("q_serial")
+)
+_SELECT_ALLOW_BY_ID = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.device_id == bindparam("q_device")
+)
+_SELECT_ALLOW_BY_EITHER = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"),
+    or_(
+        _ALLOW.c.hardware_serial == bindparam("q_serial"),
+        _ALLOW.c.device_id == bindparam("q_device"),
+    ),
+)
+_INSERT_DEVICE = insert(_DEVICE)
+_SPEND_QUOTA = (
+    update(_CLAIM)
+    .where(
+        _CLAIM.c.batch == bindparam("q_batch"),
+        _CLAIM.c.enrolled < _CLAIM.c.quota,
+        _CLAIM.c.revoked_at.is_(None),
+        _CLAIM.c.expires_at > bindparam("q_now"),
+    )
+    .values(enrolled=_CLAIM.c.enrolled + 1)
+)
+_MARK_ALLOWED = (
+    update(_ALLOW)
+    .where(_ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.device_id == bindparam("q_device"))
+    .values(enrolled_at=bindparam("q_now"))
+)
+_INSERT_CERTIFICATE = insert(_CERTIFICATE)
+_INSERT_AUDIT = insert(_AUDIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +250,7 @@ def _refusal(claim: Any, batch: str, now: dt.datetime) -> EnrollmentRefusedError
 
 
 def _claim_row(connection: Connection, batch: str) -> Any:
-    return connection.execute(core_select(*_CLAIM_STATE).where(_CLAIM.c.batch == batch)).first()
+    return connection.execute(_SELECT_CLAIM, {"q_batch": batch}).first()
 
 
 def active_claim(connection: Connection, batch: str, serial: str, now: dt.datetime) -> ClaimState:
@@ -248,18 +284,19 @@ def resolve_allowed(
                 f"claim {claim.batch} has no allow-list: the CSR must name the device id (CN)"
             )
         return device_id, hardware_serial
-    asks = []
-    if hardware_serial is not None:
-        asks.append(_ALLOW.c.hardware_serial == hardware_serial)
-    if device_id is not None:
-        asks.append(_ALLOW.c.device_id == device_id)
+    statement = (
+        _SELECT_ALLOW_BY_EITHER
+        if hardware_serial is not None and device_id is not None
+        else _SELECT_ALLOW_BY_SERIAL
+        if hardware_serial is not None
+        else _SELECT_ALLOW_BY_ID
+    )
     rows = (
         connection.execute(
-            core_select(_ALLOW.c.device_id, _ALLOW.c.hardware_serial).where(
-                _ALLOW.c.batch == claim.batch, or_(*asks)
-            )
+            statement,
+            {"q_batch": claim.batch, "q_serial": hardware_serial, "q_device": device_id},
         ).all()
-        if asks
+        if hardware_serial is not None or device_id is not None
         else []
     )
     by_serial = [
@@ -367,42 +404,22 @@ def record_claim_enrollment(
     try:
         with write_connection(engine) as connection:
             connection.execute(
-                insert(_DEVICE).values(
-                    device_id=device_id,
-                    status="active",
-                    hardware_serial=hardware_serial,
-                    created_at=now,
-                )
+                _INSERT_DEVICE,
+                {
+                    "device_id": device_id,
+                    "status": "active",
+                    "hardware_serial": hardware_serial,
+                    "created_at": now,
+                },
             )
-            spent = connection.execute(
-                update(_CLAIM)
-                .where(
-                    _CLAIM.c.batch == batch,
-                    _CLAIM.c.enrolled < _CLAIM.c.quota,
-                    _CLAIM.c.revoked_at.is_(None),
-                    _CLAIM.c.expires_at > now,
-                )
-                .values(enrolled=_CLAIM.c.enrolled + 1)
-            )
-            if not spent.rowcount:
+            keys = {"q_batch": batch, "q_device": device_id, "q_now": now}
+            if not connection.execute(_SPEND_QUOTA, keys).rowcount:
                 raise _refusal(_claim_row(connection, batch), batch, now)
             if allow_listed:
-                connection.execute(
-                    update(_ALLOW)
-                    .where(_ALLOW.c.batch == batch, _ALLOW.c.device_id == device_id)
-                    .values(enrolled_at=now)
-                )
-            connection.execute(insert(_CERTIFICATE).values(certificate_row(issued)))
-            connection.execute(
-                insert(_AUDIT).values(
-                    entry_row(
-                        actor,
-                        "enroll",
-                        device_id,
-                        certificate_audit_detail(issued, None, {"claim": batch}),
-                    )
-                )
-            )
+                connection.execute(_MARK_ALLOWED, keys)
+            connection.execute(_INSERT_CERTIFICATE, certificate_row(issued))
+            detail = certificate_audit_detail(issued, None, {"claim": batch})
+            connection.execute(_INSERT_AUDIT, entry_row(actor, "enroll", device_id, detail))
     except IntegrityError:
         with Session(engine) as session:
             return _taken(session, device_id, hardware_serial, key_der, now)

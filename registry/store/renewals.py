@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
@@ -63,6 +64,14 @@ class StoredCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     certificate_pem: str
+    #: the certificate itself when it was just signed (spares parsing the PEM again).
+    certificate: x509.Certificate | None = field(default=None, compare=False, repr=False)
+
+    def loaded(self) -> x509.Certificate:
+        """The certificate as an object (parsed from the PEM unless it was just signed)."""
+        if self.certificate is not None:
+            return self.certificate
+        return x509.load_pem_x509_certificate(self.certificate_pem.encode())
 
     @classmethod
     def of(cls, row: Certificate) -> StoredCertificate:
