@@ -57,6 +57,12 @@ def _csrs(count: int) -> list[bytes]:
     return bodies
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     ready = root / "ready.json"
     process = subprocess.Popen(
@@ -130,6 +136,8 @@ def main() -> None:
                             failures.append(response.status)
 
             load = os.getloadavg()[0]
+            registry_cpu = _cpu_s(process.pid)
+            client_cpu = time.process_time()
             started = time.perf_counter()
             threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
             for thread in threads:
@@ -137,6 +145,8 @@ def main() -> None:
             for thread in threads:
                 thread.join()
             elapsed = time.perf_counter() - started
+            registry_cpu = _cpu_s(process.pid) - registry_cpu
+            client_cpu = time.process_time() - client_cpu
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
@@ -152,6 +162,8 @@ def main() -> None:
                     "p50_ms": round(statistics.median(latencies) * 1000, 1),
                     "p95_ms": round(latencies[int(0.95 * len(latencies))] * 1000, 1),
                     "load_before": round(load, 2),
+                    "registry_cpu_ms_each": round(registry_cpu * 1000 / args.enrollments, 2),
+                    "client_cpu_ms_each": round(client_cpu * 1000 / args.enrollments, 2),
                 },
                 indent=2,
             )

@@ -19,6 +19,11 @@ and blank lines skipped):
 - a JSON object with ``device_id`` and/or ``hardware_serial`` (a factory manifest line).
 
 Without an allow-list every device id may enroll, up to the quota.
+
+``--webhook URL`` gives the claim its own pre-enrollment webhook: the registry asks it
+before each enrollment with the claim (after the allow-list, beside the registry-wide
+webhook; every webhook asked must allow). The URL is ``https://`` (plain ``http://`` only to
+a loopback address), without credentials: :mod:`fleetcore.webhooks`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from factory.ca import CertificateAuthority, IssuedCertificate, write_issued
 from factory.errors import ProvisionError, RegistrationError
 from factory.registration import RegistryClient, refusal_detail
 from fleetcore.clock import utcnow
-from fleetcore.errors import IdentityError
+from fleetcore.errors import ConfigError, IdentityError
 from fleetcore.layout import DataLayout, write_public
 from fleetcore.profile import (
     HARDWARE_SERIAL_PATTERN,
@@ -44,6 +49,7 @@ from fleetcore.profile import (
     check_name,
     serial_hex,
 )
+from fleetcore.webhooks import check_webhook_url
 
 __all__ = [
     "MAX_ALLOW_ENTRIES",
@@ -82,9 +88,11 @@ class ClaimRecord:
     expires_at: dt.datetime
     allow: list[AllowEntry]
     certificate_pem: str
+    #: the claim's own pre-enrollment webhook (:mod:`fleetcore.webhooks`), if any.
+    webhook_url: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "batch": self.batch,
             "serial": self.serial,
             "quota": self.quota,
@@ -92,6 +100,9 @@ class ClaimRecord:
             "certificate_pem": self.certificate_pem,
             "allow": [entry.as_dict() for entry in self.allow],
         }
+        if self.webhook_url is not None:
+            record["webhook_url"] = self.webhook_url
+        return record
 
 
 def claim_dir(layout: DataLayout, batch: str) -> Path:
@@ -161,12 +172,19 @@ def mint_claim(
     quota: int,
     lifetime: dt.timedelta,
     allow: list[AllowEntry],
+    webhook_url: str | None = None,
 ) -> tuple[IssuedCertificate, ClaimRecord]:
     """Issue batch ``batch``'s claim certificate (valid until the claim expires) and its
-    record; nothing is written."""
+    record (with ``webhook_url``, checked by :func:`fleetcore.webhooks.check_webhook_url`,
+    asked before each enrollment with it); nothing is written."""
     check_name(batch, "batch name")
     if not 1 <= quota <= MAX_QUOTA:
         raise ProvisionError(f"--quota {quota} must be between 1 and {MAX_QUOTA}")
+    if webhook_url is not None:
+        try:
+            check_webhook_url(webhook_url)
+        except ConfigError as exc:
+            raise ProvisionError(f"--webhook: {exc}") from None
     expires_at = utcnow() + lifetime
     issued = ca.issue_client(Identity.claim(ca.trust_domain, batch), not_after=expires_at)
     certificate = issued.certificate
@@ -177,6 +195,7 @@ def mint_claim(
         expires_at=certificate.not_valid_after_utc,
         allow=allow,
         certificate_pem=issued.certificate_pem.decode(),
+        webhook_url=webhook_url,
     )
     return issued, record
 

@@ -659,6 +659,13 @@ def factory_claim_create(
             "lines (or manifest JSON lines); default: any device id, up to the quota."
         ),
     ] = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            help="The claim's own pre-enrollment webhook, asked before each enrollment with "
+            "it (https://; http:// only to a loopback address); it must allow, fails closed."
+        ),
+    ] = None,
     registry: Annotated[
         str | None,
         typer.Option(help="Registry to record the claim in (CERTFLEET_REGISTRY_URL)."),
@@ -667,7 +674,7 @@ def factory_claim_create(
     as_json: JsonOption = False,
 ) -> None:
     """Mint a claim certificate for a batch into claims/<BATCH>/ (key 0600) and record the
-    claim (quota, expiry, allow-list) in the registry. It enrolls devices over EST
+    claim (quota, expiry, allow-list, webhook) in the registry. It enrolls devices over EST
     (simpleenroll) and nothing else: the broker refuses it."""
     from factory.claims import claim_dir, mint_claim, read_allow_file, register_claim, write_claim
 
@@ -679,7 +686,12 @@ def factory_claim_create(
     allow = read_allow_file(allow_file) if allow_file is not None else []
     ca = _load_ca(settings)
     issued, record = mint_claim(
-        ca, batch, quota=quota, lifetime=parse_duration(expires, what="--expires"), allow=allow
+        ca,
+        batch,
+        quota=quota,
+        lifetime=parse_duration(expires, what="--expires"),
+        allow=allow,
+        webhook_url=webhook,
     )
     registered = False
     if settings.registry_url is not None:
@@ -712,6 +724,7 @@ def factory_claim_create(
             "quota": record.quota,
             "expires_at": record.expires_at.isoformat(),
             "allow": len(allow),
+            "webhook": record.webhook_url is not None,
             "cert": str(folder / "claim.crt"),
             "key": str(folder / "claim.key"),
             "registered": registered,

@@ -1,10 +1,11 @@
 """Database engine and schema: SQLite (WAL, busy timeout) by default, PostgreSQL by URL.
 
 Every write runs in :func:`write_transaction` (the one transaction helper: begin as a write
-transaction, commit on success, roll back on any exception). On SQLite that makes the
-transaction ``BEGIN IMMEDIATE``: writers are serialized up front instead of failing when a
-read transaction tries to upgrade. On PostgreSQL row locks (``SELECT ... FOR UPDATE`` on the
-counter row) do the same job where it matters.
+transaction, commit on success, roll back on any exception), or, on a hot path written as
+plain Core statements, in :func:`write_connection` (the same, on a Connection). On SQLite
+that makes the transaction ``BEGIN IMMEDIATE``: writers are serialized up front instead of
+failing when a read transaction tries to upgrade. On PostgreSQL row locks (``SELECT ... FOR
+UPDATE`` on the counter row) do the same job where it matters.
 
 On SQLite the writers of one process also queue on an in-process lock (the engine's *write
 gate*) before ``BEGIN IMMEDIATE``. Without it, concurrent writers meet SQLite's busy
@@ -44,6 +45,7 @@ __all__ = [
     "migrate",
     "insert_ignore",
     "unreachable",
+    "write_connection",
     "write_transaction",
 ]
 
@@ -69,10 +71,9 @@ _WRITE_GATES: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakK
 
 
 @contextmanager
-def _write_gate(session: Session) -> Iterator[None]:
-    """Hold the write gate of ``session``'s SQLite engine for the block (re-entrant in one
+def _write_gate(bind: Any) -> Iterator[None]:
+    """Hold the write gate of SQLite engine ``bind`` for the block (re-entrant in one
     thread). After the busy timeout the block runs ungated: SQLite's own locking decides."""
-    bind = session.get_bind()
     gate = _WRITE_GATES.get(bind) if isinstance(bind, Engine) else None
     if gate is None:
         yield
@@ -157,7 +158,7 @@ def write_transaction(session: Session) -> Iterator[Session]:
     """Run the block as one write transaction of ``session``: committed when the block ends,
     rolled back (releasing the write lock at once) when it raises. On SQLite the block
     holds the engine's write gate (module doc)."""
-    with _write_gate(session):
+    with _write_gate(session.get_bind()):
         begin_write(session)
         try:
             yield session
@@ -165,6 +166,20 @@ def write_transaction(session: Session) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """A Core connection whose block is one write transaction (BEGIN IMMEDIATE on SQLite,
+    under the write gate): committed when the block ends, rolled back when it raises. For
+    hot paths that write a few rows with plain statements (no ORM unit of work)."""
+    with (
+        _write_gate(engine),
+        engine.connect() as connection,
+    ):
+        connection.execution_options(**{_WRITE_OPTION: True})
+        with connection.begin():
+            yield connection
 
 
 def insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> bool:

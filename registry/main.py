@@ -117,10 +117,10 @@ def create_app(settings: RegistrySettings, *, migrate_schema: bool = True) -> Fa
     )
     app.state.registry = state
     install_error_handlers(app)
+    install_est(app, state)  # first: an enrollment's route is matched before the others'
     routers = (devices, audit, revocations, crl, stats, expiry, health, metrics, claims, tokens)
     for module in (*routers, issuers):  # issuers: issue 26
         app.include_router(module.router)
-    install_est(app, state)
     install_console(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     app.add_middleware(StrictTransportSecurity)  # outermost: on error pages as well

@@ -160,6 +160,7 @@ def sign_next(
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
         certificate_pem=issued.certificate_pem.decode(),
+        certificate=certificate,
     )
 
 

@@ -50,7 +50,6 @@ __all__ = [
     "Enrolled",
     "check_claim_enrollment",
     "client_identity",
-    "enroll_with_claim",
     "enroll_with_secret",
     "issue_claim_enrollment",
     "reenroll",
@@ -107,7 +106,7 @@ def _sign(state: RegistryState, device_id: str, csr: EnrollmentCSR) -> StoredCer
 
 def _enrolled(stored: StoredCertificate, issued: StoredCertificate) -> Enrolled:
     return Enrolled(
-        x509.load_pem_x509_certificate(stored.certificate_pem.encode()),
+        stored.loaded(),
         stored.device_id,
         stored.serial,
         repeated=stored is not issued,
@@ -124,6 +123,10 @@ class ClaimEnrollment:
     device_id: str
     hardware_serial: str | None
     csr: EnrollmentCSR
+    #: the device is on the claim's allow-list (its entry is marked enrolled).
+    allow_listed: bool = False
+    #: the claim's own pre-enrollment webhook, asked before it is issued.
+    webhook_url: str | None = None
 
 
 def check_claim_enrollment(
@@ -135,12 +138,21 @@ def check_claim_enrollment(
     identity = read_identity(claim_certificate)
     batch, serial = identity.name, serial_hex(claim_certificate.serial_number)
     csr = _csr(csr_der, state.ca.trust_domain)
-    with Session(state.engine) as session:  # one read session for both checks
-        claim = claims.active_claim(session, batch, serial, utcnow())
+    with state.engine.connect() as connection:  # one connection, plain SELECTs, for both
+        claim = claims.active_claim(connection, batch, serial, utcnow())
         device_id, hardware_serial = claims.resolve_allowed(
-            session, claim, csr.device_id, csr.hardware_serial
+            connection, claim, csr.device_id, csr.hardware_serial
         )
-    return ClaimEnrollment(batch, serial, identity.uri, device_id, hardware_serial, csr)
+    return ClaimEnrollment(
+        batch,
+        serial,
+        identity.uri,
+        device_id,
+        hardware_serial,
+        csr,
+        allow_listed=not claim.allow_any,
+        webhook_url=claim.webhook_url,
+    )
 
 
 def issue_claim_enrollment(
@@ -149,28 +161,19 @@ def issue_claim_enrollment(
     """Sign and record an enrollment :func:`check_claim_enrollment` let through (the quota
     spent in the recording transaction, which checks the claim again)."""
     issued = _sign(state, checked.device_id, checked.csr)
-    with Session(state.engine) as session:
-        stored = claims.record_claim_enrollment(
-            session,
-            checked.batch,
-            issued,
-            hardware_serial=checked.hardware_serial,
-            key_der=_key_der(checked.csr),
-            actor=Actor(checked.claim_uri, from_addr),
-            now=utcnow(),
-        )
+    stored = claims.record_claim_enrollment(
+        state.engine,
+        checked.batch,
+        issued,
+        hardware_serial=checked.hardware_serial,
+        key_der=_key_der(checked.csr),
+        actor=Actor(checked.claim_uri, from_addr),
+        now=utcnow(),
+        allow_listed=checked.allow_listed,
+    )
     enrolled = _enrolled(stored, issued)
     _log("claim " + checked.batch, enrolled, checked.hardware_serial)
     return enrolled
-
-
-def enroll_with_claim(
-    state: RegistryState, claim_certificate: x509.Certificate, csr_der: bytes, from_addr: str | None
-) -> Enrolled:
-    """First enrollment authenticated by a claim certificate (module doc), without a
-    pre-enrollment webhook."""
-    checked = check_claim_enrollment(state, claim_certificate, csr_der)
-    return issue_claim_enrollment(state, checked, from_addr)
 
 
 def enroll_with_secret(

@@ -3,18 +3,22 @@
 A claim is a production batch's bootstrap certificate (``spiffe://<td>/claim/<batch>``) with
 a quota, an expiry and, optionally, an allow-list; ``enrolled`` counts the devices enrolled
 with it and is raised only by a conditional UPDATE (``enrolled < quota``), so concurrent
-enrollments on SQLite or PostgreSQL never exceed the quota. Migration 0007.
+enrollments on SQLite or PostgreSQL never exceed the quota. Migration 0007; a claim's own
+pre-enrollment webhook URL, migration 0010.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 from pydantic import Field as PydanticField
 from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from fleetcore.errors import ConfigError
+from fleetcore.webhooks import MAX_WEBHOOK_URL, check_webhook_url
 from registry.models import DEVICE_ID_PATTERN, HARDWARE_SERIAL_PATTERN, UTCDateTime
 
 __all__ = [
@@ -45,6 +49,8 @@ class Claim(SQLModel, table=True):
     created_at: dt.datetime = Field(sa_type=UTCDateTime)
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
     certificate_pem: str = Field(sa_column=Column(Text, nullable=False))
+    #: the claim's own pre-enrollment webhook (:mod:`fleetcore.webhooks`); migration 0010.
+    webhook_url: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL)
 
 
 class ClaimAllow(SQLModel, table=True):
@@ -85,6 +91,18 @@ class ClaimAllowEntry(BaseModel):
     hardware_serial: str | None = PydanticField(default=None, pattern=HARDWARE_SERIAL_PATTERN)
 
 
+def _webhook_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        return check_webhook_url(url)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+WebhookUrl = Annotated[str | None, AfterValidator(_webhook_url)]
+
+
 class ClaimRegistration(BaseModel):
     """What the factory records about a claim (``POST /api/v1/claims``)."""
 
@@ -96,6 +114,8 @@ class ClaimRegistration(BaseModel):
     allow: list[ClaimAllowEntry] = PydanticField(
         default_factory=list, max_length=MAX_ALLOW_PER_REQUEST
     )
+    #: asked before each enrollment with this claim (beside the registry-wide webhook).
+    webhook_url: WebhookUrl = PydanticField(default=None, max_length=MAX_WEBHOOK_URL)
 
 
 class ClaimRevokeRequest(BaseModel):
@@ -112,3 +132,4 @@ class ClaimPublic(BaseModel):
     expires_at: dt.datetime
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    webhook_url: str | None = None

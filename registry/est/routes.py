@@ -12,8 +12,9 @@ request without an identity themselves, :mod:`registry.api.deps`); the peer cert
 reaches the route through :class:`registry.tls.PeerCertH11Protocol`. Errors are
 ``text/plain`` with the status of :mod:`registry.est.errors`, as RFC 7030 4.2.3 describes.
 ``serverkeygen`` is not offered (the key is born on the device): it answers 501. With a
-pre-enrollment webhook (:mod:`registry.est.webhook`) a claim enrollment may also answer 202
-with Retry-After (awaiting approval) or 503 (the webhook gave no decision: fails closed).
+pre-enrollment webhook (:mod:`registry.est.webhook`: the registry's, and a claim's own) a
+claim enrollment may also answer 202 with Retry-After (awaiting approval) or 503 (a webhook
+gave no decision: fails closed).
 """
 
 from __future__ import annotations
@@ -162,6 +163,28 @@ async def _answer(request: Request, work: Callable[[], enroll.Enrolled]) -> Resp
     return _enrolled_response(enrolled)
 
 
+def _claim_webhooks(
+    request: Request, checked: enroll.ClaimEnrollment
+) -> list[PreEnrollmentWebhook]:
+    """The webhooks that decide ``checked``: the registry's, then the claim's own; each
+    must allow it."""
+    hooks: list[PreEnrollmentWebhook] = []
+    registry_wide: PreEnrollmentWebhook | None = request.app.state.est_webhook
+    if registry_wide is not None:
+        hooks.append(registry_wide)
+    if checked.webhook_url is not None:
+        settings = _state(request).settings
+        hooks.append(
+            PreEnrollmentWebhook(
+                checked.webhook_url,
+                timeout_s=settings.registry_est_webhook_timeout_s,
+                pending_retry_after_s=settings.registry_est_webhook_retry_after_s,
+                label=f"claim {checked.batch}'s pre-enrollment webhook",
+            )
+        )
+    return hooks
+
+
 async def _claim_enroll(
     request: Request,
     state: RegistryState,
@@ -169,26 +192,30 @@ async def _claim_enroll(
     csr_der: bytes,
     from_addr: str | None,
 ) -> Response:
-    """A claim enrollment: checked, then (with a pre-enrollment webhook) decided by the
-    webhook, then issued; without a webhook in one worker thread."""
-    webhook: PreEnrollmentWebhook | None = request.app.state.est_webhook
-    if webhook is None:
-        return await _answer(
-            request,
-            lambda: enroll.enroll_with_claim(state, claim_certificate, csr_der, from_addr),
-        )
+    """A claim enrollment: checked, then decided by the pre-enrollment webhooks (the
+    registry's and the claim's own, if any), then issued; without a webhook all in one
+    worker thread."""
+    asks_registry_wide = request.app.state.est_webhook is not None
+
+    def check_or_issue() -> enroll.ClaimEnrollment | enroll.Enrolled:
+        checked = enroll.check_claim_enrollment(state, claim_certificate, csr_der)
+        if asks_registry_wide or checked.webhook_url is not None:
+            return checked
+        return enroll.issue_claim_enrollment(state, checked, from_addr)
+
     try:
-        checked = await anyio.to_thread.run_sync(
-            lambda: enroll.check_claim_enrollment(state, claim_certificate, csr_der)
-        )
-        await webhook.decide(
-            EnrollmentQuestion(
-                checked.device_id, checked.hardware_serial, checked.batch,
-                checked.claim_serial, from_addr,
-            )
+        outcome = await anyio.to_thread.run_sync(check_or_issue)
+        if isinstance(outcome, enroll.Enrolled):
+            return _enrolled_response(outcome)
+        question = EnrollmentQuestion(
+            outcome.device_id, outcome.hardware_serial, outcome.batch,
+            outcome.claim_serial, from_addr,
         )  # fmt: skip
+        for webhook in _claim_webhooks(request, outcome):
+            await webhook.decide(question)
     except RegistryError as exc:
         return _error(request, exc)
+    checked = outcome
     return await _answer(request, lambda: enroll.issue_claim_enrollment(state, checked, from_addr))
 
 

@@ -1,5 +1,7 @@
 """The pre-enrollment webhook: before a first enrollment with a claim, an operator's service
-is asked whether this device may enroll (``CERTFLEET_REGISTRY_EST_WEBHOOK_URL``).
+is asked whether this device may enroll: the registry's (``CERTFLEET_REGISTRY_EST_WEBHOOK_URL``)
+and the claim's own (``certfleet factory claim create --webhook URL``), each of which must
+allow it.
 
 The registry POSTs JSON once the claim and its allow-list have let the request through::
 
@@ -30,6 +32,7 @@ from typing import Any, Final
 import anyio
 import httpx
 
+from fleetcore.webhooks import shown_url
 from registry.est.errors import (
     EnrollmentPendingError,
     EnrollmentRefusedError,
@@ -70,10 +73,21 @@ class PreEnrollmentWebhook:
     """Asks ``url`` (module doc); :meth:`decide` returns when the device may enroll and
     raises EnrollmentRefusedError, EnrollmentPendingError or EnrollmentWebhookError."""
 
-    def __init__(self, url: str, *, timeout_s: float, pending_retry_after_s: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        pending_retry_after_s: int,
+        label: str = "the pre-enrollment webhook",
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.pending_retry_after_s = pending_retry_after_s
+        #: how messages name it: the registry's, or a claim's own.
+        self.label = label
+        #: how messages and logs name the URL (no query: it may carry a token).
+        self.shown = shown_url(url)
 
     async def decide(self, question: EnrollmentQuestion) -> None:
         try:
@@ -84,7 +98,12 @@ class PreEnrollmentWebhook:
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             raise self._failed(question, f"{type(exc).__name__}: {exc}") from None
         self._judge(question, status, headers, body)
-        log.info("est webhook allowed device_id=%s claim=%s", question.device_id, question.claim)
+        log.info(
+            "est webhook allowed device_id=%s claim=%s webhook=%s",
+            question.device_id,
+            question.claim,
+            self.shown,
+        )
 
     async def _post(self, question: EnrollmentQuestion) -> tuple[int, httpx.Headers, bytes]:
         # trust_env off: no proxy from the environment between the registry and its webhook.
@@ -105,7 +124,7 @@ class PreEnrollmentWebhook:
         who = f"device {question.device_id} (claim {question.claim})"
         if status == 403:
             raise EnrollmentRefusedError(
-                f"the pre-enrollment webhook refused {who}: {_text(body) or 'no reason given'}"
+                f"{self.label} refused {who}: {_text(body) or 'no reason given'}"
             )
         if status == 202:
             raise self._pending(who, _retry_after(headers.get("retry-after")))
@@ -120,7 +139,7 @@ class PreEnrollmentWebhook:
             return
         if decision == "deny":
             reason = str(answer.get("reason") or "no reason given")[:300]
-            raise EnrollmentRefusedError(f"the pre-enrollment webhook refused {who}: {reason}")
+            raise EnrollmentRefusedError(f"{self.label} refused {who}: {reason}")
         if decision == "pending":
             retry = answer.get("retry_after_s")
             raise self._pending(who, retry if isinstance(retry, int) and retry > 0 else None)
@@ -140,7 +159,7 @@ class PreEnrollmentWebhook:
 
     def _failed(self, question: EnrollmentQuestion, what: str) -> EnrollmentWebhookError:
         return EnrollmentWebhookError(
-            f"the pre-enrollment webhook {self.url} gave no decision for device "
+            f"{self.label} {self.shown} gave no decision for device "
             f"{question.device_id} (claim {question.claim}): {what}; nobody enrolls until it "
             "answers (fails closed)",
             retry_after_s=FAILED_RETRY_AFTER_S,

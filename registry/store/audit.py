@@ -19,7 +19,7 @@ from fleetcore.clock import utcnow
 from registry.errors import InvalidRequestError, NotFoundError
 from registry.models import AuditLog, Device
 
-__all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit"]
+__all__ = ["Actor", "AuditEntry", "AuditPage", "add_entry", "device_audit", "entry_row"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,24 @@ class Actor:
     role: str | None = None
 
 
+def entry_row(
+    actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One audit entry's column values (the row :func:`add_entry` adds; a Core INSERT of
+    ``audit_log`` takes it as is)."""
+    if actor.role is not None:
+        detail = {**(detail or {}), "role": actor.role}
+    return {
+        "who": actor.who[:256],
+        "action": action,
+        "target": target[:256],
+        "at": utcnow(),
+        "from_addr": actor.from_addr,
+        "forwarded_for": actor.forwarded_for,
+        "detail": detail,
+    }
+
+
 def add_entry(
     session: Session,
     actor: Actor,
@@ -42,19 +60,7 @@ def add_entry(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Add one audit entry to the session's (write) transaction."""
-    if actor.role is not None:
-        detail = {**(detail or {}), "role": actor.role}
-    session.add(
-        AuditLog(
-            who=actor.who[:256],
-            action=action,
-            target=target[:256],
-            at=utcnow(),
-            from_addr=actor.from_addr,
-            forwarded_for=actor.forwarded_for,
-            detail=detail,
-        )
-    )
+    session.add(AuditLog(**entry_row(actor, action, target, detail)))
 
 
 class AuditEntry(BaseModel):

@@ -14,13 +14,16 @@ import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, insert, update
+from sqlalchemy import Engine, bindparam, func, insert, or_, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleetcore.clock import utcnow
-from registry.db import write_transaction
+from registry.db import write_connection, write_transaction
 from registry.errors import ConflictError, DecommissionedDeviceError, NotFoundError
 from registry.est.errors import AlreadyEnrolledError, ClaimQuotaError, EnrollmentRefusedError
 from registry.est.models import (
@@ -30,10 +33,15 @@ from registry.est.models import (
     ClaimRegistration,
     EnrollmentSecret,
 )
-from registry.models import Certificate, Device
-from registry.store.audit import Actor, add_entry
+from registry.models import AuditLog, Certificate, Device
+from registry.store.audit import Actor, add_entry, entry_row
 from registry.store.reenrollment import certificate_key_der
-from registry.store.renewals import StoredCertificate, add_certificate
+from registry.store.renewals import (
+    StoredCertificate,
+    add_certificate,
+    certificate_audit_detail,
+    certificate_row,
+)
 
 __all__ = [
     "SECRET_PREFIX",
@@ -54,12 +62,68 @@ __all__ = [
 SECRET_PREFIX = "cfe_"  # noqa: S105  (a marker prefix, not a secret)
 
 
+#: Core tables of the enrollment's hot path (plain statements, no ORM unit of work).
+_CLAIM: Any = Claim.__table__  # type: ignore[attr-defined]
+_ALLOW: Any = ClaimAllow.__table__  # type: ignore[attr-defined]
+_DEVICE: Any = Device.__table__  # type: ignore[attr-defined]
+_CERTIFICATE: Any = Certificate.__table__  # type: ignore[attr-defined]
+_AUDIT: Any = AuditLog.__table__  # type: ignore[attr-defined]
+#: What the enrollment reads of a claim (not its certificate).
+_CLAIM_STATE = (
+    _CLAIM.c.serial,
+    _CLAIM.c.quota,
+    _CLAIM.c.enrolled,
+    _CLAIM.c.allow_any,
+    _CLAIM.c.expires_at,
+    _CLAIM.c.revoked_at,
+    _CLAIM.c.webhook_url,
+)
+
+
+# The hot path's statements, built once (each execution only binds its values).
+_SELECT_CLAIM = core_select(*_CLAIM_STATE).where(_CLAIM.c.batch == bindparam("q_batch"))
+_ALLOW_ENTRY = core_select(_ALLOW.c.device_id, _ALLOW.c.hardware_serial)
+_SELECT_ALLOW_BY_SERIAL = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.hardware_serial == bindparam("q_serial")
+)
+_SELECT_ALLOW_BY_ID = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.device_id == bindparam("q_device")
+)
+_SELECT_ALLOW_BY_EITHER = _ALLOW_ENTRY.where(
+    _ALLOW.c.batch == bindparam("q_batch"),
+    or_(
+        _ALLOW.c.hardware_serial == bindparam("q_serial"),
+        _ALLOW.c.device_id == bindparam("q_device"),
+    ),
+)
+_INSERT_DEVICE = insert(_DEVICE)
+_SPEND_QUOTA = (
+    update(_CLAIM)
+    .where(
+        _CLAIM.c.batch == bindparam("q_batch"),
+        _CLAIM.c.enrolled < _CLAIM.c.quota,
+        _CLAIM.c.revoked_at.is_(None),
+        _CLAIM.c.expires_at > bindparam("q_now"),
+    )
+    .values(enrolled=_CLAIM.c.enrolled + 1)
+)
+_MARK_ALLOWED = (
+    update(_ALLOW)
+    .where(_ALLOW.c.batch == bindparam("q_batch"), _ALLOW.c.device_id == bindparam("q_device"))
+    .values(enrolled_at=bindparam("q_now"))
+)
+_INSERT_CERTIFICATE = insert(_CERTIFICATE)
+_INSERT_AUDIT = insert(_AUDIT)
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimState:
-    """A claim that may enroll now (as read; the enrollment's transaction checks again)."""
+    """A claim that may enroll now (as read; the enrollment's transaction checks again);
+    ``webhook_url``: the claim's own pre-enrollment webhook, if it has one."""
 
     batch: str
     allow_any: bool
+    webhook_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +157,7 @@ def record_claim(session: Session, registration: ClaimRegistration, actor: Actor
                 expires_at=registration.expires_at,
                 created_at=now,
                 certificate_pem=registration.certificate_pem,
+                webhook_url=registration.webhook_url,
             )
         )
         session.flush()
@@ -118,6 +183,7 @@ def record_claim(session: Session, registration: ClaimRegistration, actor: Actor
                 "quota": registration.quota,
                 "expires_at": registration.expires_at.isoformat(),
                 "allow": len(registration.allow),
+                "webhook": registration.webhook_url is not None,
             },
         )
     return True
@@ -155,6 +221,7 @@ def get_claim(session: Session, batch: str) -> ClaimPublic:
         expires_at=claim.expires_at,
         created_at=claim.created_at,
         revoked_at=claim.revoked_at,
+        webhook_url=claim.webhook_url,
     )
 
 
@@ -163,8 +230,9 @@ def list_claims(session: Session) -> list[ClaimPublic]:
     return [get_claim(session, batch) for batch in batches]
 
 
-def _refusal(claim: Claim | None, batch: str, now: dt.datetime) -> EnrollmentRefusedError:
-    """Why ``claim`` enrolls nobody now (unknown, revoked, expired, quota used up)."""
+def _refusal(claim: Any, batch: str, now: dt.datetime) -> EnrollmentRefusedError:
+    """Why ``claim`` (a claim row, or None) enrolls nobody now (unknown, revoked, expired,
+    quota used up)."""
     if claim is None:
         return EnrollmentRefusedError(f"claim {batch} is not recorded in this registry")
     if claim.revoked_at is not None:
@@ -181,10 +249,14 @@ def _refusal(claim: Claim | None, batch: str, now: dt.datetime) -> EnrollmentRef
     )
 
 
-def active_claim(session: Session, batch: str, serial: str, now: dt.datetime) -> ClaimState:
+def _claim_row(connection: Connection, batch: str) -> Any:
+    return connection.execute(_SELECT_CLAIM, {"q_batch": batch}).first()
+
+
+def active_claim(connection: Connection, batch: str, serial: str, now: dt.datetime) -> ClaimState:
     """The claim of ``batch`` presented with certificate ``serial``, if it may enroll now;
-    EnrollmentRefusedError (or ClaimQuotaError) otherwise."""
-    claim = session.get(Claim, batch)
+    EnrollmentRefusedError (or ClaimQuotaError) otherwise. One plain SELECT."""
+    claim = _claim_row(connection, batch)
     if claim is not None and claim.serial != serial:
         raise EnrollmentRefusedError(
             f"claim certificate serial {serial} is not batch {batch}'s recorded claim"
@@ -196,34 +268,43 @@ def active_claim(session: Session, batch: str, serial: str, now: dt.datetime) ->
         or claim.enrolled >= claim.quota
     ):
         raise _refusal(claim, batch, now)
-    return ClaimState(batch, claim.allow_any)
+    return ClaimState(batch, bool(claim.allow_any), claim.webhook_url)
 
 
 def resolve_allowed(
-    session: Session, claim: ClaimState, device_id: str | None, hardware_serial: str | None
+    connection: Connection, claim: ClaimState, device_id: str | None, hardware_serial: str | None
 ) -> tuple[str, str | None]:
     """The device id (and hardware serial) claim ``claim`` gives a CSR asking for
     ``device_id`` and/or ``hardware_serial``: an allow-list entry, looked up by what the CSR
-    asks; EnrollmentRefusedError when the list names neither (or binds them differently)."""
+    asks (by serial first, then by id; one SELECT); EnrollmentRefusedError when the list
+    names neither (or binds them differently)."""
     if claim.allow_any:
         if device_id is None:
             raise EnrollmentRefusedError(
                 f"claim {claim.batch} has no allow-list: the CSR must name the device id (CN)"
             )
         return device_id, hardware_serial
-    entry: ClaimAllow | None = None
-    if hardware_serial is not None:
-        entry = session.exec(
-            select(ClaimAllow).where(
-                ClaimAllow.batch == claim.batch, ClaimAllow.hardware_serial == hardware_serial
-            )
-        ).one_or_none()
-    if entry is None and device_id is not None:
-        entry = session.exec(
-            select(ClaimAllow).where(
-                ClaimAllow.batch == claim.batch, ClaimAllow.device_id == device_id
-            )
-        ).one_or_none()
+    statement = (
+        _SELECT_ALLOW_BY_EITHER
+        if hardware_serial is not None and device_id is not None
+        else _SELECT_ALLOW_BY_SERIAL
+        if hardware_serial is not None
+        else _SELECT_ALLOW_BY_ID
+    )
+    rows = (
+        connection.execute(
+            statement,
+            {"q_batch": claim.batch, "q_serial": hardware_serial, "q_device": device_id},
+        ).all()
+        if hardware_serial is not None or device_id is not None
+        else []
+    )
+    by_serial = [
+        row
+        for row in rows
+        if hardware_serial is not None and row.hardware_serial == hardware_serial
+    ]
+    entry = by_serial[0] if by_serial else (rows[0] if rows else None)
     asked = " / ".join(
         part
         for part in (
@@ -304,7 +385,7 @@ def _add_device(
 
 
 def record_claim_enrollment(
-    session: Session,
+    engine: Engine,
     batch: str,
     issued: StoredCertificate,
     *,
@@ -312,41 +393,58 @@ def record_claim_enrollment(
     key_der: bytes,
     actor: Actor,
     now: dt.datetime,
+    allow_listed: bool,
 ) -> StoredCertificate:
-    """Register ``issued``'s device as enrolled with claim ``batch``: the quota spent, the
-    allow-list entry marked, the device and certificate added with an audit entry naming the
-    claim; one write transaction. The same key again returns the certificate it got."""
+    """Register ``issued``'s device as enrolled with claim ``batch``: the device added, the
+    quota spent, the allow-list entry marked (``allow_listed``), the certificate added with
+    an audit entry naming the claim; one write transaction of plain statements, nothing read
+    back. A device id or hardware serial taken already fails the device's INSERT (the
+    quota is not touched): the same key again then gets the certificate it got."""
     device_id = issued.device_id
     try:
-        with write_transaction(session):
-            if session.get(Device, device_id) is not None:
-                return _repeat(session, device_id, key_der, now)
-            table = Claim.__table__  # type: ignore[attr-defined]
-            spent = session.execute(
-                update(table)
-                .where(
-                    table.c.batch == batch,
-                    table.c.enrolled < table.c.quota,
-                    table.c.revoked_at.is_(None),
-                    table.c.expires_at > now,
-                )
-                .values(enrolled=table.c.enrolled + 1)
+        with write_connection(engine) as connection:
+            connection.execute(
+                _INSERT_DEVICE,
+                {
+                    "device_id": device_id,
+                    "status": "active",
+                    "hardware_serial": hardware_serial,
+                    "created_at": now,
+                },
             )
-            if not spent.rowcount:  # type: ignore[attr-defined]
-                raise _refusal(session.get(Claim, batch), batch, now)
-            allow = ClaimAllow.__table__  # type: ignore[attr-defined]
-            session.execute(
-                update(allow)
-                .where(allow.c.batch == batch, allow.c.device_id == device_id)
-                .values(enrolled_at=now)
-            )
-            _add_device(session, issued, hardware_serial, actor, now, {"claim": batch})
+            keys = {"q_batch": batch, "q_device": device_id, "q_now": now}
+            if not connection.execute(_SPEND_QUOTA, keys).rowcount:
+                raise _refusal(_claim_row(connection, batch), batch, now)
+            if allow_listed:
+                connection.execute(_MARK_ALLOWED, keys)
+            connection.execute(_INSERT_CERTIFICATE, certificate_row(issued))
+            detail = certificate_audit_detail(issued, None, {"claim": batch})
+            connection.execute(_INSERT_AUDIT, entry_row(actor, "enroll", device_id, detail))
     except IntegrityError:
-        raise AlreadyEnrolledError(
-            f"device {device_id} (or hardware serial {hardware_serial}) was enrolled by a "
-            "concurrent request; retry to see the outcome"
-        ) from None
+        with Session(engine) as session:
+            return _taken(session, device_id, hardware_serial, key_der, now)
     return issued
+
+
+def _taken(
+    session: Session, device_id: str, hardware_serial: str | None, key_der: bytes, now: dt.datetime
+) -> StoredCertificate:
+    """After a device's INSERT failed: the device's certificate for this key (a lost
+    answer asked again), or why it cannot enroll."""
+    if session.get(Device, device_id) is not None:
+        return _repeat(session, device_id, key_der, now)
+    if hardware_serial is not None:
+        owner = session.exec(
+            select(Device.device_id).where(Device.hardware_serial == hardware_serial)
+        ).first()
+        if owner is not None:
+            raise AlreadyEnrolledError(
+                f"hardware serial {hardware_serial} belongs to device {owner} already"
+            )
+    raise AlreadyEnrolledError(
+        f"device {device_id} (or hardware serial {hardware_serial}) was enrolled by a "
+        "concurrent request; retry to see the outcome"
+    )
 
 
 # -- one-time enrollment secrets -------------------------------------------------------------

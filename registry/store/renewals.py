@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
@@ -33,6 +34,8 @@ __all__ = [
     "RenewalWindow",
     "StoredCertificate",
     "add_certificate",
+    "certificate_audit_detail",
+    "certificate_row",
     "claim_request",
     "count_attempt",
     "newest_certificate",
@@ -61,6 +64,14 @@ class StoredCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     certificate_pem: str
+    #: the certificate itself when it was just signed (spares parsing the PEM again).
+    certificate: x509.Certificate | None = field(default=None, compare=False, repr=False)
+
+    def loaded(self) -> x509.Certificate:
+        """The certificate as an object (parsed from the PEM unless it was just signed)."""
+        if self.certificate is not None:
+            return self.certificate
+        return x509.load_pem_x509_certificate(self.certificate_pem.encode())
 
     @classmethod
     def of(cls, row: Certificate) -> StoredCertificate:
@@ -212,29 +223,39 @@ def add_certificate(
 ) -> None:
     """Add a device's new live certificate and its audit entry (``action``: how it came;
     ``detail``: more for the entry, e.g. the claim a device enrolled with)."""
-    session.add(
-        Certificate(
-            serial=certificate.serial,
-            device_id=certificate.device_id,
-            not_before=certificate.not_before,
-            not_after=certificate.not_after,
-            status="live",
-            revoked_at=None,
-            certificate_pem=certificate.certificate_pem,
-        )
-    )
+    session.add(Certificate(**certificate_row(certificate)))
     add_entry(
         session,
         actor,
         action,
         certificate.device_id,
-        {
-            "serial": certificate.serial,
-            "previous_serial": previous_serial,
-            "not_after": certificate.not_after.isoformat(),
-            **(detail or {}),
-        },
+        certificate_audit_detail(certificate, previous_serial, detail),
     )
+
+
+def certificate_row(certificate: StoredCertificate) -> dict[str, Any]:
+    """The column values of a new live certificate (an ORM row or a Core INSERT)."""
+    return {
+        "serial": certificate.serial,
+        "device_id": certificate.device_id,
+        "not_before": certificate.not_before,
+        "not_after": certificate.not_after,
+        "status": "live",
+        "revoked_at": None,
+        "certificate_pem": certificate.certificate_pem,
+    }
+
+
+def certificate_audit_detail(
+    certificate: StoredCertificate, previous_serial: str | None, detail: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The audit detail of a new certificate (serial, previous serial, not_after, more)."""
+    return {
+        "serial": certificate.serial,
+        "previous_serial": previous_serial,
+        "not_after": certificate.not_after.isoformat(),
+        **(detail or {}),
+    }
 
 
 def _limit_row(session: Session, device_id: str) -> RenewalLimit | None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from factory.ca import CertificateAuthority
 from factory.claims import AllowEntry, read_allow_file
 from factory.errors import ProvisionError
 from factory.registration import tls_context
@@ -69,3 +70,40 @@ def test_allow_file_lines_become_entries_and_bad_lines_are_named(tmp_path: Path)
         bad.write_text(text)
         with pytest.raises(ProvisionError, match=words):
             read_allow_file(bad)
+
+
+def test_claim_create_records_the_claims_own_webhook(layout: DataLayout, registry_url: str) -> None:
+    url = "https://approvals.example/est-check?token=abc"
+    args = [
+        "claim", "create", "--batch", "line8-w49", "--quota", "2", "--expires", "1d",
+        "--webhook", url, "--registry", registry_url, "--data-dir", str(layout.root), "--json",
+    ]  # fmt: skip
+    result = run_factory(args, env={"CERTFLEET_REGISTRY_TOKEN": ""})
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(result.output)["webhook"] is True
+    context = tls_context(layout.root_cert, (layout.client_cert("ops"), layout.client_key("ops")))
+    with httpx.Client(verify=context) as operator:
+        claim = operator.get(f"{registry_url}/api/v1/claims/line8-w49").json()
+    assert claim["webhook_url"] == url
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://approvals.example/check", "plain http to approvals.example: use https"),
+        ("https://user:pw@approvals.example/check", "user name or password"),
+        ("ftp://approvals.example/check", "is not https://host"),
+        ("https://approvals.example/check#x", "#fragment"),
+    ],
+)
+def test_claim_create_refuses_a_webhook_url_before_minting(
+    ca: CertificateAuthority, layout: DataLayout, url: str, words: str
+) -> None:
+    args = [
+        "claim", "create", "--batch", "line9-w49", "--quota", "2", "--expires", "1d",
+        "--webhook", url, "--data-dir", str(layout.root),
+    ]  # fmt: skip
+    result = run_factory(args, env={"CERTFLEET_REGISTRY_TOKEN": ""})
+    assert result.exit_code != 0
+    assert "--webhook" in str(result.exception) and words in str(result.exception)
+    assert not (layout.root / "claims" / "line9-w49").exists()

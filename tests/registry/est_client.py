@@ -50,9 +50,13 @@ def make_claim(
     allow: list[AllowEntry] | None = None,
     lifetime: dt.timedelta = dt.timedelta(days=1),
     expires_at: dt.datetime | None = None,
+    webhook_url: str | None = None,
 ) -> ClaimFiles:
-    """Mint batch ``batch``'s claim and record it through ``POST /api/v1/claims``."""
-    issued, record = mint_claim(pki.ca, batch, quota=quota, lifetime=lifetime, allow=allow or [])
+    """Mint batch ``batch``'s claim (with its own webhook ``webhook_url``) and record it
+    through ``POST /api/v1/claims``."""
+    issued, record = mint_claim(
+        pki.ca, batch, quota=quota, lifetime=lifetime, allow=allow or [], webhook_url=webhook_url
+    )
     body = record.as_json()
     if expires_at is not None:
         body["expires_at"] = expires_at.isoformat()

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from factory.ca import IssuedCertificate, write_issued
 from factory.claims import AllowEntry
 from fleetcore.profile import IdentityKind, read_identity, serial_hex
-from registry.est.models import Claim
+from registry.est.models import Claim, ClaimAllow
 from registry.models import AuditLog, Device
 from registry.server import RegistryServer
 from registry.store import claims as claim_store
@@ -106,6 +106,32 @@ def test_a_claim_enrolls_a_device_on_its_allow_list_registered_with_an_audit_ent
     assert entry.detail is not None and entry.detail["claim"] == batch
     assert entry.detail["serial"] == serial_hex(certificate.serial_number)
     assert entry.who == f"spiffe://fleet.test/claim/{batch}"
+
+
+def test_the_same_key_again_gets_the_same_certificate_and_a_taken_id_or_serial_is_refused(
+    pki: TestPKI, registry: RegistryServer, factory: httpx.Client, tmp_path: Path
+) -> None:
+    device_id, serial = unique_id(), unique_id("SN")
+    claim = make_claim(
+        pki, factory, tmp_path, unique_id("batch"), quota=5, allow=[AllowEntry(device_id, serial)]
+    )
+    der, _ = csr_der(device_id=device_id, hardware_serial=serial)
+    with _claim_client(pki, registry, claim) as est:
+        (first,) = parse_certs_only(enroll(est, der))
+        (again,) = parse_certs_only(enroll(est, der))  # its answer was lost: asked again
+        other_key = enroll(est, csr_der(device_id=device_id)[0])
+    assert again.serial_number == first.serial_number
+    _refused(other_key, 409, f"device {device_id} is enrolled already")
+    any_claim = make_claim(pki, factory, tmp_path, unique_id("batch"), quota=5)
+    with _claim_client(pki, registry, any_claim) as est:
+        taken_serial = enroll(est, csr_der(device_id=unique_id(), hardware_serial=serial)[0])
+    _refused(taken_serial, 409, f"hardware serial {serial} belongs to device {device_id}")
+    with Session(registry.state.engine) as session:
+        row, other = session.get(Claim, claim.batch), session.get(Claim, any_claim.batch)
+        assert row is not None and row.enrolled == 1  # spent once, not by the repeat
+        assert other is not None and other.enrolled == 0  # a refused INSERT spends nothing
+        entry = session.exec(select(ClaimAllow).where(ClaimAllow.batch == claim.batch)).one()
+        assert entry.enrolled_at is not None
 
 
 def test_a_device_asking_by_hardware_serial_gets_the_id_the_allow_list_binds(
