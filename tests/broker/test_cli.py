@@ -1,4 +1,7 @@
-"""`certfleet broker serve`: ready file per the contract, metrics, clean SIGTERM."""
+"""`certfleet broker serve`: ready file per the contract, metrics, clean SIGTERM.
+
+The server runs through the console entry point; the refusals (output and exit code only) run
+in process (tests/support/processes.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 
 from tests.support.mqtt import connect
 from tests.support.pki import TestPKI, issue_device
+from tests.support.processes import certfleet_in_process
 from tests.support.servers import broker_data_dir
 from tests.support.waits import wait_for
 
@@ -68,35 +72,12 @@ def test_broker_serve_writes_ready_file_and_serves_metrics(pki: TestPKI, tmp_pat
 def test_broker_serve_without_server_certificate_fails_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "ca").mkdir()
     (tmp_path / "ca" / "ca.json").write_text(json.dumps({"trust_domain": "fleet.test"}))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "certfleet.cli",
-            "broker",
-            "serve",
-            "--data-dir",
-            str(tmp_path),
-            "--addr",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = certfleet_in_process(
+        "broker", "serve", "--data-dir", str(tmp_path), "--addr", "127.0.0.1:0"
     )
     assert result.returncode == 2
     assert "server certificate" in result.stderr and "is missing" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _certfleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "certfleet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(
@@ -107,7 +88,7 @@ def test_bad_listen_address_is_one_line_and_exit_2(
     pki: TestPKI, tmp_path: Path, addr: str, says: str
 ) -> None:
     layout = broker_data_dir(pki, tmp_path / "data")
-    result = _certfleet("broker", "serve", "--data-dir", str(layout.root), "--addr", addr)
+    result = certfleet_in_process("broker", "serve", "--data-dir", str(layout.root), "--addr", addr)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -116,7 +97,9 @@ def test_bad_listen_address_is_one_line_and_exit_2(
 
 
 def test_unknown_log_level_lists_the_valid_ones(tmp_path: Path) -> None:
-    result = _certfleet("--log-level", "trace", "broker", "serve", "--data-dir", str(tmp_path))
+    result = certfleet_in_process(
+        "--log-level", "trace", "broker", "serve", "--data-dir", str(tmp_path)
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -129,6 +112,8 @@ def test_missing_server_certificate_hint_names_the_real_command(
 ) -> None:
     layout = broker_data_dir(pki, tmp_path / "data")
     layout.server_cert("broker").unlink()
-    result = _certfleet("broker", "serve", "--data-dir", str(layout.root), "--addr", "127.0.0.1:0")
+    result = certfleet_in_process(
+        "broker", "serve", "--data-dir", str(layout.root), "--addr", "127.0.0.1:0"
+    )
     assert result.returncode == 2, result.stderr
     assert "certfleet ca issue-server --name broker" in result.stderr

@@ -1,20 +1,27 @@
-"""The console script's error contract: one clear line and exit 2, never a traceback."""
+"""The console script's error contract: one clear line and exit 2, never a traceback.
+
+The usage errors run through the real entry points (``python -m certfleet.cli`` and the
+installed ``certfleet`` script); the refusals, which only check output and exit code, run
+in process (tests/support/processes.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.processes import certfleet_in_process
+
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "certfleet")
+
 
 def run_certfleet(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, command: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "certfleet.cli", *args],
+        [*(command or (sys.executable, "-m", "certfleet.cli")), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -30,15 +37,15 @@ def test_unknown_option_is_a_usage_error_with_exit_code_2() -> None:
 
 
 def test_bad_value_is_a_usage_error_with_exit_code_2() -> None:
-    result = run_certfleet("registry", "token", "revoke", "not-a-number")
+    result = run_certfleet("registry", "token", "revoke", "not-a-number", command=(CONSOLE_SCRIPT,))
     assert result.returncode == 2
     assert "Invalid value for 'token_id'" in result.stderr
 
 
 def test_refusal_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
-    assert run_certfleet("ca", "init", "--data-dir", data).returncode == 0
-    result = run_certfleet("ca", "init", "--data-dir", data)
+    assert certfleet_in_process("ca", "init", "--data-dir", data).returncode == 0
+    result = certfleet_in_process("ca", "init", "--data-dir", data)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"certfleet: error: a CA already exists in {data}/ca; remove it first or choose "
@@ -61,8 +68,8 @@ def test_refusal_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
 def test_a_bad_setting_in_the_environment_is_one_line_naming_the_variable(
     tmp_path: Path, variable: str, value: str, command: list[str], part: str
 ) -> None:
-    env = {**os.environ, "CERTFLEET_DATA_DIR": str(tmp_path / "data"), variable: value}
-    result = run_certfleet(*command, env=env)
+    env = {"CERTFLEET_DATA_DIR": str(tmp_path / "data"), variable: value}
+    result = certfleet_in_process(*command, env=env)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines

@@ -1,5 +1,9 @@
 """Operations: --version, the TOML config file and its precedence, warnings about unknown
-settings, the CA passphrase from a file, --log-format json."""
+settings, the CA passphrase from a file, --log-format json.
+
+``--version`` and ``--log-format json`` run through the console entry point in a subprocess;
+the other commands, which check output, exit code and files, run in process with the same
+clean ``CERTFLEET_*`` environment (tests/support/processes.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from fleetcore.config import unknown_settings
 from fleetcore.errors import ConfigError
 from fleetcore.layout import DataLayout
 from registry.settings import RegistrySettings, build_settings
+from tests.support.processes import certfleet_in_process
 
 PASSPHRASE = "a long CA passphrase"
 
@@ -29,6 +34,11 @@ def certfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         timeout=120,
         env={**clean, **(env or {})},
     )
+
+
+def in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """:func:`certfleet` without the interpreter start-up: same clean environment."""
+    return certfleet_in_process(*args, env=env, unset_prefix="CERTFLEET_")
 
 
 def secret_file(tmp_path: Path, text: str = PASSPHRASE + "\n", mode: int = 0o600) -> Path:
@@ -88,11 +98,11 @@ def test_a_bad_value_in_the_file_names_the_key_and_the_file(config: Path) -> Non
 def test_a_file_that_is_not_toml_is_one_line_from_the_console_script(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("registry_addr = \n")
-    result = certfleet("--config", str(bad), "ca", "init", "--data-dir", str(tmp_path / "d"))
+    result = in_process("--config", str(bad), "ca", "init", "--data-dir", str(tmp_path / "d"))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert f"config file {bad} is not valid TOML" in result.stderr
-    missing = certfleet("--config", str(tmp_path / "nope.toml"), "ca", "init")
+    missing = in_process("--config", str(tmp_path / "nope.toml"), "ca", "init")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert not (tmp_path / "d").exists()
 
@@ -101,7 +111,7 @@ def test_the_config_file_feeds_every_command(tmp_path: Path) -> None:
     data = tmp_path / "from-config"
     path = tmp_path / "certfleet.toml"
     path.write_text(f'data_dir = "{data}"\ntrust_domain = "conf.test"\n')
-    result = certfleet("--config", str(path), "ca", "init", "--json")
+    result = in_process("--config", str(path), "ca", "init", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["trust_domain"] == "conf.test"
     assert DataLayout(data).root_cert.exists()
@@ -112,7 +122,7 @@ def test_unknown_keys_and_variables_are_warned_about_with_the_closest_name(
 ) -> None:
     path = tmp_path / "certfleet.toml"
     path.write_text('registy_addr = "x"\n[broker]\nmetrics_adr = "y"\n')
-    result = certfleet(
+    result = in_process(
         "--config",
         str(path),
         "ca",
@@ -148,18 +158,18 @@ def test_unknown_settings_knows_every_field_and_the_non_setting_variables() -> N
 def test_ca_init_and_issue_take_the_passphrase_from_a_file(tmp_path: Path) -> None:
     data = tmp_path / "data"
     secret = secret_file(tmp_path)
-    init = certfleet("ca", "init", "--data-dir", str(data), "--passphrase-file", str(secret))
+    init = in_process("ca", "init", "--data-dir", str(data), "--passphrase-file", str(secret))
     assert init.returncode == 0, init.stderr
     key = DataLayout(data).issuing_key.read_bytes()
     with pytest.raises(TypeError):
         serialization.load_pem_private_key(key, password=None)
     assert serialization.load_pem_private_key(key, password=PASSPHRASE.encode())
 
-    refused = certfleet(
+    refused = in_process(
         "ca", "issue-server", "--name", "web", "--ip", "127.0.0.1", "--data-dir", str(data)
     )
     assert refused.returncode == 2 and "--passphrase-file" in refused.stderr
-    issued = certfleet(
+    issued = in_process(
         "--passphrase-file",
         str(secret),
         "ca",
@@ -172,7 +182,7 @@ def test_ca_init_and_issue_take_the_passphrase_from_a_file(tmp_path: Path) -> No
         str(data),
     )
     assert issued.returncode == 0, issued.stderr
-    by_env = certfleet(
+    by_env = in_process(
         "ca",
         "issue-client",
         "--operator",
@@ -202,7 +212,7 @@ def test_a_passphrase_file_that_cannot_be_trusted_is_refused(
 ) -> None:
     data = tmp_path / "data"
     secret = secret_file(tmp_path, text, mode)
-    result = certfleet(
+    result = in_process(
         "ca", "init", "--data-dir", str(data), "--passphrase-file", str(secret), env=env
     )
     assert result.returncode == 2
@@ -232,8 +242,8 @@ def test_log_format_json_is_one_object_per_line_with_the_pairs_lifted(tmp_path: 
 
 
 def test_log_format_logfmt_is_the_default_and_a_bad_format_is_refused(tmp_path: Path) -> None:
-    result = certfleet("ca", "init", "--data-dir", str(tmp_path / "a"))
+    result = in_process("ca", "init", "--data-dir", str(tmp_path / "a"))
     line = next(x for x in result.stderr.splitlines() if "ca created" in x)
     assert line.startswith("ts=") and " level=info logger=factory.cli ca created " in line
-    bad = certfleet("--log-format", "xml", "ca", "init", "--data-dir", str(tmp_path / "b"))
+    bad = in_process("--log-format", "xml", "ca", "init", "--data-dir", str(tmp_path / "b"))
     assert bad.returncode == 2 and "--log-format 'xml' is not one of logfmt, json" in bad.stderr

@@ -29,6 +29,7 @@ from fleetcore.bundle_format import (
 )
 from fleetcore.profile import serial_hex
 from tests.support.pki import Fleet
+from tests.support.processes import certfleet_in_process
 
 SUMMARY_FIELDS = {
     "devices",
@@ -113,13 +114,8 @@ def test_sim_run_command_prints_a_json_summary(
 
 
 def _sim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "certfleet.cli", "sim", "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """`certfleet sim run ARGS` in process: these refusals check only output and exit code."""
+    return certfleet_in_process("sim", "run", *args)
 
 
 def test_sim_run_refuses_devices_and_all_together(fleet: Fleet) -> None:

@@ -24,7 +24,8 @@ from factory.manifest import MANIFEST_FIELDS, Manifest
 from factory.provision import provision_batch
 from fleetcore.layout import DataLayout
 from fleetcore.profile import CLOCK_SKEW, serial_hex
-from tests.factory.conftest import TRUST_DOMAIN, run_certfleet, run_factory
+from tests.factory.conftest import TRUST_DOMAIN, run_factory
+from tests.support.processes import certfleet_in_process
 
 
 @pytest.fixture
@@ -226,6 +227,8 @@ def test_large_batch_uses_the_process_pool_and_keeps_batch_order(
 
 
 def test_cli_error_is_one_line_and_exit_code_2(layout: DataLayout) -> None:
-    result = run_certfleet(["factory", "provision", "--count", "0", "--data-dir", str(layout.root)])
+    result = certfleet_in_process(
+        "factory", "provision", "--count", "0", "--data-dir", str(layout.root)
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "certfleet: error: --count must be at least 1 (got 0)"

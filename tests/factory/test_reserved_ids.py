@@ -17,6 +17,7 @@ from fleetcore.errors import IdentityError
 from fleetcore.layout import DataLayout
 from fleetcore.profile import RESERVED_DEVICE_IDS, Identity, IdentityKind
 from tests.factory.conftest import TRUST_DOMAIN, run_certfleet
+from tests.support.processes import certfleet_in_process
 
 
 @pytest.mark.parametrize("name", ["registry", "Broker", "factory", "monitor"])
@@ -59,7 +60,7 @@ def test_sign_csr_refuses_a_reserved_device_id(
     )
     path = tmp_path / "broker.csr"
     path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-    result = run_certfleet(["factory", "sign-csr", str(path), "--data-dir", str(layout.root)])
+    result = certfleet_in_process("factory", "sign-csr", str(path), "--data-dir", str(layout.root))
     assert result.returncode != 0
     assert "'broker' is reserved for a service" in result.stderr, result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -24,6 +24,7 @@ from registry.server import RegistryServer
 from registry.store import audit, tokens
 from tests.conftest import ClientFiles, TestPKI
 from tests.registry.conftest import Clients, pem, unique_id
+from tests.support.processes import certfleet_in_process
 
 
 def role_client(pki: TestPKI, name: str, role: OperatorRole | None) -> ClientFiles:
@@ -207,12 +208,9 @@ def test_the_operator_cli_is_refused_what_the_role_may_not_do(
 
 def test_issue_client_writes_the_role_and_refuses_a_bad_one(pki: TestPKI) -> None:
     layout = pki.layout
-    cli = [sys.executable, "-m", "certfleet.cli", "ca", "issue-client"]
-    made = subprocess.run(
-        [*cli, "--operator", "vic", "--role", "viewer", "--data-dir", str(layout.root), "--force"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    cli = ["ca", "issue-client"]  # output and exit code only: in process
+    made = certfleet_in_process(
+        *cli, "--operator", "vic", "--role", "viewer", "--data-dir", str(layout.root), "--force"
     )
     assert made.returncode == 0, made.stderr
     certificate = x509.load_pem_x509_certificate(layout.client_cert("vic").read_bytes())
@@ -221,10 +219,5 @@ def test_issue_client_writes_the_role_and_refuses_a_bad_one(pki: TestPKI) -> Non
         (["--operator", "vic2", "--role", "root"], "role 'root' is not one of viewer, operator"),
         (["--service", "svc2", "--role", "admin"], "--role is for --operator certificates"),
     ):
-        bad = subprocess.run(
-            [*cli, *args, "--data-dir", str(layout.root)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        bad = certfleet_in_process(*cli, *args, "--data-dir", str(layout.root))
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr

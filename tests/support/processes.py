@@ -57,26 +57,38 @@ def run_certfleet(
     )
 
 
-def certfleet_in_process(*args: str, env: dict[str, str] | None = None) -> Completed:
+def certfleet_in_process(
+    *args: str, env: dict[str, str] | None = None, unset_prefix: str | None = None
+) -> Completed:
     """`certfleet ARGS` run through its ``main()`` in this process: the same one-line errors
     and exit codes as the console script, without a Python start-up (about 0.7 s) per run.
 
+    ``unset_prefix`` (e.g. ``"CERTFLEET_"``) removes the variables so named before ``env`` is
+    applied: a clean environment, as a subprocess given a filtered ``env`` would see.
     stdout and stderr are captured; ``os.environ`` (the CLI writes its flags there), the root
-    logger (the CLI configures it), ``sys.argv`` and the CLI's registered command groups are
-    restored afterwards. For tests that check only output and exit code; a few keep running
-    through the real entry point (tests/certfleet/test_cli.py, :func:`run_certfleet`).
-    """
+    logger and every logger's level (the CLI configures them), ``sys.argv`` and the CLI's
+    registered command groups are restored afterwards. For tests that check only output and
+    exit code; a few keep running through the real entry point (tests/certfleet/test_cli.py,
+    tests/certfleet/test_operations.py, :func:`run_certfleet`)."""
     from certfleet import cli
     from device_sim.cli import app as sim_app
 
     saved_env, saved_argv = dict(os.environ), sys.argv
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
+    saved_levels = {
+        name: logger.level
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
     saved_groups = (list(cli.app.registered_groups), list(cli.app.registered_commands))
     saved_sim = list(sim_app.registered_commands)
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
     try:
+        if unset_prefix is not None:
+            for name in [name for name in os.environ if name.startswith(unset_prefix)]:
+                del os.environ[name]
         os.environ.update(env or {})
         sys.argv = ["certfleet", *args]
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -92,6 +104,9 @@ def certfleet_in_process(*args: str, env: dict[str, str] | None = None) -> Compl
         sys.argv = saved_argv
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):  # one made during the run: as it was made
+                logger.setLevel(saved_levels.get(name, logging.NOTSET))
         cli.app.registered_groups[:], cli.app.registered_commands[:] = saved_groups
         sim_app.registered_commands[:] = saved_sim
     return subprocess.CompletedProcess(
