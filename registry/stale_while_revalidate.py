@@ -36,9 +36,15 @@ T = TypeVar("T")
 class StaleWhileRevalidate(Generic[T]):
     """One value computed by ``compute``, at most ``max_age_s`` old when cheap (module doc)."""
 
-    def __init__(self, compute: Callable[[], T], max_age_s: float = 5.0) -> None:
+    def __init__(
+        self, compute: Callable[[], T], max_age_s: float = 5.0, fresh_s: float = 0.0
+    ) -> None:
+        """``max_age_s``: an expensive value older than this is recomputed in the
+        background; ``fresh_s``: a value younger than this is answered whatever it cost
+        (several readers, one computation)."""
         self._compute = compute
         self._max_age_s = max_age_s
+        self._fresh_s = fresh_s
         self._lock = threading.Lock()
         self._value: T | None = None
         self._at = 0.0
@@ -49,15 +55,23 @@ class StaleWhileRevalidate(Generic[T]):
         """The value: computed now while that is cheap; once it is expensive, the last one
         (recomputed in the background when older than ``max_age_s``)."""
         with self._lock:
-            value = self._value
+            value, age = self._value, time.monotonic() - self._at
+            if value is not None and age < self._fresh_s:
+                return value
             if value is not None and self._cost_s >= CHEAP_S:
-                if not self._refreshing and time.monotonic() - self._at >= self._max_age_s:
+                if not self._refreshing and age >= self._max_age_s:
                     self._refreshing = True
                     threading.Thread(
                         target=self._refresh, name="certfleet-stale-refresh", daemon=True
                     ).start()
                 return value
         return self._store(self._timed())
+
+    def invalidate(self) -> None:
+        """The value changed: recompute it at the next reading (in the background when
+        expensive; that reading still gets the last value)."""
+        with self._lock:
+            self._at = float("-inf")
 
     def _timed(self) -> tuple[T, float, float]:
         started = time.monotonic()
@@ -67,7 +81,7 @@ class StaleWhileRevalidate(Generic[T]):
     def _store(self, computed: tuple[T, float, float]) -> T:
         value, started, cost = computed
         with self._lock:
-            if started >= self._at:
+            if started >= self._at or self._at == float("-inf"):
                 self._value, self._at, self._cost_s = value, started, cost
             return value
 

@@ -72,3 +72,20 @@ def test_a_failed_refresh_keeps_the_last_value_and_the_next_reader_retries() -> 
     compute.fail = False
     assert cache.get() == 1
     assert wait_for(lambda: cache.get() == 2, 5)
+
+
+def test_a_fresh_value_is_shared_and_invalidate_makes_the_next_reader_recompute() -> None:
+    compute = Counter(0)
+    cache = StaleWhileRevalidate(compute, max_age_s=60, fresh_s=60)
+    assert [cache.get() for _ in range(3)] == [1, 1, 1]  # several scrapers, one query
+    cache.invalidate()
+    assert cache.get() == 2  # cheap: recomputed on the spot
+
+
+def test_an_expensive_invalidated_value_is_answered_stale_and_refreshed() -> None:
+    compute = Counter(CHEAP_S * 2)
+    cache = StaleWhileRevalidate(compute, max_age_s=60, fresh_s=60)
+    assert cache.get() == 1
+    cache.invalidate()
+    assert cache.get() == 1  # the last value at once ...
+    assert wait_for(lambda: cache.get() == 2, 5)  # ... and the new one soon after
