@@ -187,12 +187,14 @@ def ca_revoke_issuing(
         client_and_server_certificates_of,
         prepare_revocation,
     )
-    from factory.keys import load_private_key
     from registry.operator_cli import _call, operator_client
 
     settings = build_settings(data_dir=data_dir)
     layout = settings.layout
-    root_key = load_private_key(layout.root_key, settings.passphrase)
+    # The root signs the revocation: ca/root.key, or the token's root key (ca init --pkcs11-*).
+    root_key = CertificateAuthority.load(layout, passphrase=settings.passphrase).root_key(
+        settings.passphrase
+    )
     client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
     cert_path, issuing, arl = prepare_revocation(layout, issuer, root_key)
     key_id = issuer_key_id(issuing)
