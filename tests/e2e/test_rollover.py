@@ -177,7 +177,12 @@ def test_a_fleet_moves_to_the_new_issuing_ca_at_renewal(tmp_path: Path) -> None:
         old_id = issuer_key_id(fleet.pki.ca.issuing_cert)
         new_id = fleet.rollover()
         assert new_id != old_id
-        with fleet.run(duration=9.5) as run:
+        # Up to 14 s (nothing expires before 18 s); stopped once every device has renewed.
+        with fleet.run(duration=14) as run:
+            want = {d.name for d in fleet.directories}
+            while not run.wait(0.2):
+                if {event.device_id for event in run.renewal_events()} == want:
+                    run.stop()
             assert run.wait(60)
         _assert_clean_move(fleet, run, DEVICES)
         assert fleet.on_issuer(new_id)
