@@ -182,13 +182,19 @@ def ca_revoke_issuing(
     within a second. Roll over first: the current issuing CA cannot be revoked."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from factory.issuers import apply_revocation, prepare_revocation
-    from factory.keys import load_private_key
+    from factory.issuers import (
+        apply_revocation,
+        client_and_server_certificates_of,
+        prepare_revocation,
+    )
     from registry.operator_cli import _call, operator_client
 
     settings = build_settings(data_dir=data_dir)
     layout = settings.layout
-    root_key = load_private_key(layout.root_key, settings.passphrase)
+    # The root signs the revocation: ca/root.key, or the token's root key (ca init --pkcs11-*).
+    root_key = CertificateAuthority.load(layout, passphrase=settings.passphrase).root_key(
+        settings.passphrase
+    )
     client = operator_client(data_dir=data_dir, registry=registry, token=token, operator=operator)
     cert_path, issuing, arl = prepare_revocation(layout, issuer, root_key)
     key_id = issuer_key_id(issuing)
@@ -206,13 +212,22 @@ def ca_revoke_issuing(
     )
     apply_revocation(layout, cert_path, arl)
     log.warning("issuing CA revoked by the root key_id=%s", key_id)
-    _emit(
-        as_json,
-        {**result, "arl": str(layout.revoked_issuers)},
+    stale = client_and_server_certificates_of(layout, key_id)
+    text = (
         f"issuing CA {key_id[:16]} revoked: {result['revoked_certificates']} certificates "
         f"(feed seq {result['revocation_seq']}); root CRL {layout.revoked_issuers}\n"
         "  its devices get a new certificate only by re-enrollment (certfleet registry "
-        "devices reenroll) or a claim (EST), docs/factory.md",
+        "devices reenroll) or a claim (EST), docs/factory.md\n"
+        "  its operator and service certificates are refused by the registry and the brokers"
+    )
+    if stale:
+        text += "; re-issue these (certfleet ca issue-client / issue-server):\n" + "\n".join(
+            f"    {path}" for path in stale
+        )
+    _emit(
+        as_json,
+        {**result, "arl": str(layout.revoked_issuers), "to_reissue": [str(p) for p in stale]},
+        text,
     )
 
 

@@ -27,13 +27,17 @@ from factory.issuers import (
     write_trust,
 )
 from factory.signer import (
+    TOKEN_LABELS,
     CaKeys,
     CaKeySettings,
     KeySource,
+    Pkcs11Uri,
     TokenKey,
     TokenKeyRecord,
     build_key_settings,
+    generate_token_key,
     generate_token_keys,
+    token_pin,
 )
 from fleetcore.cert_builders import (
     ClientCertificateTemplate,
@@ -393,29 +397,51 @@ class CertificateAuthority:
             issuing_source=source,
             keys=keys,
         )
-        ca.previous = _load_previous(layout, issuer_key_id(issuing_cert), passphrase)
+        ca.previous = _load_previous(layout, issuer_key_id(issuing_cert), passphrase, keys)
         ca.watch_files(passphrase, key_settings)
         return ca
 
     # -- rollover -------------------------------------------------------------------------
 
+    def root_key(self, passphrase: bytes | None = None) -> PrivateKey:
+        """The root's key, for what only the root signs (a new issuing CA, the revocation
+        of one): in the token when ``ca init`` put the keys there, else ``ca/root.key``."""
+        keys = self.keys or CaKeys(None, build_key_settings())
+        return keys.open_root(
+            self.layout.root_key, check_public_key(self.root_cert.public_key()), passphrase
+        )
+
     def rollover(self, *, passphrase: bytes | None = None) -> Issuer:
         """Make a new issuing CA under the same root and make it current (``certfleet ca
         rollover``). The one it replaces moves to ``issuers/`` and stays trusted (its CRL and
-        OCSP go on) until retired. Needs the root key (``root.key``)."""
-        from factory.keys import load_private_key
-
-        if self.keys is not None and self.keys.record is not None:
-            raise CAError(
-                "rollover of an issuing CA whose keys are in a PKCS#11 token is not supported "
-                "yet: the new key must be generated in the token (see docs/factory.md)"
-            )
-        root_key = load_private_key(self.layout.root_key, passphrase)
+        OCSP go on) until retired. Needs the root key (``root.key``, or the token's). With
+        token keys the new issuing key is generated in the same token (label
+        ``certfleet-issuing-<generation>``) and ``ca.json`` records it, the old one's URI kept
+        under its key id."""
+        root_key = self.root_key(passphrase)
         meta = read_meta(self.layout)
         generation = int(str(meta.get("issuing_generation", 1))) + 1
         key_algorithm = str(meta.get("key_algorithm", "p256"))
         now = utcnow()
-        new_key = generate_key(key_algorithm)
+        record = self.keys.record if self.keys is not None else None
+        new_key: PrivateKey
+        new_source: KeySource | None = None
+        if record is not None:
+            # The CA's keys are in a token: so is the new one (generated there, never out).
+            assert self.keys is not None
+            token_uri = Pkcs11Uri.parse(record.uris.get("issuing") or record.uris["root"])
+            module = self.keys.module_for(token_uri)
+            pin = token_pin(self.keys.settings, record)
+            new_key = generate_token_key(
+                module=module,
+                token_label=token_uri.token,
+                pin=pin,
+                key_algorithm=key_algorithm,
+                label=f"{TOKEN_LABELS['issuing']}-{generation}",
+            )
+            new_source = KeySource.of(new_key, module=module, pin=pin)
+        else:
+            new_key = generate_key(key_algorithm)
         new_cert = build_ca_certificate(
             common_name=f"certfleet issuing CA {generation} ({self.trust_domain})",
             public_key=new_key.public_key(),
@@ -430,18 +456,26 @@ class CertificateAuthority:
         # The old issuing CA is copied to issuers/ first: a crash before issuing.crt is
         # replaced leaves a copy of the current CA there, which load() skips.
         old_path = self.layout.issuers_dir / f"{old.key_id}.crt"
-        write_private(old_path.with_suffix(".key"), self.layout.issuing_key.read_bytes())
+        if record is None:
+            write_private(old_path.with_suffix(".key"), self.layout.issuing_key.read_bytes())
         write_public(old_path, old.certificate.public_bytes(pem))
-        write_private(self.layout.issuing_key, private_key_pem(new_key, passphrase))
+        meta["issuing_generation"] = generation
+        if record is not None:
+            # Where the keys are: the new issuing key's URI, the old one's under its key id.
+            assert isinstance(new_key, TokenKey)
+            record = record.rolled_over(old.key_id, str(new_key.uri))
+            meta["keys"] = record.as_json()
+            self.keys = CaKeys(record, self.keys.settings if self.keys else build_key_settings())
+        else:
+            write_private(self.layout.issuing_key, private_key_pem(new_key, passphrase))
+        write_public(self.layout.ca_meta, json.dumps(meta, indent=2).encode())
         write_public(self.layout.issuing_cert, new_cert.public_bytes(pem))
         write_public(self.layout.chain, new_cert.public_bytes(pem) + self.root_pem)
         write_trust(self.layout)
-        meta["issuing_generation"] = generation
-        write_public(self.layout.ca_meta, json.dumps(meta, indent=2).encode())
         self._current = Issuer(new_cert, new_key)
         self.previous = (old, *self.previous)
         self._client_template = None
-        self._issuing_source = None
+        self._issuing_source = new_source
         if self._stamp is not None:
             self.watch_files(passphrase, self._key_settings)
         return self._current
@@ -565,9 +599,10 @@ class CertificateAuthority:
 
 
 def _load_previous(
-    layout: DataLayout, current_key_id: str, passphrase: bytes | None
+    layout: DataLayout, current_key_id: str, passphrase: bytes | None, keys: CaKeys
 ) -> tuple[Issuer, ...]:
-    """The earlier issuing CAs of ``issuers/`` with their keys (file keys)."""
+    """The earlier issuing CAs of ``issuers/`` with their keys: a file beside the
+    certificate, or the token key ``ca.json`` records under its key id."""
     from factory.keys import load_private_key
 
     previous: list[Issuer] = []
@@ -576,8 +611,14 @@ def _load_previous(
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except (OSError, ValueError) as exc:
             raise CAError(f"earlier issuing CA {cert_path} cannot be read: {exc}") from None
-        if issuer_key_id(certificate) == current_key_id:
+        key_id = issuer_key_id(certificate)
+        if key_id == current_key_id:
             continue  # a rollover interrupted before issuing.crt was replaced
+        token_uri = keys.record.previous.get(key_id) if keys.record is not None else None
+        if token_uri is not None and not key_path.exists():
+            public_key = check_public_key(certificate.public_key())
+            previous.append(Issuer(certificate, keys.open_token(token_uri, public_key)))
+            continue
         key = load_private_key(key_path, passphrase)
         if key.public_key() != certificate.public_key():
             raise CAError(f"{key_path} does not belong to {cert_path}")

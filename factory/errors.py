@@ -1,14 +1,14 @@
 """What the factory refuses: subclasses of the root error (``fleetcore.errors``).
 
-    CertfleetError (fleetcore)
-     ├── FactoryError           anything the factory refuses
-     │    ├── CAError           CA missing, already present, unreadable or wrong passphrase
-     │    ├── CSRError          a certificate signing request is refused
-     │    ├── ProvisionError    a provisioning batch input is refused
-     │    ├── RegistrationError the registry refused or could not take a batch
-     │    └── ExportError       a bundle cannot be exported (missing, damaged, bad password file)
-     └── OcspCheckError         an OCSP responder could not be asked, or its answer is not to be
-                                believed
+CertfleetError (fleetcore)
+ ├── FactoryError           anything the factory refuses
+ │    ├── CAError           CA missing, already present, unreadable or wrong passphrase
+ │    ├── CSRError          a certificate signing request is refused
+ │    ├── ProvisionError    a provisioning batch input is refused
+ │    ├── RegistrationError the registry refused or could not take a batch
+ │    └── ExportError       a bundle cannot be exported (missing, damaged, bad password file)
+ └── OcspCheckError         an OCSP responder could not be asked, or its answer is not to be
+                            believed
 """
 
 from __future__ import annotations

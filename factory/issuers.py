@@ -36,6 +36,7 @@ __all__ = [
     "apply_revocation",
     "prepare_revocation",
     "authority_key_id",
+    "client_and_server_certificates_of",
     "issuer_key_id",
     "previous_issuer_paths",
     "read_certificate",
@@ -273,3 +274,21 @@ def check_issuer_revocation(
     if arl.get_revoked_certificate_by_serial_number(issuing.serial_number) is None:
         raise CAError("the root's revocation list does not list this issuing CA")
     return issuer_key_id(issuing)
+
+
+def client_and_server_certificates_of(layout: DataLayout, key_id: str) -> list[Path]:
+    """The client (``clients/``) and server (``tls/``) certificates in this data folder that
+    the issuing CA ``key_id`` signed: after ``revoke-issuing`` the registry and the brokers
+    refuse the client ones, so they are re-issued under the current issuing CA."""
+    found: list[Path] = []
+    for folder in (layout.clients_dir, layout.tls_dir):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.crt")):
+            try:
+                leaf = x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if authority_key_id(leaf) == key_id:
+                found.append(path)
+    return found

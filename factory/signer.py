@@ -47,6 +47,7 @@ __all__ = [
     "TokenKey",
     "TokenKeyRecord",
     "build_key_settings",
+    "generate_token_key",
     "generate_token_keys",
     "open_token_key",
 ]
@@ -348,6 +349,45 @@ def generate_token_keys(
 ) -> dict[str, TokenKey]:
     """Generate the root, issuing and OCSP keys in the token (non-extractable, sensitive,
     signing only); refuse when the token already holds any of their labels."""
+    from pkcs11 import Attribute
+
+    if key_algorithm not in _CURVES:
+        raise CAError(
+            f"a PKCS#11 CA key is {' or '.join(_CURVES)}; --key-algorithm {key_algorithm} "
+            "is for file keys only"
+        )
+    session = _session(module, token_label, pin, rw=True)
+    for label in TOKEN_LABELS.values():
+        if any(True for _ in session.get_objects({Attribute.LABEL: label})):
+            raise CAError(
+                f"PKCS#11 token {token_label!r} already holds {label!r}: a CA was created "
+                "with it before; use another token (nothing was generated)"
+            )
+    return {
+        role: _generate_in(session, module, token_label, label, key_algorithm)
+        for role, label in TOKEN_LABELS.items()
+    }
+
+
+def generate_token_key(
+    *, module: str, token_label: str, pin: bytes, key_algorithm: str, label: str
+) -> TokenKey:
+    """Generate one CA key labelled ``label`` in the token (``ca rollover``: the next issuing
+    CA's), non-extractable and sensitive; refuse when the token already holds that label."""
+    from pkcs11 import Attribute
+
+    session = _session(module, token_label, pin, rw=True)
+    if any(True for _ in session.get_objects({Attribute.LABEL: label})):
+        raise CAError(
+            f"PKCS#11 token {token_label!r} already holds {label!r} (an interrupted "
+            "rollover?): delete that object or use the next label (nothing was generated)"
+        )
+    return _generate_in(session, module, token_label, label, key_algorithm)
+
+
+def _generate_in(
+    session: Any, module: str, token_label: str, label: str, key_algorithm: str
+) -> TokenKey:
     from pkcs11 import Attribute, KeyType
     from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
@@ -357,38 +397,27 @@ def generate_token_keys(
             "is for file keys only"
         )
     curve_name, _ = _CURVES[key_algorithm]
-    session = _session(module, token_label, pin, rw=True)
-    for label in TOKEN_LABELS.values():
-        if any(True for _ in session.get_objects({Attribute.LABEL: label})):
-            raise CAError(
-                f"PKCS#11 token {token_label!r} already holds {label!r}: a CA was created "
-                "with it before; use another token (nothing was generated)"
-            )
     parameters = session.create_domain_parameters(
         KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve_name)}, local=True
     )
-    keys: dict[str, TokenKey] = {}
-    for role, label in TOKEN_LABELS.items():
-        key_id = secrets.token_bytes(8)
-        public, private = parameters.generate_keypair(
-            store=True,
-            label=label,
-            id=key_id,
-            private_template={
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.PRIVATE: True,
-                Attribute.SIGN: True,
-                Attribute.DECRYPT: False,
-                Attribute.UNWRAP: False,
-                Attribute.DERIVE: False,
-            },
-        )
-        public_key = serialization.load_der_public_key(encode_ec_public_key(public))
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        uri = Pkcs11Uri(token_label, label, module)
-        keys[role] = TokenKey(uri, _session_copy(private, uri), public_key)
-    return keys
+    public, private = parameters.generate_keypair(
+        store=True,
+        label=label,
+        id=secrets.token_bytes(8),
+        private_template={
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.PRIVATE: True,
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+        },
+    )
+    public_key = serialization.load_der_public_key(encode_ec_public_key(public))
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    uri = Pkcs11Uri(token_label, label, module)
+    return TokenKey(uri, _session_copy(private, uri), public_key)
 
 
 # -- where the CA's keys are: the record, the settings, a source a worker can open ----------
@@ -417,14 +446,24 @@ def build_key_settings(**overrides: Any) -> CaKeySettings:
 
 @dataclass(frozen=True)
 class TokenKeyRecord:
-    """What ``ca init`` records in ``ca.json`` about token keys: module, URIs, PIN file."""
+    """What ``ca init`` records in ``ca.json`` about token keys: module, URIs, PIN file; and
+    after ``ca rollover`` the earlier issuing CAs' keys (``previous``: key id -> URI)."""
 
     module: str
     uris: dict[str, str]
     pin_file: str | None
+    previous: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        return {"store": "pkcs11", "module": self.module, **self.uris, "pin_file": self.pin_file}
+        body: dict[str, Any] = {
+            "store": "pkcs11",
+            "module": self.module,
+            **self.uris,
+            "pin_file": self.pin_file,
+        }
+        if self.previous:
+            body["previous_issuing"] = dict(self.previous)
+        return body
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any] | None) -> TokenKeyRecord | None:
@@ -432,7 +471,23 @@ class TokenKeyRecord:
             return None
         uris = {role: str(value[role]) for role in TOKEN_LABELS if value.get(role)}
         pin_file = value.get("pin_file")
-        return cls(str(value["module"]), uris, str(pin_file) if pin_file else None)
+        previous = value.get("previous_issuing") or {}
+        return cls(
+            str(value["module"]),
+            uris,
+            str(pin_file) if pin_file else None,
+            {str(key_id): str(uri) for key_id, uri in dict(previous).items()},
+        )
+
+    def rolled_over(self, old_key_id: str, new_uri: str) -> TokenKeyRecord:
+        """The record after ``ca rollover``: ``new_uri`` is the issuing key, the one it
+        replaces is kept under ``old_key_id``."""
+        previous = dict(self.previous)
+        if "issuing" in self.uris:
+            previous[old_key_id] = self.uris["issuing"]
+        return TokenKeyRecord(
+            self.module, {**self.uris, "issuing": new_uri}, self.pin_file, previous
+        )
 
 
 def token_pin(settings: CaKeySettings, record: TokenKeyRecord | None) -> bytes:
@@ -506,6 +561,10 @@ class CaKeys:
     record: TokenKeyRecord | None
     settings: CaKeySettings
 
+    def module_for(self, uri: Pkcs11Uri) -> str:
+        """The PKCS#11 module that opens ``uri``."""
+        return self._module(uri)
+
     def _module(self, uri: Pkcs11Uri) -> str:
         module = (
             uri.module_path
@@ -544,6 +603,31 @@ class CaKeys:
         pin = token_pin(self.settings, self.record)
         token_key = open_token_key(uri, module=module, pin=pin, expected_public_key=public_key)
         return token_key, KeySource.of(token_key, module=module, pin=pin)
+
+    def open_token(self, uri_text: str, public_key: PublicKey) -> TokenKey:
+        """The token key ``uri_text`` names, checked against ``public_key``."""
+        uri = Pkcs11Uri.parse(uri_text)
+        return open_token_key(
+            uri,
+            module=self._module(uri),
+            pin=token_pin(self.settings, self.record),
+            expected_public_key=public_key,
+        )
+
+    def open_root(
+        self, default_file: Path, public_key: PublicKey, passphrase: bytes | None
+    ) -> PrivateKey:
+        """The root key (``ca rollover``, ``ca revoke-issuing``): the token's recorded at
+        init, else ``ca/root.key``."""
+        from factory.keys import load_private_key
+
+        uri = self.record.uris.get("root") if self.record is not None else None
+        if uri is None:
+            key = load_private_key(default_file, passphrase)
+            if key.public_key() != public_key:
+                raise CAError(f"{default_file} does not belong to the root certificate")
+            return key
+        return self.open_token(uri, public_key)
 
     def open_ocsp(self) -> TokenKey | None:
         """The OCSP responder's token key; None when OCSP answers with a file key."""

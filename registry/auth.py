@@ -6,7 +6,9 @@ tokens and the CA; the role comes from the operator certificate's role extension
 token's row, ``operator`` when they carry none); services may read the feed and metrics, and
 ``service/factory`` may register devices; a device identity is refused (403); no identity is
 refused (401). When an ``Authorization`` header is present it is what counts
-(a bad token is a 401 even over an mTLS connection); otherwise the client certificate does.
+(a bad token is a 401 even over an mTLS connection); otherwise the client certificate does,
+and a certificate whose issuing CA the root revoked (``certfleet ca revoke-issuing``) is
+refused (401, :mod:`registry.issuer_revocations`), whoever it names.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from fleetcore.profile import (
     OperatorRole,
     read_identity,
     read_operator_role,
+    serial_hex,
 )
 from registry.errors import Refused
+from registry.issuer_revocations import IssuerRevocations
 from registry.metrics import RegistryMetrics
 from registry.settings import IPNetwork
 from registry.store import audit, tokens
@@ -173,14 +177,26 @@ def caller_from_token(session: Session, token: str, trust_domain: str) -> Caller
     )
 
 
-def caller_from_certificate(der: bytes, trust_domain: str) -> Caller:
-    """The identity of a verified client certificate (DER), or raise Refused (403)."""
+def caller_from_certificate(
+    der: bytes, trust_domain: str, revoked_issuers: IssuerRevocations
+) -> Caller:
+    """The identity of a verified client certificate (DER), or raise Refused: 401 when its
+    issuing CA was revoked, 403 when it is no identity of ``trust_domain``."""
     try:
         certificate = x509.load_der_x509_certificate(der)
         identity = read_identity(certificate)
         role = read_operator_role(certificate) if identity.kind is IdentityKind.OPERATOR else None
     except (IdentityError, ValueError) as exc:
         raise Refused(403, "bad_identity", f"client certificate refused: {exc}") from None
+    revoked = revoked_issuers.revocation_of(certificate)
+    if revoked is not None:
+        raise Refused(
+            401,
+            "revoked_issuer",
+            f"client certificate {identity.uri} (serial {serial_hex(certificate.serial_number)}) "
+            f"refused: its {revoked.describe()}",
+            identity.uri,
+        )
     if identity.trust_domain != trust_domain:
         raise Refused(
             403,
@@ -192,7 +208,11 @@ def caller_from_certificate(der: bytes, trust_domain: str) -> Caller:
 
 
 def authenticate(
-    request: Request, session: Session, metrics: RegistryMetrics, trust_domain: str
+    request: Request,
+    session: Session,
+    metrics: RegistryMetrics,
+    trust_domain: str,
+    revoked_issuers: IssuerRevocations,
 ) -> Caller:
     """The caller of ``request``, or raise 401/403 (logged and counted)."""
     header = request.headers.get("authorization")
@@ -213,7 +233,7 @@ def authenticate(
                 "no client certificate and no bearer token: present an operator certificate "
                 "or 'Authorization: Bearer <token>'",
             )
-        return caller_from_certificate(der, trust_domain)
+        return caller_from_certificate(der, trust_domain, revoked_issuers)
     except Refused as refused:
         raise refuse(
             request, metrics, refused.status, refused.reason, refused.message, refused.identity

@@ -39,6 +39,7 @@ from registry.db import make_engine, migrate
 from registry.est.routes import install_est
 from registry.feed import FeedNotifier
 from registry.feedmark import MARK_FILE, FeedMark
+from registry.issuer_revocations import IssuerRevocations
 from registry.metrics import ExpiryCollector, RegistryMetrics, RequestMetricsMiddleware
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
@@ -165,6 +166,7 @@ def _registry_state(
         ),
         metrics=registry_metrics,
         planner=PlannerStatistics(engine, on_crash=crashed),
+        revoked_issuers=IssuerRevocations(engine),
         mark=FeedMark(settings.layout.root / MARK_FILE),
         verifier=BatchVerifier(
             ca.trusted_issuer_certs, ca.trust_domain, settings.registry_verify_processes, crashed

@@ -11,6 +11,14 @@ A request may ask about several certificates at once (RFC 6960 4.1.1, ``openssl 
 -cert b``): cryptography reads and builds one only, so such a request is read and its
 answer built with asn1crypto (:mod:`registry.ocsp_many`), each certificate answered in the
 order asked, up to :data:`MAX_CERTIFICATES`; more is ``malformedRequest``.
+
+An issuing CA revoked by the root (``certfleet ca revoke-issuing``): while the registry still
+holds it (its CA folder not yet updated), every serial it signed is answered ``revoked``,
+reason ``cACompromise``, at the CA's revocation time (RFC 6960 2.7), registered or not (an
+operator's certificate too), signed by that CA as before. Once the CA folder drops it
+(``revoke-issuing`` moves it to ``ca/retired/``) a request about it names none of our
+issuers and is answered ``unknown``. Neither answer can be trusted more than the compromised
+key: relying parties learn of the compromise from the root's CRL (``ca/revoked-issuers.crl``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from fleetcore.clock import utcnow
 from fleetcore.profile import PrivateKey, PublicKey, serial_hex
 from fleetcore.reasons import reason_flag
 from registry import ocsp_many
+from registry.issuer_revocations import IssuerRevocations
 from registry.ocsp_many import CertId
 from registry.store import certificates
 
@@ -180,9 +189,11 @@ class OcspResponder:
         *,
         responder_lifetime: dt.timedelta = RESPONDER_LIFETIME,
         answer_validity: dt.timedelta = ANSWER_VALIDITY,
+        revoked_issuers: IssuerRevocations | None = None,
     ) -> None:
         self._ca = ca
         self._engine = engine
+        self._revoked_issuers = revoked_issuers
         self._signer = _Signer(ca, responder_lifetime)
         self._answer_validity = answer_validity
         self._ca = ca
@@ -245,12 +256,18 @@ class OcspResponder:
     def _statuses(self, asked: Sequence[CertId]) -> list[CertificateStatus]:
         """The status of each certificate asked about, in order (one database session)."""
         with Session(self._engine) as session:
-            return [
-                certificate_status(session, cert.serial)
-                if self._issuer_of(cert) is not None
-                else CertificateStatus("unknown")
-                for cert in asked
-            ]
+            return [self._status(session, cert) for cert in asked]
+
+    def _status(self, session: Session, cert: CertId) -> CertificateStatus:
+        issuer = self._issuer_of(cert)
+        if issuer is None:
+            return CertificateStatus("unknown")
+        if self._revoked_issuers is not None:
+            # RFC 6960 2.7: every certificate of a compromised CA may be answered revoked.
+            revoked_at = self._revoked_issuers.revoked_at(issuer.key_id)
+            if revoked_at is not None:
+                return CertificateStatus("revoked", revoked_at, x509.ReasonFlags.ca_compromise)
+        return certificate_status(session, cert.serial)
 
     def _issuer_of(self, cert: CertId) -> Issuer | None:
         """The trusted issuing CA ``cert`` names (by the hashes of its name and key): the

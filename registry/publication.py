@@ -133,6 +133,7 @@ class PublicationServer:
             state.ca,
             state.engine,
             answer_validity=dt.timedelta(seconds=state.settings.registry_ocsp_next_update_s),
+            revoked_issuers=state.revoked_issuers,
         )
         self.app = create_publication_app(state, self.responder)
         self.config = uvicorn.Config(

@@ -12,6 +12,7 @@ from factory.ca import CertificateAuthority
 from registry.crl import CrlCache
 from registry.feed import FeedAnswer, FeedKey, FeedNotifier, SharedReads
 from registry.feedmark import FeedMark
+from registry.issuer_revocations import IssuerRevocations
 from registry.metrics import RegistryMetrics
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
@@ -31,6 +32,8 @@ class RegistryState:
     metrics: RegistryMetrics
     verifier: BatchVerifier
     planner: PlannerStatistics
+    #: Issuing CAs revoked by the root: their certificates are refused as client identities.
+    revoked_issuers: IssuerRevocations
     #: Threads of /healthz, apart from the worker threads: a burst that occupies every
     #: worker thread cannot make the health check wait.
     probe_threads: ThreadPoolExecutor = field(

@@ -69,7 +69,9 @@ def get_caller(request: Request, state: StateDep, _bearer: BearerDeclared) -> Ca
     # Its own short session: a bearer-token lookup must not keep a connection checked out
     # for the rest of the request (a long-poll of the feed lasts up to a minute).
     with Session(state.engine) as session:
-        return authenticate(request, session, state.metrics, state.ca.trust_domain)
+        return authenticate(
+            request, session, state.metrics, state.ca.trust_domain, state.revoked_issuers
+        )
 
 
 CurrentCaller = Annotated[Caller, Depends(get_caller)]

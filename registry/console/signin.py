@@ -139,7 +139,7 @@ def _operator_certificate(request: Request, state: RegistryState) -> Caller | Re
     if der is None:
         return None
     try:
-        return caller_from_certificate(der, state.ca.trust_domain)
+        return caller_from_certificate(der, state.ca.trust_domain, state.revoked_issuers)
     except Refused as refused:
         return refused
 

@@ -37,7 +37,9 @@ from registry.est.errors import (
     EnrollmentRefusedError,
     EstBadRequestError,
     EstRateLimitedError,
+    EstUnauthorizedError,
 )
+from registry.issuer_revocations import IssuerRevocations
 from registry.models import Certificate, Device
 from registry.renewal import CertificateRenewer, RenewalRefused, sign_next
 from registry.state import RegistryState
@@ -68,8 +70,12 @@ class Enrolled:
     repeated: bool
 
 
-def client_identity(der: bytes, trust_domain: str) -> tuple[Identity, x509.Certificate]:
-    """The identity of a verified TLS client certificate; EnrollmentRefusedError otherwise."""
+def client_identity(
+    der: bytes, trust_domain: str, revoked_issuers: IssuerRevocations
+) -> tuple[Identity, x509.Certificate]:
+    """The identity of a verified TLS client certificate; EnrollmentRefusedError otherwise,
+    EstUnauthorizedError when its issuing CA was revoked (a claim certificate too: a claim
+    is made again under the current issuing CA)."""
     certificate = x509.load_der_x509_certificate(der)
     try:
         identity = read_identity(certificate)
@@ -77,6 +83,11 @@ def client_identity(der: bytes, trust_domain: str) -> tuple[Identity, x509.Certi
         raise EnrollmentRefusedError(f"client certificate refused: {exc}") from None
     if identity.trust_domain != trust_domain:
         raise EnrollmentRefusedError(f"{identity.uri} is outside trust domain {trust_domain}")
+    revoked = revoked_issuers.revocation_of(certificate)
+    if revoked is not None:
+        raise EstUnauthorizedError(
+            f"client certificate {identity.uri} refused: its {revoked.describe()}"
+        )
     return identity, certificate
 
 

@@ -219,16 +219,21 @@ async def _claim_enroll(
     return await _answer(request, lambda: enroll.issue_claim_enrollment(state, checked, from_addr))
 
 
-def _peer(request: Request, state: RegistryState) -> tuple[Identity, x509.Certificate] | None:
+async def _peer(request: Request, state: RegistryState) -> tuple[Identity, x509.Certificate] | None:
     der = peer_certificate_der(request.scope)
-    return None if der is None else enroll.client_identity(der, state.ca.trust_domain)
+    if der is None:
+        return None
+    # In a thread: the revoked-issuer check may read the database.
+    return await anyio.to_thread.run_sync(
+        lambda: enroll.client_identity(der, state.ca.trust_domain, state.revoked_issuers)
+    )
 
 
 async def _simpleenroll(request: Request) -> Response:
     state = _state(request)
     try:
         body = await _body(request)
-        peer = _peer(request, state)
+        peer = await _peer(request, state)
         basic = _basic(request)
         csr_der = decode_csr_body(body, request.headers.get("content-type"))
     except RegistryError as exc:
@@ -268,7 +273,7 @@ async def _simplereenroll(request: Request) -> Response:
     renewer: CertificateRenewer = request.app.state.est_renewer
     try:
         body = await _body(request)
-        peer = _peer(request, state)
+        peer = await _peer(request, state)
         csr_der = decode_csr_body(body, request.headers.get("content-type"))
         if peer is None:
             raise EstUnauthorizedError(

@@ -14,16 +14,26 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
 from factory.issuers import authority_key_id
 from fleetcore.clock import utcnow
 from registry.db import write_transaction
-from registry.models import Certificate, Device
+from registry.models import Certificate, ConsoleSession, Device, Revocation
 from registry.store.audit import Actor, add_entry
 from registry.store.revocations import announce, append_feed_event, mark_revoked
 
-__all__ = ["IssuerUse", "issuer_use", "revoke_issuer_certificates"]
+__all__ = [
+    "ISSUER_REVOKED",
+    "IssuerUse",
+    "issuer_revoked_at",
+    "issuer_use",
+    "revoke_issuer_certificates",
+]
+
+#: The feed event kind of a revoked issuing CA; its ``device_id`` column holds the CA's key id.
+ISSUER_REVOKED = "issuer_revoked"
 
 
 @dataclass
@@ -72,7 +82,11 @@ def revoke_issuer_certificates(
 ) -> tuple[int, list[str]]:
     """Revoke every live certificate the issuing CA ``key_id`` signed and append one
     ``issuer_revoked`` feed event (one transaction); (its seq, the serials). The devices stay
-    active: they get a new certificate only by re-enrollment or a claim (docs/factory.md)."""
+    active: they get a new certificate only by re-enrollment or a claim (docs/factory.md).
+
+    Every console session opened with a client certificate ends in the same transaction
+    (a session does not record its certificate's issuing CA): operators sign in again, and
+    a certificate of the revoked CA is refused then (:mod:`registry.issuer_revocations`)."""
     with write_transaction(session):
         now = utcnow()
         live = session.exec(select(Certificate).where(col(Certificate.status) == "live")).all()
@@ -95,14 +109,34 @@ def revoke_issuer_certificates(
             reason_code="unspecified",
             now=now,
             actor=actor,
-            kind="issuer_revoked",
+            kind=ISSUER_REVOKED,
         )
+        ended = session.execute(
+            delete(ConsoleSession).where(col(ConsoleSession.via) == "mtls")
+        ).rowcount  # type: ignore[attr-defined]
         add_entry(
             session,
             actor,
             "revoke_issuing",
             key_id,
-            {"reason": reason, "certificates": len(revoked), "seq": seq},
+            {
+                "reason": reason,
+                "certificates": len(revoked),
+                "seq": seq,
+                "console_sessions_ended": ended,
+            },
         )
         announce(session, seq)
     return seq, sorted(revoked)
+
+
+def issuer_revoked_at(session: Session, key_id: str) -> dt.datetime | None:
+    """When the issuing CA ``key_id`` was revoked (its ``issuer_revoked`` feed event), or
+    None. One lookup on the feed's indexed ``device_id`` column."""
+    return session.exec(
+        select(Revocation.revoked_at)
+        .where(col(Revocation.device_id) == key_id.lower())
+        .where(col(Revocation.kind) == ISSUER_REVOKED)
+        .order_by(col(Revocation.seq))
+        .limit(1)
+    ).first()

@@ -63,18 +63,22 @@ def test_a_revoked_issuing_ca_is_cut_off_on_every_node_within_a_second(
     cluster_layout: DataLayout,
     tmp_path: Path,
 ) -> None:
-    nodes = following_nodes(start_node, registry.url)
     old = [issue_device(pki, tmp_path, f"dev-old-{i}") for i in range(2)]
-    for i, files in enumerate(old):
-        register(operator, files, f"dev-old-{i}")
     unregistered = issue_device(pki, tmp_path, "dev-old-x")  # never registered
     old_id = issuer_key_id(pki.ca.issuing_cert)
 
     new_id = pki.ca.rollover().key_id  # the CA folder the registry signs from
     shutil.copy(pki.layout.trust, cluster_layout.trust)  # handed to the brokers
-    for node in nodes:  # each follows trust.pem within a second
-        assert wait_for(lambda n=node: n.app is not None and n.app.trust_reloader.up_to_date(), 5)
+    # Before a revocation every service re-keys under the new issuing CA: the registry
+    # refuses the old one's certificates too, the brokers' feed certificate included
+    # (docs/factory.md). (A running broker following trust.pem: tests/e2e/test_rollover.py.)
+    service = pki.client(IdentityKind.SERVICE, "broker")
+    shutil.copy(service.cert, cluster_layout.client_cert("broker"))
+    shutil.copy(service.key, cluster_layout.client_key("broker"))
     assert wait_for(lambda: _registry_ca(registry).issuing_cert == pki.ca.issuing_cert, 5)
+    nodes = following_nodes(start_node, registry.url)
+    for i, files in enumerate(old):  # both issuing CAs are accepted during the overlap
+        register(operator, files, f"dev-old-{i}")
     fresh = issue_device(pki, tmp_path, "dev-new")
     register(operator, fresh, "dev-new")
 
@@ -121,16 +125,30 @@ def test_a_revoked_issuing_ca_is_cut_off_on_every_node_within_a_second(
         finally:
             still.close()
 
-    # The way back proves who the device is: an operator re-enrolls it from a CSR made on
-    # the device, and it gets a certificate of the new issuing CA.
-    key = generate_key("p256")
-    csr = build_csr(key, pki.ca.identity(IdentityKind.DEVICE, "dev-old-0")).public_bytes(
-        Encoding.PEM
-    )
-    answer = operator.post("/devices/dev-old-0/reenroll", json={"csr_pem": csr.decode()})
-    assert answer.status_code == 201, answer.text
-    chain = x509.load_pem_x509_certificates(answer.json()["chain_pem"].encode())
-    assert issuer_key_id(chain[0]) == new_id
+    # The operator's certificate of the revoked issuing CA is refused by the registry now.
+    refused = operator.get("/devices/dev-old-0")
+    assert refused.status_code == 401, refused.text
+    assert "was revoked by the root" in refused.text
+    with _client(pki, registry, "rita", OperatorRole.OPERATOR) as rita:
+        # The way back proves who the device is: an operator re-enrolls it from a CSR made
+        # on the device, and it gets a certificate of the new issuing CA.
+        key = generate_key("p256")
+        csr = build_csr(key, pki.ca.identity(IdentityKind.DEVICE, "dev-old-0")).public_bytes(
+            Encoding.PEM
+        )
+        answer = rita.post("/devices/dev-old-0/reenroll", json={"csr_pem": csr.decode()})
+        assert answer.status_code == 201, answer.text
+        chain = x509.load_pem_x509_certificates(answer.json()["chain_pem"].encode())
+        assert issuer_key_id(chain[0]) == new_id
+        # The brokers (feed certificate of the new issuing CA) still follow the feed.
+        survivor = connect(nodes[0].port, fresh, "dev-new")
+        try:
+            assert survivor.connected.is_set(), survivor.reason
+            gone = rita.post("/devices/dev-new/decommission", json={"reason": "retired"})
+            assert gone.status_code == 200, gone.text
+            assert survivor.disconnected.wait(5)
+        finally:
+            survivor.close()
 
 
 def test_revoke_issuing_from_the_cli_needs_an_admin(

@@ -4,6 +4,7 @@ keys cannot be exported, and each misconfiguration is one line and exit 2."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from factory.ca import CertificateAuthority
+from factory.crl import build_crl
 from factory.errors import CAError
+from factory.issuers import authority_key_id, issuer_key_id
 from factory.signer import Pkcs11Uri, TokenKey
 from fleetcore.keys import build_csr, generate_key
 from fleetcore.layout import DataLayout
@@ -255,3 +258,65 @@ def test_a_process_signs_through_a_session_copy_as_guarded_as_the_token_key(
         signing[Attribute.VALUE]
     issued = ca.issue_client(ca.identity(IdentityKind.DEVICE, "dev-copy"))
     issued.certificate.verify_directly_issued_by(ca.issuing_cert)
+
+
+def test_rollover_generates_the_new_issuing_key_in_the_token(
+    softhsm: SoftHsm, token_ca: DataLayout
+) -> None:
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    old_id = issuer_key_id(x509.load_pem_x509_certificate(token_ca.issuing_cert.read_bytes()))
+    result = run_certfleet(
+        ["ca", "rollover", "--data-dir", str(token_ca.root), "--json"], env=softhsm.env
+    )
+    assert result.returncode == 0, result.stderr
+    new_id = json.loads(result.stdout)["key_id"]
+    assert new_id != old_id
+    # Recorded like ca init records keys: the new URI, the old one under its key id.
+    keys = json.loads(token_ca.ca_meta.read_text())["keys"]
+    assert Pkcs11Uri.parse(keys["issuing"]).object == "certfleet-issuing-2"
+    assert Pkcs11Uri.parse(keys["previous_issuing"][old_id]).object == "certfleet-issuing"
+    assert "4321" not in token_ca.ca_meta.read_text()
+    assert not token_ca.issuing_key.exists()
+    assert not list(token_ca.issuers_dir.glob("*.key"))  # no key file, old or new
+    _openssl_verify(token_ca, token_ca.issuing_cert)  # signed by the token's root key
+
+    session = (
+        pkcs11.lib(softhsm.module)
+        .get_token(token_label=softhsm.label)
+        .open(user_pin=softhsm.pin_file.read_text().strip())
+    )
+    with session:
+        (new_key,) = session.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: "certfleet-issuing-2"}
+        )
+        assert new_key[Attribute.EXTRACTABLE] is False
+        assert new_key[Attribute.SENSITIVE] is True
+        assert new_key[Attribute.NEVER_EXTRACTABLE] is True
+
+    # Every later command signs with the new token key, no further flags.
+    client = run_certfleet(
+        ["ca", "issue-client", "--operator", "nora", "--data-dir", str(token_ca.root)],
+        env=softhsm.env,
+    )
+    assert client.returncode == 0, client.stderr
+    _openssl_verify(token_ca, token_ca.client_cert("nora"))
+    nora = x509.load_pem_x509_certificate(token_ca.client_cert("nora").read_bytes())
+    assert authority_key_id(nora) == new_id
+    # Both issuing CAs load with their token keys (the old one signs its CRL and OCSP on).
+    ca = CertificateAuthority.load(token_ca)
+    assert [issuer.key_id for issuer in ca.issuers] == [new_id, old_id]
+    for issuer in ca.issuers:
+        assert isinstance(issuer.key, TokenKey)
+        crl = build_crl(
+            issuer.certificate, issuer.key, [], next_update=dt.timedelta(hours=1), crl_number=1
+        )
+        assert crl.is_signature_valid(issuer.certificate.public_key())  # type: ignore[arg-type]
+    # A second rollover takes the next label; the first issuing CA stays recorded.
+    again = run_certfleet(["ca", "rollover", "--data-dir", str(token_ca.root)], env=softhsm.env)
+    assert again.returncode == 0, again.stderr
+    keys = json.loads(token_ca.ca_meta.read_text())["keys"]
+    assert Pkcs11Uri.parse(keys["issuing"]).object == "certfleet-issuing-3"
+    assert set(keys["previous_issuing"]) == {old_id, new_id}
+    assert len(CertificateAuthority.load(token_ca).issuers) == 3

@@ -17,7 +17,7 @@ from registry.api.deps import CurrentAdmin, CurrentViewer, SessionDep, StateDep
 from registry.api.routes import API_PREFIX
 from registry.errors import InvalidRequestError
 from registry.operations import revocations_committed
-from registry.store.issuers import issuer_use, revoke_issuer_certificates
+from registry.store.issuers import issuer_revoked_at, issuer_use, revoke_issuer_certificates
 
 __all__ = ["router"]
 
@@ -77,7 +77,9 @@ def revoke_issuer(
 ) -> IssuerRevocationResult:
     """Act on the root's revocation of an issuing CA (admin): every live certificate it
     signed is revoked and one ``issuer_revoked`` feed event tells the brokers, which refuse
-    all its certificates at CONNECT and drop their sessions."""
+    all its certificates at CONNECT and drop their sessions. Its operator and service
+    certificates are refused by every registry from then on (within a second on other nodes)
+    and every console session opened with a certificate ends."""
     try:
         issuing = x509.load_pem_x509_certificate(body.issuer_pem.encode())
         arl = x509.load_pem_x509_crl(body.arl_pem.encode())
@@ -92,6 +94,8 @@ def revoke_issuer(
         seq, serials = revoke_issuer_certificates(
             session, key_id, caller.actor(request), body.reason
         )
+        # Its operator and service certificates are refused from the next request on.
+        state.revoked_issuers.learn(key_id, issuer_revoked_at(session, key_id) or utcnow())
     revocations_committed(state, seq)
     log.warning(
         "issuing CA revoked key_id=%s certificates=%d seq=%d by=%s",
