@@ -21,11 +21,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from factory.crl_der import entries_der, splice_and_sign
 from fleetcore.clock import naive_utc, utcnow
 from fleetcore.profile import PrivateKey
 from fleetcore.publication import freshest_crl, issuing_distribution_point
 
 __all__ = ["RevokedEntry", "build_crl"]
+
+#: From this many entries on, the entries are encoded to DER here (:mod:`factory.crl_der`:
+#: a third of the time at 530,000 entries); below, the library makes them one by one.
+SPLICE_FROM = 2_000
 
 #: lastUpdate is set this far back: a relying party with a slightly fast clock accepts it.
 LAST_UPDATE_SKEW = dt.timedelta(minutes=1)
@@ -71,15 +76,20 @@ def build_crl(
         extensions.append(_extension(x509.DeltaCRLIndicator(delta_of), critical=True))
     elif publish_url is not None:
         extensions.append(_extension(freshest_crl(publish_url), critical=False))
+    large = len(revoked) >= SPLICE_FROM
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=issuing_cert.subject,
         last_update=naive_utc(now - LAST_UPDATE_SKEW),
         next_update=naive_utc(now + next_update),
         extensions=extensions,
-        revoked_certificates=_revoked_certificates(revoked),
+        revoked_certificates=[] if large else _revoked_certificates(revoked),
     )
     algorithm = None if isinstance(issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(issuing_key, algorithm)
+    crl = builder.sign(issuing_key, algorithm)
+    if not large:
+        return crl
+    entries = entries_der((e.serial, e.revoked_at, e.reason) for e in revoked)
+    return splice_and_sign(crl, entries, issuing_key)
 
 
 def _revoked_certificates(revoked: Sequence[RevokedEntry]) -> list[x509.RevokedCertificate]:
