@@ -211,7 +211,7 @@ class RevocationFollower:
                 params["after_serial"] = after_serial
             response = await client.get(self._url + "/snapshot", params=params)
             response.raise_for_status()
-            page, events = await asyncio.to_thread(_snapshot_events, response.content)
+            page, events = await asyncio.to_thread(_snapshot_events, response.content, self.after)
             self.last_success = time.monotonic()
             self.last_success_at = time.time()
             if first is None:
@@ -311,10 +311,15 @@ class RevocationFollower:
         self._on_revoked(event, new_serials)
 
 
-def _snapshot_events(body: bytes) -> tuple[RevocationSnapshot, list[RevocationEvent]]:
-    """A snapshot page and its events (a worker thread's job)."""
-    snapshot = RevocationSnapshot.model_validate_json(body)
-    return snapshot, snapshot.as_events(SNAPSHOT_EVENT_SERIALS)
+def _snapshot_events(
+    body: bytes, position: int
+) -> tuple[RevocationSnapshot, list[RevocationEvent]]:
+    """A snapshot page and its events (a worker thread's job): at the snapshot's head on the
+    last page, at the follower's ``position`` before it (the feed's sequence the broker
+    reports applied reaches the head only once the whole snapshot is)."""
+    page = RevocationSnapshot.model_validate_json(body)
+    seq = None if page.next_after is None else position
+    return page, page.as_events(SNAPSHOT_EVENT_SERIALS, seq)
 
 
 def fingerprint(event: RevocationEvent) -> Checkpoint:

@@ -155,16 +155,21 @@ class RevocationSnapshot(BaseModel):
     #: Devices and issuing CAs come with the first page only.
     next_after: str | None = None
 
-    def as_events(self, chunk: int = FEED_BATCH_DEFAULT) -> list[RevocationEvent]:
-        """The snapshot as events a follower applies the usual way, all at ``head_seq``:
+    def as_events(
+        self, chunk: int = FEED_BATCH_DEFAULT, seq: int | None = None
+    ) -> list[RevocationEvent]:
+        """The snapshot as events a follower applies the usual way, all at ``seq``
+        (default ``head_seq``; a page before the last carries the follower's position
+        instead, so that nothing reports the head applied before it is):
         ``superseded`` events of ``chunk`` serials (they revoke serials, drop those
         sessions), one ``decommission`` (no serials) per device, one ``issuer_revoked`` per
         issuing CA."""
         serials = sorted(self.not_after)
+        at = self.head_seq if seq is None else seq
 
         def event(kind: EventKind, device_id: str, batch: list[str]) -> RevocationEvent:
             return RevocationEvent(
-                seq=self.head_seq,
+                seq=at,
                 device_id=device_id,
                 serials=batch,
                 reason=SNAPSHOT_REASON,

@@ -15,6 +15,7 @@ from broker.server import BrokerServer
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
 from fleetcore.profile import CLOCK_SKEW, IdentityKind
+from fleetcore.revocation_feed import RevocationSnapshot
 from registry.models import Certificate, Device
 from registry.server import RegistryServer
 from registry.store.revocations import compact_feed
@@ -119,3 +120,22 @@ def test_a_broker_far_behind_reads_the_snapshot_in_pages_instead_of_replaying(
         assert wait_for(lambda: follower.after == 8)
         assert follower.snapshots == 1
         assert serials["gap-8"] in app.revoked.hex_serials()
+
+
+def test_only_the_last_page_of_a_snapshot_reports_the_head_applied() -> None:
+    page = RevocationSnapshot(
+        head_seq=900,
+        epoch=1,
+        floor=0,
+        read_at=utcnow(),
+        not_after={"0a": utcnow(), "0b": utcnow()},
+        devices=["d-1"],
+        issuers=[],
+        next_after="0b",
+    )
+    _, events = revocation._snapshot_events(page.model_dump_json().encode(), 40)
+    assert events and {event.seq for event in events} == {40}  # more pages follow
+    last = page.model_copy(update={"next_after": None})
+    _, events = revocation._snapshot_events(last.model_dump_json().encode(), 40)
+    assert {event.seq for event in events} == {900}
+    assert sorted(s for event in events for s in event.serials) == ["0a", "0b"]
