@@ -364,14 +364,7 @@ def _add_device(
     now: dt.datetime,
     detail: dict[str, str],
 ) -> None:
-    if hardware_serial is not None:
-        owner = session.exec(
-            select(Device.device_id).where(Device.hardware_serial == hardware_serial)
-        ).first()
-        if owner is not None:
-            raise AlreadyEnrolledError(
-                f"hardware serial {hardware_serial} belongs to device {owner} already"
-            )
+    _refuse_serial_owned(session, hardware_serial)
     session.add(
         Device(
             device_id=issued.device_id,
@@ -433,14 +426,7 @@ def _taken(
     answer asked again), or why it cannot enroll."""
     if session.get(Device, device_id) is not None:
         return _repeat(session, device_id, key_der, now)
-    if hardware_serial is not None:
-        owner = session.exec(
-            select(Device.device_id).where(Device.hardware_serial == hardware_serial)
-        ).first()
-        if owner is not None:
-            raise AlreadyEnrolledError(
-                f"hardware serial {hardware_serial} belongs to device {owner} already"
-            )
+    _refuse_serial_owned(session, hardware_serial)
     raise AlreadyEnrolledError(
         f"device {device_id} (or hardware serial {hardware_serial}) was enrolled by a "
         "concurrent request; retry to see the outcome"
@@ -547,3 +533,16 @@ def record_secret_enrollment(
             f"device {secret.device_id} was enrolled by a concurrent request; retry"
         ) from None
     return issued
+
+
+def _refuse_serial_owned(session: Session, hardware_serial: str | None) -> None:
+    """AlreadyEnrolledError when another device holds ``hardware_serial``."""
+    if hardware_serial is None:
+        return
+    owner = session.exec(
+        select(Device.device_id).where(Device.hardware_serial == hardware_serial)
+    ).first()
+    if owner is not None:
+        raise AlreadyEnrolledError(
+            f"hardware serial {hardware_serial} belongs to device {owner} already"
+        )

@@ -4,14 +4,16 @@ tail, and ends with exactly the live revoked set (a real registry and a real bro
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from sqlmodel import Session, col, select
 
 from broker import revocation
-from broker.server import BrokerServer
+from broker.server import BrokerApp, BrokerServer
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
 from fleetcore.profile import CLOCK_SKEW, IdentityKind
@@ -40,15 +42,33 @@ def live_state(registry: RegistryServer) -> tuple[set[str], set[str]]:
     return {s.lower() for s in serials}, set(devices)
 
 
+def _minter(pki: TestPKI) -> Callable[[str], IssuedCertificate]:
+    """A device certificate of the test CA for a device id."""
+
+    def mint(device_id: str) -> IssuedCertificate:
+        return pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id))
+
+    return mint
+
+
+def _caught_up_by_snapshot(broker: BrokerServer, seq: int) -> tuple[BrokerApp, Any]:
+    """The broker's app and follower once it has followed to ``seq`` through exactly one
+    snapshot and no resync."""
+    app = broker.app
+    assert app is not None and app.follower is not None
+    follower = app.follower
+    assert wait_for(lambda: follower.after == seq and follower.synced.is_set())
+    assert follower.snapshots == 1 and follower.resyncs == 0
+    return app, follower
+
+
 def test_broker_below_the_floor_catches_up_from_the_snapshot_and_the_tail(
     pki: TestPKI,
     registry: RegistryServer,
     operator: httpx.Client,
     tmp_path: Path,
 ) -> None:
-    def mint(device_id: str) -> IssuedCertificate:
-        return pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id))
-
+    mint = _minter(pki)
     layout = feed_broker_layout(pki, tmp_path / "broker-data")
     settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=30)
     serials = decommissioned(operator, mint, ["far-1", "far-2"])  # events 1, 2
@@ -68,11 +88,7 @@ def test_broker_below_the_floor_catches_up_from_the_snapshot_and_the_tail(
     assert (compacted.removed, compacted.floor) == (3, 3)
 
     with BrokerServer(settings) as broker:
-        app = broker.app
-        assert app is not None and app.follower is not None
-        follower = app.follower
-        assert wait_for(lambda: follower.after == 5 and follower.synced.is_set())
-        assert follower.snapshots == 1 and follower.resyncs == 0
+        app, follower = _caught_up_by_snapshot(broker, 5)
         # and the tail after the snapshot's head, as usual
         serials |= decommissioned(operator, mint, ["far-6"])  # event 6
         assert wait_for(lambda: follower.after == 6)
@@ -96,20 +112,14 @@ def test_a_broker_far_behind_reads_the_snapshot_in_pages_instead_of_replaying(
     monkeypatch.setattr(revocation, "SNAPSHOT_GAP", 3)
     monkeypatch.setattr(revocation, "SNAPSHOT_PAGE", 2)
 
-    def mint(device_id: str) -> IssuedCertificate:
-        return pki.ca.issue_client(pki.ca.identity(IdentityKind.DEVICE, device_id))
-
+    mint = _minter(pki)
     names = [f"gap-{i}" for i in range(1, 8)]
     serials = decommissioned(operator, mint, names)  # events 1..7, nothing compacted
     age(registry, ["gap-1"])  # expired: not in the snapshot, the device is
     layout = feed_broker_layout(pki, tmp_path / "broker-data")
     settings = broker_settings(layout, registry_url=registry.url, broker_feed_wait_s=30)
     with BrokerServer(settings) as broker:
-        app = broker.app
-        assert app is not None and app.follower is not None
-        follower = app.follower
-        assert wait_for(lambda: follower.after == 7 and follower.synced.is_set())
-        assert follower.snapshots == 1 and follower.resyncs == 0
+        app, follower = _caught_up_by_snapshot(broker, 7)
         live_serials, live_devices = live_state(registry)
         assert live_serials == {serials[n] for n in names[1:]}  # six serials: three pages
         assert app.revoked.hex_serials() == live_serials
