@@ -355,6 +355,16 @@ def test_the_retained_store_is_the_broker_s_own_mapping_of_retained_messages() -
 # -- 17. shared subscriptions (broker/shared_subscriptions.py) -------------------------------
 
 
+def test_a_clean_session_connect_deletes_the_old_session_and_empties_its_queue() -> None:
+    # CertfleetBroker._delete_session routes what the old session had queued first.
+    assert _parameters(Broker._delete_session) == ["self", "client_id"]
+    assert _calls(Broker._delete_session, "session.clear_queues()")
+    assert "await self._delete_session(client_session.client_id)" in inspect.getsource(
+        Broker._initialize_client_session
+    )
+    assert "delivered_message_queue.get_nowait()" in inspect.getsource(Session.clear_queues)
+
+
 def test_amqtt_deletes_a_session_s_subscriptions_through_del_all_subscriptions() -> None:
     assert _parameters(Broker._del_all_subscriptions) == ["self", "session"]
     assert _calls(Broker._delete_session, "self._del_all_subscriptions(session)")
