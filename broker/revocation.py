@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
 from broker.revocation_journal import Checkpoint
-from broker.revoked_set import RevokedSet
+from broker.revoked_set import EncodedSerials, RevokedSet, encode_serials
 from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FOLLOWER_KINDS,
+    SNAPSHOT_NEXT_HEADER,
+    SNAPSHOT_REASON,
     RevocationEvent,
     RevocationFeed,
     RevocationSnapshot,
@@ -55,8 +59,8 @@ APPLY_SLICE_S = 0.005
 SNAPSHOT_GAP = 50_000
 #: Serials per snapshot page: parsing one holds the GIL for a few milliseconds.
 SNAPSHOT_PAGE = 5_000
-#: Serials per event a snapshot page is applied as (each event is applied in one go).
-SNAPSHOT_EVENT_SERIALS = 100
+#: Serials of a snapshot page added in one go (well under a millisecond; encoded off the loop).
+SNAPSHOT_CHUNK = 500
 
 
 #: Called with each newly applied event and the serials in it that were not yet revoked.
@@ -199,47 +203,94 @@ class RevocationFollower:
 
     async def _catch_up_from_snapshot(self, client: httpx.AsyncClient) -> None:
         """Apply the registry's snapshot of the live revoked state, page by page (each
-        parsed off the loop, applied in slices), then follow from the first page's head
-        (the set only grows: what a later page holds beyond that head is applied again
-        from the tail, harmlessly)."""
+        parsed off the loop, applied in slices; the next page is asked for as soon as a
+        page's answer names it, so the registry reads it while this one is parsed and
+        applied), then follow from the first page's head (the set only grows: what a later
+        page holds beyond that head is applied again from the tail, harmlessly)."""
         first: RevocationSnapshot | None = None
-        after_serial = ""
         serials = 0
-        while True:
-            params: dict[str, str | int] = {"limit": self._snapshot_page}
-            if after_serial:
-                params["after_serial"] = after_serial
-            response = await client.get(self._url + "/snapshot", params=params)
-            response.raise_for_status()
-            page, events = await asyncio.to_thread(_snapshot_events, response.content, self.after)
-            self.last_success = time.monotonic()
-            self.last_success_at = time.time()
-            if first is None:
-                if self._must_resync(page.head_seq, page.epoch):
+        reading: asyncio.Task[tuple[bytes, str | None]] | None
+        reading = asyncio.create_task(self._read_snapshot_page(client, ""))
+        try:
+            while reading is not None:
+                body, named_next = await reading
+                reading = None
+                if named_next is not None:
+                    reading = asyncio.create_task(self._read_snapshot_page(client, named_next))
+                ready = await asyncio.to_thread(_snapshot_page, body, self.after)
+                page = ready.page
+                if first is None:
+                    if self._must_resync(page.head_seq, page.epoch):
+                        return
+                    first = page
+                    log.warning(
+                        "revocation feed: applying the registry's snapshot position=%d "
+                        "floor=%d head_seq=%d devices=%d",
+                        self.after,
+                        page.floor,
+                        page.head_seq,
+                        len(page.devices),
+                    )
+                elif page.epoch != first.epoch:
+                    self._start_over("feed epoch changed during the snapshot", page.epoch)
                     return
-                first = page
-                log.warning(
-                    "revocation feed: applying the registry's snapshot position=%d floor=%d "
-                    "head_seq=%d devices=%d",
-                    self.after,
-                    page.floor,
-                    page.head_seq,
-                    len(page.devices),
-                )
-            elif page.epoch != first.epoch:
-                self._start_over("feed epoch changed during the snapshot", page.epoch)
-                return
-            await self.apply(events)
-            serials += len(page.not_after)
-            if page.next_after is None:
-                break
-            after_serial = page.next_after
+                if reading is None and page.next_after is not None:  # no header: older registry
+                    reading = asyncio.create_task(self._read_snapshot_page(client, page.next_after))
+                await self._apply_snapshot_page(ready)
+                serials += len(page.not_after)
+        finally:
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        assert first is not None
         log.info("revocation feed snapshot applied head_seq=%d serials=%d", first.head_seq, serials)
         self.snapshots += 1
         self.after = max(self.after, first.head_seq)
         self.head_seq = max(self.head_seq, first.head_seq)
         self._revoked.advance(self.after, self.epoch, None)  # no event to check there
         self._revoked.save()
+
+    async def _read_snapshot_page(
+        self, client: httpx.AsyncClient, after_serial: str
+    ) -> tuple[bytes, str | None]:
+        """One page of the snapshot (the serials above ``after_serial``), unparsed, and the
+        next page's start when its answer names it (:data:`SNAPSHOT_NEXT_HEADER`)."""
+        params: dict[str, str | int] = {"limit": self._snapshot_page}
+        if after_serial:
+            params["after_serial"] = after_serial
+        response = await client.get(self._url + "/snapshot", params=params)
+        response.raise_for_status()
+        self.last_success = time.monotonic()
+        self.last_success_at = time.time()
+        return response.content, response.headers.get(SNAPSHOT_NEXT_HEADER)
+
+    async def _apply_snapshot_page(self, ready: _SnapshotPage) -> None:
+        """A snapshot page's serials, then its devices, a chunk at a time, handing the loop
+        back at least every :data:`APPLY_SLICE_S`, then its issuing CAs as events."""
+        slice_ends = time.perf_counter() + APPLY_SLICE_S
+        added = 0
+        for entries, journal_line in ready.chunks:
+            if time.perf_counter() >= slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + APPLY_SLICE_S
+            new = self._revoked.add_encoded(entries, journal_line, ready.seq)
+            added += len(new)
+            self._on_revoked(ready.event, new)
+        devices = ready.page.devices
+        for start in range(0, len(devices), SNAPSHOT_CHUNK):
+            if time.perf_counter() >= slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + APPLY_SLICE_S
+            chunk = devices[start : start + SNAPSHOT_CHUNK]
+            for device_id in self._revoked.add_devices(chunk, ready.seq):
+                self._on_revoked(ready.decommission(device_id), [])
+        await self.apply(ready.issuers)
+        log.debug(
+            "revocation feed snapshot page serials=%d new=%d devices=%d",
+            len(ready.page.not_after),
+            added,
+            len(devices),
+        )
 
     def not_following(self) -> list[str]:
         """Why the broker is not following the feed right now (for /readyz); empty when it
@@ -311,15 +362,51 @@ class RevocationFollower:
         self._on_revoked(event, new_serials)
 
 
-def _snapshot_events(
-    body: bytes, position: int
-) -> tuple[RevocationSnapshot, list[RevocationEvent]]:
-    """A snapshot page and its events (a worker thread's job): at the snapshot's head on the
-    last page, at the follower's ``position`` before it (the feed's sequence the broker
-    reports applied reaches the head only once the whole snapshot is)."""
+@dataclass(frozen=True, slots=True)
+class _SnapshotPage:
+    """A snapshot page made ready off the loop."""
+
+    page: RevocationSnapshot
+    #: The position its serials are applied at (module doc of :func:`_snapshot_page`).
+    seq: int
+    #: Its serials in chunks of :data:`SNAPSHOT_CHUNK`, encoded, with their journal lines.
+    chunks: list[tuple[EncodedSerials, bytes]]
+    #: What the serials' chunks are applied as (the callback's view: no serials listed).
+    event: RevocationEvent
+    #: Its revoked issuing CAs (the first page's), as events.
+    issuers: list[RevocationEvent]
+
+    def decommission(self, device_id: str) -> RevocationEvent:
+        """The event a decommissioned device of the page is applied as (no serials)."""
+        return self.event.model_copy(update={"device_id": device_id, "kind": "decommission"})
+
+
+def _snapshot_page(body: bytes, position: int) -> _SnapshotPage:
+    """A snapshot page, parsed and encoded (a worker thread's job): at the snapshot's head
+    on the last page, at the follower's ``position`` before it (the feed's sequence the
+    broker reports applied reaches the head only once the whole snapshot is)."""
     page = RevocationSnapshot.model_validate_json(body)
-    seq = None if page.next_after is None else position
-    return page, page.as_events(SNAPSHOT_EVENT_SERIALS, seq)
+    seq = page.head_seq if page.next_after is None else position
+    serials = iter(page.not_after.items())
+    chunks = []
+    while chunk := list(itertools.islice(serials, SNAPSHOT_CHUNK)):
+        chunks.append(encode_serials(chunk, seq))
+    # Built without validation: the page was validated.
+    event = RevocationEvent.model_construct(
+        seq=seq,
+        device_id="snapshot",
+        serials=[],
+        reason=SNAPSHOT_REASON,
+        revoked_at=page.read_at,
+        kind="superseded",
+        not_after={},
+        issuer=None,
+    )
+    issuers = [
+        event.model_copy(update={"device_id": key, "kind": "issuer_revoked", "issuer": key})
+        for key in page.issuers
+    ]
+    return _SnapshotPage(page, seq, chunks, event, issuers)
 
 
 def fingerprint(event: RevocationEvent) -> Checkpoint:

@@ -49,14 +49,15 @@ from broker.revocation_journal import (
     Checkpoint,
     JournalFiles,
     SnapshotState,
+    device_line,
     event_line,
     position_line,
     reset_line,
 )
-from broker.serial_table import Merge, SerialTable, expiry_code, key_hex
+from broker.serial_table import Merge, SerialTable, expiry_code, key_hex, serial_key
 from fleetcore.profile import CLOCK_SKEW
 
-__all__ = ["RevokedSet"]
+__all__ = ["EncodedSerials", "RevokedSet", "encode_serials"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,28 @@ MIN_MERGE_RECENT = 2048
 
 def _limit(now: float | None = None) -> float:
     return (time.time() if now is None else now) - CLOCK_SKEW.total_seconds()
+
+
+#: Serials ready for :meth:`RevokedSet.add_encoded`: (key, expiry code, lower-case hex).
+EncodedSerials = list[tuple[bytes | None, int, str]]
+
+
+def encode_serials(
+    not_after: Iterable[tuple[str, dt.datetime]], seq: int, now: float | None = None
+) -> tuple[EncodedSerials, bytes]:
+    """Serials with their not_after, encoded for :meth:`RevokedSet.add_encoded` (a worker
+    thread's job: the parsing :meth:`RevokedSet.add` does per serial on the loop), the
+    expired ones (not_after + clock skew passed) left out, and their journal line."""
+    limit = _limit(now)
+    entries: EncodedSerials = []
+    for serial, when in not_after:
+        stamp = when.timestamp()
+        if stamp < limit:
+            continue
+        hex_serial = serial.lower()
+        entries.append((serial_key(hex_serial), expiry_code(stamp), hex_serial))
+    line = event_line(seq, None, [(serial, code) for _, code, serial in entries])
+    return entries, line
 
 
 class RevokedSet:
@@ -158,6 +181,27 @@ class RevokedSet:
             self.last_seq = seq
         if written or not known_device:
             self._pending.append(event_line(seq, device_id, written))
+        return new
+
+    def add_encoded(self, entries: EncodedSerials, journal_line: bytes, seq: int) -> list[str]:
+        """:meth:`add` for serials encoded off the loop (:class:`EncodedSerials`, expired
+        ones already left out) with their journal line (:func:`event_line` of ``seq``, no
+        device): a snapshot's page; return the serials that were new."""
+        add = self.table.add_key
+        new = [serial for key, code, serial in entries if add(key, code, serial)]
+        if seq > self.last_seq:
+            self.last_seq = seq
+        if entries:
+            self._pending.append(journal_line)
+        return new
+
+    def add_devices(self, device_ids: Iterable[str], seq: int) -> list[str]:
+        """Decommissioned devices (a snapshot's, no serials); return those that were new."""
+        new = [device_id for device_id in device_ids if device_id not in self.device_ids]
+        self.device_ids.update(new)
+        if seq > self.last_seq:
+            self.last_seq = seq
+        self._pending.extend(device_line(seq, device_id) for device_id in new)
         return new
 
     def advance(self, position: int, epoch: int | None, checkpoint: Checkpoint | None) -> None:

@@ -158,12 +158,15 @@ class SerialTable:
 
     def add(self, serial_hex: str, not_after: float | None) -> bool:
         """Add a serial (or lengthen what is known of its expiry); True when it was new."""
-        key = serial_key(serial_hex)
+        return self.add_key(serial_key(serial_hex), expiry_code(not_after), serial_hex)
+
+    def add_key(self, key: bytes | None, code: int, serial_hex: str) -> bool:
+        """:meth:`add` with the serial's key (:func:`serial_key`, None: oversize) and
+        expiry code already made (off the loop: a snapshot's pages)."""
         if key is None:
             new = serial_hex not in self.oversize
             self.oversize.add(serial_hex)
             return new
-        code = expiry_code(not_after)
         known = self.recent.get(key)
         if known is not None:
             self.recent[key] = max(known, code)

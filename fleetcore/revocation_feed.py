@@ -130,6 +130,9 @@ class RevocationFeed(BaseModel):
 
 #: The ``reason`` of the events a follower applies from a snapshot.
 SNAPSHOT_REASON: Final = "snapshot of the compacted feed"
+#: Response header of a snapshot page that has more after it: its ``next_after``, so that a
+#: follower asks for the next page before it has parsed this one.
+SNAPSHOT_NEXT_HEADER: Final = "X-Certfleet-Next-After"
 
 
 class RevocationSnapshot(BaseModel):

@@ -159,6 +159,8 @@ def nats_client_context(url: str, ca: Path | None) -> ssl.SSLContext | None:
     context.check_hostname = True
     _load_trust(context, "NATS CA file", ca)
     return context
+
+
 class TrustFile:
     """Follows a server's CA file (``ca/trust.pem``, issue 26): when it changes (``certfleet
     ca rollover`` added an issuing CA) :meth:`check` adds its certificates to the live

@@ -142,9 +142,8 @@ def _registry_state(
 ) -> RegistryState:
     """The app's shared state: metrics, CRL cache, feed, planner statistics, verifier."""
     registry_metrics = RegistryMetrics()
-    registry_metrics.registry.register(
-        ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
-    )
+    expiry_gauges = ExpiryCollector(engine, utcnow, settings.registry_expiry_metrics_cache_s)
+    registry_metrics.registry.register(expiry_gauges)
     crashed = _crash_counter(registry_metrics)
     return RegistryState(
         settings=settings,
@@ -165,6 +164,7 @@ def _registry_state(
             on_crash=crashed,
         ),
         metrics=registry_metrics,
+        expiry_gauges=expiry_gauges,
         planner=PlannerStatistics(engine, on_crash=crashed),
         revoked_issuers=IssuerRevocations(engine),
         mark=FeedMark(settings.layout.root / MARK_FILE),
@@ -206,6 +206,8 @@ def _lifespan(state: RegistryState, supersede: SupersedeWorker) -> Lifespan:
             ingest = await _start_ingest(state, supersede, crashed)
             app.state.telemetry_ingest = ingest  # tests wait on its .subscribed
         supersede.start()
+        if state.expiry_gauges is not None:
+            state.expiry_gauges.warm()
         try:
             yield
         finally:

@@ -276,7 +276,14 @@ class ExpiryCollector(Collector):
     ) -> None:
         self._engine = engine
         self._clock = clock
-        self._counts = StaleWhileRevalidate(self._compute, max_age_s=cache_s, fresh_s=cache_s)
+        self._counts = StaleWhileRevalidate(
+            self._compute, max_age_s=cache_s, fresh_s=cache_s, name="expiry gauges"
+        )
+
+    def warm(self) -> None:
+        """Compute the gauges in the background now (the registry's start: the first
+        scrape then does not wait for the aggregate, about 2 s at 1,000,000 devices)."""
+        self._counts.warm()
 
     def _compute(self) -> ExpiryCounts:
         with Session(self._engine) as session:

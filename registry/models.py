@@ -101,7 +101,11 @@ class Device(SQLModel, table=True):
 
 class Certificate(SQLModel, table=True):
     __tablename__ = "certificate"
-    __table_args__ = (Index("ix_certificate_status_not_after", "status", "not_after"),)
+    __table_args__ = (
+        Index("ix_certificate_status_not_after", "status", "not_after"),
+        # the feed snapshot's pages: revoked serials in order, from the index alone
+        Index("ix_certificate_status_serial", "status", "serial", "not_after"),
+    )
 
     serial: str = Field(primary_key=True, max_length=48)
     device_id: str = Field(foreign_key="device.device_id", index=True, max_length=64)

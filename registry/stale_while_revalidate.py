@@ -37,12 +37,17 @@ class StaleWhileRevalidate(Generic[T]):
     """One value computed by ``compute``, at most ``max_age_s`` old when cheap (module doc)."""
 
     def __init__(
-        self, compute: Callable[[], T], max_age_s: float = 5.0, fresh_s: float = 0.0
+        self,
+        compute: Callable[[], T],
+        max_age_s: float = 5.0,
+        fresh_s: float = 0.0,
+        name: str = "fleet overview",
     ) -> None:
         """``max_age_s``: an expensive value older than this is recomputed in the
         background; ``fresh_s``: a value younger than this is answered whatever it cost
-        (several readers, one computation)."""
+        (several readers, one computation); ``name``: what the logs call it."""
         self._compute = compute
+        self._name = name
         self._max_age_s = max_age_s
         self._fresh_s = fresh_s
         self._lock = threading.Lock()
@@ -50,6 +55,18 @@ class StaleWhileRevalidate(Generic[T]):
         self._at = 0.0
         self._cost_s = 0.0
         self._refreshing = False
+        #: Set whenever no background computation is running (a reader with no value
+        #: waits for a running one instead of computing it twice).
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def warm(self) -> None:
+        """Compute the value in the background now (at start: the first reader of an
+        expensive value then gets it without computing it on its time)."""
+        with self._lock:
+            if self._value is not None or self._refreshing:
+                return
+            self._start_refresh()
 
     def get(self) -> T:
         """The value: computed now while that is cheap; once it is expensive, the last one
@@ -60,12 +77,21 @@ class StaleWhileRevalidate(Generic[T]):
                 return value
             if value is not None and self._cost_s >= CHEAP_S:
                 if not self._refreshing and age >= self._max_age_s:
-                    self._refreshing = True
-                    threading.Thread(
-                        target=self._refresh, name="certfleet-stale-refresh", daemon=True
-                    ).start()
+                    self._start_refresh()
                 return value
+            first_running = value is None and self._refreshing
+        if first_running:  # the warm-up is computing it: wait for it
+            self._idle.wait()
+            with self._lock:
+                if self._value is not None:
+                    return self._value
         return self._store(self._timed())
+
+    def _start_refresh(self) -> None:
+        """Under the lock: one background computation."""
+        self._refreshing = True
+        self._idle.clear()
+        threading.Thread(target=self._refresh, name="certfleet-stale-refresh", daemon=True).start()
 
     def invalidate(self) -> None:
         """The value changed: recompute it at the next reading (in the background when
@@ -89,7 +115,8 @@ class StaleWhileRevalidate(Generic[T]):
         try:
             self._store(self._timed())
         except Exception:  # the next request tries again; the stale value stays
-            log.exception("fleet overview not refreshed")
+            log.exception("stale value not refreshed what=%r", self._name)
         finally:
             with self._lock:
                 self._refreshing = False
+                self._idle.set()

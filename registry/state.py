@@ -13,7 +13,7 @@ from registry.crl import CrlCache
 from registry.feed import FeedAnswer, FeedKey, FeedNotifier, SharedReads
 from registry.feedmark import FeedMark
 from registry.issuer_revocations import IssuerRevocations
-from registry.metrics import RegistryMetrics
+from registry.metrics import ExpiryCollector, RegistryMetrics
 from registry.planner import PlannerStatistics
 from registry.settings import RegistrySettings
 from registry.stale_while_revalidate import StaleWhileRevalidate
@@ -34,6 +34,8 @@ class RegistryState:
     planner: PlannerStatistics
     #: Issuing CAs revoked by the root: their certificates are refused as client identities.
     revoked_issuers: IssuerRevocations
+    #: The expiry gauges of /metrics (computed at start, then stale while revalidated).
+    expiry_gauges: ExpiryCollector | None = None
     #: Threads of /healthz, apart from the worker threads: a burst that occupies every
     #: worker thread cannot make the health check wait.
     probe_threads: ThreadPoolExecutor = field(

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from fleetcore.clock import utcnow
@@ -384,20 +383,11 @@ def revocation_snapshot(
             ).all()
         )
     else:
-        # A page walks the primary key from ``after_serial``; expired ones are left out
-        # here. On SQLite the status test is an expression, so that its planner does not
-        # take the (status, not_after) index and sort every revoked certificate for each
-        # page; PostgreSQL's planner walks the key by itself, and with the expression it
-        # would scan and sort the table instead (450 ms a page at 1,000,000 devices, 18 ms
-        # without).
-        revoked: ColumnElement[bool] = (
-            col(Certificate.status).concat("") == "revoked"
-            if session.get_bind().dialect.name == "sqlite"
-            else col(Certificate.status) == "revoked"
-        )
+        # A page is a range of ix_certificate_status_serial (no table row read); expired
+        # ones are left out here.
         page = session.exec(
             select(Certificate.serial, Certificate.not_after)
-            .where(revoked, col(Certificate.serial) > after_serial)
+            .where(col(Certificate.status) == "revoked", col(Certificate.serial) > after_serial)
             .order_by(col(Certificate.serial))
             .limit(limit)
         ).all()

@@ -4,6 +4,7 @@ tail, and ends with exactly the live revoked set (a real registry and a real bro
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from sqlmodel import Session, col, select
 
 from broker import revocation
+from broker.revoked_set import RevokedSet
 from broker.server import BrokerApp, BrokerServer
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
@@ -143,9 +145,38 @@ def test_only_the_last_page_of_a_snapshot_reports_the_head_applied() -> None:
         issuers=[],
         next_after="0b",
     )
-    _, events = revocation._snapshot_events(page.model_dump_json().encode(), 40)
-    assert events and {event.seq for event in events} == {40}  # more pages follow
+    ready = revocation._snapshot_page(page.model_dump_json().encode(), 40)
+    # more pages follow: serials, devices and the callback's event all at the position
+    assert ready.seq == 40 and ready.event.seq == 40
+    device = ready.decommission("d-1")
+    assert (device.seq, device.kind, device.device_id) == (40, "decommission", "d-1")
+    assert [json.loads(line)["seq"] for _, line in ready.chunks] == [40]
     last = page.model_copy(update={"next_after": None})
-    _, events = revocation._snapshot_events(last.model_dump_json().encode(), 40)
-    assert {event.seq for event in events} == {900}
-    assert sorted(s for event in events for s in event.serials) == ["0a", "0b"]
+    ready = revocation._snapshot_page(last.model_dump_json().encode(), 40)
+    assert ready.seq == 900 and ready.decommission("d-1").seq == 900
+    assert sorted(serial for entries, _ in ready.chunks for _, _, serial in entries) == [
+        "0a",
+        "0b",
+    ]
+    assert [json.loads(line)["seq"] for _, line in ready.chunks] == [900]
+
+
+def test_a_snapshot_page_leaves_expired_serials_out_and_chunks_the_rest() -> None:
+    now = utcnow()
+    gone = now - CLOCK_SKEW - dt.timedelta(seconds=5)
+    not_after = {f"{n:04x}": now + dt.timedelta(days=1) for n in range(1, 1201)}
+    not_after["ffff"] = gone
+    page = RevocationSnapshot(
+        head_seq=5, epoch=1, floor=0, read_at=now, not_after=not_after, devices=[], issuers=[]
+    )
+    ready = revocation._snapshot_page(page.model_dump_json().encode(), 0)
+    sizes = [len(entries) for entries, _ in ready.chunks]
+    assert sizes == [revocation.SNAPSHOT_CHUNK, revocation.SNAPSHOT_CHUNK, 200]
+    revoked = RevokedSet(None)
+    for entries, line in ready.chunks:
+        revoked.add_encoded(entries, line, ready.seq)
+    assert revoked.serial_count == 1200 and not revoked.is_serial_revoked("ffff")
+    assert revoked.add_devices(["d-1", "d-2"], 5) == ["d-1", "d-2"]
+    assert revoked.add_devices(["d-2", "d-3"], 5) == ["d-3"]  # known ones: nothing again
+    assert revoked.is_device_decommissioned("d-3")
+    assert revoked.is_serial_revoked("04B0")  # 1200, any case

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.revocation_journal import Checkpoint
-from broker.revoked_set import RevokedSet
+from broker.revocation_journal import Checkpoint, device_line, event_line
+from broker.revoked_set import RevokedSet, encode_serials
 from fleetcore.profile import CLOCK_SKEW, serial_hex
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
@@ -59,6 +59,23 @@ def test_a_restart_replays_the_journal_to_the_same_set_and_position(tmp_path: Pa
     assert again.checkpoint == Checkpoint(last + 1, "decommission")
     assert all(again.is_serial_revoked(s) for s in serials[:50])
     assert not again.is_serial_revoked(serial_hex(12345))
+
+
+def test_a_snapshot_s_serials_and_devices_are_journaled_and_replayed(tmp_path: Path) -> None:
+    revoked = RevokedSet(tmp_path)
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(microsecond=0)
+    serials = _serials(300)
+    entries, line = encode_serials([(s.upper(), later) for s in serials], 77)
+    assert revoked.add_encoded(entries, line, 77) == serials  # lower-cased, all new
+    assert revoked.add_devices(['dev-"quoted"', "dev-é"], 77) == ['dev-"quoted"', "dev-é"]
+    revoked.save()
+    again = _reloaded(tmp_path)
+    assert again.hex_serials() == set(serials) and again.last_seq == 77
+    assert again.table.expiry_of(serials[0]) == int(later.timestamp())
+    assert all(again.is_device_decommissioned(d) for d in ('dev-"quoted"', "dev-é"))
+    # the device line is the bytes the general event line would be
+    assert device_line(77, "dev-é") == event_line(77, "dev-é", [])
+    assert device_line(None, "x") == event_line(None, "x", [])
 
 
 def test_compaction_writes_a_snapshot_and_drops_the_journal_it_holds(tmp_path: Path) -> None:

@@ -14,7 +14,12 @@ from sqlmodel import Session, col, select
 from factory.ca import IssuedCertificate
 from fleetcore.clock import utcnow
 from fleetcore.profile import IdentityKind
-from fleetcore.revocation_feed import FOLLOWER_KINDS, RevocationFeed, RevocationSnapshot
+from fleetcore.revocation_feed import (
+    FOLLOWER_KINDS,
+    SNAPSHOT_NEXT_HEADER,
+    RevocationFeed,
+    RevocationSnapshot,
+)
 from registry.models import Revocation
 from registry.server import RegistryServer
 from registry.store.revocations import compact_feed
@@ -102,11 +107,10 @@ def test_the_snapshot_in_pages_is_the_whole_snapshot(
     pages: list[RevocationSnapshot] = []
     params: dict[str, str | int] = {"limit": 2}
     while len(pages) < 20:
-        pages.append(
-            RevocationSnapshot.model_validate(
-                broker.get("/revocations/snapshot", params=params).json()
-            )
-        )
+        answer = broker.get("/revocations/snapshot", params=params)
+        pages.append(RevocationSnapshot.model_validate(answer.json()))
+        # the next page's start is also a header (asked for before this page is parsed)
+        assert answer.headers.get(SNAPSHOT_NEXT_HEADER) == pages[-1].next_after
         if pages[-1].next_after is None:
             break
         params["after_serial"] = pages[-1].next_after

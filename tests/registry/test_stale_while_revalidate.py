@@ -89,3 +89,29 @@ def test_an_expensive_invalidated_value_is_answered_stale_and_refreshed() -> Non
     cache.invalidate()
     assert cache.get() == 1  # the last value at once ...
     assert wait_for(lambda: cache.get() == 2, 5)  # ... and the new one soon after
+
+
+def test_warm_computes_in_the_background_and_a_reader_meanwhile_waits_for_it() -> None:
+    compute = Counter(0.3)
+    cache = StaleWhileRevalidate(compute, max_age_s=60)
+    started = time.monotonic()
+    cache.warm()
+    assert time.monotonic() - started < 0.1  # the caller (the registry's start) goes on
+    assert wait_for(lambda: compute.running == 1, 5)
+    cache.warm()  # already running: not a second computation
+    assert cache.get() == 1  # waits for the warm-up instead of computing again
+    assert compute.calls == 1 and compute.most_at_once == 1
+    cache.warm()  # a value is there: nothing to do
+    assert compute.calls == 1
+
+
+def test_a_failed_warm_up_leaves_the_first_reader_to_compute() -> None:
+    compute = Counter(0.1)
+    compute.fail = True
+    cache = StaleWhileRevalidate(compute, max_age_s=60)
+    cache.warm()
+    assert wait_for(lambda: compute.running == 1, 5)
+    assert wait_for(lambda: compute.running == 0, 5)  # the warm-up failed
+    compute.fail = False
+    assert cache.get() == 1  # computed by the reader
+    assert compute.calls == 1

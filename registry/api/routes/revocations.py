@@ -13,6 +13,7 @@ from fleetcore.revocation_feed import (
     FEED_BATCH_DEFAULT,
     FEED_BATCH_MAX,
     KINDS_PATTERN,
+    SNAPSHOT_NEXT_HEADER,
     RevocationFeed,
     RevocationSnapshot,
     parse_kinds,
@@ -105,10 +106,12 @@ async def revocations(
             state.metrics.feed_waiters.dec()
 
 
-def _snapshot(state: RegistryState, after_serial: str, limit: int | None) -> bytes:
+def _snapshot(
+    state: RegistryState, after_serial: str, limit: int | None
+) -> tuple[bytes, str | None]:
     with Session(state.engine) as session:
         snapshot = revocation_snapshot(session, after_serial=after_serial, limit=limit)
-        return snapshot.model_dump_json().encode()
+        return snapshot.model_dump_json().encode(), snapshot.next_after
 
 
 @router.get("/revocations/snapshot", response_model=RevocationSnapshot)
@@ -123,6 +126,9 @@ async def snapshot(
     all of it, then follows the feed from ``head_seq``. With ``limit``, one page: the
     serials above ``after_serial`` (lower-case hex), and ``next_after`` naming where the
     next page starts (devices and issuing CAs on the first page). Read and encoded in a
-    worker thread (it grows with the revoked set: about 70 bytes a live revoked serial)."""
-    body = await run_in_threadpool(_snapshot, state, after_serial, limit)
-    return Response(body, media_type="application/json")
+    worker thread (it grows with the revoked set: about 70 bytes a live revoked serial).
+    ``next_after`` is also the :data:`SNAPSHOT_NEXT_HEADER` header: a follower asks for the
+    next page while it parses this one."""
+    body, next_after = await run_in_threadpool(_snapshot, state, after_serial, limit)
+    headers = {} if next_after is None else {SNAPSHOT_NEXT_HEADER: next_after}
+    return Response(body, media_type="application/json", headers=headers)
