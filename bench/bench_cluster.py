@@ -11,6 +11,8 @@ Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`
   (bench/cpu_cgroups.py, root; skipped visibly otherwise), the clients and nats-server
   outside: one machine per node. JSON: ``shared_two_over_one``, ``shared_four_over_one``,
   ``shared_nolocal_two_over_one``, ``shared_nolocal_four_over_one``, ``lost``.
+  ``--clients c``: the members and publishers are Mosquitto's C clients (bench/c_clients.py)
+  for every shape, the single node included, so the ratios compare like with like.
 
 - ``fanin`` (``--node-cpu`` as above, the single node under the same quota): QoS 1 fan-in
   to one subscriber (bench_broker_throughput.py's roles), one node alone vs two cluster
@@ -27,8 +29,9 @@ Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`
   acknowledged around the kill that never reached it.
 - ``memory``: RSS per idle device connection of one cluster node.
 
-The fan-in's clients are bench_broker_throughput.py's (asyncio, one process per role), or
-with ``--load mosquitto-clients`` Mosquitto's own C clients (bench/c_clients.py). The kill
+The fan-in's and shared mode's clients are bench_broker_throughput.py's (asyncio, one
+process per role), or with ``--clients c`` Mosquitto's own C clients (bench/c_clients.py;
+``--load mosquitto-clients`` is the old spelling of it). The kill
 mode's devices reconnect concurrently (at most 100 handshakes at a time), as a fleet does.
 
 The machine's nats-server (Debian's) is started on an ephemeral port with JetStream in a
@@ -135,8 +138,8 @@ def fan_in(
     persistent: bool = False,
 ) -> dict[str, Any]:
     """Run tput's subscriber on ``sub_port`` and publishers split over ``pub_ports``
-    (``--load mosquitto-clients``: Mosquitto's C clients instead, bench/c_clients.py)."""
-    if args.load == "mosquitto-clients":
+    (``--clients c``: Mosquitto's C clients instead, bench/c_clients.py)."""
+    if args.clients == "c":
         result = c_clients.fan_in(
             layout, sub_port, pub_ports, args.publishers, args.messages, persistent=persistent
         )
@@ -386,11 +389,31 @@ def mode_memory(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
 SHARE_FILTER = "$share/bench/devices/+/telemetry"
 
 
+def publisher_ports(ports: list[int], publishers: int) -> list[int]:
+    """Each device's node: an equal block of devices per node, the rest on the last."""
+    share = max(publishers // len(ports), 1)
+    return [ports[min(index // share, len(ports) - 1)] for index in range(publishers)]
+
+
 def shared_fan_in(
-    layout: lib.DataLayout, ports: list[int], args: argparse.Namespace
+    layout: lib.DataLayout, nodes: list[lib.BrokerProcess], args: argparse.Namespace
 ) -> dict[str, Any]:
     """One shared-group member per node (service ``bench``, instances ``bench/<n>``) and the
-    publishers spread over every node; delivered msg/s over all members together."""
+    publishers spread over every node; delivered msg/s over all members together.
+    ``--clients c``: Mosquitto's C clients (bench/c_clients.py)."""
+    ports = [n.port for n in nodes]
+    if args.clients == "c":
+        urls = [n.metrics_url for n in nodes]
+        assert all(urls), "the nodes serve no metrics"
+        return c_clients.shared_fan_in(
+            layout,
+            ports,
+            [url for url in urls if url],
+            publisher_ports(ports, args.publishers),
+            args.messages,
+            share_filter=SHARE_FILTER,
+            window=args.window,
+        )
     expected = args.publishers * args.messages
     script = tput.__file__
     subs = []
@@ -453,8 +476,7 @@ def _shared_run(
             else []
         )
         try:
-            ports = [n.port for n in nodes]
-            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, nodes, args))
             # How often each node used up its quota: the machine gave it what it may use.
             result["throttled_fraction"] = [g.throttled_fraction() for g in _GROUPS]
             return result
@@ -479,6 +501,7 @@ def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
     """Shared-group throughput with 1, 2 and 4 nodes, with and without local preference,
     each node in its own CPU cgroup of ``--node-cpu``; medians of ``--repeat`` runs."""
     out: dict[str, Any] = {"node_cpu": args.node_cpu, "repeat": args.repeat}
+    out["clients"] = args.clients
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeat):  # round robin, so outside load hits every shape alike
         for prefer in (True, False):
@@ -537,12 +560,15 @@ def main() -> None:
     )
     parser.add_argument("--profile", help="shared: py-spy raw profile of each node to PREFIX-*")
     parser.add_argument(
+        "--clients",
         "--load",
-        choices=["python", "mosquitto-clients"],
+        choices=["python", "c", "mosquitto-clients"],
         default="python",
-        help="fan-in clients: ours (asyncio, one process per role) or mosquitto_pub/_sub",
+        help="fanin, durable, shared: ours (asyncio, one process per role) or Mosquitto's C"
+        " clients (c; mosquitto-clients is its old name)",
     )
     args = parser.parse_args()
+    args.clients = "c" if args.clients == "mosquitto-clients" else args.clients
     if args.node_cpu is not None and (why := cpu_cgroups.available()) is not None:
         print(json.dumps({"skipped": f"--node-cpu needs CPU cgroups: {why}"}), flush=True)
         return
