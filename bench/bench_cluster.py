@@ -129,6 +129,31 @@ def start_shared_port_nodes(
     return nodes
 
 
+def publisher_blocks(nodes: int, publishers: int) -> list[range]:
+    """The devices publishing to each node: an equal block per node, the rest on the last."""
+    share = publishers // nodes
+    return [
+        range(share * i, share * (i + 1) if i < nodes - 1 else publishers) for i in range(nodes)
+    ]
+
+
+def python_publishers(
+    layout: lib.DataLayout, ports: list[int], args: argparse.Namespace
+) -> list[subprocess.Popen[str]]:
+    """tput's publisher role, one process per node, its devices as publisher_blocks says."""
+    pubs = []
+    for port, block in zip(ports, publisher_blocks(len(ports), args.publishers), strict=True):
+        argv = [
+            sys.executable, tput.__file__, "--role", "pub", "--data-dir", str(layout.root),
+            "--port", str(port), "--first", str(block.start), "--publishers", str(len(block)),
+            "--messages", str(args.messages), "--window", str(args.window),
+        ]  # fmt: skip
+        pubs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile)
+        )
+    return pubs
+
+
 def fan_in(
     layout: lib.DataLayout,
     sub_port: int,
@@ -155,35 +180,7 @@ def fan_in(
     )
     assert sub.stdout is not None
     json.loads(sub.stdout.readline())  # subscribed
-    share = args.publishers // len(pub_ports)
-    pubs = []
-    for index, port in enumerate(pub_ports):
-        count = share if index < len(pub_ports) - 1 else args.publishers - share * index
-        pubs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    script,
-                    "--role",
-                    "pub",
-                    "--data-dir",
-                    str(layout.root),
-                    "--port",
-                    str(port),
-                    "--first",
-                    str(share * index),
-                    "--publishers",
-                    str(count),
-                    "--messages",
-                    str(args.messages),
-                    "--window",
-                    str(args.window),
-                ],  # fmt: skip
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=lib.raise_nofile,
-            )
-        )
+    pubs = python_publishers(layout, pub_ports, args)
     acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
     result = json.loads(sub.stdout.readline())
     for process in (*pubs, sub):
@@ -389,12 +386,6 @@ def mode_memory(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
 SHARE_FILTER = "$share/bench/devices/+/telemetry"
 
 
-def publisher_ports(ports: list[int], publishers: int) -> list[int]:
-    """Each device's node: an equal block of devices per node, the rest on the last."""
-    share = max(publishers // len(ports), 1)
-    return [ports[min(index // share, len(ports) - 1)] for index in range(publishers)]
-
-
 def shared_fan_in(
     layout: lib.DataLayout, nodes: list[lib.BrokerProcess], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -405,11 +396,12 @@ def shared_fan_in(
     if args.clients == "c":
         urls = [n.metrics_url for n in nodes]
         assert all(urls), "the nodes serve no metrics"
+        blocks = publisher_blocks(len(ports), args.publishers)
         return c_clients.shared_fan_in(
             layout,
             ports,
             [url for url in urls if url],
-            publisher_ports(ports, args.publishers),
+            [port for port, block in zip(ports, blocks, strict=True) for _ in block],
             args.messages,
             share_filter=SHARE_FILTER,
             window=args.window,
@@ -428,18 +420,7 @@ def shared_fan_in(
         assert sub.stdout is not None
         assert json.loads(sub.stdout.readline())["subscribed"] == 1, "shared SUBACK refused"
     time.sleep(1.0)  # every node learns the others' groups (KV watch)
-    share = args.publishers // len(ports)
-    pubs = []
-    for index, port in enumerate(ports):
-        count = share if index < len(ports) - 1 else args.publishers - share * index
-        argv = [
-            sys.executable, script, "--role", "pub", "--data-dir", str(layout.root),
-            "--port", str(port), "--first", str(share * index), "--publishers", str(count),
-            "--messages", str(args.messages), "--window", str(args.window),
-        ]  # fmt: skip
-        pubs.append(
-            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile)
-        )
+    pubs = python_publishers(layout, ports, args)
     acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
     results = [json.loads(s.stdout.readline()) for s in subs]  # type: ignore[union-attr]
     for process in (*pubs, *subs):
