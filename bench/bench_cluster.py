@@ -11,6 +11,8 @@ Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`
   (bench/cpu_cgroups.py, root; skipped visibly otherwise), the clients and nats-server
   outside: one machine per node. JSON: ``shared_two_over_one``, ``shared_four_over_one``,
   ``shared_nolocal_two_over_one``, ``shared_nolocal_four_over_one``, ``lost``.
+  ``--clients c``: the members and publishers are Mosquitto's C clients (bench/c_clients.py)
+  for every shape, the single node included, so the ratios compare like with like.
 
 - ``fanin`` (``--node-cpu`` as above, the single node under the same quota): QoS 1 fan-in
   to one subscriber (bench_broker_throughput.py's roles), one node alone vs two cluster
@@ -27,8 +29,9 @@ Modes (``--mode shared|fanin|durable|kill|memory|all``; ``all`` leaves ``shared`
   acknowledged around the kill that never reached it.
 - ``memory``: RSS per idle device connection of one cluster node.
 
-The fan-in's clients are bench_broker_throughput.py's (asyncio, one process per role), or
-with ``--load mosquitto-clients`` Mosquitto's own C clients (bench/c_clients.py). The kill
+The fan-in's and shared mode's clients are bench_broker_throughput.py's (asyncio, one
+process per role), or with ``--clients c`` Mosquitto's own C clients (bench/c_clients.py;
+``--load mosquitto-clients`` is the old spelling of it). The kill
 mode's devices reconnect concurrently (at most 100 handshakes at a time), as a fleet does.
 
 The machine's nats-server (Debian's) is started on an ephemeral port with JetStream in a
@@ -126,6 +129,31 @@ def start_shared_port_nodes(
     return nodes
 
 
+def publisher_blocks(nodes: int, publishers: int) -> list[range]:
+    """The devices publishing to each node: an equal block per node, the rest on the last."""
+    share = publishers // nodes
+    return [
+        range(share * i, share * (i + 1) if i < nodes - 1 else publishers) for i in range(nodes)
+    ]
+
+
+def python_publishers(
+    layout: lib.DataLayout, ports: list[int], args: argparse.Namespace
+) -> list[subprocess.Popen[str]]:
+    """tput's publisher role, one process per node, its devices as publisher_blocks says."""
+    pubs = []
+    for port, block in zip(ports, publisher_blocks(len(ports), args.publishers), strict=True):
+        argv = [
+            sys.executable, tput.__file__, "--role", "pub", "--data-dir", str(layout.root),
+            "--port", str(port), "--first", str(block.start), "--publishers", str(len(block)),
+            "--messages", str(args.messages), "--window", str(args.window),
+        ]  # fmt: skip
+        pubs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile)
+        )
+    return pubs
+
+
 def fan_in(
     layout: lib.DataLayout,
     sub_port: int,
@@ -135,8 +163,8 @@ def fan_in(
     persistent: bool = False,
 ) -> dict[str, Any]:
     """Run tput's subscriber on ``sub_port`` and publishers split over ``pub_ports``
-    (``--load mosquitto-clients``: Mosquitto's C clients instead, bench/c_clients.py)."""
-    if args.load == "mosquitto-clients":
+    (``--clients c``: Mosquitto's C clients instead, bench/c_clients.py)."""
+    if args.clients == "c":
         result = c_clients.fan_in(
             layout, sub_port, pub_ports, args.publishers, args.messages, persistent=persistent
         )
@@ -152,35 +180,7 @@ def fan_in(
     )
     assert sub.stdout is not None
     json.loads(sub.stdout.readline())  # subscribed
-    share = args.publishers // len(pub_ports)
-    pubs = []
-    for index, port in enumerate(pub_ports):
-        count = share if index < len(pub_ports) - 1 else args.publishers - share * index
-        pubs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    script,
-                    "--role",
-                    "pub",
-                    "--data-dir",
-                    str(layout.root),
-                    "--port",
-                    str(port),
-                    "--first",
-                    str(share * index),
-                    "--publishers",
-                    str(count),
-                    "--messages",
-                    str(args.messages),
-                    "--window",
-                    str(args.window),
-                ],  # fmt: skip
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=lib.raise_nofile,
-            )
-        )
+    pubs = python_publishers(layout, pub_ports, args)
     acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
     result = json.loads(sub.stdout.readline())
     for process in (*pubs, sub):
@@ -387,10 +387,25 @@ SHARE_FILTER = "$share/bench/devices/+/telemetry"
 
 
 def shared_fan_in(
-    layout: lib.DataLayout, ports: list[int], args: argparse.Namespace
+    layout: lib.DataLayout, nodes: list[lib.BrokerProcess], args: argparse.Namespace
 ) -> dict[str, Any]:
     """One shared-group member per node (service ``bench``, instances ``bench/<n>``) and the
-    publishers spread over every node; delivered msg/s over all members together."""
+    publishers spread over every node; delivered msg/s over all members together.
+    ``--clients c``: Mosquitto's C clients (bench/c_clients.py)."""
+    ports = [n.port for n in nodes]
+    if args.clients == "c":
+        urls = [n.metrics_url for n in nodes]
+        assert all(urls), "the nodes serve no metrics"
+        blocks = publisher_blocks(len(ports), args.publishers)
+        return c_clients.shared_fan_in(
+            layout,
+            ports,
+            [url for url in urls if url],
+            [port for port, block in zip(ports, blocks, strict=True) for _ in block],
+            args.messages,
+            share_filter=SHARE_FILTER,
+            window=args.window,
+        )
     expected = args.publishers * args.messages
     script = tput.__file__
     subs = []
@@ -405,18 +420,7 @@ def shared_fan_in(
         assert sub.stdout is not None
         assert json.loads(sub.stdout.readline())["subscribed"] == 1, "shared SUBACK refused"
     time.sleep(1.0)  # every node learns the others' groups (KV watch)
-    share = args.publishers // len(ports)
-    pubs = []
-    for index, port in enumerate(ports):
-        count = share if index < len(ports) - 1 else args.publishers - share * index
-        argv = [
-            sys.executable, script, "--role", "pub", "--data-dir", str(layout.root),
-            "--port", str(port), "--first", str(share * index), "--publishers", str(count),
-            "--messages", str(args.messages), "--window", str(args.window),
-        ]  # fmt: skip
-        pubs.append(
-            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=lib.raise_nofile)
-        )
+    pubs = python_publishers(layout, ports, args)
     acked = sum(json.loads(p.stdout.readline())["acked"] for p in pubs)  # type: ignore[union-attr]
     results = [json.loads(s.stdout.readline()) for s in subs]  # type: ignore[union-attr]
     for process in (*pubs, *subs):
@@ -453,8 +457,7 @@ def _shared_run(
             else []
         )
         try:
-            ports = [n.port for n in nodes]
-            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, ports, args))
+            result = measured(nodes, [nats.process.pid], lambda: shared_fan_in(layout, nodes, args))
             # How often each node used up its quota: the machine gave it what it may use.
             result["throttled_fraction"] = [g.throttled_fraction() for g in _GROUPS]
             return result
@@ -479,6 +482,7 @@ def mode_shared(layout: lib.DataLayout, root: Path, args: argparse.Namespace) ->
     """Shared-group throughput with 1, 2 and 4 nodes, with and without local preference,
     each node in its own CPU cgroup of ``--node-cpu``; medians of ``--repeat`` runs."""
     out: dict[str, Any] = {"node_cpu": args.node_cpu, "repeat": args.repeat}
+    out["clients"] = args.clients
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeat):  # round robin, so outside load hits every shape alike
         for prefer in (True, False):
@@ -537,12 +541,15 @@ def main() -> None:
     )
     parser.add_argument("--profile", help="shared: py-spy raw profile of each node to PREFIX-*")
     parser.add_argument(
+        "--clients",
         "--load",
-        choices=["python", "mosquitto-clients"],
+        choices=["python", "c", "mosquitto-clients"],
         default="python",
-        help="fan-in clients: ours (asyncio, one process per role) or mosquitto_pub/_sub",
+        help="fanin, durable, shared: ours (asyncio, one process per role) or Mosquitto's C"
+        " clients (c; mosquitto-clients is its old name)",
     )
     args = parser.parse_args()
+    args.clients = "c" if args.clients == "mosquitto-clients" else args.clients
     if args.node_cpu is not None and (why := cpu_cgroups.available()) is not None:
         print(json.dumps({"skipped": f"--node-cpu needs CPU cgroups: {why}"}), flush=True)
         return

@@ -13,8 +13,9 @@ the replicas are the limit. Device publishers are bench_broker_throughput.py's (
 
 Reported per shape (medians of ``--repeat`` runs, one and two replicas alternating):
 readings accepted per second over all replicas (first to last accepted), each replica's
-share, lost (acknowledged to the publishers minus accepted), duplicates (accepted more than
-once across replicas: each replica counts what it accepted); ``ingest_two_over_one``.
+share, the replicas' CPU per reading, lost (acknowledged to the publishers minus accepted),
+duplicates (accepted more than once across replicas: each replica counts what it
+accepted); ``ingest_two_over_one``.
 The devices are not registered: the batched UPDATE runs, and matches no row.
 """
 
@@ -55,6 +56,7 @@ def _replica(data_dir: Path, port: int, name: str, idle_s: float) -> None:
     if not ingest.subscribed.wait(30):
         raise SystemExit(f"replica {name}: not subscribed")
     print(json.dumps({"subscribed": name}), flush=True)
+    cpu_start = time.process_time()  # every thread of this replica
     counters = ingest.counters
     seen, first, last = 0, None, time.time()
     started = time.monotonic()
@@ -71,7 +73,9 @@ def _replica(data_dir: Path, port: int, name: str, idle_s: float) -> None:
         elif now - last > idle_s:
             break
     ingest.stop_sync()
+    cpu_s = time.process_time() - cpu_start
     result = {
+        "cpu_s": round(cpu_s, 3),
         "replica": name,
         "received": counters.received,
         "accepted": counters.accepted,
@@ -136,6 +140,10 @@ def _run(layout: lib.DataLayout, args: argparse.Namespace, replicas: int) -> dic
         "rejected": sum(int(r["rejected"]) for r in results),
         "flush_errors": sum(int(r["flush_errors"]) for r in results),
         "readings_per_s": round(accepted / span, 0) if span else None,
+        # Each replica's CPU from its SUBACK to its exit (its idle polling included).
+        "replica_cpu_us_per_reading": round(
+            sum(float(r["cpu_s"]) for r in results) / max(accepted, 1) * 1e6, 1
+        ),
     }
 
 
