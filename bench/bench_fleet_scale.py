@@ -10,9 +10,9 @@ the ones that connect to the broker), then measures:
 
 In this process, through the registry's own code:
 
-- ``crl_full_sign_s``: signing the base CRL (every revoked certificate still valid) with
-  ``factory.crl.build_crl``, DER included (``crl_full_read_s`` reading its entries,
-  ``crl_bytes`` its size; ``crl_full_sign_before_s`` the same entries signed the way
+- ``crl_full_sign_s``: signing the base CRL (every revoked certificate still valid) to the
+  DER the registry serves, with ``factory.crl.build_crl_der`` (``crl_full_read_s`` reading
+  its entries, ``crl_bytes`` its size; ``crl_full_sign_before_s`` the same entries signed the way
   ``build_crl`` did before issue 23, only up to 70,000 entries);
 - ``crl_delta_sign_ms``: CPU of one decommission's delta CRL (read, number, sign), median
   of ``--changes`` decommissions (``crl_delta_sign_max_ms`` the largest);
@@ -160,8 +160,7 @@ def measure_crl(ca: CertificateAuthority, engine: Any, active: list[str]) -> dic
         contents = certificates.crl_contents(session, utcnow())
     result["crl_full_read_s"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
-    base = ca.build_crl(contents.entries, crl_number=contents.crl_number)
-    der = base.public_bytes(serialization.Encoding.DER)
+    _, der = ca.build_crl_der(contents.entries, crl_number=contents.crl_number)
     result["crl_full_sign_s"] = round(time.perf_counter() - started, 3)
     result["crl_bytes"] = len(der)
     if len(contents.entries) <= BEFORE_MAX_ENTRIES:
@@ -173,9 +172,7 @@ def measure_crl(ca: CertificateAuthority, engine: Any, active: list[str]) -> dic
         started = time.process_time()
         with Session(engine) as session:
             delta = certificates.delta_contents(session, utcnow(), contents.head_seq)
-        ca.build_crl(
-            delta.entries, crl_number=delta.crl_number, delta_of=contents.crl_number
-        ).public_bytes(serialization.Encoding.DER)
+        ca.build_crl_der(delta.entries, crl_number=delta.crl_number, delta_of=contents.crl_number)
         cpu_ms.append((time.process_time() - started) * 1000)
     result["crl_delta_sign_ms"] = round(statistics.median(cpu_ms), 2)
     result["crl_delta_sign_max_ms"] = round(max(cpu_ms), 2)
@@ -300,6 +297,26 @@ def broker_metrics(url: str) -> dict[str, float]:
     return values
 
 
+def loop_lag_counts(url: str) -> dict[float, float]:
+    """The broker's ``certfleet_broker_loop_lag_seconds`` buckets: upper bound -> count."""
+    counts = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith("certfleet_broker_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[float(bound)] = float(line.rpartition(" ")[2])
+    return counts
+
+
+def loop_lag_bound_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The smallest bucket bound (ms) holding every lag observed between two readings: the
+    broker's own longest stall, at the histogram's resolution (None: no observation)."""
+    new = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    total = new.get(float("inf"), 0.0)
+    if not total:
+        return None
+    return min(bound for bound, n in new.items() if n >= total) * 1000
+
+
 def start_broker(
     layout: DataLayout,
     registry_url: str,
@@ -336,6 +353,9 @@ def start_broker(
             raise RuntimeError(f"broker never caught up: {values}")
         time.sleep(0.02)
     seconds = time.perf_counter() - started
+    lag = loop_lag_bound_ms({}, loop_lag_counts(broker.metrics_url))
+    if lag is not None:  # (a broker of older code has no such metric)
+        values["loop_lag_ms"] = lag
     stall = None
     if stall_probe is not None:
         stall = stall_probe.longest(t0, time.time())
@@ -618,6 +638,7 @@ def broker_phases(
         broker.stop()
         result["broker_start_registry_up_s"] = round(seconds, 2)
         result["replay_stall_ms"] = stall
+        result["replay_loop_lag_ms"] = values.get("loop_lag_ms")
         serials = int(values["certfleet_broker_revoked_serials"])
         result["broker_revoked_serials"] = serials
     if code == lib.REPO:
@@ -659,11 +680,15 @@ def broker_phases(
             storm = names[args.drops :]
             note(f"{code}: storm")
             t0 = time.time()
+            lag_before = loop_lag_counts(broker.metrics_url)
             latencies, statuses = decommission_concurrently(registry_url, layout, storm, 20)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not set(storm) <= watcher.closed_names():
                 time.sleep(0.05)
             result["storm_stall_ms"] = probe.longest(t0, time.time())
+            result["storm_loop_lag_ms"] = loop_lag_bound_ms(
+                lag_before, loop_lag_counts(broker.metrics_url)
+            )
             result["storm_dropped"] = len(set(storm) & watcher.closed_names())
             result["storm_statuses"] = dict(statuses)
             result["storm_decommission_p99_ms"] = p99_ms(latencies)

@@ -21,6 +21,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from broker.loop_lag import LAG_BUCKETS
+
 __all__ = ["BrokerMetrics", "HealthCheck"]
 
 #: Returns the broker's current problems, one short sentence each; empty = healthy.
@@ -105,6 +107,12 @@ class BrokerMetrics:
         self.feed_last_success = Gauge(
             "certfleet_broker_revocation_feed_last_success_timestamp_seconds",
             "When the registry's revocation feed last answered (0: never, or no feed)",
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "certfleet_broker_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms (broker.loop_lag)",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.revoked_persisted = Gauge(

@@ -230,10 +230,11 @@ class RevokedSet:
 
     # -- disk: append -----------------------------------------------------------------------
 
-    def save(self, durable: bool = False) -> bool:
+    def save(self, durable: bool = False, compact: bool = True) -> bool:
         """Append the pending lines with one write (``durable``: and fsync). False (logged,
         counted, retried as a snapshot by :meth:`keep_persisted`) when the disk refuses.
-        Never raises: enforcement goes on."""
+        Never raises: enforcement goes on. ``compact=False``: do not start a compaction yet
+        (a snapshot's pages: the last page's save does)."""
         pending, self._pending = b"".join(self._pending), []
         if self.files is None or not pending:
             return not self.dirty
@@ -254,7 +255,7 @@ class RevokedSet:
             return False
         self._journal_bytes += len(pending)
         self._unsynced = not durable
-        if self._journal_outgrown() or self._recent_outgrown():
+        if compact and (self._journal_outgrown() or self._recent_outgrown()):
             self._wake.set()
         self._on_write(True)
         return True

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from factory.crl import RevokedEntry, build_crl
+from factory.crl import RevokedEntry, build_crl, build_crl_der
 from factory.errors import CAError
 from factory.issuers import (
     Issuer,
@@ -588,6 +588,26 @@ class CertificateAuthority:
         """A CRL signed by the issuing CA listing ``revoked``; with ``delta_of`` (the base's
         CRL number) a delta CRL (:func:`factory.crl.build_crl`)."""
         return build_crl(
+            self.issuing_cert,
+            self.issuing_key,
+            revoked,
+            next_update=next_update,
+            crl_number=crl_number,
+            publish_url=self.publish_url,
+            delta_of=delta_of,
+        )
+
+    def build_crl_der(
+        self,
+        revoked: Sequence[RevokedEntry],
+        *,
+        next_update: dt.timedelta = dt.timedelta(hours=24),
+        crl_number: int = 1,
+        delta_of: int | None = None,
+    ) -> tuple[x509.CertificateRevocationList, bytes]:
+        """:meth:`build_crl` and the CRL's DER (:func:`factory.crl.build_crl_der`: a large
+        CRL's bytes are kept, not encoded again)."""
+        return build_crl_der(
             self.issuing_cert,
             self.issuing_key,
             revoked,

@@ -13,6 +13,7 @@ Both share one CRLNumber sequence (the caller's), so a delta's number is above i
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from factory.crl_der import entries_der, splice_and_sign
 from fleetcore.clock import naive_utc, utcnow
 from fleetcore.profile import PrivateKey
 from fleetcore.publication import freshest_crl, issuing_distribution_point
 
-__all__ = ["RevokedEntry", "build_crl"]
+__all__ = ["RevokedEntry", "build_crl", "build_crl_der", "crl_pem"]
 
 #: From this many entries on, the entries are encoded to DER here (:mod:`factory.crl_der`:
 #: a third of the time at 530,000 entries); below, the library makes them one by one.
@@ -55,7 +57,37 @@ def build_crl(
     publish_url: str | None = None,
     delta_of: int | None = None,
 ) -> x509.CertificateRevocationList:
-    """A CRL listing ``revoked``, signed by ``issuing_key``.
+    """:func:`build_crl_der`'s CRL."""
+    crl, _ = build_crl_der(
+        issuing_cert,
+        issuing_key,
+        revoked,
+        next_update=next_update,
+        crl_number=crl_number,
+        publish_url=publish_url,
+        delta_of=delta_of,
+    )
+    return crl
+
+
+def crl_pem(der: bytes) -> bytes:
+    """A CRL's DER as PEM (RFC 7468 ``X509 CRL``), as ``public_bytes(PEM)`` writes it."""
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return b"-----BEGIN X509 CRL-----\n" + b"\n".join(lines) + b"\n-----END X509 CRL-----\n"
+
+
+def build_crl_der(
+    issuing_cert: x509.Certificate,
+    issuing_key: PrivateKey,
+    revoked: Sequence[RevokedEntry],
+    *,
+    next_update: dt.timedelta,
+    crl_number: int,
+    publish_url: str | None = None,
+    delta_of: int | None = None,
+) -> tuple[x509.CertificateRevocationList, bytes]:
+    """A CRL listing ``revoked``, signed by ``issuing_key``, and its DER.
 
     With ``delta_of`` (the base CRL's number) a delta CRL: the critical Delta CRL Indicator,
     no Freshest CRL. Without it a base CRL, whose Freshest CRL names the delta's URL when the
@@ -87,7 +119,7 @@ def build_crl(
     algorithm = None if isinstance(issuing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     crl = builder.sign(issuing_key, algorithm)
     if not large:
-        return crl
+        return crl, crl.public_bytes(Encoding.DER)
     entries = entries_der((e.serial, e.revoked_at, e.reason) for e in revoked)
     return splice_and_sign(crl, entries, issuing_key)
 

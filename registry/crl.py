@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from factory.ca import CertificateAuthority
+from factory.crl import crl_pem
 from fleetcore.clock import utcnow
 from registry.errors import UnavailableError
 from registry.store import certificates, revocations
@@ -294,13 +294,12 @@ class CrlCache:
         delta_of: int | None,
     ) -> SignedCrl:
         started = time.process_time()
-        crl = self._ca.build_crl(
+        crl, der = self._ca.build_crl_der(
             contents.entries,
             next_update=next_update,
             crl_number=contents.crl_number,
             delta_of=delta_of,
         )
-        der = crl.public_bytes(serialization.Encoding.DER)
         log.info(
             "crl signed kind=%s crl_number=%d base=%s head_seq=%d entries=%d cpu_ms=%.1f "
             "next_update=%s",
@@ -313,7 +312,7 @@ class CrlCache:
             crl.next_update_utc.isoformat() if crl.next_update_utc else "none",
         )
         return SignedCrl(
-            pem=crl.public_bytes(serialization.Encoding.PEM),
+            pem=crl_pem(der),
             der=der,
             crl_number=contents.crl_number,
             head_seq=contents.head_seq,

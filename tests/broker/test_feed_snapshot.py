@@ -150,15 +150,15 @@ def test_only_the_last_page_of_a_snapshot_reports_the_head_applied() -> None:
     assert ready.seq == 40 and ready.event.seq == 40
     device = ready.decommission("d-1")
     assert (device.seq, device.kind, device.device_id) == (40, "decommission", "d-1")
-    assert [json.loads(line)["seq"] for _, line in ready.chunks] == [40]
+    assert [json.loads(line)["seq"] for _, line in ready.encoded()] == [40]
     last = page.model_copy(update={"next_after": None})
     ready = revocation._snapshot_page(last.model_dump_json().encode(), 40)
     assert ready.seq == 900 and ready.decommission("d-1").seq == 900
-    assert sorted(serial for entries, _ in ready.chunks for _, _, serial in entries) == [
+    assert sorted(serial for entries, _ in ready.encoded() for _, _, serial in entries) == [
         "0a",
         "0b",
     ]
-    assert [json.loads(line)["seq"] for _, line in ready.chunks] == [900]
+    assert [json.loads(line)["seq"] for _, line in ready.encoded()] == [900]
 
 
 def test_a_snapshot_page_leaves_expired_serials_out_and_chunks_the_rest() -> None:
@@ -170,10 +170,10 @@ def test_a_snapshot_page_leaves_expired_serials_out_and_chunks_the_rest() -> Non
         head_seq=5, epoch=1, floor=0, read_at=now, not_after=not_after, devices=[], issuers=[]
     )
     ready = revocation._snapshot_page(page.model_dump_json().encode(), 0)
-    sizes = [len(entries) for entries, _ in ready.chunks]
+    sizes = [len(entries) for entries, _ in ready.encoded()]
     assert sizes == [revocation.SNAPSHOT_CHUNK, revocation.SNAPSHOT_CHUNK, 200]
     revoked = RevokedSet(None)
-    for entries, line in ready.chunks:
+    for entries, line in ready.encoded():
         revoked.add_encoded(entries, line, ready.seq)
     assert revoked.serial_count == 1200 and not revoked.is_serial_revoked("ffff")
     assert revoked.add_devices(["d-1", "d-2"], 5) == ["d-1", "d-2"]

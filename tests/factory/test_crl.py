@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from factory.ca import CertificateAuthority, RevokedEntry
-from factory.crl import SPLICE_FROM, _revoked_certificates
+from factory.crl import SPLICE_FROM, _revoked_certificates, crl_pem
 from factory.crl_der import REASON_CODES, entries_der, splice_and_sign
 from fleetcore.clock import utcnow
 from fleetcore.layout import DataLayout
@@ -97,7 +97,11 @@ def _both_ways(
         ).sign(key, hashes.SHA256())
 
     der = entries_der((e.serial, e.revoked_at, e.reason) for e in entries)
-    return signed(_revoked_certificates(entries)), splice_and_sign(signed([]), der, key)
+    spliced, spliced_der = splice_and_sign(signed([]), der, key)
+    # the DER kept is the CRL's own encoding, and its PEM is the library's
+    assert spliced_der == spliced.public_bytes(Encoding.DER)
+    assert crl_pem(spliced_der) == spliced.public_bytes(Encoding.PEM)
+    return signed(_revoked_certificates(entries)), spliced
 
 
 def test_entries_encoded_here_are_the_bytes_the_library_encodes(pki: TestPKI) -> None:
