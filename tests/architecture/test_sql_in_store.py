@@ -49,6 +49,11 @@ ALLOWED = {
     # Planner statistics: ANALYZE on the engine, maintenance rather than a query of the data.
     "registry/planner.py",
 }
+#: Single names allowed in one module, each for a reason.
+ALLOWED_NAMES = {
+    # A partial index's condition is part of the table's definition (migration 0011).
+    ("registry/models.py", "text"),
+}
 ALLOWED_FOLDERS = (
     "registry/store/",
     "registry/migrations/",  # schema changes are SQL by nature
@@ -75,7 +80,11 @@ def _violations(files: list[Path]) -> list[str]:
         relative = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
         if relative in ALLOWED or relative.startswith(ALLOWED_FOLDERS):
             continue
-        found.extend(f"{relative} imports {name}" for name in _query_imports(path))
+        found.extend(
+            f"{relative} imports {name}"
+            for name in _query_imports(path)
+            if (relative, name) not in ALLOWED_NAMES
+        )
     return found
 
 
