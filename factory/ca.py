@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from factory.crl import RevokedEntry, build_crl, build_crl_der
+from factory.crl import RevokedEntry, build_crl_der, without_der
 from factory.errors import CAError
 from factory.issuers import (
     Issuer,
@@ -577,26 +577,6 @@ class CertificateAuthority:
         )
         return IssuedCertificate(certificate, private_key)
 
-    def build_crl(
-        self,
-        revoked: Sequence[RevokedEntry],
-        *,
-        next_update: dt.timedelta = dt.timedelta(hours=24),
-        crl_number: int = 1,
-        delta_of: int | None = None,
-    ) -> x509.CertificateRevocationList:
-        """A CRL signed by the issuing CA listing ``revoked``; with ``delta_of`` (the base's
-        CRL number) a delta CRL (:func:`factory.crl.build_crl`)."""
-        return build_crl(
-            self.issuing_cert,
-            self.issuing_key,
-            revoked,
-            next_update=next_update,
-            crl_number=crl_number,
-            publish_url=self.publish_url,
-            delta_of=delta_of,
-        )
-
     def build_crl_der(
         self,
         revoked: Sequence[RevokedEntry],
@@ -605,8 +585,8 @@ class CertificateAuthority:
         crl_number: int = 1,
         delta_of: int | None = None,
     ) -> tuple[x509.CertificateRevocationList, bytes]:
-        """:meth:`build_crl` and the CRL's DER (:func:`factory.crl.build_crl_der`: a large
-        CRL's bytes are kept, not encoded again)."""
+        """A CRL signed by the issuing CA listing ``revoked``, and its DER; with
+        ``delta_of`` (the base's CRL number) a delta CRL (:func:`factory.crl.build_crl_der`)."""
         return build_crl_der(
             self.issuing_cert,
             self.issuing_key,
@@ -616,6 +596,9 @@ class CertificateAuthority:
             publish_url=self.publish_url,
             delta_of=delta_of,
         )
+
+    #: :meth:`build_crl_der`'s CRL alone (same arguments).
+    build_crl = without_der(build_crl_der)
 
 
 def _load_previous(

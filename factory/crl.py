@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,11 +30,14 @@ from fleetcore.clock import naive_utc, utcnow
 from fleetcore.profile import PrivateKey
 from fleetcore.publication import freshest_crl, issuing_distribution_point
 
-__all__ = ["RevokedEntry", "build_crl", "build_crl_der", "crl_pem"]
+__all__ = ["RevokedEntry", "build_crl", "build_crl_der", "crl_pem", "without_der"]
 
 #: From this many entries on, the entries are encoded to DER here (:mod:`factory.crl_der`:
 #: a third of the time at 530,000 entries); below, the library makes them one by one.
 SPLICE_FROM = 2_000
+
+P = ParamSpec("P")
+Crl = x509.CertificateRevocationList
 
 #: lastUpdate is set this far back: a relying party with a slightly fast clock accepts it.
 LAST_UPDATE_SKEW = dt.timedelta(minutes=1)
@@ -45,29 +50,6 @@ class RevokedEntry:
     serial: int
     revoked_at: dt.datetime
     reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation
-
-
-def build_crl(
-    issuing_cert: x509.Certificate,
-    issuing_key: PrivateKey,
-    revoked: Sequence[RevokedEntry],
-    *,
-    next_update: dt.timedelta,
-    crl_number: int,
-    publish_url: str | None = None,
-    delta_of: int | None = None,
-) -> x509.CertificateRevocationList:
-    """:func:`build_crl_der`'s CRL."""
-    crl, _ = build_crl_der(
-        issuing_cert,
-        issuing_key,
-        revoked,
-        next_update=next_update,
-        crl_number=crl_number,
-        publish_url=publish_url,
-        delta_of=delta_of,
-    )
-    return crl
 
 
 def crl_pem(der: bytes) -> bytes:
@@ -122,6 +104,20 @@ def build_crl_der(
         return crl, crl.public_bytes(Encoding.DER)
     entries = entries_der((e.serial, e.revoked_at, e.reason) for e in revoked)
     return splice_and_sign(crl, entries, issuing_key)
+
+
+def without_der(make: Callable[P, tuple[Crl, bytes]]) -> Callable[P, Crl]:
+    """A CRL builder returning the CRL alone, from one returning it with its DER."""
+
+    @functools.wraps(make)
+    def crl_only(*args: P.args, **kwargs: P.kwargs) -> Crl:
+        return make(*args, **kwargs)[0]
+
+    return crl_only
+
+
+#: :func:`build_crl_der`'s CRL alone (same arguments).
+build_crl = without_der(build_crl_der)
 
 
 def _revoked_certificates(revoked: Sequence[RevokedEntry]) -> list[x509.RevokedCertificate]:
