@@ -28,7 +28,8 @@
 - **A stream or bucket deleted from outside** and made again (the link's watchdog sets the
   node up again, :mod:`broker.cluster.link`): the node writes the persistent sessions
   connected to it into it again (records, consumers, claims); what the deleted one held is
-  lost (docs/faults.md).
+  lost (docs/faults.md). The message stream is made closed and opened only once every
+  recorded session's consumers are in it (:meth:`DurableSessions._open_stream`).
 
 KV keys are the SHA-256 of the session key (session keys hold ``:`` and ``/``).
 """
@@ -54,7 +55,7 @@ from nats.js.api import AckPolicy, DeliverPolicy, RetentionPolicy, StorageType
 from nats.js.kv import KeyValue
 
 from broker.broker_port import BrokerPort, LocalClient
-from broker.cluster.link import ClusterLink, NotConnectedError, ensure_stream
+from broker.cluster.link import ClusterLink, NotConnectedError
 from broker.cluster.pull import ConsumerPull
 from broker.cluster.router import QOS_HEADER, STORED_HEADER, ClusterRouter
 from broker.cluster.store_interest import StoreInterest
@@ -86,6 +87,11 @@ _DELIVERY_WINDOW = 512
 _LOOKUP_S = 1.0
 _ACK_WAIT_S = 10.0
 _ERRORS = (nats.errors.Error, OSError, TimeoutError, NotConnectedError)
+#: The message stream's ``max_msg_size`` while it is closed (:meth:`DurableSessions._open_stream`):
+#: every store carries a ``Nats-Msg-Id`` header, so none fits.
+_CLOSED_MAX_MSG_SIZE = 1
+#: How long reading every session record may take when the stream is made again.
+_RECORDS_READ_S = 10.0
 
 CloseConnection = Callable[[str], bool]
 
@@ -119,6 +125,29 @@ async def _open_bucket(js: JetStreamContext, name: str, ttl_s: float) -> KeyValu
         await js.update_stream(config, max_age=ttl_s, duplicate_window=window)
         log.info("cluster bucket expiry set bucket=%s ttl_s=%g was=%s", name, ttl_s, status.ttl)
     return bucket
+
+
+async def _recorded_sessions(bucket: KeyValue) -> dict[str, dict[str, int]]:
+    """Every persistent session recorded in the sessions bucket: its key and its filters."""
+    sessions: dict[str, dict[str, int]] = {}
+    watcher: Any = await bucket.watchall()
+    try:
+        async with asyncio.timeout(_RECORDS_READ_S):
+            async for entry in watcher:
+                if entry is None:  # the bucket's current contents have all been delivered
+                    break
+                if entry.key is None or not entry.value or entry.operation in ("DEL", "PURGE"):
+                    continue
+                try:
+                    record = json.loads(entry.value)
+                    filters = {str(f): int(q) for f, q in record.get("filters", {}).items()}
+                    sessions[str(record["key"])] = filters
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    log.warning("session record unreadable (ignored) size=%d", len(entry.value))
+    finally:
+        with contextlib.suppress(*_ERRORS):
+            await watcher.stop()
+    return sessions
 
 
 @dataclass(slots=True, eq=False)
@@ -183,19 +212,11 @@ class DurableSessions:
     # -- setup on every NATS connection ---------------------------------------------------
 
     async def _setup(self, _client: NatsClient, js: JetStreamContext) -> None:
-        await ensure_stream(
-            js,
-            name=STREAM,
-            subjects=[SUBJECT_PREFIX + ".>"],
-            retention=RetentionPolicy.INTEREST,
-            storage=StorageType.FILE,
-            max_age=self.session_expiry_s,
-            duplicate_window=min(120.0, self.session_expiry_s),
-        )
         self._sessions_kv, self._owners_kv = [
             await _open_bucket(js, bucket, self.session_expiry_s)
             for bucket in (SESSIONS_BUCKET, OWNERS_BUCKET)
         ]
+        await self._open_stream(js, self._sessions_kv)
         stream_new = await self._made_again(js, STREAM)
         records_new = await self._made_again(js, _kv_stream(SESSIONS_BUCKET))
         owners_new = await self._made_again(js, _kv_stream(OWNERS_BUCKET))
@@ -208,6 +229,40 @@ class DurableSessions:
         watcher = await self._owners_kv.watchall()
         self._kv_watcher = watcher
         self._watcher = asyncio.get_running_loop().create_task(self._watch_owners(watcher))
+
+    async def _open_stream(self, js: JetStreamContext, sessions: KeyValue) -> None:
+        """Create the message stream *closed*, put the consumers of every persistent session
+        recorded in ``sessions`` into it, then open it; or bring an open one to its config.
+
+        A stream made (again) with no consumer in it would take another node's QoS 1 store,
+        acknowledge it and drop it (interest retention keeps nothing nobody consumes), so that
+        node would PUBACK a message no session ever gets. Closed, it refuses every store
+        (:data:`_CLOSED_MAX_MSG_SIZE`): the storing node retries and its PUBACK waits. A node
+        that finds the stream closed (its maker died, or is still at it) does the same and
+        opens it."""
+        config: dict[str, Any] = {
+            "name": STREAM,
+            "subjects": [SUBJECT_PREFIX + ".>"],
+            "retention": RetentionPolicy.INTEREST,
+            "storage": StorageType.FILE,
+            "max_age": self.session_expiry_s,
+            "duplicate_window": min(120.0, self.session_expiry_s),
+        }
+        try:  # succeeds for a new stream, and for one another node made closed just as here
+            await js.add_stream(**config, max_msg_size=_CLOSED_MAX_MSG_SIZE)
+            closed = True
+        except js_errors.BadRequestError:  # there, open or configured otherwise
+            info = await js.stream_info(STREAM)
+            closed = info.config.max_msg_size == _CLOSED_MAX_MSG_SIZE
+        if closed:
+            consumers = 0
+            for session_key, filters in (await _recorded_sessions(sessions)).items():
+                for topic_filter, qos in filters.items():
+                    for subject in filter_subjects(topic_filter) if qos >= 1 else ():
+                        await self._ensure_consumer(js, session_key, subject)
+                        consumers += 1
+            log.info("cluster stream opened stream=%s recorded_consumers=%d", STREAM, consumers)
+        await js.update_stream(**config, max_msg_size=-1)
 
     async def _made_again(self, js: JetStreamContext, stream: str) -> bool:
         """Whether ``stream`` is not the one the last setup found (deleted and made again)."""

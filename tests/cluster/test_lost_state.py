@@ -39,6 +39,13 @@ def _health(node: BrokerServer) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def _set_up(*nodes: BrokerServer) -> None:
+    """Wait until each node is set up (streams, buckets, watchers), not only connected."""
+    for node in nodes:
+        link = node.app.cluster.link if node.app and node.app.cluster else None
+        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
+
+
 def _connected_gauge(node: BrokerServer) -> float:
     value: float = node.metrics.cluster_connected._value.get()
     return value
@@ -49,9 +56,7 @@ def test_a_frozen_nats_server_is_reported_within_seconds_and_recovers(
 ) -> None:
     caplog.set_level(logging.INFO, logger="broker.cluster.link")
     nodes = [start_node("a"), start_node("b")]
-    for node in nodes:  # set up (streams, buckets, watchers), not only connected
-        link = node.app.cluster.link if node.app and node.app.cluster else None
-        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
+    _set_up(*nodes)
     assert all(_health(node)[0] == 200 for node in nodes)
     assert nats_server.process is not None
     pid = nats_server.process.pid
@@ -95,6 +100,31 @@ def _delete(nats_server: LocalNats, stream: str) -> None:
             await client.close()
 
     asyncio.run(run())
+
+
+def _max_msg_size(nats_server: LocalNats, stream: str, *, remake_closed: bool = False) -> int:
+    """The stream's ``max_msg_size``; with ``remake_closed``, first deleted and made again at
+    once with 1 (a store fits no more), as a node that made it again and died before opening
+    it leaves it."""
+
+    async def run() -> int:
+        client = await nats.connect(
+            nats_server.url,
+            user=nats_server.credentials.user,
+            password=nats_server.credentials.password,
+        )
+        try:
+            js = client.jetstream()
+            if remake_closed:
+                config = (await js.stream_info(stream)).config
+                config.max_msg_size = 1
+                await js.delete_stream(stream)
+                await js.add_stream(config)
+            return int((await js.stream_info(stream)).config.max_msg_size or -1)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
 
 
 def _exists(nats_server: LocalNats, stream: str) -> bool:
@@ -186,3 +216,47 @@ def test_a_deleted_bucket_or_stream_is_made_again_and_persistent_sessions_work(
     losses = [r for r in caplog.records if "cluster link lost" in r.getMessage()]
     assert len(losses) <= 6, f"{len(losses)} reconnections after one deletion"
 
+
+@pytest.mark.parametrize("maker", ["the publisher's node", "a node that died"])
+def test_a_message_stream_made_again_elsewhere_takes_no_store_before_the_sessions_consumers(
+    maker: str,
+    pki: TestPKI,
+    start_node: StartNode,
+    nats_server: LocalNats,
+    tmp_path: Path,
+) -> None:
+    """The stream made again by the publisher's node while the subscriber's node has not
+    noticed yet (its watchdog slowed to ~40 s): interest retention would acknowledge and drop
+    a store no consumer wants, so the maker puts every recorded session's consumers in
+    before the stream takes a message. A stream left closed by a maker that died is opened
+    by a node that notices it. Every acknowledged message reaches the subscriber."""
+    node_a = start_node("a", broker_cluster_stall_s=30.0)  # checks its streams every 40 s
+    node_b = start_node("b")
+    _set_up(node_a, node_b)
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
+    assert subscriber.connected.is_set(), subscriber.reason
+    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
+    assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+    device = connect(node_b.port, issue_device(pki, tmp_path, "dev-made"), "dev-made")
+    assert device.connected.is_set(), device.reason
+    got = lambda: {p for _t, p in subscriber.messages}  # noqa: E731
+    try:
+        _publish(device, "dev-made", [b"before"])
+        assert wait_for(lambda: b"before" in got())
+        assert _max_msg_size(nats_server, STREAM) == -1  # open
+        if maker == "a node that died":  # made again closed, and left so
+            assert _max_msg_size(nats_server, STREAM, remake_closed=True) == 1
+        else:
+            _delete(nats_server, STREAM)
+            assert wait_for(lambda: _exists(nats_server, STREAM), 6), "not made again"
+        assert wait_for(lambda: node_b.metrics.cluster_streams_missing._value.get() >= 1, 5)
+        assert node_a.metrics.cluster_streams_missing._value.get() == 0  # not noticed there
+        live = [f"live{i}".encode() for i in range(10)]
+        _publish(device, "dev-made", live)  # each PUBACKed only once stored
+        assert wait_for(lambda: set(live) <= got(), 10), sorted(set(live) - got())[:3]
+        assert _max_msg_size(nats_server, STREAM) == -1  # open again
+        assert node_a.metrics.cluster_streams_missing._value.get() == 0
+    finally:
+        device.close()
+        subscriber.close()
