@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
@@ -380,6 +381,32 @@ class BrokerApp:
         return len(dropped)
 
 
+def _where_it_waits(thread: threading.Thread, loop: asyncio.AbstractEventLoop | None) -> str:
+    """The stuck loop thread's stack and where each of its pending tasks waits (read from
+    another thread: a diagnostic, racy but enough to name the task)."""
+    lines: list[str] = []
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is not None:
+        lines.append(
+            "thread: "
+            + " <- ".join(
+                f"{f.name} {Path(f.filename).name}:{f.lineno}"
+                for f in reversed(traceback.extract_stack(frame)[-6:])
+            )
+        )
+    try:
+        tasks = list(asyncio.all_tasks(loop)) if loop is not None else []
+    except RuntimeError:  # the set changed while read
+        tasks = []
+    for task in tasks[:20]:
+        stack = task.get_stack(limit=3)
+        where = " <- ".join(
+            f"{f.f_code.co_name} {Path(f.f_code.co_filename).name}:{f.f_lineno}" for f in stack
+        )
+        lines.append(f"task {task.get_name()}: {where or '(no frame)'}")
+    return "\n".join(lines)[:4000]
+
+
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
     if use_uvloop:
         try:
@@ -477,7 +504,8 @@ class BrokerServer:
         if thread is not None and thread.is_alive():
             raise BrokerError(
                 f"the broker did not stop within {_STOP_TIMEOUT_S:.0f} s: a task of its loop "
-                "ignores cancellation (a bug: report it with the log)"
+                "ignores cancellation (a bug: report it with the log); where it waits:\n"
+                + _where_it_waits(thread, self._loop)
             )
 
     def __enter__(self) -> BrokerServer:

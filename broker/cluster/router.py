@@ -5,10 +5,12 @@ other nodes**. A PUBLISH that passed the publisher's ACL is routed by the local 
 broadcast as on a single node (no NATS round trip for local subscribers, and local
 delivery keeps working while NATS is down) and published once on its subject
 (:mod:`broker.cluster.subjects`), on a connection opened with ``no_echo``: NATS never hands
-a node its own publishes back.
+a node its own publishes back. A message stored in JetStream is published there, under the
+message stream's subjects; any other under :data:`LIVE_PREFIX`, outside them, so JetStream
+never keeps it (a persistent session's consumer would, and its client get it twice).
 
 **Interest per filter.** A node subscribes on NATS to the subjects of each filter its local
-clients hold (one NATS subscription per subject of the filter, made before the SUBACK goes
+clients hold, under both prefixes (one NATS subscription per subject, made before the SUBACK goes
 out, dropped when the filter's last local subscriber leaves), so NATS sends a node only
 what one of its clients wants, and a node with no subscribers receives nothing. Each NATS
 subscription delivers into the local broadcast *for its own filter only*: two local
@@ -31,11 +33,22 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from broker.cluster.link import ClusterLink
-from broker.cluster.subjects import filter_subjects, subject_of_topic, topic_of_subject
+from broker.cluster.subjects import (
+    LIVE_PREFIX,
+    SUBJECT_PREFIX,
+    filter_subjects,
+    subject_of_topic,
+    topic_of_subject,
+)
 
 __all__ = ["NODE_HEADER", "QOS_HEADER", "STORED_HEADER", "ClusterRouter"]
 
 log = logging.getLogger(__name__)
+
+#: A node receives, for each filter its clients hold, the messages stored in JetStream (the
+#: message stream's subjects) and those routed live only (outside them).
+_ROUTED_PREFIXES = (SUBJECT_PREFIX, LIVE_PREFIX)
+_LIVE_HEAD = LIVE_PREFIX + "."
 
 NODE_HEADER = "Certfleet-Node"
 QOS_HEADER = "Certfleet-Qos"
@@ -105,8 +118,9 @@ class ClusterRouter:
         async def on_message(msg: Msg) -> None:
             self._on_message(topic_filter, msg)
 
-        for subject in filter_subjects(topic_filter):
-            subscriptions.append(await client.subscribe(subject, cb=on_message))
+        for prefix in _ROUTED_PREFIXES:
+            for subject in filter_subjects(topic_filter, prefix):
+                subscriptions.append(await client.subscribe(subject, cb=on_message))
         if topic_filter not in self._wanted:  # let go while we subscribed
             if self._subscribed.get(topic_filter) is subscriptions:
                 del self._subscribed[topic_filter]
@@ -114,8 +128,9 @@ class ClusterRouter:
 
     def _on_message(self, topic_filter: str, msg: Msg) -> None:
         self._on_received()
+        live = msg.subject.startswith(_LIVE_HEAD)
         try:
-            topic = topic_of_subject(msg.subject)
+            topic = topic_of_subject(msg.subject, LIVE_PREFIX if live else SUBJECT_PREFIX)
         except ValueError as exc:
             log.warning("cluster message dropped subject=%r error=%s", msg.subject[:200], exc)
             return
@@ -126,7 +141,7 @@ class ClusterRouter:
         if headers.get(NODE_HEADER) == self.node:
             return  # belt and braces: no_echo already keeps our own publishes away
         forced = headers.get(QOS_HEADER)
-        stored = headers.get(STORED_HEADER) == "1"
+        stored = not live and headers.get(STORED_HEADER) == "1"
         self._deliver(
             topic, msg.data, int(forced) if forced is not None else None, topic_filter, stored
         )
@@ -140,7 +155,7 @@ class ClusterRouter:
             self._on_not_forwarded()
             return False
         headers = {QOS_HEADER: str(force_qos)} if force_qos is not None else None
-        await self.link.client.publish(subject_of_topic(topic), data, headers=headers)
+        await self.link.client.publish(subject_of_topic(topic, LIVE_PREFIX), data, headers=headers)
         self._on_forwarded()
         return True
 

@@ -1,8 +1,10 @@
 """MQTT topic names and filters as NATS subjects (the cluster's one mapping).
 
 Like NATS's own MQTT gateway: each MQTT level is one subject token, ``/`` becomes ``.``,
-the wildcard ``+`` becomes ``*`` and ``#`` becomes ``>``. Every subject lives under
-:data:`SUBJECT_PREFIX`, so nothing else on the NATS server can collide with MQTT traffic.
+the wildcard ``+`` becomes ``*`` and ``#`` becomes ``>``. Every subject lives under a
+prefix of ours, so nothing else on the NATS server can collide with MQTT traffic: a message
+stored in JetStream under :data:`SUBJECT_PREFIX` (the message stream's subjects), one
+routed live only under :data:`LIVE_PREFIX`, outside them.
 
 A token may not be empty and may not hold ``.``, ``*``, ``>`` or whitespace, while an MQTT
 level may hold anything but ``/``, ``+`` and ``#``. Those characters, and the escape
@@ -25,6 +27,7 @@ from typing import Final
 from fleetcore.topics import has_wildcard
 
 __all__ = [
+    "LIVE_PREFIX",
     "RETAINED_PREFIX",
     "SUBJECT_PREFIX",
     "filter_subjects",
@@ -32,8 +35,14 @@ __all__ = [
     "topic_of_subject",
 ]
 
-#: Root of every subject carrying MQTT messages between the nodes.
+#: Root of the subjects of MQTT messages stored in JetStream on their way between the nodes
+#: (the message stream captures it: :data:`broker.cluster.durable.STREAM`).
 SUBJECT_PREFIX: Final = "certfleet.mqtt"
+#: Root of the subjects of MQTT messages routed live only. Outside the message stream's
+#: subjects on purpose: a stream keeps every message published on its subjects that one of
+#: its consumers matches, so a live message there was also kept for a persistent session
+#: and reached it twice, live and from its consumer (round 10's CI).
+LIVE_PREFIX: Final = "certfleet.live"
 #: Root of the subjects holding the last retained message of each topic.
 RETAINED_PREFIX: Final = "certfleet.retained"
 _ESCAPE: Final = "~"
@@ -100,7 +109,7 @@ def topic_of_subject(subject: str, prefix: str = SUBJECT_PREFIX) -> str:
     return "/".join(_level_of_token(token) for token in subject[len(head) :].split("."))
 
 
-def filter_subjects(topic_filter: str) -> tuple[str, ...]:
+def filter_subjects(topic_filter: str, prefix: str = SUBJECT_PREFIX) -> tuple[str, ...]:
     """The NATS subject filters matching what an MQTT filter matches (one or two)."""
     levels = topic_filter.split("/")
     tokens: list[str] = []
@@ -108,7 +117,7 @@ def filter_subjects(topic_filter: str) -> tuple[str, ...]:
         if level == "#":
             if index != len(levels) - 1:
                 raise ValueError(f"'#' must be the last level of {topic_filter[:200]!r}")
-            base = ".".join((SUBJECT_PREFIX, *tokens))
+            base = ".".join((prefix, *tokens))
             # "a/#" matches "a" too; a bare "#" matches every topic.
             return (base + ".>",) if not tokens else (base, base + ".>")
         if level == "+":
@@ -117,4 +126,4 @@ def filter_subjects(topic_filter: str) -> tuple[str, ...]:
             raise ValueError(f"a wildcard must fill a whole level in {topic_filter[:200]!r}")
         else:
             tokens.append(_token_of_level(level))
-    return (".".join((SUBJECT_PREFIX, *tokens)),)
+    return (".".join((prefix, *tokens)),)

@@ -88,6 +88,54 @@ def test_live_persistent_subscriber_gets_each_message_once(
             probe.close()
 
 
+def test_a_message_routed_live_reaches_a_persistent_subscriber_once_and_is_not_kept(
+    pki: TestPKI, start_node: StartNode, tmp_path: Path
+) -> None:
+    """QoS 0 messages (routed live, never stored), from the subscriber's node and from the
+    other: a connected persistent QoS 1 subscription gets each once (the message stream used
+    to keep a live message its consumer matched, so it came twice), and none is kept for
+    the session while it is offline; the QoS 1 messages of that time are."""
+    node_a, node_b = start_node("a"), start_node("b")
+    for node in (node_a, node_b):  # set up (streams, consumers' home), not only connected
+        link = node.app.cluster.link if node.app and node.app.cluster else None
+        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
+    local = connect(node_a.port, issue_device(pki, tmp_path, "dev-z"), "dev-z")
+    remote = connect(node_b.port, issue_device(pki, tmp_path, "dev-y"), "dev-y")
+    try:
+        assert subscriber.connected.is_set() and local.connected.is_set()
+        assert remote.connected.is_set()
+        subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
+        assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+        sent = []
+        for index in range(10):
+            for probe, device in ((local, "dev-z"), (remote, "dev-y")):
+                payload = f"{device}-{index}".encode()
+                probe.client.publish(telemetry_topic(device), payload, qos=0)
+                sent.append((telemetry_topic(device), payload))
+        assert wait_for(lambda: len(subscriber.messages) >= 20, 10), len(subscriber.messages)
+        time.sleep(1.0)  # a second copy, from the stream, would arrive within this
+        assert sorted(subscriber.messages) == sorted(sent)
+        subscriber.close()
+        for probe, device in ((local, "dev-z"), (remote, "dev-y")):
+            probe.client.publish(telemetry_topic(device), b"offline-qos0", qos=0)
+            kept = probe.client.publish(telemetry_topic(device), b"offline-qos1", qos=1)
+            kept.wait_for_publish(10)
+            assert kept.is_published()
+        resumed = connect(node_b.port, monitor, "monitor", clean_session=False)
+        try:
+            assert resumed.connected.is_set() and resumed.session_present
+            assert wait_for(lambda: len(resumed.messages) >= 2, 10), resumed.messages
+            time.sleep(0.5)
+            assert sorted(p for _t, p in resumed.messages) == [b"offline-qos1"] * 2
+        finally:
+            resumed.close()
+    finally:
+        for probe in (subscriber, local, remote):
+            probe.close()
+
+
 def test_a_message_delivered_but_not_acknowledged_when_the_client_leaves_is_handed_back_at_once(
     pki: TestPKI, start_node: StartNode, tmp_path: Path
 ) -> None:
