@@ -300,9 +300,20 @@ def broker_metrics(url: str) -> dict[str, float]:
 
 def loop_lag_counts(url: str) -> dict[float, float]:
     """The broker's ``certfleet_broker_loop_lag_seconds`` buckets: upper bound -> count."""
+    return histogram_counts(url, "certfleet_broker_loop_lag_seconds_bucket{")
+
+
+def gc_pause_counts(url: str) -> dict[float, float]:
+    """The broker's full garbage collections (generation 2): upper bound -> count."""
+    return histogram_counts(url, 'certfleet_broker_gc_pause_seconds_bucket{generation="2",')
+
+
+def histogram_counts(url: str, head: str) -> dict[float, float]:
+    """A histogram's buckets on the metrics page at ``url`` whose lines begin with
+    ``head``: upper bound -> count."""
     counts = {}
     for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith("certfleet_broker_loop_lag_seconds_bucket{"):
+        if line.startswith(head):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             counts[float(bound)] = float(line.rpartition(" ")[2])
     return counts
@@ -357,6 +368,9 @@ def start_broker(
     lag = loop_lag_bound_ms({}, loop_lag_counts(broker.metrics_url))
     if lag is not None:  # (a broker of older code has no such metric)
         values["loop_lag_ms"] = lag
+    gc_pause = loop_lag_bound_ms({}, gc_pause_counts(broker.metrics_url))
+    if gc_pause is not None:
+        values["gc_pause_ms"] = gc_pause
     stall = None
     if stall_probe is not None:
         stall = stall_probe.longest(t0, time.time())
@@ -640,6 +654,7 @@ def broker_phases(
         result["broker_start_registry_up_s"] = round(seconds, 2)
         result["replay_stall_ms"] = stall
         result["replay_loop_lag_ms"] = values.get("loop_lag_ms")
+        result["replay_gc_pause_ms"] = values.get("gc_pause_ms")
         serials = int(values["certfleet_broker_revoked_serials"])
         result["broker_revoked_serials"] = serials
     if code == lib.REPO:
@@ -682,6 +697,7 @@ def broker_phases(
             note(f"{code}: storm")
             t0 = time.time()
             lag_before = loop_lag_counts(broker.metrics_url)
+            gc_before = gc_pause_counts(broker.metrics_url)
             latencies, statuses = decommission_concurrently(registry_url, layout, storm, 20)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not set(storm) <= watcher.closed_names():
@@ -689,6 +705,9 @@ def broker_phases(
             result["storm_stall_ms"] = probe.longest(t0, time.time())
             result["storm_loop_lag_ms"] = loop_lag_bound_ms(
                 lag_before, loop_lag_counts(broker.metrics_url)
+            )
+            result["storm_gc_pause_ms"] = loop_lag_bound_ms(
+                gc_before, gc_pause_counts(broker.metrics_url)
             )
             result["storm_dropped"] = len(set(storm) & watcher.closed_names())
             result["storm_statuses"] = dict(statuses)

@@ -115,6 +115,13 @@ class BrokerMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "certfleet_broker_gc_pause_seconds",
+            "How long each cyclic garbage collection held the process (broker.gc_pauses)",
+            ["generation"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.revoked_persisted = Gauge(
             "certfleet_broker_revoked_set_persisted",
             "1 when the revoked set on disk is up to date, 0 while writes fail (retried)",

@@ -36,6 +36,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+# httpx imports its transport (httpcore, h11, anyio's asyncio backend) at the first client
+# and the first request: 40-50 ms of imports on the loop, connections open, at every start
+# (seen as the start's longest stall at a million devices, round 11). Imported here instead.
+import anyio._backends._asyncio  # noqa: F401
+import httpcore._backends.anyio  # noqa: F401
 import httpx
 
 from broker.revocation_journal import Checkpoint

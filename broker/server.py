@@ -14,15 +14,16 @@ index). Revocations reach live sessions through :meth:`SessionIndex.drop`.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
@@ -36,6 +37,7 @@ from broker.auth import AdmissionPolicy
 from broker.cluster.node import ClusterNode, cluster_options
 from broker.errors import BrokerError
 from broker.gate import ConnectGate
+from broker.gc_pauses import GcPauses
 from broker.issuers import RevokedIssuers
 from broker.listener import MqttTlsListener
 from broker.loop_lag import watch_loop_lag
@@ -88,6 +90,11 @@ class BrokerApp:
         self.ssl_context = broker_server_context(layout, settings.broker_name)
         self.trust_reloader = TrustReloader(layout, self.ssl_context)
         self.metrics = BrokerMetrics()
+        self.gc_pauses = GcPauses(
+            lambda generation, seconds: self.metrics.gc_pause.labels(str(generation)).observe(
+                seconds
+            )
+        )
         self.revoked = RevokedSet(
             layout.broker_dir,
             settings.broker_node,
@@ -190,6 +197,7 @@ class BrokerApp:
         self.metrics.revoked_serials.set(self.revoked.serial_count)
         self.metrics.revocation_seq.set(self.revoked.last_seq)
         self.supervisor.start("loop-lag", lambda: watch_loop_lag(self.metrics.loop_lag.observe))
+        self.gc_pauses.start()
         self.supervisor.start("revoked-set-writer", self.revoked.keep_persisted)
         self.supervisor.start("trust-reloader", self.trust_reloader.run)
         self.supervisor.start(
@@ -323,6 +331,7 @@ class BrokerApp:
         """Stop in the order that keeps what was acknowledged: background tasks; the clients
         (after amqtt routed what they sent); then the final state save; then amqtt."""
         await self.supervisor.stop()
+        self.gc_pauses.stop()
         self.revoked.close()
         inflight: dict[str, list[StoredMessage]] = {}
         if self.broker is not None and self.state_store is not None:
@@ -381,19 +390,10 @@ class BrokerApp:
         return len(dropped)
 
 
-def _where_it_waits(thread: threading.Thread, loop: asyncio.AbstractEventLoop | None) -> str:
-    """The stuck loop thread's stack and where each of its pending tasks waits (read from
+def _where_it_waits(loop: asyncio.AbstractEventLoop | None) -> str:
+    """Where each pending task of the stuck loop waits, then every thread's stack (read from
     another thread: a diagnostic, racy but enough to name the task)."""
     lines: list[str] = []
-    frame = sys._current_frames().get(thread.ident or -1)
-    if frame is not None:
-        lines.append(
-            "thread: "
-            + " <- ".join(
-                f"{f.name} {Path(f.filename).name}:{f.lineno}"
-                for f in reversed(traceback.extract_stack(frame)[-6:])
-            )
-        )
     try:
         tasks = list(asyncio.all_tasks(loop)) if loop is not None else []
     except RuntimeError:  # the set changed while read
@@ -404,7 +404,11 @@ def _where_it_waits(thread: threading.Thread, loop: asyncio.AbstractEventLoop | 
             f"{f.f_code.co_name} {Path(f.f_code.co_filename).name}:{f.f_lineno}" for f in stack
         )
         lines.append(f"task {task.get_name()}: {where or '(no frame)'}")
-    return "\n".join(lines)[:4000]
+    with tempfile.TemporaryFile() as out:
+        faulthandler.dump_traceback(out, all_threads=True)
+        out.seek(0)
+        lines.append(out.read().decode(errors="replace"))
+    return "\n".join(lines)[:6000]
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
@@ -505,7 +509,7 @@ class BrokerServer:
             raise BrokerError(
                 f"the broker did not stop within {_STOP_TIMEOUT_S:.0f} s: a task of its loop "
                 "ignores cancellation (a bug: report it with the log); where it waits:\n"
-                + _where_it_waits(thread, self._loop)
+                + _where_it_waits(self._loop)
             )
 
     def __enter__(self) -> BrokerServer:
@@ -545,9 +549,11 @@ def tune_garbage_collector() -> None:
 
 async def serve(settings: BrokerSettings, ready_file: os.PathLike[str] | None = None) -> None:
     """Run a broker until cancelled; write ``ready_file`` once listening."""
+    # Before the start: its full collection (tens of ms over every module's objects) would
+    # otherwise hold the connections the listener has just taken.
+    tune_garbage_collector()
     app = BrokerApp(settings)
     await app.start()
-    tune_garbage_collector()
     try:
         host = parse_address(settings.broker_addr).host
         ready: dict[str, Any] = {"addr": str(Address(host, app.port)), "pid": os.getpid()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -280,6 +281,56 @@ def test_which_sessions_amqtt_queues_for_and_expires() -> None:
     monitor = inspect.getsource(Broker._session_monitor)
     assert "session.last_disconnect_time < retain_after" in monitor
     assert "session.is_anonymous or session.clean_session" in monitor
+
+
+def test_the_expiry_monitor_is_started_by_start_and_ours_hands_the_loop_back_between_slices() -> (
+    None
+):
+    """Item 18: amqtt's start runs ``_session_monitor``; ours removes what amqtt's rules
+    remove (clean and expired persistent sessions, disconnected), keeps the rest, and lets
+    other tasks run between slices of :data:`MONITOR_SLICE` sessions."""
+    assert _calls(Broker.start, "self._session_monitor()")
+    assert _parameters(Broker._session_monitor) == ["self"]
+    assert CertfleetBroker._session_monitor is not Broker._session_monitor
+
+    async def scenario() -> tuple[int, set[str], int]:
+        broker = CertfleetBroker(gate=_gate(), acl=TopicAcl(TRUST_DOMAIN))
+        expiry = broker.config.session_expiry_interval
+        assert expiry
+        kinds = {f"kept-{i}": "kept" for i in range(20 * amqtt_adapter.MONITOR_SLICE)}
+        kinds |= {"clean-1": "clean", "anon-1": "anonymous", "old-1": "expired"}
+        for client_id, kind in kinds.items():
+            handler, session = broker.create_offline_session(client_id)
+            session.clean_session = kind == "clean"
+            session.is_anonymous = kind == "anonymous"
+            if kind == "expired":
+                session.last_disconnect_time = int(time.time() - 2 * expiry)
+            broker._sessions[client_id] = (session, handler)
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        runner, monitor = (
+            asyncio.create_task(other()),
+            asyncio.create_task(broker._session_monitor()),
+        )
+        for _ in range(100_000):  # bounded: the pass ends within a few hundred turns
+            await asyncio.sleep(0)
+            if "old-1" not in broker._sessions:
+                break
+        seen = turns
+        for task in (runner, monitor):
+            task.cancel()
+        await asyncio.gather(runner, monitor, return_exceptions=True)
+        return seen, set(broker._sessions), len(kinds)
+
+    turns, left, total = _on_loop(scenario)
+    assert left == {f"kept-{i}" for i in range(20 * amqtt_adapter.MONITOR_SLICE)}, total - len(left)
+    assert turns >= 19  # the loop ran other work between the 20 slices of one pass
 
 
 def test_an_offline_session_from_create_offline_session_is_disconnected() -> None:
