@@ -124,6 +124,9 @@ POSTGRES_ADMIN = os.environ.get(
 DATABASE = os.environ.get("CERTFLEET_BENCH_DATABASE", "certfleet_bench23")
 #: the quadratic builder is only run while its entries take under about a minute
 BEFORE_MAX_ENTRIES = 70_000
+#: ``--isolate-broker``: the CPUs the broker and its stall probe run on (empty: any).
+BROKER_CPUS: set[int] = set()
+
 #: What ``--phases`` and ``--skip`` name.
 PHASES = ("crl", "ocsp", "import", "broker", "followers", "console", "expiry")
 NEXT_UPDATE = dt.timedelta(hours=24)
@@ -348,9 +351,14 @@ def start_broker(
         extra_env={"CERTFLEET_BROKER_NODE": "scale" if code == lib.REPO else "scale-old"},
         extra_args=["--metrics-addr", "127.0.0.1:0"],
         repo=code,
+        cpus=BROKER_CPUS or None,
     )
     assert broker.metrics_url is not None
-    stall_probe = None if probe is None else lib.StallProbe(layout.root, broker.port, probe)
+    stall_probe = (
+        None
+        if probe is None
+        else lib.StallProbe(layout.root, broker.port, probe, cpus=BROKER_CPUS or None)
+    )
     deadline = time.monotonic() + 900
     while True:
         values = broker_metrics(broker.metrics_url)
@@ -687,7 +695,9 @@ def broker_phases(
             )
             watcher = lib.DropWatcher(workers)
             result["connected_sessions"] = watcher.connected
-            probe = lib.StallProbe(layout.root, broker.port, probe_device)
+            probe = lib.StallProbe(
+                layout.root, broker.port, probe_device, cpus=BROKER_CPUS or None
+            )
             note(f"{code}: drops")
             drops, missed = lib.time_drops(http, watcher, names[: args.drops])
             result["decommission_drop_p99_ms"] = p99_ms(drops)
@@ -750,12 +760,26 @@ def main() -> int:
         help="a worktree of the code before issue 23 (git worktree add /tmp/old67 67df084): "
         "its broker is measured the same way, keys with _before",
     )
+    parser.add_argument(
+        "--isolate-broker",
+        action="store_true",
+        help="the broker and the stall probe on the last CPU, everything else (registry, "
+        "device workers, this process) on the others: the broker's stalls without the wait "
+        "for a core the registry and the simulated devices use (a node on its own machine)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
         parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     result: dict[str, Any] = {}
+    if args.isolate_broker:
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            parser.error("--isolate-broker needs two CPUs or more")
+        BROKER_CPUS.add(allowed[-1])
+        os.sched_setaffinity(0, set(allowed[:-1]))  # children (registry, workers) inherit
+        result["broker_cpus"] = sorted(BROKER_CPUS)
     failed = False
     try:
         run(args, result)

@@ -127,9 +127,10 @@ def start_ours(
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     repo: Path = REPO,
+    cpus: set[int] | None = None,
 ) -> BrokerProcess:
     """Our broker, as a process; ``repo``: the checkout whose code runs (another commit's
-    worktree runs that commit's broker)."""
+    worktree runs that commit's broker); ``cpus``: the only CPUs it may run on."""
     ready = layout.root / f"broker-ready-{time.monotonic_ns()}.json"
     command = [
         PYTHON,
@@ -150,7 +151,9 @@ def start_ours(
         command += ["--registry-url", registry_url]
     command += extra_args or []
     env = dict(os.environ, **(extra_env or {}))
-    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=repo, env=env, stdout=subprocess.DEVNULL, preexec_fn=pinned_to(cpus)
+    )
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -470,14 +473,24 @@ async def ping_probe(data_dir: Path, port: int, index: int, gap_s: float = 0.002
         await asyncio.sleep(gap_s)
 
 
+def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps a child (all its threads) on ``cpus`` (None: anywhere)."""
+    if cpus is None:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
 class StallProbe:
     """:func:`ping_probe` in its own process; :meth:`longest` is the longest round trip sent
     within a window of POSIX times."""
 
-    def __init__(self, data_dir: Path, port: int, index: int) -> None:
+    def __init__(self, data_dir: Path, port: int, index: int, cpus: set[int] | None = None) -> None:
         argv = [PYTHON, __file__, "--probe", "--data-dir", str(data_dir), "--port", str(port),
                 "--start", str(index)]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, text=True, preexec_fn=pinned_to(cpus)
+        )
         self.stalls: list[tuple[float, float]] = []
         self.pings = 0
         self._lock = threading.Lock()

@@ -295,10 +295,12 @@ class RevocationFollower:
             for device_id in self._revoked.add_devices(chunk, ready.seq):
                 self._on_revoked(ready.decommission(device_id), [])
         await self.apply(ready.issuers)
-        # A page's lines written now (a quarter MB): the whole snapshot's at once would
-        # hold the loop for 100 ms at a million devices. The position is written last, and
-        # the compaction (merge, new snapshot file) starts once, after the last page.
-        self._revoked.save(compact=False)
+        # A page's lines written now (a quarter MB), from a worker thread: the whole
+        # snapshot's at once held the loop for 100 ms at a million devices, and a page's
+        # write(2) on the loop for 15-25 ms when the kernel throttled a busy disk's writeback
+        # (round 11). The position is written last, and the compaction (merge, new snapshot
+        # file) starts once, after the last page.
+        await self._revoked.save_off_loop()
         log.debug(
             "revocation feed snapshot page serials=%d new=%d devices=%d",
             len(ready.page.not_after),

@@ -93,6 +93,13 @@ def encode_serials(
     return entries, line
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Append ``data`` to ``fd`` (every byte: os.write may take less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class RevokedSet:
     """Revoked serials and decommissioned devices, journaled in ``folder`` (None: memory only)."""
 
@@ -241,24 +248,56 @@ class RevokedSet:
         if self.dirty:
             return False  # the retried snapshot will hold it: no journal with a hole
         try:
-            if self._fd is None:
-                self.folder.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-                path = self.files.journal_path(self._generation)
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            view = memoryview(pending)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            fd = self._journal_fd()
+            _write_all(fd, pending)
             if durable:
-                os.fsync(self._fd)
+                os.fsync(fd)
         except OSError as exc:
             self._failed(exc)
             return False
-        self._journal_bytes += len(pending)
+        self._written(len(pending), durable, compact)
+        return True
+
+    async def save_off_loop(self) -> bool:
+        """:meth:`save` (not durable, no compaction started) with the write(2) on a worker
+        thread, for large appends (a snapshot page's): a disk whose writeback the kernel
+        throttles blocks that thread, not the loop. Serialized with the compaction, which
+        closes the journal; a cancelled caller waits for the write before it goes."""
+        async with self._busy:
+            pending, self._pending = b"".join(self._pending), []
+            if self.files is None or not pending:
+                return not self.dirty
+            if self.dirty:
+                return False
+            try:
+                fd = self._journal_fd()
+                write = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, pending))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    await asyncio.wait([write])  # the journal stays open until it is done
+                    raise
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            self._written(len(pending), False, False)
+            return True
+
+    def _journal_fd(self) -> int:
+        """The open journal of this generation (opened, and its folder made, when needed)."""
+        if self._fd is None:
+            assert self.files is not None and self.folder is not None
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.files.journal_path(self._generation)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fd
+
+    def _written(self, size: int, durable: bool, compact: bool) -> None:
+        self._journal_bytes += size
         self._unsynced = not durable
         if compact and (self._journal_outgrown() or self._recent_outgrown()):
             self._wake.set()
         self._on_write(True)
-        return True
 
     def _failed(self, exc: OSError) -> None:
         error = f"{type(exc).__name__}: {exc}"[:300]

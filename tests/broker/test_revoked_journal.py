@@ -78,6 +78,38 @@ def test_a_snapshot_s_serials_and_devices_are_journaled_and_replayed(tmp_path: P
     assert device_line(None, "x") == event_line(None, "x", [])
 
 
+def test_a_page_written_from_a_worker_thread_is_journaled_and_a_refusing_disk_is_reported(
+    tmp_path: Path,
+) -> None:
+    """save_off_loop (a snapshot page's write off the loop) appends what save would; a
+    folder the journal cannot be made in is the same failure save reports (dirty, False)."""
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(microsecond=0)
+    serials = _serials(2000)
+
+    async def pages(revoked: RevokedSet) -> list[bool]:
+        written = []
+        for start in range(0, len(serials), 500):
+            entries, line = encode_serials([(s, later) for s in serials[start : start + 500]], 5)
+            revoked.add_encoded(entries, line, 5)
+            written.append(await revoked.save_off_loop())
+        revoked.add_devices(["dev-page"], 5)
+        written.append(await revoked.save_off_loop())
+        return written
+
+    revoked = RevokedSet(tmp_path)
+    assert asyncio.run(pages(revoked)) == [True] * 5
+    assert not revoked.dirty
+    again = _reloaded(tmp_path)
+    assert again.hex_serials() == set(serials) and again.is_device_decommissioned("dev-page")
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    refused = RevokedSet(blocked / "state")
+    assert asyncio.run(pages(refused))[0] is False
+    assert refused.dirty and refused.persist_error
+    assert refused.is_serial_revoked(serials[0])  # enforced in memory all the same
+
+
 def test_compaction_writes_a_snapshot_and_drops_the_journal_it_holds(tmp_path: Path) -> None:
     revoked = RevokedSet(tmp_path)
     first, second = _serials(3000, seed=1), _serials(200, seed=2)
