@@ -16,7 +16,7 @@ from tests.support.pki import TestPKI
 from tests.support.servers import broker_settings, feed_broker_layout
 from tests.support.waits import wait_for
 
-__all__ = ["nats_server", "operator", "registry"]
+__all__ = ["nats_server", "operator", "registry", "wait_set_up"]
 
 StartNode = Callable[..., BrokerServer]
 
@@ -57,3 +57,10 @@ def start_node(cluster_layout: DataLayout, nats_server: LocalNats) -> Iterator[S
     yield start
     for server in reversed(started):
         server.stop()
+
+
+def wait_set_up(*nodes: BrokerServer) -> None:
+    """Wait until each node is set up (streams, buckets, watchers), not only connected."""
+    for node in nodes:
+        link = node.app.cluster.link if node.app and node.app.cluster else None
+        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)

@@ -8,7 +8,6 @@ import gc
 import time
 from pathlib import Path
 
-import nats
 import pytest
 
 from broker.cluster.durable import OWNERS_BUCKET, SESSIONS_BUCKET
@@ -17,8 +16,9 @@ from broker.server import BrokerServer
 from fleetcore.layout import DataLayout
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
-from tests.cluster.conftest import StartNode, node_settings
-from tests.support.mqtt import connect
+from tests.cluster.conftest import StartNode, node_settings, wait_set_up
+from tests.support.mqtt import MqttProbe, connect
+from tests.support.nats import admin_connect
 from tests.support.pki import TestPKI, issue_device
 from tests.support.waits import wait_for
 
@@ -59,21 +59,43 @@ def test_persistent_session_resumes_on_the_other_node_with_every_acknowledged_me
         resumed.close()
 
 
+def _subscriber_and_two_devices(
+    pki: TestPKI,
+    tmp_path: Path,
+    node_a: BrokerServer,
+    node_b: BrokerServer,
+    local: str,
+    remote: str,
+) -> tuple[MqttProbe, MqttProbe, MqttProbe]:
+    """The service ``monitor``'s persistent QoS 1 telemetry subscription on node a, device
+    ``local`` on node a and ``remote`` on node b, all connected (closed if not)."""
+    monitor = pki.client(IdentityKind.SERVICE, "monitor")
+    probes = (
+        connect(node_a.port, monitor, "monitor", clean_session=False),
+        connect(node_a.port, issue_device(pki, tmp_path, local), local),
+        connect(node_b.port, issue_device(pki, tmp_path, remote), remote),
+    )
+    try:
+        assert all(probe.connected.is_set() for probe in probes), [p.reason for p in probes]
+        probes[0].client.subscribe(TELEMETRY_FILTER, qos=1)
+        assert probes[0].subscribed.wait(5) and probes[0].suback == [1]
+    except BaseException:
+        for probe in probes:
+            probe.close()
+        raise
+    return probes
+
+
 def test_live_persistent_subscriber_gets_each_message_once(
     pki: TestPKI, start_node: StartNode, tmp_path: Path
 ) -> None:
     """Connected, a persistent session's QoS 1 subscription is served from JetStream only,
     whether the publisher is on its node or the other one."""
     node_a, node_b = start_node("a"), start_node("b")
-    monitor = pki.client(IdentityKind.SERVICE, "monitor")
-    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
-    local = connect(node_a.port, issue_device(pki, tmp_path, "dev-l"), "dev-l")
-    remote = connect(node_b.port, issue_device(pki, tmp_path, "dev-m"), "dev-m")
+    subscriber, local, remote = _subscriber_and_two_devices(
+        pki, tmp_path, node_a, node_b, "dev-l", "dev-m"
+    )
     try:
-        assert subscriber.connected.is_set() and local.connected.is_set()
-        assert remote.connected.is_set()
-        subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
-        assert subscriber.subscribed.wait(5)
         for index in range(10):
             local.client.publish(telemetry_topic("dev-l"), f"l{index}".encode(), qos=1)
             remote.client.publish(telemetry_topic("dev-m"), f"m{index}".encode(), qos=1)
@@ -96,18 +118,12 @@ def test_a_message_routed_live_reaches_a_persistent_subscriber_once_and_is_not_k
     to keep a live message its consumer matched, so it came twice), and none is kept for
     the session while it is offline; the QoS 1 messages of that time are."""
     node_a, node_b = start_node("a"), start_node("b")
-    for node in (node_a, node_b):  # set up (streams, consumers' home), not only connected
-        link = node.app.cluster.link if node.app and node.app.cluster else None
-        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
+    wait_set_up(node_a, node_b)
     monitor = pki.client(IdentityKind.SERVICE, "monitor")
-    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
-    local = connect(node_a.port, issue_device(pki, tmp_path, "dev-z"), "dev-z")
-    remote = connect(node_b.port, issue_device(pki, tmp_path, "dev-y"), "dev-y")
+    subscriber, local, remote = _subscriber_and_two_devices(
+        pki, tmp_path, node_a, node_b, "dev-z", "dev-y"
+    )
     try:
-        assert subscriber.connected.is_set() and local.connected.is_set()
-        assert remote.connected.is_set()
-        subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
-        assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
         sent = []
         for index in range(10):
             for probe, device in ((local, "dev-z"), (remote, "dev-y")):
@@ -230,11 +246,7 @@ def test_buckets_made_without_an_expiry_get_the_nodes_expiry(
     brought to the session expiry when a node starts; a later expiry setting moves it."""
 
     async def bucket_ttls(create: bool) -> dict[str, float | None]:
-        client = await nats.connect(
-            nats_server.url,
-            user=nats_server.credentials.user,
-            password=nats_server.credentials.password,
-        )
+        client = await admin_connect(nats_server)
         try:
             js = client.jetstream()
             ttls: dict[str, float | None] = {}

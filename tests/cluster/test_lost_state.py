@@ -22,8 +22,10 @@ from broker.server import BrokerServer
 from fleetcore.profile import IdentityKind
 from fleetcore.topics import TELEMETRY_FILTER, telemetry_topic
 from tests.broker.conftest import MqttProbe, connect, issue_device, wait_for
-from tests.cluster.conftest import StartNode
+from tests.cluster.conftest import StartNode, wait_set_up
 from tests.conftest import TestPKI
+from tests.support.nats import admin_connect
+from tests.support.pki import ClientFiles
 
 #: The bound for seeing a stall: the default stall_s (1.5 s) plus a probe interval.
 _STALL_SEEN_S = 3.0
@@ -39,13 +41,6 @@ def _health(node: BrokerServer) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _set_up(*nodes: BrokerServer) -> None:
-    """Wait until each node is set up (streams, buckets, watchers), not only connected."""
-    for node in nodes:
-        link = node.app.cluster.link if node.app and node.app.cluster else None
-        assert link is not None and wait_for(lambda k=link: k.reconnects >= 1, 10)
-
-
 def _connected_gauge(node: BrokerServer) -> float:
     value: float = node.metrics.cluster_connected._value.get()
     return value
@@ -56,7 +51,7 @@ def test_a_frozen_nats_server_is_reported_within_seconds_and_recovers(
 ) -> None:
     caplog.set_level(logging.INFO, logger="broker.cluster.link")
     nodes = [start_node("a"), start_node("b")]
-    _set_up(*nodes)
+    wait_set_up(*nodes)
     assert all(_health(node)[0] == 200 for node in nodes)
     assert nats_server.process is not None
     pid = nats_server.process.pid
@@ -89,11 +84,7 @@ def test_a_frozen_nats_server_is_reported_within_seconds_and_recovers(
 
 def _delete(nats_server: LocalNats, stream: str) -> None:
     async def run() -> None:
-        client = await nats.connect(
-            nats_server.url,
-            user=nats_server.credentials.user,
-            password=nats_server.credentials.password,
-        )
+        client = await admin_connect(nats_server)
         try:
             await client.jetstream().delete_stream(stream)
         finally:
@@ -108,11 +99,7 @@ def _max_msg_size(nats_server: LocalNats, stream: str, *, remake_closed: bool = 
     it leaves it."""
 
     async def run() -> int:
-        client = await nats.connect(
-            nats_server.url,
-            user=nats_server.credentials.user,
-            password=nats_server.credentials.password,
-        )
+        client = await admin_connect(nats_server)
         try:
             js = client.jetstream()
             if remake_closed:
@@ -129,11 +116,7 @@ def _max_msg_size(nats_server: LocalNats, stream: str, *, remake_closed: bool = 
 
 def _exists(nats_server: LocalNats, stream: str) -> bool:
     async def run() -> bool:
-        client = await nats.connect(
-            nats_server.url,
-            user=nats_server.credentials.user,
-            password=nats_server.credentials.password,
-        )
+        client = await admin_connect(nats_server)
         try:
             await client.jetstream().stream_info(stream)
             return True
@@ -143,6 +126,16 @@ def _exists(nats_server: LocalNats, stream: str) -> bool:
             await client.close()
 
     return asyncio.run(run())
+
+
+def _persistent_subscriber(node: BrokerServer, identity: ClientFiles) -> MqttProbe:
+    """The service ``monitor``, connected to ``node`` with a persistent session holding a
+    QoS 1 telemetry subscription."""
+    subscriber = connect(node.port, identity, "monitor", clean_session=False)
+    assert subscriber.connected.is_set(), subscriber.reason
+    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
+    assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+    return subscriber
 
 
 def _publish(device: MqttProbe, device_id: str, payloads: list[bytes]) -> None:
@@ -168,10 +161,7 @@ def test_a_deleted_bucket_or_stream_is_made_again_and_persistent_sessions_work(
     stream = f"KV_{SESSIONS_BUCKET}" if lost == "sessions bucket" else STREAM
     node_a, node_b = start_node("a"), start_node("b")
     monitor = pki.client(IdentityKind.SERVICE, "monitor")
-    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
-    assert subscriber.connected.is_set(), subscriber.reason
-    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
-    assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+    subscriber = _persistent_subscriber(node_a, monitor)
     device = connect(node_b.port, issue_device(pki, tmp_path, "dev-lost"), "dev-lost")
     assert device.connected.is_set(), device.reason
     try:
@@ -232,12 +222,9 @@ def test_a_message_stream_made_again_elsewhere_takes_no_store_before_the_session
     by a node that notices it. Every acknowledged message reaches the subscriber."""
     node_a = start_node("a", broker_cluster_stall_s=30.0)  # checks its streams every 40 s
     node_b = start_node("b")
-    _set_up(node_a, node_b)
+    wait_set_up(node_a, node_b)
     monitor = pki.client(IdentityKind.SERVICE, "monitor")
-    subscriber = connect(node_a.port, monitor, "monitor", clean_session=False)
-    assert subscriber.connected.is_set(), subscriber.reason
-    subscriber.client.subscribe(TELEMETRY_FILTER, qos=1)
-    assert subscriber.subscribed.wait(5) and subscriber.suback == [1]
+    subscriber = _persistent_subscriber(node_a, monitor)
     device = connect(node_b.port, issue_device(pki, tmp_path, "dev-made"), "dev-made")
     assert device.connected.is_set(), device.reason
     got = lambda: {p for _t, p in subscriber.messages}  # noqa: E731

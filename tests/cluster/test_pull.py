@@ -14,6 +14,7 @@ from nats.js.api import AckPolicy
 
 from broker.cluster.natsd import LocalNats
 from broker.cluster.pull import ConsumerPull
+from tests.support.nats import admin_connect
 from tests.support.waits import until
 
 # `alone`: pull requests expiring after 0.2-0.3 s, checked with sub-second margins (time bounds).
@@ -22,19 +23,13 @@ pytestmark = pytest.mark.alone
 STREAM = "PULLTEST"
 
 
-async def _connect(server: LocalNats) -> nats.NATS:
-    return await nats.connect(
-        server.url, user=server.credentials.user, password=server.credentials.password
-    )
-
-
 def _with_stream(
     server: LocalNats, body: Callable[[nats.NATS, JetStreamContext], Awaitable[None]]
 ) -> None:
     """Run ``body`` on a connection to ``server`` with the test stream made."""
 
     async def run() -> None:
-        client = await _connect(server)
+        client = await admin_connect(server)
         try:
             js = client.jetstream()
             await js.add_stream(name=STREAM, subjects=["pt.>"])

@@ -45,9 +45,7 @@ def test_every_certificate_after_ca_init_with_publish_url_names_crl_and_ocsp(
 
 
 def test_ca_init_refuses_an_https_publish_url_with_one_line(tmp_path: Path) -> None:
-    result = run_ca(
-        ["init", "--publish-url", "https://pki.example", "--data-dir", str(tmp_path)]
-    )
+    result = run_ca(["init", "--publish-url", "https://pki.example", "--data-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert isinstance(result.exception, Exception)
     assert "plain http://" in str(result.exception)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from broker.cluster.natsd import INSTALL_HINT, LocalNats, find_nats_server
 
-__all__ = ["nats_server", "start_nats"]
+__all__ = ["admin_connect", "nats_server", "start_nats"]
 
 
 def start_nats(folder: Path) -> LocalNats:
@@ -31,3 +32,11 @@ def nats_server(tmp_path: Path) -> Iterator[LocalNats]:
         yield server
     finally:
         server.stop()
+
+
+async def admin_connect(server: LocalNats) -> nats.NATS:
+    """A client of ``server`` with its credentials: what an operator's ``nats`` CLI is (it
+    deletes streams, reads their configuration)."""
+    return await nats.connect(
+        server.url, user=server.credentials.user, password=server.credentials.password
+    )
